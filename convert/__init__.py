@@ -1,0 +1,1 @@
+"""HF safetensors <-> Orbax conversion (`qwen-jax convert`, `qwen-jax export-hf`)."""

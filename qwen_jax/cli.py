@@ -1,0 +1,75 @@
+"""`qwen-jax` command line: one entry point, one subcommand per module.
+
+Each subcommand module defines `add_arguments(parser)` and `run(args) -> int`. Modules are
+imported only when listed here; user errors are reported as one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Order is the order `--help` shows.
+COMMANDS = {
+    "info": ("qwen_jax.cli_info", "print the config and parameter count of a checkpoint"),
+    "convert": ("qwen_jax.convert.cli", "convert an HF checkpoint to an Orbax checkpoint"),
+    "export-hf": ("qwen_jax.convert.cli_export", "export an Orbax checkpoint to HF safetensors"),
+    "generate": ("qwen_jax.cli_generate", "generate text from a prompt"),
+    "chat": ("qwen_jax.cli_chat", "interactive multi-turn chat"),
+    "train": ("qwen_jax.train.cli", "fine-tune (full or LoRA) on JSONL data"),
+}
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    parser = argparse.ArgumentParser(prog="qwen-jax", description="Qwen2.5 in JAX: convert, generate, chat, train.")
+    parser.add_argument("--version", action="version", version=_version())
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:  # subcommand not part of this build
+                continue
+            raise
+        sub = subparsers.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        module.add_arguments(sub)
+        modules[name] = module
+    return parser, modules
+
+
+def _version() -> str:
+    from qwen_jax import __version__
+
+    return f"qwen-jax {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, modules = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from qwen_jax.config import ConfigError
+    from qwen_jax.safetensors_io import CheckpointError
+
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except (UserError, ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"qwen-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head` and friends
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print(f"qwen-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

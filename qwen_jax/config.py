@@ -1,0 +1,310 @@
+"""Qwen2.5 configuration: a frozen dataclass with every field that changes the computation.
+
+`Qwen2Config.from_hf` reads config.json as written by transformers 4.x (`rope_theta`,
+`rope_scaling` with `"type"` or `"rope_type"`) and 5.x (`rope_parameters`, `layer_types`);
+`to_hf` writes a config.json that both generations of transformers read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+SUPPORTED_MODEL_TYPES = ("qwen2",)
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+
+
+class ConfigError(ValueError):
+    """config.json is missing, unreadable, or describes a model we do not implement."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """rope_scaling / rope_parameters beyond the base frequency (HF field names)."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None  # yarn
+    attention_factor: float | None = None  # yarn: None -> 0.1 * ln(factor) + 1
+    beta_fast: float | None = None  # yarn: None -> 32
+    beta_slow: float | None = None  # yarn: None -> 1
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def to_hf(self) -> dict[str, Any] | None:
+        if self.rope_type == "default":
+            return None
+        out: dict[str, Any] = {"rope_type": self.rope_type, "factor": self.factor}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in out or value is None or value == field.default:
+                continue
+            out[field.name] = value
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2Config:
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    tie_word_embeddings: bool = True
+    use_sliding_window: bool = False
+    sliding_window: int | None = None
+    max_window_layers: int = 28
+    # Per-layer "full_attention" / "sliding_attention"; derived from the fields above when None.
+    layer_types: tuple[str, ...] | None = None
+    bos_token_id: int | None = 151643
+    eos_token_id: int | tuple[int, ...] | None = 151645
+    pad_token_id: int | None = None
+    torch_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.rope_scaling.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"unsupported rope type {self.rope_scaling.rope_type!r}; supported: {ROPE_TYPES}")
+        if self.layer_types is None:
+            window_on = self.use_sliding_window and self.sliding_window is not None
+            types = tuple(
+                "sliding_attention" if window_on and i >= self.max_window_layers else "full_attention"
+                for i in range(self.num_hidden_layers)
+            )
+            object.__setattr__(self, "layer_types", types)
+        elif len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
+            )
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
+            raise ConfigError("layer_types asks for sliding_attention but sliding_window is not set")
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """Sliding window per layer; 0 means full attention."""
+        return tuple(self.sliding_window if t == "sliding_attention" else 0 for t in self.layer_types)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, int):
+            return (self.eos_token_id,)
+        return tuple(self.eos_token_id)
+
+    def replace(self, **changes) -> "Qwen2Config":
+        if "num_hidden_layers" in changes and "layer_types" not in changes:
+            changes["layer_types"] = None
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------- HF I/O
+    @classmethod
+    def from_hf(cls, config: dict[str, Any] | str | os.PathLike) -> "Qwen2Config":
+        """Build from a config.json dict, a config.json path, or a checkpoint directory."""
+        if not isinstance(config, dict):
+            config = read_config_json(config)
+        architectures = config.get("architectures") or []
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES or (
+            architectures and not set(architectures) & set(SUPPORTED_ARCHITECTURES)
+        ):
+            raise ConfigError(
+                f"unsupported architecture {architectures or model_type!r} (model_type={model_type!r}); "
+                f"qwen-jax implements {SUPPORTED_ARCHITECTURES[0]} (model_type 'qwen2')"
+            )
+        if config.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"unsupported hidden_act {config['hidden_act']!r}; Qwen2 uses 'silu'")
+        hidden, heads = config["hidden_size"], config["num_attention_heads"]
+        if config.get("head_dim") not in (None, hidden // heads):
+            raise ConfigError(f"head_dim {config['head_dim']} != hidden_size // num_attention_heads")
+        rope_theta, rope_scaling = _parse_rope(config)
+        eos = config.get("eos_token_id")
+        dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+        layer_types = config.get("layer_types")
+        use_window = bool(config.get("use_sliding_window", False))
+        return cls(
+            vocab_size=config["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=config["intermediate_size"],
+            num_hidden_layers=config["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=config.get("num_key_value_heads") or heads,
+            max_position_embeddings=config.get("max_position_embeddings", 32768),
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            use_sliding_window=use_window,
+            # HF drops the window when use_sliding_window is false.
+            sliding_window=config.get("sliding_window") if use_window else None,
+            max_window_layers=config.get("max_window_layers", 28),
+            layer_types=tuple(layer_types) if layer_types and use_window else None,
+            bos_token_id=config.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            pad_token_id=config.get("pad_token_id"),
+            torch_dtype=str(dtype).replace("torch.", ""),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """config.json contents (transformers 4.x layout, which 5.x also reads)."""
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        out = {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "hidden_act": "silu",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling.to_hf(),
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "use_sliding_window": self.use_sliding_window,
+            "sliding_window": self.sliding_window,
+            "max_window_layers": self.max_window_layers,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "use_cache": True,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "torch_dtype": self.torch_dtype,
+        }
+        if self.use_sliding_window:
+            out["layer_types"] = list(self.layer_types)
+        if self.pad_token_id is not None:
+            out["pad_token_id"] = self.pad_token_id
+        return out
+
+    # ----------------------------------------------------------------- presets
+    @classmethod
+    def preset(cls, name: str) -> "Qwen2Config":
+        """Architecture of a published Qwen2.5 size: '0.5B', '1.5B', '3B', '7B', '14B', '32B', '72B'."""
+        key = name.upper().removeprefix("QWEN2.5-").removesuffix("-INSTRUCT")
+        if key not in _PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(_PRESETS)}")
+        return cls(**_PRESETS[key])
+
+    @classmethod
+    def qwen2_5_0_5b(cls) -> "Qwen2Config":
+        return cls.preset("0.5B")
+
+    @classmethod
+    def qwen2_5_1_5b(cls) -> "Qwen2Config":
+        return cls.preset("1.5B")
+
+    @classmethod
+    def qwen2_5_3b(cls) -> "Qwen2Config":
+        return cls.preset("3B")
+
+    @classmethod
+    def qwen2_5_7b(cls) -> "Qwen2Config":
+        return cls.preset("7B")
+
+    @classmethod
+    def qwen2_5_14b(cls) -> "Qwen2Config":
+        return cls.preset("14B")
+
+    @classmethod
+    def qwen2_5_32b(cls) -> "Qwen2Config":
+        return cls.preset("32B")
+
+    @classmethod
+    def qwen2_5_72b(cls) -> "Qwen2Config":
+        return cls.preset("72B")
+
+
+def _preset(hidden, layers, heads, kv_heads, mlp, vocab, tied, eps=1e-6):
+    return dict(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        intermediate_size=mlp, vocab_size=vocab, tie_word_embeddings=tied, rms_norm_eps=eps,
+    )
+
+
+# Instruct checkpoints (see shared/reference/qwen2.5-configs.json).
+_PRESETS = {
+    "0.5B": _preset(896, 24, 14, 2, 4864, 151936, True),
+    "1.5B": _preset(1536, 28, 12, 2, 8960, 151936, True),
+    "3B": _preset(2048, 36, 16, 2, 11008, 151936, True),
+    "7B": _preset(3584, 28, 28, 4, 18944, 152064, False),
+    "14B": _preset(5120, 48, 40, 8, 13824, 152064, False),
+    "32B": _preset(5120, 64, 40, 8, 27648, 152064, False),
+    "72B": _preset(8192, 80, 64, 8, 29568, 152064, False),
+}
+PRESET_NAMES = tuple(_PRESETS)
+
+
+def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: config.json not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config.json ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: config.json is not a JSON object")
+    return data
+
+
+def _parse_rope(config: dict[str, Any]) -> tuple[float, RopeScaling]:
+    """Normalise the three rope spellings found in the wild."""
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params:  # per-layer-type form
+        params = params["full_attention"]
+    if params:  # transformers 5.x
+        theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+        scaling = params
+    else:
+        theta = config.get("rope_theta", 10000.0)
+        scaling = config.get("rope_scaling") or {}
+    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type == "default":
+        return theta, RopeScaling()
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"unsupported rope_scaling type {rope_type!r}; supported: {ROPE_TYPES}")
+    if "factor" not in scaling:
+        raise ConfigError(f"rope_scaling of type {rope_type!r} needs a 'factor'")
+    original = scaling.get("original_max_position_embeddings")
+    if rope_type == "yarn" and original is None:
+        original = config.get("max_position_embeddings")
+    truncate = scaling.get("truncate")
+    return theta, RopeScaling(
+        rope_type=rope_type,
+        factor=float(scaling["factor"]),
+        original_max_position_embeddings=original,
+        attention_factor=scaling.get("attention_factor"),
+        beta_fast=scaling.get("beta_fast"),
+        beta_slow=scaling.get("beta_slow"),
+        mscale=scaling.get("mscale"),
+        mscale_all_dim=scaling.get("mscale_all_dim"),
+        truncate=True if truncate is None else bool(truncate),
+    )

@@ -1,0 +1,410 @@
+"""Qwen2.5 in Flax NNX, mirroring HF transformers' `Qwen2ForCausalLM` module for module.
+
+Layout (einsum letters): B batch, T query length, S key length, D embed, N query heads,
+K kv heads, G query heads per kv head, H head_dim, F mlp, V vocab, L layers.
+
+Decoder layers are stored stacked on a leading `layers` axis and run with `jax.lax.scan`, so
+compile time does not grow with depth. Every parameter carries `logical_axes` metadata that
+`qwen_jax.sharding` maps onto a mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from qwen_jax import rope
+from qwen_jax.config import Qwen2Config
+from qwen_jax.sharding import DEFAULT_RULES, ShardingRules, constrain, named_sharding, state_shardings
+
+_MASKED = -1e30  # finite, so a row with nothing to attend to gives a uniform softmax, not NaN
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def default_dtype() -> jnp.dtype:
+    """float32 on CPU (XLA's CPU bf16 matmuls are emulated and slow), bfloat16 on GPU/TPU."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def _param(rngs: nnx.Rngs | None, init, shape, axes, dtype, layers: int | None) -> nnx.Param:
+    if layers is not None:
+        shape, axes = (layers, *shape), ("layers", *axes)
+    value = init(rngs.params() if rngs is not None else jax.random.key(0), shape, dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+_normal = jax.nn.initializers.normal(0.02)
+_zeros = jax.nn.initializers.zeros
+_ones = jax.nn.initializers.ones
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Preallocated keys/values `[layers, batch, max_len, kv_heads, head_dim]`.
+
+    `index` is the next slot to write (the same for every row: prompts are left-padded).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, config: Qwen2Config, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+    @staticmethod
+    def logical_axes() -> tuple[str, ...]:
+        return ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, layers=None, rngs=None):
+        self.weight = _param(rngs, _ones, (dim,), ("embed",), param_dtype, layers)
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # HF: normalise in float32, cast back to the input dtype, then scale.
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight.value.astype(self.dtype) * normed.astype(self.dtype)
+
+
+class Linear(nnx.Module):
+    """A projection in einsum layout (`kernel` axes name every dimension), optional bias."""
+
+    def __init__(self, equation: str, kernel_shape, kernel_axes, bias_shape=None, bias_axes=None, *,
+                 dtype, param_dtype, layers=None, rngs=None):
+        self.equation = equation
+        self.kernel = _param(rngs, _normal, kernel_shape, kernel_axes, param_dtype, layers)
+        self.bias = _param(rngs, _zeros, bias_shape, bias_axes, param_dtype, layers) if bias_shape else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum(self.equation, x, self.kernel.value.astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias.value.astype(self.dtype)
+        return y
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: Qwen2Config, *, dtype, param_dtype, layers=None, rngs=None):
+        D, N, K, H = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, layers=layers, rngs=rngs)
+        self.q_proj = Linear("BTD,DNH->BTNH", (D, N, H), ("embed", "q_heads", "head_dim"),
+                             (N, H), ("q_heads", "head_dim"), **kw)
+        self.k_proj = Linear("BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"),
+                             (K, H), ("kv_heads", "head_dim"), **kw)
+        self.v_proj = Linear("BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"),
+                             (K, H), ("kv_heads", "head_dim"), **kw)
+        self.o_proj = Linear("BTNH,NHD->BTD", (N, H, D), ("q_heads", "head_dim", "embed"), **kw)
+        self.num_kv_heads = K
+        self.scale = H**-0.5
+        self.dtype = dtype
+
+    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
+        """mask: bool [B, T, S]. cache_kv: (k, v) of this layer, [B, S, K, H], or None."""
+        q = rope.apply_rope(self.q_proj(x), cos, sin)
+        k = rope.apply_rope(self.k_proj(x), cos, sin)
+        v = self.v_proj(x)
+        if cache_kv is not None:
+            zero = jnp.zeros((), jnp.int32)
+            k_all = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (zero, cache_index, zero, zero))
+            v_all = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (zero, cache_index, zero, zero))
+            new_kv = (k_all, v_all)
+            k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
+        else:
+            new_kv = None
+        B, T, N, H = q.shape
+        q = q.reshape(B, T, self.num_kv_heads, N // self.num_kv_heads, H)
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * self.scale
+        scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+        # Softmax in float32; probabilities are rounded to the compute dtype, as HF does.
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
+        return self.o_proj(out), new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: Qwen2Config, *, dtype, param_dtype, layers=None, rngs=None):
+        D, F = config.hidden_size, config.intermediate_size
+        kw = dict(dtype=dtype, param_dtype=param_dtype, layers=layers, rngs=rngs)
+        self.gate_proj = Linear("BTD,DF->BTF", (D, F), ("embed", "mlp"), **kw)
+        self.up_proj = Linear("BTD,DF->BTF", (D, F), ("embed", "mlp"), **kw)
+        self.down_proj = Linear("BTF,FD->BTD", (F, D), ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """One decoder layer; constructed with `layers=L` its parameters are stacked L deep."""
+
+    def __init__(self, config: Qwen2Config, *, dtype, param_dtype, layers=None, rngs=None):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, layers=layers, rngs=rngs)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.self_attn = Attention(config, **kw)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.mlp = MLP(config, **kw)
+
+    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
+        attn_out, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, cache_index)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, new_kv
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, dtype, param_dtype, rngs=None):
+        self.embedding = _param(rngs, _normal, (vocab, dim), ("vocab", "embed"), param_dtype, None)
+        self.dtype = dtype
+
+    def __call__(self, ids):
+        return jnp.take(self.embedding.value, ids, axis=0).astype(self.dtype)
+
+
+class Qwen2Model(nnx.Module):
+    def __init__(self, config: Qwen2Config, *, dtype, param_dtype, rngs=None):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, **kw)
+        self.layers = DecoderLayer(config, layers=config.num_hidden_layers, **kw)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+
+
+class LMHead(nnx.Module):
+    """Untied output projection, stored `[vocab, embed]` like the embedding (and HF)."""
+
+    def __init__(self, vocab: int, dim: int, *, param_dtype, rngs=None):
+        self.weight = _param(rngs, _normal, (vocab, dim), ("vocab", "embed"), param_dtype, None)
+
+
+class Qwen2ForCausalLM(nnx.Module):
+    """Qwen2.5 causal LM.
+
+    `model(input_ids)` with `int32[B, T]` returns float32 logits `[B, T, vocab_size]`.
+    Outside a trace the call runs through a cached `jax.jit` with explicit shardings; inside a
+    traced function (a train step, a generation loop) it is inlined.
+    """
+
+    def __init__(
+        self,
+        config: Qwen2Config,
+        *,
+        dtype=None,
+        param_dtype=None,
+        rngs: nnx.Rngs | None = None,
+        mesh: Mesh | None = None,
+        rules: ShardingRules = DEFAULT_RULES,
+        remat: str = "none",
+    ):
+        dtype = jnp.dtype(dtype or default_dtype())
+        param_dtype = jnp.dtype(param_dtype or dtype)
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r}; choose from {list(REMAT_POLICIES)}")
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.mesh = mesh
+        self.rules = rules
+        self.remat = remat
+        self.model = Qwen2Model(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.lm_head = (
+            None if config.tie_word_embeddings
+            else LMHead(config.vocab_size, config.hidden_size, param_dtype=param_dtype, rngs=rngs)
+        )
+
+    # ------------------------------------------------------------------ API
+    def __call__(self, input_ids, positions=None, attention_mask=None, *, segment_ids=None, cache=None):
+        """Logits `[B, T, V]` (float32); with `cache`, returns `(logits, new_cache)`.
+
+        attention_mask: without a cache, `[B, T]` with 1 for real tokens and 0 for (left) padding;
+          with a cache, `[B, max_len]` marking the valid cache slots after this call's tokens
+          are written at `cache.index`.
+        positions: `[B, T]`; default: count of real tokens before each one (works for left padding).
+        segment_ids: `[B, T]` for packed sequences: attention never crosses segments.
+        """
+        input_ids = jnp.asarray(input_ids, jnp.int32) if not _traced(input_ids) else input_ids
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be int32[batch, seq], got shape {input_ids.shape}")
+        positions, attention_mask = self._defaults(input_ids, positions, attention_mask, cache)
+        if _traced(input_ids) or _traced(self.model.embed_tokens.embedding.value):
+            return self.forward(input_ids, positions, attention_mask, segment_ids=segment_ids, cache=cache)
+        state = nnx.state(self)
+        fn = _jitted_forward(self, state, input_ids, cache is not None, segment_ids is not None)
+        return fn(state, input_ids, positions, attention_mask, segment_ids, cache)
+
+    def _defaults(self, input_ids, positions, attention_mask, cache):
+        B, T = input_ids.shape
+        if cache is None:
+            if attention_mask is None:
+                attention_mask = jnp.ones((B, T), jnp.int32)
+            attention_mask = jnp.asarray(attention_mask).astype(jnp.int32)
+            if attention_mask.shape != (B, T):
+                raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {(B, T)}")
+            if positions is None:
+                positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        else:
+            if attention_mask is None:
+                slots = jnp.arange(cache.max_len)[None, :]
+                attention_mask = jnp.broadcast_to(slots < cache.index + T, (B, cache.max_len)).astype(jnp.int32)
+            attention_mask = jnp.asarray(attention_mask).astype(jnp.int32)
+            if attention_mask.shape != (B, cache.max_len):
+                raise ValueError(f"with a cache, attention_mask must be [batch, {cache.max_len}], got {attention_mask.shape}")
+            if positions is None:
+                positions = jnp.broadcast_to(cache.index + jnp.arange(T)[None, :], (B, T))
+        positions = jnp.asarray(positions).astype(jnp.int32)
+        if positions.shape != (B, T):
+            raise ValueError(f"positions shape {positions.shape} != input_ids shape {(B, T)}")
+        return positions, attention_mask
+
+    def hidden_states(self, input_ids, positions, attention_mask, *, segment_ids=None, cache=None):
+        """Final-norm hidden states `[B, T, D]` (and the new cache, or None)."""
+        cfg, mesh, rules = self.config, self.mesh, self.rules
+        x = self.model.embed_tokens(input_ids)
+        x = constrain(x, ("batch", "seq", "act_embed"), mesh, rules)
+        cos, sin = rope.rope_tables(cfg, positions, self.dtype)
+        masks = _attention_masks(cfg, input_ids.shape[1], attention_mask, segment_ids, cache)
+
+        layers_graph, layers_state = nnx.split(self.model.layers)
+        windows = jnp.asarray(cfg.layer_windows, jnp.int32)
+
+        def body(carry, xs):
+            h, kv = carry
+            layer_state, layer_idx, window = xs
+            layer = nnx.merge(layers_graph, layer_state)
+            mask = masks[0] if len(masks) == 1 else jnp.where(window > 0, masks[1], masks[0])
+            layer_kv = None
+            if kv is not None:
+                layer_kv = (kv[0][layer_idx], kv[1][layer_idx])
+            h, new_kv = layer(h, cos, sin, mask, layer_kv, None if cache is None else cache.index)
+            h = constrain(h, ("batch", "seq", "act_embed"), mesh, rules)
+            if kv is not None:
+                kv = (kv[0].at[layer_idx].set(new_kv[0]), kv[1].at[layer_idx].set(new_kv[1]))
+            return (h, kv), None
+
+        policy = REMAT_POLICIES[self.remat]
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        kv0 = None if cache is None else (cache.k, cache.v)
+        layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+        (x, kv), _ = jax.lax.scan(body, (x, kv0), (layers_state, layer_ids, windows))
+        x = self.model.norm(x)
+        new_cache = None if cache is None else KVCache(kv[0], kv[1], cache.index + input_ids.shape[1])
+        return x, new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Full-vocabulary float32 logits from final hidden states."""
+        head = self.model.embed_tokens.embedding if self.lm_head is None else self.lm_head.weight
+        logits = jnp.einsum("BTD,VD->BTV", hidden, head.value.astype(self.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "seq", "vocab"), self.mesh, self.rules)
+
+    def forward(self, input_ids, positions, attention_mask, *, segment_ids=None, cache=None):
+        """The traced computation behind `__call__` (explicit positions and mask)."""
+        hidden, new_cache = self.hidden_states(input_ids, positions, attention_mask, segment_ids=segment_ids, cache=cache)
+        logits = self.logits(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+    def num_params(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
+
+
+def _traced(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _attention_masks(cfg: Qwen2Config, T: int, attention_mask, segment_ids, cache):
+    """Boolean [B, T, S] masks: (full,) or (full, sliding) when some layer uses a window."""
+    if cache is None:
+        q_slots = jnp.arange(T)
+        k_slots = jnp.arange(T)
+    else:
+        q_slots = cache.index + jnp.arange(T)
+        k_slots = jnp.arange(cache.max_len)
+    valid = attention_mask.astype(bool)[:, None, :]
+    full = (k_slots[None, :] <= q_slots[:, None])[None] & valid
+    if segment_ids is not None:
+        if cache is not None:
+            raise ValueError("segment_ids are for packed training batches, not cached decoding")
+        full = full & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    windows = {w for w in cfg.layer_windows if w}
+    if not windows:
+        return (full,)
+    if len(windows) > 1:
+        raise ValueError(f"layers use different sliding windows {sorted(windows)}; qwen-jax supports one")
+    (window,) = windows
+    # HF: a key is inside the window when kv_idx > q_idx - sliding_window.
+    sliding = full & (k_slots[None, :] > q_slots[:, None] - window)[None]
+    return (full, sliding)
+
+
+def _jitted_forward(model: "Qwen2ForCausalLM", state, input_ids, with_cache: bool, with_segments: bool):
+    """A compiled forward for this model structure and these shardings (explicit on a mesh)."""
+    graphdef = nnx.graphdef(model)
+    mesh, rules = model.mesh, model.rules
+    if mesh is None:
+        return _compile(graphdef, with_cache, with_segments, None)
+    leaves, treedef = jax.tree.flatten(state)
+    state_sh = tuple(leaf.sharding for leaf in leaves)
+    tokens = named_sharding(("batch", "seq"), input_ids.shape, mesh, rules)
+    logits = named_sharding(("batch", "seq", "vocab"), (*input_ids.shape, model.config.vocab_size), mesh, rules)
+    return _compile(graphdef, with_cache, with_segments, (treedef, state_sh, tokens, logits))
+
+
+@functools.lru_cache(maxsize=64)
+def _compile(graphdef, with_cache: bool, with_segments: bool, shardings):
+    def fn(state, input_ids, positions, attention_mask, segment_ids, cache):
+        model = nnx.merge(graphdef, state)
+        return model.forward(input_ids, positions, attention_mask, segment_ids=segment_ids, cache=cache)
+
+    donate = ("cache",) if with_cache else ()
+    if shardings is None:
+        return jax.jit(fn, donate_argnames=donate)
+    treedef, state_sh, tokens, logits = shardings
+    state_tree = jax.tree.unflatten(treedef, state_sh)
+    # The cache keeps whatever sharding the caller gave it (generation places it by logical axes).
+    in_shardings = (state_tree, tokens, tokens, None, tokens if with_segments else None, None)
+    out_shardings = (logits, None) if with_cache else logits
+    return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnames=donate)
+
+
+def create_model(
+    config: Qwen2Config,
+    *,
+    dtype=None,
+    param_dtype=None,
+    mesh: Mesh | None = None,
+    rules: ShardingRules = DEFAULT_RULES,
+    seed: int = 0,
+    remat: str = "none",
+) -> Qwen2ForCausalLM:
+    """A randomly initialised model; on a mesh every parameter is created directly in its shards."""
+
+    def build():
+        return Qwen2ForCausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed),
+                                mesh=mesh, rules=rules, remat=remat)
+
+    if mesh is None:
+        return build()
+    abstract = nnx.eval_shape(build)
+    graphdef, abstract_state = nnx.split(abstract)
+    state = jax.jit(lambda: nnx.state(build()), out_shardings=state_shardings(abstract_state, mesh, rules))()
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,1 @@
+"""Fine-tuning (full and LoRA) from the command line: `qwen-jax train`."""

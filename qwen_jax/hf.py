@@ -216,6 +216,8 @@ def load_model(
     its shards according to `rules`.
     """
     path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: checkpoint directory not found")
     from qwen_jax import checkpoint  # Orbax directories (converted checkpoints)
 
     if checkpoint.is_orbax_checkpoint(path):
@@ -245,7 +247,7 @@ def _leaf_shardings(abstract_state, mesh, rules) -> dict[tuple[str, ...], jax.sh
     if mesh is None:
         device = jax.devices()[0]
         return {path: jax.sharding.SingleDeviceSharding(device) for path, _ in nnx.to_flat_state(abstract_state)}
-    return {path: v.value for path, v in nnx.to_flat_state(state_shardings(abstract_state, mesh, rules))}
+    return {path: v.get_value() for path, v in nnx.to_flat_state(state_shardings(abstract_state, mesh, rules))}
 
 
 def _put(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
@@ -287,7 +289,7 @@ def iter_hf_tensors(model: Qwen2ForCausalLM) -> Iterator[tuple[str, np.ndarray]]
     config = model.config
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     for spec in param_specs(config):
-        value = flat[spec.path].value
+        value = flat[spec.path].get_value()
         if spec.stacked:
             for i, name in enumerate(spec.hf_names(config.num_hidden_layers)):
                 yield name, np.asarray(spec.to_hf(np.asarray(jax.device_get(value[i]))))

@@ -85,7 +85,7 @@ class RMSNorm(nnx.Module):
         # HF: normalise in float32, cast back to the input dtype, then scale.
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight.value.astype(self.dtype) * normed.astype(self.dtype)
+        return self.weight[...].astype(self.dtype) * normed.astype(self.dtype)
 
 
 class Linear(nnx.Module):
@@ -97,11 +97,15 @@ class Linear(nnx.Module):
         self.kernel = _param(rngs, _normal, kernel_shape, kernel_axes, param_dtype, layers)
         self.bias = _param(rngs, _zeros, bias_shape, bias_axes, param_dtype, layers) if bias_shape else None
         self.dtype = dtype
+        # Optional low-rank adapter (`qwen_jax.train.lora`): a module mapping x to a delta of y.
+        self.lora = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.einsum(self.equation, x, self.kernel.value.astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias.value.astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x)
         return y
 
 
@@ -178,7 +182,7 @@ class Embedding(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids):
-        return jnp.take(self.embedding.value, ids, axis=0).astype(self.dtype)
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
 
 class Qwen2Model(nnx.Module):
@@ -246,7 +250,7 @@ class Qwen2ForCausalLM(nnx.Module):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be int32[batch, seq], got shape {input_ids.shape}")
         positions, attention_mask = self._defaults(input_ids, positions, attention_mask, cache)
-        if _traced(input_ids) or _traced(self.model.embed_tokens.embedding.value):
+        if _traced(input_ids) or _traced(self.model.embed_tokens.embedding.get_value()):
             return self.forward(input_ids, positions, attention_mask, segment_ids=segment_ids, cache=cache)
         state = nnx.state(self)
         fn = _jitted_forward(self, state, input_ids, cache is not None, segment_ids is not None)
@@ -314,7 +318,7 @@ class Qwen2ForCausalLM(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Full-vocabulary float32 logits from final hidden states."""
         head = self.model.embed_tokens.embedding if self.lm_head is None else self.lm_head.weight
-        logits = jnp.einsum("BTD,VD->BTV", hidden, head.value.astype(self.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("BTD,VD->BTV", hidden, head[...].astype(self.dtype), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab"), self.mesh, self.rules)
 
     def forward(self, input_ids, positions, attention_mask, *, segment_ids=None, cache=None):

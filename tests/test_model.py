@@ -1,0 +1,211 @@
+"""Logits of qwen_jax against HF transformers on tiny random checkpoints (the numerics contract)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import qwen_jax
+from qwen_jax.hf import load_model
+
+FP32_TOL = 1e-4
+
+
+def hf_logits(model, ids, attention_mask=None):
+    with torch.no_grad():
+        kwargs = {} if attention_mask is None else {"attention_mask": torch.tensor(attention_mask)}
+        return model(torch.tensor(ids), **kwargs).logits.float().numpy()
+
+
+def random_ids(batch, length, vocab=256, seed=0):
+    return np.random.RandomState(seed).randint(0, vocab, (batch, length)).astype(np.int32)
+
+
+CASES = {
+    "mha_tied": dict(num_attention_heads=4, num_key_value_heads=4),
+    "gqa_untied": dict(num_key_value_heads=2, tie_word_embeddings=False),
+    "mqa_untied": dict(num_key_value_heads=1, tie_word_embeddings=False),
+    "gqa_8heads": dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2),
+    "rope_linear": dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+    "rope_yarn": dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                       "rope_theta": 10000.0}),
+    "sliding_window": dict(use_sliding_window=True, sliding_window=5, max_window_layers=1),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fp32_logits_match_hf(hf_checkpoint, case):
+    overrides = CASES[case]
+    hf_model, path = hf_checkpoint(**overrides)
+    ids = random_ids(2, 24)
+    ours = np.asarray(load_model(path, dtype=jnp.float32)(ids))
+    ref = hf_logits(hf_model, ids)
+    assert ours.shape == ref.shape == (2, 24, 256)
+    assert np.abs(ours - ref).max() <= FP32_TOL
+
+
+def test_sliding_window_is_really_applied(hf_checkpoint):
+    """The window must change the logits past it (guards against a mask that is never used)."""
+    _, windowed = hf_checkpoint(seed=3, use_sliding_window=True, sliding_window=3, max_window_layers=0)
+    _, full = hf_checkpoint(seed=3)
+    ids = random_ids(1, 12)
+    a = np.asarray(load_model(windowed, dtype=jnp.float32)(ids))
+    b = np.asarray(load_model(full, dtype=jnp.float32)(ids))
+    np.testing.assert_allclose(a[:, :3], b[:, :3], atol=1e-5)  # inside the window: identical
+    assert np.abs(a[:, 6:] - b[:, 6:]).max() > 1e-3
+
+
+def test_dynamic_ntk_beyond_max_positions(hf_checkpoint):
+    hf_model, path = hf_checkpoint(max_position_embeddings=16,
+                                   rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    ids = random_ids(1, 40)  # longer than max_position_embeddings: the base is recomputed
+    ours = np.asarray(load_model(path, dtype=jnp.float32)(ids))
+    ref = hf_logits(hf_model, ids)
+    assert np.abs(ours - ref).max() <= FP32_TOL
+    # Within the original length dynamic NTK equals the default rope.
+    _, plain = hf_checkpoint(max_position_embeddings=16)
+    short = random_ids(1, 10)
+    np.testing.assert_allclose(load_model(path)(short), load_model(plain)(short), atol=1e-6)
+
+
+def test_sharded_safetensors(hf_checkpoint):
+    hf_model, path = hf_checkpoint(tie_word_embeddings=False, max_shard_size="60KB")
+    assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+    assert len([f for f in os.listdir(path) if f.endswith(".safetensors")]) > 2
+    ids = random_ids(2, 16)
+    assert np.abs(np.asarray(load_model(path, dtype=jnp.float32)(ids)) - hf_logits(hf_model, ids)).max() <= FP32_TOL
+
+
+def _rewrite_config(path, edit):
+    cfg_path = os.path.join(path, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    edit(cfg)
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    return cfg
+
+
+@pytest.mark.parametrize("legacy_key", ["type", "rope_type"])
+def test_v4_and_v5_config_json(hf_checkpoint, legacy_key):
+    """transformers 5 writes rope_parameters; older files carry rope_theta + rope_scaling."""
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0}
+    hf_model, path = hf_checkpoint(rope_parameters=rope)
+    ids = random_ids(1, 20)
+    v5 = np.asarray(load_model(path, dtype=jnp.float32)(ids))
+    assert "rope_parameters" in json.load(open(os.path.join(path, "config.json")))
+
+    def to_v4(cfg):
+        params = cfg.pop("rope_parameters")
+        cfg.pop("layer_types", None)
+        cfg["rope_theta"] = params.pop("rope_theta")
+        params[legacy_key] = params.pop("rope_type")
+        cfg["rope_scaling"] = params
+
+    _rewrite_config(path, to_v4)
+    config = qwen_jax.Qwen2Config.from_hf(path)
+    assert config.rope_scaling.rope_type == "yarn" and config.rope_theta == 10000.0
+    v4 = np.asarray(load_model(path, dtype=jnp.float32)(ids))
+    np.testing.assert_array_equal(v4, v5)
+    assert np.abs(v4 - hf_logits(hf_model, ids)).max() <= FP32_TOL
+
+
+def test_tied_checkpoint_with_redundant_lm_head(hf_checkpoint, tmp_path):
+    """Tied checkpoints may carry lm_head.weight too; it is ignored."""
+    from qwen_jax.safetensors_io import SafetensorsFile, write_safetensors
+
+    hf_model, path = hf_checkpoint()
+    st = SafetensorsFile(os.path.join(path, "model.safetensors"))
+    tensors = {name: np.array(st.get(name)) for name in st.keys()}
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = np.zeros_like(tensors["model.embed_tokens.weight"])  # would break logits if used
+    write_safetensors(os.path.join(path, "model.safetensors"), tensors)
+    ids = random_ids(1, 8)
+    assert np.abs(np.asarray(load_model(path)(ids)) - hf_logits(hf_model, ids)).max() <= FP32_TOL
+
+
+def test_left_padded_batch_equals_rows_alone(hf_checkpoint):
+    _, path = hf_checkpoint(tie_word_embeddings=False)
+    model = load_model(path, dtype=jnp.float32)
+    lengths = [12, 5, 9]
+    rows = [random_ids(1, n, seed=i)[0] for i, n in enumerate(lengths)]
+    T = max(lengths)
+    ids = np.zeros((len(rows), T), np.int32)
+    mask = np.zeros((len(rows), T), np.int32)
+    for i, row in enumerate(rows):
+        ids[i, T - len(row):] = row
+        mask[i, T - len(row):] = 1
+    batched = np.asarray(model(ids, attention_mask=mask))
+    assert np.isfinite(batched).all()
+    for i, row in enumerate(rows):
+        alone = np.asarray(model(row[None, :]))[0]
+        np.testing.assert_allclose(batched[i, T - len(row):], alone, atol=1e-5)
+
+
+def test_explicit_positions_and_hf_padding(hf_checkpoint):
+    """Left padding agrees with HF given the same attention mask."""
+    hf_model, path = hf_checkpoint()
+    ids = random_ids(2, 10)
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    ours = np.asarray(load_model(path)(ids, attention_mask=mask))
+    ref = hf_logits(hf_model, ids, attention_mask=mask)
+    assert np.abs(ours[0] - ref[0]).max() <= FP32_TOL
+    assert np.abs(ours[1, 4:] - ref[1, 4:]).max() <= FP32_TOL
+
+
+def test_bfloat16_error_within_hf_bfloat16_error(hf_checkpoint):
+    """bf16: our difference to HF fp32 is no worse than HF bf16's own (slack: 1.25x + 1e-3 absolute).
+
+    The slack covers rounding-order differences between XLA and torch kernels; a missing
+    rounding point or a wrong dtype path shows as a multiple, not 25 %.
+    """
+    hf32, path = hf_checkpoint(seed=1, tie_word_embeddings=False)
+    ids = random_ids(2, 32)
+    ref32 = hf_logits(hf32, ids)
+    hf16 = build_bf16_copy(hf32)
+    ref16 = hf_logits(hf16, ids)
+    model = load_model(path, dtype=jnp.bfloat16)
+    assert model.model.layers.mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+    ours = np.asarray(model(ids))
+    hf_err = np.abs(ref16 - ref32).max()
+    our_err = np.abs(ours - ref32).max()
+    assert hf_err > 0
+    assert our_err <= 1.25 * hf_err + 1e-3, (our_err, hf_err)
+    # And the two bf16 implementations are close to each other.
+    assert np.abs(ours - ref16).max() <= 2 * hf_err + 1e-3
+
+
+def build_bf16_copy(model):
+    import copy
+
+    return copy.deepcopy(model).to(torch.bfloat16)
+
+
+def test_bf16_checkpoint_loads_as_float32(hf_checkpoint):
+    hf16, path = hf_checkpoint(dtype="bfloat16")
+    model = load_model(path, dtype=jnp.float32)
+    assert model.model.embed_tokens.embedding[...].dtype == jnp.float32
+    ids = random_ids(1, 8)
+    ref = hf_logits(hf16.float(), ids)  # the same bf16 weights, computed in fp32
+    assert np.abs(np.asarray(model(ids)) - ref).max() <= FP32_TOL
+
+
+def test_jit_is_reused_and_call_works_inside_jit(hf_checkpoint):
+    from flax import nnx
+
+    _, path = hf_checkpoint()
+    model = load_model(path)
+    ids = random_ids(1, 8)
+    eager = np.asarray(model(ids))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def f(state, ids):
+        return nnx.merge(graphdef, state)(ids)
+
+    np.testing.assert_allclose(np.asarray(f(state, ids)), eager, atol=1e-6)

@@ -1,0 +1,114 @@
+"""Per-device memory by arithmetic: how a model, its optimizer state and a KV cache land on a mesh.
+
+Uses the same logical-axis rules as real placement (`qwen_jax.sharding`), including the
+replication of axes that do not divide, on a mesh described only by its axis sizes: plan a
+TPU v5p-64 or an 8xH100 box from a laptop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwen_jax.config import Qwen2Config
+from qwen_jax.model import KVCache
+from qwen_jax.sharding import DEFAULT_RULES, ShardingRules, logical_to_spec
+
+GiB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per device (the most loaded device) for each component."""
+
+    mesh: dict[str, int]
+    params: int
+    grads: int
+    optimizer: int
+    kv_cache: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.kv_cache
+
+    def __str__(self) -> str:
+        mesh = ",".join(f"{k}={v}" for k, v in self.mesh.items())
+        parts = [f"params {self.params / GiB:.2f}"]
+        if self.grads:
+            parts.append(f"grads {self.grads / GiB:.2f}")
+        if self.optimizer:
+            parts.append(f"optimizer {self.optimizer / GiB:.2f}")
+        if self.kv_cache:
+            parts.append(f"kv cache {self.kv_cache / GiB:.2f}")
+        return f"[{mesh}] " + " + ".join(parts) + f" = {self.total / GiB:.2f} GiB per device"
+
+
+def _mesh_of_sizes(data: int, fsdp: int, tensor: int):
+    # logical_to_spec only reads `.shape`, so a plain namespace stands in for a Mesh.
+    return types.SimpleNamespace(shape={"data": data, "fsdp": fsdp, "tensor": tensor})
+
+
+def _shard_elements(shape, logical_axes, mesh, rules) -> int:
+    spec = logical_to_spec(logical_axes, shape, mesh, rules)
+    elements = 1
+    for dim, axes in zip(shape, spec):
+        names = () if axes is None else ((axes,) if isinstance(axes, str) else axes)
+        elements *= dim // math.prod(mesh.shape[a] for a in names)
+    return elements
+
+
+def plan_memory(
+    config: Qwen2Config,
+    *,
+    data: int = 1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    param_dtype=jnp.bfloat16,
+    training: bool = False,
+    optimizer_dtype=jnp.float32,
+    master_weights: bool = False,
+    batch: int = 0,
+    max_len: int = 0,
+    cache_dtype=jnp.bfloat16,
+    rules: ShardingRules = DEFAULT_RULES,
+) -> MemoryPlan:
+    """Per-device bytes of parameters (+ grads and AdamW state when `training`) and a KV cache.
+
+    training: gradients in `param_dtype` plus two AdamW moments in `optimizer_dtype`, and a
+    float32 master copy when `master_weights` (bf16 compute with float32 masters). The KV cache is
+    `batch` x `max_len` tokens, sharded by the cache's logical axes. Activations are not counted:
+    they depend on remat policy and sequence length more than on the mesh.
+    """
+    from qwen_jax.model import Qwen2ForCausalLM
+
+    mesh = _mesh_of_sizes(data, fsdp, tensor)
+    abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(config, dtype=param_dtype, param_dtype=param_dtype))
+    param_elements = 0
+    for _, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        axes = variable.get_metadata()["logical_axes"]
+        param_elements += _shard_elements(variable.shape, axes, mesh, rules)
+    p_bytes = jnp.dtype(param_dtype).itemsize
+    o_bytes = jnp.dtype(optimizer_dtype).itemsize
+    params = param_elements * p_bytes
+    grads = params if training else 0
+    optimizer = param_elements * (2 * o_bytes + (4 if master_weights else 0)) if training else 0
+    kv_cache = 0
+    if batch and max_len:
+        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+        kv_cache = 2 * _shard_elements(shape, KVCache.logical_axes(), mesh, rules) * jnp.dtype(cache_dtype).itemsize
+    return MemoryPlan({"data": data, "fsdp": fsdp, "tensor": tensor}, params, grads, optimizer, kv_cache)
+
+
+def measured_bytes_per_device(tree) -> dict[jax.Device, int]:
+    """Actual bytes each device holds for the arrays in `tree` (a model state, a cache...)."""
+    out: dict[jax.Device, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array):
+            for shard in leaf.addressable_shards:
+                out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out

@@ -3,11 +3,12 @@
 from qwen_jax.config import ConfigError, Qwen2Config, RopeScaling
 from qwen_jax.hf import load_model
 from qwen_jax.model import KVCache, Qwen2ForCausalLM, create_model, default_dtype
+from qwen_jax.tokenizer import StreamDecoder, Tokenizer, parse_tool_calls
 from qwen_jax.sharding import DEFAULT_RULES, ShardingRules, make_mesh
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "Qwen2Config", "RopeScaling", "KVCache", "Qwen2ForCausalLM", "create_model",
-    "default_dtype", "load_model", "DEFAULT_RULES", "ShardingRules", "make_mesh", "__version__",
+    "default_dtype", "load_model", "DEFAULT_RULES", "ShardingRules", "make_mesh", "Tokenizer", "StreamDecoder", "parse_tool_calls", "__version__",
 ]

@@ -125,18 +125,19 @@ class Attention(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
-        """mask: bool [B, T, S]. cache_kv: (k, v) of this layer, [B, S, K, H], or None."""
+        """mask: bool [B, T, S]. cache_kv: (k, v) of this layer, [B, S, K, H], or None.
+
+        Returns the output and this call's new (k, v) `[B, T, K, H]`, which the caller writes
+        into the cache (only T slots are written, never the whole layer cache).
+        """
         q = rope.apply_rope(self.q_proj(x), cos, sin)
         k = rope.apply_rope(self.k_proj(x), cos, sin)
         v = self.v_proj(x)
+        new_kv = (k, v)
         if cache_kv is not None:
-            zero = jnp.zeros((), jnp.int32)
-            k_all = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (zero, cache_index, zero, zero))
-            v_all = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (zero, cache_index, zero, zero))
-            new_kv = (k_all, v_all)
-            k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
-        else:
-            new_kv = None
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start).astype(self.dtype)
+            v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start).astype(self.dtype)
         B, T, N, H = q.shape
         q = q.reshape(B, T, self.num_kv_heads, N // self.num_kv_heads, H)
         scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * self.scale
@@ -302,7 +303,8 @@ class Qwen2ForCausalLM(nnx.Module):
             h, new_kv = layer(h, cos, sin, mask, layer_kv, None if cache is None else cache.index)
             h = constrain(h, ("batch", "seq", "act_embed"), mesh, rules)
             if kv is not None:
-                kv = (kv[0].at[layer_idx].set(new_kv[0]), kv[1].at[layer_idx].set(new_kv[1]))
+                start = (layer_idx, 0, cache.index, 0, 0)
+                kv = tuple(jax.lax.dynamic_update_slice(c, n[None].astype(c.dtype), start) for c, n in zip(kv, new_kv))
             return (h, kv), None
 
         policy = REMAT_POLICIES[self.remat]

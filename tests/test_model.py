@@ -209,3 +209,20 @@ def test_jit_is_reused_and_call_works_inside_jit(hf_checkpoint):
         return nnx.merge(graphdef, state)(ids)
 
     np.testing.assert_allclose(np.asarray(f(state, ids)), eager, atol=1e-6)
+
+
+def test_kv_cache_prefill_and_decode_equal_full_forward(hf_checkpoint):
+    from qwen_jax.model import KVCache
+
+    _, path = hf_checkpoint(tie_word_embeddings=False, use_sliding_window=True, sliding_window=4,
+                            max_window_layers=1)
+    model = load_model(path, dtype=jnp.float32)
+    ids = random_ids(2, 10)
+    full = np.asarray(model(ids))
+    cache = KVCache.init(model.config, batch=2, max_len=16, dtype=jnp.float32)
+    logits, cache = model(ids[:, :6], cache=cache)
+    np.testing.assert_allclose(np.asarray(logits), full[:, :6], atol=1e-5)
+    for t in range(6, 10):
+        step, cache = model(ids[:, t:t + 1], cache=cache)
+        np.testing.assert_allclose(np.asarray(step)[:, 0], full[:, t], atol=1e-5)
+    assert int(cache.index) == 10

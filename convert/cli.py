@@ -1,0 +1,32 @@
+"""Convert an HF checkpoint (local directory or Hub id) to a qwen-jax Orbax checkpoint.
+
+The output directory holds the parameters (Orbax), config.json, generation_config.json, the
+tokenizer files and qwen_jax_manifest.json; `qwen-jax generate|chat|train` and
+`qwen_jax.hf.load_model` read it directly, restoring each parameter into its shards.
+"""
+
+from __future__ import annotations
+
+import time
+
+from qwen_jax.convert.common import DTYPE_CHOICES
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("src", help="HF checkpoint directory, or a Hub id such as Qwen/Qwen2.5-0.5B-Instruct")
+    parser.add_argument("out", help="output directory (must not exist unless --force)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="stored parameter dtype (default: auto, the checkpoint's own)")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def run(args) -> int:
+    from qwen_jax.convert.common import quiet_orbax_logging
+    from qwen_jax.convert.to_orbax import hf_to_orbax
+
+    start = time.perf_counter()
+    with quiet_orbax_logging():
+        summary = hf_to_orbax(args.src, args.out, dtype=args.dtype, force=args.force)
+    print(f"wrote {summary.out}: {summary.parameters:,} parameters, {summary.dtype}, "
+          f"{summary.bytes_written / 1e9:.2f} GB in {time.perf_counter() - start:.1f} s")
+    return 0

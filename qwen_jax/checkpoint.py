@@ -35,7 +35,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen_jax.config import Qwen2Config
-from qwen_jax.hf import ParamSpec, _drop_leading_axis, _leaf_shardings, _zeros, abstract_model, param_specs
+from qwen_jax.hf import ParamSpec, abstract_model, drop_leading_axis, leaf_shardings, param_specs, sharded_zeros
 from qwen_jax.model import Qwen2ForCausalLM
 from qwen_jax.safetensors_io import CheckpointError
 from qwen_jax.sharding import DEFAULT_RULES, ShardingRules
@@ -205,7 +205,7 @@ def load_orbax_model(
     config = Qwen2Config.from_hf(path)
     model = abstract_model(config, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
     graphdef, abstract_state = nnx.split(model)
-    shardings = _leaf_shardings(abstract_state, mesh, rules)
+    shardings = leaf_shardings(abstract_state, mesh, rules)
     flat = dict(nnx.to_flat_state(abstract_state))
     values: dict[tuple[str, ...], jax.Array] = {}
     for group in param_groups(config, manifest.get("row_block_elements")):
@@ -213,7 +213,7 @@ def load_orbax_model(
         for spec in group.specs:
             variable, sharding = flat[spec.path], shardings[spec.path]
             if group.layer is not None:
-                sharding = _drop_leading_axis(sharding)
+                sharding = drop_leading_axis(sharding)
             elif group.rows is not None:
                 sharding = _replicate_leading_axis(sharding, len(variable.shape))
             shape = group.stored_shape(tuple(variable.shape))
@@ -226,7 +226,7 @@ def load_orbax_model(
                 continue
             if spec.path not in values:  # a stacked parameter or a row-blocked matrix: fill it in place
                 variable = flat[spec.path]
-                values[spec.path] = _zeros(tuple(variable.shape), variable.dtype, shardings[spec.path])
+                values[spec.path] = sharded_zeros(tuple(variable.shape), variable.dtype, shardings[spec.path])
             start = group.layer if group.layer is not None else group.rows[0]
             values[spec.path] = _set_slice(values[spec.path], value, start, group.layer is not None)
     for param_path, value in values.items():

@@ -227,7 +227,7 @@ def load_model(
     specs = validate_checkpoint(ckpt, config)
     model = abstract_model(config, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
     graphdef, abstract_state = nnx.split(model)
-    shardings = _leaf_shardings(abstract_state, mesh, rules)
+    shardings = leaf_shardings(abstract_state, mesh, rules)
     flat = dict(nnx.to_flat_state(abstract_state))
     for spec in specs:
         variable = flat[spec.path]
@@ -243,7 +243,8 @@ def abstract_model(config: Qwen2Config, *, dtype=None, param_dtype=None, mesh=No
         config, dtype=dtype, param_dtype=param_dtype or dtype, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
 
 
-def _leaf_shardings(abstract_state, mesh, rules) -> dict[tuple[str, ...], jax.sharding.Sharding]:
+def leaf_shardings(abstract_state, mesh, rules) -> dict[tuple[str, ...], jax.sharding.Sharding]:
+    """Target sharding of every parameter path (the first device when there is no mesh)."""
     if mesh is None:
         device = jax.devices()[0]
         return {path: jax.sharding.SingleDeviceSharding(device) for path, _ in nnx.to_flat_state(abstract_state)}
@@ -261,21 +262,23 @@ def _place(spec: ParamSpec, ckpt: HFCheckpoint, config: Qwen2Config, shape, dtyp
 
     if not spec.stacked:
         return _put(read(spec.hf_name), sharding)
-    layer_sharding = _drop_leading_axis(sharding)
-    buffer = _zeros(tuple(shape), jnp.dtype(dtype), sharding)
+    layer_sharding = drop_leading_axis(sharding)
+    buffer = sharded_zeros(tuple(shape), jnp.dtype(dtype), sharding)
     for i, name in enumerate(spec.hf_names(config.num_hidden_layers)):
         buffer = _set_layer(buffer, _put(read(name), layer_sharding), i)
     return buffer
 
 
-def _drop_leading_axis(sharding):
+def drop_leading_axis(sharding):
+    """The sharding of one layer's slice of a stacked parameter."""
     if isinstance(sharding, NamedSharding):
         return NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
     return sharding
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _zeros(shape, dtype, sharding):
+def sharded_zeros(shape, dtype, sharding):
+    """A zero buffer created directly in its shards (filled slice by slice while loading)."""
     return jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), sharding)
 
 

@@ -1,0 +1,770 @@
+"""Text generation with a preallocated KV cache: batched (one jitted loop) and streaming (one jitted step per token).
+
+How a call runs:
+
+1. Prompts are left-padded to a power-of-two bucket (at least `MIN_PROMPT_BUCKET`), so a new prompt
+   length inside a bucket reuses the compiled code. The cache length (`prompt bucket + max_new_tokens`)
+   is bucketed too. Each row keeps its own positions (count of its real tokens), and one
+   `[batch, cache_len]` mask hides the padding slots for the whole generation.
+2. Prefill: one jitted call writes the prompt into the cache and picks the first new token.
+3. Decode: `generate_ids` runs every remaining step inside one jitted `lax.while_loop` that stops
+   when all rows have hit a stop token or `max_new_tokens`; `stream_ids` runs one jitted step per
+   token so text can be shown as it is produced. Both draw step `i`'s token with
+   `fold_in(PRNGKey(seed), i)`, so they give the same tokens.
+
+The model is split once per call (`nnx.split`); the jitted functions are pure functions of
+(graphdef, state), compiled ahead of time and cached by argument shapes and shardings, which lets
+`Timing` report compile time apart from prefill and decode time. The cache is donated to every call.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from qwen_jax import sampling
+from qwen_jax.config import Qwen2Config
+from qwen_jax.model import KVCache, Qwen2ForCausalLM
+from qwen_jax.sharding import named_sharding
+
+MIN_PROMPT_BUCKET = 16
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+Prompt = str | Sequence[Mapping[str, Any]]  # text, or a chat conversation (list of messages)
+
+
+class GenerationError(ValueError):
+    """A request that cannot be generated (empty prompt, prompt or output beyond the context)."""
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """Sampling defaults. `temperature == 0` is greedy decoding.
+
+    `GenerationConfig.from_pretrained(dir)` reads the checkpoint's generation_config.json with HF
+    semantics (`do_sample: false` -> greedy; HF's top_k default of 50 when sampling).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    def replace(self, **changes) -> "GenerationConfig":
+        """A copy with the given fields changed; None values are ignored (keep the default)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if "eos_token_ids" in changes:
+            changes["eos_token_ids"] = tuple(int(i) for i in changes["eos_token_ids"])
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, generation_config: Mapping[str, Any], model_config: Qwen2Config | None = None) -> "GenerationConfig":
+        """From a generation_config.json dict; eos ids are the union of it and the model config's."""
+        do_sample = bool(generation_config.get("do_sample", False))
+        eos = _as_ids(generation_config.get("eos_token_id"))
+        if model_config is not None:
+            eos += tuple(i for i in model_config.eos_token_ids if i not in eos)
+        pad = generation_config.get("pad_token_id")
+        if pad is None and model_config is not None:
+            pad = model_config.pad_token_id
+        return cls(
+            max_new_tokens=int(generation_config.get("max_new_tokens") or cls.max_new_tokens),
+            temperature=float(generation_config.get("temperature", 1.0)) if do_sample else 0.0,
+            top_k=int(generation_config.get("top_k", 50) or 0) if do_sample else 0,
+            top_p=float(generation_config.get("top_p", 1.0) or 1.0),
+            min_p=float(generation_config.get("min_p") or 0.0),
+            repetition_penalty=float(generation_config.get("repetition_penalty", 1.0) or 1.0),
+            eos_token_ids=eos,
+            pad_token_id=pad,
+        )
+
+    @classmethod
+    def from_model_config(cls, model_config: Qwen2Config) -> "GenerationConfig":
+        """Greedy, stopping on the model config's eos ids (for checkpoints without generation_config.json)."""
+        return cls(eos_token_ids=model_config.eos_token_ids, pad_token_id=model_config.pad_token_id)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, model_config: Qwen2Config | None = None) -> "GenerationConfig":
+        """generation_config.json of a checkpoint directory, or the model-config defaults without one."""
+        file = os.path.join(os.fspath(path), GENERATION_CONFIG_FILE)
+        if os.path.isfile(file):
+            with open(file) as f:
+                return cls.from_hf(json.load(f), model_config)
+        if model_config is None:
+            return cls()
+        return cls.from_model_config(model_config)
+
+
+def _as_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(i) for i in value)
+
+
+def default_generation_config(model: Qwen2ForCausalLM) -> GenerationConfig:
+    """The config `qwen_jax.load` attached to the model, else greedy with the model config's eos ids."""
+    config = getattr(model, "generation_config", None)
+    return config if config is not None else GenerationConfig.from_model_config(model.config)
+
+
+# ----------------------------------------------------------------------------- results
+@dataclasses.dataclass
+class Timing:
+    """Wall-clock timing of one generation call (compile time is counted apart)."""
+
+    prompt_tokens: int = 0  # real (unpadded) prompt tokens over all rows
+    prefill_s: float = 0.0
+    decode_tokens: int = 0  # tokens produced after the first one, over all rows
+    decode_s: float = 0.0
+    compile_s: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"prompt {self.prompt_tokens} tokens, prefill {self.prefill_s:.3f} s "
+            f"({self.prefill_tokens_per_s:.1f} tok/s), decode {self.decode_tokens} tokens "
+            f"({self.decode_tokens_per_s:.1f} tok/s), compile {self.compile_s:.2f} s"
+        )
+
+
+@dataclasses.dataclass
+class Generation:
+    """Result of a generation call, one entry per prompt.
+
+    token_ids: the generated ids, ending with the stop token when one was produced.
+    finish_reasons: "stop" (a stop token or stop string) or "length" (max_new_tokens).
+    texts: the decoded continuation without special tokens (None from the id-level API).
+    logits: with `return_logits`, the raw model logits of each generated step `[steps, vocab]`.
+    """
+
+    token_ids: list[list[int]]
+    finish_reasons: list[str]
+    prompt_lengths: list[int]
+    timing: Timing
+    texts: list[str] | None = None
+    logits: list[np.ndarray] | None = None
+
+
+# ----------------------------------------------------------------------------- compilation
+_trace_counts: collections.Counter = collections.Counter()
+
+
+def trace_counts() -> dict[str, int]:
+    """How often each jitted generation function ("prefill", "decode_loop", "decode_step") was traced.
+
+    Every trace is a compile; a new prompt length inside a bucket must not add one.
+    """
+    return dict(_trace_counts)
+
+
+class _Executables:
+    """Ahead-of-time compiled executables keyed by function, static settings and argument signature."""
+
+    def __init__(self, max_entries: int = 32):
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._max_entries = max_entries
+
+    def get(self, jitted, static: "_Static", args: tuple) -> tuple[Any, float]:
+        """(executable taking `args`, seconds spent compiling it now: 0 when it was cached)."""
+        leaves, treedef = jax.tree.flatten(args)
+        signature = tuple((leaf.shape, leaf.dtype, leaf.sharding) for leaf in leaves)
+        key = (jitted, static, treedef, signature)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key], 0.0
+        start = time.perf_counter()
+        executable = jitted.lower(static, *args).compile()
+        self._entries[key] = executable
+        if len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+        return executable, time.perf_counter() - start
+
+
+_executables = _Executables()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the traced functions specialise on besides array shapes."""
+
+    graphdef: Any
+    mode: sampling.SamplingMode
+    return_logits: bool
+    cache_sharding: Any  # NamedSharding of the cache arrays, or None off a mesh
+
+
+def _constrain_cache(cache: KVCache, static: _Static) -> KVCache:
+    if static.cache_sharding is None:
+        return cache
+    k = jax.lax.with_sharding_constraint(cache.k, static.cache_sharding)
+    v = jax.lax.with_sharding_constraint(cache.v, static.cache_sharding)
+    return KVCache(k, v, cache.index)
+
+
+def _step_key(key: jax.Array, step) -> jax.Array:
+    return jax.random.fold_in(key, step)
+
+
+def _prefill(static: _Static, state, cache, input_ids, prompt_mask, key, params):
+    """Write the (left-padded) prompts into the cache and pick the first new token of each row."""
+    _trace_counts["prefill"] += 1
+    model = nnx.merge(static.graphdef, state)
+    batch, prompt_len = input_ids.shape
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
+    cache_mask = _cache_mask(prompt_mask, cache.max_len)
+    hidden, cache = model.hidden_states(input_ids, positions, cache_mask, cache=cache)
+    # Left padding puts every row's last real token in the last column: only it needs logits.
+    logits = model.logits(hidden[:, -1:])[:, 0]
+    seen = None
+    if static.mode.repetition_penalty:
+        seen = jnp.zeros((batch, logits.shape[-1]), bool)
+        seen = sampling.mark_seen(seen, input_ids, prompt_mask.astype(bool))
+    token = sampling.sample(_step_key(key, 0), logits, seen, params, static.mode)
+    if seen is not None:
+        seen = sampling.mark_seen(seen, token)
+    return token, _constrain_cache(cache, static), seen, logits if static.return_logits else None
+
+
+def _cache_mask(prompt_mask, cache_len):
+    """Valid cache slots: the prompt's real tokens, and every slot after the prompt bucket
+    (slots not written yet are hidden by the causal mask)."""
+    batch, prompt_len = prompt_mask.shape
+    generated = jnp.ones((batch, cache_len - prompt_len), prompt_mask.dtype)
+    return jnp.concatenate([prompt_mask, generated], axis=1)
+
+
+def _decode_token(static: _Static, model, cache, token, position, cache_mask, seen, key, step, params):
+    """One cached forward of `token` at `position`, then the next token (shared by loop and stream)."""
+    logits, cache = model.forward(token[:, None], position[:, None], cache_mask, cache=cache)
+    logits = logits[:, 0]
+    next_token = sampling.sample(_step_key(key, step), logits, seen, params, static.mode)
+    if seen is not None:
+        seen = sampling.mark_seen(seen, next_token)
+    return next_token, _constrain_cache(cache, static), seen, logits
+
+
+def _decode_loop(static: _Static, state, cache, first_token, prompt_mask, seen, key, params, max_new_tokens, stop_ids):
+    """All remaining decode steps in one `lax.while_loop`.
+
+    Returns tokens `[B, max_len - prompt_bucket]` (pad after each row's end), the number of tokens
+    each row produced, the cache, and (with return_logits) the logits of every step.
+    """
+    _trace_counts["decode_loop"] += 1
+    model = nnx.merge(static.graphdef, state)
+    batch, prompt_len = prompt_mask.shape
+    capacity = cache.max_len - prompt_len
+    cache_mask = _cache_mask(prompt_mask, cache.max_len)
+    prompt_lengths = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
+    tokens = jnp.zeros((batch, capacity), jnp.int32).at[:, 0].set(first_token)
+    done = jnp.isin(first_token, stop_ids)
+    lengths = jnp.ones((batch,), jnp.int32)
+    vocab = model.config.vocab_size
+    all_logits = jnp.zeros((batch, capacity, vocab), jnp.float32) if static.return_logits else None
+
+    def cond(carry):
+        step, done = carry[0], carry[1]
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, done, lengths, tokens, cache, seen, all_logits = carry
+        previous = tokens[:, step - 1]
+        next_token, cache, seen, logits = _decode_token(
+            static, model, cache, previous, prompt_lengths + step - 1, cache_mask, seen, key, step, params)
+        next_token = jnp.where(done, 0, next_token)
+        tokens = tokens.at[:, step].set(next_token)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(next_token, stop_ids)
+        if all_logits is not None:
+            all_logits = all_logits.at[:, step].set(logits)
+        return step + 1, done, lengths, tokens, cache, seen, all_logits
+
+    carry = (jnp.asarray(1, jnp.int32), done, lengths, tokens, cache, seen, all_logits)
+    _, _, lengths, tokens, cache, _, all_logits = jax.lax.while_loop(cond, body, carry)
+    return tokens, lengths, cache, all_logits
+
+
+def _decode_step(static: _Static, state, cache, token, position, prompt_mask, seen, key, step, params):
+    """One decode step for streaming."""
+    _trace_counts["decode_step"] += 1
+    model = nnx.merge(static.graphdef, state)
+    cache_mask = _cache_mask(prompt_mask, cache.max_len)
+    next_token, cache, seen, logits = _decode_token(
+        static, model, cache, token, position, cache_mask, seen, key, step, params)
+    return next_token, cache, seen, logits if static.return_logits else None
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(fn):
+    # `static` is hashable (graphdef, frozen mode); the cache (argument 2) is donated.
+    return jax.jit(fn, static_argnums=0, donate_argnums=2)
+
+
+# ----------------------------------------------------------------------------- request preparation
+def prompt_bucket(length: int) -> int:
+    """Padded prompt length: the next power of two, at least MIN_PROMPT_BUCKET."""
+    return max(MIN_PROMPT_BUCKET, sampling.next_power_of_two(length))
+
+
+def cache_bucket(length: int) -> int:
+    """Cache length: the next power of two up to 4096, then the next multiple of 4096
+    (attention reads every slot, so large caches round up by less)."""
+    if length <= 4096:
+        return sampling.next_power_of_two(length)
+    return -(-length // 4096) * 4096
+
+
+@dataclasses.dataclass
+class _Request:
+    """A validated batch: padded arrays on device plus everything the loops need."""
+
+    model: Qwen2ForCausalLM
+    config: GenerationConfig
+    static: _Static
+    state: Any
+    input_ids: jax.Array
+    prompt_mask: jax.Array
+    prompt_lengths: list[int]
+    cache: KVCache
+    key: jax.Array
+    params: sampling.SamplingParams
+    stop_ids: jax.Array
+    max_new_tokens: int
+    replicated: NamedSharding | None  # where small inputs go on a mesh (None: the default device)
+
+    def put(self, x) -> jax.Array:
+        return _put(x, self.replicated)
+
+
+def _put(x, sharding: NamedSharding | None) -> jax.Array:
+    return jax.device_put(x, sharding) if sharding is not None else jax.device_put(x)
+
+
+def _prepare(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], config: GenerationConfig,
+             return_logits: bool) -> _Request:
+    if not isinstance(model, Qwen2ForCausalLM):
+        raise TypeError(f"expected a Qwen2ForCausalLM, got {type(model).__name__}")
+    model_config = model.config
+    context = model_config.max_position_embeddings
+    prompts = [[int(t) for t in p] for p in prompts]
+    if not prompts:
+        raise GenerationError("no prompts given")
+    max_new = int(config.max_new_tokens)
+    if max_new < 1:
+        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new}")
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise GenerationError(f"prompt {i} is empty: at least one token is needed to generate from")
+        if len(ids) > context:
+            raise GenerationError(f"prompt {i} has {len(ids)} tokens, more than the model's context of {context}")
+        if len(ids) + max_new > context:
+            raise GenerationError(
+                f"max_new_tokens={max_new} overflows the context: prompt {i} has {len(ids)} tokens and the "
+                f"model's context is {context} (at most {context - len(ids)} new tokens)")
+        if min(ids) < 0 or max(ids) >= model_config.vocab_size:
+            raise GenerationError(f"prompt {i} has token ids outside the vocabulary [0, {model_config.vocab_size})")
+
+    mode, params = sampling.sampling_setup(
+        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
+        repetition_penalty=config.repetition_penalty, vocab_size=model_config.vocab_size)
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    bucket = prompt_bucket(max(len(p) for p in prompts))
+    input_ids = np.full((len(prompts), bucket), pad_id, np.int32)
+    prompt_mask = np.zeros((len(prompts), bucket), np.int32)
+    for row, ids in enumerate(prompts):
+        input_ids[row, bucket - len(ids):] = ids
+        prompt_mask[row, bucket - len(ids):] = 1
+
+    mesh = model.mesh
+    cache_len = cache_bucket(bucket + max_new)
+    cache_dtype = model.dtype
+    cache_sharding = None
+    replicated = None
+    if mesh is not None:
+        shape = (model_config.num_hidden_layers, len(prompts), cache_len, model_config.num_key_value_heads,
+                 model_config.head_dim)
+        cache_sharding = named_sharding(KVCache.logical_axes(), shape, mesh, model.rules)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        cache = jax.jit(lambda: KVCache.init(model_config, len(prompts), cache_len, cache_dtype),
+                        out_shardings=KVCache(cache_sharding, cache_sharding, replicated))()
+    else:
+        cache = KVCache.init(model_config, len(prompts), cache_len, cache_dtype)
+
+    graphdef, state = nnx.split(model)
+    eos = config.eos_token_ids or (-1,)  # -1 never matches: no stop token
+    put = functools.partial(_put, sharding=replicated)
+    return _Request(
+        model=model,
+        config=config,
+        static=_Static(graphdef, mode, return_logits, cache_sharding),
+        state=state,
+        input_ids=put(input_ids),
+        prompt_mask=put(prompt_mask),
+        prompt_lengths=[len(p) for p in prompts],
+        cache=cache,
+        key=put(jax.random.key_data(jax.random.key(int(config.seed)))),
+        params=jax.tree.map(put, params),
+        stop_ids=put(np.asarray(eos, np.int32)),
+        max_new_tokens=max_new,
+        replicated=replicated,
+    )
+
+
+def _resolve_config(model, config: GenerationConfig | None, stop_token_ids, **overrides) -> GenerationConfig:
+    config = (config or default_generation_config(model)).replace(**overrides)
+    if stop_token_ids:
+        extra = tuple(int(i) for i in stop_token_ids if int(i) not in config.eos_token_ids)
+        config = config.replace(eos_token_ids=config.eos_token_ids + extra)
+    return config
+
+
+def _run_prefill(request: _Request, timing: Timing):
+    args = (request.state, request.cache, request.input_ids, request.prompt_mask, request.key, request.params)
+    executable, compile_s = _executables.get(_jitted(_prefill), request.static, args)
+    request.cache = None  # donated
+    start = time.perf_counter()
+    token, cache, seen, logits = executable(*args)
+    token.block_until_ready()
+    timing.compile_s += compile_s
+    timing.prefill_s = time.perf_counter() - start
+    timing.prompt_tokens = sum(request.prompt_lengths)
+    return token, cache, seen, logits
+
+
+# ----------------------------------------------------------------------------- public API
+def generate_ids(
+    model: Qwen2ForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop_token_ids: Sequence[int] = (),
+    config: GenerationConfig | None = None,
+    return_logits: bool = False,
+) -> Generation:
+    """Generate from a batch of token-id prompts: prefill, then one jitted decode loop.
+
+    Unset arguments come from `config` (default: `default_generation_config(model)`).
+    Generation of a row stops at any of the config's eos ids or `stop_token_ids`.
+    """
+    config = _resolve_config(model, config, stop_token_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    request = _prepare(model, prompts, config, return_logits)
+    timing = Timing()
+    first_token, cache, seen, first_logits = _run_prefill(request, timing)
+
+    args = (request.state, cache, first_token, request.prompt_mask, seen, request.key, request.params,
+            request.put(np.int32(request.max_new_tokens)), request.stop_ids)
+    executable, compile_s = _executables.get(_jitted(_decode_loop), request.static, args)
+    del cache
+    start = time.perf_counter()
+    tokens, lengths, _, step_logits = executable(*args)
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    timing.compile_s += compile_s
+    timing.decode_s = time.perf_counter() - start
+    timing.decode_tokens = int(lengths.sum()) - len(lengths)
+
+    stop_ids = set(config.eos_token_ids)
+    token_ids = [tokens[row, :n].tolist() for row, n in enumerate(lengths)]
+    reasons = ["stop" if ids[-1] in stop_ids else "length" for ids in token_ids]
+    logits = None
+    if return_logits:
+        step_logits = np.array(step_logits)  # writable copy
+        step_logits[:, 0] = np.asarray(first_logits)
+        logits = [step_logits[row, :n] for row, n in enumerate(lengths)]
+    return Generation(token_ids, reasons, request.prompt_lengths, timing, logits=logits)
+
+
+class TokenStream:
+    """Iterator over the ids generated for one prompt, one jitted decode step per token.
+
+    After the iteration ends (or `close()`), `result` holds the `Generation` (timing included).
+    """
+
+    def __init__(self, model: Qwen2ForCausalLM, prompt_ids: Sequence[int], config: GenerationConfig,
+                 return_logits: bool = False):
+        self._request = _prepare(model, [prompt_ids], config, return_logits)
+        self._return_logits = return_logits
+        self.result: Generation | None = None
+        self._iterator = self._run()
+
+    def __iter__(self) -> Iterator[int]:
+        return self
+
+    def __next__(self) -> int:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        """Stop generating (e.g. on Ctrl-C); `result` then holds what was produced so far."""
+        self._iterator.close()
+
+    def _run(self) -> Iterator[int]:
+        request, timing = self._request, Timing()
+        generated: list[int] = []
+        logits: list[np.ndarray] = []
+        stop_ids = set(request.config.eos_token_ids)
+        finish = "length"
+        try:
+            token, cache, seen, step_logits = _run_prefill(request, timing)
+            decode_start = executable = None
+            for step in range(request.max_new_tokens):
+                if step > 0:
+                    position = request.put(np.asarray([request.prompt_lengths[0] + step - 1], np.int32))
+                    args = (request.state, cache, token, position, request.prompt_mask, seen, request.key,
+                            request.put(np.int32(step)), request.params)
+                    if executable is None:  # every step has the same signature: look it up once
+                        executable, compile_s = _executables.get(_jitted(_decode_step), request.static, args)
+                        timing.compile_s += compile_s
+                        decode_start = time.perf_counter()
+                    del cache
+                    token, cache, seen, step_logits = executable(*args)
+                token_id = int(token[0])
+                generated.append(token_id)
+                if self._return_logits:
+                    logits.append(np.asarray(step_logits[0]))
+                if step > 0:
+                    timing.decode_tokens += 1
+                    timing.decode_s = time.perf_counter() - decode_start
+                yield token_id
+                if token_id in stop_ids:
+                    finish = "stop"
+                    break
+        finally:
+            self.result = Generation([generated], [finish], request.prompt_lengths, timing,
+                                     logits=[np.stack(logits)] if logits else None)
+
+
+def stream_ids(
+    model: Qwen2ForCausalLM,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop_token_ids: Sequence[int] = (),
+    config: GenerationConfig | None = None,
+    return_logits: bool = False,
+) -> TokenStream:
+    """Generate from one token-id prompt, yielding each id as soon as it is produced."""
+    config = _resolve_config(model, config, stop_token_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    return TokenStream(model, prompt_ids, config, return_logits)
+
+
+# ----------------------------------------------------------------------------- text API
+def _encode_prompt(tokenizer, prompt: Prompt, tools=None) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    return tokenizer.encode(tokenizer.apply_chat_template(list(prompt), tools=tools, add_generation_prompt=True))
+
+
+def _split_stop(stop) -> tuple[list[int], list[str]]:
+    if stop is None:
+        return [], []
+    if isinstance(stop, (str, int)):
+        stop = [stop]
+    ids = [int(s) for s in stop if isinstance(s, (int, np.integer))]
+    strings = [s for s in stop if isinstance(s, str)]
+    if any(not s for s in strings):
+        raise GenerationError("stop strings must not be empty")
+    return ids, strings
+
+
+def _with_tokenizer_eos(config: GenerationConfig, tokenizer) -> GenerationConfig:
+    extra = tuple(i for i in (tokenizer.eos_token_id,) if i is not None and i not in config.eos_token_ids)
+    pad = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
+    return config.replace(eos_token_ids=config.eos_token_ids + extra, pad_token_id=pad)
+
+
+def _truncate_at_stop_string(tokenizer, token_ids: list[int], stop_strings: list[str]) -> tuple[str, list[int], bool]:
+    """Text cut before the first stop string, and the fewest ids whose text reaches that stop string."""
+    from qwen_jax.tokenizer import StreamDecoder
+
+    decoder = StreamDecoder(tokenizer)
+    text = ""
+    for n, token_id in enumerate(token_ids, 1):
+        text += decoder.push(token_id)
+        cut = _find_stop(text, stop_strings)
+        if cut is not None:
+            return text[:cut], token_ids[:n], True
+    text += decoder.flush()
+    cut = _find_stop(text, stop_strings)
+    return (text, token_ids, False) if cut is None else (text[:cut], token_ids, True)
+
+
+def _find_stop(text: str, stop_strings: list[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    return min(hits) if hits else None
+
+
+def generate(
+    model: Qwen2ForCausalLM,
+    tokenizer,
+    prompts_or_conversations: Prompt | Sequence[Prompt],
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop: str | int | Sequence[str | int] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    config: GenerationConfig | None = None,
+) -> Generation:
+    """Generate continuations for a batch of prompts (strings) or conversations (lists of messages).
+
+    Conversations are rendered with the tokenizer's chat template (with `tools`, if given) and an
+    assistant header. `stop` adds stop token ids (ints) and stop strings (the text is cut before
+    the first one). Defaults come from `config`, else the checkpoint's generation_config.json
+    (attached by `qwen_jax.load`); the tokenizer's eos token always stops generation.
+    """
+    single = isinstance(prompts_or_conversations, str) or (
+        bool(prompts_or_conversations) and isinstance(prompts_or_conversations[0], Mapping))
+    prompts = [prompts_or_conversations] if single else list(prompts_or_conversations)
+    stop_ids, stop_strings = _split_stop(stop)
+    config = _with_tokenizer_eos(config or default_generation_config(model), tokenizer)
+    prompt_ids = [_encode_prompt(tokenizer, p, tools) for p in prompts]
+    result = generate_ids(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                          stop_token_ids=stop_ids, config=config)
+    texts = []
+    for row, ids in enumerate(result.token_ids):
+        text, ids, stopped = _truncate_at_stop_string(tokenizer, ids, stop_strings)
+        result.token_ids[row] = ids
+        if stopped:
+            result.finish_reasons[row] = "stop"
+        texts.append(text)
+    result.texts = texts
+    return result
+
+
+class TextStream:
+    """Iterator over text pieces for one prompt (UTF-8 safe); `result` is set when it ends.
+
+    Text that could be the start of a stop string is held back until it is known not to be one.
+    """
+
+    def __init__(self, tokens: TokenStream, tokenizer, stop_strings: list[str]):
+        from qwen_jax.tokenizer import StreamDecoder
+
+        self._tokens = tokens
+        self._decoder = StreamDecoder(tokenizer)
+        self._stop_strings = stop_strings
+        self.result: Generation | None = None
+        self._iterator = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        """Stop generating; `result` then holds what was produced so far."""
+        self._iterator.close()
+
+    def _run(self) -> Iterator[str]:
+        text, emitted, stopped = "", 0, False
+        try:
+            for token_id in self._tokens:
+                text += self._decoder.push(token_id)
+                cut = _find_stop(text, self._stop_strings)
+                if cut is not None:
+                    text, stopped = text[:cut], True
+                    break
+                safe = len(text) - _held_back(text, self._stop_strings)
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+            if not stopped:
+                text += self._decoder.flush()
+                cut = _find_stop(text, self._stop_strings)
+                if cut is not None:
+                    text, stopped = text[:cut], True
+            if len(text) > emitted:
+                yield text[emitted:]
+                emitted = len(text)
+        finally:
+            self._tokens.close()
+            result = self._tokens.result
+            if result is not None:
+                if stopped:
+                    result.finish_reasons[0] = "stop"
+                result.texts = [text[:emitted]]
+            self.result = result
+
+
+def _held_back(text: str, stop_strings: list[str]) -> int:
+    """Length of the longest end of `text` that is a proper prefix of a stop string."""
+    longest = 0
+    for s in stop_strings:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
+
+
+def stream(
+    model: Qwen2ForCausalLM,
+    tokenizer,
+    prompt_or_conversation: Prompt,
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop: str | int | Sequence[str | int] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    config: GenerationConfig | None = None,
+) -> TextStream:
+    """Streaming `generate` for one prompt or conversation: iterate to get text as it is decoded.
+
+    `for piece in stream(...)` yields strings; their concatenation is the batch path's text.
+    """
+    stop_ids, stop_strings = _split_stop(stop)
+    config = _with_tokenizer_eos(config or default_generation_config(model), tokenizer)
+    prompt_ids = _encode_prompt(tokenizer, prompt_or_conversation, tools)
+    tokens = stream_ids(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                        stop_token_ids=stop_ids, config=config)
+    return TextStream(tokens, tokenizer, stop_strings)

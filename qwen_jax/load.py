@@ -1,0 +1,38 @@
+"""`qwen_jax.load`: a checkpoint directory -> (model, tokenizer), ready for `qwen_jax.generate`."""
+
+from __future__ import annotations
+
+import os
+
+from jax.sharding import Mesh
+
+from qwen_jax.generate import GenerationConfig
+from qwen_jax.model import Qwen2ForCausalLM
+from qwen_jax.sharding import DEFAULT_RULES, ShardingRules
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    dtype=None,
+    mesh: Mesh | None = None,
+    rules: ShardingRules = DEFAULT_RULES,
+) -> tuple[Qwen2ForCausalLM, "Tokenizer"]:  # noqa: F821 (imported lazily)
+    """Load an HF checkpoint directory or a directory converted by `qwen-jax convert`.
+
+    dtype: compute and parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU).
+    mesh: place the parameters in shards on this mesh (`qwen_jax.make_mesh()` puts every device on
+      `tensor`: tensor parallel, the inference default); None keeps them on one device.
+    The checkpoint's generation_config.json becomes `model.generation_config`, the defaults of
+    `qwen_jax.generate`.
+    """
+    from qwen_jax import hf
+    from qwen_jax.tokenizer import Tokenizer
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    model = hf.load_model(path, dtype=dtype, mesh=mesh, rules=rules)
+    tokenizer = Tokenizer.from_dir(path)
+    model.generation_config = GenerationConfig.from_pretrained(path, model.config)
+    return model, tokenizer

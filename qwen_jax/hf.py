@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from qwen_jax.config import Qwen2Config
-from qwen_jax.model import Qwen2ForCausalLM, default_dtype
+from qwen_jax.model import Qwen2ForCausalLM, default_dtype, unstack_layers
 from qwen_jax.safetensors_io import CheckpointError, SafetensorsFile
 from qwen_jax.sharding import DEFAULT_RULES, ShardingRules, state_shardings
 
@@ -208,13 +208,20 @@ def load_model(
     param_dtype=None,
     mesh: Mesh | None = None,
     rules: ShardingRules = DEFAULT_RULES,
+    scan_layers: bool = True,
 ) -> Qwen2ForCausalLM:
     """Load a local HF checkpoint directory (or a converted Orbax directory) into a model.
 
     dtype: compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU). param_dtype: storage
     dtype of the parameters (default: dtype). With `mesh`, each parameter is created directly in
-    its shards according to `rules`.
+    its shards according to `rules`. scan_layers=False gives one array per layer
+    (`qwen_jax.model.unstack_layers`): faster memory-bound decode, compile time grows with depth.
     """
+    model = _load_scanned(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
+    return model if scan_layers else unstack_layers(model)
+
+
+def _load_scanned(path, *, dtype, param_dtype, mesh, rules) -> Qwen2ForCausalLM:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: checkpoint directory not found")
@@ -291,10 +298,17 @@ def iter_hf_tensors(model: Qwen2ForCausalLM) -> Iterator[tuple[str, np.ndarray]]
     """(HF name, host array) for every tensor of an HF checkpoint of this model, one at a time."""
     config = model.config
     flat = dict(nnx.to_flat_state(nnx.state(model)))
+
+    def host(array) -> np.ndarray:
+        return np.asarray(jax.device_get(array))
+
     for spec in param_specs(config):
-        value = flat[spec.path].get_value()
-        if spec.stacked:
-            for i, name in enumerate(spec.hf_names(config.num_hidden_layers)):
-                yield name, np.asarray(spec.to_hf(np.asarray(jax.device_get(value[i]))))
-        else:
-            yield spec.hf_name, np.asarray(spec.to_hf(np.asarray(jax.device_get(value))))
+        if not spec.stacked:
+            yield spec.hf_name, np.asarray(spec.to_hf(host(flat[spec.path].get_value())))
+            continue
+        for i, name in enumerate(spec.hf_names(config.num_hidden_layers)):
+            if spec.path in flat:  # stacked layers
+                layer = flat[spec.path].get_value()[i]
+            else:  # unrolled layers (scan_layers=False)
+                layer = flat[(*spec.path[:2], i, *spec.path[2:])].get_value()
+            yield name, np.asarray(spec.to_hf(host(layer)))

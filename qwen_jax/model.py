@@ -187,10 +187,13 @@ class Embedding(nnx.Module):
 
 
 class Qwen2Model(nnx.Module):
-    def __init__(self, config: Qwen2Config, *, dtype, param_dtype, rngs=None):
+    def __init__(self, config: Qwen2Config, *, dtype, param_dtype, scan_layers: bool = True, rngs=None):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, **kw)
-        self.layers = DecoderLayer(config, layers=config.num_hidden_layers, **kw)
+        if scan_layers:  # one module, parameters stacked on a leading `layers` axis
+            self.layers = DecoderLayer(config, layers=config.num_hidden_layers, **kw)
+        else:  # one module per layer (see `unstack_layers`)
+            self.layers = nnx.List([DecoderLayer(config, **kw) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
 
 
@@ -219,6 +222,7 @@ class Qwen2ForCausalLM(nnx.Module):
         mesh: Mesh | None = None,
         rules: ShardingRules = DEFAULT_RULES,
         remat: str = "none",
+        scan_layers: bool = True,
     ):
         dtype = jnp.dtype(dtype or default_dtype())
         param_dtype = jnp.dtype(param_dtype or dtype)
@@ -231,7 +235,7 @@ class Qwen2ForCausalLM(nnx.Module):
         self.mesh = mesh
         self.rules = rules
         self.remat = remat
-        self.model = Qwen2Model(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.model = Qwen2Model(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, rngs=rngs)
         self.lm_head = (
             None if config.tie_word_embeddings
             else LMHead(config.vocab_size, config.hidden_size, param_dtype=param_dtype, rngs=rngs)
@@ -289,32 +293,38 @@ class Qwen2ForCausalLM(nnx.Module):
         cos, sin = rope.rope_tables(cfg, positions, self.dtype)
         masks = _attention_masks(cfg, input_ids.shape[1], attention_mask, segment_ids, cache)
 
-        layers_graph, layers_state = nnx.split(self.model.layers)
-        windows = jnp.asarray(cfg.layer_windows, jnp.int32)
+        index = None if cache is None else cache.index
 
-        def body(carry, xs):
-            h, kv = carry
-            layer_state, layer_idx, window = xs
-            layer = nnx.merge(layers_graph, layer_state)
+        def run_layer(layer_graph, layer_state, h, kv, layer_idx, window):
+            layer = nnx.merge(layer_graph, layer_state)
             mask = masks[0] if len(masks) == 1 else jnp.where(window > 0, masks[1], masks[0])
-            layer_kv = None
-            if kv is not None:
-                layer_kv = (kv[0][layer_idx], kv[1][layer_idx])
-            h, new_kv = layer(h, cos, sin, mask, layer_kv, None if cache is None else cache.index)
+            layer_kv = None if kv is None else (kv[0][layer_idx], kv[1][layer_idx])
+            h, new_kv = layer(h, cos, sin, mask, layer_kv, index)
             h = constrain(h, ("batch", "seq", "act_embed"), mesh, rules)
-            if kv is not None:
-                start = (layer_idx, 0, cache.index, 0, 0)
+            if kv is not None:  # write only this call's slots, in place
+                start = (layer_idx, 0, index, 0, 0)
                 kv = tuple(jax.lax.dynamic_update_slice(c, n[None].astype(c.dtype), start) for c, n in zip(kv, new_kv))
-            return (h, kv), None
+            return h, kv
 
-        policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        kv0 = None if cache is None else (cache.k, cache.v)
-        layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-        (x, kv), _ = jax.lax.scan(body, (x, kv0), (layers_state, layer_ids, windows))
+            run_layer = jax.checkpoint(run_layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False,
+                                       static_argnums=(0,))
+        kv = None if cache is None else (cache.k, cache.v)
+        if isinstance(self.model.layers, nnx.List):
+            # Unrolled: each layer reads its own weight arrays (no per-step slice of a stacked array).
+            for i, (layer, window) in enumerate(zip(self.model.layers, cfg.layer_windows)):
+                x, kv = run_layer(*nnx.split(layer), x, kv, i, window)
+        else:
+            layers_graph, layers_state = nnx.split(self.model.layers)
+
+            def body(carry, xs):
+                return run_layer(layers_graph, xs[0], *carry, *xs[1:]), None
+
+            layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+            windows = jnp.asarray(cfg.layer_windows, jnp.int32)
+            (x, kv), _ = jax.lax.scan(body, (x, kv), (layers_state, layer_ids, windows))
         x = self.model.norm(x)
-        new_cache = None if cache is None else KVCache(kv[0], kv[1], cache.index + input_ids.shape[1])
+        new_cache = None if cache is None else KVCache(kv[0], kv[1], index + input_ids.shape[1])
         return x, new_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -414,3 +424,46 @@ def create_model(
     graphdef, abstract_state = nnx.split(abstract)
     state = jax.jit(lambda: nnx.state(build()), out_shardings=state_shardings(abstract_state, mesh, rules))()
     return nnx.merge(graphdef, state)
+
+
+def unstack_layers(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
+    """The same model with one weight array per layer (`scan_layers=False`).
+
+    A scanned step slices (copies) every layer's weights out of the stacked arrays before using
+    them; unrolled layers read their own arrays, which matters for memory-bound batch-1 decode
+    (see benchmarks/generate.py). Compile time then grows with depth. `model` is consumed: each
+    stacked array is deleted once split, so peak memory is the model plus its largest parameter.
+    """
+    if isinstance(model.model.layers, nnx.List):
+        return model
+    abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(
+        model.config, dtype=model.dtype, param_dtype=model.param_dtype, mesh=model.mesh, rules=model.rules,
+        remat=model.remat, scan_layers=False))
+    graphdef, abstract_state = nnx.split(abstract)
+    target = dict(nnx.to_flat_state(abstract_state))
+    shardings = (None if model.mesh is None
+                 else dict(nnx.to_flat_state(state_shardings(abstract_state, model.mesh, model.rules))))
+    for path, variable in nnx.to_flat_state(nnx.state(model)):
+        value = variable.get_value()
+        if path[:2] != ("model", "layers"):
+            target[path].set_value(value)
+            continue
+        for i in range(model.config.num_hidden_layers):
+            layer_path = ("model", "layers", i, *path[2:])
+            sharding = None if shardings is None else shardings[layer_path].get_value()
+            target[layer_path].set_value(_take_layer(value, i, sharding))
+        value.delete()
+    return nnx.merge(graphdef, nnx.from_flat_state(target))
+
+
+def _take_layer(stacked: jax.Array, i: int, sharding) -> jax.Array:
+    if sharding is None:
+        return _take_layer_jit(stacked, i)
+    return jax.jit(_index_layer, out_shardings=sharding)(stacked, i)
+
+
+def _index_layer(stacked, i):
+    return jax.lax.dynamic_index_in_dim(stacked, i, 0, keepdims=False)
+
+
+_take_layer_jit = jax.jit(_index_layer)

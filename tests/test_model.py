@@ -48,6 +48,24 @@ def test_fp32_logits_match_hf(hf_checkpoint, case):
     assert np.abs(ours - ref).max() <= FP32_TOL
 
 
+@pytest.mark.parametrize("case", ["gqa_untied", "sliding_window"])
+def test_unrolled_layers_match_hf(hf_checkpoint, case):
+    """scan_layers=False (one array per layer, the CPU decode default) computes the same logits."""
+    from flax import nnx
+
+    hf_model, path = hf_checkpoint(**CASES[case])
+    model = load_model(path, dtype=jnp.float32, scan_layers=False)
+    assert isinstance(model.model.layers, nnx.List) and len(model.model.layers) == 3
+    ids = random_ids(2, 24)
+    assert np.abs(np.asarray(model(ids)) - hf_logits(hf_model, ids)).max() <= FP32_TOL
+    # The HF key map reads both layouts: exporting the unrolled model gives the checkpoint back.
+    from qwen_jax.hf import iter_hf_tensors
+
+    state = hf_model.state_dict()
+    for name, array in iter_hf_tensors(model):
+        np.testing.assert_array_equal(array, state[name].numpy())
+
+
 def test_sliding_window_is_really_applied(hf_checkpoint):
     """The window must change the logits past it (guards against a mask that is never used)."""
     _, windowed = hf_checkpoint(seed=3, use_sliding_window=True, sliding_window=3, max_window_layers=0)
@@ -211,12 +229,13 @@ def test_jit_is_reused_and_call_works_inside_jit(hf_checkpoint):
     np.testing.assert_allclose(np.asarray(f(state, ids)), eager, atol=1e-6)
 
 
-def test_kv_cache_prefill_and_decode_equal_full_forward(hf_checkpoint):
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_kv_cache_prefill_and_decode_equal_full_forward(hf_checkpoint, scan_layers):
     from qwen_jax.model import KVCache
 
     _, path = hf_checkpoint(tie_word_embeddings=False, use_sliding_window=True, sliding_window=4,
                             max_window_layers=1)
-    model = load_model(path, dtype=jnp.float32)
+    model = load_model(path, dtype=jnp.float32, scan_layers=scan_layers)
     ids = random_ids(2, 10)
     full = np.asarray(model(ids))
     cache = KVCache.init(model.config, batch=2, max_len=16, dtype=jnp.float32)

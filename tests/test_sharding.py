@@ -92,3 +92,13 @@ def test_create_model_places_params_in_shards():
     unsharded = qwen_jax.create_model(config)
     ids = np.arange(16, dtype=np.int32).reshape(2, 8)
     np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(unsharded(ids)), atol=1e-5)
+
+
+def test_unrolled_layers_on_a_mesh(hf_checkpoint):
+    _, path = hf_checkpoint(**SHARD_CONFIG)
+    ids = np.random.RandomState(1).randint(0, 256, (4, 10)).astype(np.int32)
+    reference = np.asarray(load_model(path)(ids))
+    model = load_model(path, mesh=qwen_jax.make_mesh(fsdp=4, tensor=2), scan_layers=False)
+    q_kernel = model.model.layers[1].self_attn.q_proj.kernel[...]
+    assert _full_spec(q_kernel) == P("fsdp", "tensor", None)
+    np.testing.assert_allclose(np.asarray(model(ids)), reference, atol=1e-5)

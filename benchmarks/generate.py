@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from qwen_jax import Qwen2Config, create_model
-from qwen_jax.generate import GenerationConfig, generate_ids
+from qwen_jax.generation import GenerationConfig, generate_ids
 
 
 def measure_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:

@@ -14,16 +14,13 @@ from typing import Any, Iterator
 import ml_dtypes
 import numpy as np
 
+from qwen_jax.hub import SIDE_FILES
 from qwen_jax.safetensors_io import CheckpointError
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float32", "float16")
 _DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 
 # Files copied alongside the weights in both directions (and fetched from the Hub).
-SIDE_FILES = (
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-)
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 
 

@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 
 import numpy as np
 from tqdm import tqdm
 
 from qwen_jax import checkpoint
 from qwen_jax.config import Qwen2Config, read_config_json
-from qwen_jax.hf import INDEX_FILE, HFCheckpoint, validate_checkpoint
-from qwen_jax.safetensors_io import CheckpointError
+from qwen_jax.hf import HFCheckpoint, validate_checkpoint
+from qwen_jax.hub import resolve_source
 
 from qwen_jax.convert.common import (
-    SIDE_FILES, ConversionError, atomic_output_dir, copy_side_files, dtype_name, resolve_dtype, with_dtype,
+    ConversionError, atomic_output_dir, copy_side_files, dtype_name, resolve_dtype, with_dtype,
     write_error, write_json,
 )
-
-HUB_PATTERNS = ("*.safetensors", INDEX_FILE, "config.json", *SIDE_FILES)
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,26 +28,6 @@ class ConversionSummary:
     dtype: str
     parameters: int
     bytes_written: int
-
-
-def resolve_source(src: str | os.PathLike) -> str:
-    """A local checkpoint directory for `src`: itself, or a Hub snapshot for an `org/name` id."""
-    src = os.fspath(src)
-    if os.path.isdir(src):
-        return src
-    if os.path.exists(src):
-        raise CheckpointError(f"{src}: not a checkpoint directory")
-    if not _HUB_ID.fullmatch(src):
-        raise CheckpointError(f"{src}: checkpoint directory not found")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ConversionError(f"{src}: not a local directory; install huggingface_hub to download Hub ids") from None
-    try:
-        return snapshot_download(src, allow_patterns=list(HUB_PATTERNS))
-    except (OSError, ValueError) as e:  # hub errors (not found, offline, network) subclass these
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{src}: not a local directory, and not downloadable from the Hub ({reason})") from None
 
 
 def hf_to_orbax(

@@ -1,7 +1,9 @@
 """qwen-jax: Qwen2.5 in JAX/Flax NNX, numerically identical to HF transformers, sharded on a mesh."""
 
 from qwen_jax.config import ConfigError, Qwen2Config, RopeScaling
+from qwen_jax.generation import GenerationConfig, generate, stream
 from qwen_jax.hf import load_model
+from qwen_jax.load import load
 from qwen_jax.model import KVCache, Qwen2ForCausalLM, create_model, default_dtype
 from qwen_jax.tokenizer import StreamDecoder, Tokenizer, parse_tool_calls
 from qwen_jax.sharding import DEFAULT_RULES, ShardingRules, make_mesh
@@ -10,5 +12,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "Qwen2Config", "RopeScaling", "KVCache", "Qwen2ForCausalLM", "create_model",
-    "default_dtype", "load_model", "DEFAULT_RULES", "ShardingRules", "make_mesh", "Tokenizer", "StreamDecoder", "parse_tool_calls", "__version__",
+    "default_dtype", "load_model", "load", "generate", "stream", "GenerationConfig", "DEFAULT_RULES", "ShardingRules", "make_mesh", "Tokenizer", "StreamDecoder", "parse_tool_calls", "__version__",
 ]

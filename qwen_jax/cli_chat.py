@@ -32,7 +32,7 @@ def _read_message(interactive: bool) -> str | None:
 
 def run(args) -> int:
     from qwen_jax.cli import UserError
-    from qwen_jax.generate import GenerationError, stream
+    from qwen_jax.generation import GenerationError, stream
 
     model, tokenizer = load_for_cli(args)
     options = sampling_overrides(args)

@@ -71,7 +71,7 @@ def _read_prompt(args) -> str:
 
 def run(args) -> int:
     from qwen_jax.cli import UserError
-    from qwen_jax.generate import GenerationError, generate, stream
+    from qwen_jax.generation import GenerationError, generate, stream
 
     prompt = _read_prompt(args)
     if args.chat or args.system is not None:

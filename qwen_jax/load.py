@@ -7,7 +7,7 @@ import os
 import jax
 from jax.sharding import Mesh
 
-from qwen_jax.generate import GenerationConfig
+from qwen_jax.generation import GenerationConfig
 from qwen_jax.model import Qwen2ForCausalLM
 from qwen_jax.sharding import DEFAULT_RULES, ShardingRules
 
@@ -20,7 +20,7 @@ def load(
     rules: ShardingRules = DEFAULT_RULES,
     scan_layers: bool | None = None,
 ) -> tuple[Qwen2ForCausalLM, "Tokenizer"]:  # noqa: F821 (imported lazily)
-    """Load an HF checkpoint directory or a directory converted by `qwen-jax convert`.
+    """Load an HF checkpoint (local directory or Hub id) or a directory converted by `qwen-jax convert`.
 
     dtype: compute and parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU).
     mesh: place the parameters in shards on this mesh (`qwen_jax.make_mesh()` puts every device on
@@ -34,9 +34,9 @@ def load(
     from qwen_jax import hf
     from qwen_jax.tokenizer import Tokenizer
 
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    from qwen_jax.hub import resolve_source
+
+    path = resolve_source(path)
     if scan_layers is None:
         scan_layers = jax.default_backend() != "cpu"
     model = hf.load_model(path, dtype=dtype, mesh=mesh, rules=rules, scan_layers=scan_layers)

@@ -12,7 +12,7 @@ import torch
 from conftest import build_hf_model, save_hf_checkpoint
 
 from qwen_jax import hf, make_mesh
-from qwen_jax.generate import (
+from qwen_jax.generation import (
     GenerationConfig,
     GenerationError,
     generate,

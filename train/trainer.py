@@ -1,0 +1,599 @@
+"""The training loop: one jitted, sharded, donated train step; Orbax checkpoints; metrics.
+
+Train state (what a checkpoint holds, besides the data position and the config):
+`{"params": trainable parameters, "opt_state": optax state, "step": int32, "rng": uint32[2]}`.
+In LoRA mode the trainable parameters are only the adapters (`LoRAParam`); the frozen base
+weights are an input of the step, never updated. In full mode every `nnx.Param` trains.
+
+The loss is the mean token cross-entropy over the batch's target tokens: each micro-batch
+contributes its summed loss and gradient, and the sum is divided by the batch's target count,
+so gradient accumulation gives exactly the gradient of the whole batch.
+
+Outputs in `out/`: `checkpoints/<step>/` (train state, resumable), `model/` (final weights,
+LoRA merged, as a qwen-jax Orbax checkpoint that `qwen_jax.load_model` reads), `metrics.jsonl`,
+`loss_curve.png` (if matplotlib is installed), `tensorboard/` (if tensorboardX or tensorboard is
+installed), `train_config.yaml`.
+
+Signals: SIGTERM and SIGINT finish the current step, write a checkpoint, and the run returns
+`EXIT_PREEMPTED` (143) or `EXIT_INTERRUPTED` (130) so schedulers can tell an interrupted run
+from a finished one (0). Restart with `--resume` to continue exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qwen_jax.config import ConfigError
+from qwen_jax.model import Qwen2ForCausalLM
+from qwen_jax.sharding import DEFAULT_RULES, make_mesh, named_sharding, parse_mesh_spec, state_shardings
+from qwen_jax.train import data as data_lib
+from qwen_jax.train import lora as lora_lib
+from qwen_jax.train.config import TrainConfig
+
+EXIT_PREEMPTED = 128 + signal.SIGTERM  # 143
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130
+
+# Settings a resumed run must share with the run that wrote the checkpoint.
+_RESUME_KEYS = ("data", "seq_len", "batch_size", "grad_accum", "seed", "lora_rank", "lora_alpha", "lora_dropout",
+                "lora_targets", "param_dtype")
+
+# Dense bf16 peak FLOP/s per device, for MFU on known accelerators (matched on device_kind).
+PEAK_FLOPS = (
+    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
+    ("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12), ("TPU v4", 275e12),
+)
+
+
+# --------------------------------------------------------------------------- pieces
+def resolve_mesh(spec: str, devices=None) -> Mesh:
+    """`--mesh` value -> Mesh. Axes not named are 1, except fsdp, which takes the remaining
+    devices (so an empty spec puts every device on fsdp, the training default)."""
+    try:
+        sizes = parse_mesh_spec(spec) if spec else {}
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    sizes = {"data": 1, "tensor": 1, **sizes}
+    try:
+        return make_mesh(**sizes, devices=devices)
+    except ValueError as e:
+        raise ConfigError(f"mesh {spec!r}: {e}") from None
+
+
+def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then cosine / linear decay to min_lr_ratio * peak, or constant."""
+    peak = config.learning_rate
+    decay_steps = max(total_steps - config.warmup_steps, 1)
+    if config.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.min_lr_ratio)
+    elif config.schedule == "linear":
+        decay = optax.linear_schedule(peak, peak * config.min_lr_ratio, decay_steps)
+    else:
+        decay = optax.constant_schedule(peak)
+    if config.warmup_steps == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, config.warmup_steps), decay], [config.warmup_steps])
+
+
+def _path_names(path) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+
+
+def decay_mask(params):
+    """True where weight decay applies: not on norm weights or biases."""
+    def decays(path, _):
+        names = [n for n in _path_names(path) if n != "value"]
+        return not (any("norm" in n for n in names) or names[-1] == "bias")
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    clip = optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm > 0 else optax.identity()
+    adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                        weight_decay=config.weight_decay, mask=decay_mask)
+    return optax.chain(clip, adamw)
+
+
+def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Cross-entropy of every position `[B, T]` (float32), unweighted."""
+    logits = logits.astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+
+def forward_losses(model: Qwen2ForCausalLM, batch: dict[str, jax.Array]) -> jax.Array:
+    """Per-position losses `[B, T]` of a packed batch (segments isolated, positions per segment)."""
+    ones = jnp.ones_like(batch["input_ids"])
+    logits = model.forward(batch["input_ids"], batch["positions"], ones, segment_ids=batch["segment_ids"])
+    return token_losses(logits, batch["targets"])
+
+
+def batch_arrays(batch: data_lib.PackedBatch, grad_accum: int) -> dict[str, np.ndarray]:
+    """Host arrays `[grad_accum, rows / grad_accum, T]` for the train step."""
+    out = {}
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        out[f.name] = value.reshape(grad_accum, value.shape[0] // grad_accum, *value.shape[1:])
+    return out
+
+
+def matmul_params(config) -> int:
+    """Parameters that take part in a matmul per token (decoder layers + output head)."""
+    D, F, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    NH, KH = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    per_layer = D * NH + 2 * D * KH + NH * D + 3 * D * F
+    return L * per_layer + config.vocab_size * D
+
+
+def flops_per_token(config, seq_len: int, lora: bool) -> float:
+    """Training FLOPs per token: 6N (full) or 4N (LoRA: no weight gradients) + attention (PaLM)."""
+    weight_flops = (4 if lora else 6) * matmul_params(config)
+    attention_flops = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return weight_flops + attention_flops
+
+
+def peak_flops_per_device(config_peak_tflops: float) -> float | None:
+    if config_peak_tflops > 0:
+        return config_peak_tflops * 1e12
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_FLOPS:
+        if name.lower() in kind.lower():
+            return flops
+    return None
+
+
+def _nested(tree) -> dict:
+    """A pytree as nested dicts keyed by its path names (what Orbax saves)."""
+    out: dict = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        node = out
+        names = _path_names(path)
+        for name in names[:-1]:
+            node = node.setdefault(name, {})
+        node[names[-1]] = leaf
+    return out
+
+
+def _from_nested(nested: dict, like):
+    """Inverse of `_nested`: the leaves of `nested` in the structure of `like`."""
+    leaves = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(like)[0]:
+        node = nested
+        for name in _path_names(path):
+            node = node[name]
+        leaves.append(node)
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+# --------------------------------------------------------------------------- trainer
+class Trainer:
+    """Full or LoRA fine-tuning of a Qwen2.5 model on JSONL data, as configured by `TrainConfig`.
+
+    `Trainer(config).run()` trains and writes everything to `config.out`; it returns the exit
+    status (0 finished, EXIT_PREEMPTED / EXIT_INTERRUPTED after a signal-triggered checkpoint).
+    """
+
+    def __init__(self, config: TrainConfig, *, model: Qwen2ForCausalLM | None = None, devices=None,
+                 log: Callable[[str], None] | None = None):
+        """model: an already built model to train instead of loading `config.model` (it must live on
+        the mesh that `config.mesh` describes; `config.tokenizer` then names the tokenizer)."""
+        config.check_required()
+        self.config = config
+        self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        self.mesh = resolve_mesh(config.mesh, devices)
+        self.model = model if model is not None else self._load_model()
+        self.model.remat = config.remat
+        self.lora = config.lora_rank > 0
+        if self.lora:
+            try:
+                lora_config = lora_lib.LoRAConfig(config.lora_rank, config.lora_alpha, config.lora_dropout,
+                                                  config.lora_target_list)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            lora_lib.apply_lora(self.model, lora_config, seed=config.seed)
+        self._load_data()
+        self.total_steps = config.steps or sum(self.loader.batches_in_epoch(e) for e in range(config.epochs))
+        self.schedule = make_schedule(config, self.total_steps)
+        self.optimizer = make_optimizer(config, self.schedule)
+        self._build_state()
+        self._compile()
+        os.makedirs(config.out, exist_ok=True)
+        self.checkpoints = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(config.out, "checkpoints")),
+            options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True),
+            item_names=("state", "meta"),
+        )
+        self._restore_or_start()
+
+    # ---------------------------------------------------------------- setup
+    def _load_model(self) -> Qwen2ForCausalLM:
+        from qwen_jax.hf import load_model
+
+        config = self.config
+        dtype = None if config.compute_dtype == "auto" else config.compute_dtype
+        param_dtype = None if config.param_dtype == "auto" else config.param_dtype
+        if not os.path.isdir(config.model):
+            raise FileNotFoundError(f"{config.model}: model directory not found")
+        return load_model(config.model, dtype=dtype, param_dtype=param_dtype or dtype, mesh=self.mesh)
+
+    def _load_data(self) -> None:
+        from qwen_jax.tokenizer import Tokenizer
+
+        config = self.config
+        self.tokenizer = Tokenizer.from_dir(config.tokenizer or config.model)
+        self.data_stats = data_lib.DatasetStats()
+        examples = data_lib.read_jsonl(config.data, self.tokenizer, skip_bad_lines=config.skip_bad_lines,
+                                       stats=self.data_stats)
+        examples = data_lib.fit_to_length(examples, config.seq_len, self.data_stats)
+        if not examples:
+            raise data_lib.DataError(f"{config.data}: no example has a target token within seq_len {config.seq_len}")
+        self.loader = data_lib.DataLoader(examples, config.seq_len, config.batch_size, seed=config.seed)
+        stats = self.data_stats
+        self.log(f"data: {stats.examples} examples from {config.data} ({stats.skipped_lines} bad lines skipped, "
+                 f"{stats.truncated} truncated to {config.seq_len} tokens, {stats.dropped} dropped)")
+        self.eval_batches: list[data_lib.PackedBatch] = []
+        if config.eval_data:
+            eval_examples = data_lib.fit_to_length(
+                data_lib.read_jsonl(config.eval_data, self.tokenizer, skip_bad_lines=config.skip_bad_lines),
+                config.seq_len)
+            eval_loader = data_lib.DataLoader(eval_examples, config.seq_len, config.batch_size, shuffle=False)
+            self.eval_batches = [eval_loader.batch(0, i) for i in range(eval_loader.batches_in_epoch(0))]
+
+    def _build_state(self) -> None:
+        trainable = lora_lib.LoRAParam if self.lora else nnx.Param
+        self.graphdef, params, self.frozen = nnx.split(self.model, trainable, ...)
+        lora_lib.set_lora_deterministic(self.model, True)
+        self.eval_graphdef = nnx.graphdef(self.model)
+        lora_lib.set_lora_deterministic(self.model, False)
+
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        param_sharding = state_shardings(params, self.mesh, DEFAULT_RULES)
+        self.frozen_sharding = state_shardings(self.frozen, self.mesh, DEFAULT_RULES)
+        opt_state = jax.jit(self.optimizer.init)(params)
+        by_path = {tuple(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(param_sharding)[0]}
+
+        def opt_leaf_sharding(path, _):
+            path = tuple(path)
+            for start in range(len(path)):
+                if path[start:] in by_path:  # adam moments mirror the params they belong to
+                    return by_path[path[start:]]
+            return replicated
+
+        opt_sharding = jax.tree_util.tree_map_with_path(opt_leaf_sharding, opt_state)
+        self.state_sharding = {"params": param_sharding, "opt_state": opt_sharding, "step": replicated,
+                               "rng": replicated}
+        state = {
+            "params": params,
+            "opt_state": opt_state,
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(self.config.seed)),
+        }
+        self.state = jax.device_put(state, self.state_sharding)
+        self.frozen = jax.device_put(self.frozen, self.frozen_sharding)
+        self.num_trainable = sum(x.size for x in jax.tree.leaves(params))
+
+    def _batch_sharding(self, shape) -> NamedSharding:
+        return named_sharding((None, "batch", "seq"), shape, self.mesh, DEFAULT_RULES)
+
+    def _compile(self) -> None:
+        graphdef, eval_graphdef, optimizer, schedule = self.graphdef, self.eval_graphdef, self.optimizer, self.schedule
+        dropout = self.lora and self.config.lora_dropout > 0
+
+        def loss_and_count(params, frozen, micro, key):
+            model = nnx.merge(graphdef, params, frozen, copy=True)
+            if dropout:
+                lora_lib.set_lora_dropout_keys(model, key)
+            losses = forward_losses(model, micro)
+            return jnp.sum(losses * micro["weights"]), jnp.sum(micro["weights"])
+
+        def train_step(state, frozen, batch):
+            params = state["params"]
+            step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+            grad_fn = jax.value_and_grad(loss_and_count, has_aux=True)
+
+            def micro_step(carry, xs):
+                grads_sum, loss_sum, count_sum = carry
+                micro, index = xs
+                (loss, count), grads = grad_fn(params, frozen, micro, jax.random.fold_in(step_key, index))
+                return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, count_sum + count), None
+
+            accum = batch["input_ids"].shape[0]
+            if accum == 1:  # no accumulation loop: a smaller program that compiles faster
+                (loss_sum, count), grads = grad_fn(params, frozen, jax.tree.map(lambda x: x[0], batch), step_key)
+            else:
+                zeros = jax.tree.map(jnp.zeros_like, params)
+                init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+                (grads, loss_sum, count), _ = jax.lax.scan(micro_step, init, (batch, jnp.arange(accum)))
+            denominator = jnp.maximum(count, 1.0)
+            grads = jax.tree.map(lambda g: g / denominator, grads)
+            updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+            new_state = {
+                "params": optax.apply_updates(params, updates),
+                "opt_state": opt_state,
+                "step": state["step"] + 1,
+                "rng": state["rng"],
+            }
+            metrics = {
+                "loss": loss_sum / denominator,
+                "grad_norm": optax.global_norm(grads),
+                "lr": schedule(state["step"]),
+                "target_tokens": count,
+            }
+            return new_state, metrics
+
+        def eval_step(params, frozen, batch):
+            model = nnx.merge(eval_graphdef, params, frozen, copy=True)
+            losses = forward_losses(model, batch)
+            return jnp.sum(losses * batch["weights"]), jnp.sum(batch["weights"])
+
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        accum, rows = self.config.grad_accum, self.config.batch_size // self.config.grad_accum
+        batch_sharding = self._batch_sharding((accum, rows, self.config.seq_len))
+        metric_sharding = {k: replicated for k in ("loss", "grad_norm", "lr", "target_tokens")}
+        self._train_step = jax.jit(
+            train_step,
+            in_shardings=(self.state_sharding, self.frozen_sharding, batch_sharding),
+            out_shardings=(self.state_sharding, metric_sharding),
+            donate_argnums=0,
+        )
+        eval_sharding = named_sharding(("batch", "seq"), (self.config.batch_size, self.config.seq_len), self.mesh,
+                                       DEFAULT_RULES)
+        self._eval_step = jax.jit(
+            eval_step,
+            in_shardings=(self.state_sharding["params"], self.frozen_sharding, eval_sharding),
+            out_shardings=(replicated, replicated),
+        )
+
+    def _device_batch(self, batch: data_lib.PackedBatch) -> dict[str, jax.Array]:
+        arrays = batch_arrays(batch, self.config.grad_accum)
+        sharding = self._batch_sharding(arrays["input_ids"].shape)
+        # Every process holds the whole (deterministic) batch; each device takes its slice.
+        return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+                for k, v in arrays.items()}
+
+    # ---------------------------------------------------------------- checkpoints
+    def _restore_or_start(self) -> None:
+        latest = self.checkpoints.latest_step()
+        self.metrics_path = os.path.join(self.config.out, "metrics.jsonl")
+        if latest is None:
+            if os.path.exists(self.metrics_path):
+                os.remove(self.metrics_path)  # a fresh run: no stale curve from an earlier one
+            return
+        if not self.config.resume:
+            raise ConfigError(f"{self.config.out}/checkpoints already holds a run (step {latest}); "
+                              "pass --resume to continue it or choose another --out")
+        meta = self.checkpoints.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        saved = meta["config"]
+        changed = [k for k in _RESUME_KEYS if saved.get(k) != getattr(self.config, k)]
+        if changed:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(self.config, k)!r}" for k in changed)
+            raise ConfigError(f"cannot resume with changed settings ({detail})")
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+        restored = self.checkpoints.restore(
+            latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(_nested(abstract))))["state"]
+        self.state = _from_nested(restored, self.state)
+        self.loader.restore(meta["data_position"])
+        self._truncate_metrics(latest)
+        self.log(f"resumed from {self.config.out}/checkpoints/{latest} (epoch {self.loader.epoch}, "
+                 f"batch {self.loader.index})")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics of steps after the restored checkpoint (they will be run again)."""
+        if not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.metrics_path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+
+    def save_checkpoint(self) -> None:
+        step = int(self.state["step"])
+        if self.checkpoints.latest_step() == step:
+            return
+        meta = {"config": self.config.to_dict(), "data_position": self.loader.position, "step": step}
+        self.checkpoints.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_nested(self.state)), meta=ocp.args.JsonSave(meta)), force=True)
+
+    # ---------------------------------------------------------------- model access
+    def current_model(self, *, deterministic: bool = True) -> Qwen2ForCausalLM:
+        """The model with the current trained parameters (adapters attached in LoRA mode)."""
+        graphdef = self.eval_graphdef if deterministic else self.graphdef
+        return nnx.merge(graphdef, self.state["params"], self.frozen, copy=True)
+
+    def evaluate(self) -> float | None:
+        """Mean token loss over the eval data (None without eval data)."""
+        if not self.eval_batches:
+            return None
+        total, count = 0.0, 0.0
+        sharding = named_sharding(("batch", "seq"), (self.config.batch_size, self.config.seq_len), self.mesh,
+                                  DEFAULT_RULES)
+        for batch in self.eval_batches:
+            arrays = {f.name: jax.device_put(getattr(batch, f.name), sharding) for f in dataclasses.fields(batch)}
+            loss, n = self._eval_step(self.state["params"], self.frozen, arrays)
+            total, count = total + float(loss), count + float(n)
+        return total / max(count, 1.0)
+
+    # ---------------------------------------------------------------- the loop
+    def train_step(self, batch: data_lib.PackedBatch) -> dict[str, float]:
+        """One optimizer step on `batch` (`batch_size` packed rows); returns its metrics."""
+        self.state, metrics = self._train_step(self.state, self.frozen, self._device_batch(batch))
+        return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    def run(self, on_step_end: Callable[["Trainer", int], None] | None = None) -> int:
+        """Train to `total_steps`; returns 0, or EXIT_PREEMPTED / EXIT_INTERRUPTED after a signal."""
+        from tqdm import tqdm
+
+        config = self.config
+        received: list[int] = []
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in previous:
+            signal.signal(s, lambda signum, frame: received.append(signum))
+        with open(os.path.join(config.out, "train_config.yaml"), "w", encoding="utf-8") as f:
+            import yaml
+
+            yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+        writer = _tensorboard_writer(os.path.join(config.out, "tensorboard"))
+        flops = flops_per_token(self.model.config, config.seq_len, self.lora)
+        peak = peak_flops_per_device(config.peak_tflops)
+        step = int(self.state["step"])
+        self.log(f"training {'LoRA adapters' if self.lora else 'all weights'}: {self.num_trainable:,} parameters, "
+                 f"{self.total_steps} steps, mesh {dict(self.mesh.shape)}")
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as metrics_file, \
+                    tqdm(total=self.total_steps, initial=step, desc="train", disable=None if config.progress else True,
+                         dynamic_ncols=True) as bar:
+                while step < self.total_steps and not received:
+                    batch = next(self.loader)
+                    tokens = int(np.count_nonzero(batch.segment_ids))
+                    start = time.perf_counter()
+                    metrics = self.train_step(batch)
+                    seconds = time.perf_counter() - start
+                    step += 1
+                    record = {"step": step, **metrics, "tokens": tokens, "step_time": seconds,
+                              "tokens_per_s": tokens / seconds, "epoch": self.loader.epoch}
+                    if peak:
+                        record["mfu"] = flops * tokens / seconds / (peak * self.mesh.size)
+                    if config.eval_every and step % config.eval_every == 0 or (step == self.total_steps and
+                                                                                self.eval_batches):
+                        record["eval_loss"] = self.evaluate()
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    if writer is not None:
+                        for key, value in record.items():
+                            if key != "step":
+                                writer.add_scalar(f"train/{key}", value, step)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                    bar.update(1)
+                    if config.save_every and step % config.save_every == 0:
+                        self.save_checkpoint()
+                    if on_step_end is not None:
+                        on_step_end(self, step)
+            self.save_checkpoint()
+            self.checkpoints.wait_until_finished()
+            if received:
+                self.log(f"signal {signal.Signals(received[0]).name}: checkpoint saved at step {step}; "
+                         "rerun with --resume to continue")
+                return EXIT_PREEMPTED if received[0] == signal.SIGTERM else EXIT_INTERRUPTED
+            self._write_outputs()
+            return 0
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if writer is not None:
+                writer.close()
+            self.checkpoints.close()
+
+    def _write_outputs(self) -> None:
+        """Final model (LoRA merged) as a qwen-jax Orbax checkpoint, optional HF export, loss curve."""
+        model = self.current_model()
+        if self.lora:
+            lora_lib.merge_lora(model)
+        model_dir = os.path.abspath(os.path.join(self.config.out, "model"))
+        save_model(model, model_dir, source_dir=self.config.tokenizer or self.config.model)
+        self.log(f"final model: {model_dir}")
+        if self.config.export_hf:
+            from qwen_jax.convert.to_hf import orbax_to_hf
+
+            orbax_to_hf(model_dir, self.config.export_hf, force=True, progress=False)
+            self.log(f"HF export: {self.config.export_hf}")
+        plot = plot_loss_curve(self.metrics_path, os.path.join(self.config.out, "loss_curve.png"))
+        if plot:
+            self.log(f"loss curve: {plot}")
+
+
+# --------------------------------------------------------------------------- outputs
+def save_model(model: Qwen2ForCausalLM, out: str, *, source_dir: str | None = None) -> None:
+    """Write the model's weights as a qwen-jax Orbax checkpoint (the `qwen-jax convert` layout).
+
+    `qwen_jax.load_model(out)` reads it back. Tokenizer and generation-config files are copied
+    from `source_dir` when given. One decoder layer is brought to the host at a time.
+    """
+    import shutil
+
+    from qwen_jax import __version__, checkpoint
+    from qwen_jax.convert.common import copy_side_files, write_json
+
+    config = model.config
+    out = os.path.abspath(out)  # Orbax requires absolute paths
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    flat = {path: variable.get_value() for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    dtype = np.dtype(model.param_dtype)
+    parameters = 0
+    for group in checkpoint.param_groups(config):
+        arrays = {}
+        for spec in group.specs:
+            value = flat[spec.path] if group.layer is None else flat[spec.path][group.layer]
+            arrays[group.key(spec)] = np.asarray(jax.device_get(value))
+            parameters += arrays[group.key(spec)].size
+        checkpoint.save_group(out, group, arrays)
+    config_json = config.to_hf()
+    config_json["torch_dtype"] = str(dtype)
+    write_json(os.path.join(out, "config.json"), config_json)
+    if source_dir and os.path.isdir(source_dir):
+        copy_side_files(source_dir, out)
+    write_json(os.path.join(out, checkpoint.MANIFEST), {
+        "format": checkpoint.FORMAT,
+        "format_version": checkpoint.FORMAT_VERSION,
+        "source": "qwen-jax train",
+        "dtype": str(dtype),
+        "parameters": parameters,
+        "qwen_jax_version": __version__,
+        "groups": [group.name for group in checkpoint.param_groups(config)],
+    })
+
+
+def _tensorboard_writer(logdir: str):
+    """A TensorBoard SummaryWriter if tensorboardX or tensorboard is installed, else None."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboardX") is not None:
+        from tensorboardX import SummaryWriter
+    elif importlib.util.find_spec("tensorboard") is not None and importlib.util.find_spec("torch") is not None:
+        from torch.utils.tensorboard import SummaryWriter
+    else:
+        return None
+    return SummaryWriter(logdir)
+
+
+def plot_loss_curve(metrics_path: str, png_path: str) -> str | None:
+    """Train (and eval) loss against step as a PNG, if matplotlib is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None or not os.path.exists(metrics_path):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
+    evals = [r for r in records if r.get("eval_loss") is not None]
+    if evals:
+        axes.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=100)
+    plt.close(figure)
+    return png_path
+

@@ -153,7 +153,8 @@ def _get(tree: dict[str, Any], key: tuple[str, ...]) -> Any:
 
 
 def group_dir(checkpoint_dir: str | os.PathLike, group: ParamGroup) -> str:
-    return os.path.join(os.fspath(checkpoint_dir), PARAMS_DIR, group.name)
+    # Orbax insists on absolute paths.
+    return os.path.join(os.path.abspath(os.fspath(checkpoint_dir)), PARAMS_DIR, group.name)
 
 
 def save_group(checkpoint_dir: str | os.PathLike, group: ParamGroup, arrays: dict[tuple[str, ...], np.ndarray]) -> None:

@@ -126,6 +126,15 @@ def test_orbax_logits_equal_hf_directory_logits(hf_checkpoint, tmp_path):
     np.testing.assert_allclose(from_orbax, _torch_logits(torch_model), atol=1e-4, rtol=0)
 
 
+def test_relative_paths(hf_checkpoint, tmp_path, monkeypatch):
+    """Orbax wants absolute paths; users type relative ones."""
+    _, src = hf_checkpoint(seed=4)
+    monkeypatch.chdir(tmp_path)
+    hf_to_orbax(src, "orbax", progress=False)
+    orbax_to_hf("orbax", "hf", progress=False)
+    np.testing.assert_array_equal(np.asarray(load_model("orbax")(IDS)), np.asarray(load_model("hf")(IDS)))
+
+
 def test_restore_onto_a_mesh_gives_sharded_parameters_and_the_same_logits(hf_checkpoint, tmp_path):
     _, src = hf_checkpoint(seed=4, dtype="bfloat16")
     hf_to_orbax(src, tmp_path / "orbax", progress=False)

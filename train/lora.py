@@ -19,6 +19,7 @@ from typing import Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from qwen_jax.model import Linear, Qwen2ForCausalLM
@@ -81,7 +82,7 @@ def _split_equation(equation: str) -> tuple[str, str, str, str]:
 class LoRA(nnx.Module):
     """The low-rank update of one (layer-stacked) `Linear`: x -> scale * (x A) B."""
 
-    def __init__(self, linear: Linear, config: LoRAConfig, key: jax.Array, *, param_dtype):
+    def __init__(self, linear: Linear, config: LoRAConfig, rng: np.random.Generator, *, param_dtype):
         x_letters, contracted, kept, produced = _split_equation(linear.equation)
         kernel = linear.kernel
         kernel_axes = kernel.get_metadata()["logical_axes"]
@@ -92,7 +93,9 @@ class LoRA(nnx.Module):
         out_shape = kernel.shape[lead + n_in:]
         layer_shape, layer_axes = (kernel.shape[:1], ("layers",)) if stacked else ((), ())
         rank = config.rank
-        a = jax.random.normal(key, (*layer_shape, *in_shape, rank), param_dtype) / math.sqrt(math.prod(in_shape))
+        # Drawn on the host: an eager jax.random call would compile once per adapter shape.
+        a = rng.standard_normal((*layer_shape, *in_shape, rank), dtype=np.float32) / math.sqrt(math.prod(in_shape))
+        a = jnp.asarray(a, param_dtype)
         b = jnp.zeros((*layer_shape, rank, *out_shape), param_dtype)
         self.lora_a = LoRAParam(a, logical_axes=(*layer_axes, *kernel_axes[lead:lead + n_in], None))
         self.lora_b = LoRAParam(b, logical_axes=(*layer_axes, None, *kernel_axes[lead + n_in:]))
@@ -138,11 +141,10 @@ def apply_lora(model: Qwen2ForCausalLM, config: LoRAConfig, *, seed: int = 0) ->
     On a mesh, each adapter weight is placed by its logical axes (A shards like the kernel's
     input axes, B like its output axes).
     """
-    key = jax.random.key(seed)
     for index, (name, linear) in enumerate(target_linears(model, config.targets)):
         if linear.lora is not None:
             raise ValueError(f"{name} already has a LoRA adapter")
-        lora = LoRA(linear, config, jax.random.fold_in(key, index), param_dtype=model.param_dtype)
+        lora = LoRA(linear, config, np.random.default_rng([seed, index]), param_dtype=model.param_dtype)
         if model.mesh is not None:
             for variable in (lora.lora_a, lora.lora_b):
                 axes = variable.get_metadata()["logical_axes"]

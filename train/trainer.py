@@ -577,14 +577,13 @@ def plot_loss_curve(metrics_path: str, png_path: str) -> str | None:
 
     if importlib.util.find_spec("matplotlib") is None or not os.path.exists(metrics_path):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A standalone Figure: no pyplot, so the caller's (e.g. a notebook's) backend is left alone.
+    from matplotlib.figure import Figure
 
     with open(metrics_path, encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
-    figure, axes = plt.subplots(figsize=(7, 4))
+    figure = Figure(figsize=(7, 4))
+    axes = figure.subplots()
     axes.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
     evals = [r for r in records if r.get("eval_loss") is not None]
     if evals:
@@ -594,6 +593,5 @@ def plot_loss_curve(metrics_path: str, png_path: str) -> str | None:
     axes.legend()
     figure.tight_layout()
     figure.savefig(png_path, dpi=100)
-    plt.close(figure)
     return png_path
 

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from qwen_jax import Qwen2Config, create_model
+from qwen_jax.model import unstack_layers
 from qwen_jax.generation import GenerationConfig, generate_ids
 
 
@@ -121,6 +122,8 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8, help="batch size of the throughput run")
     parser.add_argument("--skip-hf", action="store_true", help="measure qwen-jax only")
+    parser.add_argument("--layers", choices=["scan", "unrolled", "both"], default="both",
+                        help="stacked layers run with a scan, one array per layer (scan_layers=False), or both")
     args = parser.parse_args(argv)
 
     import torch
@@ -141,9 +144,16 @@ def main(argv=None) -> None:
         params = model.num_params()
         dtype_bytes = np.dtype(dtype).itemsize if dtype != "bfloat16" else 2
         roof = roofline_tokens_per_s(config, params, dtype_bytes, args.prompt_len + args.new_tokens / 2, bandwidth)
-        ours_1, ours_n = bench_ours(model, one, args.new_tokens), bench_ours(model, many, args.new_tokens)
-        print(f"{dtype}: qwen-jax prefill {ours_1['prefill']:.1f} tok/s, decode {ours_1['decode']:.2f} tok/s "
-              f"(batch 1), {ours_n['decode']:.2f} tok/s (batch {args.batch})", flush=True)
+        layouts = ["scan", "unrolled"] if args.layers == "both" else [args.layers]
+        ours = {}
+        for layout in layouts:
+            if layout == "unrolled":
+                model = unstack_layers(model)
+            ours[layout] = bench_ours(model, one, args.new_tokens), bench_ours(model, many, args.new_tokens)
+            print(f"{dtype} ({layout} layers): qwen-jax prefill {ours[layout][0]['prefill']:.1f} tok/s, decode "
+                  f"{ours[layout][0]['decode']:.2f} tok/s (batch 1), {ours[layout][1]['decode']:.2f} tok/s "
+                  f"(batch {args.batch}); compile {ours[layout][0]['compile']:.1f} s", flush=True)
+        ours_1, ours_n = ours[layouts[0]]
         theirs_1 = theirs_n = None
         if not args.skip_hf:
             twin = build_hf_twin(model, dtype)
@@ -163,11 +173,13 @@ def main(argv=None) -> None:
             rows.append(cells)
 
         get = lambda result, key: result[key] if result else None  # noqa: E731
-        row(f"prefill tok/s (1x{args.prompt_len})", ours_1["prefill"], get(theirs_1, "prefill"))
-        row("decode tok/s, batch 1", ours_1["decode"], get(theirs_1, "decode"), roof)
-        row(f"decode tok/s, batch {args.batch}", ours_n["decode"], get(theirs_n, "decode"))
-        print(f"{dtype}: qwen-jax compile {ours_1['compile']:.1f} s (batch 1), {ours_n['compile']:.1f} s "
-              f"(batch {args.batch}); batch-1 roofline {roof:.1f} tok/s")
+        for layout, (ours_1, ours_n) in ours.items():
+            suffix = f" ({layout} layers)"
+            row(f"prefill tok/s (1x{args.prompt_len}){suffix}", ours_1["prefill"], get(theirs_1, "prefill"))
+            row(f"decode tok/s, batch 1{suffix}", ours_1["decode"], get(theirs_1, "decode"), roof)
+            row(f"decode tok/s, batch {args.batch}{suffix}", ours_n["decode"], get(theirs_n, "decode"))
+            row(f"compile s (batch 1){suffix}", ours_1["compile"], None)
+        print(f"{dtype}: batch-1 roofline {roof:.1f} tok/s")
 
     print()
     print("| model | metric | qwen-jax | HF transformers | ratio | % of roofline (ours / HF) |")

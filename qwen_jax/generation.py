@@ -505,7 +505,25 @@ def generate_ids(
     return Generation(token_ids, reasons, request.prompt_lengths, timing, logits=logits)
 
 
-class TokenStream:
+class _Stream:
+    """An iterator over the subclass's `_run()` generator; `result` is set once it finishes or is closed."""
+
+    def __init__(self):
+        self.result: Generation | None = None
+        self._iterator = self._run()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._iterator)
+
+    def close(self) -> None:
+        """Stop generating (e.g. on Ctrl-C); `result` then holds what was produced so far."""
+        self._iterator.close()
+
+
+class TokenStream(_Stream):
     """Iterator over the ids generated for one prompt, one jitted decode step per token.
 
     After the iteration ends (or `close()`), `result` holds the `Generation` (timing included).
@@ -515,18 +533,7 @@ class TokenStream:
                  return_logits: bool = False):
         self._request = _prepare(model, [prompt_ids], config, return_logits)
         self._return_logits = return_logits
-        self.result: Generation | None = None
-        self._iterator = self._run()
-
-    def __iter__(self) -> Iterator[int]:
-        return self
-
-    def __next__(self) -> int:
-        return next(self._iterator)
-
-    def close(self) -> None:
-        """Stop generating (e.g. on Ctrl-C); `result` then holds what was produced so far."""
-        self._iterator.close()
+        super().__init__()
 
     def _run(self) -> Iterator[int]:
         request, timing = self._request, Timing()
@@ -674,7 +681,7 @@ def generate(
     return result
 
 
-class TextStream:
+class TextStream(_Stream):
     """Iterator over text pieces for one prompt (UTF-8 safe); `result` is set when it ends.
 
     Text that could be the start of a stop string is held back until it is known not to be one.
@@ -686,18 +693,7 @@ class TextStream:
         self._tokens = tokens
         self._decoder = StreamDecoder(tokenizer)
         self._stop_strings = stop_strings
-        self.result: Generation | None = None
-        self._iterator = self._run()
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        return next(self._iterator)
-
-    def close(self) -> None:
-        """Stop generating; `result` then holds what was produced so far."""
-        self._iterator.close()
+        super().__init__()
 
     def _run(self) -> Iterator[str]:
         text, emitted, stopped = "", 0, False

@@ -101,9 +101,9 @@ class Linear(nnx.Module):
         self.lora = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum(self.equation, x, self.kernel.value.astype(self.dtype))
+        y = jnp.einsum(self.equation, x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
-            y = y + self.bias.value.astype(self.dtype)
+            y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
             y = y + self.lora(x)
         return y

@@ -329,7 +329,7 @@ class Trainer:
             }
             metrics = {
                 "loss": loss_sum / denominator,
-                "grad_norm": optax.global_norm(grads),
+                "grad_norm": optax.tree.norm(grads),
                 "lr": schedule(state["step"]),
                 "target_tokens": count,
             }

@@ -12,6 +12,8 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     parser.add_argument("--mesh", help="device mesh, e.g. 'tensor=4' or 'data=1,fsdp=1,tensor=8' (default: one device)")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="run the layers with a scan: faster compile, slower decode (default: unrolled)")
 
 
 def add_sampling_arguments(parser) -> None:
@@ -57,7 +59,7 @@ def load_for_cli(args):
             mesh = make_mesh(**parse_mesh_spec(args.mesh))
         except ValueError as e:
             raise UserError(str(e)) from None
-    return load(args.model, dtype=args.dtype, mesh=mesh)
+    return load(args.model, dtype=args.dtype, mesh=mesh, scan_layers=args.scan_layers)
 
 
 def _read_prompt(args) -> str:

@@ -264,6 +264,10 @@ def test_full_finetune_loss_falls(straight_run):
     losses = [m["loss"] for m in _metrics(out)]
     assert len(losses) == 6 and losses[-1] < 0.7 * losses[0], losses
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["3", "6"]
+    events = [f for f in os.listdir(os.path.join(out, "tensorboard")) if f.startswith("events.out.tfevents")]
+    assert events and os.path.getsize(os.path.join(out, "tensorboard", events[0])) > 0
+    with open(os.path.join(out, "loss_curve.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # The final model directory loads through the public loader and carries the trained weights.
     from qwen_jax.hf import load_model
 

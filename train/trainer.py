@@ -11,8 +11,7 @@ so gradient accumulation gives exactly the gradient of the whole batch.
 
 Outputs in `out/`: `checkpoints/<step>/` (train state, resumable), `model/` (final weights,
 LoRA merged, as a qwen-jax Orbax checkpoint that `qwen_jax.load_model` reads), `metrics.jsonl`,
-`loss_curve.png` (if matplotlib is installed), `tensorboard/` (if tensorboardX or tensorboard is
-installed), `train_config.yaml`.
+`loss_curve.png`, `tensorboard/` (event files, via tensorboardX), `train_config.yaml`.
 
 Signals: SIGTERM and SIGINT finish the current step, write a checkpoint, and the run returns
 `EXIT_PREEMPTED` (143) or `EXIT_INTERRUPTED` (130) so schedulers can tell an interrupted run

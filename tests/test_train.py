@@ -193,6 +193,12 @@ def test_bad_config(tmp_path, tiny_model_dir, train_file, capsys):
     assert len(err) == 1 and "unknown LoRA targets ['qq']" in err[0]
     assert main(["train", "--config", str(yaml_path)]) == 2
     assert "missing required setting(s): out" in capsys.readouterr().err
+    # An inference model (unrolled layers) is refused with the way out, not an AttributeError.
+    from qwen_jax.hf import load_model
+
+    unrolled = load_model(tiny_model_dir, scan_layers=False)
+    with pytest.raises(ValueError, match=r"scan_layers=True"):
+        Trainer(_config(tiny_model_dir, train_file, tmp_path / "u"), model=unrolled)
 
 
 def test_packed_batch_matches_unpacked_examples():

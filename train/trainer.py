@@ -195,6 +195,9 @@ class Trainer:
         self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
         self.mesh = resolve_mesh(config.mesh, devices)
         self.model = model if model is not None else self._load_model()
+        if isinstance(self.model.model.layers, nnx.List):
+            raise ValueError("training runs the layers with a scan: pass a model loaded with scanned layers "
+                            "(qwen_jax.load_model(path), or qwen_jax.load(path, scan_layers=True))")
         self.model.remat = config.remat
         self.lora = config.lora_rank > 0
         if self.lora:

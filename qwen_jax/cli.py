@@ -1,7 +1,7 @@
 """`qwen-jax` command line: one entry point, one subcommand per module.
 
-Each subcommand module defines `add_arguments(parser)` and `run(args) -> int`. Modules are
-imported only when listed here; user errors are reported as one line with exit status 2.
+Each subcommand module defines `add_arguments(parser)` and `run(args) -> int`. User errors are
+reported as one line with exit status 2.
 """
 
 from __future__ import annotations
@@ -31,12 +31,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name == module_name:  # subcommand not part of this build
-                continue
-            raise
+        module = importlib.import_module(module_name)
         sub = subparsers.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
         module.add_arguments(sub)
         modules[name] = module

@@ -194,13 +194,6 @@ def validate_checkpoint(ckpt: HFCheckpoint, config: Qwen2Config) -> list[ParamSp
 
 
 # --------------------------------------------------------------------------- loading
-def is_hf_checkpoint(path: str | os.PathLike) -> bool:
-    path = os.fspath(path)
-    return os.path.isdir(path) and (
-        os.path.exists(os.path.join(path, INDEX_FILE)) or bool(glob.glob(os.path.join(path, "*.safetensors")))
-    )
-
-
 def load_model(
     path: str | os.PathLike,
     *,

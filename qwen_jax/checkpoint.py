@@ -23,7 +23,6 @@ slices and row blocks into preallocated sharded arrays: the host never holds the
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from typing import Any
@@ -35,7 +34,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen_jax.config import Qwen2Config
-from qwen_jax.hf import ParamSpec, abstract_model, drop_leading_axis, leaf_shardings, param_specs, sharded_zeros
+from qwen_jax.hf import (
+    ParamSpec, abstract_model, drop_leading_axis, leaf_shardings, param_specs, set_slice, sharded_zeros,
+)
 from qwen_jax.model import Qwen2ForCausalLM
 from qwen_jax.safetensors_io import CheckpointError
 from qwen_jax.sharding import DEFAULT_RULES, ShardingRules
@@ -229,10 +230,10 @@ def load_orbax_model(
                 variable = flat[spec.path]
                 values[spec.path] = sharded_zeros(tuple(variable.shape), variable.dtype, shardings[spec.path])
             start = group.layer if group.layer is not None else group.rows[0]
-            values[spec.path] = _set_slice(values[spec.path], value, start, group.layer is not None)
+            values[spec.path] = set_slice(values[spec.path], value, start, group.layer is not None)
     for param_path, value in values.items():
         variable = flat[param_path]
-        variable.set_value(value) if hasattr(variable, "set_value") else setattr(variable, "value", value)
+        variable.set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -244,10 +245,3 @@ def _replicate_leading_axis(sharding: jax.sharding.Sharding, ndim: int) -> jax.s
     return sharding
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
-def _set_slice(buffer: jax.Array, part: jax.Array, start: int, squeezed: bool) -> jax.Array:
-    """Write a layer slice (`squeezed`, index `start`) or a row block (rows from `start`) into `buffer`."""
-    part = part.astype(buffer.dtype)
-    if squeezed:
-        return jax.lax.dynamic_update_index_in_dim(buffer, part, start, 0)
-    return jax.lax.dynamic_update_slice_in_dim(buffer, part, start, 0)

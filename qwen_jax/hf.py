@@ -232,7 +232,7 @@ def _load_scanned(path, *, dtype, param_dtype, mesh, rules) -> Qwen2ForCausalLM:
     for spec in specs:
         variable = flat[spec.path]
         value = _place(spec, ckpt, config, variable.shape, variable.dtype, shardings[spec.path])
-        variable.set_value(value) if hasattr(variable, "set_value") else setattr(variable, "value", value)
+        variable.set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -265,7 +265,7 @@ def _place(spec: ParamSpec, ckpt: HFCheckpoint, config: Qwen2Config, shape, dtyp
     layer_sharding = drop_leading_axis(sharding)
     buffer = sharded_zeros(tuple(shape), jnp.dtype(dtype), sharding)
     for i, name in enumerate(spec.hf_names(config.num_hidden_layers)):
-        buffer = _set_layer(buffer, _put(read(name), layer_sharding), i)
+        buffer = set_slice(buffer, _put(read(name), layer_sharding), i, True)
     return buffer
 
 
@@ -282,9 +282,14 @@ def sharded_zeros(shape, dtype, sharding):
     return jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), sharding)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(buffer, layer, i):
-    return jax.lax.dynamic_update_index_in_dim(buffer, layer.astype(buffer.dtype), i, 0)
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
+def set_slice(buffer: jax.Array, part: jax.Array, start, squeezed: bool) -> jax.Array:
+    """Write a layer slice (`squeezed`: index `start` of the leading axis) or a block of rows
+    (from row `start`) into a preallocated sharded `buffer`, in place."""
+    part = part.astype(buffer.dtype)
+    if squeezed:
+        return jax.lax.dynamic_update_index_in_dim(buffer, part, start, 0)
+    return jax.lax.dynamic_update_slice_in_dim(buffer, part, start, 0)
 
 
 def iter_hf_tensors(model: Qwen2ForCausalLM) -> Iterator[tuple[str, np.ndarray]]:

@@ -1,7 +1,7 @@
 """HF safetensors <-> Orbax conversion (`qwen-jax convert`, `qwen-jax export-hf`).
 
 `hf_to_orbax(src, out)` turns an HF checkpoint directory or Hub id into a qwen-jax Orbax
-checkpoint that `qwen_jax.hf.load_model(out)` restores straight into a mesh's shardings;
+checkpoint that `qwen_jax.load_model(out)` restores straight into a mesh's shardings;
 `orbax_to_hf(src, out)` writes it back as HF safetensors that transformers loads. Both stream one
 decoder layer at a time and replace `out` atomically.
 """

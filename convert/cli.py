@@ -2,11 +2,12 @@
 
 The output directory holds the parameters (Orbax), config.json, generation_config.json, the
 tokenizer files and qwen_jax_manifest.json; `qwen-jax generate|chat|train` and
-`qwen_jax.hf.load_model` read it directly, restoring each parameter into its shards.
+`qwen_jax.load_model` read it directly, restoring each parameter into its shards.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 from qwen_jax.convert.common import DTYPE_CHOICES
@@ -21,12 +22,14 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from qwen_jax.convert.common import quiet_orbax_logging
+    from qwen_jax.layout import PARAMS_DIR
+    from qwen_jax.outdir import bytes_on_disk, quiet_orbax_logging
     from qwen_jax.convert.to_orbax import hf_to_orbax
 
     start = time.perf_counter()
     with quiet_orbax_logging():
         summary = hf_to_orbax(args.src, args.out, dtype=args.dtype, force=args.force)
+    on_disk = bytes_on_disk(os.path.join(summary.out, PARAMS_DIR))
     print(f"wrote {summary.out}: {summary.parameters:,} parameters, {summary.dtype}, "
-          f"{summary.bytes_written / 1e9:.2f} GB in {time.perf_counter() - start:.1f} s")
+          f"{summary.bytes_written / 1e9:.2f} GB ({on_disk / 1e9:.2f} GB on disk) in {time.perf_counter() - start:.1f} s")
     return 0

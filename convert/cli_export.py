@@ -23,7 +23,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from qwen_jax.convert.common import quiet_orbax_logging
+    from qwen_jax.outdir import quiet_orbax_logging
     from qwen_jax.convert.to_hf import orbax_to_hf
 
     start = time.perf_counter()

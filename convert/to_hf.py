@@ -11,15 +11,14 @@ import struct
 import numpy as np
 from tqdm import tqdm
 
-from qwen_jax import checkpoint
+from qwen_jax import layout
+from qwen_jax.checkpoint import restore_group
 from qwen_jax.config import Qwen2Config, read_config_json
 from qwen_jax.hf import INDEX_FILE, SINGLE_FILE
+from qwen_jax.outdir import atomic_output_dir, copy_side_files, write_error, write_json
 from qwen_jax.safetensors_io import DTYPE_NAMES, CheckpointError
 
-from qwen_jax.convert.common import (
-    ConversionError, atomic_output_dir, copy_side_files, dtype_name, resolve_dtype, with_dtype, write_error,
-    write_json,
-)
+from qwen_jax.convert.common import ConversionError, dtype_name, resolve_dtype
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -127,17 +126,12 @@ class ShardedSafetensorsWriter:
         write_json(os.path.join(self.directory, INDEX_FILE), index)
 
 
-def _to_hf(src: str, group: checkpoint.ParamGroup, spec, stored: np.ndarray) -> np.ndarray:
+def _to_hf(src: str, group: layout.ParamGroup, spec: layout.ParamSpec, stored: np.ndarray) -> np.ndarray:
     """A stored array (or row block) in HF layout, checked against the config's shape."""
-    try:
-        array = np.asarray(spec.to_hf(stored))
-    except ValueError:  # a reshape that cannot apply: the stored shape does not fit the config
-        array = None
-    expected = spec.hf_shape if group.rows is None else group.stored_shape(spec.hf_shape)
-    if array is None or array.shape != expected:
+    if stored.shape != group.part_shape(spec):
         raise CheckpointError(f"{src}: {group.name}: parameter {'.'.join(group.key(spec))!r} has shape "
                               f"{list(stored.shape)}, which does not fit config.json")
-    return array
+    return np.asarray(spec.to_hf(stored))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,11 +163,11 @@ def orbax_to_hf(
     src = os.fspath(src)
     if not os.path.isdir(src):
         raise CheckpointError(f"{src}: checkpoint directory not found")
-    manifest = checkpoint.read_manifest(src)
+    manifest = layout.read_manifest(src)
     config_json = read_config_json(src)
     config = Qwen2Config.from_hf(config_json)
     out_dtype = resolve_dtype(dtype, {np.dtype(manifest["dtype"])} if manifest.get("dtype") else set())
-    groups = checkpoint.param_groups(config, manifest.get("row_block_elements"))
+    groups = layout.param_groups(config, manifest.get("row_block_elements"))
     # In the order the groups deliver them; a row-blocked tensor arrives in several groups.
     names = dict.fromkeys((group.hf_name(spec), spec.hf_shape) for group in groups for spec in group.specs)
     entries = [TensorEntry(name, shape, out_dtype) for name, shape in names]
@@ -185,14 +179,14 @@ def orbax_to_hf(
             with tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, desc="export-hf",
                       disable=None if progress else True) as bar:
                 for group in groups:
-                    host = checkpoint.restore_group(src, group)
+                    host = restore_group(src, group)
                     for spec in group.specs:
                         array = _to_hf(src, group, spec, host.pop(group.key(spec))).astype(out_dtype, copy=False)
                         writer.write(group.hf_name(spec), array)
                         bar.update(array.nbytes)
             writer.close()
             writer.write_index()
-            write_json(os.path.join(staging, "config.json"), with_dtype(config_json, out_dtype))
+            write_json(os.path.join(staging, "config.json"), layout.config_with_dtype(config_json, out_dtype))
             copy_side_files(src, staging)
         except OSError as e:
             raise write_error(os.fspath(out), e) from None

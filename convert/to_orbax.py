@@ -8,15 +8,13 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from qwen_jax import checkpoint
-from qwen_jax.config import Qwen2Config, read_config_json
-from qwen_jax.hf import HFCheckpoint, validate_checkpoint
+from qwen_jax import layout
+from qwen_jax.config import read_config_json
+from qwen_jax.hf import HFReader
 from qwen_jax.hub import resolve_source
+from qwen_jax.outdir import atomic_output_dir, write_error
 
-from qwen_jax.convert.common import (
-    ConversionError, atomic_output_dir, copy_side_files, dtype_name, resolve_dtype, with_dtype,
-    write_error, write_json,
-)
+from qwen_jax.convert.common import resolve_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,67 +48,24 @@ def hf_to_orbax(
     source_label = os.fspath(src)
     src_dir = resolve_source(src)
     config_json = read_config_json(src_dir)
-    config = Qwen2Config.from_hf(config_json)
-    ckpt = HFCheckpoint(src_dir)
-    validate_checkpoint(ckpt, config)
-    row_block_elements = checkpoint.ROW_BLOCK_ELEMENTS
-    groups = checkpoint.param_groups(config, row_block_elements)
-    out_dtype = resolve_dtype(dtype, ckpt.dtypes())
-    names = [group.hf_name(spec) for group in groups for spec in group.specs]
-    parameters = sum(int(np.prod(ckpt.shape(name))) for name in names)
-    total_bytes = parameters * out_dtype.itemsize
+    reader = HFReader(src_dir)  # validates config and every tensor before anything is written
+    out_dtype = resolve_dtype(dtype, reader.checkpoint.dtypes())
     if os.path.isdir(source_label):
         source_label = os.path.abspath(source_label)
 
     with atomic_output_dir(out, force=force, protect=(src_dir,)) as staging:
+        writer = layout.OrbaxWriter(staging, reader.config)
         try:
-            with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="convert",
+            with tqdm(total=writer.parameters * out_dtype.itemsize, unit="B", unit_scale=True, desc="convert",
                       disable=None if progress else True) as bar:
-                for group in groups:
-                    arrays = {}
-                    for spec in group.specs:
-                        host = spec.from_hf(ckpt.get(group.hf_name(spec)))
-                        if group.rows is not None:
-                            host = host[group.rows[0]:group.rows[1]]  # a memmap view: only these rows are read
-                        arrays[group.key(spec)] = np.ascontiguousarray(host.astype(out_dtype, copy=False))
-                    _save_group(staging, group, arrays, out)
-                    bar.update(sum(a.nbytes for a in arrays.values()))
+                for group in writer.groups:
+                    arrays = {group.key(spec): np.ascontiguousarray(group.read_hf(spec, reader.checkpoint.get)
+                                                                    .astype(out_dtype, copy=False))
+                              for spec in group.specs}
+                    bar.update(writer.write_group(group, arrays))
                     del arrays  # release this group before reading the next one
-            write_json(os.path.join(staging, "config.json"), with_dtype(config_json, out_dtype))
-            copy_side_files(src_dir, staging)
-            if not os.path.exists(os.path.join(staging, "generation_config.json")):
-                write_json(os.path.join(staging, "generation_config.json"), _generation_config(config))
-            write_json(os.path.join(staging, checkpoint.MANIFEST), {
-                "format": checkpoint.FORMAT,
-                "format_version": checkpoint.FORMAT_VERSION,
-                "source": source_label,
-                "dtype": dtype_name(out_dtype),
-                "parameters": parameters,
-                "qwen_jax_version": _version(),
-                "row_block_elements": row_block_elements,
-                "groups": [group.name for group in groups],
-            })
+            manifest = writer.finish(source=source_label, config_json=config_json, side_files_from=src_dir)
         except OSError as e:
             raise write_error(os.fspath(out), e) from None
-    return ConversionSummary(os.path.abspath(os.fspath(out)), source_label, dtype_name(out_dtype), parameters,
-                             total_bytes)
-
-
-def _save_group(staging: str, group: checkpoint.ParamGroup, arrays: dict, out) -> None:
-    try:
-        checkpoint.save_group(staging, group, arrays)
-    except ValueError as e:  # how tensorstore (under Orbax) reports I/O failures
-        raise write_error(os.fspath(out), e) from None
-
-
-def _generation_config(config: Qwen2Config) -> dict:
-    """The minimal generation config transformers derives from config.json when a checkpoint has none."""
-    eos = list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id
-    return {"bos_token_id": config.bos_token_id, "eos_token_id": eos}
-
-
-def _version() -> str:
-    from qwen_jax import __version__
-
-    return __version__
-
+    return ConversionSummary(os.path.abspath(os.fspath(out)), source_label, manifest["dtype"], manifest["parameters"],
+                             manifest["bytes"])

@@ -2,8 +2,7 @@
 
 from qwen_jax.config import ConfigError, Qwen2Config, RopeScaling
 from qwen_jax.generation import GenerationConfig, generate, stream
-from qwen_jax.hf import load_model
-from qwen_jax.load import load
+from qwen_jax.load import load, load_model
 from qwen_jax.model import KVCache, Qwen2ForCausalLM, create_model, default_dtype
 from qwen_jax.tokenizer import StreamDecoder, Tokenizer, parse_tool_calls
 from qwen_jax.sharding import DEFAULT_RULES, ShardingRules, make_mesh

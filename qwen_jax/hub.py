@@ -6,13 +6,9 @@ import os
 import re
 
 from qwen_jax.hf import INDEX_FILE
+from qwen_jax.outdir import SIDE_FILES
 from qwen_jax.safetensors_io import CheckpointError
 
-# Files a checkpoint directory may carry besides its weights (copied along by the converters).
-SIDE_FILES = (
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-)
 # Only safetensors and small JSON/tokenizer files are ever downloaded (never pickles).
 HUB_PATTERNS = ("*.safetensors", INDEX_FILE, "config.json", *SIDE_FILES)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

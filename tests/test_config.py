@@ -6,7 +6,7 @@ import pytest
 
 import qwen_jax
 from qwen_jax.config import ConfigError, Qwen2Config
-from qwen_jax.hf import abstract_model
+from qwen_jax.layout import abstract_model
 
 REFERENCE = "qwen2.5-configs.json"
 

@@ -20,11 +20,13 @@ import pytest
 import torch
 from flax import nnx
 
-from qwen_jax import checkpoint
+from qwen_jax import layout
 from qwen_jax.cli import main as cli_main
 from qwen_jax.config import Qwen2Config
 from qwen_jax.convert import hf_to_orbax, orbax_to_hf
-from qwen_jax.hf import HFCheckpoint, load_model, param_specs
+from qwen_jax.hf import HFCheckpoint
+from qwen_jax.layout import param_specs
+from qwen_jax.load import load_model
 from qwen_jax.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 from qwen_jax.sharding import make_mesh, state_shardings
 
@@ -60,7 +62,7 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(hf_checkpoint, tmp_pa
     # Untied exports are cut into several shards to exercise the index.
     export = orbax_to_hf(orbax_dir, hf_dir, max_shard_size="64KB" if not tied else "5GB", progress=False)
 
-    manifest = checkpoint.read_manifest(orbax_dir)
+    manifest = layout.read_manifest(orbax_dir)
     assert manifest["dtype"] == summary.dtype == export.dtype == dtype
     assert manifest["parameters"] == sum(p.numel() for p in torch_model.parameters())
     assert (len(export.files) > 2) == (not tied)
@@ -82,11 +84,11 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(hf_checkpoint, tmp_pa
 
 def test_row_blocks_round_trip_and_restore_onto_a_mesh(hf_checkpoint, tmp_path, monkeypatch):
     """Embedding and lm_head stored in uneven row blocks (as 0.5B's are) still round-trip and load sharded."""
-    monkeypatch.setattr(checkpoint, "ROW_BLOCK_ELEMENTS", 1000)  # 15 rows of 64: 18 blocks of 256 rows
+    monkeypatch.setattr(layout, "ROW_BLOCK_ELEMENTS", 1000)  # 15 rows of 64: 18 blocks of 256 rows
     _, src = hf_checkpoint(seed=10, tie_word_embeddings=False)
     hf_to_orbax(src, tmp_path / "orbax", progress=False)
-    monkeypatch.setattr(checkpoint, "ROW_BLOCK_ELEMENTS", 2**24)  # the manifest, not the constant, decides
-    groups = checkpoint.read_manifest(tmp_path / "orbax")["groups"]
+    monkeypatch.setattr(layout, "ROW_BLOCK_ELEMENTS", 2**24)  # the manifest, not the constant, decides
+    groups = layout.read_manifest(tmp_path / "orbax")["groups"]
     assert "model.embed_tokens.rows255" in groups and "lm_head.rows15" in groups
     orbax_to_hf(tmp_path / "orbax", tmp_path / "hf", max_shard_size="40KB", progress=False)
     source, exported = HFCheckpoint(src), HFCheckpoint(tmp_path / "hf")
@@ -119,7 +121,7 @@ def test_dtype_conversion_through_the_cli(hf_checkpoint, tmp_path, capsys):
 def test_orbax_logits_equal_hf_directory_logits(hf_checkpoint, tmp_path):
     torch_model, src = hf_checkpoint(seed=3, tie_word_embeddings=False)
     hf_to_orbax(src, tmp_path / "orbax", progress=False)
-    assert checkpoint.is_orbax_checkpoint(tmp_path / "orbax") and not checkpoint.is_orbax_checkpoint(src)
+    assert layout.is_orbax_checkpoint(tmp_path / "orbax") and not layout.is_orbax_checkpoint(src)
     from_orbax = np.asarray(load_model(tmp_path / "orbax", dtype="float32")(IDS))
     from_hf = np.asarray(load_model(src, dtype="float32")(IDS))
     np.testing.assert_array_equal(from_orbax, from_hf)
@@ -198,7 +200,7 @@ def test_conversion_memory_stays_near_one_layer(tmp_path):
     size = sum(array.nbytes for _, array in tensors)
     del tensors
     largest_group = max(sum(4 * int(np.prod(spec.hf_shape)) for spec in group.specs)
-                        for group in checkpoint.param_groups(config))
+                        for group in layout.param_groups(config))
     bound = 64 * 2**20 + 4 * largest_group
     assert size > 300e6 and bound < 0.45 * size
 
@@ -211,7 +213,7 @@ def test_conversion_memory_stays_near_one_layer(tmp_path):
     print(f"conversion RSS: baseline {report['baseline_kib'] / 1024:.0f} MiB, growth {growth / 1e6:.0f} MB "
           f"(bound {bound / 1e6:.0f} MB), checkpoint {size / 1e6:.0f} MB")
     assert growth < bound, f"conversion grew RSS by {growth / 1e6:.0f} MB for a {size / 1e6:.0f} MB checkpoint"
-    assert checkpoint.read_manifest(tmp_path / "out")["parameters"] * 4 == size
+    assert layout.read_manifest(tmp_path / "out")["parameters"] * 4 == size
 
 
 # --------------------------------------------------------------------------- bad input
@@ -312,7 +314,7 @@ def test_existing_output_is_refused_without_force_and_replaced_with_it(hf_checkp
     assert code == 2 and "already exists" in err and len(err.splitlines()) == 1
     assert (out / "keep.txt").read_text() == "previous"
     assert _run_cli(["convert", src, str(out), "--force"], capsys)[0] == 0
-    assert checkpoint.is_orbax_checkpoint(out) and not (out / "keep.txt").exists()
+    assert layout.is_orbax_checkpoint(out) and not (out / "keep.txt").exists()
     assert not glob.glob(str(tmp_path / ".out.*"))
 
 

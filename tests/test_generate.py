@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import build_hf_model, save_hf_checkpoint
 
-from qwen_jax import hf, make_mesh
+from qwen_jax import make_mesh
+from qwen_jax.load import load_model
 from qwen_jax.generation import (
     GenerationConfig,
     GenerationError,
@@ -31,7 +32,7 @@ def untied(tmp_path_factory):
     """Untied lm_head + GQA (4 query heads, 2 kv heads), no eos: (torch model, jax model, dir)."""
     torch_model = build_hf_model(seed=0, tie_word_embeddings=False, eos_token_id=None)
     path = save_hf_checkpoint(torch_model, tmp_path_factory.mktemp("untied"))
-    return torch_model, hf.load_model(path, dtype="float32"), path
+    return torch_model, load_model(path, dtype="float32"), path
 
 
 def _hf_greedy(torch_model, prompts, new_tokens, pad_id=0, **kwargs):
@@ -58,7 +59,7 @@ def test_greedy_batch_matches_hf(untied):
 
 def test_greedy_tied_checkpoint_matches_hf(hf_checkpoint):
     torch_model, path = hf_checkpoint(seed=1, eos_token_id=None, num_key_value_heads=1)  # tied, MQA
-    model = hf.load_model(path, dtype="float32")
+    model = load_model(path, dtype="float32")
     expected = _hf_greedy(torch_model, PROMPTS[:2], NEW_TOKENS, eos_token_id=None)
     assert generate_ids(model, PROMPTS[:2], max_new_tokens=NEW_TOKENS, temperature=0).token_ids == expected
 
@@ -137,7 +138,7 @@ def test_streaming_ids_equal_batch(untied):
 def test_generation_on_a_tensor_parallel_mesh_equals_one_device(untied):
     _, model, path = untied
     mesh = make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])
-    sharded = hf.load_model(path, dtype="float32", mesh=mesh)
+    sharded = load_model(path, dtype="float32", mesh=mesh)
     expected = generate_ids(model, PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0).token_ids
     assert generate_ids(sharded, PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0).token_ids == expected
 

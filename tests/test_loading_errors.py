@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from qwen_jax.config import ConfigError
-from qwen_jax.hf import load_model
+from qwen_jax.load import load_model
 from qwen_jax.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qwen_jax
-from qwen_jax.hf import load_model
+from qwen_jax.load import load_model
 
 FP32_TOL = 1e-4
 

@@ -10,7 +10,7 @@ import textwrap
 
 import numpy as np
 
-from qwen_jax.hf import load_model
+from qwen_jax.load import load_model
 
 WORKER = textwrap.dedent("""
     import os, sys

@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import qwen_jax
-from qwen_jax.hf import load_model
+from qwen_jax.load import load_model
 from qwen_jax.sharding import ShardingRules, logical_to_spec, parse_mesh_spec
 
 # 8 query heads and 2 kv heads: tensor=8 splits q heads but must replicate kv heads.

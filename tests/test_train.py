@@ -194,7 +194,7 @@ def test_bad_config(tmp_path, tiny_model_dir, train_file, capsys):
     assert main(["train", "--config", str(yaml_path)]) == 2
     assert "missing required setting(s): out" in capsys.readouterr().err
     # An inference model (unrolled layers) is refused with the way out, not an AttributeError.
-    from qwen_jax.hf import load_model
+    from qwen_jax.load import load_model
 
     unrolled = load_model(tiny_model_dir, scan_layers=False)
     with pytest.raises(ValueError, match=r"scan_layers=True"):
@@ -275,7 +275,7 @@ def test_full_finetune_loss_falls(straight_run):
     with open(os.path.join(out, "loss_curve.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # The final model directory loads through the public loader and carries the trained weights.
-    from qwen_jax.hf import load_model
+    from qwen_jax.load import load_model
 
     reloaded = load_model(os.path.join(out, "model"), dtype=jnp.float32)
     ids = jnp.asarray([[3, 4, 5, 6, 7]])
@@ -386,3 +386,90 @@ def test_sharded_steps_match_single_device(straight_run, tiny_model_dir, train_f
     # Adam divides by sqrt(v), so float reordering in sharded sums shows up at ~1e-4 of a step (lr 1e-2).
     for a, b in zip(_host(straight_run.state["params"]), _host(sharded.state["params"])):
         np.testing.assert_allclose(a, b, rtol=0, atol=5e-5)
+
+
+# --------------------------------------------------------------------------- row blocks (issue 9)
+@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
+def test_row_blocked_model_through_convert_train_and_export(lora_rank, tmp_path, train_file, monkeypatch):
+    """The path real checkpoints take: embedding and untied lm_head past the row-block size.
+
+    A test-only block of 1000 elements (15 rows of 64) splits both [64, 64] matrices into 5 row
+    blocks in every writer (convert, the trainer's OUT/model) and reader (load, export-hf), as
+    2**24 does for every Qwen2.5 size. HF -> convert -> train from the Orbax directory ->
+    OUT/model -> export-hf -> transformers loads it, and its logits equal the trained model's.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwen_jax import layout
+    from qwen_jax.convert import hf_to_orbax
+    from qwen_jax.load import load_model
+
+    monkeypatch.setattr(layout, "ROW_BLOCK_ELEMENTS", 1000)
+    hf_model = build_hf_model(seed=4, **{**TINY_MODEL, "tie_word_embeddings": False})
+    src = save_hf_checkpoint(hf_model, tmp_path / "hf")
+    _write_word_tokenizer(tmp_path / "hf")
+    summary = hf_to_orbax(src, tmp_path / "orbax", progress=False)
+    hf_params = sum(p.numel() for p in hf_model.parameters())
+    assert summary.parameters == hf_params and summary.bytes_written == 4 * hf_params
+
+    out, export = tmp_path / "run", tmp_path / "run_hf"
+    trainer = Trainer(_config(str(tmp_path / "orbax"), train_file, out, steps=2, save_every=0, learning_rate=5e-2,
+                              lora_rank=lora_rank, export_hf=str(export)))
+    assert trainer.run() == 0
+    manifest = layout.read_manifest(out / "model")
+    blocks = [name for name in manifest["groups"] if ".rows" in name]
+    assert blocks == [f"{prefix}.rows{start}" for prefix in ("model.embed_tokens", "lm_head")
+                      for start in range(0, 64, 15)]
+    assert manifest["parameters"] == hf_params and manifest["row_block_elements"] == 1000
+
+    ids = np.asarray([[3, 4, 5, 6, 7, 8, 9, 10]])
+    trained = np.asarray(trainer.current_model()(ids))
+    monkeypatch.setattr(layout, "ROW_BLOCK_ELEMENTS", 2**24)  # readers follow the manifest, not the constant
+    np.testing.assert_allclose(np.asarray(load_model(out / "model", dtype=jnp.float32)(ids)), trained, atol=1e-5)
+    exported, info = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    with torch.no_grad():
+        hf_logits = exported.eval()(torch.as_tensor(ids)).logits.numpy()
+        base_logits = hf_model(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(hf_logits, trained, atol=1e-4)
+    assert np.abs(hf_logits - base_logits).max() > 1e-2  # the export carries the training, not the base model
+
+
+def test_failed_export_keeps_training_and_export_only_redoes_it(tiny_model_dir, train_file, tmp_path, monkeypatch):
+    """A failure while writing the outputs loses nothing: the error names the checkpoint and the
+    command that writes the outputs from it, and that command does so without training again."""
+    from qwen_jax import layout
+    from qwen_jax.cli import main as cli_main
+    from qwen_jax.outdir import OutputError
+
+    out = tmp_path / "run"
+    config = _config(tiny_model_dir, train_file, out, steps=2, save_every=0, lora_rank=4,
+                     export_hf=str(tmp_path / "hf"))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(layout, "save_model", disk_full)
+        with pytest.raises(OutputError) as failure:
+            Trainer(config).run()
+    message = str(failure.value)
+    assert "No space left on device" in message and f"{out}/checkpoints/2" in message
+    command = message.split("with: ")[-1]
+    assert command == f"qwen-jax train --config {out}/train_config.yaml --export-only"
+    assert sorted(os.listdir(out / "checkpoints")) == ["2"] and not (out / "model").exists()
+    assert [m["step"] for m in _metrics(out)] == [1, 2]
+
+    assert cli_main(command.split()[1:] + ["--no-progress"]) == 0
+    assert [m["step"] for m in _metrics(out)] == [1, 2]  # no step was run again
+    assert layout.is_orbax_checkpoint(out / "model") and (tmp_path / "hf" / "model.safetensors").exists()
+    resumed = Trainer(config.replace(resume=True))
+    ids = jnp.asarray([[3, 4, 5, 6, 7]])
+    from qwen_jax.load import load_model
+
+    np.testing.assert_allclose(np.asarray(load_model(out / "model", dtype=jnp.float32)(ids)),
+                               np.asarray(resumed.current_model()(ids)), atol=1e-5)
+    resumed.checkpoints.close()
+    with pytest.raises(ConfigError, match="no train checkpoint to export"):
+        Trainer(config.replace(out=str(tmp_path / "empty"), export_only=True))

@@ -66,6 +66,8 @@ class TrainConfig:
     save_every: int = _field(100, "save a train checkpoint every N steps (0: only at the end and on signals)")
     keep_checkpoints: int = _field(3, "train checkpoints to keep")
     resume: bool = _field(False, "continue from the latest train checkpoint in OUT/checkpoints, if any")
+    export_only: bool = _field(False, "train no further: write OUT/model (and export_hf) from the latest train "
+                                      "checkpoint, e.g. after a run whose final export failed")
     eval_every: int = _field(0, "evaluate every N steps (0: only at the end); needs eval_data")
     peak_tflops: float = _field(0.0, "peak TFLOP/s per device for MFU (0: known accelerators only)")
     progress: bool = _field(True, "show a progress bar")

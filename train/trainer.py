@@ -38,6 +38,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen_jax.config import ConfigError
 from qwen_jax.model import Qwen2ForCausalLM
+from qwen_jax.outdir import OutputError
+from qwen_jax.safetensors_io import CheckpointError
 from qwen_jax.sharding import DEFAULT_RULES, make_mesh, named_sharding, parse_mesh_spec, state_shardings
 from qwen_jax.train import data as data_lib
 from qwen_jax.train import lora as lora_lib
@@ -223,7 +225,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- setup
     def _load_model(self) -> Qwen2ForCausalLM:
-        from qwen_jax.hf import load_model
+        from qwen_jax.load import load_model
 
         config = self.config
         dtype = None if config.compute_dtype == "auto" else config.compute_dtype
@@ -372,10 +374,12 @@ class Trainer:
         latest = self.checkpoints.latest_step()
         self.metrics_path = os.path.join(self.config.out, "metrics.jsonl")
         if latest is None:
+            if self.config.export_only:
+                raise ConfigError(f"export_only: {self.config.out}/checkpoints holds no train checkpoint to export")
             if os.path.exists(self.metrics_path):
                 os.remove(self.metrics_path)  # a fresh run: no stale curve from an earlier one
             return
-        if not self.config.resume:
+        if not (self.config.resume or self.config.export_only):
             raise ConfigError(f"{self.config.out}/checkpoints already holds a run (step {latest}); "
                               "pass --resume to continue it or choose another --out")
         meta = self.checkpoints.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -440,6 +444,14 @@ class Trainer:
         from tqdm import tqdm
 
         config = self.config
+        if config.export_only:
+            self.log(f"export only: writing the outputs of train checkpoint {int(self.state['step'])} "
+                     f"(of {self.total_steps} steps)")
+            try:
+                self._write_outputs()
+            finally:
+                self.checkpoints.close()
+            return 0
         received: list[int] = []
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         for s in previous:
@@ -500,64 +512,46 @@ class Trainer:
             self.checkpoints.close()
 
     def _write_outputs(self) -> None:
-        """Final model (LoRA merged) as a qwen-jax Orbax checkpoint, optional HF export, loss curve."""
-        model = self.current_model()
-        if self.lora:
-            lora_lib.merge_lora(model)
-        model_dir = os.path.abspath(os.path.join(self.config.out, "model"))
-        save_model(model, model_dir, source_dir=self.config.tokenizer or self.config.model)
-        self.log(f"final model: {model_dir}")
-        if self.config.export_hf:
-            from qwen_jax.convert.to_hf import orbax_to_hf
+        """Final model (LoRA merged) as a qwen-jax Orbax checkpoint, optional HF export, loss curve.
 
-            orbax_to_hf(model_dir, self.config.export_hf, force=True, progress=False)
-            self.log(f"HF export: {self.config.export_hf}")
+        Runs after the last train checkpoint is saved: if writing fails, the error says how to
+        write the outputs again from that checkpoint (`--export-only`), without training again.
+        """
+        try:
+            self._write_model()
+        except (CheckpointError, OSError, ValueError) as e:
+            step = self.checkpoints.latest_step()
+            out = os.path.abspath(self.config.out)
+            raise OutputError(
+                f"writing the final model failed ({_one_line(e)}); the training is safe in {out}/checkpoints/{step}. "
+                f"After fixing the cause, write the outputs from it with: qwen-jax train --config "
+                f"{out}/train_config.yaml --export-only") from None
         plot = plot_loss_curve(self.metrics_path, os.path.join(self.config.out, "loss_curve.png"))
         if plot:
             self.log(f"loss curve: {plot}")
 
+    def _write_model(self) -> None:
+        from qwen_jax import layout
+        from qwen_jax.convert.to_hf import orbax_to_hf
+        from qwen_jax.outdir import atomic_output_dir
+
+        model = self.current_model()
+        if self.lora:
+            lora_lib.merge_lora(model)
+        model_dir = os.path.abspath(os.path.join(self.config.out, "model"))
+        with atomic_output_dir(model_dir, force=True) as staging:
+            layout.save_model(model, staging, source="qwen-jax train",
+                              side_files_from=self.config.tokenizer or self.config.model,
+                              progress=False if not self.config.progress else None)
+        self.log(f"final model: {model_dir}")
+        if self.config.export_hf:
+            orbax_to_hf(model_dir, self.config.export_hf, force=True, progress=False)
+            self.log(f"HF export: {self.config.export_hf}")
+
 
 # --------------------------------------------------------------------------- outputs
-def save_model(model: Qwen2ForCausalLM, out: str, *, source_dir: str | None = None) -> None:
-    """Write the model's weights as a qwen-jax Orbax checkpoint (the `qwen-jax convert` layout).
-
-    `qwen_jax.load_model(out)` reads it back. Tokenizer and generation-config files are copied
-    from `source_dir` when given. One decoder layer is brought to the host at a time.
-    """
-    import shutil
-
-    from qwen_jax import __version__, checkpoint
-    from qwen_jax.convert.common import copy_side_files, write_json
-
-    config = model.config
-    out = os.path.abspath(out)  # Orbax requires absolute paths
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.makedirs(out)
-    flat = {path: variable.get_value() for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    dtype = np.dtype(model.param_dtype)
-    parameters = 0
-    for group in checkpoint.param_groups(config):
-        arrays = {}
-        for spec in group.specs:
-            value = flat[spec.path] if group.layer is None else flat[spec.path][group.layer]
-            arrays[group.key(spec)] = np.asarray(jax.device_get(value))
-            parameters += arrays[group.key(spec)].size
-        checkpoint.save_group(out, group, arrays)
-    config_json = config.to_hf()
-    config_json["torch_dtype"] = str(dtype)
-    write_json(os.path.join(out, "config.json"), config_json)
-    if source_dir and os.path.isdir(source_dir):
-        copy_side_files(source_dir, out)
-    write_json(os.path.join(out, checkpoint.MANIFEST), {
-        "format": checkpoint.FORMAT,
-        "format_version": checkpoint.FORMAT_VERSION,
-        "source": "qwen-jax train",
-        "dtype": str(dtype),
-        "parameters": parameters,
-        "qwen_jax_version": __version__,
-        "groups": [group.name for group in checkpoint.param_groups(config)],
-    })
+def _one_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _tensorboard_writer(logdir: str):

@@ -1,0 +1,508 @@
+"""The parameter layout every reader and writer shares: specs, groups, placement, and the Orbax writer.
+
+One floor under all checkpoint formats:
+
+- `param_specs(config)`: every parameter of ours, its logical shape (per layer for stacked
+  parameters) and how it maps to HF tensor(s).
+- `param_groups(config)`: the units checkpoints are read and written in. A group is one decoder
+  layer (`model.layers.3`: that layer's slice of every stacked parameter), one small unstacked
+  parameter (`model.norm`), or a block of rows of a large one (`model.embed_tokens.rows0`,
+  `lm_head.rows18724`, at most `ROW_BLOCK_ELEMENTS` elements). `ParamGroup.part_shape` and
+  `ParamGroup.take` are the one definition of "the part of a parameter this group holds", used by
+  every reader, writer and counter (`count_parameters`).
+- `assemble_model(reader, ...)`: builds a model from any reader (HF safetensors, Orbax, ...) by
+  placing each group's arrays straight into their shards; the host never holds the model.
+- `OrbaxWriter`: the single writer of the qwen-jax Orbax layout (`qwen-jax convert`, the trainer's
+  final model). Layout of such a directory::
+
+      qwen_jax_manifest.json     format, source, dtype, parameter count, row block size, groups
+      config.json                HF config (what `Qwen2Config.from_hf` reads)
+      generation_config.json, tokenizer files
+      params/<group>/            one standard Orbax PyTree checkpoint per parameter group
+
+Readers (`qwen_jax.hf.HFReader`, `qwen_jax.checkpoint.OrbaxReader`) sit above this module and
+`qwen_jax.load.load_model` picks one; nothing here imports them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Any, Callable, Iterator, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qwen_jax.config import Qwen2Config
+from qwen_jax.model import Qwen2ForCausalLM, default_dtype
+from qwen_jax.outdir import copy_side_files, write_error, write_json
+from qwen_jax.safetensors_io import CheckpointError
+from qwen_jax.sharding import DEFAULT_RULES, ShardingRules, state_shardings
+
+MANIFEST = "qwen_jax_manifest.json"
+FORMAT = "qwen-jax-orbax"
+FORMAT_VERSION = 1
+PARAMS_DIR = "params"
+
+# Unstacked matrices (embedding, lm_head: 272 MB each for 0.5B in bfloat16) are stored in row
+# blocks of at most this many elements, so no group is much larger than a decoder layer. Writers
+# read it when they start and record it in the manifest; readers use the manifest's value.
+ROW_BLOCK_ELEMENTS = 2**24
+
+Key = tuple[str, ...]
+
+
+# --------------------------------------------------------------------------- parameters
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of ours and how it maps to HF tensor(s).
+
+    `shape` is our shape of one layer's slice for stacked parameters (the model adds a leading
+    `layers` axis), of the whole parameter otherwise. `hf_name` contains `{i}` for stacked layer
+    parameters (one HF tensor per layer). `from_hf`/`to_hf` convert one (per-layer) tensor between
+    HF layout `hf_shape` and ours; unstacked parameters keep the HF layout (identity), so a row
+    block of ours is a row block of the HF tensor.
+    """
+
+    path: Key
+    hf_name: str
+    shape: tuple[int, ...]
+    hf_shape: tuple[int, ...]
+    from_hf: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.hf_name
+
+    def hf_names(self, num_layers: int) -> list[str]:
+        return [self.hf_name.format(i=i) for i in range(num_layers)] if self.stacked else [self.hf_name]
+
+
+def _same(x):
+    return x
+
+
+def param_specs(config: Qwen2Config) -> list[ParamSpec]:
+    """The complete key map for a config, in HF checkpoint order."""
+    D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    N, K, H = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    layer = "model.layers.{i}."
+
+    def proj_in(heads):  # HF [heads*H, D] <-> ours [D, heads, H]
+        return (lambda w: w.T.reshape(D, heads, H), lambda k: k.reshape(D, heads * H).T)
+
+    def bias(heads):  # HF [heads*H] <-> ours [heads, H]
+        return (lambda b: b.reshape(heads, H), lambda b: b.reshape(heads * H))
+
+    transpose = (lambda w: w.T, lambda k: k.T)
+    o_proj = (lambda w: w.T.reshape(N, H, D), lambda k: k.reshape(N * H, D).T)
+    same = (_same, _same)
+    attn, mlp = ("model", "layers", "self_attn"), ("model", "layers", "mlp")
+    rows = [(("model", "embed_tokens", "embedding"), "model.embed_tokens.weight", (V, D), (V, D), same)]
+    for sub, heads in (("q_proj", N), ("k_proj", K), ("v_proj", K)):
+        rows.append(((*attn, sub, "kernel"), f"{layer}self_attn.{sub}.weight", (D, heads, H), (heads * H, D),
+                     proj_in(heads)))
+        rows.append(((*attn, sub, "bias"), f"{layer}self_attn.{sub}.bias", (heads, H), (heads * H,), bias(heads)))
+    rows += [
+        ((*attn, "o_proj", "kernel"), f"{layer}self_attn.o_proj.weight", (N, H, D), (D, N * H), o_proj),
+        ((*mlp, "gate_proj", "kernel"), f"{layer}mlp.gate_proj.weight", (D, F), (F, D), transpose),
+        ((*mlp, "up_proj", "kernel"), f"{layer}mlp.up_proj.weight", (D, F), (F, D), transpose),
+        ((*mlp, "down_proj", "kernel"), f"{layer}mlp.down_proj.weight", (F, D), (D, F), transpose),
+        (("model", "layers", "input_layernorm", "weight"), f"{layer}input_layernorm.weight", (D,), (D,), same),
+        (("model", "layers", "post_attention_layernorm", "weight"), f"{layer}post_attention_layernorm.weight",
+         (D,), (D,), same),
+        (("model", "norm", "weight"), "model.norm.weight", (D,), (D,), same),
+    ]
+    if not config.tie_word_embeddings:
+        rows.append((("lm_head", "weight"), "lm_head.weight", (V, D), (V, D), same))
+    return [ParamSpec(path, name, shape, hf_shape, f, t) for path, name, shape, hf_shape, (f, t) in rows]
+
+
+# --------------------------------------------------------------------------- groups
+@dataclasses.dataclass(frozen=True)
+class ParamGroup:
+    """Parameters read and written together (one Orbax checkpoint under `params/<name>`).
+
+    `layer`: the decoder layer whose slices of the stacked parameters this group holds.
+    `rows`: the (start, stop) rows of an unstacked matrix this group holds (a row block).
+    Neither: the whole of each (unstacked) parameter.
+    """
+
+    name: str
+    specs: tuple[ParamSpec, ...]
+    layer: int | None = None
+    rows: tuple[int, int] | None = None
+
+    def key(self, spec: ParamSpec) -> Key:
+        """Where a parameter sits inside the group's tree (its model path minus the group prefix)."""
+        return spec.path[2:] if self.layer is not None else spec.path[-1:]
+
+    def part_shape(self, spec: ParamSpec) -> tuple[int, ...]:
+        """Shape of the part of `spec` this group holds, in our layout."""
+        if self.rows is not None:
+            return (self.rows[1] - self.rows[0], *spec.shape[1:])
+        return spec.shape
+
+    def take(self, spec: ParamSpec, value):
+        """This group's part of the whole parameter `value` (stacked on layers for layer groups)."""
+        if self.layer is not None:
+            return value[self.layer]
+        if self.rows is not None:
+            return value[self.rows[0]:self.rows[1]]
+        return value
+
+    def hf_name(self, spec: ParamSpec) -> str:
+        return spec.hf_name.format(i=self.layer) if self.layer is not None else spec.hf_name
+
+    def read_hf(self, spec: ParamSpec, read: Callable[[str], np.ndarray]) -> np.ndarray:
+        """This group's part of `spec`, in our layout, from an HF tensor reader (`read(name)`).
+
+        Row blocks slice the HF tensor before converting: on a memory-mapped tensor only these
+        rows are read.
+        """
+        tensor = read(self.hf_name(spec))
+        if self.rows is not None:
+            tensor = tensor[self.rows[0]:self.rows[1]]
+        return spec.from_hf(tensor)
+
+
+def row_block_rows(spec: ParamSpec, row_block_elements: int | None = None) -> int:
+    """Rows per block of an unstacked parameter (all of them when it is small or 1-D)."""
+    rows, row_size = spec.shape[0], math.prod(spec.shape[1:])
+    if len(spec.shape) < 2:
+        return rows
+    return max(1, (row_block_elements or ROW_BLOCK_ELEMENTS) // max(1, row_size))
+
+
+def param_groups(config: Qwen2Config, row_block_elements: int | None = None) -> list[ParamGroup]:
+    """The groups of a config in HF checkpoint order: embedding, layers 0..L-1, final norm, lm_head.
+
+    `row_block_elements` (default `ROW_BLOCK_ELEMENTS`; a checkpoint records its own in the
+    manifest) bounds the row blocks of unstacked matrices.
+    """
+    specs = param_specs(config)
+    stacked = tuple(s for s in specs if s.stacked)
+    before = [s for s in specs if not s.stacked and s.path[:2] == ("model", "embed_tokens")]
+    after = [s for s in specs if not s.stacked and s not in before]
+
+    def unstacked(spec: ParamSpec) -> list[ParamGroup]:
+        prefix = ".".join(spec.path[:-1])
+        rows, block = spec.shape[0], row_block_rows(spec, row_block_elements)
+        if rows <= block:
+            return [ParamGroup(prefix, (spec,))]
+        return [ParamGroup(f"{prefix}.rows{start}", (spec,), rows=(start, min(start + block, rows)))
+                for start in range(0, rows, block)]
+
+    layers = [ParamGroup(f"model.layers.{i}", stacked, layer=i) for i in range(config.num_hidden_layers)]
+    return [g for s in before for g in unstacked(s)] + layers + [g for s in after for g in unstacked(s)]
+
+
+def count_parameters(groups: list[ParamGroup]) -> int:
+    """Parameters held by these groups (each row block counted for its own rows only)."""
+    return sum(math.prod(group.part_shape(spec)) for group in groups for spec in group.specs)
+
+
+# --------------------------------------------------------------------------- placement
+def abstract_model(config: Qwen2Config, *, dtype=None, param_dtype=None, mesh=None, rules=DEFAULT_RULES):
+    """The model with ShapeDtypeStruct leaves (nothing allocated)."""
+    dtype = jnp.dtype(dtype or default_dtype())
+    return nnx.eval_shape(lambda: Qwen2ForCausalLM(
+        config, dtype=dtype, param_dtype=param_dtype or dtype, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
+
+
+def leaf_shardings(abstract_state, mesh, rules) -> dict[Key, jax.sharding.Sharding]:
+    """Target sharding of every parameter path (the first device when there is no mesh)."""
+    if mesh is None:
+        device = jax.devices()[0]
+        return {path: jax.sharding.SingleDeviceSharding(device) for path, _ in nnx.to_flat_state(abstract_state)}
+    return {path: v.get_value() for path, v in nnx.to_flat_state(state_shardings(abstract_state, mesh, rules))}
+
+
+def put(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """Place a host array into its shards, each device receiving only its slice."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def part_sharding(group: ParamGroup, sharding: jax.sharding.Sharding, ndim: int) -> jax.sharding.Sharding:
+    """The sharding of a group's part of a parameter whose sharding is `sharding` (rank `ndim`).
+
+    A layer slice drops the leading `layers` axis; a row block keeps the parameter's sharding
+    except along rows (blocks need not divide the devices).
+    """
+    if not isinstance(sharding, NamedSharding) or (group.layer is None and group.rows is None):
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    if group.layer is not None:
+        return NamedSharding(sharding.mesh, PartitionSpec(*spec[1:]))
+    return NamedSharding(sharding.mesh, PartitionSpec(None, *spec[1:]))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def sharded_zeros(shape, dtype, sharding):
+    """A zero buffer created directly in its shards (filled part by part while loading)."""
+    return jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), sharding)
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
+def set_slice(buffer: jax.Array, part: jax.Array, start, squeezed: bool) -> jax.Array:
+    """Write a layer slice (`squeezed`: index `start` of the leading axis) or a block of rows
+    (from row `start`) into a preallocated sharded `buffer`, in place."""
+    part = part.astype(buffer.dtype)
+    if squeezed:
+        return jax.lax.dynamic_update_index_in_dim(buffer, part, start, 0)
+    return jax.lax.dynamic_update_slice_in_dim(buffer, part, start, 0)
+
+
+class CheckpointReader(Protocol):
+    """What `assemble_model` needs from a checkpoint format."""
+
+    source: str  # for messages
+    config: Qwen2Config
+    row_block_elements: int | None  # the groups the checkpoint is stored in (None: the default)
+
+    def read_group(self, group: ParamGroup, targets: dict[Key, jax.ShapeDtypeStruct]) -> dict[Key, Any]:
+        """The group's arrays keyed by `group.key(spec)`, each of its target's shape (`part_shape`).
+
+        Host arrays are placed by the caller; a reader that can restore straight into the target
+        dtype and sharding (Orbax) returns jax arrays.
+        """
+        ...
+
+
+def assemble_model(
+    reader: CheckpointReader,
+    *,
+    dtype=None,
+    param_dtype=None,
+    mesh: Mesh | None = None,
+    rules: ShardingRules = DEFAULT_RULES,
+    progress: bool | None = None,
+) -> Qwen2ForCausalLM:
+    """A model whose parameters are read group by group from `reader`, straight into their shards.
+
+    Stacked parameters and row-blocked matrices are preallocated in their shards and filled in
+    place, so neither the host nor any device ever holds a second copy. `progress`: a tqdm bar
+    over bytes (None: only on a terminal).
+    """
+    from tqdm import tqdm
+
+    config = reader.config
+    model = abstract_model(config, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
+    graphdef, abstract_state = nnx.split(model)
+    shardings = leaf_shardings(abstract_state, mesh, rules)
+    flat = dict(nnx.to_flat_state(abstract_state))
+    groups = param_groups(config, reader.row_block_elements)
+    itemsize = jnp.dtype(model.param_dtype).itemsize
+    values: dict[Key, jax.Array] = {}
+    with tqdm(total=count_parameters(groups) * itemsize, unit="B", unit_scale=True, desc="load",
+              disable=None if progress is None else not progress, leave=False) as bar:
+        for group in groups:
+            targets = {}
+            for spec in group.specs:
+                variable = flat[spec.path]
+                sharding = part_sharding(group, shardings[spec.path], len(variable.shape))
+                targets[group.key(spec)] = jax.ShapeDtypeStruct(group.part_shape(spec), variable.dtype,
+                                                                sharding=sharding)
+            arrays = reader.read_group(group, targets)
+            for spec in group.specs:
+                target = targets[group.key(spec)]
+                value = _placed(arrays.pop(group.key(spec)), target, reader, group, spec)
+                if group.layer is None and group.rows is None:
+                    values[spec.path] = value
+                    continue
+                if spec.path not in values:  # a stacked parameter or a row-blocked matrix: fill it in place
+                    variable = flat[spec.path]
+                    values[spec.path] = sharded_zeros(tuple(variable.shape), variable.dtype, shardings[spec.path])
+                start = group.layer if group.layer is not None else group.rows[0]
+                values[spec.path] = set_slice(values[spec.path], value, start, group.layer is not None)
+                bar.update(math.prod(target.shape) * itemsize)
+    for param_path, value in values.items():
+        flat[param_path].set_value(value)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _placed(array, target: jax.ShapeDtypeStruct, reader: CheckpointReader, group: ParamGroup,
+            spec: ParamSpec) -> jax.Array:
+    if tuple(array.shape) != tuple(target.shape):
+        raise CheckpointError(f"{reader.source}: {group.name}: parameter {'.'.join(group.key(spec))!r} has shape "
+                              f"{list(array.shape)}, config.json implies {list(target.shape)}")
+    if isinstance(array, jax.Array):
+        return array
+    return put(np.asarray(array).astype(target.dtype, copy=False), target.sharding)
+
+
+# --------------------------------------------------------------------------- the Orbax layout
+def group_dir(checkpoint_dir: str | os.PathLike, group: ParamGroup) -> str:
+    # Orbax insists on absolute paths.
+    return os.path.join(os.path.abspath(os.fspath(checkpoint_dir)), PARAMS_DIR, group.name)
+
+
+def nest(flat: dict[Key, Any]) -> dict[str, Any]:
+    """{('a', 'b'): x} -> {'a': {'b': x}} (the trees Orbax stores)."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        for part in key[:-1]:
+            node = node.setdefault(part, {})
+        node[key[-1]] = value
+    return tree
+
+
+def orbax_checkpointer() -> ocp.Checkpointer:
+    # Synchronous on purpose: a converter holds one group in memory, never two.
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+
+
+def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
+    """A directory in the qwen-jax Orbax layout (it carries our manifest)."""
+    return os.path.isfile(os.path.join(os.fspath(path), MANIFEST))
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a qwen-jax Orbax directory, checked for format and version."""
+    manifest_path = os.path.join(os.fspath(path), MANIFEST)
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a qwen-jax Orbax checkpoint (no {MANIFEST})") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{manifest_path}: not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{manifest_path}: format version {manifest.get('format_version')!r}, this qwen-jax reads {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+class OrbaxWriter:
+    """The single writer of the qwen-jax Orbax layout, one group at a time.
+
+    `write_group` takes host (numpy) or device (jax) arrays holding exactly the group's part of
+    each parameter (`ParamGroup.take`/`read_hf` give it) and checks every shape against the
+    config, so a writer cannot store a whole parameter where a row block belongs. Device arrays
+    are written by Orbax shard by shard (in a multi-process run every process writes its own).
+    `finish` writes config.json, the side files and the manifest, which makes the directory
+    loadable. The caller owns the directory (e.g. `qwen_jax.outdir.atomic_output_dir`).
+    """
+
+    def __init__(self, directory: str | os.PathLike, config: Qwen2Config, *,
+                 row_block_elements: int | None = None):
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.config = config
+        self.row_block_elements = row_block_elements or ROW_BLOCK_ELEMENTS
+        self.groups = param_groups(config, self.row_block_elements)
+        self.parameters = count_parameters(self.groups)
+        self.written: list[str] = []
+        self.bytes_written = 0
+        self.dtypes: set[str] = set()
+        self._checkpointer = orbax_checkpointer()
+
+    def write_group(self, group: ParamGroup, arrays: dict[Key, Any]) -> int:
+        """Write one group's arrays (keyed by `group.key(spec)`); returns the bytes written."""
+        expected = {group.key(spec): group.part_shape(spec) for spec in group.specs}
+        if set(arrays) != set(expected):
+            raise ValueError(f"{group.name}: arrays for {sorted(arrays)}, the group holds {sorted(expected)}")
+        for key, array in arrays.items():
+            if tuple(array.shape) != expected[key]:
+                raise ValueError(f"{group.name}: {'.'.join(key)} has shape {list(array.shape)}, this group holds "
+                                 f"{list(expected[key])}")
+        os.makedirs(os.path.join(self.directory, PARAMS_DIR), exist_ok=True)
+        try:
+            self._checkpointer.save(group_dir(self.directory, group), args=ocp.args.StandardSave(nest(arrays)))
+        except ValueError as e:  # how tensorstore (under Orbax) reports I/O failures
+            raise write_error(self.directory, e) from None
+        nbytes = sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in arrays.values())
+        self.written.append(group.name)
+        self.bytes_written += nbytes
+        self.dtypes.update(np.dtype(a.dtype).name for a in arrays.values())
+        return nbytes
+
+    def finish(self, *, source: str, config_json: dict[str, Any] | None = None, side_files_from: str | None = None,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write config.json, the side files and the manifest once every group is written; returns the manifest."""
+        missing = [group.name for group in self.groups if group.name not in self.written]
+        if missing:
+            raise ValueError(f"{self.directory}: groups not written: {', '.join(missing[:3])}"
+                             f"{' ...' if len(missing) > 3 else ''}")
+        if len(self.dtypes) != 1:
+            raise ValueError(f"{self.directory}: parameters stored in several dtypes {sorted(self.dtypes)}")
+        (dtype,) = self.dtypes
+        config_json = config_with_dtype(config_json if config_json is not None else self.config.to_hf(), dtype)
+        write_json(os.path.join(self.directory, "config.json"), config_json)
+        if side_files_from and os.path.isdir(side_files_from):
+            copy_side_files(side_files_from, self.directory)
+        if not os.path.exists(os.path.join(self.directory, "generation_config.json")):
+            write_json(os.path.join(self.directory, "generation_config.json"), _generation_config(self.config))
+        from qwen_jax import __version__
+
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "source": source,
+            "dtype": dtype,
+            "parameters": self.parameters,
+            "bytes": self.bytes_written,
+            "qwen_jax_version": __version__,
+            "row_block_elements": self.row_block_elements,
+            "groups": [group.name for group in self.groups],
+            **(extra or {}),
+        }
+        write_json(os.path.join(self.directory, MANIFEST), manifest)
+        return manifest
+
+
+def config_with_dtype(config_json: dict[str, Any], dtype) -> dict[str, Any]:
+    """config.json contents announcing the stored dtype (transformers 4 writes `torch_dtype`, 5 writes `dtype`)."""
+    out = dict(config_json)
+    for key in [k for k in ("torch_dtype", "dtype") if k in out] or ["torch_dtype"]:
+        out[key] = jnp.dtype(dtype).name
+    return out
+
+
+def _generation_config(config: Qwen2Config) -> dict:
+    """The minimal generation config transformers derives from config.json when a checkpoint has none."""
+    eos = list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": eos}
+
+
+def model_groups(model: Qwen2ForCausalLM, row_block_elements: int | None = None
+                 ) -> Iterator[tuple[ParamGroup, dict[Key, jax.Array]]]:
+    """(group, its arrays) of a model's parameters, as device arrays (scanned or unrolled layers)."""
+    flat = {path: variable.get_value() for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    for group in param_groups(model.config, row_block_elements):
+        arrays = {}
+        for spec in group.specs:
+            if spec.path in flat:
+                arrays[group.key(spec)] = group.take(spec, flat[spec.path])
+            else:  # unrolled layers (scan_layers=False): each layer has its own arrays
+                arrays[group.key(spec)] = flat[(*spec.path[:2], group.layer, *spec.path[2:])]
+        yield group, arrays
+
+
+def save_model(model: Qwen2ForCausalLM, directory: str | os.PathLike, *, source: str,
+               side_files_from: str | None = None, progress: bool | None = None) -> dict[str, Any]:
+    """Write a model's parameters in the qwen-jax Orbax layout into `directory`; returns the manifest.
+
+    One group at a time goes through Orbax, shard by shard from the devices. The caller owns the
+    directory (wrap it in `atomic_output_dir` for an all-or-nothing output).
+    """
+    from tqdm import tqdm
+
+    writer = OrbaxWriter(directory, model.config)
+    total = writer.parameters * jnp.dtype(model.param_dtype).itemsize
+    with tqdm(total=total, unit="B", unit_scale=True, desc="save", leave=False,
+              disable=None if progress is None else not progress) as bar:
+        for group, arrays in model_groups(model, writer.row_block_elements):
+            bar.update(writer.write_group(group, arrays))
+    return writer.finish(source=source, side_files_from=side_files_from)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from qwen_jax import rope
+from qwen_jax import quant, rope
 from qwen_jax.config import Qwen2Config
 from qwen_jax.sharding import DEFAULT_RULES, ShardingRules, constrain, named_sharding, state_shardings
 
@@ -104,21 +104,39 @@ class Linear(nnx.Module):
         self.dtype = dtype
         # Optional low-rank adapter (`qwen_jax.train.lora`): a module mapping x to a delta of y.
         self.lora = None
+        # Weight-only quantization (`qwen_jax.quant`): the kernel then holds integers, out-major,
+        # with `kernel_scale` (and `kernel_zero`) beside it.
+        self.quantization = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # The einsum contracts x's trailing dims with the kernel's leading ones; run it as one 2-D
         # matmul on flattened views. XLA on CPU otherwise picked a layout for 'BTNH,NHD->BTD' that
         # copied the o_proj kernel transposed on every call (23 % of a 0.5B decode step).
         contracted = self.contracted
-        kernel = self.kernel[...].astype(self.dtype)
-        in_shape, out_shape = kernel.shape[:contracted], kernel.shape[contracted:]
-        flat = x.reshape(*x.shape[: x.ndim - contracted], math.prod(in_shape))
-        y = (flat @ kernel.reshape(math.prod(in_shape), math.prod(out_shape))).reshape(*flat.shape[:-1], *out_shape)
+        if self.quantization is not None:
+            y = self._quantized_product(x)
+        else:
+            kernel = self.kernel[...].astype(self.dtype)
+            in_shape, out_shape = kernel.shape[:contracted], kernel.shape[contracted:]
+            flat = x.reshape(*x.shape[: x.ndim - contracted], math.prod(in_shape))
+            y = (flat @ kernel.reshape(math.prod(in_shape), math.prod(out_shape))).reshape(*flat.shape[:-1], *out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
             y = y + self.lora(x)
         return y
+
+    def _quantized_product(self, x: jax.Array) -> jax.Array:
+        """The projection with a quantized kernel, as `[rows, in] x [out, in]` (see `qwen_jax.quant`)."""
+        values = self.kernel[...]  # out-major [*out, *in]
+        out_shape = values.shape[: values.ndim - self.contracted]
+        rows = x.shape[: x.ndim - self.contracted]
+        out = math.prod(out_shape)
+        scale = self.kernel_scale[...].reshape(out, -1)  # [out, groups]; one group per channel without groups
+        zero = None if self.kernel_zero is None else self.kernel_zero[...].reshape(out, -1)
+        y = quant.matmul(x.reshape(math.prod(rows), -1), values.reshape(out, -1), scale, zero, self.quantization,
+                         self.dtype)
+        return y.reshape(*rows, *out_shape)
 
 
 class Attention(nnx.Module):

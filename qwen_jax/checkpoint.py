@@ -15,7 +15,10 @@ import jax
 import orbax.checkpoint as ocp
 
 from qwen_jax.config import Qwen2Config
-from qwen_jax.layout import Key, ParamGroup, PARAMS_DIR, group_dir, nest, orbax_checkpointer, read_manifest
+from qwen_jax.layout import (
+    Key, ParamGroup, PARAMS_DIR, group_dir, hf_tensors, manifest_quantization, nest, orbax_checkpointer, param_groups,
+    read_manifest,
+)
 from qwen_jax.safetensors_io import CheckpointError
 
 
@@ -55,7 +58,15 @@ class OrbaxReader:
         self.manifest = read_manifest(self.source)
         self.config = Qwen2Config.from_hf(self.source)
         self.row_block_elements = self.manifest.get("row_block_elements")
+        self.quantization = manifest_quantization(self.manifest)
 
     def read_group(self, group: ParamGroup, targets: dict[Key, jax.ShapeDtypeStruct]) -> dict[Key, Any]:
-        # Stored arrays are cast to the target dtype and sharding while they are read.
-        return restore_group(self.source, group, targets)
+        if group.quantization == self.quantization or group.layer is None:
+            # Stored arrays are cast to the target dtype and sharding while they are read.
+            return restore_group(self.source, group, targets)
+        # The kernels are wanted quantized differently (or at all): read this layer as stored,
+        # then convert through the HF layout, one layer on the host at a time.
+        stored = next(g for g in param_groups(self.config, self.row_block_elements, self.quantization)
+                      if g.name == group.name)
+        tensors = dict(hf_tensors(stored, restore_group(self.source, stored)))
+        return group.read_hf_arrays(tensors.__getitem__)

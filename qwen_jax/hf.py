@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from qwen_jax.config import Qwen2Config
-from qwen_jax.layout import ParamGroup, ParamSpec, model_groups, param_specs
+from qwen_jax.layout import ParamGroup, ParamSpec, hf_tensors, model_groups, param_specs
 from qwen_jax.model import Qwen2ForCausalLM
 from qwen_jax.safetensors_io import CheckpointError, SafetensorsFile
 
@@ -131,6 +131,7 @@ class HFReader:
     """
 
     row_block_elements = None  # HF files are not grouped: any grouping reads them
+    quantization = None  # float weights (quantized on loading when asked)
 
     def __init__(self, directory: str | os.PathLike):
         self.source = os.fspath(directory)
@@ -139,12 +140,20 @@ class HFReader:
         validate_checkpoint(self.checkpoint, self.config)
 
     def read_group(self, group: ParamGroup, targets) -> dict[tuple[str, ...], np.ndarray]:
-        return {group.key(spec): np.asarray(group.read_hf(spec, self.checkpoint.get))
-                .astype(targets[group.key(spec)].dtype, copy=False) for spec in group.specs}
+        arrays = group.read_hf_arrays(self.checkpoint.get)
+        if targets is None:
+            return arrays
+        return {key: np.asarray(array).astype(targets[key].dtype, copy=False) for key, array in arrays.items()}
+
+    @property
+    def dtypes(self) -> set[np.dtype]:
+        return self.checkpoint.dtypes()
 
 
 def iter_hf_tensors(model: Qwen2ForCausalLM) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, host array) for every tensor of an HF checkpoint of this model, one at a time."""
+    """(HF name, host array) for every tensor of an HF checkpoint of this model, one at a time.
+
+    Quantized kernels are dequantized to float32.
+    """
     for group, arrays in model_groups(model, row_block_elements=2**62):  # whole tensors, no row blocks
-        for spec in group.specs:
-            yield group.hf_name(spec), np.asarray(spec.to_hf(np.asarray(jax.device_get(arrays[group.key(spec)]))))
+        yield from hf_tensors(group, arrays)

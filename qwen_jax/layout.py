@@ -42,6 +42,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen_jax.config import Qwen2Config
 from qwen_jax.model import Qwen2ForCausalLM, default_dtype
+from qwen_jax import quant
+from qwen_jax.quant import QuantizedMatrix, QuantScheme
 from qwen_jax.outdir import copy_side_files, write_error, write_json
 from qwen_jax.safetensors_io import CheckpointError
 from qwen_jax.sharding import DEFAULT_RULES, ShardingRules, state_shardings
@@ -49,6 +51,9 @@ from qwen_jax.sharding import DEFAULT_RULES, ShardingRules, state_shardings
 MANIFEST = "qwen_jax_manifest.json"
 FORMAT = "qwen-jax-orbax"
 FORMAT_VERSION = 1
+# Quantized checkpoints (integer kernels with scales, see `qwen_jax.quant`) are version 2, so a
+# qwen-jax that predates them refuses them instead of misreading them.
+QUANTIZED_FORMAT_VERSION = 2
 PARAMS_DIR = "params"
 
 # Unstacked matrices (embedding, lm_head: 272 MB each for 0.5B in bfloat16) are stored in row
@@ -77,10 +82,20 @@ class ParamSpec:
     hf_shape: tuple[int, ...]
     from_hf: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
+    # A part of a quantized kernel (see `qwen_jax.quant`): "values" (the integers, out-major; its
+    # HF tensor is the float weight `hf_name`), "scale" or "zero" (which belong to that same HF
+    # tensor and are read and written with it). None for a float parameter.
+    quant_part: str | None = None
+    scheme: QuantScheme | None = None
 
     @property
     def stacked(self) -> bool:
         return "{i}" in self.hf_name
+
+    @property
+    def is_weight(self) -> bool:
+        """A model weight (counted as a parameter), not a quantization scale or zero point."""
+        return self.quant_part in (None, "values")
 
     def hf_names(self, num_layers: int) -> list[str]:
         return [self.hf_name.format(i=i) for i in range(num_layers)] if self.stacked else [self.hf_name]
@@ -90,8 +105,12 @@ def _same(x):
     return x
 
 
-def param_specs(config: Qwen2Config) -> list[ParamSpec]:
-    """The complete key map for a config, in HF checkpoint order."""
+def param_specs(config: Qwen2Config, quantization: QuantScheme | None = None) -> list[ParamSpec]:
+    """The complete key map for a config, in HF checkpoint order.
+
+    With `quantization`, each decoder projection's kernel becomes the specs of its quantized parts
+    (`quantized_kernel_specs`).
+    """
     D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
     N, K, H = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     layer = "model.layers.{i}."
@@ -106,24 +125,54 @@ def param_specs(config: Qwen2Config) -> list[ParamSpec]:
     o_proj = (lambda w: w.T.reshape(N, H, D), lambda k: k.reshape(N * H, D).T)
     same = (_same, _same)
     attn, mlp = ("model", "layers", "self_attn"), ("model", "layers", "mlp")
-    rows = [(("model", "embed_tokens", "embedding"), "model.embed_tokens.weight", (V, D), (V, D), same)]
+
+    def kernel(sub: Key, name: str, in_shape, out_shape, convert) -> list[ParamSpec]:
+        """A projection kernel: ours is [*in, *out], HF's [out, in]."""
+        path, hf_shape = (*sub, "kernel"), (math.prod(out_shape), math.prod(in_shape))
+        if quantization is not None:
+            return quantized_kernel_specs(path, name, in_shape, out_shape, quantization)
+        return [ParamSpec(path, name, (*in_shape, *out_shape), hf_shape, *convert)]
+
+    specs = [ParamSpec(("model", "embed_tokens", "embedding"), "model.embed_tokens.weight", (V, D), (V, D), *same)]
     for sub, heads in (("q_proj", N), ("k_proj", K), ("v_proj", K)):
-        rows.append(((*attn, sub, "kernel"), f"{layer}self_attn.{sub}.weight", (D, heads, H), (heads * H, D),
-                     proj_in(heads)))
-        rows.append(((*attn, sub, "bias"), f"{layer}self_attn.{sub}.bias", (heads, H), (heads * H,), bias(heads)))
-    rows += [
-        ((*attn, "o_proj", "kernel"), f"{layer}self_attn.o_proj.weight", (N, H, D), (D, N * H), o_proj),
-        ((*mlp, "gate_proj", "kernel"), f"{layer}mlp.gate_proj.weight", (D, F), (F, D), transpose),
-        ((*mlp, "up_proj", "kernel"), f"{layer}mlp.up_proj.weight", (D, F), (F, D), transpose),
-        ((*mlp, "down_proj", "kernel"), f"{layer}mlp.down_proj.weight", (F, D), (D, F), transpose),
-        (("model", "layers", "input_layernorm", "weight"), f"{layer}input_layernorm.weight", (D,), (D,), same),
-        (("model", "layers", "post_attention_layernorm", "weight"), f"{layer}post_attention_layernorm.weight",
-         (D,), (D,), same),
-        (("model", "norm", "weight"), "model.norm.weight", (D,), (D,), same),
+        specs += kernel((*attn, sub), f"{layer}self_attn.{sub}.weight", (D,), (heads, H), proj_in(heads))
+        specs.append(ParamSpec((*attn, sub, "bias"), f"{layer}self_attn.{sub}.bias", (heads, H), (heads * H,),
+                               *bias(heads)))
+    specs += kernel((*attn, "o_proj"), f"{layer}self_attn.o_proj.weight", (N, H), (D,), o_proj)
+    specs += kernel((*mlp, "gate_proj"), f"{layer}mlp.gate_proj.weight", (D,), (F,), transpose)
+    specs += kernel((*mlp, "up_proj"), f"{layer}mlp.up_proj.weight", (D,), (F,), transpose)
+    specs += kernel((*mlp, "down_proj"), f"{layer}mlp.down_proj.weight", (F,), (D,), transpose)
+    specs += [
+        ParamSpec(("model", "layers", "input_layernorm", "weight"), f"{layer}input_layernorm.weight", (D,), (D,),
+                  *same),
+        ParamSpec(("model", "layers", "post_attention_layernorm", "weight"),
+                  f"{layer}post_attention_layernorm.weight", (D,), (D,), *same),
+        ParamSpec(("model", "norm", "weight"), "model.norm.weight", (D,), (D,), *same),
     ]
     if not config.tie_word_embeddings:
-        rows.append((("lm_head", "weight"), "lm_head.weight", (V, D), (V, D), same))
-    return [ParamSpec(path, name, shape, hf_shape, f, t) for path, name, shape, hf_shape, (f, t) in rows]
+        specs.append(ParamSpec(("lm_head", "weight"), "lm_head.weight", (V, D), (V, D), *same))
+    return specs
+
+
+def quantized_kernel_specs(path: Key, hf_name: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+                           scheme: QuantScheme) -> list[ParamSpec]:
+    """The specs of a quantized kernel: integer values `[*out, *in]` (out-major), scales (and zero points).
+
+    HF's weight `[out, in]` is the out-major matrix flattened, so every part converts by reshaping.
+    """
+    out, inputs = math.prod(out_shape), math.prod(in_shape)
+    groups = scheme.groups(inputs, hf_name.replace("{i}", "N"))
+    group_shape = (groups,) if scheme.group_size else ()
+
+    def reshaping(ours, hf):
+        return (lambda a: a.reshape(ours), lambda a: a.reshape(hf))
+
+    parts = [("values", path, (*out_shape, *in_shape), (out, inputs))]
+    parts.append(("scale", (*path[:-1], "kernel_scale"), (*out_shape, *group_shape), (out, groups)))
+    if scheme.zero_point:
+        parts.append(("zero", (*path[:-1], "kernel_zero"), (*out_shape, *group_shape), (out, groups)))
+    return [ParamSpec(p, hf_name, shape, hf_shape, *reshaping(shape, hf_shape), quant_part=part, scheme=scheme)
+            for part, p, shape, hf_shape in parts]
 
 
 # --------------------------------------------------------------------------- groups
@@ -162,16 +211,66 @@ class ParamGroup:
     def hf_name(self, spec: ParamSpec) -> str:
         return spec.hf_name.format(i=self.layer) if self.layer is not None else spec.hf_name
 
+    @property
+    def quantization(self) -> QuantScheme | None:
+        """The scheme of the quantized kernels in this group (None: all float)."""
+        return next((spec.scheme for spec in self.specs if spec.scheme is not None), None)
+
     def read_hf(self, spec: ParamSpec, read: Callable[[str], np.ndarray]) -> np.ndarray:
-        """This group's part of `spec`, in our layout, from an HF tensor reader (`read(name)`).
+        """This group's part of a float `spec`, in our layout, from an HF tensor reader (`read(name)`).
 
         Row blocks slice the HF tensor before converting: on a memory-mapped tensor only these
-        rows are read.
+        rows are read. A reader may hand over a quantized tensor (`QuantizedMatrix`); a float
+        parameter gets it dequantized.
         """
         tensor = read(self.hf_name(spec))
+        if isinstance(tensor, QuantizedMatrix):
+            tensor = tensor.dequantize()
         if self.rows is not None:
             tensor = tensor[self.rows[0]:self.rows[1]]
         return spec.from_hf(tensor)
+
+    def read_hf_arrays(self, read: Callable[[str], "np.ndarray | QuantizedMatrix"]) -> dict[Key, np.ndarray]:
+        """Every array of this group, in our layout, from HF-named tensors (each read once).
+
+        `read(name)` returns a float array or a `QuantizedMatrix`. A quantized kernel takes a
+        `QuantizedMatrix` of its own scheme as it is; anything else is (de)quantized to its scheme.
+        """
+        arrays = {}
+        for spec in self.specs:
+            if spec.quant_part is None:
+                arrays[self.key(spec)] = self.read_hf(spec, read)
+            elif spec.quant_part == "values":
+                matrix = quantized_for(spec.scheme, read(self.hf_name(spec)), self.hf_name(spec))
+                parts = {"values": matrix.values, "scale": matrix.scale, "zero": matrix.zero}
+                for part in self.specs:
+                    if part.hf_name == spec.hf_name and part.quant_part is not None:
+                        arrays[self.key(part)] = part.from_hf(parts[part.quant_part])
+        return arrays
+
+
+def quantized_for(scheme: QuantScheme, tensor: "np.ndarray | QuantizedMatrix", name: str) -> QuantizedMatrix:
+    """`tensor` (float `[out, in]` or quantized) as a QuantizedMatrix of `scheme`."""
+    if isinstance(tensor, QuantizedMatrix):
+        same_grid = (tensor.scheme.bits, tensor.scheme.group_size) == (scheme.bits, scheme.group_size)
+        if same_grid and (tensor.zero is None or scheme.zero_point):
+            if scheme.zero_point and tensor.zero is None:  # a symmetric tensor in an asymmetric model
+                return dataclasses.replace(tensor, zero=np.zeros_like(tensor.scale), scheme=scheme)
+            return tensor
+        tensor = tensor.dequantize()
+    return quant.quantize_host(np.asarray(tensor, np.float32), scheme, name)
+
+
+def hf_tensors(group: ParamGroup, arrays: dict[Key, Any]) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, float host array in HF layout) for a group's arrays; quantized kernels are dequantized."""
+    for spec in group.specs:
+        if spec.quant_part is None:
+            yield group.hf_name(spec), np.asarray(spec.to_hf(np.asarray(jax.device_get(arrays[group.key(spec)]))))
+        elif spec.quant_part == "values":
+            parts = {part.quant_part: np.asarray(part.to_hf(np.asarray(jax.device_get(arrays[group.key(part)]))))
+                     for part in group.specs if part.hf_name == spec.hf_name and part.quant_part is not None}
+            matrix = QuantizedMatrix(parts["values"], parts["scale"], parts.get("zero"), spec.scheme)
+            yield group.hf_name(spec), matrix.dequantize()
 
 
 def row_block_rows(spec: ParamSpec, row_block_elements: int | None = None) -> int:
@@ -182,13 +281,15 @@ def row_block_rows(spec: ParamSpec, row_block_elements: int | None = None) -> in
     return max(1, (row_block_elements or ROW_BLOCK_ELEMENTS) // max(1, row_size))
 
 
-def param_groups(config: Qwen2Config, row_block_elements: int | None = None) -> list[ParamGroup]:
+def param_groups(config: Qwen2Config, row_block_elements: int | None = None,
+                 quantization: QuantScheme | None = None) -> list[ParamGroup]:
     """The groups of a config in HF checkpoint order: embedding, layers 0..L-1, final norm, lm_head.
 
     `row_block_elements` (default `ROW_BLOCK_ELEMENTS`; a checkpoint records its own in the
-    manifest) bounds the row blocks of unstacked matrices.
+    manifest) bounds the row blocks of unstacked matrices. `quantization`: the decoder kernels are
+    quantized (their parts are in the layer groups).
     """
-    specs = param_specs(config)
+    specs = param_specs(config, quantization)
     stacked = tuple(s for s in specs if s.stacked)
     before = [s for s in specs if not s.stacked and s.path[:2] == ("model", "embed_tokens")]
     after = [s for s in specs if not s.stacked and s not in before]
@@ -206,16 +307,24 @@ def param_groups(config: Qwen2Config, row_block_elements: int | None = None) -> 
 
 
 def count_parameters(groups: list[ParamGroup]) -> int:
-    """Parameters held by these groups (each row block counted for its own rows only)."""
-    return sum(math.prod(group.part_shape(spec)) for group in groups for spec in group.specs)
+    """Parameters held by these groups (each row block counted for its own rows only; quantization
+    scales and zero points are not parameters)."""
+    return sum(math.prod(group.part_shape(spec)) for group in groups for spec in group.specs if spec.is_weight)
+
+
+def count_bytes(groups: list[ParamGroup], dtypes: Callable[[ParamSpec], Any]) -> int:
+    """Bytes of the arrays these groups hold, `dtypes(spec)` giving each one's dtype (int4: half a byte)."""
+    return sum(quant.array_bytes(group.part_shape(spec), dtypes(spec)) for group in groups for spec in group.specs)
 
 
 # --------------------------------------------------------------------------- placement
-def abstract_model(config: Qwen2Config, *, dtype=None, param_dtype=None, mesh=None, rules=DEFAULT_RULES):
-    """The model with ShapeDtypeStruct leaves (nothing allocated)."""
+def abstract_model(config: Qwen2Config, *, dtype=None, param_dtype=None, mesh=None, rules=DEFAULT_RULES,
+                   quantization: QuantScheme | None = None):
+    """The model with ShapeDtypeStruct leaves (nothing allocated); quantized kernels with `quantization`."""
     dtype = jnp.dtype(dtype or default_dtype())
-    return nnx.eval_shape(lambda: Qwen2ForCausalLM(
-        config, dtype=dtype, param_dtype=param_dtype or dtype, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
+    return nnx.eval_shape(lambda: quant.with_quantized_structure(Qwen2ForCausalLM(
+        config, dtype=dtype, param_dtype=param_dtype or dtype, rngs=nnx.Rngs(0), mesh=mesh, rules=rules),
+        quantization))
 
 
 def leaf_shardings(abstract_state, mesh, rules) -> dict[Key, jax.sharding.Sharding]:
@@ -267,14 +376,30 @@ class CheckpointReader(Protocol):
     source: str  # for messages
     config: Qwen2Config
     row_block_elements: int | None  # the groups the checkpoint is stored in (None: the default)
+    quantization: QuantScheme | None  # how the checkpoint's kernels are quantized (None: float)
 
     def read_group(self, group: ParamGroup, targets: dict[Key, jax.ShapeDtypeStruct]) -> dict[Key, Any]:
         """The group's arrays keyed by `group.key(spec)`, each of its target's shape (`part_shape`).
 
-        Host arrays are placed by the caller; a reader that can restore straight into the target
-        dtype and sharding (Orbax) returns jax arrays.
+        The group's specs say whether its kernels are quantized and how (`ParamGroup.read_hf_arrays`
+        converts HF-named tensors). Host arrays are placed by the caller; a reader that can
+        restore straight into the target dtype and sharding (Orbax) returns jax arrays.
         """
         ...
+
+
+def target_quantization(stored: QuantScheme | None, quantize: "str | QuantScheme | None") -> QuantScheme | None:
+    """The quantization a loaded model gets: the checkpoint's own unless `quantize` asks for another.
+
+    A requested scheme with the checkpoint's bits and groups keeps the checkpoint's (zero points
+    included), so e.g. `quantize="int4"` on a GPTQ-Int4 checkpoint reads it as it is.
+    """
+    if quantize is None:
+        return stored
+    requested = QuantScheme.parse(quantize)
+    if stored is not None and (stored.bits, stored.group_size) == (requested.bits, requested.group_size):
+        return stored
+    return requested
 
 
 def assemble_model(
@@ -285,24 +410,27 @@ def assemble_model(
     mesh: Mesh | None = None,
     rules: ShardingRules = DEFAULT_RULES,
     progress: bool | None = None,
+    quantize: "str | QuantScheme | None" = None,
 ) -> Qwen2ForCausalLM:
     """A model whose parameters are read group by group from `reader`, straight into their shards.
 
     Stacked parameters and row-blocked matrices are preallocated in their shards and filled in
     place, so neither the host nor any device ever holds a second copy. `progress`: a tqdm bar
-    over bytes (None: only on a terminal).
+    over bytes (None: only on a terminal). `quantize`: see `target_quantization`; float kernels
+    are quantized one tensor at a time on the host, so no float copy of the model is ever placed.
     """
     from tqdm import tqdm
 
     config = reader.config
-    model = abstract_model(config, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
+    scheme = target_quantization(reader.quantization, quantize)
+    model = abstract_model(config, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, quantization=scheme)
     graphdef, abstract_state = nnx.split(model)
     shardings = leaf_shardings(abstract_state, mesh, rules)
     flat = dict(nnx.to_flat_state(abstract_state))
-    groups = param_groups(config, reader.row_block_elements)
-    itemsize = jnp.dtype(model.param_dtype).itemsize
+    groups = param_groups(config, reader.row_block_elements, scheme)
     values: dict[Key, jax.Array] = {}
-    with tqdm(total=count_parameters(groups) * itemsize, unit="B", unit_scale=True, desc="load",
+    total = count_bytes(groups, lambda spec: flat[spec.path].dtype)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="load",
               disable=None if progress is None else not progress, leave=False) as bar:
         for group in groups:
             targets = {}
@@ -315,6 +443,7 @@ def assemble_model(
             for spec in group.specs:
                 target = targets[group.key(spec)]
                 value = _placed(arrays.pop(group.key(spec)), target, reader, group, spec)
+                bar.update(quant.array_bytes(target.shape, target.dtype))
                 if group.layer is None and group.rows is None:
                     values[spec.path] = value
                     continue
@@ -323,7 +452,6 @@ def assemble_model(
                     values[spec.path] = sharded_zeros(tuple(variable.shape), variable.dtype, shardings[spec.path])
                 start = group.layer if group.layer is not None else group.rows[0]
                 values[spec.path] = set_slice(values[spec.path], value, start, group.layer is not None)
-                bar.update(math.prod(target.shape) * itemsize)
     for param_path, value in values.items():
         flat[param_path].set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -378,11 +506,16 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{manifest_path}: not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{manifest_path}: format version {manifest.get('format_version')!r}, this qwen-jax reads {FORMAT_VERSION}"
-        )
+    if manifest.get("format_version") not in (FORMAT_VERSION, QUANTIZED_FORMAT_VERSION):
+        raise CheckpointError(f"{manifest_path}: format version {manifest.get('format_version')!r}, this qwen-jax "
+                              f"reads {FORMAT_VERSION} and {QUANTIZED_FORMAT_VERSION}")
     return manifest
+
+
+def manifest_quantization(manifest: dict[str, Any]) -> QuantScheme | None:
+    """How a qwen-jax Orbax checkpoint's kernels are quantized (None: float)."""
+    record = manifest.get("quantization")
+    return None if record is None else QuantScheme.from_json(record)
 
 
 class OrbaxWriter:
@@ -397,11 +530,12 @@ class OrbaxWriter:
     """
 
     def __init__(self, directory: str | os.PathLike, config: Qwen2Config, *,
-                 row_block_elements: int | None = None):
+                 row_block_elements: int | None = None, quantization: QuantScheme | None = None):
         self.directory = os.path.abspath(os.fspath(directory))
         self.config = config
         self.row_block_elements = row_block_elements or ROW_BLOCK_ELEMENTS
-        self.groups = param_groups(config, self.row_block_elements)
+        self.quantization = quantization
+        self.groups = param_groups(config, self.row_block_elements, quantization)
         self.parameters = count_parameters(self.groups)
         self.written: list[str] = []
         self.bytes_written = 0
@@ -417,15 +551,23 @@ class OrbaxWriter:
             if tuple(array.shape) != expected[key]:
                 raise ValueError(f"{group.name}: {'.'.join(key)} has shape {list(array.shape)}, this group holds "
                                  f"{list(expected[key])}")
+        for spec in group.specs:
+            dtype = np.dtype(arrays[group.key(spec)].dtype)
+            wanted = {"values": spec.scheme and spec.scheme.dtype, "scale": np.float32, "zero": np.float32}
+            if spec.quant_part is not None and dtype != np.dtype(wanted[spec.quant_part]):
+                raise ValueError(f"{group.name}: {'.'.join(group.key(spec))} is {dtype}, the quantization stores "
+                                 f"{np.dtype(wanted[spec.quant_part])}")
         os.makedirs(os.path.join(self.directory, PARAMS_DIR), exist_ok=True)
         try:
             self._checkpointer.save(group_dir(self.directory, group), args=ocp.args.StandardSave(nest(arrays)))
         except ValueError as e:  # how tensorstore (under Orbax) reports I/O failures
             raise write_error(self.directory, e) from None
-        nbytes = sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in arrays.values())
+        nbytes = sum(quant.array_bytes(a.shape, a.dtype) for a in arrays.values())
         self.written.append(group.name)
         self.bytes_written += nbytes
-        self.dtypes.update(np.dtype(a.dtype).name for a in arrays.values())
+        # The checkpoint's dtype is that of its float parameters (quantized parts have their own).
+        self.dtypes.update(np.dtype(arrays[group.key(spec)].dtype).name for spec in group.specs
+                           if spec.quant_part is None)
         return nbytes
 
     def finish(self, *, source: str, config_json: dict[str, Any] | None = None, side_files_from: str | None = None,
@@ -448,7 +590,7 @@ class OrbaxWriter:
 
         manifest = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if self.quantization is None else QUANTIZED_FORMAT_VERSION,
             "source": source,
             "dtype": dtype,
             "parameters": self.parameters,
@@ -456,6 +598,7 @@ class OrbaxWriter:
             "qwen_jax_version": __version__,
             "row_block_elements": self.row_block_elements,
             "groups": [group.name for group in self.groups],
+            **({} if self.quantization is None else {"quantization": self.quantization.to_json()}),
             **(extra or {}),
         }
         write_json(os.path.join(self.directory, MANIFEST), manifest)
@@ -480,7 +623,7 @@ def model_groups(model: Qwen2ForCausalLM, row_block_elements: int | None = None
                  ) -> Iterator[tuple[ParamGroup, dict[Key, jax.Array]]]:
     """(group, its arrays) of a model's parameters, as device arrays (scanned or unrolled layers)."""
     flat = {path: variable.get_value() for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    for group in param_groups(model.config, row_block_elements):
+    for group in param_groups(model.config, row_block_elements, quant.model_quantization(model)):
         arrays = {}
         for spec in group.specs:
             if spec.path in flat:
@@ -499,8 +642,10 @@ def save_model(model: Qwen2ForCausalLM, directory: str | os.PathLike, *, source:
     """
     from tqdm import tqdm
 
-    writer = OrbaxWriter(directory, model.config)
-    total = writer.parameters * jnp.dtype(model.param_dtype).itemsize
+    writer = OrbaxWriter(directory, model.config, quantization=quant.model_quantization(model))
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    total = count_bytes(writer.groups, lambda spec: flat[spec.path].get_value().dtype if spec.path in flat
+                        else model.param_dtype)
     with tqdm(total=total, unit="B", unit_scale=True, desc="save", leave=False,
               disable=None if progress is None else not progress) as bar:
         for group, arrays in model_groups(model, writer.row_block_elements):

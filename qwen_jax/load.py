@@ -1,33 +1,48 @@
 """Loading: `load_model` picks the reader for a checkpoint's format; `load` adds the tokenizer.
 
-Formats: an HF safetensors directory (`qwen_jax.hf.HFReader`) or a qwen-jax Orbax directory
-written by `qwen-jax convert` / `qwen-jax train` (`qwen_jax.checkpoint.OrbaxReader`). Every reader
-yields the parameter groups of `qwen_jax.layout`, which `layout.assemble_model` places straight
-into their shards.
+Formats: an HF safetensors directory (`qwen_jax.hf.HFReader`), a GPTQ or AWQ safetensors directory
+(`qwen_jax.quantized_hf.PrequantizedReader`), a GGUF file (`qwen_jax.gguf_file.GGUFReader`), or a
+qwen-jax Orbax directory written by `qwen-jax convert` / `qwen-jax train`
+(`qwen_jax.checkpoint.OrbaxReader`). Every reader yields the parameter groups of
+`qwen_jax.layout`, which `layout.assemble_model` places straight into their shards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from typing import Iterator
 
 from jax.sharding import Mesh
 
 from qwen_jax.generation import GenerationConfig
 from qwen_jax.layout import CheckpointReader, assemble_model, is_orbax_checkpoint
 from qwen_jax.model import Qwen2ForCausalLM, unstack_layers
+from qwen_jax.quant import QuantScheme
 from qwen_jax.safetensors_io import CheckpointError
 from qwen_jax.sharding import DEFAULT_RULES, ShardingRules
 
 
 def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
-    """The reader for a local checkpoint directory, chosen by what the directory holds."""
+    """The reader for a local checkpoint (directory or GGUF file), chosen by what it holds."""
+    from qwen_jax.gguf_file import GGUFReader, is_gguf_file
+
     path = os.fspath(path)
+    if is_gguf_file(path):
+        return GGUFReader(path)
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: checkpoint directory not found")
+        raise CheckpointError(f"{path}: checkpoint directory not found" if not os.path.exists(path)
+                              else f"{path}: not a checkpoint directory or GGUF file")
     if is_orbax_checkpoint(path):
         from qwen_jax.checkpoint import OrbaxReader
 
         return OrbaxReader(path)
+    from qwen_jax.config import read_config_json
+    from qwen_jax.quantized_hf import PrequantizedReader, read_prequantized_config
+
+    if read_prequantized_config(read_config_json(path), path) is not None:
+        return PrequantizedReader(path)
     from qwen_jax.hf import HFReader
 
     return HFReader(path)
@@ -42,17 +57,26 @@ def load_model(
     rules: ShardingRules = DEFAULT_RULES,
     scan_layers: bool = True,
     progress: bool | None = None,
+    quantize: str | QuantScheme | None = None,
 ) -> Qwen2ForCausalLM:
-    """Load a local HF checkpoint directory or a converted Orbax directory into a model.
+    """Load a checkpoint into a model: a local HF, GPTQ or AWQ directory, a GGUF file, a converted
+    Orbax directory, or a Hub id (`Qwen/Qwen2.5-0.5B-Instruct`, `org/repo/file.gguf`).
 
     dtype: compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU). param_dtype: storage
-    dtype of the parameters (default: dtype). With `mesh`, each parameter is created directly in
-    its shards according to `rules`. scan_layers=False gives one array per layer
+    dtype of the float parameters (default: dtype). With `mesh`, each parameter is created
+    directly in its shards according to `rules`. scan_layers=False gives one array per layer
     (`qwen_jax.model.unstack_layers`): faster memory-bound decode, compile time grows with depth.
     progress: a progress bar over the bytes loaded (None: only when stderr is a terminal).
+    quantize: 'int8' (per output channel) or 'int4' (groups of 128 inputs) weight-only
+    quantization of the decoder projections (`qwen_jax.quant`); the embedding, norms and lm_head
+    stay float. GPTQ/AWQ checkpoints and quantized Orbax directories load quantized as they are
+    by default (GPTQ act-order kernels are dequantized: pass `quantize` to re-quantize them).
     """
-    reader = open_checkpoint(path)
-    model = assemble_model(reader, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, progress=progress)
+    from qwen_jax.hub import resolve_source
+
+    reader = open_checkpoint(resolve_source(path))
+    model = assemble_model(reader, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, progress=progress,
+                           quantize=quantize)
     return model if scan_layers else unstack_layers(model)
 
 
@@ -64,8 +88,9 @@ def load(
     rules: ShardingRules = DEFAULT_RULES,
     scan_layers: bool = False,
     progress: bool | None = None,
+    quantize: str | QuantScheme | None = None,
 ) -> tuple[Qwen2ForCausalLM, "Tokenizer"]:  # noqa: F821 (imported lazily)
-    """Load an HF checkpoint (local directory or Hub id) or a directory converted by `qwen-jax convert`.
+    """Load a checkpoint (see `load_model` for the formats) and its tokenizer.
 
     dtype: compute and parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU).
     mesh: place the parameters in shards on this mesh (`qwen_jax.make_mesh()` puts every device on
@@ -74,14 +99,30 @@ def load(
       decode step reads directly; a scanned step copies each layer's slice out of the stacked
       arrays first (2.5x slower batch-1 decode on CPU, see the README). True compiles faster
       (compile time independent of depth). See `load_model`.
+    quantize: 'int8' or 'int4' weight-only quantization (see `load_model`).
     The checkpoint's generation_config.json becomes `model.generation_config`, the defaults of
-    `qwen_jax.generate`.
+    `qwen_jax.generate`. A GGUF file's tokenizer and generation settings come from its metadata.
     """
     from qwen_jax.hub import resolve_source
     from qwen_jax.tokenizer import Tokenizer
 
     path = resolve_source(path)
-    model = load_model(path, dtype=dtype, mesh=mesh, rules=rules, scan_layers=scan_layers, progress=progress)
-    tokenizer = Tokenizer.from_dir(path)
-    model.generation_config = GenerationConfig.from_pretrained(path, model.config)
+    model = load_model(path, dtype=dtype, mesh=mesh, rules=rules, scan_layers=scan_layers, progress=progress,
+                       quantize=quantize)
+    with side_files_dir(path) as directory:
+        tokenizer = Tokenizer.from_dir(directory)
+        model.generation_config = GenerationConfig.from_pretrained(directory, model.config)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def side_files_dir(path: str) -> Iterator[str]:
+    """A directory holding the checkpoint's tokenizer and generation files (built from a GGUF's metadata)."""
+    from qwen_jax.gguf_file import GGUFCheckpoint, is_gguf_file
+
+    if not is_gguf_file(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="qwen-jax-gguf-") as directory:
+        GGUFCheckpoint(path).write_side_files(directory)
+        yield directory

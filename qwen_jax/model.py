@@ -466,9 +466,9 @@ def unstack_layers(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
     """
     if isinstance(model.model.layers, nnx.List):
         return model
-    abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(
+    abstract = nnx.eval_shape(lambda: quant.with_quantized_structure(Qwen2ForCausalLM(
         model.config, dtype=model.dtype, param_dtype=model.param_dtype, mesh=model.mesh, rules=model.rules,
-        remat=model.remat, scan_layers=False))
+        remat=model.remat, scan_layers=False), quant.model_quantization(model)))
     graphdef, abstract_state = nnx.split(abstract)
     target = dict(nnx.to_flat_state(abstract_state))
     shardings = (None if model.mesh is None

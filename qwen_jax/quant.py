@@ -214,6 +214,52 @@ def _reduce_rows(x, values, scale, zero, *, scheme, dtype):
     return jnp.sum(partial * scale, axis=-1).astype(dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantizedMatrix:
+    """One projection's quantized weight in HF orientation `[out, in]` (how readers hand it over).
+
+    W[o, i] = scale[o, g] * (values[o, i] - zero[o, g]), g = i // (in / groups); values are signed
+    (int8, or ml_dtypes.int4 for 4 bits), scale and zero float32 `[out, groups]`, zero None when
+    symmetric.
+    """
+
+    values: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray | None
+    scheme: QuantScheme
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.values.shape)
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 matrix `[out, in]`."""
+        zero = None if self.zero is None else self.zero
+        return np.asarray(_dequantize_on_cpu(self.values, self.scale, zero, self.scheme))
+
+
+def quantize_host(matrix: np.ndarray, scheme: QuantScheme, what: str = "kernel") -> QuantizedMatrix:
+    """Quantize a float matrix `[out, in]` on the host (XLA on the CPU: fused and multi-threaded)."""
+    scheme.groups(matrix.shape[1], what)
+    values, scale = _quantize_on_cpu(np.asarray(matrix), scheme)
+    scale = np.asarray(scale).reshape(matrix.shape[0], -1)
+    return QuantizedMatrix(np.asarray(values), scale, None, scheme)
+
+
+_quantize_jit = jax.jit(quantize_matrix, static_argnums=1)
+_dequantize_jit = jax.jit(dequantize_matrix, static_argnums=(3, 4))
+
+
+def _quantize_on_cpu(matrix, scheme):
+    return _quantize_jit(jax.device_put(matrix, jax.devices("cpu")[0]), scheme)
+
+
+def _dequantize_on_cpu(values, scale, zero, scheme):
+    cpu = jax.devices("cpu")[0]
+    zero = None if zero is None else jax.device_put(zero, cpu)
+    return _dequantize_jit(jax.device_put(values, cpu), jax.device_put(scale, cpu), zero, scheme, jnp.float32)
+
+
 # --------------------------------------------------------------------------- modules
 @dataclasses.dataclass(frozen=True)
 class KernelLayout:
@@ -368,16 +414,21 @@ def quantize_model(model, quantize: "str | QuantScheme"):
     return model
 
 
-def abstract_quantized(model, scheme: QuantScheme) -> None:
-    """Give an abstract (eval_shape) float model the quantized structure of `scheme`, in place."""
+def with_quantized_structure(model, scheme: QuantScheme | None):
+    """`model` with every decoder kernel replaced by a zero-filled quantized one of `scheme` (in place).
+
+    For building abstract models (`nnx.eval_shape`) whose parameters a loader then fills.
+    """
+    if scheme is None:
+        return model
     for path, linear in decoder_linears(model):
         layout = kernel_layout(linear)
         scheme.groups(layout.in_features, ".".join(map(str, path)))
-        values = jax.ShapeDtypeStruct(layout.values_shape(), scheme.dtype)
-        scale = jax.ShapeDtypeStruct(layout.scale_shape(scheme), jnp.float32)
-        zero = scale if scheme.zero_point else None
-        set_quantized(linear, scheme, values, scale, zero)
+        scale = jnp.zeros(layout.scale_shape(scheme), jnp.float32)
+        set_quantized(linear, scheme, jnp.zeros(layout.values_shape(), scheme.dtype), scale,
+                      jnp.zeros_like(scale) if scheme.zero_point else None)
     model.quantization = scheme
+    return model
 
 
 def model_quantization(model) -> QuantScheme | None:

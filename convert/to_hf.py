@@ -126,12 +126,11 @@ class ShardedSafetensorsWriter:
         write_json(os.path.join(self.directory, INDEX_FILE), index)
 
 
-def _to_hf(src: str, group: layout.ParamGroup, spec: layout.ParamSpec, stored: np.ndarray) -> np.ndarray:
-    """A stored array (or row block) in HF layout, checked against the config's shape."""
+def _check_shape(src: str, group: layout.ParamGroup, spec: layout.ParamSpec, stored: np.ndarray) -> None:
+    """A stored array (or row block) must have the shape the config implies."""
     if stored.shape != group.part_shape(spec):
         raise CheckpointError(f"{src}: {group.name}: parameter {'.'.join(group.key(spec))!r} has shape "
                               f"{list(stored.shape)}, which does not fit config.json")
-    return np.asarray(spec.to_hf(stored))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,9 +166,11 @@ def orbax_to_hf(
     config_json = read_config_json(src)
     config = Qwen2Config.from_hf(config_json)
     out_dtype = resolve_dtype(dtype, {np.dtype(manifest["dtype"])} if manifest.get("dtype") else set())
-    groups = layout.param_groups(config, manifest.get("row_block_elements"))
-    # In the order the groups deliver them; a row-blocked tensor arrives in several groups.
-    names = dict.fromkeys((group.hf_name(spec), spec.hf_shape) for group in groups for spec in group.specs)
+    groups = layout.param_groups(config, manifest.get("row_block_elements"), layout.manifest_quantization(manifest))
+    # In the order the groups deliver them; a row-blocked tensor arrives in several groups. A
+    # quantized kernel is one float HF tensor (dequantized), its scales are no tensor of their own.
+    names = dict.fromkeys((group.hf_name(spec), spec.hf_shape) for group in groups for spec in group.specs
+                          if spec.is_weight)
     entries = [TensorEntry(name, shape, out_dtype) for name, shape in names]
     shards = plan_shards(entries, parse_size(max_shard_size))
 
@@ -181,8 +182,10 @@ def orbax_to_hf(
                 for group in groups:
                     host = restore_group(src, group)
                     for spec in group.specs:
-                        array = _to_hf(src, group, spec, host.pop(group.key(spec))).astype(out_dtype, copy=False)
-                        writer.write(group.hf_name(spec), array)
+                        _check_shape(src, group, spec, host[group.key(spec)])
+                    for name, array in layout.hf_tensors(group, host):
+                        array = array.astype(out_dtype, copy=False)
+                        writer.write(name, array)
                         bar.update(array.nbytes)
             writer.close()
             writer.write_index()

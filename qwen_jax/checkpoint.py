@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from qwen_jax.config import Qwen2Config
@@ -59,6 +60,7 @@ class OrbaxReader:
         self.config = Qwen2Config.from_hf(self.source)
         self.row_block_elements = self.manifest.get("row_block_elements")
         self.quantization = manifest_quantization(self.manifest)
+        self.dtypes = {np.dtype(self.manifest["dtype"])} if self.manifest.get("dtype") else set()
 
     def read_group(self, group: ParamGroup, targets: dict[Key, jax.ShapeDtypeStruct]) -> dict[Key, Any]:
         if group.quantization == self.quantization or group.layer is None:

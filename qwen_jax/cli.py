@@ -51,11 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from qwen_jax.config import ConfigError
+    from qwen_jax.quant import QuantizationError
     from qwen_jax.safetensors_io import CheckpointError
 
     try:
         return int(modules[args.command].run(args) or 0)
-    except (UserError, ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (UserError, ConfigError, CheckpointError, QuantizationError, FileNotFoundError) as e:
         print(f"qwen-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and friends

@@ -7,13 +7,18 @@ import sys
 
 
 def add_model_arguments(parser) -> None:
-    """--model, --dtype, --mesh: shared with `qwen-jax chat`."""
-    parser.add_argument("--model", required=True, help="checkpoint directory (HF or converted by qwen-jax convert)")
+    """--model, --dtype, --mesh, --scan-layers, --quantize: shared with `qwen-jax chat`."""
+    parser.add_argument("--model", required=True,
+                        help="checkpoint: HF/GPTQ/AWQ directory, GGUF file, directory converted by qwen-jax "
+                             "convert, or Hub id")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     parser.add_argument("--mesh", help="device mesh, e.g. 'tensor=4' or 'data=1,fsdp=1,tensor=8' (default: one device)")
     parser.add_argument("--scan-layers", action="store_true",
                         help="run the layers with a scan: faster compile, slower decode (default: unrolled)")
+    parser.add_argument("--quantize", metavar="{int8,int4}",
+                        help="weight-only quantization of the decoder projections while loading (int8: per output "
+                             "channel; int4: groups of 128 inputs); quantized checkpoints load as they are")
 
 
 def add_sampling_arguments(parser) -> None:
@@ -59,7 +64,7 @@ def load_for_cli(args):
             mesh = make_mesh(**parse_mesh_spec(args.mesh))
         except ValueError as e:
             raise UserError(str(e)) from None
-    return load(args.model, dtype=args.dtype, mesh=mesh, scan_layers=args.scan_layers)
+    return load(args.model, dtype=args.dtype, mesh=mesh, scan_layers=args.scan_layers, quantize=args.quantize)
 
 
 def _read_prompt(args) -> str:

@@ -25,7 +25,8 @@ def _field(default, help: str, *, choices=None, kind=None):
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # ---- what to train on, where to write
-    model: str = _field(None, "base model: HF checkpoint directory or converted Orbax directory (required)", kind=str)
+    model: str = _field(None, "base model: HF/GPTQ/AWQ directory, GGUF file or converted Orbax directory (required)",
+                        kind=str)
     data: str = _field(None, "training JSONL file (required)", kind=str)
     out: str = _field(None, "output directory: checkpoints/, model/, metrics.jsonl, loss_curve.png (required)",
                       kind=str)
@@ -56,6 +57,8 @@ class TrainConfig:
     lora_dropout: float = _field(0.0, "dropout on the adapter inputs during training")
     lora_targets: str = _field("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                                "comma-separated projections that get adapters")
+    quantize: str = _field("", "quantize the frozen base model's projections (int8 or int4) while loading: "
+                               "QLoRA-style, needs lora_rank > 0", kind=str)
     # ---- numerics, memory, devices
     compute_dtype: str = _field("auto", "activation dtype (auto: float32 on CPU, bfloat16 on GPU/TPU)",
                                 choices=DTYPES)
@@ -95,6 +98,15 @@ class TrainConfig:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.eval_every and not self.eval_data:
             raise ConfigError("eval_every is set but there is no eval_data")
+        if self.quantize:
+            from qwen_jax.quant import QuantizationError, QuantScheme
+
+            try:
+                QuantScheme.parse(self.quantize)
+            except QuantizationError as e:
+                raise ConfigError(f"quantize: {e}") from None
+            if not self.lora_rank:
+                raise ConfigError("quantize needs LoRA (lora_rank > 0): quantized base weights are frozen")
 
     def check_required(self) -> None:
         missing = [name for name in ("model", "data", "out") if not getattr(self, name)]

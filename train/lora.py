@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from qwen_jax.model import Linear, Qwen2ForCausalLM
+from qwen_jax.quant import decoder_linears, dequantize_linear, kernel_layout
 from qwen_jax.sharding import named_sharding
 
 # Target name -> path from the stacked decoder layer to the projection.
@@ -84,21 +85,17 @@ class LoRA(nnx.Module):
 
     def __init__(self, linear: Linear, config: LoRAConfig, rng: np.random.Generator, *, param_dtype):
         x_letters, contracted, kept, produced = _split_equation(linear.equation)
-        kernel = linear.kernel
-        kernel_axes = kernel.get_metadata()["logical_axes"]
-        stacked = kernel_axes[0] == "layers"
-        lead = 1 if stacked else 0
-        n_in = len(contracted)
-        in_shape = kernel.shape[lead:lead + n_in]
-        out_shape = kernel.shape[lead + n_in:]
-        layer_shape, layer_axes = (kernel.shape[:1], ("layers",)) if stacked else ((), ())
+        layout = kernel_layout(linear)  # float or quantized (QLoRA) kernel
+        stacked = bool(layout.layers)
+        in_shape, out_shape = layout.in_shape, layout.out_shape
+        layer_shape, layer_axes = (layout.layers, ("layers",)) if stacked else ((), ())
         rank = config.rank
         # Drawn on the host: an eager jax.random call would compile once per adapter shape.
         a = rng.standard_normal((*layer_shape, *in_shape, rank), dtype=np.float32) / math.sqrt(math.prod(in_shape))
         a = jnp.asarray(a, param_dtype)
         b = jnp.zeros((*layer_shape, rank, *out_shape), param_dtype)
-        self.lora_a = LoRAParam(a, logical_axes=(*layer_axes, *kernel_axes[lead:lead + n_in], None))
-        self.lora_b = LoRAParam(b, logical_axes=(*layer_axes, None, *kernel_axes[lead + n_in:]))
+        self.lora_a = LoRAParam(a, logical_axes=(*layer_axes, *layout.in_axes, None))
+        self.lora_b = LoRAParam(b, logical_axes=(*layer_axes, None, *layout.out_axes))
         self.down_equation = f"{x_letters},{contracted}{_RANK_LETTER}->{kept}{_RANK_LETTER}"
         self.up_equation = f"{kept}{_RANK_LETTER},{_RANK_LETTER}{produced}->{linear.equation.split('->')[1]}"
         layer_letter = "L" if stacked else ""
@@ -174,10 +171,17 @@ def set_lora_deterministic(model: Qwen2ForCausalLM, deterministic: bool) -> None
 
 
 def merge_lora(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
-    """Fold every adapter into its kernel (kernel += scale * A B) and remove it; in place."""
-    for _, linear in target_linears(model):
-        if linear.lora is None:
-            continue
+    """Fold every adapter into its kernel (kernel += scale * A B) and remove it; in place.
+
+    A quantized (QLoRA) kernel is dequantized first: the merged model is a float model in the
+    model's parameter dtype (quantize it again on loading or converting if wanted).
+    """
+    adapted = [linear for _, linear in target_linears(model) if linear.lora is not None]
+    if any(linear.quantization is not None for linear in adapted):
+        for _, linear in decoder_linears(model):  # every projection, so the model has one kind of kernel
+            dequantize_linear(linear, model.param_dtype)
+        model.quantization = None
+    for linear in adapted:
         kernel = linear.kernel[...]
         merged = kernel.astype(jnp.float32) + linear.lora.delta_kernel()
         linear.kernel.set_value(merged.astype(kernel.dtype))

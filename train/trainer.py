@@ -37,6 +37,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen_jax.config import ConfigError
+from qwen_jax import quant
 from qwen_jax.model import Qwen2ForCausalLM
 from qwen_jax.outdir import OutputError
 from qwen_jax.safetensors_io import CheckpointError
@@ -50,7 +51,7 @@ EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130
 
 # Settings a resumed run must share with the run that wrote the checkpoint.
 _RESUME_KEYS = ("data", "seq_len", "batch_size", "grad_accum", "seed", "lora_rank", "lora_alpha", "lora_dropout",
-                "lora_targets", "param_dtype")
+                "lora_targets", "param_dtype", "quantize")
 
 # Dense bf16 peak FLOP/s per device, for MFU on known accelerators (matched on device_kind).
 PEAK_FLOPS = (
@@ -202,6 +203,9 @@ class Trainer:
                             "(qwen_jax.load_model(path), or qwen_jax.load(path, scan_layers=True))")
         self.model.remat = config.remat
         self.lora = config.lora_rank > 0
+        if quant.model_quantization(self.model) is not None and not self.lora:
+            raise ConfigError(f"the base model is quantized ({quant.model_quantization(self.model).name}): its weights "
+                              "cannot be trained; train LoRA adapters on it (lora_rank > 0)")
         if self.lora:
             try:
                 lora_config = lora_lib.LoRAConfig(config.lora_rank, config.lora_alpha, config.lora_dropout,
@@ -230,15 +234,18 @@ class Trainer:
         config = self.config
         dtype = None if config.compute_dtype == "auto" else config.compute_dtype
         param_dtype = None if config.param_dtype == "auto" else config.param_dtype
-        if not os.path.isdir(config.model):
+        if not os.path.exists(config.model):
             raise FileNotFoundError(f"{config.model}: model directory not found")
-        return load_model(config.model, dtype=dtype, param_dtype=param_dtype or dtype, mesh=self.mesh)
+        return load_model(config.model, dtype=dtype, param_dtype=param_dtype or dtype, mesh=self.mesh,
+                          quantize=config.quantize or None)
 
     def _load_data(self) -> None:
+        from qwen_jax.load import side_files_dir
         from qwen_jax.tokenizer import Tokenizer
 
         config = self.config
-        self.tokenizer = Tokenizer.from_dir(config.tokenizer or config.model)
+        with side_files_dir(config.tokenizer or config.model) as directory:  # a GGUF's come from its metadata
+            self.tokenizer = Tokenizer.from_dir(directory)
         self.data_stats = data_lib.DatasetStats()
         examples = data_lib.read_jsonl(config.data, self.tokenizer, skip_bad_lines=config.skip_bad_lines,
                                        stats=self.data_stats)
@@ -533,15 +540,16 @@ class Trainer:
     def _write_model(self) -> None:
         from qwen_jax import layout
         from qwen_jax.convert.to_hf import orbax_to_hf
+        from qwen_jax.load import side_files_dir
         from qwen_jax.outdir import atomic_output_dir
 
         model = self.current_model()
         if self.lora:
             lora_lib.merge_lora(model)
         model_dir = os.path.abspath(os.path.join(self.config.out, "model"))
-        with atomic_output_dir(model_dir, force=True) as staging:
-            layout.save_model(model, staging, source="qwen-jax train",
-                              side_files_from=self.config.tokenizer or self.config.model,
+        with atomic_output_dir(model_dir, force=True) as staging, \
+                side_files_dir(self.config.tokenizer or self.config.model) as side_files:
+            layout.save_model(model, staging, source="qwen-jax train", side_files_from=side_files,
                               progress=False if not self.config.progress else None)
         self.log(f"final model: {model_dir}")
         if self.config.export_hf:

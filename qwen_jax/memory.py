@@ -16,7 +16,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwen_jax.config import Qwen2Config
+from qwen_jax import quant
 from qwen_jax.model import KVCache
+from qwen_jax.quant import QuantScheme
 from qwen_jax.sharding import DEFAULT_RULES, ShardingRules, logical_to_spec
 
 GiB = 1024**3
@@ -76,27 +78,33 @@ def plan_memory(
     max_len: int = 0,
     cache_dtype=jnp.bfloat16,
     rules: ShardingRules = DEFAULT_RULES,
+    quantize: "str | QuantScheme | None" = None,
 ) -> MemoryPlan:
     """Per-device bytes of parameters (+ grads and AdamW state when `training`) and a KV cache.
 
     training: gradients in `param_dtype` plus two AdamW moments in `optimizer_dtype`, and a
     float32 master copy when `master_weights` (bf16 compute with float32 masters). The KV cache is
     `batch` x `max_len` tokens, sharded by the cache's logical axes. Activations are not counted:
-    they depend on remat policy and sequence length more than on the mesh.
+    they depend on remat policy and sequence length more than on the mesh. quantize: 'int8' or
+    'int4' decoder projections (`qwen_jax.quant`): their integer values and float32 scales are
+    counted as stored (int4 two per byte); being frozen, they get no gradients or optimizer state.
     """
     from qwen_jax.model import Qwen2ForCausalLM
 
     mesh = _mesh_of_sizes(data, fsdp, tensor)
-    abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(config, dtype=param_dtype, param_dtype=param_dtype))
-    param_elements = 0
-    for _, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    scheme = None if quantize is None else QuantScheme.parse(quantize)
+    abstract = nnx.eval_shape(lambda: quant.with_quantized_structure(
+        Qwen2ForCausalLM(config, dtype=param_dtype, param_dtype=param_dtype), scheme))
+    params = trained_elements = 0
+    for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         axes = variable.get_metadata()["logical_axes"]
-        param_elements += _shard_elements(variable.shape, axes, mesh, rules)
-    p_bytes = jnp.dtype(param_dtype).itemsize
+        elements = _shard_elements(variable.shape, axes, mesh, rules)
+        params += quant.array_bytes((elements,), variable.dtype)
+        if not (isinstance(variable, quant.QuantizedKernel) or path[-1] in ("kernel_scale", "kernel_zero")):
+            trained_elements += elements
     o_bytes = jnp.dtype(optimizer_dtype).itemsize
-    params = param_elements * p_bytes
-    grads = params if training else 0
-    optimizer = param_elements * (2 * o_bytes + (4 if master_weights else 0)) if training else 0
+    grads = trained_elements * jnp.dtype(param_dtype).itemsize if training else 0
+    optimizer = trained_elements * (2 * o_bytes + (4 if master_weights else 0)) if training else 0
     kv_cache = 0
     if batch and max_len:
         shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
@@ -109,6 +117,6 @@ def measured_bytes_per_device(tree) -> dict[jax.Device, int]:
     out: dict[jax.Device, int] = {}
     for leaf in jax.tree.leaves(tree):
         if isinstance(leaf, jax.Array):
-            for shard in leaf.addressable_shards:
-                out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+            for shard in leaf.addressable_shards:  # int4 is stored two per byte (`nbytes` counts one)
+                out[shard.device] = out.get(shard.device, 0) + quant.array_bytes(shard.data.shape, shard.data.dtype)
     return out

@@ -67,7 +67,7 @@ def hf_to_orbax(
     with atomic_output_dir(out, force=force, protect=(src_path,)) as staging:
         writer = layout.OrbaxWriter(staging, reader.config, quantization=scheme)
         total = layout.count_bytes(writer.groups, lambda spec: out_dtype if spec.quant_part is None
-                                   else (scheme.dtype if spec.quant_part == "values" else np.float32))
+                                   else (np.int8 if spec.quant_part == "values" else np.float32))
         try:
             with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=None if progress else True) as bar:
                 for group in writer.groups:

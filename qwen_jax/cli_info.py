@@ -31,8 +31,8 @@ def stored_summary(path: str) -> dict | None:
     scheme = layout.manifest_quantization(manifest)
     groups = layout.param_groups(Qwen2Config.from_hf(path), manifest.get("row_block_elements"), scheme)
     parameters = layout.count_parameters(groups)
-    part_dtypes = {None: jnp.dtype(manifest.get("dtype")), "values": scheme and scheme.dtype,
-                   "scale": jnp.float32, "zero": jnp.float32}
+    part_dtypes = {None: jnp.dtype(manifest.get("dtype")), "values": jnp.int8, "scale": jnp.float32,
+                   "zero": jnp.float32}
     summary = {
         "dtype": manifest.get("dtype"),
         "quantization": None if scheme is None else scheme.name,

@@ -156,23 +156,28 @@ def param_specs(config: Qwen2Config, quantization: QuantScheme | None = None) ->
 
 def quantized_kernel_specs(path: Key, hf_name: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
                            scheme: QuantScheme) -> list[ParamSpec]:
-    """The specs of a quantized kernel: integer values `[*out, *in]` (out-major), scales (and zero points).
+    """The specs of a quantized kernel: stored values `[*out, groups, group']`, scales (and zero points).
 
-    HF's weight `[out, in]` is the out-major matrix flattened, so every part converts by reshaping.
+    Their HF-side form is a `QuantizedMatrix`'s (`[out, in]` int8 values, `[out, groups]` scales):
+    HF's weight `[out, in]` is the out-major matrix flattened, so converting is reshaping (and
+    packing int4).
     """
     out, inputs = math.prod(out_shape), math.prod(in_shape)
     groups = scheme.groups(inputs, hf_name.replace("{i}", "N"))
-    group_shape = (groups,) if scheme.group_size else ()
+    values_shape = (*out_shape, *scheme.stored_shape(inputs))
 
     def reshaping(ours, hf):
         return (lambda a: a.reshape(ours), lambda a: a.reshape(hf))
 
-    parts = [("values", path, (*out_shape, *in_shape), (out, inputs))]
-    parts.append(("scale", (*path[:-1], "kernel_scale"), (*out_shape, *group_shape), (out, groups)))
-    if scheme.zero_point:
-        parts.append(("zero", (*path[:-1], "kernel_zero"), (*out_shape, *group_shape), (out, groups)))
-    return [ParamSpec(p, hf_name, shape, hf_shape, *reshaping(shape, hf_shape), quant_part=part, scheme=scheme)
-            for part, p, shape, hf_shape in parts]
+    # HF orientation: int8 values [out, in] (4-bit ones unpacked), which `pack` stores.
+    values = (lambda v: quant.pack(v.reshape(out, inputs), scheme).reshape(values_shape),
+              lambda s: quant.unpack(s.reshape(out, *values_shape[-2:]), scheme).reshape(out, inputs))
+    specs = [ParamSpec(path, hf_name, values_shape, (out, inputs), *values, quant_part="values", scheme=scheme)]
+    for part, name in (("scale", "kernel_scale"), ("zero", "kernel_zero")):
+        if part == "scale" or scheme.zero_point:
+            specs.append(ParamSpec((*path[:-1], name), hf_name, (*out_shape, groups), (out, groups),
+                                   *reshaping((*out_shape, groups), (out, groups)), quant_part=part, scheme=scheme))
+    return specs
 
 
 # --------------------------------------------------------------------------- groups
@@ -307,14 +312,16 @@ def param_groups(config: Qwen2Config, row_block_elements: int | None = None,
 
 
 def count_parameters(groups: list[ParamGroup]) -> int:
-    """Parameters held by these groups (each row block counted for its own rows only; quantization
-    scales and zero points are not parameters)."""
-    return sum(math.prod(group.part_shape(spec)) for group in groups for spec in group.specs if spec.is_weight)
+    """Parameters held by these groups (each row block counted for its own rows only; a quantized
+    kernel counts its weights, not its stored bytes; scales and zero points are not parameters)."""
+    return sum(math.prod(spec.hf_shape if spec.quant_part else group.part_shape(spec))
+               for group in groups for spec in group.specs if spec.is_weight)
 
 
 def count_bytes(groups: list[ParamGroup], dtypes: Callable[[ParamSpec], Any]) -> int:
-    """Bytes of the arrays these groups hold, `dtypes(spec)` giving each one's dtype (int4: half a byte)."""
-    return sum(quant.array_bytes(group.part_shape(spec), dtypes(spec)) for group in groups for spec in group.specs)
+    """Bytes of the arrays these groups hold, `dtypes(spec)` giving each one's dtype."""
+    return sum(math.prod(group.part_shape(spec)) * np.dtype(dtypes(spec)).itemsize
+               for group in groups for spec in group.specs)
 
 
 # --------------------------------------------------------------------------- placement
@@ -443,7 +450,7 @@ def assemble_model(
             for spec in group.specs:
                 target = targets[group.key(spec)]
                 value = _placed(arrays.pop(group.key(spec)), target, reader, group, spec)
-                bar.update(quant.array_bytes(target.shape, target.dtype))
+                bar.update(math.prod(target.shape) * np.dtype(target.dtype).itemsize)
                 if group.layer is None and group.rows is None:
                     values[spec.path] = value
                     continue
@@ -553,7 +560,7 @@ class OrbaxWriter:
                                  f"{list(expected[key])}")
         for spec in group.specs:
             dtype = np.dtype(arrays[group.key(spec)].dtype)
-            wanted = {"values": spec.scheme and spec.scheme.dtype, "scale": np.float32, "zero": np.float32}
+            wanted = {"values": np.int8, "scale": np.float32, "zero": np.float32}
             if spec.quant_part is not None and dtype != np.dtype(wanted[spec.quant_part]):
                 raise ValueError(f"{group.name}: {'.'.join(group.key(spec))} is {dtype}, the quantization stores "
                                  f"{np.dtype(wanted[spec.quant_part])}")
@@ -562,7 +569,7 @@ class OrbaxWriter:
             self._checkpointer.save(group_dir(self.directory, group), args=ocp.args.StandardSave(nest(arrays)))
         except ValueError as e:  # how tensorstore (under Orbax) reports I/O failures
             raise write_error(self.directory, e) from None
-        nbytes = sum(quant.array_bytes(a.shape, a.dtype) for a in arrays.values())
+        nbytes = sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in arrays.values())
         self.written.append(group.name)
         self.bytes_written += nbytes
         # The checkpoint's dtype is that of its float parameters (quantized parts have their own).

@@ -99,7 +99,7 @@ def plan_memory(
     for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         axes = variable.get_metadata()["logical_axes"]
         elements = _shard_elements(variable.shape, axes, mesh, rules)
-        params += quant.array_bytes((elements,), variable.dtype)
+        params += elements * jnp.dtype(variable.dtype).itemsize
         if not (isinstance(variable, quant.QuantizedKernel) or path[-1] in ("kernel_scale", "kernel_zero")):
             trained_elements += elements
     o_bytes = jnp.dtype(optimizer_dtype).itemsize
@@ -117,6 +117,6 @@ def measured_bytes_per_device(tree) -> dict[jax.Device, int]:
     out: dict[jax.Device, int] = {}
     for leaf in jax.tree.leaves(tree):
         if isinstance(leaf, jax.Array):
-            for shard in leaf.addressable_shards:  # int4 is stored two per byte (`nbytes` counts one)
-                out[shard.device] = out.get(shard.device, 0) + quant.array_bytes(shard.data.shape, shard.data.dtype)
+            for shard in leaf.addressable_shards:
+                out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
     return out

@@ -104,8 +104,8 @@ class Linear(nnx.Module):
         self.dtype = dtype
         # Optional low-rank adapter (`qwen_jax.train.lora`): a module mapping x to a delta of y.
         self.lora = None
-        # Weight-only quantization (`qwen_jax.quant`): the kernel then holds integers, out-major,
-        # with `kernel_scale` (and `kernel_zero`) beside it.
+        # Weight-only quantization (`qwen_jax.quant`): the kernel then holds integers, out-major and
+        # split into groups, with `kernel_scale` (and `kernel_zero`) beside it.
         self.quantization = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -127,15 +127,14 @@ class Linear(nnx.Module):
         return y
 
     def _quantized_product(self, x: jax.Array) -> jax.Array:
-        """The projection with a quantized kernel, as `[rows, in] x [out, in]` (see `qwen_jax.quant`)."""
-        values = self.kernel[...]  # out-major [*out, *in]
-        out_shape = values.shape[: values.ndim - self.contracted]
+        """The projection with a quantized kernel `[*out, groups, group']` (see `qwen_jax.quant`)."""
+        stored = self.kernel[...]
+        out_shape = stored.shape[:-2]
         rows = x.shape[: x.ndim - self.contracted]
         out = math.prod(out_shape)
-        scale = self.kernel_scale[...].reshape(out, -1)  # [out, groups]; one group per channel without groups
         zero = None if self.kernel_zero is None else self.kernel_zero[...].reshape(out, -1)
-        y = quant.matmul(x.reshape(math.prod(rows), -1), values.reshape(out, -1), scale, zero, self.quantization,
-                         self.dtype)
+        y = quant.matmul(x.reshape(math.prod(rows), -1), stored.reshape(out, *stored.shape[-2:]),
+                         self.kernel_scale[...].reshape(out, -1), zero, self.quantization, self.dtype)
         return y.reshape(*rows, *out_shape)
 
 

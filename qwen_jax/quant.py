@@ -1,21 +1,27 @@
 """Weight-only quantization of the decoder projections: int8 per output channel, int4 in groups.
 
-A quantized `Linear` keeps its parameter name `kernel`, now holding integer values, plus a float32
-`kernel_scale` (and, for asymmetric imports such as AWQ, a `kernel_zero`)::
+A quantized `Linear` keeps its parameter name `kernel`, now holding integers, plus a float32
+`kernel_scale` (and, for asymmetric imports such as GPTQ-asym and AWQ, a `kernel_zero`)::
 
-    W[o, i] = kernel_scale[o, g(i)] * (kernel[o, i] - kernel_zero[o, g(i)])
+    W[o, i] = kernel_scale[o, g] * (q[o, i] - kernel_zero[o, g]),   g = i // group_size
 
-The kernel is stored **out-major** (`[*out, *in]`, the transpose of the float einsum layout, and
-the layout of HF's own `[out_features, in_features]`), with every dimension keeping its logical
-axis name, so the sharding rules place it exactly as they place the float kernel. Groups run
-along the flattened input (`g(i) = i // group_size`, as in GPTQ and AWQ); without groups there is
-one scale per output channel. int4 values use `jnp.int4`, which XLA stores two per byte.
+Storage is **out-major and split into groups**: `kernel[*out, groups, group]` (`[*out, 1, in]`
+per output channel), the transpose of the float einsum layout and, flattened, HF's own
+`[out_features, in_features]`. Groups run along the flattened input, as in GPTQ and AWQ. Every
+dimension keeps a logical axis name (the output axes', and the leading input axis' on the
+group axis, or on the input axis per channel), so the sharding rules place a quantized kernel the
+way they place the float one, each shard holding whole groups when the groups divide. int4
+values are packed two per int8 byte: in each group the low nibble holds input k and the high
+nibble input k + group/2 (signed, [-8, 7]). `jnp.int4` arrays would pack too, but XLA:CPU gives
+them a layout that ahead-of-time compiled executables reject, and converting them was slower.
 
-How the product runs depends on the backend (`matmul`):
-- CPU, few rows (decode): an elementwise multiply-and-reduce over the out-major rows. XLA fuses
-  the int -> float conversion into the reduction, so each weight is read once as one (or half a)
-  byte. The obvious `x @ dequantized(w)` converts the whole matrix to float first and ran ~5x
-  slower than float32 on our 2-core box.
+How the product runs depends on the backend (`matmul`), as measured on our 2-core CPU box
+(benchmarks/quantized.py):
+- CPU, few rows (decode): an elementwise multiply-and-reduce over each group's row. XLA fuses
+  the int -> float conversion (and the nibble unpacking) into one reduction, so each weight is
+  read once as one (or half a) byte: int8 runs at float32's speed. `x @ dequantized(w)` converts
+  the whole matrix to float first and ran ~5x slower than float32; a group split made in the
+  graph instead of stored ran ~6x slower.
 - CPU with many rows (prefill, training) and GPU/TPU: dequantize, then one matmul. The conversion
   is amortised over the rows on CPU; GPU and TPU compilers fuse it into the matmul.
 The product is wrapped in `jax.checkpoint`, so a backward pass (QLoRA) recomputes the dequantized
@@ -36,7 +42,6 @@ import numpy as np
 from flax import nnx
 
 # Above this many rows the CPU path dequantizes and runs one matmul (see the module docstring).
-# Measured on the 2-core CPU box (benchmarks/quantized.py): the reduction wins up to batch 8.
 CPU_REDUCTION_MAX_ROWS = 16
 DEFAULT_GROUP_SIZE = 128
 QUANTIZE_CHOICES = ("int8", "int4")
@@ -88,10 +93,6 @@ class QuantScheme:
         return name + ("-asym" if self.zero_point else "")
 
     @property
-    def dtype(self) -> jnp.dtype:
-        return jnp.dtype(jnp.int8 if self.bits == 8 else jnp.int4)
-
-    @property
     def qmin(self) -> int:
         return -(2 ** (self.bits - 1))
 
@@ -99,14 +100,24 @@ class QuantScheme:
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1
 
+    @property
+    def packed(self) -> bool:
+        """int4: two values per stored int8."""
+        return self.bits == 4
+
     def groups(self, in_features: int, what: str = "kernel") -> int:
         """Scales per output channel for `in_features` inputs; the group size must divide them."""
-        if self.group_size is None:
-            return 1
-        if in_features % self.group_size:
+        group = self.group_size or in_features
+        if in_features % group or (self.packed and group % 2):
             raise QuantizationError(f"{what}: {in_features} inputs are not a multiple of the quantization group "
-                                    f"size {self.group_size}; choose a group size that divides it (e.g. int4-g32)")
-        return in_features // self.group_size
+                                    f"size {group}{' (an even number for int4)' if self.packed else ''}; choose a "
+                                    "group size that divides it (e.g. int4-g32)")
+        return in_features // group
+
+    def stored_shape(self, in_features: int) -> tuple[int, int]:
+        """(groups, stored values per group) of one output channel's `in_features` inputs."""
+        groups = self.groups(in_features)
+        return groups, in_features // groups // (2 if self.packed else 1)
 
     def to_json(self) -> dict[str, Any]:
         return {"bits": self.bits, "group_size": self.group_size, "zero_point": self.zero_point}
@@ -118,23 +129,20 @@ class QuantScheme:
         except (KeyError, TypeError, ValueError) as e:
             raise QuantizationError(f"unreadable quantization record {data!r} ({e})") from None
 
-    def bits_per_weight(self, scale_bytes: int = 4) -> float:
-        """Stored bits per weight including scales (and zeros), for memory planning."""
-        per_group = scale_bytes * 8 * (2 if self.zero_point else 1)
-        return self.bits + (per_group / self.group_size if self.group_size else 0.0)
-
 
 class QuantizedKernel(nnx.Param):
-    """Integer values of a quantized kernel (out-major; see the module docstring). Never trained."""
+    """Stored integer values of a quantized kernel (see the module docstring). Never trained."""
 
 
 # --------------------------------------------------------------------------- arrays
-def quantize_matrix(w: jax.Array, scheme: QuantScheme) -> tuple[jax.Array, jax.Array]:
-    """Symmetric absmax quantization of `w[..., out, in]` (float) along `in`.
+# These work on numpy and jax arrays alike. `values` are signed integers, one per weight
+# (int8; 4-bit ones in [-8, 7]); `stored` is what a kernel holds (int4 packed).
+def quantize_matrix(w, scheme: QuantScheme):
+    """Symmetric absmax quantization of float `w[..., out, in]` along `in`.
 
-    Returns (values `[..., out, in]` in `scheme.dtype`, float32 scales `[..., out]` or
-    `[..., out, groups]`). Each scale is max|w| / qmax over its channel or group, so the error of
-    every weight is at most half a step; an all-zero group gets scale 0.
+    Returns (int8 values `[..., out, in]`, float32 scales `[..., out, groups]`). Each scale is
+    max|w| / qmax over its channel or group, so every weight is within half a step of its
+    dequantized value; an all-zero group gets scale 0.
     """
     if scheme.zero_point:
         raise QuantizationError("qwen-jax quantizes symmetrically; zero points come only from imported checkpoints")
@@ -145,28 +153,50 @@ def quantize_matrix(w: jax.Array, scheme: QuantScheme) -> tuple[jax.Array, jax.A
     scale = jnp.max(jnp.abs(grouped), axis=-1) / scheme.qmax
     safe = jnp.where(scale == 0, 1.0, scale)
     q = jnp.clip(jnp.round(grouped / safe[..., None]), -scheme.qmax, scheme.qmax)
-    values = q.astype(jnp.int8).astype(scheme.dtype).reshape(*lead, out, inputs)
-    return values, (scale if scheme.group_size else scale[..., 0])
+    return q.astype(jnp.int8).reshape(*lead, out, inputs), scale
 
 
-def dequantize_matrix(values: jax.Array, scale: jax.Array, zero: jax.Array | None, scheme: QuantScheme,
-                      dtype=jnp.float32) -> jax.Array:
-    """The float matrix `[..., out, in]` that quantized `values` stand for."""
+def dequantize_matrix(values, scale, zero, scheme: QuantScheme, dtype=jnp.float32):
+    """The float matrix `[..., out, in]` that int8 `values` stand for (scale, zero: `[..., out, groups]`)."""
     q = jnp.asarray(values).astype(jnp.float32)
     *lead, out, inputs = q.shape
-    groups = scheme.groups(inputs)
-    scale = jnp.asarray(scale, jnp.float32).reshape(*lead, out, groups, 1)
+    groups = scale.shape[-1]
     q = q.reshape(*lead, out, groups, inputs // groups)
     if zero is not None:
-        q = q - jnp.asarray(zero, jnp.float32).reshape(*lead, out, groups, 1)
-    return (q * scale).reshape(*lead, out, inputs).astype(dtype)
+        q = q - jnp.asarray(zero, jnp.float32)[..., None]
+    return (q * jnp.asarray(scale, jnp.float32)[..., None]).reshape(*lead, out, inputs).astype(dtype)
 
 
-def matmul(x: jax.Array, values: jax.Array, scale: jax.Array, zero: jax.Array | None, scheme: QuantScheme,
+def pack(values, scheme: QuantScheme):
+    """int8 values `[..., out, in]` -> stored `[..., out, groups, group (or group/2 for int4)]`."""
+    *lead, out, inputs = values.shape
+    groups, stored = scheme.stored_shape(inputs)
+    grouped = values.reshape(*lead, out, groups, inputs // groups)
+    if not scheme.packed:
+        return grouped
+    low, high = grouped[..., :stored], grouped[..., stored:]
+    return (low & 15) | (high << 4)  # int8 arithmetic: the high nibble wraps into the sign bit
+
+
+def unpack(stored, scheme: QuantScheme):
+    """Stored `[..., out, groups, group']` -> int8 values `[..., out, in]` (the inverse of `pack`)."""
+    *lead, out, groups, _ = stored.shape
+    if scheme.packed:
+        low, high = _nibbles(stored)
+        stored = (jnp if isinstance(stored, jax.Array) else np).concatenate([low, high], axis=-1)
+    return stored.reshape(*lead, out, -1)
+
+
+def _nibbles(stored):
+    """(low, high) signed nibbles of packed int8 values (arithmetic shifts keep the sign)."""
+    return (stored << 4) >> 4, stored >> 4
+
+
+def matmul(x: jax.Array, stored: jax.Array, scale: jax.Array, zero: jax.Array | None, scheme: QuantScheme,
            dtype) -> jax.Array:
-    """`x[rows, in] @ W.T` for quantized `W[out, in]`; returns `[rows, out]` in `dtype`.
+    """`x[rows, in] @ W.T` for a quantized `W` stored `[out, groups, group']`; returns `[rows, out]` in `dtype`.
 
-    scale (and zero): `[out, groups]`, one group per channel for a scheme without groups.
+    scale (and zero): `[out, groups]`.
     """
     dtype = jnp.dtype(dtype)
     dot = functools.partial(_dequantize_dot, scheme=scheme, dtype=dtype)
@@ -176,39 +206,33 @@ def matmul(x: jax.Array, values: jax.Array, scale: jax.Array, zero: jax.Array | 
         reduce = functools.partial(_reduce_rows, scheme=scheme, dtype=dtype)
         fn = lambda *args: jax.lax.platform_dependent(*args, cpu=reduce, default=dot)  # noqa: E731
     # Recompute the dequantized weight in a backward pass instead of saving it (QLoRA memory).
-    return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)(x, values, scale, zero)
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)(x, stored, scale, zero)
 
 
-def _dequantize_dot(x, values, scale, zero, *, scheme, dtype):
-    w = dequantize_matrix(values, scale, zero, scheme, dtype)
+def _dequantize_dot(x, stored, scale, zero, *, scheme, dtype):
+    w = dequantize_matrix(unpack(stored, scheme), scale, zero, scheme, dtype)
     return jax.lax.dot_general(x.astype(dtype), w, (((1,), (1,)), ((), ())))
 
 
-def _reduce_rows(x, values, scale, zero, *, scheme, dtype):
-    """Multiply-and-reduce along the out-major rows, in float32 (CPU decode; see the module docstring).
+def _reduce_rows(x, stored, scale, zero, *, scheme, dtype):
+    """Multiply-and-reduce along each group's stored row, in float32 (CPU decode; see the module docstring).
 
     One row is computed from a 1-D x: with a unit batch dimension XLA:CPU picked a reduction
     order that ran 40x slower. Several rows put the batch after the output channel, so each
     weight row is converted once and reused for every x row.
     """
-    x = x.astype(jnp.float32)
-    q = values.astype(jnp.float32)
-    rows, (out, inputs) = x.shape[0], values.shape
-    groups = scale.shape[-1]
-    if scheme.group_size is None:
-        if rows == 1:
-            acc = jnp.sum(q * x[0], axis=-1)[None]
-        else:
-            acc = jnp.sum(q[:, None, :] * x[None], axis=-1).T
-        if zero is not None:
-            acc = acc - jnp.sum(x, axis=-1, keepdims=True) * zero[:, 0]
-        return (acc * scale[:, 0]).astype(dtype)
-    qg = q.reshape(out, groups, inputs // groups)
-    xg = x.reshape(rows, groups, inputs // groups)
-    if rows == 1:
-        partial = jnp.sum(qg * xg[0], axis=-1)[None]  # [1, out, groups]
+    rows = x.shape[0]
+    out, groups, width = stored.shape
+    xg = x.astype(jnp.float32).reshape(rows, groups, -1)
+    if scheme.packed:  # low nibbles meet the first half of each group's inputs, high nibbles the second
+        terms = [(part.astype(jnp.float32), xg[..., k * width:(k + 1) * width]) for k, part in enumerate(_nibbles(stored))]
     else:
-        partial = jnp.transpose(jnp.sum(qg[:, None] * xg[None], axis=-1), (1, 0, 2))
+        terms = [(stored.astype(jnp.float32), xg)]
+    if rows == 1:
+        partial = sum(jnp.sum(q * xs[0], axis=-1) for q, xs in terms)[None]  # [1, out, groups]
+    else:
+        partial = sum(jnp.sum(q[:, None] * xs[None], axis=-1) for q, xs in terms)  # [out, rows, groups]
+        partial = jnp.transpose(partial, (1, 0, 2))
     if zero is not None:
         partial = partial - jnp.sum(xg, axis=-1)[:, None, :] * zero
     return jnp.sum(partial * scale, axis=-1).astype(dtype)
@@ -218,9 +242,8 @@ def _reduce_rows(x, values, scale, zero, *, scheme, dtype):
 class QuantizedMatrix:
     """One projection's quantized weight in HF orientation `[out, in]` (how readers hand it over).
 
-    W[o, i] = scale[o, g] * (values[o, i] - zero[o, g]), g = i // (in / groups); values are signed
-    (int8, or ml_dtypes.int4 for 4 bits), scale and zero float32 `[out, groups]`, zero None when
-    symmetric.
+    W[o, i] = scale[o, g] * (values[o, i] - zero[o, g]), g = i // (in / groups); int8 values (4-bit
+    ones in [-8, 7]), float32 scale and zero `[out, groups]`, zero None when symmetric.
     """
 
     values: np.ndarray
@@ -233,37 +256,27 @@ class QuantizedMatrix:
         return tuple(self.values.shape)
 
     def dequantize(self) -> np.ndarray:
-        """The float32 matrix `[out, in]`."""
-        zero = None if self.zero is None else self.zero
-        return np.asarray(_dequantize_on_cpu(self.values, self.scale, zero, self.scheme))
+        """The float32 matrix `[out, in]` (computed by XLA on the CPU)."""
+        cpu = jax.devices("cpu")[0]
+        arrays = [None if a is None else jax.device_put(a, cpu) for a in (self.values, self.scale, self.zero)]
+        return np.asarray(_dequantize_jit(*arrays, self.scheme))
 
 
 def quantize_host(matrix: np.ndarray, scheme: QuantScheme, what: str = "kernel") -> QuantizedMatrix:
     """Quantize a float matrix `[out, in]` on the host (XLA on the CPU: fused and multi-threaded)."""
     scheme.groups(matrix.shape[1], what)
-    values, scale = _quantize_on_cpu(np.asarray(matrix), scheme)
-    scale = np.asarray(scale).reshape(matrix.shape[0], -1)
-    return QuantizedMatrix(np.asarray(values), scale, None, scheme)
+    values, scale = _quantize_jit(jax.device_put(np.asarray(matrix), jax.devices("cpu")[0]), scheme)
+    return QuantizedMatrix(np.asarray(values), np.asarray(scale), None, scheme)
 
 
 _quantize_jit = jax.jit(quantize_matrix, static_argnums=1)
-_dequantize_jit = jax.jit(dequantize_matrix, static_argnums=(3, 4))
-
-
-def _quantize_on_cpu(matrix, scheme):
-    return _quantize_jit(jax.device_put(matrix, jax.devices("cpu")[0]), scheme)
-
-
-def _dequantize_on_cpu(values, scale, zero, scheme):
-    cpu = jax.devices("cpu")[0]
-    zero = None if zero is None else jax.device_put(zero, cpu)
-    return _dequantize_jit(jax.device_put(values, cpu), jax.device_put(scale, cpu), zero, scheme, jnp.float32)
+_dequantize_jit = jax.jit(dequantize_matrix, static_argnums=3)
 
 
 # --------------------------------------------------------------------------- modules
 @dataclasses.dataclass(frozen=True)
 class KernelLayout:
-    """Shapes and logical axes of a `Linear` kernel, split into the parts quantization needs."""
+    """A `Linear` kernel's float (einsum-layout) shape and axis names, split into the parts quantization needs."""
 
     layers: tuple[int, ...]  # (L,) for a layer-stacked kernel, else ()
     in_shape: tuple[int, ...]
@@ -279,68 +292,69 @@ class KernelLayout:
     def out_features(self) -> int:
         return math.prod(self.out_shape)
 
-    def values_shape(self) -> tuple[int, ...]:
-        return (*self.layers, *self.out_shape, *self.in_shape)
+    @property
+    def layer_axes(self) -> tuple[str, ...]:
+        return ("layers",) if self.layers else ()
 
-    def values_axes(self) -> tuple[str | None, ...]:
-        return (*(("layers",) if self.layers else ()), *self.out_axes, *self.in_axes)
+    def values_shape(self, scheme: QuantScheme) -> tuple[int, ...]:
+        return (*self.layers, *self.out_shape, *scheme.stored_shape(self.in_features))
+
+    def values_axes(self, scheme: QuantScheme) -> tuple[str | None, ...]:
+        # The input's leading axis name goes to the group axis (whole groups per shard), or, per
+        # output channel, to the input axis itself.
+        groups, _ = scheme.stored_shape(self.in_features)
+        inputs = (self.in_axes[0], None) if groups > 1 else (None, self.in_axes[0])
+        return (*self.layer_axes, *self.out_axes, *inputs)
 
     def scale_shape(self, scheme: QuantScheme) -> tuple[int, ...]:
-        groups = (scheme.groups(self.in_features),) if scheme.group_size else ()
-        return (*self.layers, *self.out_shape, *groups)
+        return (*self.layers, *self.out_shape, scheme.groups(self.in_features))
 
     def scale_axes(self, scheme: QuantScheme) -> tuple[str | None, ...]:
-        # The group axis takes the name of the leading input axis: it then shards exactly like the
-        # values' input axis whenever the groups divide (each shard holds whole groups).
-        groups = (self.in_axes[0],) if scheme.group_size else ()
-        return (*(("layers",) if self.layers else ()), *self.out_axes, *groups)
+        return self.values_axes(scheme)[:-1]
+
+    def float_axes(self) -> tuple[str | None, ...]:
+        return (*self.layer_axes, *self.in_axes, *self.out_axes)
 
 
 def kernel_layout(linear) -> KernelLayout:
-    """The layout of a `Linear`'s kernel (float or quantized)."""
+    """The float layout of a `Linear`'s kernel (recorded when the kernel was quantized)."""
+    if linear.quantization is not None:
+        return linear.kernel_layout
     kernel = linear.kernel
     axes = tuple(kernel.get_metadata()["logical_axes"])
-    stacked = axes[0] == "layers"
-    lead = 1 if stacked else 0
-    shape = tuple(kernel.shape)
-    n_in = linear.contracted
-    if linear.quantization is None:  # einsum layout [*in, *out]
-        in_shape, out_shape = shape[lead:lead + n_in], shape[lead + n_in:]
-        in_axes, out_axes = axes[lead:lead + n_in], axes[lead + n_in:]
-    else:  # out-major [*out, *in]
-        split = len(shape) - n_in
-        in_shape, out_shape = shape[split:], shape[lead:split]
-        in_axes, out_axes = axes[split:], axes[lead:split]
-    return KernelLayout(shape[:lead], in_shape, out_shape, in_axes, out_axes)
+    lead = 1 if axes[0] == "layers" else 0
+    shape, n_in = tuple(kernel.shape), linear.contracted
+    return KernelLayout(shape[:lead], shape[lead:lead + n_in], shape[lead + n_in:], axes[lead:lead + n_in],
+                        axes[lead + n_in:])
 
 
-def to_out_major(kernel: jax.Array, layout: KernelLayout) -> jax.Array:
+def to_out_major(kernel, layout: KernelLayout):
     """A float einsum-layout kernel `[L?, *in, *out]` as the matrix `[L?, out, in]`."""
     lead = len(layout.layers)
     matrix = kernel.reshape(*layout.layers, layout.in_features, layout.out_features)
     return jnp.swapaxes(matrix, lead, lead + 1)
 
 
-def from_out_major(matrix: jax.Array, layout: KernelLayout) -> jax.Array:
+def from_out_major(matrix, layout: KernelLayout):
     """The inverse of `to_out_major`: `[L?, out, in]` -> einsum layout `[L?, *in, *out]`."""
     lead = len(layout.layers)
     return jnp.swapaxes(matrix, lead, lead + 1).reshape(*layout.layers, *layout.in_shape, *layout.out_shape)
 
 
-def set_quantized(linear, scheme: QuantScheme, values, scale, zero=None) -> None:
-    """Make `linear` quantized with these arrays (out-major values; shapes from its current kernel)."""
+def set_quantized(linear, scheme: QuantScheme, stored, scale, zero=None) -> None:
+    """Make float `linear` quantized with these arrays (`stored`: `KernelLayout.values_shape`)."""
     layout = kernel_layout(linear)
-    expected = {"values": layout.values_shape(), "scale": layout.scale_shape(scheme)}
-    if zero is not None:
-        expected["zero"] = expected["scale"]
-    for name, array in (("values", values), ("scale", scale), ("zero", zero)):
-        if name in expected and tuple(array.shape) != expected[name]:
+    expected = {"values": layout.values_shape(scheme), "scale": layout.scale_shape(scheme)}
+    expected["zero"] = expected["scale"]
+    for name, array in (("values", stored), ("scale", scale), ("zero", zero)):
+        if array is not None and tuple(array.shape) != expected[name]:
             raise QuantizationError(f"quantized {name} shape {tuple(array.shape)} != expected {expected[name]}")
     if (zero is not None) != scheme.zero_point:
         raise QuantizationError(f"scheme {scheme.name} and the zero points given disagree")
-    linear.kernel = QuantizedKernel(values, logical_axes=layout.values_axes())
+    linear.kernel = QuantizedKernel(stored, logical_axes=layout.values_axes(scheme))
     linear.kernel_scale = nnx.Param(scale, logical_axes=layout.scale_axes(scheme))
     linear.kernel_zero = None if zero is None else nnx.Param(zero, logical_axes=layout.scale_axes(scheme))
+    linear.kernel_layout = layout
     linear.quantization = scheme
 
 
@@ -351,45 +365,49 @@ def quantize_linear(linear, scheme: QuantScheme) -> None:
     layout = kernel_layout(linear)
     scheme.groups(layout.in_features, f"{linear.equation} kernel")
     sharding = getattr(linear.kernel.get_value(), "sharding", None)
-    values, scale = _quantize_kernel(linear.kernel.get_value(), layout, scheme)
-    set_quantized(linear, scheme, values, scale)
+    stored, scale = _quantize_kernel(linear.kernel.get_value(), layout, scheme)
+    set_quantized(linear, scheme, stored, scale)
     if isinstance(sharding, jax.sharding.NamedSharding):
-        _reshard(linear, sharding.mesh)
+        _reshard((linear.kernel, linear.kernel_scale), sharding.mesh)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _quantize_kernel(kernel, layout: KernelLayout, scheme: QuantScheme):
     values, scale = quantize_matrix(to_out_major(kernel, layout), scheme)
-    return values.reshape(layout.values_shape()), scale.reshape(layout.scale_shape(scheme))
+    return pack(values, scheme).reshape(layout.values_shape(scheme)), scale.reshape(layout.scale_shape(scheme))
 
 
-def _reshard(linear, mesh) -> None:
+def _reshard(variables, mesh) -> None:
     from qwen_jax.sharding import named_sharding
 
-    for variable in (linear.kernel, linear.kernel_scale):
+    for variable in variables:
         axes = variable.get_metadata()["logical_axes"]
         variable.set_value(jax.device_put(variable.get_value(), named_sharding(axes, variable.shape, mesh)))
 
 
 def dequantize_linear(linear, dtype) -> None:
     """Turn a quantized `Linear` back into a float one (einsum layout) in place."""
-    if linear.quantization is None:
+    scheme = linear.quantization
+    if scheme is None:
         return
     layout = kernel_layout(linear)
     zero = None if linear.kernel_zero is None else linear.kernel_zero.get_value()
-    matrix = dequantize_matrix(linear.kernel.get_value(), linear.kernel_scale.get_value(), zero,
-                               linear.quantization, dtype)
     sharding = getattr(linear.kernel.get_value(), "sharding", None)
-    kernel = from_out_major(matrix.reshape(*layout.layers, layout.out_features, layout.in_features), layout)
-    axes = (*(("layers",) if layout.layers else ()), *layout.in_axes, *layout.out_axes)
-    linear.kernel = nnx.Param(kernel, logical_axes=axes)
-    linear.kernel_scale = None
-    linear.kernel_zero = None
+    kernel = _dequantize_kernel(linear.kernel.get_value(), linear.kernel_scale.get_value(), zero, layout, scheme,
+                                jnp.dtype(dtype))
+    linear.kernel = nnx.Param(kernel, logical_axes=layout.float_axes())
+    linear.kernel_scale = linear.kernel_zero = linear.kernel_layout = None
     linear.quantization = None
     if isinstance(sharding, jax.sharding.NamedSharding):
-        from qwen_jax.sharding import named_sharding
+        _reshard((linear.kernel,), sharding.mesh)
 
-        linear.kernel.set_value(jax.device_put(kernel, named_sharding(axes, kernel.shape, sharding.mesh)))
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _dequantize_kernel(stored, scale, zero, layout: KernelLayout, scheme: QuantScheme, dtype):
+    rows = (*layout.layers, layout.out_features, -1)
+    values = unpack(stored.reshape(*layout.layers, layout.out_features, *stored.shape[-2:]), scheme)
+    zero = None if zero is None else zero.reshape(rows)
+    return from_out_major(dequantize_matrix(values, scale.reshape(rows), zero, scheme, dtype), layout)
 
 
 def decoder_linears(model) -> Iterator[tuple[tuple, Any]]:
@@ -414,6 +432,17 @@ def quantize_model(model, quantize: "str | QuantScheme"):
     return model
 
 
+def dequantize_model(model, dtype=None):
+    """Turn every quantized decoder projection of `model` back into a float kernel (in place) and return it.
+
+    dtype: of the float kernels (default: the model's parameter dtype).
+    """
+    for _, linear in decoder_linears(model):
+        dequantize_linear(linear, dtype or model.param_dtype)
+    model.quantization = None
+    return model
+
+
 def with_quantized_structure(model, scheme: QuantScheme | None):
     """`model` with every decoder kernel replaced by a zero-filled quantized one of `scheme` (in place).
 
@@ -425,27 +454,12 @@ def with_quantized_structure(model, scheme: QuantScheme | None):
         layout = kernel_layout(linear)
         scheme.groups(layout.in_features, ".".join(map(str, path)))
         scale = jnp.zeros(layout.scale_shape(scheme), jnp.float32)
-        set_quantized(linear, scheme, jnp.zeros(layout.values_shape(), scheme.dtype), scale,
+        set_quantized(linear, scheme, jnp.zeros(layout.values_shape(scheme), jnp.int8), scale,
                       jnp.zeros_like(scale) if scheme.zero_point else None)
     model.quantization = scheme
     return model
 
 
 def model_quantization(model) -> QuantScheme | None:
+    """The quantization of a model's decoder projections (None: float)."""
     return getattr(model, "quantization", None)
-
-
-# --------------------------------------------------------------------------- accounting
-def stored_bits(dtype) -> int:
-    """Bits one element of `dtype` occupies on a device (int4 is packed two per byte)."""
-    dtype = jnp.dtype(dtype)
-    return 4 if dtype in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4)) else dtype.itemsize * 8
-
-
-def array_bytes(shape, dtype) -> int:
-    return (math.prod(shape) * stored_bits(dtype) + 7) // 8
-
-
-def host_array(values: jax.Array) -> np.ndarray:
-    """A device array on the host (int4 as ml_dtypes.int4)."""
-    return np.asarray(jax.device_get(values))

@@ -34,7 +34,6 @@ import json
 import os
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from qwen_jax.quant import QuantizedMatrix, QuantScheme
@@ -143,9 +142,9 @@ def unpack_along_cols(packed: np.ndarray, bits: int, what: str = "tensor") -> np
 
 
 def _signed(values: np.ndarray, bits: int) -> np.ndarray:
-    """Unsigned codes [0, 2**bits) -> signed values (minus 2**(bits-1)) in our storage dtype."""
+    """Unsigned codes [0, 2**bits) -> signed int8 values (minus 2**(bits-1))."""
     signed = values.astype(np.int16) - 2 ** (bits - 1)
-    return signed.astype(np.int8) if bits == 8 else signed.astype(ml_dtypes.int4)
+    return signed.astype(np.int8)
 
 
 def _expect_shape(array: np.ndarray, shape: tuple[int, ...], what: str) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from qwen_jax.model import Linear, Qwen2ForCausalLM
-from qwen_jax.quant import decoder_linears, dequantize_linear, kernel_layout
+from qwen_jax.quant import dequantize_model, kernel_layout
 from qwen_jax.sharding import named_sharding
 
 # Target name -> path from the stacked decoder layer to the projection.
@@ -178,9 +178,7 @@ def merge_lora(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
     """
     adapted = [linear for _, linear in target_linears(model) if linear.lora is not None]
     if any(linear.quantization is not None for linear in adapted):
-        for _, linear in decoder_linears(model):  # every projection, so the model has one kind of kernel
-            dequantize_linear(linear, model.param_dtype)
-        model.quantization = None
+        dequantize_model(model)  # every projection, so the model has one kind of kernel
     for linear in adapted:
         kernel = linear.kernel[...]
         merged = kernel.astype(jnp.float32) + linear.lora.delta_kernel()

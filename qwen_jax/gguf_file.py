@@ -256,6 +256,52 @@ def build_bpe_tokenizer(tokens: list[str], merges: list[str], token_types: list[
     return tokenizer
 
 
+class GGUFReader:
+    """Reads a GGUF file group by group (see `qwen_jax.layout.CheckpointReader`).
+
+    Every tensor arrives dequantized to float32 (quantized on loading when asked); row blocks of
+    the embedding and lm_head dequantize only their own rows (GGUF quantizes each row on its own).
+    The config and every tensor's presence and shape are validated on opening.
+    """
+
+    row_block_elements = None
+    quantization = None
+    dtypes = {np.dtype(np.float32)}
+
+    def __init__(self, path: str | os.PathLike):
+        from qwen_jax.config import Qwen2Config
+        from qwen_jax.layout import param_specs
+
+        self.source = os.fspath(path)
+        self.file = GGUFCheckpoint(self.source)
+        self.config_json = self.file.config_json()
+        self.config = Qwen2Config.from_hf(self.config_json)
+        expected = set()
+        for spec in param_specs(self.config):
+            for name in spec.hf_names(self.config.num_hidden_layers):
+                expected.add(gguf_name(name))
+                if not self.file.has(name):
+                    raise CheckpointError(f"{self.source}: missing GGUF tensor {gguf_name(name)!r} ({name})")
+                if self.file.shape(name) != spec.hf_shape:
+                    raise CheckpointError(f"{self.source}: GGUF tensor {gguf_name(name)!r} has shape "
+                                          f"{list(self.file.shape(name))}, the metadata implies {list(spec.hf_shape)}")
+        for name in sorted(set(self.file.tensors) - expected):
+            if name == "output.weight" and self.config.tie_word_embeddings:
+                continue
+            if not name.endswith("rope_freqs.weight"):
+                raise CheckpointError(f"{self.source}: unexpected GGUF tensor {name!r} for a qwen2 model")
+
+    def read_group(self, group, targets) -> dict[tuple[str, ...], np.ndarray]:
+        if group.rows is not None:  # unstacked matrices keep the HF layout: slice the rows before dequantizing
+            (spec,) = group.specs
+            arrays = {group.key(spec): self.file.get(group.hf_name(spec), rows=group.rows)}
+        else:
+            arrays = group.read_hf_arrays(self.file.get)
+        if targets is None:
+            return arrays
+        return {key: np.asarray(array).astype(targets[key].dtype, copy=False) for key, array in arrays.items()}
+
+
 # --------------------------------------------------------------------------- the file format
 # GGUF v2/v3: magic, version u32, tensor count u64, metadata count u64, metadata (key, type, value),
 # tensor infos (name, dims innermost first, type, offset), padding to `general.alignment`, data.

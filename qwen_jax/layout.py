@@ -2,8 +2,10 @@
 
 One floor under all checkpoint formats:
 
-- `param_specs(config)`: every parameter of ours, its logical shape (per layer for stacked
-  parameters) and how it maps to HF tensor(s).
+- `param_specs(config, quantization)`: every parameter of ours, its logical shape (per layer for
+  stacked parameters) and how it maps to HF tensor(s). With a `quantization` (`qwen_jax.quant`),
+  each decoder kernel is three specs, its stored integers, scales (and zero points), which
+  readers fill from a `QuantizedMatrix` or by quantizing a float tensor (`ParamGroup.read_hf_arrays`).
 - `param_groups(config)`: the units checkpoints are read and written in. A group is one decoder
   layer (`model.layers.3`: that layer's slice of every stacked parameter), one small unstacked
   parameter (`model.norm`), or a block of rows of a large one (`model.embed_tokens.rows0`,
@@ -15,13 +17,15 @@ One floor under all checkpoint formats:
 - `OrbaxWriter`: the single writer of the qwen-jax Orbax layout (`qwen-jax convert`, the trainer's
   final model). Layout of such a directory::
 
-      qwen_jax_manifest.json     format, source, dtype, parameter count, row block size, groups
+      qwen_jax_manifest.json     format, source, dtype, parameter count, row block size, groups,
+                                 quantization (format version 2 when quantized)
       config.json                HF config (what `Qwen2Config.from_hf` reads)
       generation_config.json, tokenizer files
       params/<group>/            one standard Orbax PyTree checkpoint per parameter group
 
-Readers (`qwen_jax.hf.HFReader`, `qwen_jax.checkpoint.OrbaxReader`) sit above this module and
-`qwen_jax.load.load_model` picks one; nothing here imports them.
+Readers (`qwen_jax.hf.HFReader`, `qwen_jax.checkpoint.OrbaxReader`, `qwen_jax.quantized_hf.PrequantizedReader`
+for GPTQ/AWQ, `qwen_jax.gguf_file.GGUFReader`) sit above this module and `qwen_jax.load.load_model`
+picks one; nothing here imports them.
 """
 
 from __future__ import annotations

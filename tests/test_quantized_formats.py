@@ -292,3 +292,24 @@ def test_gguf_tokenizer_from_the_real_qwen_vocabulary(tmp_path):
     for text in ("Hello, world! 你好 👋\n\n  def fib(n):\treturn 42", "<|im_start|>user\nHi<|im_end|><tool_call>"):
         assert rebuilt.encode(text) == reference.encode(text)
         assert rebuilt.decode(rebuilt.encode(text)) == reference.decode(reference.encode(text))
+
+
+def test_hub_ids_reach_gguf_files_and_quantized_repos(tiny_gguf, tmp_path, monkeypatch):
+    """`org/repo/file.gguf` downloads that one file; a GPTQ repo id downloads its safetensors and configs."""
+    import huggingface_hub
+
+    directory, _ = tiny_gguf
+    torch_model = build_hf_model(seed=2, hidden_size=64, intermediate_size=128)
+    gptq = write_quantized_checkpoint(torch_model, tmp_path / "gptq", method="gptq", bits=8)
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, filename: calls.append((repo, filename)) or os.path.join(directory, "tiny.gguf"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, allow_patterns: calls.append((repo, tuple(allow_patterns))) or gptq)
+    model = load_model("Qwen/Qwen2.5-0.5B-Instruct-GGUF/qwen2.5-0.5b-instruct-q4_k_m.gguf", progress=False)
+    assert calls[-1] == ("Qwen/Qwen2.5-0.5B-Instruct-GGUF", "qwen2.5-0.5b-instruct-q4_k_m.gguf")
+    assert model.config.hidden_size == 256
+    model = load_model("Qwen/Qwen2.5-0.5B-Instruct-GPTQ-Int8", progress=False)
+    assert calls[-1][0] == "Qwen/Qwen2.5-0.5B-Instruct-GPTQ-Int8" and "quantize_config.json" in calls[-1][1]
+    assert quant.model_quantization(model) == QuantScheme(8, 32)
+    np.testing.assert_allclose(np.asarray(model(IDS)), _torch_logits(torch_model), atol=1e-4)

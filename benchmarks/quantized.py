@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -126,6 +125,15 @@ def fixed_prompts(vocab: int) -> tuple[list[list[int]], list[list[int]], np.ndar
     return one, many, accuracy
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def child(variant: str, checkpoint: str, out: str) -> None:
     """Measure one variant in this (fresh) process and write its results to `out` (.npz)."""
     import jax
@@ -164,8 +172,7 @@ def child(variant: str, checkpoint: str, out: str) -> None:
         first, batch = bench_ours(model, one, NEW_TOKENS), bench_ours(model, many, NEW_TOKENS)
         greedy = bench_ours(model, accuracy.tolist(), NEW_TOKENS)["tokens"]
         result["compile_s"] = first["compile"]
-    result.update(prefill=first["prefill"], decode_1=first["decode"], decode_n=batch["decode"],
-                  peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    result.update(prefill=first["prefill"], decode_1=first["decode"], decode_n=batch["decode"], peak_rss=peak_rss())
     np.savez(out, logits=logits, greedy=np.asarray(greedy), **{k: np.asarray(v) for k, v in result.items()})
 
 

@@ -13,7 +13,6 @@ import json
 import os
 from typing import Iterator
 
-import jax
 import numpy as np
 
 from qwen_jax.config import Qwen2Config

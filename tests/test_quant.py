@@ -7,7 +7,6 @@ model, quantization error is bounded by the thresholds stated (and justified) be
 
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ import torch
 from flax import nnx
 
 from conftest import build_hf_model, save_hf_checkpoint
-from qwen_jax import Qwen2Config, create_model, quant
+from qwen_jax import Qwen2Config, quant
 from qwen_jax.cli import main as cli_main
 from qwen_jax.generation import generate_ids
 from qwen_jax.load import load_model

@@ -84,10 +84,12 @@ def _losses(out) -> list[float]:
 
 def test_two_processes_train_like_one(tiny_model_dir, train_file, tmp_path, compilation_cache):
     """Full fine-tuning on fsdp=8: 2 x 4 devices give the losses of 1 x 8; only process 0 writes the
-    single-copy outputs; the final model loads; periodic checkpoints are written together."""
+    single-copy outputs; periodic checkpoints and OUT/model are written together; OUT/model loads
+    and --export-hf (written by process 0) loads in transformers with the same logits."""
     single = Trainer(_config(tiny_model_dir, train_file, tmp_path / "one", mesh="fsdp=8", **_RUN), log=lambda m: None)
     assert single.run() == 0
-    config = _config(tiny_model_dir, train_file, tmp_path / "two", mesh="fsdp=8", **_RUN)
+    export = tmp_path / "two_hf"
+    config = _config(tiny_model_dir, train_file, tmp_path / "two", mesh="fsdp=8", export_hf=str(export), **_RUN)
     results = _two_processes(config, compilation_cache)
     for i, (status, stderr) in enumerate(results):
         assert status == 0, f"process {i}:\n{stderr[-3000:]}"
@@ -95,14 +97,21 @@ def test_two_processes_train_like_one(tiny_model_dir, train_file, tmp_path, comp
     assert sorted(os.listdir(os.path.join(config.out, "checkpoints"))) == ["3", "6"]
     events = os.listdir(os.path.join(config.out, "tensorboard"))
     assert len(events) == 1, events  # one writer, process 0's
-    assert sorted(os.listdir(config.out)) == sorted(os.listdir(single.config.out))
+    assert sorted(os.listdir(config.out)) == sorted(os.listdir(single.config.out))  # nothing per process
     log_0, log_1 = results[0][1], results[1][1]
     assert "[process" not in log_0 and "[process 1] training all weights" in log_1
-    from qwen_jax.hf import load_model
+    from qwen_jax import load_model
 
     reloaded = load_model(os.path.join(config.out, "model"))
     ids = np.asarray([[3, 4, 5, 6, 7]])
-    np.testing.assert_allclose(np.asarray(reloaded(ids)), np.asarray(single.current_model()(ids)), atol=1e-5)
+    expected = np.asarray(single.current_model()(ids))
+    np.testing.assert_allclose(np.asarray(reloaded(ids)), expected, atol=1e-5)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(hf(torch.as_tensor(ids)).logits.numpy(), expected, atol=1e-4)
 
 
 def test_sigterm_to_one_process_then_resume_on_one(tiny_model_dir, train_file, tmp_path, compilation_cache):

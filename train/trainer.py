@@ -20,14 +20,16 @@ from a finished one (0). Restart with `--resume` to continue exactly where it st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
+import shutil
 import signal
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -573,27 +575,53 @@ class Trainer:
                 f"writing the final model failed ({_one_line(e)}); the training is safe in {out}/checkpoints/{step}. "
                 f"After fixing the cause, write the outputs from it with: qwen-jax train --config "
                 f"{out}/train_config.yaml --export-only") from None
-        plot = plot_loss_curve(self.metrics_path, os.path.join(self.config.out, "loss_curve.png"))
+        plot = self.primary and plot_loss_curve(self.metrics_path, os.path.join(self.config.out, "loss_curve.png"))
         if plot:
             self.log(f"loss curve: {plot}")
 
     def _write_model(self) -> None:
         from qwen_jax import layout
         from qwen_jax.convert.to_hf import orbax_to_hf
-        from qwen_jax.outdir import atomic_output_dir
 
         model = self.current_model()
         if self.lora:
             lora_lib.merge_lora(model)
         model_dir = os.path.abspath(os.path.join(self.config.out, "model"))
-        with atomic_output_dir(model_dir, force=True) as staging:
+        with self._model_staging_dir(model_dir) as staging:
             layout.save_model(model, staging, source="qwen-jax train",
                               side_files_from=self.config.tokenizer or self.config.model,
-                              progress=False if not self.config.progress else None)
+                              progress=False if not (self.config.progress and self.primary) else None)
         self.log(f"final model: {model_dir}")
         if self.config.export_hf:
-            orbax_to_hf(model_dir, self.config.export_hf, force=True, progress=False)
+            with multihost.all_or_none("exporting to HF safetensors"):
+                if self.primary:  # reads OUT/model from disk: no collectives, one writer
+                    orbax_to_hf(model_dir, self.config.export_hf, force=True, progress=False)
             self.log(f"HF export: {self.config.export_hf}")
+
+    @contextlib.contextmanager
+    def _model_staging_dir(self, model_dir: str) -> Iterator[str]:
+        """Where to write OUT/model so that it appears complete or not at all (`atomic_output_dir`).
+
+        In a multi-process run every process writes its own shards into one staging directory whose
+        name they all derive alike; the primary then moves it into place."""
+        from qwen_jax.outdir import atomic_output_dir
+
+        if jax.process_count() == 1:
+            with atomic_output_dir(model_dir, force=True) as staging:
+                yield staging
+            return
+        parent, name = os.path.split(model_dir)
+        shared = os.path.join(parent, f".{name}.partial-step{int(self.state['step'])}")
+        with multihost.all_or_none("preparing the model directory"):
+            if self.primary:
+                shutil.rmtree(shared, ignore_errors=True)
+                os.makedirs(shared)
+        yield shared  # an error on one process ends every process (see train/cli.py), leaving OUT/model as it was
+        with multihost.all_or_none("moving the model into place"):
+            if self.primary:
+                with atomic_output_dir(model_dir, force=True) as staging:
+                    os.rmdir(staging)
+                    os.replace(shared, staging)
 
 
 # --------------------------------------------------------------------------- outputs

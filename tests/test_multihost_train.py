@@ -83,17 +83,21 @@ def _losses(out) -> list[float]:
 
 
 def test_two_processes_train_like_one(tiny_model_dir, train_file, tmp_path, compilation_cache):
-    """Full fine-tuning on fsdp=8: 2 x 4 devices give the losses of 1 x 8; only process 0 writes the
+    """Full fine-tuning on fsdp=8: 2 x 4 devices give the losses (and eval loss) of 1 x 8; only process 0 writes the
     single-copy outputs; periodic checkpoints and OUT/model are written together; OUT/model loads
     and --export-hf (written by process 0) loads in transformers with the same logits."""
-    single = Trainer(_config(tiny_model_dir, train_file, tmp_path / "one", mesh="fsdp=8", **_RUN), log=lambda m: None)
+    run = dict(_RUN, mesh="fsdp=8", eval_data=train_file)
+    single = Trainer(_config(tiny_model_dir, train_file, tmp_path / "one", **run), log=lambda m: None)
     assert single.run() == 0
     export = tmp_path / "two_hf"
-    config = _config(tiny_model_dir, train_file, tmp_path / "two", mesh="fsdp=8", export_hf=str(export), **_RUN)
+    config = _config(tiny_model_dir, train_file, tmp_path / "two", export_hf=str(export), **run)
     results = _two_processes(config, compilation_cache)
     for i, (status, stderr) in enumerate(results):
         assert status == 0, f"process {i}:\n{stderr[-3000:]}"
     np.testing.assert_allclose(_losses(config.out), _losses(single.config.out), rtol=1e-5)
+    eval_losses = [m["eval_loss"] for m in _metrics(config.out) if "eval_loss" in m]
+    assert len(eval_losses) == 1
+    np.testing.assert_allclose(eval_losses, [_metrics(single.config.out)[-1]["eval_loss"]], rtol=1e-5)
     assert sorted(os.listdir(os.path.join(config.out, "checkpoints"))) == ["3", "6"]
     events = os.listdir(os.path.join(config.out, "tensorboard"))
     assert len(events) == 1, events  # one writer, process 0's

@@ -394,17 +394,22 @@ class Trainer:
                       accumulate: bool = True) -> dict[str, jax.Array]:
         """A global batch on the mesh. `build_rows(rows)` returns the given rows of the batch: each
         process builds only the rows its devices hold, and `jax.make_array_from_process_local_data`
-        joins them (every process builds every row when the batch axis is replicated)."""
-        accum = self.config.grad_accum if accumulate else 1
-        rows = self.config.batch_size // accum
-        shape = (accum, rows, self.config.seq_len)
-        sharding = self._batch_sharding(shape)
-        local = multihost.process_rows(sharding, shape, axis=1)
-        wanted = (np.arange(accum)[:, None] * rows + local[None, :]).reshape(-1)
+        joins them (every process builds every row when the batch axis is replicated).
+
+        accumulate: shaped `[grad_accum, rows / grad_accum, T]` for the train step, else `[rows, T]`."""
+        config = self.config
+        if accumulate:
+            accum, rows = config.grad_accum, config.batch_size // config.grad_accum
+            shape, row_axis = (accum, rows, config.seq_len), 1
+            sharding = self._batch_sharding(shape)
+        else:
+            accum, rows = 1, config.batch_size
+            shape, row_axis, sharding = (rows, config.seq_len), 0, self._eval_sharding
+        local = multihost.process_rows(sharding, shape, axis=row_axis)
+        wanted = (np.arange(accum)[:, None] * rows + local[None, :]).reshape(-1)  # rows within the whole batch
         arrays = batch_arrays(build_rows(wanted), accum)
         if not accumulate:
             arrays = {name: value[0] for name, value in arrays.items()}
-            sharding, shape = self._eval_sharding, shape[1:]
         return {name: multihost.global_array(sharding, shape, value) for name, value in arrays.items()}
 
     # ---------------------------------------------------------------- checkpoints

@@ -286,3 +286,45 @@ def test_batches_built_from_row_subsets_equal_whole_batches(tiny_model_dir, trai
     stats = data_lib.DatasetStats()
     fitted = data_lib.fit_to_length(examples, 4, stats)
     assert (short.truncated, short.dropped, len(short.kept)) == (stats.truncated, stats.dropped, len(fitted))
+
+
+# --------------------------------------------------------------------------- launch settings
+def test_launch_settings_are_checked_and_clusters_detected(monkeypatch, tmp_path, capsys):
+    from qwen_jax.train import multihost
+
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+                 "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(multihost.LaunchError, match="needs all of --coordinator"):
+        multihost.initialize(coordinator="localhost:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    with pytest.raises(multihost.LaunchError, match=r"process id must be in \[0, 2\), got 2"):
+        multihost.initialize(coordinator="localhost:1234")
+    monkeypatch.setenv("JAX_PROCESS_ID", "one")
+    with pytest.raises(multihost.LaunchError, match="JAX_PROCESS_ID='one' is not an integer"):
+        multihost.initialize()
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    with pytest.raises(multihost.LaunchError, match="expected HOST:PORT"):
+        multihost.initialize(coordinator="localhost")
+    monkeypatch.delenv("JAX_NUM_PROCESSES")
+    monkeypatch.delenv("JAX_PROCESS_ID")
+
+    if multihost._detected_cluster() is None:  # not on a TPU VM (no libtpu)
+        monkeypatch.setenv("SLURM_NTASKS", "1")
+        monkeypatch.setenv("SLURM_PROCID", "0")
+        assert multihost._detected_cluster() is None  # one task: a plain process with every GPU of the node
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    assert multihost._detected_cluster() == "SLURM"
+    monkeypatch.delenv("SLURM_NTASKS")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    assert multihost._detected_cluster() == "Open MPI"
+    monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
+
+    from qwen_jax.cli import main
+
+    assert main(["train", "--model", str(tmp_path), "--data", "x.jsonl", "--out", str(tmp_path / "o"),
+                 "--coordinator", "localhost:1234", "--process-id", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs all of --coordinator HOST:PORT, --num-processes N and --process-id I" in err[0]

@@ -17,6 +17,12 @@ In a run of P processes each process tokenizes the contiguous part p of the sour
 (and therefore the batches) do not depend on P, and a cache built with P processes serves a run
 with any other count. Training reads examples straight from the memory-mapped files: the data
 never has to fit in memory, only a few bytes of bookkeeping per example.
+
+Tools: HF `datasets` reads what it is best at (Parquet via pyarrow, `save_to_disk` directories,
+the Hub), as memory-mapped Arrow. grain is not used: its per-process sharding splits examples
+between processes, which would make the batches depend on the process count, while packing here
+needs one global plan every process computes alike; with tokens cached, building a batch is a few
+memory-mapped slices, so grain's worker processes would have nothing to overlap.
 """
 
 from __future__ import annotations

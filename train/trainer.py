@@ -414,24 +414,26 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def _restore_or_start(self) -> None:
-        latest = self.checkpoints.latest_step()
         self.metrics_path = os.path.join(self.config.out, "metrics.jsonl")
-        if latest is None:
-            if self.config.export_only:
+        with multihost.all_or_none("looking for a train checkpoint"):  # every process reads the same directory
+            latest = self.checkpoints.latest_step()
+            if latest is None and self.config.export_only:
                 raise ConfigError(f"export_only: {self.config.out}/checkpoints holds no train checkpoint to export")
+            if latest is not None and not (self.config.resume or self.config.export_only):
+                raise ConfigError(f"{self.config.out}/checkpoints already holds a run (step {latest}); "
+                                  "pass --resume to continue it or choose another --out")
+        if latest is None:
             if self.primary and os.path.exists(self.metrics_path):
                 os.remove(self.metrics_path)  # a fresh run: no stale curve from an earlier one
             return
-        if not (self.config.resume or self.config.export_only):
-            raise ConfigError(f"{self.config.out}/checkpoints already holds a run (step {latest}); "
-                              "pass --resume to continue it or choose another --out")
         meta = self.checkpoints.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        saved = meta["config"]
-        defaults = TrainConfig()  # settings a checkpoint from an older qwen-jax does not record
-        changed = [k for k in _RESUME_KEYS if saved.get(k, getattr(defaults, k)) != getattr(self.config, k)]
-        if changed:
-            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(self.config, k)!r}" for k in changed)
-            raise ConfigError(f"cannot resume with changed settings ({detail})")
+        with multihost.all_or_none("comparing the settings with the checkpoint's"):
+            saved = meta["config"]
+            defaults = TrainConfig()  # settings a checkpoint from an older qwen-jax does not record
+            changed = [k for k in _RESUME_KEYS if saved.get(k, getattr(defaults, k)) != getattr(self.config, k)]
+            if changed:
+                detail = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(self.config, k)!r}" for k in changed)
+                raise ConfigError(f"cannot resume with changed settings ({detail})")
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
         restored = self.checkpoints.restore(
             latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(_nested(abstract))))["state"]

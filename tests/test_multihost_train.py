@@ -60,16 +60,23 @@ def _flags(config) -> list[str]:
     return flags
 
 
-def _two_processes(config, env, signal_plan: str | None = None, timeout: float = 240) -> list[tuple[int, str]]:
-    """Run `qwen-jax train` as 2 processes x 4 devices; (exit status, stderr) of each."""
+def _two_processes(config, env, signal_plan: str | None = None, timeout: float = 240,
+                   launch_by_env: bool = False) -> list[tuple[int, str]]:
+    """Run `qwen-jax train` as 2 processes x 4 devices; (exit status, stderr) of each. The launch
+    settings are flags, or with `launch_by_env` the JAX_* environment variables."""
     port = _free_port()
     env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     if signal_plan:
         env["QWEN_JAX_TEST_SIGNAL"] = signal_plan
-    workers = [subprocess.Popen([sys.executable, "-c", _CHILD, "train", *_flags(config),
-                                 "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-               for i in range(2)]
+    workers = []
+    for i in range(2):
+        launch = ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)]
+        process_env = env
+        if launch_by_env:
+            launch, process_env = [], {**env, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+                                       "JAX_PROCESS_ID": str(i)}
+        workers.append(subprocess.Popen([sys.executable, "-c", _CHILD, "train", *_flags(config), *launch],
+                                        env=process_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     try:
         errors = [w.communicate(timeout=timeout)[1] for w in workers]
     finally:
@@ -148,7 +155,7 @@ def test_bad_record_on_process_1_ends_both_with_status_2(tiny_model_dir, tmp_pat
     data.write_text("\n".join(lines) + "\n")  # the bad line lies in the second half: process 1 reads it
     config = _config(tiny_model_dir, str(data), tmp_path / "bad")
     started = time.monotonic()
-    results = _two_processes(config, compilation_cache, timeout=120)
+    results = _two_processes(config, compilation_cache, timeout=120, launch_by_env=True)
     assert time.monotonic() - started < 120
     for i, (status, stderr) in enumerate(results):
         assert status == 2, f"process {i}:\n{stderr[-3000:]}"
@@ -201,8 +208,13 @@ def test_sources_give_the_examples_of_the_equivalent_jsonl(tiny_model_dir, train
         source = sources.open_source(str(spec))
         assert _examples(source, tokenizer, Rows()) == expected, spec
     assert _examples(sources.open_source(str(tmp_path / "a.parquet")), tokenizer, Rows()) == expected[:4]
-    # Every source splits into contiguous parts that concatenate to the whole, for any count.
-    for spec in (train_file, tmp_path / "shards", tmp_path / "saved"):
+    # Every source splits into contiguous parts that concatenate to the whole, for any count
+    # (JSONL parts are byte ranges: blank lines, multi-byte characters, no final newline).
+    ragged = tmp_path / "ragged.jsonl"
+    ragged.write_bytes("\n".join([json.dumps({"text": "ünïcödé " * n}, ensure_ascii=False) if n % 3 else ""
+                                   for n in range(1, 12)]).encode())
+    assert [loc for loc, _ in sources.open_source(str(ragged)).records()][-1] == f"{ragged}:11"
+    for spec in (train_file, ragged, tmp_path / "shards", tmp_path / "saved"):
         source = sources.open_source(str(spec))
         whole = [location for location, _ in source.records()]
         for parts in (2, 3, 5, 7):

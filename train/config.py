@@ -103,6 +103,8 @@ class TrainConfig:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.column_mapping.prompt:
+            raise ConfigError("prompt_column names no column")
         if self.eval_every and not self.eval_data:
             raise ConfigError("eval_every is set but there is no eval_data")
 

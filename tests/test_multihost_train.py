@@ -19,7 +19,8 @@ from qwen_jax.train import data as data_lib
 from qwen_jax.train import sources, token_cache
 from qwen_jax.train.trainer import EXIT_PREEMPTED, Trainer
 
-# The CLI; process P sends itself signal NAME after step S when QWEN_JAX_TEST_SIGNAL=P:S:NAME.
+# The CLI; process P (* for every process) sends itself signal NAME after step S when
+# QWEN_JAX_TEST_SIGNAL=P:S:NAME. Before a SIGKILL it waits for the checkpoints being written.
 _CHILD = """
 import os, signal, sys
 plan = os.environ.get("QWEN_JAX_TEST_SIGNAL")
@@ -30,7 +31,9 @@ if plan:
 
     def send(self, step):
         import jax
-        if step == int(at_step) and jax.process_index() == int(process):
+        if step == int(at_step) and process in ("*", str(jax.process_index())):
+            if name == "SIGKILL":
+                self.checkpoints.wait_until_finished()
             os.kill(os.getpid(), getattr(signal, name))
 
     trainer.Trainer.run = lambda self, on_step_end=None: run(self, on_step_end=send)
@@ -90,24 +93,31 @@ def _losses(out) -> list[float]:
 
 
 def test_two_processes_train_like_one(tiny_model_dir, train_file, tmp_path, compilation_cache):
-    """Full fine-tuning on fsdp=8: 2 x 4 devices give the losses (and eval loss) of 1 x 8; only process 0 writes the
-    single-copy outputs; periodic checkpoints and OUT/model are written together; OUT/model loads
-    and --export-hf (written by process 0) loads in transformers with the same logits."""
+    """Full fine-tuning on fsdp=8, SIGKILLed on both processes mid-run and resumed: 2 x 4 devices
+    give the losses (and eval loss) of 1 x 8 without interruption; only process 0 writes the
+    single-copy outputs; checkpoints and OUT/model are written together; OUT/model loads and
+    --export-hf (written by process 0) loads in transformers with the same logits."""
     run = dict(_RUN, mesh="fsdp=8", eval_data=train_file)
     single = Trainer(_config(tiny_model_dir, train_file, tmp_path / "one", **run), log=lambda m: None)
     assert single.run() == 0
     export = tmp_path / "two_hf"
     config = _config(tiny_model_dir, train_file, tmp_path / "two", export_hf=str(export), **run)
-    results = _two_processes(config, compilation_cache)
+    # Both processes killed after step 4 (checkpoint 3 complete), then the run resumed.
+    for i, (status, stderr) in enumerate(_two_processes(config, compilation_cache, signal_plan="*:4:SIGKILL")):
+        assert status < 0, f"process {i}:\n{stderr[-3000:]}"  # killed (by its SIGKILL, or aborted as its peer died)
+    assert [m["step"] for m in _metrics(config.out)] == [1, 2, 3, 4]
+    results = _two_processes(config.replace(resume=True), compilation_cache)
     for i, (status, stderr) in enumerate(results):
         assert status == 0, f"process {i}:\n{stderr[-3000:]}"
+        assert "resumed from" in stderr
+    assert [m["step"] for m in _metrics(config.out)] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose(_losses(config.out), _losses(single.config.out), rtol=1e-5)
     eval_losses = [m["eval_loss"] for m in _metrics(config.out) if "eval_loss" in m]
     assert len(eval_losses) == 1
     np.testing.assert_allclose(eval_losses, [_metrics(single.config.out)[-1]["eval_loss"]], rtol=1e-5)
     assert sorted(os.listdir(os.path.join(config.out, "checkpoints"))) == ["3", "6"]
     events = os.listdir(os.path.join(config.out, "tensorboard"))
-    assert len(events) == 1, events  # one writer, process 0's
+    assert len(events) == 2, events  # one writer per launch, process 0's
     assert sorted(os.listdir(config.out)) == sorted(os.listdir(single.config.out))  # nothing per process
     log_0, log_1 = results[0][1], results[1][1]
     assert "[process" not in log_0 and "[process 1] training all weights" in log_1

@@ -331,6 +331,9 @@ def test_launch_settings_are_checked_and_clusters_detected(monkeypatch, tmp_path
         multihost.initialize(coordinator="localhost")
     monkeypatch.delenv("JAX_NUM_PROCESSES")
     monkeypatch.delenv("JAX_PROCESS_ID")
+    if multihost._detected_cluster() is None:
+        with pytest.raises(multihost.LaunchError, match="multi-process runs only"):
+            multihost.initialize(local_device_ids=[0])
 
     if multihost._detected_cluster() is None:  # not on a TPU VM (no libtpu)
         monkeypatch.setenv("SLURM_NTASKS", "1")

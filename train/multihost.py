@@ -95,6 +95,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if all(value is None for value in explicit):
         cluster = _detected_cluster()
         if cluster is None:
+            if local_device_ids is not None:
+                raise LaunchError("local device ids apply to multi-process runs only (a single process on some "
+                                  "GPUs: CUDA_VISIBLE_DEVICES)")
             return False
         try:
             jax.distributed.initialize(local_device_ids=local_device_ids)
@@ -110,7 +113,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             raise LaunchError(f"process id must be in [0, {num_processes}), got {process_id}")
         if ":" not in coordinator:
             raise LaunchError(f"coordinator {coordinator!r}: expected HOST:PORT")
-        jax.distributed.initialize(coordinator, num_processes, process_id, local_device_ids=local_device_ids)
+        try:
+            jax.distributed.initialize(coordinator, num_processes, process_id, local_device_ids=local_device_ids)
+        except (RuntimeError, ValueError) as e:  # JAX's runtime errors (unreachable coordinator, timeout) included
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise LaunchError(f"could not join the run at {coordinator} as process {process_id} of "
+                              f"{num_processes}: {reason}") from None
     if log is not None:
         log(f"joined a {jax.process_count()}-process run as process {jax.process_index()} "
             f"({jax.local_device_count()} of {jax.device_count()} devices are local)")

@@ -248,7 +248,6 @@ def open_source(spec: str, split: str = "train") -> Source:
         if glob.glob(os.path.join(spec, "*.parquet")):
             return ParquetSource(spec)
         raise SourceError(f"{spec}: a directory, but neither a `datasets` save_to_disk directory nor one of *.parquet files")
-    looks_local = spec.startswith((".", "/", "~")) or spec.endswith(_LOCAL_SUFFIXES) or os.sep + os.sep in spec
-    if looks_local or not _HUB_ID.match(spec):
+    if spec.startswith((".", "/", "~")) or spec.endswith(_LOCAL_SUFFIXES) or not _HUB_ID.match(spec):
         raise SourceError(f"{spec}: data file not found")
     return _hub_dataset(spec, split)

@@ -8,8 +8,9 @@ and compilation included) and to exit, and how many XLA compilations the run did
 
     python benchmarks/cli_startup.py [--size 0.5B] [--dtype float32] [--new-tokens 16]
 
-Needs the tokenizer files (tokenizer.json, tokenizer_config.json) in $QWEN_JAX_TOKENIZER_DIR
-(default ../shared/reference/qwen2.5-tokenizer). Nothing is downloaded.
+Uses the tokenizer files (tokenizer.json, tokenizer_config.json) in $QWEN_JAX_TOKENIZER_DIR
+(default ../shared/reference/qwen2.5-tokenizer), or a stand-in tokenizer without them. Nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,28 +57,55 @@ sys.exit(status)
 """
 
 
-def write_random_checkpoint(size: str, directory: str, *, dtype: str = "bfloat16", seed: int = 0,
-                            tokenizer_dir: str | None = TOKENIZER_DIR) -> str:
-    """An HF checkpoint directory (config.json, model.safetensors, tokenizer files when
-    `tokenizer_dir` is given) with random weights of the preset `size`."""
+def write_stand_in_tokenizer(directory: str) -> None:
+    """A small word-level tokenizer with Qwen's two stop tokens, for machines without the Qwen2.5
+    tokenizer files: enough for the CLI and the trainer to run on random weights."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", *"the a of to and in is it that was capital France Paris once upon time".split()]
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens([AddedToken("<|endoftext|>", special=True), AddedToken("<|im_end|>", special=True)])
+    tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, f)
+
+
+def write_random_checkpoint(config, directory: str, *, dtype: str = "bfloat16", seed: int = 0,
+                            tokenizer_dir: str | None = None, shard_bytes: int = 4 * 2**30) -> str:
+    """An HF checkpoint directory with random weights of `config` (a Qwen2Config): config.json,
+    safetensors files of at most `shard_bytes` (with an index when there are several) and the
+    tokenizer files of `tokenizer_dir` (a stand-in tokenizer when None)."""
     import ml_dtypes
     import numpy as np
     from safetensors.numpy import save_file
 
-    from qwen_jax import Qwen2Config, create_model
+    from qwen_jax import create_model
     from qwen_jax.hf import iter_hf_tensors
 
-    config = Qwen2Config.preset(size)
     store = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
-    model = create_model(config, dtype="float32", param_dtype=dtype, seed=seed)
+    model = create_model(config, dtype=dtype, param_dtype=dtype, seed=seed)
     os.makedirs(directory, exist_ok=True)
-    tensors = {name: np.ascontiguousarray(array).astype(store) for name, array in iter_hf_tensors(model)}
+    shards: list[dict] = [{}]
+    for name, array in iter_hf_tensors(model):
+        if shards[-1] and sum(a.nbytes for a in shards[-1].values()) + array.nbytes > shard_bytes:
+            shards.append({})
+        shards[-1][name] = np.ascontiguousarray(array).astype(store)
     del model
-    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    names = (["model.safetensors"] if len(shards) == 1
+             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for file_name, tensors in zip(names, shards):
+        save_file(tensors, os.path.join(directory, file_name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {tensor: file_name for file_name, tensors in zip(names, shards) for tensor in tensors}
+        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump({**config.to_hf(), "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
                    "torch_dtype": dtype}, f, indent=1)
-    if tokenizer_dir is not None:
+    if tokenizer_dir is None:
+        write_stand_in_tokenizer(directory)
+    else:
         for name in TOKENIZER_FILES:
             shutil.copy(os.path.join(tokenizer_dir, name), directory)
     return directory
@@ -88,11 +117,16 @@ def time_cli_run(argv: list[str], env: dict[str, str]) -> dict:
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-c", COUNTING_CLI, *argv], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stderr_chunks: list[bytes] = []  # drained on a thread: a full stderr pipe would stall the child
+    drain = threading.Thread(target=lambda: stderr_chunks.append(process.stderr.read()), daemon=True)
+    drain.start()
     first = process.stdout.read(1)
     first_output_s = time.perf_counter() - start
-    rest, stderr = process.communicate()
+    rest = process.stdout.read()
+    process.wait()
     total_s = time.perf_counter() - start
-    stderr = stderr.decode(errors="replace")
+    drain.join()
+    stderr = b"".join(stderr_chunks).decode(errors="replace")
     if process.returncode != 0:
         raise RuntimeError(f"qwen-jax {' '.join(argv)} exited {process.returncode}: {stderr[-2000:]}")
     counts_line = [line for line in stderr.splitlines() if line.startswith("COMPILE_COUNTS ")][-1]
@@ -100,17 +134,20 @@ def time_cli_run(argv: list[str], env: dict[str, str]) -> dict:
                 output=(first + rest).decode(errors="replace"), **json.loads(counts_line.split(" ", 1)[1]))
 
 
-def measure_startup(model_dir: str, cache_dir: str, *, new_tokens: int = 16, dtype: str | None = None) -> dict:
-    """Two identical `qwen-jax generate` runs sharing `cache_dir` (which should start empty)."""
+def measure_startup(model_dir: str, cache_dir: str, *, new_tokens: int = 16, dtype: str | None = None,
+                    env: dict[str, str] | None = None) -> dict:
+    """Two identical `qwen-jax generate` runs sharing `cache_dir` (which should start empty), in
+    the environment `env` (default: this process's)."""
     argv = ["generate", "--model", model_dir, "--prompt", "The capital of France is", "--greedy",
             "--max-new-tokens", str(new_tokens), "--compile-cache", cache_dir]
     if dtype:
         argv += ["--dtype", dtype]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
     first = time_cli_run(argv, env)
     second = time_cli_run(argv, env)
-    cache_files = sum(len(files) for _, _, files in os.walk(cache_dir))
-    return {"first_run": first, "second_run": second, "cache_files": cache_files}
+    entries = [os.path.join(cache_dir, name) for name in os.listdir(cache_dir) if name.endswith("-cache")]
+    return {"first_run": first, "second_run": second, "cache_entries": len(entries),
+            "cache_bytes": sum(os.path.getsize(path) for path in entries)}
 
 
 def main(argv=None) -> int:
@@ -122,8 +159,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import jax
 
+    from qwen_jax import Qwen2Config
+
+    tokenizer_dir = TOKENIZER_DIR if os.path.isfile(os.path.join(TOKENIZER_DIR, "tokenizer.json")) else None
+    print(f"tokenizer: {tokenizer_dir or 'stand-in (Qwen2.5 tokenizer files not found)'}")
     with tempfile.TemporaryDirectory() as work:
-        model_dir = write_random_checkpoint(args.size, os.path.join(work, "model"))
+        model_dir = write_random_checkpoint(Qwen2Config.preset(args.size), os.path.join(work, "model"),
+                                            tokenizer_dir=tokenizer_dir)
         result = measure_startup(model_dir, os.path.join(work, "cache"), new_tokens=args.new_tokens, dtype=args.dtype)
     result.update(size=args.size, backend=jax.default_backend(), device=jax.devices()[0].device_kind,
                   jax=jax.__version__, load_average=os.getloadavg()[0])

@@ -137,21 +137,26 @@ class Suite:
             open(done, "w").close()
         return directory
 
-    def model(self, name: str, **options):
-        """`qwen_jax.load_model` of checkpoint `name` for inference (unrolled layers), kept loaded
-        while the next steps use the same model and options."""
+    def model(self, step: Step) -> tuple[object, list[dict]]:
+        """`qwen_jax.load_model` of the step's checkpoint with its options, for inference (unrolled
+        layers), kept loaded for the next steps that use the same; plus a row with the load time
+        when it was loaded for this step."""
         import qwen_jax
+        from flax import nnx
 
-        key = (name, tuple(sorted(options.items())))
-        if self._loaded is None or self._loaded[0] != key:
-            path = self.checkpoint(name)
-            self.release()
-            start = time.perf_counter()
-            model = qwen_jax.load_model(path, dtype=self.plan.dtype, scan_layers=False, **options)
-            jax.block_until_ready(jax.tree.leaves(model))
-            self._loaded = (key, model)
-            self.load_s = time.perf_counter() - start
-        return self._loaded[1]
+        key = (step.model, step.load_options)
+        if self._loaded is not None and self._loaded[0] == key:
+            return self._loaded[1], []
+        path = self.checkpoint(step.model)
+        self.release()
+        start = time.perf_counter()
+        model = qwen_jax.load_model(path, dtype=self.plan.dtype, scan_layers=False, **dict(step.load_options))
+        jax.block_until_ready(nnx.state(model))
+        seconds = time.perf_counter() - start
+        self._loaded = (key, model)
+        size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+        return model, [result_row(step, "load_model s (bf16 safetensors)", seconds,
+                                  note=f"{format_bytes(size / seconds)}/s from {format_bytes(size)}")]
 
     def release(self) -> None:
         self._loaded = None
@@ -246,11 +251,10 @@ def result_row(step: Step, metric: str, value: float, *, hf: float | None = None
 
 def run_decode(suite: Suite, step: Step) -> list[dict]:
     plan = suite.plan
-    model = suite.model(step.model, **dict(step.load_options))
+    model, rows = suite.model(step)
     config, label = model.config, dict(step.load_options).get("quantize", plan.dtype)
     weight_bytes, kv_bytes = decode_weight_bytes(model), kv_bytes_per_token(model.config, model.dtype)
     context = plan.prompt_len + plan.new_tokens / 2  # the average filled cache while decoding
-    rows = []
     for batch in plan.batches:
         ids = generate_bench.prompts(batch, plan.prompt_len, config.vocab_size, seed=batch)
         ours = generate_bench.bench_ours(model, ids, plan.new_tokens)
@@ -287,7 +291,7 @@ def run_prefill(suite: Suite, step: Step) -> list[dict]:
     from qwen_jax.generation import GenerationConfig, generate_ids
 
     plan = suite.plan
-    model = suite.model(step.model, **dict(step.load_options))
+    model, rows = suite.model(step)
     length = plan.long_prefill_len if step.needs == "attention" else plan.prefill_len
     ids = generate_bench.prompts(1, length, model.config.vocab_size)
     greedy = GenerationConfig(temperature=0.0, eos_token_ids=())
@@ -295,9 +299,9 @@ def run_prefill(suite: Suite, step: Step) -> list[dict]:
     timing = generate_ids(model, ids, max_new_tokens=1, config=greedy).timing
     options = ", ".join(f"{k}={v}" for k, v in step.load_options) or "default attention"
     mfu = 100 * prefill_flops(model.config, length) / timing.prefill_s / suite.peak_flops
-    return [result_row(step, f"prefill tok/s (1x{length}), {options}", length / timing.prefill_s, percent=mfu,
-                       percent_of="MFU"),
-            result_row(step, f"compile s (1x{length})", warm_up.timing.compile_s + timing.compile_s)]
+    return rows + [result_row(step, f"prefill tok/s (1x{length}), {options}", length / timing.prefill_s,
+                              percent=mfu, percent_of="MFU"),
+                   result_row(step, f"compile s (1x{length})", warm_up.timing.compile_s + timing.compile_s)]
 
 
 def run_train(suite: Suite, step: Step) -> list[dict]:
@@ -451,7 +455,7 @@ def run_steps(suite: Suite, steps: list[Step], keep_going: bool, report: Callabl
     return status
 
 
-def format_bytes(count: int) -> str:
+def format_bytes(count: float) -> str:
     return f"{count / GiB:.2f} GiB" if count >= GiB else f"{count / 2**20:.2f} MiB"
 
 
@@ -488,7 +492,7 @@ def markdown(machine: dict, records: list[dict]) -> str:
         f"# qwen-jax device suite ({machine['plan']}, {machine['dtype']})", "",
         f"{machine['date']}: {machine['device']} ({machine['backend']}, {machine['devices']} device(s)), "
         f"host {machine['host']}, load average {machine['load_average']:.1f}; {versions}.",
-        f"Measured memory bandwidth {machine['bandwidth_gb_s']:.1f} GB/s; peak {machine['peak_tflops']:.1f} TFLOP/s "
+        f"Measured memory bandwidth {machine['bandwidth_gb_s']:.1f} GB/s; peak {machine['peak_tflops']:.3g} TFLOP/s "
         f"({machine['peak_source']}); HF transformers peer: {machine['hf_peer'] or 'not run'}.", "",
         "| step | metric | qwen-jax | HF transformers | ratio | % of roofline / MFU | notes |",
         "|---|---|---|---|---|---|---|",

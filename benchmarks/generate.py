@@ -85,8 +85,15 @@ def build_hf_twin(model, dtype: str, device: str = "cpu"):
     from qwen_jax.hf import iter_hf_tensors
 
     hf_config = HFConfig(**model.config.to_hf())
-    with torch.device(device):  # initialised where it runs: a 7B init on the host takes minutes
-        twin = Qwen2ForCausalLM(hf_config).to(getattr(torch, dtype)).eval()
+    # Built in `dtype` (buffers such as the rotary frequencies stay float32, as from_pretrained
+    # leaves them) and where it runs: a 7B initialised on the host takes minutes.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            twin = Qwen2ForCausalLM(hf_config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
     parameters = dict(twin.named_parameters())
     with torch.no_grad():
         for name, array in iter_hf_tensors(model):

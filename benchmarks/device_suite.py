@@ -177,17 +177,16 @@ def hf_peer_device() -> str | None:
 
 
 def peak_flops(dtype: str) -> tuple[float, str]:
-    """Dense peak FLOP/s of one device: the published figure where known, else measured."""
+    """Dense peak FLOP/s of one device: the published figure where known, else a measured matmul
+    (float32 on the CPU, where bfloat16 products are emulated and would take minutes)."""
     from qwen_jax.train.trainer import peak_flops_per_device
 
     published = peak_flops_per_device(0.0)
     if published is not None:
         return published, "published dense bf16 peak"
-    size = 2048 if jax.default_backend() == "cpu" else 8192
-    from qwen_jax.model import default_dtype
-
-    compute = default_dtype() if jax.default_backend() == "cpu" else dtype
-    return train_bench.measured_matmul_flops(compute, size), f"measured {np.dtype(compute).name} {size}^3 matmul"
+    on_cpu = jax.default_backend() == "cpu"
+    compute, size = ("float32", 2048) if on_cpu else (dtype, 8192)
+    return train_bench.measured_matmul_flops(compute, size), f"measured {compute} {size}^3 matmul"
 
 
 # ----------------------------------------------------------------------------- arithmetic
@@ -334,7 +333,9 @@ def run_startup(suite: Suite, step: Step) -> list[dict]:
         raise StepSkipped("a TPU belongs to one process, and this one holds it: run benchmarks/cli_startup.py alone")
     path = suite.checkpoint(step.model)
     suite.release()
-    env = {**os.environ, "JAX_PLATFORMS": jax.default_backend()}
+    env = dict(os.environ)
+    if jax.default_backend() == "cpu":  # --cpu-smoke on a machine that may have an accelerator
+        env["JAX_PLATFORMS"] = "cpu"
     with tempfile.TemporaryDirectory(dir=suite.workdir) as cache:
         result = cli_startup.measure_startup(path, cache, new_tokens=suite.plan.startup_new_tokens, env=env)
     rows = []

@@ -46,11 +46,18 @@ import time
 import traceback
 from typing import Callable
 
-import cli_startup
-import generate as generate_bench
-import jax
-import numpy as np
-import train as train_bench
+INSTALL_HINT = ("install qwen-jax (pip install -e .; offline, with its dependencies already there: "
+                "pip install --no-deps --no-build-isolation -e .)")
+try:
+    import jax
+    import numpy as np
+
+    import cli_startup
+    import generate as generate_bench
+    import train as train_bench
+except ImportError as missing:  # qwen_jax itself or a dependency: one line, not a traceback
+    print(f"device_suite: error: cannot import {missing.name}: {INSTALL_HINT}", file=sys.stderr)
+    sys.exit(2)
 
 SKIPPED_FEATURE = "skipped: feature not available in this version"
 GiB = 2**30
@@ -385,8 +392,7 @@ def check_imports() -> None:
         except ImportError as e:
             missing.append(f"{module} ({e})")
     if missing:
-        raise PreflightError(f"cannot import {', '.join(missing)}: install qwen-jax (pip install -e .; offline with "
-                             "the dependencies already there: pip install --no-deps --no-build-isolation -e .)")
+        raise PreflightError(f"cannot import {', '.join(missing)}: {INSTALL_HINT}")
 
 
 def check_fits(plan: Plan, steps: list[Step], workdir: str, memory: bool = True) -> None:
@@ -527,7 +533,8 @@ def main(argv=None) -> int:
     if args.list:
         for step in STEPS:
             available = not step.needs or load_model_accepts(step.needs)
-            print(f"{step.name:18s} {'' if available else SKIPPED_FEATURE}")
+            print(f"{step.name:18s} " + ("ready" if available else
+                                         f"{SKIPPED_FEATURE} (load_model has no {step.needs!r} argument)"))
         return 0
     if args.cpu_smoke:
         jax.config.update("jax_platforms", "cpu")

@@ -136,13 +136,16 @@ def test_unusable_directory(tmp_path, monkeypatch, capsys):
     blocker.write_text("")
     with pytest.raises(UserError, match="compilation cache"):  # named by the user: an error
         compile_cache.settings(_args(compile_cache=str(blocker / "cache")))
+    monkeypatch.setenv(compile_cache.ENV, str(blocker / "cache"))
+    with pytest.raises(UserError, match=r"\$QWEN_JAX_COMPILE_CACHE"):
+        compile_cache.settings(_args())
     monkeypatch.delenv(compile_cache.ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # the default: a warning, and no cache
     assert compile_cache.settings(_args()) == {"jax_enable_compilation_cache": False}
     assert "running without the compilation cache" in capsys.readouterr().err
     # Through the CLI: exit status 2 and one line, before anything is loaded.
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--compile-cache", str(blocker / "c")]) == 2
-    assert "error: compilation cache:" in capsys.readouterr().err
+    assert "error: compilation cache (--compile-cache):" in capsys.readouterr().err
 
 
 def test_configured_restores_jax_options(tmp_path, monkeypatch):

@@ -287,12 +287,16 @@ def hf_peer(suite: Suite, model, ids, new_tokens: int) -> dict | None:
     """HF transformers `generate` on the same weights, on `suite.hf_device` (None: no peer)."""
     if suite.hf_device is None:
         return None
+    import torch
+
     twin = generate_bench.build_hf_twin(model, suite.plan.dtype, suite.hf_device)
     try:
         return generate_bench.bench_hf(twin, ids, new_tokens)
     finally:
         del twin
         gc.collect()
+        if suite.hf_device == "cuda":  # hand torch's cached blocks back: JAX needs them next
+            torch.cuda.empty_cache()
 
 
 def run_prefill(suite: Suite, step: Step) -> list[dict]:

@@ -32,6 +32,7 @@ OUT/device_suite.md (a Markdown table).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -258,44 +259,57 @@ def result_row(step: Step, metric: str, value: float, *, hf: float | None = None
 def run_decode(suite: Suite, step: Step) -> list[dict]:
     plan = suite.plan
     model, rows = suite.model(step)
-    config, label = model.config, dict(step.load_options).get("quantize", plan.dtype)
-    weight_bytes, kv_bytes = decode_weight_bytes(model), kv_bytes_per_token(model.config, model.dtype)
-    context = plan.prompt_len + plan.new_tokens / 2  # the average filled cache while decoding
-    for batch in plan.batches:
-        ids = generate_bench.prompts(batch, plan.prompt_len, config.vocab_size, seed=batch)
-        ours = generate_bench.bench_ours(model, ids, plan.new_tokens)
-        theirs = hf_peer(suite, model, ids, plan.new_tokens) if not step.load_options else None
-        if theirs and theirs["decode"] <= 0:  # HF's decode time is a difference of two noisy runs
-            theirs["decode"] = None
-        roofline = batch * suite.bandwidth / (weight_bytes + batch * kv_bytes * context)
-        bf16 = suite.results.get(f"decode-{step.model}", {}).get(f"decode tok/s, batch {batch}")
-        note = f"{format_bytes(weight_bytes)} of weights read per step"
-        if step.load_options and bf16:
-            note += f"; {ours['decode'] / bf16:.2f}x the {plan.dtype} decode"
-        if theirs and batch == 1:
-            note += f"; greedy tokens identical to HF: {theirs['tokens'][0] == ours['tokens'][0]}"
-        if batch == 1:
-            rows.append(result_row(step, f"prefill tok/s (1x{plan.prompt_len}), {label}", ours["prefill"],
-                                   hf=theirs and theirs["prefill"]))
-            rows.append(result_row(step, "compile s (batch 1)", ours["compile"]))
-        rows.append(result_row(step, f"decode tok/s, batch {batch}", ours["decode"], hf=theirs and theirs["decode"],
-                               percent=100 * ours["decode"] / roofline, percent_of="roofline", note=note))
+    weight_bytes = decode_weight_bytes(model)
+    with hf_twin(suite, model, wanted=not step.load_options) as twin:  # a peer for the bf16 steps only
+        for batch in plan.batches:
+            rows += decode_rows(suite, step, model, twin, batch, weight_bytes)
     return rows
 
 
-def hf_peer(suite: Suite, model, ids, new_tokens: int) -> dict | None:
-    """HF transformers `generate` on the same weights, on `suite.hf_device` (None: no peer)."""
-    if suite.hf_device is None:
-        return None
+def decode_rows(suite: Suite, step: Step, model, twin, batch: int, weight_bytes: int) -> list[dict]:
+    """Prefill and decode at one batch size (and the HF peer when `twin` is given); decode against
+    the roofline: every step reads the weights once and each row's KV cache."""
+    plan, rows = suite.plan, []
+    ids = generate_bench.prompts(batch, plan.prompt_len, model.config.vocab_size, seed=batch)
+    ours = generate_bench.bench_ours(model, ids, plan.new_tokens)
+    theirs = generate_bench.bench_hf(twin, ids, plan.new_tokens) if twin is not None else None
+    if theirs and theirs["decode"] <= 0:  # HF's decode time is a difference of two noisy runs
+        theirs["decode"] = None
+    context = plan.prompt_len + plan.new_tokens / 2  # the average filled cache while decoding
+    kv_bytes = batch * kv_bytes_per_token(model.config, model.dtype) * context
+    roofline = batch * suite.bandwidth / (weight_bytes + kv_bytes)
+    note = f"{format_bytes(weight_bytes)} of weights read per step"
+    bf16 = suite.results.get(f"decode-{step.model}", {}).get(f"decode tok/s, batch {batch}")
+    if step.load_options and bf16:
+        note += f"; {ours['decode'] / bf16:.2f}x the {plan.dtype} decode"
+    if theirs and batch == 1:
+        note += f"; greedy tokens identical to HF: {theirs['tokens'][0] == ours['tokens'][0]}"
+    if batch == 1:
+        label = dict(step.load_options).get("quantize", plan.dtype)
+        rows.append(result_row(step, f"prefill tok/s (1x{plan.prompt_len}), {label}", ours["prefill"],
+                               hf=theirs and theirs["prefill"]))
+        rows.append(result_row(step, "compile s (batch 1)", ours["compile"]))
+    rows.append(result_row(step, f"decode tok/s, batch {batch}", ours["decode"], hf=theirs and theirs["decode"],
+                           percent=100 * ours["decode"] / roofline, percent_of="roofline", note=note))
+    return rows
+
+
+@contextlib.contextmanager
+def hf_twin(suite: Suite, model, wanted: bool):
+    """HF transformers' model holding the same weights on `suite.hf_device` for the body (None when
+    not `wanted` or no peer), its memory handed back afterwards."""
+    if not wanted or suite.hf_device is None:
+        yield None
+        return
     import torch
 
     twin = generate_bench.build_hf_twin(model, suite.plan.dtype, suite.hf_device)
     try:
-        return generate_bench.bench_hf(twin, ids, new_tokens)
+        yield twin
     finally:
         del twin
         gc.collect()
-        if suite.hf_device == "cuda":  # hand torch's cached blocks back: JAX needs them next
+        if suite.hf_device == "cuda":  # torch's cached blocks: JAX needs them next
             torch.cuda.empty_cache()
 
 

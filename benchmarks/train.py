@@ -35,9 +35,8 @@ TOKENIZER = os.environ.get("QWEN_JAX_TOKENIZER_DIR", os.path.join(REPO, "..", "s
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def measured_matmul_flops(dtype) -> float:
+def measured_matmul_flops(dtype, n: int = 2048) -> float:
     """Achieved FLOP/s of a large square matmul (the machine's practical peak)."""
-    n = 2048
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
@@ -69,24 +68,27 @@ def write_data_file(workdir: str) -> str:
     return data
 
 
-def bench_jax(preset: str, seq_len: int, rows: int, steps: int, lora_rank: int, workdir: str,
-              layers: int | None = None, vocab_size: int | None = None) -> dict:
+def bench_jax(preset, seq_len: int, rows: int, steps: int, lora_rank: int, workdir: str,
+              layers: int | None = None, vocab_size: int | None = None, tokenizer: str = TOKENIZER,
+              mesh: str = "") -> dict:
+    """Seconds per train step (after the first) of a random model: `preset` is a preset name or a
+    Qwen2Config (`layers` / `vocab_size` shrink it), `mesh` a --mesh spec (default: every device
+    on fsdp). The tokenizer only reads the one-line data file the trainer insists on."""
     from qwen_jax import Qwen2Config, create_model
     from qwen_jax.model import default_dtype
     from qwen_jax.train.config import TrainConfig
     from qwen_jax.train.trainer import Trainer, resolve_mesh
 
-    config = Qwen2Config.preset(preset)
+    config = Qwen2Config.preset(preset) if isinstance(preset, str) else preset
     if layers:
         config = config.replace(num_hidden_layers=layers)
     if vocab_size:
         config = config.replace(vocab_size=vocab_size)
     data = write_data_file(workdir)
-    train_config = TrainConfig(model=f"random {preset}", tokenizer=TOKENIZER, data=data, out=workdir,
+    train_config = TrainConfig(model="random weights", tokenizer=tokenizer, data=data, out=workdir,
                                seq_len=seq_len, batch_size=rows, steps=steps, lora_rank=lora_rank,
-                               lora_alpha=2.0 * max(lora_rank, 1), progress=False, save_every=0)
-    mesh = resolve_mesh("")
-    model = create_model(config, dtype=default_dtype(), param_dtype=jnp.float32, mesh=mesh)
+                               lora_alpha=2.0 * max(lora_rank, 1), progress=False, save_every=0, mesh=mesh)
+    model = create_model(config, dtype=default_dtype(), param_dtype=jnp.float32, mesh=resolve_mesh(mesh))
     trainer = Trainer(train_config, model=model, log=lambda message: None)
     batch = random_batch(config, seq_len, rows)
     start = time.perf_counter()

@@ -76,8 +76,8 @@ def bench_ours(model, prompt_ids, new_tokens: int) -> dict:
                 compile=warm_up.timing.compile_s + timing.compile_s, tokens=result.token_ids)
 
 
-def build_hf_twin(model, dtype: str):
-    """An HF transformers Qwen2ForCausalLM holding exactly `model`'s weights."""
+def build_hf_twin(model, dtype: str, device: str = "cpu"):
+    """An HF transformers Qwen2ForCausalLM on torch `device` holding exactly `model`'s weights."""
     import torch
     from transformers import Qwen2Config as HFConfig
     from transformers import Qwen2ForCausalLM
@@ -85,7 +85,15 @@ def build_hf_twin(model, dtype: str):
     from qwen_jax.hf import iter_hf_tensors
 
     hf_config = HFConfig(**model.config.to_hf())
-    twin = Qwen2ForCausalLM(hf_config).to(getattr(torch, dtype)).eval()
+    # Built in `dtype` (buffers such as the rotary frequencies stay float32, as from_pretrained
+    # leaves them) and where it runs: a 7B initialised on the host takes minutes.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            twin = Qwen2ForCausalLM(hf_config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
     parameters = dict(twin.named_parameters())
     with torch.no_grad():
         for name, array in iter_hf_tensors(model):
@@ -97,13 +105,15 @@ def build_hf_twin(model, dtype: str):
 def bench_hf(twin, prompt_ids, new_tokens: int) -> dict:
     import torch
 
-    ids = torch.tensor(prompt_ids)
+    ids = torch.tensor(prompt_ids, device=twin.device)
     kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(ids))
 
     def run(n):
         start = time.perf_counter()
         with torch.no_grad():
             out = twin.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - start, out
 
     run(2)  # warm up

@@ -1,6 +1,7 @@
 """Training throughput: qwen-jax vs HF transformers/torch, full and LoRA, in the same run.
 
     python benchmarks/train.py [--preset 0.5B] [--seq-len 512] [--batch-size 1] [--steps 3]
+    python benchmarks/train.py --compare-processes --batch-size 8 --seq-len 128 [--devices 8] [--layers 2] [--vocab-size 8192]
 
 Random weights of the chosen preset, one packed batch of `batch_size` x `seq_len` tokens per
 step, AdamW. Reports tokens/s and MFU (model FLOPs: 6N per token for full fine-tuning, 4N for
@@ -9,6 +10,10 @@ CPU the float32 matmul rate measured here (a large matrix product), so CPU MFU r
 "fraction of what this machine's matmul unit delivers". Both sides compute in float32 on CPU
 and bfloat16 (float32 master weights) on GPU/TPU. The first step (compilation for JAX) is
 excluded from the timing.
+
+`--compare-processes` measures what running across processes costs: the same full fine-tuning
+step on 1 process x 8 fake CPU devices and on 2 processes x 4 (`jax.distributed`, gloo collectives
+over loopback TCP), each in fresh processes.
 """
 
 from __future__ import annotations
@@ -30,9 +35,8 @@ TOKENIZER = os.environ.get("QWEN_JAX_TOKENIZER_DIR", os.path.join(REPO, "..", "s
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def measured_matmul_flops(dtype) -> float:
+def measured_matmul_flops(dtype, n: int = 2048) -> float:
     """Achieved FLOP/s of a large square matmul (the machine's practical peak)."""
-    n = 2048
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
@@ -48,27 +52,43 @@ def random_batch(config, seq_len: int, rows: int, seed: int = 0):
     from qwen_jax.train.data import PackedBatch
 
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, 151643, (rows, seq_len + 1)).astype(np.int32)
+    vocab = min(config.vocab_size, 151643) if config is not None else 151643
+    ids = rng.integers(0, vocab, (rows, seq_len + 1)).astype(np.int32)
     ones = np.ones((rows, seq_len), np.int32)
     positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)).copy()
     return PackedBatch(ids[:, :-1], positions, ones, ids[:, 1:], ones.astype(np.float32))
 
 
-def bench_jax(preset: str, seq_len: int, rows: int, steps: int, lora_rank: int, workdir: str) -> dict:
+def write_data_file(workdir: str) -> str:
+    """The trainer needs a data file; the benchmark feeds its own batches."""
+    data = os.path.join(workdir, "data.jsonl")
+    if not os.path.exists(data):
+        with open(data, "w") as f:
+            f.write(json.dumps({"text": "benchmark " * 8}) + "\n")
+    return data
+
+
+def bench_jax(preset, seq_len: int, rows: int, steps: int, lora_rank: int, workdir: str,
+              layers: int | None = None, vocab_size: int | None = None, tokenizer: str = TOKENIZER,
+              mesh: str = "") -> dict:
+    """Seconds per train step (after the first) of a random model: `preset` is a preset name or a
+    Qwen2Config (`layers` / `vocab_size` shrink it), `mesh` a --mesh spec (default: every device
+    on fsdp). The tokenizer only reads the one-line data file the trainer insists on."""
     from qwen_jax import Qwen2Config, create_model
     from qwen_jax.model import default_dtype
     from qwen_jax.train.config import TrainConfig
     from qwen_jax.train.trainer import Trainer, resolve_mesh
 
-    config = Qwen2Config.preset(preset)
-    data = os.path.join(workdir, "data.jsonl")
-    with open(data, "w") as f:  # the trainer needs a data file; the benchmark feeds its own batches
-        f.write(json.dumps({"text": "benchmark " * 8}) + "\n")
-    train_config = TrainConfig(model=f"random {preset}", tokenizer=TOKENIZER, data=data, out=workdir,
+    config = Qwen2Config.preset(preset) if isinstance(preset, str) else preset
+    if layers:
+        config = config.replace(num_hidden_layers=layers)
+    if vocab_size:
+        config = config.replace(vocab_size=vocab_size)
+    data = write_data_file(workdir)
+    train_config = TrainConfig(model="random weights", tokenizer=tokenizer, data=data, out=workdir,
                                seq_len=seq_len, batch_size=rows, steps=steps, lora_rank=lora_rank,
-                               lora_alpha=2.0 * max(lora_rank, 1), progress=False, save_every=0)
-    mesh = resolve_mesh("")
-    model = create_model(config, dtype=default_dtype(), param_dtype=jnp.float32, mesh=mesh)
+                               lora_alpha=2.0 * max(lora_rank, 1), progress=False, save_every=0, mesh=mesh)
+    model = create_model(config, dtype=default_dtype(), param_dtype=jnp.float32, mesh=resolve_mesh(mesh))
     trainer = Trainer(train_config, model=model, log=lambda message: None)
     batch = random_batch(config, seq_len, rows)
     start = time.perf_counter()
@@ -156,6 +176,62 @@ def bench_torch(preset: str, seq_len: int, rows: int, steps: int, lora_rank: int
     return {"step_s": seconds, "first_step_s": first, "loss": loss}
 
 
+# --------------------------------------------------------------------------- processes
+_PROCESS_WORKER = """
+import json, sys
+process_id, processes, port, preset, layers, vocab, seq_len, rows, steps, workdir = sys.argv[1:11]
+from qwen_jax.train import multihost
+if int(processes) > 1:
+    multihost.initialize(f"localhost:{port}", int(processes), int(process_id))
+sys.path.insert(0, {repo!r})
+from benchmarks.train import bench_jax
+result = bench_jax(preset, int(seq_len), int(rows), int(steps), 0, workdir, int(layers), int(vocab))
+if multihost.is_primary():
+    print("RESULT " + json.dumps(result), flush=True)
+"""
+
+
+def bench_processes(preset: str, layers: int, vocab_size: int, seq_len: int, rows: int, steps: int,
+                    processes: int, devices: int) -> dict:
+    """One full fine-tuning run of `processes` x `devices / processes` fake CPU devices (jax.distributed, gloo)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices // processes}"}
+    code = _PROCESS_WORKER.replace("{repo!r}", repr(REPO))
+    workdir = tempfile.mkdtemp()  # the run's output directory, shared by the processes
+    write_data_file(workdir)
+    workers = [subprocess.Popen([sys.executable, "-c", code, str(i), str(processes), str(port), preset, str(layers), str(vocab_size),
+                                 str(seq_len), str(rows), str(steps), workdir], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True) for i in range(processes)]
+    outputs = [w.communicate()[0] for w in workers]
+    if any(w.returncode for w in workers):
+        raise RuntimeError(f"a benchmark process failed: {[w.returncode for w in workers]}")
+    (line,) = [line for line in outputs[0].splitlines() if line.startswith("RESULT ")]
+    return json.loads(line[len("RESULT "):])
+
+
+def compare_processes(args) -> int:
+    """Tokens/s of the same training step on 1 process x N devices and on 2 processes x N/2."""
+    tokens = args.batch_size * args.seq_len
+    print(f"# {args.preset} architecture with {args.layers} layer(s) and a {args.vocab_size}-token vocabulary, "
+          f"full fine-tuning step, batch {args.batch_size} "
+          f"x seq {args.seq_len}, {args.devices} fake CPU devices (fsdp={args.devices})")
+    results = {}
+    for processes in (1, 2):
+        result = bench_processes(args.preset, args.layers, args.vocab_size, args.seq_len, args.batch_size,
+                                 args.steps, processes, args.devices)
+        results[processes] = result
+        print(f"{processes} process(es) x {args.devices // processes} devices: {result['step_s']:7.2f} s/step  "
+              f"{tokens / result['step_s']:8.1f} tokens/s  (first step {result['first_step_s']:.1f} s, "
+              f"loss {result['loss']:.4f})", flush=True)
+    print(f"2-process / 1-process tokens/s: {results[1]['step_s'] / results[2]['step_s']:.2f}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="0.5B")
@@ -165,7 +241,17 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--compare-processes", action="store_true",
+                        help="instead: full fine-tuning on 1 process x --devices fake CPU devices vs 2 processes x half")
+    parser.add_argument("--devices", type=int, default=8, help="fake CPU devices in all, for --compare-processes")
+    parser.add_argument("--layers", type=int, default=2,
+                        help="decoder layers of the preset's architecture, for --compare-processes (memory)")
+    parser.add_argument("--vocab-size", type=int, default=8192,
+                        help="vocabulary for --compare-processes: FSDP gathers the embedding on every fake device, "
+                             "so the real 151,936 rows need ~1 GB per device")
     args = parser.parse_args(argv)
+    if args.compare_processes:
+        return compare_processes(args)
 
     from qwen_jax import Qwen2Config
     from qwen_jax.model import default_dtype

@@ -29,9 +29,15 @@ def restore_group(checkpoint_dir: str | os.PathLike, group: ParamGroup,
     directory = group_dir(checkpoint_dir, group)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{checkpoint_dir}: missing parameter group {PARAMS_DIR}/{group.name}")
-    args = ocp.args.StandardRestore(nest(targets) if targets is not None else None)
+    # Host reads involve no other process (in a multi-process run, e.g. process 0 exporting OUT/model).
+    checkpointer = orbax_checkpointer(this_process_only=targets is None)
     try:
-        tree = orbax_checkpointer().restore(directory, args=args)
+        if targets is None:  # numpy templates (zero-stride views: no memory), whatever devices wrote the group
+            stored = checkpointer.metadata(directory).item_metadata.tree
+            template = jax.tree.map(lambda meta: np.broadcast_to(np.zeros((), meta.dtype), meta.shape), stored)
+        else:
+            template = nest(targets)
+        tree = checkpointer.restore(directory, args=ocp.args.StandardRestore(template))
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"{directory}: unreadable Orbax group ({type(e).__name__}: {_first_line(e)})") from None
     restored = {}

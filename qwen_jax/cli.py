@@ -1,14 +1,19 @@
 """`qwen-jax` command line: one entry point, one subcommand per module.
 
 Each subcommand module defines `add_arguments(parser)` and `run(args) -> int`. User errors are
-reported as one line with exit status 2.
+reported as one line with exit status 2. Every subcommand that compiles (all but those in
+`WITHOUT_COMPILATION`) takes `--compile-cache DIR` / `--no-compile-cache` and runs with JAX's
+persistent compilation cache (`qwen_jax.compile_cache`), so a second run skips XLA compilation.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
+
+from qwen_jax import compile_cache
 
 # name -> (module, one-line help). Order is the order `--help` shows.
 COMMANDS = {
@@ -19,6 +24,9 @@ COMMANDS = {
     "chat": ("qwen_jax.cli_chat", "interactive multi-turn chat"),
     "train": ("qwen_jax.train.cli", "fine-tune (full or LoRA) on JSONL data"),
 }
+
+# Subcommands that run no XLA compilation worth caching; every other one (new ones too) gets the cache.
+WITHOUT_COMPILATION = frozenset({"info", "convert", "export-hf"})
 
 
 class UserError(Exception):
@@ -34,6 +42,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
         module = importlib.import_module(module_name)
         sub = subparsers.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
         module.add_arguments(sub)
+        if name not in WITHOUT_COMPILATION:
+            compile_cache.add_arguments(sub)
         modules[name] = module
     return parser, modules
 
@@ -54,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     from qwen_jax.quant import QuantizationError
     from qwen_jax.safetensors_io import CheckpointError
 
+    cache = compile_cache.configured(args) if args.command not in WITHOUT_COMPILATION else contextlib.nullcontext()
     try:
-        return int(modules[args.command].run(args) or 0)
+        with cache:
+            return int(modules[args.command].run(args) or 0)
     except (UserError, ConfigError, CheckpointError, QuantizationError, FileNotFoundError) as e:
         print(f"qwen-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

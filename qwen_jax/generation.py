@@ -2,11 +2,12 @@
 
 How a call runs:
 
-1. Prompts are left-padded to a power-of-two bucket (at least `MIN_PROMPT_BUCKET`), so a new prompt
+1. Prompts are right-padded to a power-of-two bucket (at least `MIN_PROMPT_BUCKET`), so a new prompt
    length inside a bucket reuses the compiled code. The cache length (`prompt bucket + max_new_tokens`)
-   is bucketed too. Each row keeps its own positions (count of its real tokens), and one
-   `[batch, cache_len]` mask hides the padding slots for the whole generation.
-2. Prefill: one jitted call writes the prompt into the cache and picks the first new token.
+   is bucketed too. Every row's tokens start at cache slot 0 and the cache keeps one length per
+   row (`KVCache.lengths`), so a row's result never depends on its batch-mates.
+2. Prefill: one jitted call writes the prompts into the cache and picks each row's first new token
+   from the logits at its own last prompt token.
 3. Decode: `generate_ids` runs every remaining step inside one jitted `lax.while_loop` that stops
    when all rows have hit a stop token or `max_new_tokens`; `stream_ids` runs one jitted step per
    token so text can be shown as it is produced. Both draw step `i`'s token with
@@ -217,6 +218,7 @@ class _Static:
     mode: sampling.SamplingMode
     return_logits: bool
     cache_sharding: Any  # NamedSharding of the cache arrays, or None off a mesh
+    capacity: int  # length of the decode loop's token buffer (>= max_new_tokens)
 
 
 def _constrain_cache(cache: KVCache, static: _Static) -> KVCache:
@@ -224,7 +226,7 @@ def _constrain_cache(cache: KVCache, static: _Static) -> KVCache:
         return cache
     k = jax.lax.with_sharding_constraint(cache.k, static.cache_sharding)
     v = jax.lax.with_sharding_constraint(cache.v, static.cache_sharding)
-    return KVCache(k, v, cache.index)
+    return KVCache(k, v, cache.lengths)
 
 
 def _step_key(key: jax.Array, step) -> jax.Array:
@@ -232,15 +234,15 @@ def _step_key(key: jax.Array, step) -> jax.Array:
 
 
 def _prefill(static: _Static, state, cache, input_ids, prompt_mask, key, params):
-    """Write the (left-padded) prompts into the cache and pick the first new token of each row."""
+    """Write the (right-padded) prompts into the cache and pick the first new token of each row."""
     _trace_counts["prefill"] += 1
     model = nnx.merge(static.graphdef, state)
-    batch, prompt_len = input_ids.shape
-    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
-    cache_mask = _cache_mask(prompt_mask, cache.max_len)
-    hidden, cache = model.hidden_states(input_ids, positions, cache_mask, cache=cache)
-    # Left padding puts every row's last real token in the last column: only it needs logits.
-    logits = model.logits(hidden[:, -1:])[:, 0]
+    batch = input_ids.shape[0]
+    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+    hidden, cache = model.hidden_states(input_ids, positions, prompt_mask, cache=cache)
+    # Each row's last real token sits at its own column: only it needs logits.
+    last = jnp.take_along_axis(hidden, (cache.lengths - 1)[:, None, None], axis=1)
+    logits = model.logits(last)[:, 0]
     seen = None
     if static.mode.repetition_penalty:
         seen = jnp.zeros((batch, logits.shape[-1]), bool)
@@ -251,17 +253,12 @@ def _prefill(static: _Static, state, cache, input_ids, prompt_mask, key, params)
     return token, _constrain_cache(cache, static), seen, logits if static.return_logits else None
 
 
-def _cache_mask(prompt_mask, cache_len):
-    """Valid cache slots: the prompt's real tokens, and every slot after the prompt bucket
-    (slots not written yet are hidden by the causal mask)."""
-    batch, prompt_len = prompt_mask.shape
-    generated = jnp.ones((batch, cache_len - prompt_len), prompt_mask.dtype)
-    return jnp.concatenate([prompt_mask, generated], axis=1)
+def _decode_token(static: _Static, model, cache, token, seen, key, step, params):
+    """One cached forward of `token` (each row at its own cache length), then the next token.
 
-
-def _decode_token(static: _Static, model, cache, token, position, cache_mask, seen, key, step, params):
-    """One cached forward of `token` at `position`, then the next token (shared by loop and stream)."""
-    logits, cache = model.forward(token[:, None], position[:, None], cache_mask, cache=cache)
+    Shared by the loop and the stream.
+    """
+    logits, cache = model.forward(token[:, None], cache.lengths[:, None], None, cache=cache)
     logits = logits[:, 0]
     next_token = sampling.sample(_step_key(key, step), logits, seen, params, static.mode)
     if seen is not None:
@@ -269,23 +266,20 @@ def _decode_token(static: _Static, model, cache, token, position, cache_mask, se
     return next_token, _constrain_cache(cache, static), seen, logits
 
 
-def _decode_loop(static: _Static, state, cache, first_token, prompt_mask, seen, key, params, max_new_tokens, stop_ids):
+def _decode_loop(static: _Static, state, cache, first_token, seen, key, params, max_new_tokens, stop_ids):
     """All remaining decode steps in one `lax.while_loop`.
 
-    Returns tokens `[B, max_len - prompt_bucket]` (pad after each row's end), the number of tokens
-    each row produced, the cache, and (with return_logits) the logits of every step.
+    Returns tokens `[B, static.capacity]` (pad after each row's end), the number of tokens each
+    row produced, the cache, and (with return_logits) the logits of every step.
     """
     _trace_counts["decode_loop"] += 1
     model = nnx.merge(static.graphdef, state)
-    batch, prompt_len = prompt_mask.shape
-    capacity = cache.max_len - prompt_len
-    cache_mask = _cache_mask(prompt_mask, cache.max_len)
-    prompt_lengths = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
-    tokens = jnp.zeros((batch, capacity), jnp.int32).at[:, 0].set(first_token)
+    batch = first_token.shape[0]
+    tokens = jnp.zeros((batch, static.capacity), jnp.int32).at[:, 0].set(first_token)
     done = jnp.isin(first_token, stop_ids)
     lengths = jnp.ones((batch,), jnp.int32)
     vocab = model.config.vocab_size
-    all_logits = jnp.zeros((batch, capacity, vocab), jnp.float32) if static.return_logits else None
+    all_logits = jnp.zeros((batch, static.capacity, vocab), jnp.float32) if static.return_logits else None
 
     def cond(carry):
         step, done = carry[0], carry[1]
@@ -294,8 +288,7 @@ def _decode_loop(static: _Static, state, cache, first_token, prompt_mask, seen, 
     def body(carry):
         step, done, lengths, tokens, cache, seen, all_logits = carry
         previous = tokens[:, step - 1]
-        next_token, cache, seen, logits = _decode_token(
-            static, model, cache, previous, prompt_lengths + step - 1, cache_mask, seen, key, step, params)
+        next_token, cache, seen, logits = _decode_token(static, model, cache, previous, seen, key, step, params)
         next_token = jnp.where(done, 0, next_token)
         tokens = tokens.at[:, step].set(next_token)
         lengths = lengths + (~done).astype(jnp.int32)
@@ -309,13 +302,11 @@ def _decode_loop(static: _Static, state, cache, first_token, prompt_mask, seen, 
     return tokens, lengths, cache, all_logits
 
 
-def _decode_step(static: _Static, state, cache, token, position, prompt_mask, seen, key, step, params):
+def _decode_step(static: _Static, state, cache, token, seen, key, step, params):
     """One decode step for streaming."""
     _trace_counts["decode_step"] += 1
     model = nnx.merge(static.graphdef, state)
-    cache_mask = _cache_mask(prompt_mask, cache.max_len)
-    next_token, cache, seen, logits = _decode_token(
-        static, model, cache, token, position, cache_mask, seen, key, step, params)
+    next_token, cache, seen, logits = _decode_token(static, model, cache, token, seen, key, step, params)
     return next_token, cache, seen, logits if static.return_logits else None
 
 
@@ -396,9 +387,9 @@ def _prepare(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], config: 
     bucket = prompt_bucket(max(len(p) for p in prompts))
     input_ids = np.full((len(prompts), bucket), pad_id, np.int32)
     prompt_mask = np.zeros((len(prompts), bucket), np.int32)
-    for row, ids in enumerate(prompts):
-        input_ids[row, bucket - len(ids):] = ids
-        prompt_mask[row, bucket - len(ids):] = 1
+    for row, ids in enumerate(prompts):  # right padding: every row's tokens start at cache slot 0
+        input_ids[row, : len(ids)] = ids
+        prompt_mask[row, : len(ids)] = 1
 
     mesh = model.mesh
     cache_len = cache_bucket(bucket + max_new)
@@ -421,7 +412,7 @@ def _prepare(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], config: 
     return _Request(
         model=model,
         config=config,
-        static=_Static(graphdef, mode, return_logits, cache_sharding),
+        static=_Static(graphdef, mode, return_logits, cache_sharding, cache_len - bucket),
         state=state,
         input_ids=put(input_ids),
         prompt_mask=put(prompt_mask),
@@ -483,7 +474,7 @@ def generate_ids(
     timing = Timing()
     first_token, cache, seen, first_logits = _run_prefill(request, timing)
 
-    args = (request.state, cache, first_token, request.prompt_mask, seen, request.key, request.params,
+    args = (request.state, cache, first_token, seen, request.key, request.params,
             request.put(np.int32(request.max_new_tokens)), request.stop_ids)
     executable, compile_s = _executables.get(_jitted(_decode_loop), request.static, args)
     del cache
@@ -546,9 +537,8 @@ class TokenStream(_Stream):
             decode_start = executable = None
             for step in range(request.max_new_tokens):
                 if step > 0:
-                    position = request.put(np.asarray([request.prompt_lengths[0] + step - 1], np.int32))
-                    args = (request.state, cache, token, position, request.prompt_mask, seen, request.key,
-                            request.put(np.int32(step)), request.params)
+                    args = (request.state, cache, token, seen, request.key, request.put(np.int32(step)),
+                            request.params)
                     if executable is None:  # every step has the same signature: look it up once
                         executable, compile_s = _executables.get(_jitted(_decode_step), request.static, args)
                         timing.compile_s += compile_s

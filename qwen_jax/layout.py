@@ -495,9 +495,15 @@ def nest(flat: dict[Key, Any]) -> dict[str, Any]:
     return tree
 
 
-def orbax_checkpointer() -> ocp.Checkpointer:
-    # Synchronous on purpose: a converter holds one group in memory, never two.
-    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+def orbax_checkpointer(*, this_process_only: bool = False) -> ocp.Checkpointer:
+    """A synchronous Checkpointer (a converter holds one group in memory, never two).
+
+    `this_process_only`: for reads into host memory that one process of a multi-process run does
+    alone; Orbax's default would wait for the other processes at its barriers."""
+    if not this_process_only or jax.process_count() == 1:
+        return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler(multiprocessing_options=alone), multiprocessing_options=alone)
 
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
@@ -537,7 +543,8 @@ class OrbaxWriter:
     config, so a writer cannot store a whole parameter where a row block belongs. Device arrays
     are written by Orbax shard by shard (in a multi-process run every process writes its own).
     `finish` writes config.json, the side files and the manifest, which makes the directory
-    loadable. The caller owns the directory (e.g. `qwen_jax.outdir.atomic_output_dir`).
+    loadable (on process 0 only: in a multi-process run every process calls `write_group` and
+    `finish` with the same arguments, on one shared directory). The caller owns the directory (e.g. `qwen_jax.outdir.atomic_output_dir`).
     """
 
     def __init__(self, directory: str | os.PathLike, config: Qwen2Config, *,
@@ -591,12 +598,6 @@ class OrbaxWriter:
         if len(self.dtypes) != 1:
             raise ValueError(f"{self.directory}: parameters stored in several dtypes {sorted(self.dtypes)}")
         (dtype,) = self.dtypes
-        config_json = config_with_dtype(config_json if config_json is not None else self.config.to_hf(), dtype)
-        write_json(os.path.join(self.directory, "config.json"), config_json)
-        if side_files_from and os.path.isdir(side_files_from):
-            copy_side_files(side_files_from, self.directory)
-        if not os.path.exists(os.path.join(self.directory, "generation_config.json")):
-            write_json(os.path.join(self.directory, "generation_config.json"), _generation_config(self.config))
         from qwen_jax import __version__
 
         manifest = {
@@ -612,6 +613,14 @@ class OrbaxWriter:
             **({} if self.quantization is None else {"quantization": self.quantization.to_json()}),
             **(extra or {}),
         }
+        if jax.process_index() != 0:  # in a multi-process run the groups are written together, these files once
+            return manifest
+        config_json = config_with_dtype(config_json if config_json is not None else self.config.to_hf(), dtype)
+        write_json(os.path.join(self.directory, "config.json"), config_json)
+        if side_files_from and os.path.isdir(side_files_from):
+            copy_side_files(side_files_from, self.directory)
+        if not os.path.exists(os.path.join(self.directory, "generation_config.json")):
+            write_json(os.path.join(self.directory, "generation_config.json"), _generation_config(self.config))
         write_json(os.path.join(self.directory, MANIFEST), manifest)
         return manifest
 

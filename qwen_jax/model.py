@@ -53,19 +53,36 @@ _ones = jax.nn.initializers.ones
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Preallocated keys/values `[layers, batch, max_len, kv_heads, head_dim]`.
+    """Preallocated keys/values `[layers, batch, max_len, kv_heads, head_dim]` with a length per row.
 
-    `index` is the next slot to write (the same for every row: prompts are left-padded).
+    Contract (what the model, generation and a continuous-batching engine rely on):
+
+    - `lengths[b]` is the number of filled slots of row b. Row b's keys always start at slot 0
+      (no left padding inside the cache), so a row's layout never depends on its batch-mates.
+    - A model call with `T` new tokens, `model(ids[B, T], cache=cache, attention_mask=m[B, T])`,
+      writes row b's tokens at slots `lengths[b] .. lengths[b] + T - 1` (writes past `max_len`
+      are dropped) and returns the cache with `lengths + m.sum(1)`: `m` marks the real tokens,
+      which come first in each row (right padding), default all T. Padding slots written past a
+      row's new length are ignored by attention and overwritten by the row's next tokens.
+    - Query t of row b sits at slot `lengths[b] + t` and attends to slots `0 .. lengths[b] + t`
+      (and, on sliding-window layers, only the last `sliding_window` of them). Its default
+      position is its slot.
+    - A decode step with ragged lengths is the same call with `T = 1`:
+      `logits, cache = model(next_tokens[:, None], cache=cache)`; every row reads its own
+      length. Give `attention_mask=active[:, None]` (0 for idle rows) to leave a row's length as is.
+    - Serving one request in a slot of a shared cache: prefill it alone in a batch-1 cache, then
+      `batch_cache = batch_cache.insert(request_cache, slot)` (see `insert`); to free a slot,
+      set its length to 0: `dataclasses.replace(cache, lengths=cache.lengths.at[slot].set(0))`.
     """
 
     k: jax.Array
     v: jax.Array
-    index: jax.Array
+    lengths: jax.Array  # int32 [batch]
 
     @classmethod
     def init(cls, config: Qwen2Config, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
         shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 
     @staticmethod
     def logical_axes() -> tuple[str, ...]:
@@ -74,6 +91,40 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def insert(self, other: "KVCache", slots) -> "KVCache":
+        """This cache with every row of `other` copied into rows `slots` (int or int[other.batch]).
+
+        `other` may be shorter (`other.max_len <= self.max_len`): slots past it keep stale values,
+        which the copied lengths hide. Jittable; under `jax.jit(..., donate_argnums=0)` the copy is
+        in place.
+        """
+        if other.max_len > self.max_len:
+            raise ValueError(f"cannot insert a cache of max_len {other.max_len} into one of max_len {self.max_len}")
+        if (self.k.shape[0], *self.k.shape[3:]) != (other.k.shape[0], *other.k.shape[3:]):
+            raise ValueError(f"cache shapes {other.k.shape} and {self.k.shape} differ beyond batch and length")
+        slots = jnp.broadcast_to(jnp.asarray(slots, jnp.int32), (other.batch,))
+        span = slice(0, other.max_len)
+        return KVCache(
+            self.k.at[:, slots, span].set(other.k.astype(self.k.dtype)),
+            self.v.at[:, slots, span].set(other.v.astype(self.v.dtype)),
+            self.lengths.at[slots].set(other.lengths),
+        )
+
+
+def write_rows(buffer: jax.Array, layer, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """`buffer[layer, b, starts[b] + t] = new[b, t]` for a stacked cache array `[L, B, S, K, H]`.
+
+    Each row is written at its own offset (one scatter); slots past `max_len` are dropped.
+    """
+    batch, length = new.shape[:2]
+    slots = starts[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+    rows = jnp.arange(batch, dtype=jnp.int32)[:, None]
+    return buffer.at[layer, rows, slots].set(new.astype(buffer.dtype), mode="drop")
 
 
 class RMSNorm(nnx.Module):
@@ -153,20 +204,19 @@ class Attention(nnx.Module):
         self.scale = H**-0.5
         self.dtype = dtype
 
-    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_starts=None):
         """mask: bool [B, T, S]. cache_kv: (k, v) of this layer, [B, S, K, H], or None.
 
         Returns the output and this call's new (k, v) `[B, T, K, H]`, which the caller writes
-        into the cache (only T slots are written, never the whole layer cache).
+        into the cache (each row at its own `cache_starts[b]`).
         """
         q = rope.apply_rope(self.q_proj(x), cos, sin)
         k = rope.apply_rope(self.k_proj(x), cos, sin)
         v = self.v_proj(x)
         new_kv = (k, v)
         if cache_kv is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start).astype(self.dtype)
-            v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start).astype(self.dtype)
+            k = write_rows(cache_kv[0][None], 0, k, cache_starts)[0].astype(self.dtype)
+            v = write_rows(cache_kv[1][None], 0, v, cache_starts)[0].astype(self.dtype)
         B, T, N, H = q.shape
         q = q.reshape(B, T, self.num_kv_heads, N // self.num_kv_heads, H)
         scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * self.scale
@@ -199,8 +249,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
         self.mlp = MLP(config, **kw)
 
-    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
-        attn_out, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, cache_index)
+    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_starts=None):
+        attn_out, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, cache_starts)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, new_kv
@@ -274,10 +324,12 @@ class Qwen2ForCausalLM(nnx.Module):
     def __call__(self, input_ids, positions=None, attention_mask=None, *, segment_ids=None, cache=None):
         """Logits `[B, T, V]` (float32); with `cache`, returns `(logits, new_cache)`.
 
-        attention_mask: without a cache, `[B, T]` with 1 for real tokens and 0 for (left) padding;
-          with a cache, `[B, max_len]` marking the valid cache slots after this call's tokens
-          are written at `cache.index`.
-        positions: `[B, T]`; default: count of real tokens before each one (works for left padding).
+        attention_mask: `[B, T]`, 1 for real tokens and 0 for padding. Without a cache, padding
+          may sit anywhere (left padding for batched prompts); with a cache, real tokens come
+          first in each row (right padding) and each row's cache length grows by its count of
+          real tokens (see `KVCache`). Default: every token is real.
+        positions: `[B, T]`; default: without a cache, the count of real tokens before each one
+          (works for left padding); with a cache, each token's slot `cache.lengths[b] + t`.
         segment_ids: `[B, T]` for packed sequences: attention never crosses segments.
         """
         input_ids = jnp.asarray(input_ids, jnp.int32) if not _traced(input_ids) else input_ids
@@ -292,29 +344,25 @@ class Qwen2ForCausalLM(nnx.Module):
 
     def _defaults(self, input_ids, positions, attention_mask, cache):
         B, T = input_ids.shape
-        if cache is None:
-            if attention_mask is None:
-                attention_mask = jnp.ones((B, T), jnp.int32)
+        if attention_mask is not None:
             attention_mask = jnp.asarray(attention_mask).astype(jnp.int32)
             if attention_mask.shape != (B, T):
                 raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {(B, T)}")
-            if positions is None:
+        if cache is not None and cache.batch != B:
+            raise ValueError(f"cache has {cache.batch} rows, input_ids {B}")
+        if positions is None:
+            if cache is not None:
+                positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+            elif attention_mask is not None:
                 positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-        else:
-            if attention_mask is None:
-                slots = jnp.arange(cache.max_len)[None, :]
-                attention_mask = jnp.broadcast_to(slots < cache.index + T, (B, cache.max_len)).astype(jnp.int32)
-            attention_mask = jnp.asarray(attention_mask).astype(jnp.int32)
-            if attention_mask.shape != (B, cache.max_len):
-                raise ValueError(f"with a cache, attention_mask must be [batch, {cache.max_len}], got {attention_mask.shape}")
-            if positions is None:
-                positions = jnp.broadcast_to(cache.index + jnp.arange(T)[None, :], (B, T))
+            else:
+                positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         positions = jnp.asarray(positions).astype(jnp.int32)
         if positions.shape != (B, T):
             raise ValueError(f"positions shape {positions.shape} != input_ids shape {(B, T)}")
         return positions, attention_mask
 
-    def hidden_states(self, input_ids, positions, attention_mask, *, segment_ids=None, cache=None):
+    def hidden_states(self, input_ids, positions, attention_mask=None, *, segment_ids=None, cache=None):
         """Final-norm hidden states `[B, T, D]` (and the new cache, or None)."""
         cfg, mesh, rules = self.config, self.mesh, self.rules
         x = self.model.embed_tokens(input_ids)
@@ -322,17 +370,16 @@ class Qwen2ForCausalLM(nnx.Module):
         cos, sin = rope.rope_tables(cfg, positions, self.dtype)
         masks = _attention_masks(cfg, input_ids.shape[1], attention_mask, segment_ids, cache)
 
-        index = None if cache is None else cache.index
+        starts = None if cache is None else cache.lengths
 
         def run_layer(layer_graph, layer_state, h, kv, layer_idx, window):
             layer = nnx.merge(layer_graph, layer_state)
             mask = masks[0] if len(masks) == 1 else jnp.where(window > 0, masks[1], masks[0])
             layer_kv = None if kv is None else (kv[0][layer_idx], kv[1][layer_idx])
-            h, new_kv = layer(h, cos, sin, mask, layer_kv, index)
+            h, new_kv = layer(h, cos, sin, mask, layer_kv, starts)
             h = constrain(h, ("batch", "seq", "act_embed"), mesh, rules)
             if kv is not None:  # write only this call's slots, in place
-                start = (layer_idx, 0, index, 0, 0)
-                kv = tuple(jax.lax.dynamic_update_slice(c, n[None].astype(c.dtype), start) for c, n in zip(kv, new_kv))
+                kv = tuple(write_rows(c, layer_idx, n, starts) for c, n in zip(kv, new_kv))
             return h, kv
 
         if self.remat != "none":
@@ -353,7 +400,10 @@ class Qwen2ForCausalLM(nnx.Module):
             windows = jnp.asarray(cfg.layer_windows, jnp.int32)
             (x, kv), _ = jax.lax.scan(body, (x, kv), (layers_state, layer_ids, windows))
         x = self.model.norm(x)
-        new_cache = None if cache is None else KVCache(kv[0], kv[1], index + input_ids.shape[1])
+        new_cache = None
+        if cache is not None:
+            added = input_ids.shape[1] if attention_mask is None else jnp.sum(attention_mask, axis=1, dtype=jnp.int32)
+            new_cache = KVCache(kv[0], kv[1], cache.lengths + added)
         return x, new_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -379,13 +429,14 @@ def _traced(x) -> bool:
 def _attention_masks(cfg: Qwen2Config, T: int, attention_mask, segment_ids, cache):
     """Boolean [B, T, S] masks: (full,) or (full, sliding) when some layer uses a window."""
     if cache is None:
-        q_slots = jnp.arange(T)
+        q_slots = jnp.arange(T)[None, :]  # [1, T]
         k_slots = jnp.arange(T)
     else:
-        q_slots = cache.index + jnp.arange(T)
+        q_slots = cache.lengths[:, None] + jnp.arange(T)[None, :]  # [B, T]: each row at its own offset
         k_slots = jnp.arange(cache.max_len)
-    valid = attention_mask.astype(bool)[:, None, :]
-    full = (k_slots[None, :] <= q_slots[:, None])[None] & valid
+    full = k_slots[None, None, :] <= q_slots[:, :, None]
+    if cache is None and attention_mask is not None:  # padding keys (with a cache, causality hides them)
+        full = full & attention_mask.astype(bool)[:, None, :]
     if segment_ids is not None:
         if cache is not None:
             raise ValueError("segment_ids are for packed training batches, not cached decoding")
@@ -397,7 +448,7 @@ def _attention_masks(cfg: Qwen2Config, T: int, attention_mask, segment_ids, cach
         raise ValueError(f"layers use different sliding windows {sorted(windows)}; qwen-jax supports one")
     (window,) = windows
     # HF: a key is inside the window when kv_idx > q_idx - sliding_window.
-    sliding = full & (k_slots[None, :] > q_slots[:, None] - window)[None]
+    sliding = full & (k_slots[None, None, :] > q_slots[:, :, None] - window)
     return (full, sliding)
 
 

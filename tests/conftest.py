@@ -8,6 +8,8 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# CLI calls in tests must not write to the user's compilation cache; tests that want one say so.
+os.environ.setdefault("QWEN_JAX_COMPILE_CACHE", "off")
 
 import pytest  # noqa: E402
 

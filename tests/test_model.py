@@ -244,4 +244,42 @@ def test_kv_cache_prefill_and_decode_equal_full_forward(hf_checkpoint, scan_laye
     for t in range(6, 10):
         step, cache = model(ids[:, t:t + 1], cache=cache)
         np.testing.assert_allclose(np.asarray(step)[:, 0], full[:, t], atol=1e-5)
-    assert int(cache.index) == 10
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [10, 10])
+
+
+def test_kv_cache_ragged_rows_and_insert(hf_checkpoint):
+    """Right-padded rows of different lengths share a cache; each row equals its own forward pass.
+
+    Then a row prefilled alone and inserted into a slot of a batch cache decodes like the others.
+    """
+    from qwen_jax.model import KVCache
+
+    _, path = hf_checkpoint(tie_word_embeddings=False)
+    model = load_model(path, dtype=jnp.float32, scan_layers=False)
+    rows = [random_ids(1, n, seed=n)[0] for n in (7, 3, 5)]
+    full = [np.asarray(model(np.concatenate([r, [9, 8]])[None]))[0] for r in rows]
+    ids = np.zeros((3, 8), np.int32)
+    mask = np.zeros((3, 8), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    cache = KVCache.init(model.config, batch=3, max_len=12, dtype=jnp.float32)
+    logits, cache = model(ids, attention_mask=mask, cache=cache)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [7, 3, 5])
+    for i, r in enumerate(rows):
+        np.testing.assert_allclose(np.asarray(logits)[i, :len(r)], full[i][:len(r)], atol=1e-5)
+    for t, token in enumerate((9, 8)):  # two ragged decode steps, each row at its own position
+        step, cache = model(np.full((3, 1), token, np.int32), cache=cache)
+        for i, r in enumerate(rows):
+            np.testing.assert_allclose(np.asarray(step)[i, 0], full[i][len(r) + t], atol=1e-5)
+    # Row 1 prefilled alone (batch 1, shorter cache), inserted into slot 0 of a 2-row cache.
+    alone = KVCache.init(model.config, batch=1, max_len=8, dtype=jnp.float32)
+    _, alone = model(rows[1][None], cache=alone)
+    shared = KVCache.init(model.config, batch=2, max_len=12, dtype=jnp.float32)
+    _, shared = model(ids[[2, 2]], attention_mask=mask[[2, 2]], cache=shared)
+    shared = jax.jit(KVCache.insert, donate_argnums=0)(shared, alone, 0)
+    np.testing.assert_array_equal(np.asarray(shared.lengths), [3, 5])
+    step, shared = model(np.full((2, 1), 9, np.int32), cache=shared)
+    np.testing.assert_allclose(np.asarray(step)[0, 0], full[1][3], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(step)[1, 0], full[2][5], atol=1e-5)
+    with pytest.raises(ValueError, match="max_len"):
+        alone.insert(shared, 0)

@@ -83,7 +83,8 @@ def compilation_cache(tmp_path_factory):
     jax.config.update(names[0], directory)
     jax.config.update(names[1], 1.0)
     cc.reset_cache()
-    yield {**os.environ, "JAX_COMPILATION_CACHE_DIR": directory, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1"}
+    yield {**os.environ, "JAX_COMPILATION_CACHE_DIR": directory, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1",
+           "QWEN_JAX_COMPILE_CACHE": directory}  # the same cache for `qwen-jax train` in a child
     for name, value in saved.items():
         jax.config.update(name, value)
     cc.reset_cache()

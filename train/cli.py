@@ -1,28 +1,73 @@
-"""Fine-tune a Qwen2.5 model (full or LoRA) on JSONL data.
+"""Fine-tune a Qwen2.5 model (full or LoRA).
 
-  qwen-jax train --model PATH --data train.jsonl --out runs/sft [--config train.yaml] [flags]
+  qwen-jax train --model PATH --data DATA --out runs/sft [--config train.yaml] [flags]
 
-Data lines are {"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}.
-Every setting is a flag below and a YAML key (the flag name with underscores); flags override
-the YAML file. --lora-rank R > 0 trains LoRA adapters only. --resume continues from the latest
-checkpoint in OUT/checkpoints. Exit status: 0 finished, 143 after SIGTERM and 130 after SIGINT
-(a checkpoint was written first; rerun with --resume), 2 for bad input.
+DATA is a JSONL or Parquet file, a directory of Parquet files or of HF `datasets` save_to_disk,
+or a Hugging Face Hub dataset id (--data-split picks the split). Records are {"messages": [...]},
+{"prompt": ..., "completion": ...} or {"text": ...}; other column names are mapped with
+--data-format and --messages-column / --prompt-column / --completion-column / --text-column
+(alpaca: --prompt-column instruction,input --completion-column output). Tokens are cached in
+OUT/data_cache. Every setting is a flag below and a YAML key (the flag name with underscores);
+flags override the YAML file. --lora-rank R > 0 trains LoRA adapters only. --resume continues
+from the latest checkpoint in OUT/checkpoints.
+
+Several processes (TPU pod hosts, GPU nodes): run the same command on every host. JAX finds the
+other processes on Cloud TPU, and under SLURM / Open MPI with more than one task; elsewhere give
+--coordinator HOST:PORT --num-processes N --process-id I (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID). OUT must be a directory every host sees.
+
+Exit status: 0 finished, 143 after SIGTERM and 130 after SIGINT (a checkpoint was written
+first; rerun with --resume), 2 for bad input.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+import traceback
 
 from qwen_jax.train import config as config_lib
+
+
+def _device_ids(value: str) -> list[int]:
+    try:
+        return [int(i) for i in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     config_lib.add_arguments(parser)
+    launch = parser.add_argument_group("multi-process launch (not saved with the run; also read from JAX_* variables)")
+    launch.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
+    launch.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    launch.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
+    launch.add_argument("--local-device-ids", type=_device_ids, metavar="IDS",
+                        help="local accelerators this process uses, e.g. 0 (one GPU per process) or 0,1,2,3")
 
 
 def run(args: argparse.Namespace) -> int:
-    from qwen_jax.train.trainer import Trainer
+    import jax
+
+    from qwen_jax.train import multihost
 
     config = config_lib.from_args(args)
-    return Trainer(config).run()
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    multihost.initialize(args.coordinator, args.num_processes, args.process_id, args.local_device_ids, log=log)
+    try:
+        from qwen_jax.train.trainer import Trainer
+
+        return Trainer(config, log=log).run()
+    except BaseException as e:
+        if jax.process_count() == 1 or getattr(e, multihost.RAISED_ON_ALL, False):
+            raise  # raised on every process: the normal exit (through JAX's shutdown barrier) does not wait
+        # Only this process failed; the others may be inside a collective that will never complete.
+        if isinstance(e, KeyboardInterrupt):
+            multihost.exit_now(130)
+        if isinstance(e, multihost.user_error_types()):
+            print(multihost.process_tag(f"qwen-jax train: error: {e}"), file=sys.stderr)
+            multihost.exit_now(2)
+        traceback.print_exc()
+        multihost.exit_now(1)
+        raise

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from qwen_jax.config import ConfigError
+from qwen_jax.train.sources import FORMATS, ColumnMapping
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -25,16 +26,24 @@ def _field(default, help: str, *, choices=None, kind=None):
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # ---- what to train on, where to write
-    model: str = _field(None, "base model: HF/GPTQ/AWQ directory, GGUF file or converted Orbax directory (required)",
-                        kind=str)
-    data: str = _field(None, "training JSONL file (required)", kind=str)
+    model: str = _field(None, "base model: HF, GPTQ or AWQ directory, or converted Orbax directory (required)", kind=str)
+    data: str = _field(None, "training data (required): JSONL or Parquet file, directory of Parquet files or of "
+                       "`datasets` save_to_disk, or a Hugging Face Hub dataset id", kind=str)
     out: str = _field(None, "output directory: checkpoints/, model/, metrics.jsonl, loss_curve.png (required)",
                       kind=str)
-    eval_data: str = _field(None, "optional evaluation JSONL file (eval loss in the metrics)", kind=str)
+    eval_data: str = _field(None, "optional evaluation data, any form --data takes (eval loss in the metrics)",
+                            kind=str)
     tokenizer: str = _field(None, "tokenizer directory (default: the model directory)", kind=str)
     export_hf: str = _field(None, "also write the final model (LoRA merged) as HF safetensors here", kind=str)
     skip_bad_lines: bool = _field(False, "skip and count malformed data lines instead of stopping")
     # ---- data
+    data_split: str = _field("train", "split of a Hub dataset id or of a `datasets` DatasetDict directory", kind=str)
+    data_format: str = _field("auto", "example form (auto: per record, by which columns it has)", choices=FORMATS)
+    messages_column: str = _field("messages", "column of the chat messages (role/content dicts)", kind=str)
+    prompt_column: str = _field("prompt", "prompt column(s); several (e.g. 'instruction,input') are joined by "
+                                "a blank line", kind=str)
+    completion_column: str = _field("completion", "completion column (alpaca: output)", kind=str)
+    text_column: str = _field("text", "plain-text column", kind=str)
     seq_len: int = _field(512, "tokens per packed row; longer examples keep their first seq_len tokens")
     batch_size: int = _field(8, "packed rows per optimizer step (global, over all devices)")
     grad_accum: int = _field(1, "micro-batches per step (batch_size must be a multiple); gradients are summed")
@@ -96,6 +105,8 @@ class TrainConfig:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.column_mapping.prompt:
+            raise ConfigError("prompt_column names no column")
         if self.eval_every and not self.eval_data:
             raise ConfigError("eval_every is set but there is no eval_data")
         if self.quantize:
@@ -112,6 +123,12 @@ class TrainConfig:
         missing = [name for name in ("model", "data", "out") if not getattr(self, name)]
         if missing:
             raise ConfigError(f"missing required setting(s): {', '.join(missing)} (flags or YAML keys)")
+
+    @property
+    def column_mapping(self) -> ColumnMapping:
+        prompt = tuple(c.strip() for c in self.prompt_column.split(",") if c.strip())
+        return ColumnMapping(self.data_format, self.messages_column, "tools", prompt, self.completion_column,
+                             self.text_column)
 
     @property
     def lora_target_list(self) -> tuple[str, ...]:

@@ -1,6 +1,8 @@
-"""Training data: JSONL examples -> token ids with a loss mask -> packed fixed-length batches.
+"""Training data: examples -> token ids with a loss mask -> packed fixed-length batches.
 
-One example per line, in one of three forms:
+Examples come from JSONL, Parquet, `datasets` directories or the Hub (`sources.py`, which also
+maps other column names onto these forms) and are tokenized once into a cache (`token_cache.py`).
+Each example has one of three forms:
 
 - `{"messages": [...], "tools": [...]?}`: a chat, rendered with the checkpoint's chat template.
   Loss on the assistant turns only: the tokens after each `<|im_start|>assistant` header up to
@@ -17,13 +19,14 @@ one left with no loss token after truncation is dropped (counted in `dropped`).
 
 Order and resumption: epoch `e` uses the permutation `numpy.random.default_rng([seed, e])`;
 `DataLoader.position` (epoch, batch index) is saved with every checkpoint, so a resumed run
-continues with exactly the batches an uninterrupted run would have seen.
+continues with exactly the batches an uninterrupted run would have seen. The batches depend on
+the data, `seq_len`, `batch_size` and the seed only: not on the number of processes or devices,
+each of which builds just the rows it holds (`DataLoader.batch(..., rows=)`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Protocol, Sequence
 
@@ -155,30 +158,29 @@ def _single_id(tokenizer: TokenizerLike, token: str) -> int | None:
 
 def read_jsonl(path: str | os.PathLike, tokenizer: TokenizerLike, *, skip_bad_lines: bool = False,
                stats: DatasetStats | None = None) -> list[Example]:
-    """Read and tokenise every line of a JSONL file (blank lines are ignored).
+    """Read and tokenise every line of a JSONL file into memory (blank lines are ignored).
 
     A malformed line raises DataError('FILE:LINE: reason'), or with `skip_bad_lines` is skipped
-    and counted in `stats.skipped_lines`.
+    and counted in `stats.skipped_lines`. (Training goes through `token_cache`, which does the
+    same for every source format without holding the data in memory.)
     """
+    from qwen_jax.train.sources import ColumnMapping, JsonlSource
+
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: data file not found")
     stats = stats if stats is not None else DatasetStats()
-    tokenization = Tokenization(tokenizer)
+    tokenization, mapping = Tokenization(tokenizer), ColumnMapping()
     examples = []
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: data file not found") from None
-    with f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                examples.append(tokenization.example(json.loads(line)))
-            except (ValueError, TypeError) as e:
-                reason = f"invalid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
-                if not skip_bad_lines:
-                    raise DataError(f"{path}:{line_number}: {reason} (use --skip-bad-lines to skip such lines)") from None
-                stats.skipped_lines += 1
+    for location, record in JsonlSource(path).records():
+        try:
+            if isinstance(record, Exception):
+                raise record
+            examples.append(tokenization.example(mapping.canonical(record)))
+        except (ValueError, TypeError) as e:
+            if not skip_bad_lines:
+                raise DataError(f"{location}: {e} (use --skip-bad-lines to skip such lines)") from None
+            stats.skipped_lines += 1
     if not examples:
         raise DataError(f"{path}: no usable examples")
     stats.examples += len(examples)
@@ -240,21 +242,24 @@ def pack(examples: Sequence[Example], seq_len: int) -> PackedBatch:
             used = 0
         rows[-1].append(example)
         used += n
-    shape = (len(rows), seq_len)
-    batch = PackedBatch(*(np.zeros(shape, np.int32) for _ in range(4)), np.zeros(shape, np.float32))
+    batch = empty_rows(len(rows), seq_len)
     for r, row in enumerate(rows):
-        offset = 0
-        for segment, example in enumerate(row, start=1):
-            n = len(example.tokens)
-            span = slice(offset, offset + n)
-            batch.input_ids[r, span] = example.tokens
-            batch.positions[r, span] = np.arange(n)
-            batch.segment_ids[r, span] = segment
-            # Position t predicts token t+1 of the same example.
-            batch.targets[r, offset:offset + n - 1] = example.tokens[1:]
-            batch.weights[r, offset:offset + n - 1] = example.loss_mask[1:]
-            offset += n
+        _fill_row(batch, r, row)
     return batch
+
+
+def _fill_row(batch: PackedBatch, r: int, row: Sequence[Example]) -> None:
+    offset = 0
+    for segment, example in enumerate(row, start=1):
+        n = len(example.tokens)
+        span = slice(offset, offset + n)
+        batch.input_ids[r, span] = example.tokens
+        batch.positions[r, span] = np.arange(n)
+        batch.segment_ids[r, span] = segment
+        # Position t predicts token t+1 of the same example.
+        batch.targets[r, offset:offset + n - 1] = example.tokens[1:]
+        batch.weights[r, offset:offset + n - 1] = example.loss_mask[1:]
+        offset += n
 
 
 def empty_rows(rows: int, seq_len: int) -> PackedBatch:
@@ -268,53 +273,131 @@ def concat(batches: Sequence[PackedBatch]) -> PackedBatch:
                          for f in dataclasses.fields(PackedBatch)))
 
 
+# --------------------------------------------------------------------------- loading
+class ExampleStore(Protocol):
+    """Random access to tokenized examples (`token_cache.TokenStore` on disk, `InMemoryStore`)."""
+
+    lengths: np.ndarray  # int64 [examples]
+    first_target: np.ndarray  # int32 [examples]: first position >= 1 whose token is learned, -1 if none
+
+    def __len__(self) -> int: ...
+
+    def example(self, index: int, max_tokens: int | None = None) -> Example: ...
+
+
+class InMemoryStore:
+    """An ExampleStore over a list of examples."""
+
+    def __init__(self, examples: Sequence[Example]):
+        self.examples = list(examples)
+        self.lengths = np.asarray([len(e.tokens) for e in self.examples], np.int64)
+        learned = [np.flatnonzero(e.loss_mask[1:]) for e in self.examples]
+        self.first_target = np.asarray([int(t[0]) + 1 if len(t) else -1 for t in learned], np.int32)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def example(self, index: int, max_tokens: int | None = None) -> Example:
+        example = self.examples[index]
+        if max_tokens is not None and len(example.tokens) > max_tokens:
+            return Example(example.tokens[:max_tokens], example.loss_mask[:max_tokens])
+        return example
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+    """Which examples fill which packed rows in one epoch (`rows` is padded to whole batches)."""
+
+    order: np.ndarray  # example indices in the epoch's order
+    row_starts: np.ndarray  # [real rows + 1]: row r holds order[row_starts[r]:row_starts[r + 1]]
+    rows: int
+
+    @property
+    def real_rows(self) -> int:
+        return len(self.row_starts) - 1
+
+
 class DataLoader:
     """Deterministic packed batches of `batch_rows` rows; `position` is (epoch, batch index).
 
-    Each epoch shuffles the examples with `default_rng([seed, epoch])` (or keeps file order
-    when `shuffle` is False), packs them, and pads the last batch with empty rows.
+    Examples are truncated to their first `seq_len` tokens, and dropped when no learned token is
+    left (the `truncated` / `dropped` counts). Each epoch shuffles the kept examples with
+    `default_rng([seed, epoch])` (or keeps their order when `shuffle` is False), packs them, and
+    pads the last batch with empty rows. Only the packing plan (a few integers per example) is
+    computed for a whole epoch; a batch's rows are built when asked for, and `batch(..., rows=)`
+    builds just some of them (the rows of one process's devices), so the global batches are the
+    same whichever process builds which rows.
     """
 
-    def __init__(self, examples: Sequence[Example], seq_len: int, batch_rows: int, *, seed: int = 0,
-                 shuffle: bool = True):
-        if not examples:
-            raise ValueError("no examples to load")
-        self.examples = list(examples)
+    def __init__(self, examples: Sequence[Example] | ExampleStore, seq_len: int, batch_rows: int, *,
+                 seed: int = 0, shuffle: bool = True):
+        self.store = examples if hasattr(examples, "first_target") else InMemoryStore(examples)
         self.seq_len = seq_len
         self.batch_rows = batch_rows
         self.seed = seed
         self.shuffle = shuffle
+        first_target = self.store.first_target
+        self.kept = np.flatnonzero((first_target > 0) & (first_target < seq_len))
+        if not len(self.kept):
+            raise ValueError("no examples to load")
+        self.truncated = int(np.count_nonzero(self.store.lengths > seq_len))
+        self.dropped = len(self.store) - len(self.kept)
         self.epoch = 0
         self.index = 0
-        self._packed: tuple[int, PackedBatch] | None = None  # (epoch, rows) cache
+        self._plan: tuple[int, EpochPlan] | None = None
 
-    def epoch_rows(self, epoch: int) -> PackedBatch:
-        if self._packed is None or self._packed[0] != epoch:
-            order = (np.random.default_rng([self.seed, epoch]).permutation(len(self.examples)) if self.shuffle
-                     else np.arange(len(self.examples)))
-            rows = pack([self.examples[i] for i in order], self.seq_len)
-            missing = -rows.rows % self.batch_rows
-            if missing:
-                rows = concat([rows, empty_rows(missing, self.seq_len)])
-            self._packed = (epoch, rows)
-        return self._packed[1]
+    def plan(self, epoch: int) -> EpochPlan:
+        if self._plan is None or self._plan[0] != epoch:
+            order = (self.kept[np.random.default_rng([self.seed, epoch]).permutation(len(self.kept))] if self.shuffle
+                     else self.kept)
+            lengths = np.minimum(self.store.lengths[order], self.seq_len)
+            starts, used = [], self.seq_len
+            for i, n in enumerate(lengths.tolist()):  # greedy: a new row when the example does not fit
+                if used + n > self.seq_len:
+                    starts.append(i)
+                    used = 0
+                used += n
+            starts.append(len(order))
+            real_rows = len(starts) - 1
+            rows = -(-real_rows // self.batch_rows) * self.batch_rows
+            self._plan = (epoch, EpochPlan(order, np.asarray(starts, np.int64), rows))
+        return self._plan[1]
 
     def batches_in_epoch(self, epoch: int) -> int:
-        return self.epoch_rows(epoch).rows // self.batch_rows
+        return self.plan(epoch).rows // self.batch_rows
 
-    def batch(self, epoch: int, index: int) -> PackedBatch:
-        start = index * self.batch_rows
-        return self.epoch_rows(epoch).select(slice(start, start + self.batch_rows))
+    def batch(self, epoch: int, index: int, rows: Sequence[int] | None = None) -> PackedBatch:
+        """Batch `index` of `epoch`, or only its rows `rows` (indices within the batch, in that order)."""
+        plan = self.plan(epoch)
+        rows = range(self.batch_rows) if rows is None else rows
+        batch = empty_rows(len(rows), self.seq_len)
+        for r, row in enumerate(rows):
+            global_row = index * self.batch_rows + int(row)
+            if global_row < plan.real_rows:  # beyond: a padding row, left empty
+                members = plan.order[plan.row_starts[global_row]:plan.row_starts[global_row + 1]]
+                _fill_row(batch, r, [self.store.example(int(i), self.seq_len) for i in members])
+        return batch
+
+    def batch_tokens(self, epoch: int, index: int) -> int:
+        """Tokens (not padding) in a whole batch, from the plan alone."""
+        plan = self.plan(epoch)
+        first, last = (min(i * self.batch_rows, plan.real_rows) for i in (index, index + 1))
+        members = plan.order[plan.row_starts[first]:plan.row_starts[last]]
+        return int(np.minimum(self.store.lengths[members], self.seq_len).sum())
+
+    def advance(self) -> tuple[int, int]:
+        """(epoch, index) of the next batch; moves the position past it."""
+        if self.index >= self.batches_in_epoch(self.epoch):
+            self.epoch, self.index = self.epoch + 1, 0
+        position = (self.epoch, self.index)
+        self.index += 1
+        return position
 
     def __iter__(self):
         return self
 
     def __next__(self) -> PackedBatch:
-        if self.index >= self.batches_in_epoch(self.epoch):
-            self.epoch, self.index = self.epoch + 1, 0
-        batch = self.batch(self.epoch, self.index)
-        self.index += 1
-        return batch
+        return self.batch(*self.advance())
 
     @property
     def position(self) -> dict[str, int]:

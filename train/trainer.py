@@ -20,13 +20,16 @@ from a finished one (0). Restart with `--resume` to continue exactly where it st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import os
+import shutil
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -36,21 +39,23 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from qwen_jax.config import ConfigError
 from qwen_jax import quant
+from qwen_jax.config import ConfigError
 from qwen_jax.model import Qwen2ForCausalLM
 from qwen_jax.outdir import OutputError
 from qwen_jax.safetensors_io import CheckpointError
 from qwen_jax.sharding import DEFAULT_RULES, make_mesh, named_sharding, parse_mesh_spec, state_shardings
 from qwen_jax.train import data as data_lib
 from qwen_jax.train import lora as lora_lib
+from qwen_jax.train import multihost, sources, token_cache
 from qwen_jax.train.config import TrainConfig
 
 EXIT_PREEMPTED = 128 + signal.SIGTERM  # 143
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130
 
 # Settings a resumed run must share with the run that wrote the checkpoint.
-_RESUME_KEYS = ("data", "seq_len", "batch_size", "grad_accum", "seed", "lora_rank", "lora_alpha", "lora_dropout",
+_RESUME_KEYS = ("data", "data_split", "data_format", "messages_column", "prompt_column", "completion_column",
+                "text_column", "seq_len", "batch_size", "grad_accum", "seed", "lora_rank", "lora_alpha", "lora_dropout",
                 "lora_targets", "param_dtype", "quantize")
 
 # Dense bf16 peak FLOP/s per device, for MFU on known accelerators (matched on device_kind).
@@ -192,34 +197,39 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, model: Qwen2ForCausalLM | None = None, devices=None,
                  log: Callable[[str], None] | None = None):
         """model: an already built model to train instead of loading `config.model` (it must live on
-        the mesh that `config.mesh` describes; `config.tokenizer` then names the tokenizer)."""
-        config.check_required()
+        the mesh that `config.mesh` describes; `config.tokenizer` then names the tokenizer).
+
+        In a multi-process run (`multihost.initialize` first) every process constructs the Trainer
+        with the same config; a setup error on any process is raised on all of them."""
         self.config = config
-        self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-        self.mesh = resolve_mesh(config.mesh, devices)
+        say = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        self.log = lambda message: say(multihost.process_tag(message))
+        self.primary = multihost.is_primary()
+        with multihost.all_or_none("checking the settings"):
+            config.check_required()
+            self.mesh = resolve_mesh(config.mesh, devices)
+            if model is None and not os.path.isdir(config.model):
+                raise FileNotFoundError(f"{config.model}: model directory not found")
+            self.lora_config = self._lora_config()
+            os.makedirs(config.out, exist_ok=True)
+        multihost.check_shared_directory(config.out)
+        self._load_data()  # before the model: bad data fails in seconds, not after loading 72B weights
         self.model = model if model is not None else self._load_model()
         if isinstance(self.model.model.layers, nnx.List):
             raise ValueError("training runs the layers with a scan: pass a model loaded with scanned layers "
                             "(qwen_jax.load_model(path), or qwen_jax.load(path, scan_layers=True))")
         self.model.remat = config.remat
-        self.lora = config.lora_rank > 0
+        self.lora = self.lora_config is not None
         if quant.model_quantization(self.model) is not None and not self.lora:
             raise ConfigError(f"the base model is quantized ({quant.model_quantization(self.model).name}): its weights "
                               "cannot be trained; train LoRA adapters on it (lora_rank > 0)")
         if self.lora:
-            try:
-                lora_config = lora_lib.LoRAConfig(config.lora_rank, config.lora_alpha, config.lora_dropout,
-                                                  config.lora_target_list)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-            lora_lib.apply_lora(self.model, lora_config, seed=config.seed)
-        self._load_data()
+            lora_lib.apply_lora(self.model, self.lora_config, seed=config.seed)
         self.total_steps = config.steps or sum(self.loader.batches_in_epoch(e) for e in range(config.epochs))
         self.schedule = make_schedule(config, self.total_steps)
         self.optimizer = make_optimizer(config, self.schedule)
         self._build_state()
         self._compile()
-        os.makedirs(config.out, exist_ok=True)
         self.checkpoints = ocp.CheckpointManager(
             os.path.abspath(os.path.join(config.out, "checkpoints")),
             options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True),
@@ -228,41 +238,57 @@ class Trainer:
         self._restore_or_start()
 
     # ---------------------------------------------------------------- setup
+    def _lora_config(self) -> lora_lib.LoRAConfig | None:
+        config = self.config
+        if config.lora_rank == 0:
+            return None
+        try:
+            return lora_lib.LoRAConfig(config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target_list)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
     def _load_model(self) -> Qwen2ForCausalLM:
         from qwen_jax.load import load_model
 
         config = self.config
         dtype = None if config.compute_dtype == "auto" else config.compute_dtype
         param_dtype = None if config.param_dtype == "auto" else config.param_dtype
-        if not os.path.exists(config.model):
-            raise FileNotFoundError(f"{config.model}: model directory not found")
         return load_model(config.model, dtype=dtype, param_dtype=param_dtype or dtype, mesh=self.mesh,
                           quantize=config.quantize or None)
 
     def _load_data(self) -> None:
-        from qwen_jax.load import side_files_dir
         from qwen_jax.tokenizer import Tokenizer
 
         config = self.config
-        with side_files_dir(config.tokenizer or config.model) as directory:  # a GGUF's come from its metadata
-            self.tokenizer = Tokenizer.from_dir(directory)
-        self.data_stats = data_lib.DatasetStats()
-        examples = data_lib.read_jsonl(config.data, self.tokenizer, skip_bad_lines=config.skip_bad_lines,
-                                       stats=self.data_stats)
-        examples = data_lib.fit_to_length(examples, config.seq_len, self.data_stats)
-        if not examples:
-            raise data_lib.DataError(f"{config.data}: no example has a target token within seq_len {config.seq_len}")
-        self.loader = data_lib.DataLoader(examples, config.seq_len, config.batch_size, seed=config.seed)
+        tokenizer_dir = config.tokenizer or config.model
+        with multihost.all_or_none("loading the tokenizer"):
+            self.tokenizer = Tokenizer.from_dir(tokenizer_dir)
+            tokenization = data_lib.Tokenization(self.tokenizer)
+        self.loader, stats = self._loader(config.data, tokenization, tokenizer_dir, shuffle=True)
+        self.data_stats = dataclasses.replace(stats, truncated=self.loader.truncated, dropped=self.loader.dropped)
         stats = self.data_stats
-        self.log(f"data: {stats.examples} examples from {config.data} ({stats.skipped_lines} bad lines skipped, "
+        self.log(f"data: {stats.examples} examples from {config.data} ({stats.skipped_lines} bad records skipped, "
                  f"{stats.truncated} truncated to {config.seq_len} tokens, {stats.dropped} dropped)")
-        self.eval_batches: list[data_lib.PackedBatch] = []
+        self.eval_loader = None
         if config.eval_data:
-            eval_examples = data_lib.fit_to_length(
-                data_lib.read_jsonl(config.eval_data, self.tokenizer, skip_bad_lines=config.skip_bad_lines),
-                config.seq_len)
-            eval_loader = data_lib.DataLoader(eval_examples, config.seq_len, config.batch_size, shuffle=False)
-            self.eval_batches = [eval_loader.batch(0, i) for i in range(eval_loader.batches_in_epoch(0))]
+            self.eval_loader, _ = self._loader(config.eval_data, tokenization, tokenizer_dir, shuffle=False)
+
+    def _loader(self, spec: str, tokenization: data_lib.Tokenization, tokenizer_dir: str,
+                shuffle: bool) -> tuple[data_lib.DataLoader, data_lib.DatasetStats]:
+        """Open a data source, tokenize it (or reuse OUT/data_cache), and load packed batches from it."""
+        config = self.config
+        with multihost.all_or_none(f"opening {spec}"):
+            source = sources.open_source(spec, config.data_split)
+        store, stats = token_cache.load(
+            source, tokenization, config.column_mapping, os.path.join(config.out, "data_cache"),
+            tokenizer_dir=tokenizer_dir, skip_bad_lines=config.skip_bad_lines, progress=config.progress, log=self.log)
+        with multihost.all_or_none(f"packing {spec}"):
+            try:
+                loader = data_lib.DataLoader(store, config.seq_len, config.batch_size, seed=config.seed, shuffle=shuffle)
+            except ValueError:
+                raise data_lib.DataError(
+                    f"{spec}: no example has a target token within seq_len {config.seq_len}") from None
+        return loader, stats
 
     def _build_state(self) -> None:
         trainable = lora_lib.LoRAParam if self.lora else nnx.Param
@@ -361,48 +387,72 @@ class Trainer:
             out_shardings=(self.state_sharding, metric_sharding),
             donate_argnums=0,
         )
-        eval_sharding = named_sharding(("batch", "seq"), (self.config.batch_size, self.config.seq_len), self.mesh,
-                                       DEFAULT_RULES)
+        self._eval_sharding = named_sharding(("batch", "seq"), (self.config.batch_size, self.config.seq_len),
+                                             self.mesh, DEFAULT_RULES)
         self._eval_step = jax.jit(
             eval_step,
-            in_shardings=(self.state_sharding["params"], self.frozen_sharding, eval_sharding),
+            in_shardings=(self.state_sharding["params"], self.frozen_sharding, self._eval_sharding),
             out_shardings=(replicated, replicated),
         )
 
-    def _device_batch(self, batch: data_lib.PackedBatch) -> dict[str, jax.Array]:
-        arrays = batch_arrays(batch, self.config.grad_accum)
-        sharding = self._batch_sharding(arrays["input_ids"].shape)
-        # Every process holds the whole (deterministic) batch; each device takes its slice.
-        return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
-                for k, v in arrays.items()}
+    def _device_batch(self, build_rows: Callable[[np.ndarray], data_lib.PackedBatch], *,
+                      accumulate: bool = True) -> dict[str, jax.Array]:
+        """A global batch on the mesh. `build_rows(rows)` returns the given rows of the batch: each
+        process builds only the rows its devices hold, and `jax.make_array_from_process_local_data`
+        joins them (every process builds every row when the batch axis is replicated).
+
+        accumulate: shaped `[grad_accum, rows / grad_accum, T]` for the train step, else `[rows, T]`."""
+        config = self.config
+        if accumulate:
+            accum, rows = config.grad_accum, config.batch_size // config.grad_accum
+            shape, row_axis = (accum, rows, config.seq_len), 1
+            sharding = self._batch_sharding(shape)
+        else:
+            accum, rows = 1, config.batch_size
+            shape, row_axis, sharding = (rows, config.seq_len), 0, self._eval_sharding
+        local = multihost.process_rows(sharding, shape, axis=row_axis)
+        wanted = (np.arange(accum)[:, None] * rows + local[None, :]).reshape(-1)  # rows within the whole batch
+        arrays = batch_arrays(build_rows(wanted), accum)
+        if not accumulate:
+            arrays = {name: value[0] for name, value in arrays.items()}
+        return {name: multihost.global_array(sharding, shape, value) for name, value in arrays.items()}
 
     # ---------------------------------------------------------------- checkpoints
     def _restore_or_start(self) -> None:
-        latest = self.checkpoints.latest_step()
         self.metrics_path = os.path.join(self.config.out, "metrics.jsonl")
-        if latest is None:
-            if self.config.export_only:
+        with multihost.all_or_none("looking for a train checkpoint"):  # every process reads the same directory
+            latest = self.checkpoints.latest_step()
+            if latest is None and self.config.export_only:
                 raise ConfigError(f"export_only: {self.config.out}/checkpoints holds no train checkpoint to export")
-            if os.path.exists(self.metrics_path):
+            if latest is not None and not (self.config.resume or self.config.export_only):
+                raise ConfigError(f"{self.config.out}/checkpoints already holds a run (step {latest}); "
+                                  "pass --resume to continue it or choose another --out")
+        if latest is None:
+            if self.primary and os.path.exists(self.metrics_path):
                 os.remove(self.metrics_path)  # a fresh run: no stale curve from an earlier one
             return
-        if not (self.config.resume or self.config.export_only):
-            raise ConfigError(f"{self.config.out}/checkpoints already holds a run (step {latest}); "
-                              "pass --resume to continue it or choose another --out")
         meta = self.checkpoints.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        saved = meta["config"]
-        changed = [k for k in _RESUME_KEYS if saved.get(k) != getattr(self.config, k)]
-        if changed:
-            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(self.config, k)!r}" for k in changed)
-            raise ConfigError(f"cannot resume with changed settings ({detail})")
+        with multihost.all_or_none("comparing the settings with the checkpoint's"):
+            saved = meta["config"]
+            defaults = TrainConfig()  # settings a checkpoint from an older qwen-jax does not record
+            changed = [k for k in _RESUME_KEYS if saved.get(k, getattr(defaults, k)) != getattr(self.config, k)]
+            if changed:
+                detail = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(self.config, k)!r}" for k in changed)
+                raise ConfigError(f"cannot resume with changed settings ({detail})")
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
         restored = self.checkpoints.restore(
             latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(_nested(abstract))))["state"]
         self.state = _from_nested(restored, self.state)
         self.loader.restore(meta["data_position"])
-        self._truncate_metrics(latest)
+        if self.primary:
+            self._truncate_metrics(latest)
+        # The state is restored into this run's shardings and the data position counts global batches,
+        # so a run may resume on another number of processes or devices.
+        saved_processes = meta.get("process_count", 1)
+        moved = (f"; it was written by {saved_processes} process(es), this run has {jax.process_count()}"
+                 if saved_processes != jax.process_count() else "")
         self.log(f"resumed from {self.config.out}/checkpoints/{latest} (epoch {self.loader.epoch}, "
-                 f"batch {self.loader.index})")
+                 f"batch {self.loader.index}){moved}")
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics of steps after the restored checkpoint (they will be run again)."""
@@ -417,7 +467,8 @@ class Trainer:
         step = int(self.state["step"])
         if self.checkpoints.latest_step() == step:
             return
-        meta = {"config": self.config.to_dict(), "data_position": self.loader.position, "step": step}
+        meta = {"config": self.config.to_dict(), "data_position": self.loader.position, "step": step,
+                "process_count": jax.process_count(), "device_count": jax.device_count()}
         self.checkpoints.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_nested(self.state)), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -429,25 +480,30 @@ class Trainer:
 
     def evaluate(self) -> float | None:
         """Mean token loss over the eval data (None without eval data)."""
-        if not self.eval_batches:
+        if self.eval_loader is None:
             return None
         total, count = 0.0, 0.0
-        sharding = named_sharding(("batch", "seq"), (self.config.batch_size, self.config.seq_len), self.mesh,
-                                  DEFAULT_RULES)
-        for batch in self.eval_batches:
-            arrays = {f.name: jax.device_put(getattr(batch, f.name), sharding) for f in dataclasses.fields(batch)}
+        for index in range(self.eval_loader.batches_in_epoch(0)):
+            arrays = self._device_batch(functools.partial(self.eval_loader.batch, 0, index), accumulate=False)
             loss, n = self._eval_step(self.state["params"], self.frozen, arrays)
             total, count = total + float(loss), count + float(n)
         return total / max(count, 1.0)
 
     # ---------------------------------------------------------------- the loop
-    def train_step(self, batch: data_lib.PackedBatch) -> dict[str, float]:
-        """One optimizer step on `batch` (`batch_size` packed rows); returns its metrics."""
-        self.state, metrics = self._train_step(self.state, self.frozen, self._device_batch(batch))
+    def train_step(self, batch: data_lib.PackedBatch | Callable[[np.ndarray], data_lib.PackedBatch]) -> dict[str, float]:
+        """One optimizer step on a global batch of `batch_size` packed rows; returns its metrics.
+
+        `batch`: the whole batch, or a function that builds the given rows of it (what the training
+        loop passes, so that each process builds only its own rows)."""
+        build_rows = batch.select if isinstance(batch, data_lib.PackedBatch) else batch
+        self.state, metrics = self._train_step(self.state, self.frozen, self._device_batch(build_rows))
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
     def run(self, on_step_end: Callable[["Trainer", int], None] | None = None) -> int:
-        """Train to `total_steps`; returns 0, or EXIT_PREEMPTED / EXIT_INTERRUPTED after a signal."""
+        """Train to `total_steps`; returns 0, or EXIT_PREEMPTED / EXIT_INTERRUPTED after a signal.
+
+        Every process of a multi-process run calls this; only the primary writes metrics.jsonl,
+        TensorBoard events, train_config.yaml and the progress bar."""
         from tqdm import tqdm
 
         config = self.config
@@ -459,29 +515,29 @@ class Trainer:
             finally:
                 self.checkpoints.close()
             return 0
-        received: list[int] = []
-        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-        for s in previous:
-            signal.signal(s, lambda signum, frame: received.append(signum))
-        with open(os.path.join(config.out, "train_config.yaml"), "w", encoding="utf-8") as f:
-            import yaml
+        writer = None
+        if self.primary:
+            with open(os.path.join(config.out, "train_config.yaml"), "w", encoding="utf-8") as f:
+                import yaml
 
-            yaml.safe_dump(config.to_dict(), f, sort_keys=False)
-        writer = _tensorboard_writer(os.path.join(config.out, "tensorboard"))
+                yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+            writer = _tensorboard_writer(os.path.join(config.out, "tensorboard"))
         flops = flops_per_token(self.model.config, config.seq_len, self.lora)
         peak = peak_flops_per_device(config.peak_tflops)
         step = int(self.state["step"])
         self.log(f"training {'LoRA adapters' if self.lora else 'all weights'}: {self.num_trainable:,} parameters, "
                  f"{self.total_steps} steps, mesh {dict(self.mesh.shape)}")
+        stopped = False
         try:
-            with open(self.metrics_path, "a", encoding="utf-8") as metrics_file, \
-                    tqdm(total=self.total_steps, initial=step, desc="train", disable=None if config.progress else True,
-                         dynamic_ncols=True) as bar:
-                while step < self.total_steps and not received:
-                    batch = next(self.loader)
-                    tokens = int(np.count_nonzero(batch.segment_ids))
+            with multihost.StopSignals() as signals, \
+                    open(self.metrics_path if self.primary else os.devnull, "a", encoding="utf-8") as metrics_file, \
+                    tqdm(total=self.total_steps, initial=step, desc="train", dynamic_ncols=True,
+                         disable=None if config.progress and self.primary else True) as bar:
+                while step < self.total_steps and not stopped:
+                    epoch, index = self.loader.advance()
+                    tokens = self.loader.batch_tokens(epoch, index)
                     start = time.perf_counter()
-                    metrics = self.train_step(batch)
+                    metrics = self.train_step(functools.partial(self.loader.batch, epoch, index))
                     seconds = time.perf_counter() - start
                     step += 1
                     record = {"step": step, **metrics, "tokens": tokens, "step_time": seconds,
@@ -489,7 +545,7 @@ class Trainer:
                     if peak:
                         record["mfu"] = flops * tokens / seconds / (peak * self.mesh.size)
                     if config.eval_every and step % config.eval_every == 0 or (step == self.total_steps and
-                                                                                self.eval_batches):
+                                                                                self.eval_loader is not None):
                         record["eval_loss"] = self.evaluate()
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
@@ -503,17 +559,15 @@ class Trainer:
                         self.save_checkpoint()
                     if on_step_end is not None:
                         on_step_end(self, step)
+                    stopped = signals.stop_after(step)  # the same answer on every process
             self.save_checkpoint()
             self.checkpoints.wait_until_finished()
-            if received:
-                self.log(f"signal {signal.Signals(received[0]).name}: checkpoint saved at step {step}; "
-                         "rerun with --resume to continue")
-                return EXIT_PREEMPTED if received[0] == signal.SIGTERM else EXIT_INTERRUPTED
+            if stopped:
+                self.log(f"signal {signals.name}: checkpoint saved at step {step}; rerun with --resume to continue")
+                return signals.exit_status
             self._write_outputs()
             return 0
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
             if writer is not None:
                 writer.close()
             self.checkpoints.close()
@@ -533,28 +587,53 @@ class Trainer:
                 f"writing the final model failed ({_one_line(e)}); the training is safe in {out}/checkpoints/{step}. "
                 f"After fixing the cause, write the outputs from it with: qwen-jax train --config "
                 f"{out}/train_config.yaml --export-only") from None
-        plot = plot_loss_curve(self.metrics_path, os.path.join(self.config.out, "loss_curve.png"))
+        plot = self.primary and plot_loss_curve(self.metrics_path, os.path.join(self.config.out, "loss_curve.png"))
         if plot:
             self.log(f"loss curve: {plot}")
 
     def _write_model(self) -> None:
         from qwen_jax import layout
         from qwen_jax.convert.to_hf import orbax_to_hf
-        from qwen_jax.load import side_files_dir
-        from qwen_jax.outdir import atomic_output_dir
 
         model = self.current_model()
         if self.lora:
             lora_lib.merge_lora(model)
         model_dir = os.path.abspath(os.path.join(self.config.out, "model"))
-        with atomic_output_dir(model_dir, force=True) as staging, \
-                side_files_dir(self.config.tokenizer or self.config.model) as side_files:
-            layout.save_model(model, staging, source="qwen-jax train", side_files_from=side_files,
-                              progress=False if not self.config.progress else None)
+        with self._model_staging_dir(model_dir) as staging:
+            layout.save_model(model, staging, source="qwen-jax train",
+                              side_files_from=self.config.tokenizer or self.config.model,
+                              progress=False if not (self.config.progress and self.primary) else None)
         self.log(f"final model: {model_dir}")
         if self.config.export_hf:
-            orbax_to_hf(model_dir, self.config.export_hf, force=True, progress=False)
+            with multihost.all_or_none("exporting to HF safetensors"):
+                if self.primary:  # reads OUT/model from disk: no collectives, one writer
+                    orbax_to_hf(model_dir, self.config.export_hf, force=True, progress=False)
             self.log(f"HF export: {self.config.export_hf}")
+
+    @contextlib.contextmanager
+    def _model_staging_dir(self, model_dir: str) -> Iterator[str]:
+        """Where to write OUT/model so that it appears complete or not at all (`atomic_output_dir`).
+
+        In a multi-process run every process writes its own shards into one staging directory whose
+        name they all derive alike; the primary then moves it into place."""
+        from qwen_jax.outdir import atomic_output_dir
+
+        if jax.process_count() == 1:
+            with atomic_output_dir(model_dir, force=True) as staging:
+                yield staging
+            return
+        parent, name = os.path.split(model_dir)
+        shared = os.path.join(parent, f".{name}.partial-step{int(self.state['step'])}")
+        with multihost.all_or_none("preparing the model directory"):
+            if self.primary:
+                shutil.rmtree(shared, ignore_errors=True)
+                os.makedirs(shared)
+        yield shared  # an error on one process ends every process (see train/cli.py), leaving OUT/model as it was
+        with multihost.all_or_none("moving the model into place"):
+            if self.primary:
+                with atomic_output_dir(model_dir, force=True) as staging:
+                    os.rmdir(staging)
+                    os.replace(shared, staging)
 
 
 # --------------------------------------------------------------------------- outputs

@@ -279,3 +279,27 @@ def test_qlora_trains_adapters_on_a_quantized_base(small_checkpoint, tmp_path):
     lora_lib.merge_lora(merged)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     np.testing.assert_allclose(_torch_logits(exported), np.asarray(merged(IDS)), atol=1e-4)
+
+
+def test_real_size_int4_mlp_matrices_of_the_0_5b_configuration():
+    """0.5B's MLP (896 -> 4864 -> 896): 7 and 38 groups of 128 per row, packed, through both CPU
+    paths (8 rows: reduction; 64 rows: dequantize + matmul), against float on the dequantized weights."""
+    from qwen_jax.layout import param_specs
+
+    config = Qwen2Config.preset("0.5B")
+    specs = {spec.path[-2:]: spec for spec in param_specs(config, QuantScheme.parse("int4"))}
+    assert specs[("gate_proj", "kernel")].shape == (4864, 7, 64)
+    assert specs[("down_proj", "kernel")].shape == (896, 38, 64)
+    assert specs[("o_proj", "kernel_scale")].shape == (896, 7)  # 14 heads x 64 = 896 inputs
+    rng = np.random.default_rng(0)
+    scheme = QuantScheme.parse("int4")
+    for out, inputs in ((4864, 896), (896, 4864)):
+        w = rng.standard_normal((out, inputs)).astype(np.float32) * 0.02
+        values, scale = quant.quantize_matrix(w, scheme)
+        dequantized = np.asarray(quant.dequantize_matrix(values, scale, None, scheme))
+        assert np.abs(dequantized - w).max() <= np.asarray(scale).max() / 2 + 1e-7
+        stored = quant.pack(values, scheme)
+        for rows in (8, 64):
+            x = rng.standard_normal((rows, inputs)).astype(np.float32)
+            got = jax.jit(quant.matmul, static_argnums=(4, 5))(x, stored, scale, None, scheme, jnp.float32)
+            np.testing.assert_allclose(np.asarray(got), x @ dequantized.T, atol=2e-5, rtol=1e-4)

@@ -39,4 +39,4 @@ def resolve_source(src: str | os.PathLike) -> str:
         return huggingface_hub.snapshot_download(src, allow_patterns=list(HUB_PATTERNS))
     except (OSError, ValueError) as e:  # hub errors (not found, offline, network) subclass these
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{src}: not a local checkpoint, and not downloadable from the Hub ({reason})") from None
+        raise CheckpointError(f"{src}: not a local directory, and not downloadable from the Hub ({reason})") from None

@@ -1,9 +1,10 @@
-"""HF safetensors <-> Orbax conversion (`qwen-jax convert`, `qwen-jax export-hf`).
+"""Checkpoint conversion (`qwen-jax convert`, `qwen-jax export-hf`).
 
-`hf_to_orbax(src, out)` turns an HF checkpoint directory or Hub id into a qwen-jax Orbax
-checkpoint that `qwen_jax.load_model(out)` restores straight into a mesh's shardings;
-`orbax_to_hf(src, out)` writes it back as HF safetensors that transformers loads. Both stream one
-decoder layer at a time and replace `out` atomically.
+`hf_to_orbax(src, out, quantize=None)` turns an HF, GPTQ or AWQ checkpoint directory, a GGUF file
+or a Hub id into a qwen-jax Orbax checkpoint (optionally int8/int4 quantized) that
+`qwen_jax.load_model(out)` restores straight into a mesh's shardings; `orbax_to_hf(src, out)`
+writes it back as HF safetensors that transformers loads (quantized kernels dequantized). Both
+stream one decoder layer at a time and replace `out` atomically.
 """
 
 from qwen_jax.convert.common import ConversionError

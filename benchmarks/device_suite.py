@@ -91,12 +91,14 @@ def accelerator_plan() -> Plan:
 
 def cpu_smoke_plan() -> Plan:
     """Each size scaled down (2 layers, head_dim 8, vocab 1,024), keeping its head counts, grouping
-    and tying, so every step runs its real code path in seconds."""
+    and tying, so every step runs its real code path in seconds. 7B, which runs the int8/int4
+    steps, gets head_dim 32: 28 heads x 32 = 896 inputs, a multiple of int4's default group (128)."""
     from qwen_jax import Qwen2Config
 
     def small(name: str):
         real = Qwen2Config.preset(name)
-        return real.replace(hidden_size=8 * real.num_attention_heads, intermediate_size=128, num_hidden_layers=2,
+        head_dim = 32 if name == "7B" else 8
+        return real.replace(hidden_size=head_dim * real.num_attention_heads, intermediate_size=128, num_hidden_layers=2,
                             vocab_size=1024, max_position_embeddings=1024, bos_token_id=None, eos_token_id=None)
 
     return Plan(models={name: small(name) for name in ("0.5B", "1.5B", "7B")}, prompt_len=16, new_tokens=8,

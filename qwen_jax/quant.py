@@ -199,6 +199,12 @@ def matmul(x: jax.Array, stored: jax.Array, scale: jax.Array, zero: jax.Array | 
     scale (and zero): `[out, groups]`.
     """
     dtype = jnp.dtype(dtype)
+    # Tie x and the kernel together. Inside a decode loop XLA otherwise hoists the loop-invariant
+    # int -> float conversion of every kernel out of the loop: a float copy of the weights, read
+    # every step (measured: int8 decode no faster than float32). And on CPU, projections sharing
+    # an input (gate/up, k/v) would share its broadcast, which XLA then writes out in full
+    # ([out, rows, in] floats) instead of fusing it: batch-8 decode ran 7x slower than float32.
+    x, stored = jax.lax.optimization_barrier((x, stored))
     dot = functools.partial(_dequantize_dot, scheme=scheme, dtype=dtype)
     if x.shape[0] > CPU_REDUCTION_MAX_ROWS:
         fn = dot
@@ -223,11 +229,6 @@ def _reduce_rows(x, stored, scale, zero, *, scheme, dtype):
     """
     rows = x.shape[0]
     out, groups, width = stored.shape
-    if rows > 1:
-        # Tie x to this kernel: otherwise projections sharing an input (gate/up, k/v) share its
-        # broadcast, which XLA then writes out in full ([out, rows, in] floats) instead of fusing
-        # it: batch-8 decode ran 7x slower than float32.
-        x, stored = jax.lax.optimization_barrier((x, stored))
     xg = x.astype(jnp.float32).reshape(rows, groups, -1)
     if scheme.packed:  # low nibbles meet the first half of each group's inputs, high nibbles the second
         terms = [(part, xg[..., k * width:(k + 1) * width]) for k, part in enumerate(_nibbles(stored))]

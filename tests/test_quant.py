@@ -303,3 +303,22 @@ def test_real_size_int4_mlp_matrices_of_the_0_5b_configuration():
             x = rng.standard_normal((rows, inputs)).astype(np.float32)
             got = jax.jit(quant.matmul, static_argnums=(4, 5))(x, stored, scale, None, scheme, jnp.float32)
             np.testing.assert_allclose(np.asarray(got), x @ dequantized.T, atol=2e-5, rtol=1e-4)
+
+
+def test_decode_loop_keeps_kernels_quantized(small_checkpoint):
+    """XLA hoists loop-invariant work out of the decode loop; unless the kernel is tied to the
+    step's input (`quant.matmul`), that included converting every kernel to float once: a float
+    copy of the weights alive for the whole generation (measured: 114 MiB for two 0.5B layers)."""
+    from qwen_jax import generation
+
+    _, path = small_checkpoint
+    model = load_model(path, quantize="int8", scan_layers=False, progress=False)
+    generation._executables._entries.clear()
+    generate_ids(model, [[5, 6, 7]], max_new_tokens=3, temperature=0)
+    loops = [exe for key, exe in generation._executables._entries.items()
+             if getattr(key[0], "__name__", "") == "_decode_loop"]
+    assert loops, "the decode loop executable was not found"
+    float_kernels = sum(4 * math.prod(linear.kernel_layout.values_shape(QuantScheme(8)))
+                        for _, linear in quant.decoder_linears(model))
+    temp = loops[0].memory_analysis().temp_size_in_bytes
+    assert temp < float_kernels / 4, (temp, float_kernels)

@@ -6,11 +6,12 @@ Two parts, both on the Qwen2.5-0.5B configuration with random weights:
            down 4864->896, 1 and 8 rows): float32, qwen-jax int8/int4 (`qwen_jax.quant.matmul`)
            and qwix int8/int4 (`qwix.quantize` + `qwix.dot_general`, what a qwix PTQ rule runs for
            a weight-only quantized dot), interleaved and repeated in one process.
-  model    one child process per variant (float32, int8, int4, HF transformers float32) loading the
-           same 0.5B checkpoint written once to a temporary directory: bytes per parameter of the
-           weights, peak RSS, prefill tokens/s (1x64), decode tokens/s (batch 1 and 8, 32 new
-           tokens), and against float32: relative logit error and top-1 agreement on a fixed prompt
-           batch, greedy agreement over 32 generated tokens.
+  model    one child process per variant (float32, int8, int4, HF transformers float32) on the same
+           0.5B checkpoint written once to a temporary directory (int8/int4: converted once with
+           `qwen-jax convert --quantize`, as one would deploy them, then loaded): bytes per
+           parameter of the weights, peak RSS, prefill tokens/s (1x64), decode tokens/s (batch 1
+           and 8, 32 new tokens), and against float32: relative logit error and top-1 agreement on
+           a fixed prompt batch, greedy agreement over 32 generated tokens.
 
     python benchmarks/quantized.py                  # both parts, ~10 min on 2 CPU cores
     python benchmarks/quantized.py --part kernels
@@ -164,8 +165,9 @@ def child(variant: str, checkpoint: str, out: str) -> None:
         from generate import bench_ours
         from qwen_jax.load import load_model
 
-        model = load_model(checkpoint, dtype="float32", scan_layers=False, progress=False,
-                           quantize=None if variant == "float32" else variant)
+        if variant != "float32":  # the quantized checkpoint `model_table` converted
+            checkpoint = os.path.join(os.path.dirname(checkpoint), variant)
+        model = load_model(checkpoint, dtype="float32", scan_layers=False, progress=False)
         result["load_s"] = time.perf_counter() - start
         result["weight_bytes"] = sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
         logits = np.asarray(model(accuracy))
@@ -187,6 +189,9 @@ def model_table(variants: tuple[str, ...]) -> list[list[str]]:
         os.makedirs(checkpoint)
         write_checkpoint(checkpoint)
         for variant in variants:
+            if variant in ("int8", "int4"):
+                subprocess.run([sys.executable, "-m", "qwen_jax.cli", "convert", checkpoint,
+                                os.path.join(directory, variant), "--quantize", variant], check=True)
             out = os.path.join(directory, f"{variant}.npz")
             subprocess.run([sys.executable, os.path.abspath(__file__), "--child", variant, "--checkpoint", checkpoint,
                             "--out", out], check=True)

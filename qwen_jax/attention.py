@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BACKENDS = ("auto", "xla", "chunked", "cudnn", "splash")
+from qwen_jax.config import ATTENTION_BACKENDS as BACKENDS
+
 MASKED = -1e30  # finite: a row that sees no key gets a uniform softmax, never NaN
 # Block sizes of the chunked kernel: 256-512 measured best on CPU (see DESIGN.md).
 BLOCK_Q = 512
@@ -128,8 +129,11 @@ def platform_of(mesh=None) -> str:
     return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
 
 
-def check_backend(name: str, *, dtype, head_dim: int, platform: str, interpret: bool = False) -> None:
-    """Raise `AttentionBackendError` (one line, naming the problem) if `name` cannot run here."""
+def check_backend(name: str, *, dtype, head_dim: int | None, platform: str, interpret: bool = False) -> None:
+    """Raise `AttentionBackendError` (one line, naming the problem) if `name` cannot run here.
+
+    head_dim None skips the head-size check (loaders check before the config is read).
+    """
     if name not in BACKENDS:
         raise AttentionBackendError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
     if name == "cudnn":
@@ -139,7 +143,7 @@ def check_backend(name: str, *, dtype, head_dim: int, platform: str, interpret: 
             raise AttentionBackendError(
                 f"attention='cudnn' needs bfloat16 or float16 compute, not {jnp.dtype(dtype).name} "
                 "(load with dtype='bfloat16', or use attention='chunked')")
-        if head_dim % 8 or head_dim > 256:
+        if head_dim is not None and (head_dim % 8 or head_dim > 256):
             raise AttentionBackendError(f"attention='cudnn' needs head_dim a multiple of 8 and <= 256, not {head_dim}")
     if name == "splash" and platform != "tpu" and not interpret:
         raise AttentionBackendError(f"attention='splash' needs a TPU; this runs on {platform}")
@@ -169,13 +173,14 @@ def select_backend(name: str, *, q_len: int, kv_len: int, cached: bool, dtype, h
 
 # ----------------------------------------------------------------------------- entry point
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, backend: str = "xla",
-           scale: float | None = None, layer=None, block_q: int = BLOCK_Q, block_kv: int = BLOCK_KV,
+           scale: float | None = None, layer=None, block_q: int | None = None, block_kv: int | None = None,
            interpret: bool = False) -> jax.Array:
     """Attention output `[B, T, N, H]` in q's dtype.
 
     backend: a concrete backend ('xla', 'chunked', 'cudnn', 'splash'); resolve 'auto' with
       `select_backend` first. `splash` with a cached mask runs `chunked` (see the module doc).
     layer: with k/v the stacked cache `[L, B, S, K, H]`, the layer to read (may be traced).
+    block_q, block_kv: chunked kernel block sizes (default `BLOCK_Q`, `BLOCK_KV`).
     scale: score scale (default `head_dim ** -0.5`).
     interpret: run Pallas kernels (splash) in interpret mode, for testing on CPU.
     Scores and softmax are float32; probabilities are rounded to q's dtype before the product
@@ -196,7 +201,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, bac
         return _splash_attention(q, k, v, mask, scale, interpret)
     if backend not in ("chunked", "splash"):
         raise ValueError(f"attend() takes a concrete backend, got {backend!r} (resolve 'auto' with select_backend)")
-    blocks = (min(block_q, q.shape[1]), min(block_kv, k.shape[-3]))
+    blocks = (min(block_q or BLOCK_Q, q.shape[1]), min(block_kv or BLOCK_KV, k.shape[-3]))
     if layer is None:
         return _flash(q, k, v, mask, scale, blocks)
     out, _ = _flash_forward(q, k, v, layer, mask, scale, blocks)

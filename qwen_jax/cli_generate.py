@@ -7,13 +7,21 @@ import sys
 
 
 def add_model_arguments(parser) -> None:
-    """--model, --dtype, --mesh: shared with `qwen-jax chat`."""
+    """--model, --dtype, --mesh, --attention, --rope-scaling: shared with `qwen-jax chat`."""
+    from qwen_jax.config import ATTENTION_BACKENDS
+
     parser.add_argument("--model", required=True, help="checkpoint directory (HF or converted by qwen-jax convert)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     parser.add_argument("--mesh", help="device mesh, e.g. 'tensor=4' or 'data=1,fsdp=1,tensor=8' (default: one device)")
     parser.add_argument("--scan-layers", action="store_true",
                         help="run the layers with a scan: faster compile, slower decode (default: unrolled)")
+    parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto",
+                        help="attention backend (default auto: chunked flash attention on CPU for long sequences, "
+                             "cuDNN on GPU, splash on TPU)")
+    parser.add_argument("--rope-scaling", metavar="TYPE:FACTOR",
+                        help="override the checkpoint's rope scaling, e.g. 'yarn:4' for 4x the context "
+                             "(Qwen2.5: 32K -> 128K), or 'none'")
 
 
 def add_sampling_arguments(parser) -> None:
@@ -48,7 +56,8 @@ def sampling_overrides(args) -> dict:
 
 
 def load_for_cli(args):
-    """(model, tokenizer) from --model/--dtype/--mesh, user errors as UserError."""
+    """(model, tokenizer) from the model arguments, user errors as UserError."""
+    from qwen_jax.attention import AttentionBackendError
     from qwen_jax.cli import UserError
     from qwen_jax.load import load
     from qwen_jax.sharding import make_mesh, parse_mesh_spec
@@ -59,7 +68,11 @@ def load_for_cli(args):
             mesh = make_mesh(**parse_mesh_spec(args.mesh))
         except ValueError as e:
             raise UserError(str(e)) from None
-    return load(args.model, dtype=args.dtype, mesh=mesh, scan_layers=args.scan_layers)
+    try:
+        return load(args.model, dtype=args.dtype, mesh=mesh, scan_layers=args.scan_layers, attention=args.attention,
+                    rope_scaling=args.rope_scaling)
+    except AttentionBackendError as e:
+        raise UserError(str(e)) from None
 
 
 def _read_prompt(args) -> str:

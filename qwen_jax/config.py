@@ -15,6 +15,8 @@ from typing import Any
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("qwen2",)
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+# Attention backends (`qwen_jax.attention`); here so command lines can list them without importing jax.
+ATTENTION_BACKENDS = ("auto", "xla", "chunked", "cudnn", "splash")
 
 
 class ConfigError(ValueError):

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from qwen_jax.attention import check_backend, platform_of
 from qwen_jax.generation import GenerationConfig
 from qwen_jax.layout import CheckpointReader, assemble_model, is_orbax_checkpoint
-from qwen_jax.model import Qwen2ForCausalLM, unstack_layers
+from qwen_jax.model import Qwen2ForCausalLM, default_dtype, unstack_layers
 from qwen_jax.safetensors_io import CheckpointError
 from qwen_jax.sharding import DEFAULT_RULES, ShardingRules
 
@@ -42,6 +44,8 @@ def load_model(
     rules: ShardingRules = DEFAULT_RULES,
     scan_layers: bool = True,
     progress: bool | None = None,
+    attention: str = "auto",
+    rope_scaling=None,
 ) -> Qwen2ForCausalLM:
     """Load a local HF checkpoint directory or a converted Orbax directory into a model.
 
@@ -50,9 +54,16 @@ def load_model(
     its shards according to `rules`. scan_layers=False gives one array per layer
     (`qwen_jax.model.unstack_layers`): faster memory-bound decode, compile time grows with depth.
     progress: a progress bar over the bytes loaded (None: only when stderr is a terminal).
+    attention: the attention backend (`qwen_jax.attention`: auto, xla, chunked, cudnn, splash);
+      one that cannot run here is refused before any weight is read.
+    rope_scaling: override the checkpoint's rope scaling, e.g. 'yarn:4' for Qwen2.5's documented
+      128K context, without editing config.json (`Qwen2Config.with_rope_scaling`).
     """
+    check_backend(attention, dtype=jnp.dtype(dtype or default_dtype()), head_dim=None, platform=platform_of(mesh))
     reader = open_checkpoint(path)
     model = assemble_model(reader, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, progress=progress)
+    model.config = model.config.with_rope_scaling(rope_scaling)
+    model.attention = attention
     return model if scan_layers else unstack_layers(model)
 
 
@@ -64,6 +75,8 @@ def load(
     rules: ShardingRules = DEFAULT_RULES,
     scan_layers: bool = False,
     progress: bool | None = None,
+    attention: str = "auto",
+    rope_scaling=None,
 ) -> tuple[Qwen2ForCausalLM, "Tokenizer"]:  # noqa: F821 (imported lazily)
     """Load an HF checkpoint (local directory or Hub id) or a directory converted by `qwen-jax convert`.
 
@@ -74,6 +87,8 @@ def load(
       decode step reads directly; a scanned step copies each layer's slice out of the stacked
       arrays first (2.5x slower batch-1 decode on CPU, see the README). True compiles faster
       (compile time independent of depth). See `load_model`.
+    attention, rope_scaling: the attention backend and a rope scaling override ('yarn:4'), as in
+      `load_model`.
     The checkpoint's generation_config.json becomes `model.generation_config`, the defaults of
     `qwen_jax.generate`.
     """
@@ -81,7 +96,8 @@ def load(
     from qwen_jax.tokenizer import Tokenizer
 
     path = resolve_source(path)
-    model = load_model(path, dtype=dtype, mesh=mesh, rules=rules, scan_layers=scan_layers, progress=progress)
+    model = load_model(path, dtype=dtype, mesh=mesh, rules=rules, scan_layers=scan_layers, progress=progress,
+                       attention=attention, rope_scaling=rope_scaling)
     tokenizer = Tokenizer.from_dir(path)
     model.generation_config = GenerationConfig.from_pretrained(path, model.config)
     return model, tokenizer

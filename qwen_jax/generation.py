@@ -9,9 +9,10 @@ How a call runs:
    (`KVCache.lengths`), so a row's result never depends on its batch-mates. A prompt plus
    `max_new_tokens` beyond the model's context (`Qwen2Config.context_length`) is an error before
    anything is compiled.
-2. Prefill: one jitted call runs the prompts through the model in chunks of `PREFILL_CHUNK`
-   tokens (a `lax.while_loop` up to the longest prompt), each chunk writing the cache, so prefill
-   memory is bounded by the chunk; each row's first new token comes from its last prompt token.
+2. Prefill: the prompts go through the model in chunks of `PREFILL_CHUNK` tokens, one call of a
+   single compiled chunk step per chunk up to the longest prompt, each writing the cache, so
+   prefill memory is bounded by the chunk (a progress bar shows on a terminal for long prompts);
+   each row's first new token comes from its last prompt token.
 3. Decode: `generate_ids` runs every remaining step inside one jitted `lax.while_loop` that stops
    when all rows have hit a stop token or `max_new_tokens`; `stream_ids` runs one jitted step per
    token so text can be shown as it is produced. Both draw step `i`'s token with
@@ -45,6 +46,7 @@ from qwen_jax.sharding import named_sharding
 
 MIN_PROMPT_BUCKET = 16
 PREFILL_CHUNK = 2048  # prompt tokens per model call: bounds prefill activations, keeps matmuls large
+PROGRESS_MIN_CHUNKS = 4  # prefills of this many chunks or more show a progress bar on a terminal
 LONG_PROMPT_BUCKET = 8192  # past this, prompt buckets grow by multiples of it instead of doubling
 GENERATION_CONFIG_FILE = "generation_config.json"
 
@@ -183,7 +185,8 @@ _trace_counts: collections.Counter = collections.Counter()
 
 
 def trace_counts() -> dict[str, int]:
-    """How often each jitted generation function ("prefill", "decode_loop", "decode_step") was traced.
+    """How often each jitted generation function ("prefill" (a chunk step), "first_token",
+    "decode_loop", "decode_step") was traced.
 
     Every trace is a compile; a new prompt length inside a bucket must not add one.
     """
@@ -240,44 +243,38 @@ def _step_key(key: jax.Array, step) -> jax.Array:
     return jax.random.fold_in(key, step)
 
 
-def _prefill(static: _Static, state, cache, input_ids, prompt_lengths, key, params):
-    """Write the (right-padded) prompts into the cache chunk by chunk and pick each row's first new token.
+def _prefill_chunk(static: _Static, state, cache, chunk_ids, chunk_lengths, last, rope_length):
+    """One chunk of the (right-padded) prompts: write its tokens into the cache and keep, per row,
+    the hidden state of the latest prompt token seen (a row's first new token comes from its last).
 
-    A `lax.while_loop` runs one model call per `static.prefill_chunk` tokens, up to the longest
-    prompt (not the padded width), so activations are bounded by the chunk, not the prompt.
+    chunk_lengths: int32 [B], the prompt tokens of each row in this chunk (0 once a row's prompt
+    has ended). rope_length: the longest prompt, from which dynamic-NTK rope scales in every chunk.
     """
     _trace_counts["prefill"] += 1
     model = nnx.merge(static.graphdef, state)
-    batch, width = input_ids.shape
-    chunk = static.prefill_chunk
-    steps = jnp.arange(chunk, dtype=jnp.int32)
-    longest = jnp.max(prompt_lengths)
+    steps = jnp.arange(chunk_ids.shape[1], dtype=jnp.int32)
+    mask = (steps[None, :] < chunk_lengths[:, None]).astype(jnp.int32)
+    positions = cache.lengths[:, None] + steps[None, :]
+    hidden, cache = model.hidden_states(chunk_ids, positions, mask, cache=cache, rope_length=rope_length)
+    here = jnp.take_along_axis(hidden, jnp.maximum(chunk_lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+    last = jnp.where((chunk_lengths > 0)[:, None], here, last)
+    return _constrain_cache(cache, static), last
 
-    def body(carry):
-        index, cache, last = carry
-        start = index * chunk
-        ids = jax.lax.dynamic_slice_in_dim(input_ids, start, chunk, axis=1)
-        real = jnp.clip(prompt_lengths - start, 0, chunk)  # this chunk's prompt tokens, per row
-        mask = (steps[None, :] < real[:, None]).astype(jnp.int32)
-        positions = cache.lengths[:, None] + steps[None, :]
-        hidden, cache = model.hidden_states(ids, positions, mask, cache=cache, rope_length=longest)
-        # A row's first new token comes from its last prompt token: keep the latest one seen.
-        here = jnp.take_along_axis(hidden, jnp.maximum(real - 1, 0)[:, None, None], axis=1)[:, 0]
-        last = jnp.where((real > 0)[:, None], here, last)
-        return index + 1, _constrain_cache(cache, static), last
 
-    chunks = (longest + chunk - 1) // chunk
-    last = jnp.zeros((batch, model.config.hidden_size), model.dtype)
-    _, cache, last = jax.lax.while_loop(lambda carry: carry[0] < chunks, body, (jnp.int32(0), cache, last))
+def _first_token(static: _Static, state, last, input_ids, prompt_lengths, key, params):
+    """Each row's first new token from the hidden state of its last prompt token."""
+    _trace_counts["first_token"] += 1
+    model = nnx.merge(static.graphdef, state)
     logits = model.logits(last[:, None])[:, 0]
     seen = None
     if static.mode.repetition_penalty:
-        seen = jnp.zeros((batch, logits.shape[-1]), bool)
-        seen = sampling.mark_seen(seen, input_ids, jnp.arange(width)[None, :] < prompt_lengths[:, None])
+        seen = jnp.zeros(logits.shape, bool)
+        prompt_mask = jnp.arange(input_ids.shape[1])[None, :] < prompt_lengths[:, None]
+        seen = sampling.mark_seen(seen, input_ids, prompt_mask)
     token = sampling.sample(_step_key(key, 0), logits, seen, params, static.mode)
     if seen is not None:
         seen = sampling.mark_seen(seen, token)
-    return token, cache, seen, logits if static.return_logits else None
+    return token, seen, logits if static.return_logits else None
 
 
 def _decode_token(static: _Static, model, cache, token, seen, key, step, params):
@@ -338,9 +335,9 @@ def _decode_step(static: _Static, state, cache, token, seen, key, step, params):
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(fn):
+def _jitted(fn, donate: bool = True):
     # `static` is hashable (graphdef, frozen mode); the cache (argument 2) is donated.
-    return jax.jit(fn, static_argnums=0, donate_argnums=2)
+    return jax.jit(fn, static_argnums=0, donate_argnums=2 if donate else ())
 
 
 # ----------------------------------------------------------------------------- request preparation
@@ -374,6 +371,7 @@ class _Request:
     static: _Static
     state: Any
     input_ids: jax.Array
+    host_ids: np.ndarray  # the same ids on the host, sliced into prefill chunks
     lengths: jax.Array  # int32 [B]: each row's prompt length
     prompt_lengths: list[int]
     cache: KVCache
@@ -457,6 +455,7 @@ def _prepare(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], config: 
                        chunk),
         state=state,
         input_ids=put(input_ids),
+        host_ids=input_ids,
         lengths=put(np.asarray([len(p) for p in prompts], np.int32)),
         prompt_lengths=[len(p) for p in prompts],
         cache=cache,
@@ -484,14 +483,36 @@ def _resolve_config(model, config: GenerationConfig | None, stop_token_ids, **ov
 
 
 def _run_prefill(request: _Request, timing: Timing):
-    args = (request.state, request.cache, request.input_ids, request.lengths, request.key, request.params)
-    executable, compile_s = _executables.get(_jitted(_prefill), request.static, args)
-    request.cache = None  # donated
+    """Prefill chunk by chunk (one compiled chunk step, called up to the longest prompt), with a
+    progress bar on a terminal when the prompt spans several chunks; then the first tokens."""
+    from tqdm import tqdm
+
+    chunk = request.static.prefill_chunk
+    lengths = np.asarray(request.prompt_lengths, np.int32)
+    chunks = -(-int(lengths.max()) // chunk)
+    last = request.put(np.zeros((len(lengths), request.model.config.hidden_size), request.model.dtype))
+    rope_length = request.put(np.int32(lengths.max()))
+    cache, request.cache = request.cache, None  # donated
+    compile_s = 0.0
     start = time.perf_counter()
-    token, cache, seen, logits = executable(*args)
-    token.block_until_ready()
+    with tqdm(total=int(lengths.sum()), unit="tok", desc="prefill", leave=False,
+              disable=None if chunks >= PROGRESS_MIN_CHUNKS else True) as bar:
+        for index in range(chunks):
+            real = np.clip(lengths - index * chunk, 0, chunk).astype(np.int32)
+            args = (request.state, cache, request.put(request.host_ids[:, index * chunk:(index + 1) * chunk]),
+                    request.put(real), last, rope_length)
+            step, seconds = _executables.get(_jitted(_prefill_chunk), request.static, args)  # compiled once
+            compile_s += seconds
+            del cache
+            cache, last = step(*args)
+            bar.update(int(real.sum()))
+        args = (request.state, last, request.input_ids, request.lengths, request.key, request.params)
+        first, seconds = _executables.get(_jitted(_first_token, donate=False), request.static, args)
+        compile_s += seconds
+        token, seen, logits = first(*args)
+        token.block_until_ready()
     timing.compile_s += compile_s
-    timing.prefill_s = time.perf_counter() - start
+    timing.prefill_s = time.perf_counter() - start - compile_s
     timing.prompt_tokens = sum(request.prompt_lengths)
     return token, cache, seen, logits
 

@@ -174,7 +174,7 @@ def select_backend(name: str, *, q_len: int, kv_len: int, cached: bool, dtype, h
 # ----------------------------------------------------------------------------- entry point
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, backend: str = "xla",
            scale: float | None = None, layer=None, block_q: int | None = None, block_kv: int | None = None,
-           interpret: bool = False) -> jax.Array:
+           interpret: bool = False, mesh=None, rules=None) -> jax.Array:
     """Attention output `[B, T, N, H]` in q's dtype.
 
     backend: a concrete backend ('xla', 'chunked', 'cudnn', 'splash'); resolve 'auto' with
@@ -183,6 +183,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, bac
     block_q, block_kv: chunked kernel block sizes (default `BLOCK_Q`, `BLOCK_KV`).
     scale: score scale (default `head_dim ** -0.5`).
     interpret: run Pallas kernels (splash) in interpret mode, for testing on CPU.
+    mesh, rules: the model's mesh and sharding rules; splash runs per shard (`shard_map` over the
+      batch and, when the KV heads divide, the heads). The other backends are partitioned by XLA.
     Scores and softmax are float32; probabilities are rounded to q's dtype before the product
     with v, as HF does.
     """
@@ -198,7 +200,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, bac
         return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale,
                                             implementation="cudnn", **cudnn_arguments(mask, q.shape[1], k.shape[1]))
     if backend == "splash" and not mask.is_cached:
-        return _splash_attention(q, k, v, mask, scale, interpret)
+        return _splash_sharded(q, k, v, mask, scale, interpret, mesh, rules)
     if backend not in ("chunked", "splash"):
         raise ValueError(f"attend() takes a concrete backend, got {backend!r} (resolve 'auto' with select_backend)")
     blocks = (min(block_q or BLOCK_Q, q.shape[1]), min(block_kv or BLOCK_KV, k.shape[-3]))
@@ -265,8 +267,35 @@ def _splash_kernel(length: int, group: int, window: int, block: int, interpret: 
     sizes = kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                                   block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
                                   block_kv_dq=block)
-    return kernel_lib.make_splash_mqa_single_device(mask_lib.MultiHeadMask([head_mask] * group),
-                                                    block_sizes=sizes, interpret=interpret)
+    # The kernel holds its block-mask tables as arrays: make them concrete, not tracers of
+    # whichever trace first asked for the kernel (it is cached across traces).
+    with jax.ensure_compile_time_eval():
+        return kernel_lib.make_splash_mqa_single_device(mask_lib.MultiHeadMask([head_mask] * group),
+                                                        block_sizes=sizes, interpret=interpret)
+
+
+def _splash_sharded(q, k, v, mask: AttentionMask, scale: float, interpret: bool, mesh, rules) -> jax.Array:
+    """Splash on a mesh: a Pallas kernel is not partitioned by XLA, so run it on each device's
+    shard (batch over the rules' batch axes; heads over `kv_heads`' axis when the KV heads divide,
+    which keeps every query head with its KV head)."""
+    if mesh is None or mesh.size == 1:
+        return _splash_attention(q, k, v, mask, scale, interpret)
+    from jax.sharding import PartitionSpec
+
+    from qwen_jax.sharding import DEFAULT_RULES, logical_to_spec
+
+    rules = rules or DEFAULT_RULES
+    batch_axes, _, kv_axes, _ = logical_to_spec(("batch", None, "kv_heads", None), k.shape, mesh, rules)
+    q_spec = PartitionSpec(batch_axes, None, kv_axes, None)
+    k_spec = PartitionSpec(batch_axes, None, kv_axes, None)
+    segment_ids = mask.q_segment_ids
+    in_specs = (q_spec, k_spec, k_spec, None if segment_ids is None else PartitionSpec(batch_axes, None))
+
+    def local(q, k, v, segment_ids):
+        local_mask = AttentionMask.causal(segment_ids, window=mask.window)
+        return _splash_attention(q, k, v, local_mask, scale, interpret)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
 
 
 def _splash_attention(q, k, v, mask: AttentionMask, scale: float, interpret: bool) -> jax.Array:

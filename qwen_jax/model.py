@@ -206,10 +206,13 @@ class _AttentionContext:
     mask: AttentionMask  # without a window
     window: int  # the config's sliding window, used on layers that ask for it
     cache_starts: jax.Array | None  # cache length of every row before this call
+    mesh: Mesh | None
+    rules: ShardingRules
 
     def attend(self, q, k, v, layer, use_window) -> jax.Array:
         def run(window):
-            return attention.attend(q, k, v, self.mask.with_window(window), backend=self.backend, layer=layer)
+            return attention.attend(q, k, v, self.mask.with_window(window), backend=self.backend, layer=layer,
+                                    mesh=self.mesh, rules=self.rules)
 
         if isinstance(use_window, (bool, int, np.integer)):
             return run(self.window if use_window else 0)
@@ -434,7 +437,7 @@ class Qwen2ForCausalLM(nnx.Module):
             self.attention, q_len=shape[1], kv_len=shape[1] if cache is None else cache.max_len,
             cached=cache is not None, dtype=self.dtype, head_dim=cfg.head_dim, platform=attention.platform_of(self.mesh))
         return _AttentionContext(backend, mask, windows.pop() if windows else 0,
-                                 None if cache is None else cache.lengths)
+                                 None if cache is None else cache.lengths, self.mesh, self.rules)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Full-vocabulary float32 logits from final hidden states."""

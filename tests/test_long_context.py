@@ -38,6 +38,16 @@ def test_chunked_model_logits_equal_xla(hf_checkpoint, scan_layers):
     np.testing.assert_allclose(chunked[1, 37:], reference[1, 37:], atol=1e-5)
 
 
+def test_chunked_attention_on_a_mesh_equals_one_device(hf_checkpoint):
+    """The chunked kernel's loops partition over batch (data/fsdp) and heads (tensor)."""
+    _, path = hf_checkpoint(max_position_embeddings=1024)
+    ids = _ids(2, 600, seed=3)
+    reference = np.asarray(load_model(path, attention="chunked")(ids))
+    mesh = qwen_jax.make_mesh(data=2, fsdp=1, tensor=2, devices=jax.devices()[:4])
+    sharded = np.asarray(load_model(path, attention="chunked", mesh=mesh)(ids))
+    np.testing.assert_allclose(sharded, reference, atol=1e-5)
+
+
 def test_hf_parity_at_4k_tokens_with_yarn_override(hf_checkpoint):
     """A checkpoint without rope scaling, loaded with rope_scaling='yarn:4', matches HF running
     the same weights with Qwen's YaRN config, at 4,160 tokens (past the original 1,024)."""

@@ -59,23 +59,22 @@ class AttentionBackendError(ValueError):
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=("q_offset", "kv_length", "q_segment_ids", "kv_segment_ids"),
+                   data_fields=("q_offset", "q_segment_ids", "kv_segment_ids"),
                    meta_fields=("window",))
 @dataclasses.dataclass(frozen=True)
 class AttentionMask:
     """Which keys each query sees, as slot arithmetic.
 
     Query t of row b sits at slot `q_offset[b] + t`, key s at slot s. The query sees the key iff
-      s <= q_offset[b] + t                                  (causal)
-      s < kv_length[b]                                      (a row's filled cache / real keys)
+      s <= q_offset[b] + t                                  (causal: a cache row's filled slots and
+                                                             this call's tokens up to the query)
       window == 0 or s > q_offset[b] + t - window           (sliding window, HF's rule)
       q_segment_ids[b, t] == kv_segment_ids[b, s]           (packed sequences / padding)
-    `q_offset=None` means 0 and `kv_length=None` means every key (self-attention without a cache);
-    backends use that static knowledge for their fast paths.
+    `q_offset=None` means 0: self-attention without a cache, where queries and keys start
+    together (backends use that static knowledge for their fast paths).
     """
 
     q_offset: jax.Array | None = None  # int32 [B]
-    kv_length: jax.Array | None = None  # int32 [B]
     q_segment_ids: jax.Array | None = None  # int32 [B, T]
     kv_segment_ids: jax.Array | None = None  # int32 [B, S]
     window: int = 0
@@ -89,8 +88,8 @@ class AttentionMask:
     @classmethod
     def cached(cls, lengths: jax.Array, window: int = 0) -> "AttentionMask":
         """New tokens of a KV cache call: row b's queries start at slot `lengths[b]` (its length
-        before the call); keys up to the last new token are visible."""
-        return cls(q_offset=lengths, kv_length=None, window=window)
+        before the call)."""
+        return cls(q_offset=lengths, window=window)
 
     @property
     def is_cached(self) -> bool:
@@ -103,8 +102,6 @@ class AttentionMask:
         """bool `[B, Tq, Sk]` for query slots `[B, Tq]`, key slots `[Sk]` and the segment ids of
         those queries/keys (`[B, Tq]`, `[B, Sk]`) -- used densely (xla) and per block (chunked)."""
         seen = k_slots[None, None, :] <= q_slots[:, :, None]
-        if self.kv_length is not None:
-            seen = seen & (k_slots[None, None, :] < self.kv_length[:, None, None])
         if self.window:
             seen = seen & (k_slots[None, None, :] > q_slots[:, :, None] - self.window)
         if q_segments is not None:
@@ -232,7 +229,7 @@ def cudnn_arguments(mask: AttentionMask, q_len: int, kv_len: int) -> dict:
     explicit slot mask `[B, 1, T, S]` and the keys in use (`key_value_seq_lengths`, which lets
     cuDNN skip the unfilled cache).
     """
-    if not mask.is_cached and mask.kv_length is None:
+    if not mask.is_cached:
         kwargs: dict = {"is_causal": True}
         if mask.window:
             kwargs["local_window_size"] = (mask.window - 1, 0)
@@ -240,10 +237,8 @@ def cudnn_arguments(mask: AttentionMask, q_len: int, kv_len: int) -> dict:
             same = mask.q_segment_ids[:, :, None] == mask.kv_segment_ids[:, None, :]
             kwargs["mask"] = same[:, None]
         return kwargs
-    batch = mask.q_offset.shape[0] if mask.q_offset is not None else mask.kv_length.shape[0]
-    used = mask.q_offset + q_len if mask.kv_length is None else mask.kv_length
-    if mask.q_offset is not None and mask.kv_length is not None:
-        used = jnp.minimum(used, mask.q_offset + q_len)
+    batch = mask.q_offset.shape[0]
+    used = mask.q_offset + q_len  # the last query's slot + 1
     return {
         "mask": mask.dense(batch, q_len, kv_len)[:, None],
         "query_seq_lengths": jnp.full((batch,), q_len, jnp.int32),
@@ -336,18 +331,16 @@ def _ceil_div(a, b):
 def _block_ranges(mask: AttentionMask, first_q, last_q, bk: int, num_kv_blocks: int, kv_len: int):
     """Key blocks to visit for one query block, in block units: masked [lo, clean_lo),
     clean [clean_lo, clean_hi) (every query of every row sees every key: no mask), masked
-    [clean_hi, hi). first_q/last_q: int32 [B] slots of the block's first and last real query."""
-    kv_length = jnp.full_like(first_q, kv_len) if mask.kv_length is None else jnp.minimum(mask.kv_length, kv_len)
-    last_key = jnp.minimum(last_q, kv_length - 1)  # the last key some query of the row may see
-    hi = jnp.clip(_ceil_div(jnp.max(last_key) + 1, bk), 0, num_kv_blocks)
+    [clean_hi, hi). first_q/last_q: int32 [B] slots of the block's first and last real query;
+    blocks past the last one's slot (a cache row's unfilled part) are never visited."""
+    hi = jnp.clip(_ceil_div(jnp.max(jnp.minimum(last_q, kv_len - 1)) + 1, bk), 0, num_kv_blocks)
     lo = jnp.zeros((), jnp.int32)
     clean_lo = jnp.zeros((), jnp.int32)
     if mask.window:
         lo = jnp.maximum(jnp.min(first_q) - mask.window + 1, 0) // bk
         clean_lo = _ceil_div(jnp.maximum(jnp.max(last_q) - mask.window + 1, 0), bk)
-    # Keys below every row's first query and length are seen by all; a clamped tail block never is clean.
-    clean_hi = jnp.minimum(jnp.min(jnp.minimum(first_q, kv_length - 1)) + 1, num_kv_blocks * bk) // bk
-    clean_hi = jnp.minimum(clean_hi, kv_len // bk)
+    # Keys up to every row's first query are seen by all; a clamped tail block never is clean.
+    clean_hi = jnp.minimum((jnp.min(first_q) + 1) // bk, kv_len // bk)
     if mask.q_segment_ids is not None:
         clean_hi = clean_lo
     clean_lo = jnp.clip(clean_lo, lo, hi)

@@ -50,8 +50,8 @@ def _our_model(spec: dict):
     from qwen_jax import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config.preset(spec["size"])
-    return Qwen2ForCausalLM(config, dtype=jnp.dtype(spec["dtype"]), scan_layers=False, rngs=nnx.Rngs(0),
-                            attention=spec["attention"])
+    extra = {} if spec.get("baseline") else {"attention": spec["attention"]}  # an older qwen-jax has no backends
+    return Qwen2ForCausalLM(config, dtype=jnp.dtype(spec["dtype"]), scan_layers=False, rngs=nnx.Rngs(0), **extra)
 
 
 def ours_prefill(spec: dict) -> dict:
@@ -179,13 +179,16 @@ CHILDREN = {"ours_prefill": ours_prefill, "ours_decode": ours_decode, "ours_shor
 
 
 # ----------------------------------------------------------------------------- parent
-def run_child(kind: str, spec: dict, timeout: float) -> dict:
-    """Run one measurement in a fresh process; its result plus load average and peak RSS."""
+def run_child(kind: str, spec: dict, timeout: float, code: str | None = None) -> dict:
+    """Run one measurement in a fresh process; its result plus load average and peak RSS.
+
+    code: import qwen_jax from this source tree instead (a baseline checkout)."""
     load = os.getloadavg()[0]
     start = time.perf_counter()
+    env = dict(os.environ, PYTHONPATH=code) if code else None
     try:
         proc = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], capture_output=True,
-                              text=True, timeout=timeout)
+                              text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return dict(error=f"timed out after {timeout:.0f} s", load=load)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -222,6 +225,9 @@ def main(argv=None) -> None:
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--chunk", type=int, help="qwen-jax prefill chunk (default: generation.PREFILL_CHUNK)")
     parser.add_argument("--skip-hf", action="store_true", help="measure qwen-jax only")
+    parser.add_argument("--baseline", metavar="SRC",
+                        help="also measure the short-context decode of the qwen-jax source tree SRC (e.g. the code "
+                             "before long-context support: git archive a7fc5e1 | tar -x -C SRC)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per measurement")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -243,7 +249,11 @@ def main(argv=None) -> None:
           f"({jax.default_backend()}), torch {torch.__version__}, transformers {transformers.__version__}; "
           f"{args.size} {args.dtype}, attention={args.attention}; {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     results: dict = {"prefill": {}, "decode": {}}
+    from qwen_jax import Qwen2Config
+
+    context = Qwen2Config.preset(args.size).context_length
     for length in args.lengths:
+        length = min(length, context - 1)  # prompt + one new token must fit the context (32,768 -> 32,767)
         spec = dict(base, length=length, chunk=args.chunk)
         ours = run_child("ours_prefill", spec, args.timeout)
         theirs = None if args.skip_hf else run_child("hf_prefill", spec, args.timeout)
@@ -256,6 +266,11 @@ def main(argv=None) -> None:
         results["decode"]["short"] = dict(ours=short)
         print(f"decode, 64-token prompt (generate_ids): qwen-jax {_fmt(short, 'tokens_per_s', digits=2)} tok/s "
               f"(load {short['load']:.1f})", flush=True)
+        if args.baseline:
+            before = run_child("ours_short_decode", dict(base, baseline=True), args.timeout, code=args.baseline)
+            results["decode"]["baseline"] = dict(ours=before)
+            print(f"decode, 64-token prompt, baseline {args.baseline}: {_fmt(before, 'tokens_per_s', digits=2)} tok/s "
+                  f"(load {before['load']:.1f})", flush=True)
     for context in args.decode_contexts:
         spec = dict(base, context=context, steps=args.decode_steps, max_len=args.max_len)
         ours = run_child("ours_decode", spec, args.timeout)
@@ -278,6 +293,10 @@ def main(argv=None) -> None:
         print("|---|---|---|---|")
         short = results["decode"]["short"]["ours"]
         print(f"| 64-token prompt, `generate_ids` | {_fmt(short, 'tokens_per_s', digits=2)} | - | - |")
+        if "baseline" in results["decode"]:
+            before = results["decode"]["baseline"]["ours"]
+            print(f"| 64-token prompt, `generate_ids`, baseline source | {_fmt(before, 'tokens_per_s', digits=2)} "
+                  "| - | - |")
         for context in args.decode_contexts:
             pair = results["decode"][context]
             print(f"| {context:,} | {_fmt(pair['ours'], 'tokens_per_s', digits=2)} | "

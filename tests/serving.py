@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import build_hf_model, save_hf_checkpoint
 
 CHATML = (
@@ -102,3 +103,99 @@ def wait_until(condition, timeout: float = 30.0, interval: float = 0.02) -> bool
             return True
         time.sleep(interval)
     return condition()
+
+
+ENGINE_SLOTS = 8
+ENGINE_MAX_LEN = 64
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """(model, tokenizer): a tiny random checkpoint with the byte tokenizer.
+
+    A large init scale gives varied greedy text (small random models tend to repeat one token).
+    """
+    import qwen_jax
+
+    path = byte_checkpoint(tmp_path_factory.mktemp("tiny_serving") / "ckpt", tie_word_embeddings=False,
+                           initializer_range=0.3)
+    return qwen_jax.load(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model):
+    """An Engine (8 slots, 64 tokens) over `tiny_model`, compiled once for the whole session."""
+    from qwen_jax.engine import Engine
+
+    model, tokenizer = tiny_model
+    engine = Engine(model, tokenizer, slots=ENGINE_SLOTS, max_len=ENGINE_MAX_LEN, warmup=True)
+    yield engine
+    engine.shutdown()
+
+
+def bigram_checkpoint(directory: Path, tokenizer_dir: str, answer: str) -> str:
+    """A tiny checkpoint on the real Qwen2.5 vocabulary whose greedy answer to any chat prompt is `answer`.
+
+    Attention and MLP outputs are zeroed, so the logits depend only on the current token, and the
+    untied head maps each token of `answer` (whose ids must all differ) to the next one, starting
+    from the "\\n" that ends the assistant header.
+    """
+    import shutil
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qwen_jax.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    chain = [tokenizer.encode("\n")[0], *tokenizer.encode(answer)]
+    if len(set(chain)) != len(chain):
+        raise ValueError("the answer's tokens (and the header's newline) must all differ")
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False, eos_token_id=151645, bos_token_id=None)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_()
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        head = model.lm_head.weight
+        head.normal_(std=0.01)
+        embed = model.model.embed_tokens.weight
+        for current, following in zip(chain, chain[1:]):
+            head[following] += 5 * embed[current] / embed[current].norm()
+    path = save_hf_checkpoint(model, directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if os.path.isfile(os.path.join(tokenizer_dir, name)):
+            shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(path, name))
+    return path
+
+
+class HttpResult:
+    def __init__(self, status: int, body: bytes):
+        self.status_code = status
+        self.text = body.decode("utf-8", errors="replace")
+
+    def json(self):
+        return json.loads(self.text)
+
+
+def http(method: str, url: str, body: bytes | str | dict | None = None, headers: dict | None = None,
+         timeout: float = 60) -> HttpResult:
+    """One plain HTTP request (stdlib only); error statuses are returned, not raised."""
+    import urllib.error
+    import urllib.request
+
+    if isinstance(body, dict) or isinstance(body, list):
+        body = json.dumps(body)
+    if isinstance(body, str):
+        body = body.encode()
+    request = urllib.request.Request(url, data=body, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return HttpResult(response.status, response.read())
+    except urllib.error.HTTPError as e:
+        return HttpResult(e.code, e.read())

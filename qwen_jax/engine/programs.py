@@ -75,6 +75,10 @@ def prefill_buckets(max_len: int, buckets=None) -> tuple[int, ...]:
     return (*out, max_len - 1)
 
 
+_EXECUTABLES: dict[tuple, Any] = {}
+_COMPILE_LOCK = threading.Lock()
+
+
 class EnginePrograms:
     """Owns the batch cache and slot state and runs the compiled programs on them (engine thread only)."""
 
@@ -88,10 +92,11 @@ class EnginePrograms:
         self.dtype = model.dtype
         self.graphdef, self.state = nnx.split(model)
         self.mesh, self.rules = model.mesh, model.rules
-        self._executables: dict[tuple, Any] = {}
-        self._compile_lock = threading.Lock()
         self.compile_seconds = 0.0
-        self.cache = self._put_cache(KVCache.init(self.config, slots, max_len, self.dtype), slots, max_len)
+        # What the compiled programs specialise on besides each program's own key.
+        state_signature = tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(self.state))
+        self._signature = (self.graphdef, state_signature, slots, max_len, self.dtype, self.mesh, self.rules)
+        self.cache = self._put_cache(_init_cache(self.config, slots, max_len, self.dtype), slots, max_len)
         self.slot_state = self._put_small(self._empty_state(slots))
 
     # ------------------------------------------------------------------ placement
@@ -101,10 +106,7 @@ class EnginePrograms:
     def _cache_sharding(self, batch: int, length: int):
         if self.mesh is None:
             return None
-        shape = (self.config.num_hidden_layers, batch, length, self.config.num_key_value_heads, self.config.head_dim)
-        kv = named_sharding(KVCache.logical_axes(), shape, self.mesh, self.rules)
-        return jax.tree.map(lambda _: self._replicated(), KVCache.init_abstract(self.config, batch, length, self.dtype),
-                            is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))._replace_kv(kv)
+        return _cache_shardings(self.config, batch, length, self.mesh, self.rules)
 
     def _logits_sharding(self, rows: int):
         if self.mesh is None:
@@ -115,7 +117,7 @@ class EnginePrograms:
         sharding = self._replicated()
         return jax.tree.map(lambda x: jax.device_put(x, sharding) if sharding is not None else jax.device_put(x), tree)
 
-    def _put_cache(self, cache: KVCache, batch: int, length: int) -> KVCache:
+    def _put_cache(self, cache, batch: int, length: int):
         if self.mesh is None:
             return cache
         return jax.device_put(cache, self._cache_sharding(batch, length))
@@ -129,15 +131,17 @@ class EnginePrograms:
 
     # ------------------------------------------------------------------ compilation
     def _executable(self, key: tuple, build: Callable[[], Any]):
-        executable = self._executables.get(key)
+        """The compiled program for `key`, shared by every engine of the same model structure and sizes."""
+        key = (*key, self._signature)
+        executable = _EXECUTABLES.get(key)
         if executable is None:
-            with self._compile_lock:
-                executable = self._executables.get(key)
+            with _COMPILE_LOCK:
+                executable = _EXECUTABLES.get(key)
                 if executable is None:
                     start = time.perf_counter()
                     executable = build()
                     self.compile_seconds += time.perf_counter() - start
-                    self._executables[key] = executable
+                    _EXECUTABLES[key] = executable
         return executable
 
     def compile_all(self) -> float:
@@ -172,8 +176,7 @@ class EnginePrograms:
 
             def prefill(state, input_ids, length):
                 model = nnx.merge(graphdef, state)
-                cache = KVCache.init(config, 1, bucket, dtype)
-                logits, cache = _prefill_forward(model, input_ids, length, cache)
+                logits, cache = _prefill_forward(model, input_ids, length, _init_cache(config, 1, bucket, dtype))
                 seen = mark_seen(jnp.zeros((1, config.vocab_size), bool), input_ids,
                                  (jnp.arange(bucket) < length)[None])
                 return cache, logits, seen
@@ -256,7 +259,7 @@ class EnginePrograms:
         return self._executable(("decode",), build)
 
     def _cache_abstract(self, batch: int, length: int):
-        abstract = KVCache.init_abstract(self.config, batch, length, self.dtype)
+        abstract = jax.eval_shape(lambda: _init_cache(self.config, batch, length, self.dtype))
         if self.mesh is None:
             return abstract
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
@@ -305,15 +308,47 @@ def _row_params(options: list[RequestOptions]) -> RowParams:
 
 
 # ----------------------------------------------------------------------------- model calls
-def _prefill_forward(model, input_ids, length, cache: KVCache):
+# TEMPORARY stand-in until the per-row-length KVCache lands on main: each row runs the model
+# with its own one-row cache and index (vmap). Replaced by KVCache(lengths=...) calls.
+def _init_cache(config, batch: int, length: int, dtype):
+    return (KVCache.init(config, batch, length, dtype), jnp.zeros((batch,), jnp.int32))
+
+
+def _cache_shardings(config, batch, length, mesh, rules):
+    shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
+    kv = named_sharding(KVCache.logical_axes(), shape, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return (KVCache(kv, kv, replicated), replicated)
+
+
+def _prefill_forward(model, input_ids, length, cache):
     """Run a right-padded prompt `[1, bucket]` into `cache`; logits `[1, V]` of its last real token."""
-    raise NotImplementedError("needs the per-row-length KVCache")
+    kv, _ = cache
+    bucket = input_ids.shape[1]
+    positions = jnp.arange(bucket, dtype=jnp.int32)[None]
+    hidden, kv = model.hidden_states(input_ids, positions, jnp.ones((1, kv.max_len), jnp.int32), cache=kv)
+    last = jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1)
+    return model.logits(last)[:, 0], (kv, jnp.full((1,), length, jnp.int32))
 
 
-def _decode_forward(model, cache: KVCache, tokens, active):
+def _decode_forward(model, cache, tokens, active):
     """One token per row at each row's own length; rows not `active` keep their length."""
-    raise NotImplementedError("needs the per-row-length KVCache")
+    kv, lengths = cache
+    max_len = kv.max_len
+
+    def one_row(k, v, token, length):
+        row = KVCache(k[:, None], v[:, None], length)
+        mask = (jnp.arange(max_len) <= length).astype(jnp.int32)[None]
+        logits, row = model.forward(token[None, None], length[None, None], mask, cache=row)
+        return logits[0, 0], row.k[:, 0], row.v[:, 0]
+
+    logits, k, v = jax.vmap(one_row, in_axes=(1, 1, 0, 0), out_axes=(0, 1, 1))(kv.k, kv.v, tokens, lengths)
+    return logits, (KVCache(k, v, kv.index), jnp.where(active, lengths + 1, lengths))
 
 
-def _insert_row(cache: KVCache, row_cache: KVCache, slot, length) -> KVCache:
-    raise NotImplementedError("needs the per-row-length KVCache")
+def _insert_row(cache, row_cache, slot, length):
+    kv, lengths = cache
+    row_kv, _ = row_cache
+    k = jax.lax.dynamic_update_slice(kv.k, row_kv.k.astype(kv.k.dtype), (0, slot, 0, 0, 0))
+    v = jax.lax.dynamic_update_slice(kv.v, row_kv.v.astype(kv.v.dtype), (0, slot, 0, 0, 0))
+    return (KVCache(k, v, kv.index), lengths.at[slot].set(length))

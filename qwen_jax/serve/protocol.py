@@ -230,12 +230,25 @@ class CompletionRequest(_SamplingFields):
 
 
 def validation_error(errors: list[dict[str, Any]]) -> RequestError:
-    """The first pydantic error as a one-line RequestError naming the parameter."""
+    """The first invalid parameter as a one-line RequestError naming it.
+
+    A value that matches no member of a union (e.g. `prompt`) yields one pydantic error per
+    member; their common location is the parameter.
+    """
     if not errors:
         return RequestError("invalid request")
     error = errors[0]
-    location = [str(part) for part in error.get("loc", ()) if part != "body"]
-    param = ".".join(location) or None
+    location = [part for part in error.get("loc", ()) if part != "body"]
+    if location:
+        related = [[p for p in e.get("loc", ()) if p != "body"] for e in errors]
+        related = [loc for loc in related if loc[:1] == location[:1]]
+        common = []
+        for parts in zip(*related):
+            if len(set(parts)) > 1:
+                break
+            common.append(parts[0])
+        location = common if len(related) > 1 else location
+    param = ".".join(str(part) for part in location) or None
     kind = error.get("type", "")
     if kind == "json_invalid":
         return RequestError(f"the request body is not valid JSON: {error.get('ctx', {}).get('error', error.get('msg'))}",

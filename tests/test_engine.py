@@ -160,3 +160,22 @@ def test_no_compilation_after_warmup(engine):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
+
+
+def test_engine_on_a_mesh_equals_one_device(tmp_path, tiny_engine):
+    from serving import byte_checkpoint
+
+    path = byte_checkpoint(tmp_path / "ckpt", tie_word_embeddings=False, initializer_range=0.3)
+    mesh = qwen_jax.make_mesh(data=2, fsdp=1, tensor=2, devices=jax.devices()[:4])  # slots over data, heads over tensor
+    model, tokenizer = qwen_jax.load(path, mesh=mesh)
+    sharded = Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN)
+    try:
+        prompts = [PROBE, *OTHERS]
+        on_mesh = sharded.generate(prompts, max_new_tokens=12, temperature=0, progress=False)
+        reference = tiny_engine.generate(prompts, max_new_tokens=12, temperature=0, progress=False)
+        assert [c.token_ids for c in on_mesh] == [c.token_ids for c in reference]
+        cache_spec = sharded.programs.cache[0].k.sharding.spec if isinstance(sharded.programs.cache, tuple) \
+            else sharded.programs.cache.k.sharding.spec
+        assert tuple(cache_spec)[1:4] == ("data", None, "tensor")  # [layers, batch, seq, kv_heads, head_dim]
+    finally:
+        sharded.shutdown()

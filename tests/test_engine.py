@@ -179,3 +179,21 @@ def test_engine_on_a_mesh_equals_one_device(tmp_path, tiny_engine):
         assert tuple(cache_spec)[1:4] == ("data", None, "tensor")  # [layers, batch, seq, kv_heads, head_dim]
     finally:
         sharded.shutdown()
+
+
+def test_device_failure_fails_requests_and_refuses_new_ones(loaded, caplog):
+    model, tokenizer = loaded
+    broken = Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN)  # shares the compiled programs
+
+    def decode_step(rows):
+        raise RuntimeError("device lost")
+
+    broken.programs.decode_step = decode_step  # fault injection: the next decode step fails
+    handle = broken.submit(PROBE, max_new_tokens=10)
+    completion = handle.result(60)
+    assert completion.finish_reason == "error" and "device lost" in completion.error
+    assert not broken.stats().healthy
+    with pytest.raises(EngineClosedError, match="device lost"):
+        broken.submit(PROBE)
+    assert "engine thread failed" in caplog.text
+    broken.shutdown()

@@ -227,7 +227,8 @@ class Engine:
                 slots=self.slots, running=counts.get("running", 0), waiting=counts.get("waiting", 0),
                 prompt_tokens=counts.get("prompt_tokens", 0), generated_tokens=counts.get("generated_tokens", 0),
                 finished_requests=counts.get("finished", 0), aborted_requests=counts.get("aborted", 0),
-                decode_steps=counts.get("decode_steps", 0), healthy=self._error is None and self._thread.is_alive(),
+                decode_steps=counts.get("decode_steps", 0),
+                healthy=self._error is None and (self._thread.is_alive() or not self._accepting),
                 accepting=self._accepting)
 
     def begin_shutdown(self, timeout: float) -> None:
@@ -281,9 +282,11 @@ class Engine:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         items = list(prompt)
-        if items and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in items):
+        if not items:
+            return []  # refused by resolve_options with a clear message
+        if all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in items):
             return [int(t) for t in items]
-        if items and all(isinstance(m, Mapping) for m in items):
+        if all(isinstance(m, Mapping) for m in items):
             try:
                 text = self.tokenizer.apply_chat_template(items, tools=tools, add_generation_prompt=True)
             except Exception as e:  # template errors are the caller's input errors
@@ -308,11 +311,11 @@ class Engine:
                 self._enforce_shutdown_deadline()
                 self._publish_counts()
         except BaseException as e:  # a device or program failure: fail every request, refuse new ones
+            logger.exception("the engine thread failed; every request in flight gets an error")
             with self._lock:
                 self._error = e
                 self._accepting = False
             self._fail_all(f"engine error: {type(e).__name__}: {e}")
-            raise
 
     def _has_running(self) -> bool:
         return any(r is not None for r in self._slot_owner)

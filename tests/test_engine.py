@@ -174,9 +174,8 @@ def test_engine_on_a_mesh_equals_one_device(tmp_path, tiny_engine):
         on_mesh = sharded.generate(prompts, max_new_tokens=12, temperature=0, progress=False)
         reference = tiny_engine.generate(prompts, max_new_tokens=12, temperature=0, progress=False)
         assert [c.token_ids for c in on_mesh] == [c.token_ids for c in reference]
-        cache_spec = sharded.programs.cache[0].k.sharding.spec if isinstance(sharded.programs.cache, tuple) \
-            else sharded.programs.cache.k.sharding.spec
-        assert tuple(cache_spec)[1:4] == ("data", None, "tensor")  # [layers, batch, seq, kv_heads, head_dim]
+        spec = tuple(sharded.programs.cache.k.sharding.spec)
+        assert spec[1:4] == ("data", None, "tensor")  # [layers, batch, seq, kv_heads, head_dim]
     finally:
         sharded.shutdown()
 

@@ -1,17 +1,18 @@
 """The engine's device side: the batch KV cache, per-slot state and a fixed set of compiled programs.
 
-Programs (all pure functions of the model state; compiled ahead of time, never while serving
-once `compile_all` ran):
-- `prefill[bucket]`: one prompt, right-padded to `bucket`, through the model into a fresh
-  one-row cache; returns that cache, the last real token's logits and the prompt's token set.
-- `sample[rows, variant]`: per-row sampling (`qwen_jax.engine.sampler`) for 1 row (a prefilled
-  prompt) or all slots (a decode step); updates each row's last token, seen-token set and index.
-- `logprobs[rows]`: log-softmax of the raw logits: the chosen token's and the top 20.
-- `insert`: writes a prefilled one-row cache and its row state into one slot of the batch.
-- `decode`: one token for every slot; each row attends only to its own filled cache.
+Programs (pure functions of the model state, compiled ahead of time; after `compile_all` nothing
+compiles while serving):
+- `prefill[bucket]`: one prompt, right-padded to `bucket`, into a fresh one-row `KVCache`; returns
+  that cache, the logits of its last real token and the prompt's token set (repetition penalty).
+- `sample[rows, variant]`: per-row sampling (`qwen_jax.engine.sampler`) for one row (a prefilled
+  prompt) or all slots (a decode step); updates each row's last token, seen set and token index.
+- `logprobs[rows]`: log-softmax of the raw logits: the chosen token's and the 20 most likely.
+- `insert[bucket]`: `KVCache.insert` of a prefilled one-row cache, and its row state, into a slot.
+- `decode`: one token for every slot; each row attends to its own filled cache and advances its
+  own length (`KVCache` contract); idle rows keep their length.
 
-The batch cache is `KVCache` with per-row lengths: every row's keys start at slot 0, so a
-request's cache layout, positions and hence its logits do not depend on its batch-mates.
+The batch cache has per-row lengths and every row's keys start at slot 0, so a request's cache
+layout, positions and logits do not depend on its batch-mates.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ class SlotState:
 
 @dataclasses.dataclass
 class StepOutputs:
-    """Device results of one dispatched program, read back later (see `Engine._process`)."""
+    """Device results of one dispatched step, read back later (see `Engine._process`)."""
 
-    rows: list  # the Request each row belonged to when dispatched (None: unused row)
+    rows: list  # the Request each row belonged to when dispatched (None: an idle row)
     tokens: jax.Array
     logprobs: tuple[jax.Array, jax.Array, jax.Array] | None
 
@@ -60,14 +61,12 @@ class StepOutputs:
 
 
 def prefill_buckets(max_len: int, buckets=None) -> tuple[int, ...]:
-    """Padded prompt lengths: powers of two from 16, the last one max_len - 1 (the longest prompt)."""
+    """Padded prompt lengths: powers of two from 16, and max_len - 1 (the longest prompt) last."""
     if buckets is not None:
         chosen = tuple(sorted({int(b) for b in buckets}))
-        if not chosen or chosen[0] < 1 or chosen[-1] > max_len:
-            raise ValueError(f"prefill buckets must lie in [1, {max_len}], got {list(buckets)}")
-        if chosen[-1] < max_len - 1:
-            chosen += (max_len - 1,)
-        return chosen
+        if not chosen or chosen[0] < 1 or chosen[-1] > max_len - 1:
+            raise ValueError(f"prefill buckets must lie in [1, {max_len - 1}], got {list(buckets)}")
+        return chosen if chosen[-1] == max_len - 1 else (*chosen, max_len - 1)
     out, bucket = [], prompt_bucket(1)
     while bucket < max_len - 1:
         out.append(bucket)
@@ -75,12 +74,21 @@ def prefill_buckets(max_len: int, buckets=None) -> tuple[int, ...]:
     return (*out, max_len - 1)
 
 
+# Compiled programs, shared by every engine with the same model structure, shardings and sizes.
 _EXECUTABLES: dict[tuple, Any] = {}
 _COMPILE_LOCK = threading.Lock()
 
 
+def _spec(shape, dtype, sharding=None) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
+
+
 class EnginePrograms:
-    """Owns the batch cache and slot state and runs the compiled programs on them (engine thread only)."""
+    """Owns the batch cache and the slot state and runs the compiled programs on them.
+
+    `prefill_into_slot` and `decode_step` are called from the engine thread only; `compile_all`
+    may be called from any thread.
+    """
 
     def __init__(self, model, *, slots: int, max_len: int, buckets=None, pad_id: int = 0):
         self.config = model.config
@@ -93,34 +101,33 @@ class EnginePrograms:
         self.graphdef, self.state = nnx.split(model)
         self.mesh, self.rules = model.mesh, model.rules
         self.compile_seconds = 0.0
-        # What the compiled programs specialise on besides each program's own key.
         state_signature = tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(self.state))
         self._signature = (self.graphdef, state_signature, slots, max_len, self.dtype, self.mesh, self.rules)
-        self.cache = self._put_cache(_init_cache(self.config, slots, max_len, self.dtype), slots, max_len)
-        self.slot_state = self._put_small(self._empty_state(slots))
+        cache = KVCache.init(self.config, slots, max_len, self.dtype)
+        self.cache = cache if self.mesh is None else jax.device_put(cache, self._cache_sharding(slots, max_len))
+        self.slot_state = self._put(self._empty_state(slots))
 
     # ------------------------------------------------------------------ placement
     def _replicated(self) -> NamedSharding | None:
         return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
 
-    def _cache_sharding(self, batch: int, length: int):
+    def _cache_sharding(self, batch: int, length: int) -> KVCache | None:
+        """KVCache of shardings: keys/values by logical axes (kv heads over `tensor`), lengths replicated."""
         if self.mesh is None:
             return None
-        return _cache_shardings(self.config, batch, length, self.mesh, self.rules)
+        shape = (self.config.num_hidden_layers, batch, length, self.config.num_key_value_heads, self.config.head_dim)
+        kv = named_sharding(KVCache.logical_axes(), shape, self.mesh, self.rules)
+        return KVCache(kv, kv, self._replicated())
 
-    def _logits_sharding(self, rows: int):
+    def _logits_sharding(self, rows: int) -> NamedSharding | None:
         if self.mesh is None:
             return None
         return named_sharding(("batch", "vocab"), (rows, self.vocab), self.mesh, self.rules)
 
-    def _put_small(self, tree):
+    def _put(self, tree):
+        """Small host arrays onto the device (replicated on a mesh)."""
         sharding = self._replicated()
         return jax.tree.map(lambda x: jax.device_put(x, sharding) if sharding is not None else jax.device_put(x), tree)
-
-    def _put_cache(self, cache, batch: int, length: int):
-        if self.mesh is None:
-            return cache
-        return jax.device_put(cache, self._cache_sharding(batch, length))
 
     def _empty_state(self, rows: int) -> SlotState:
         params = RowParams(
@@ -129,9 +136,26 @@ class EnginePrograms:
             key_data=np.zeros((rows, 2), np.uint32), token_index=np.zeros(rows, np.int32))
         return SlotState(np.zeros(rows, np.int32), params, np.zeros((rows, self.vocab), bool))
 
+    # ------------------------------------------------------------------ abstract arguments
+    def _state_spec(self):
+        return jax.tree.map(lambda x: _spec(x.shape, x.dtype, x.sharding), self.state)
+
+    def _slot_state_spec(self, rows: int) -> SlotState:
+        return jax.tree.map(lambda x: _spec(np.shape(x), np.asarray(x).dtype, self._replicated()),
+                            self._empty_state(rows))
+
+    def _cache_spec(self, batch: int, length: int) -> KVCache:
+        abstract = jax.eval_shape(lambda: KVCache.init(self.config, batch, length, self.dtype))
+        shardings = self._cache_sharding(batch, length)
+        if shardings is None:
+            return abstract
+        return jax.tree.map(lambda a, s: _spec(a.shape, a.dtype, s), abstract, shardings)
+
+    def _scalar_spec(self, shape=(), dtype=jnp.int32) -> jax.ShapeDtypeStruct:
+        return _spec(shape, dtype, self._replicated())
+
     # ------------------------------------------------------------------ compilation
     def _executable(self, key: tuple, build: Callable[[], Any]):
-        """The compiled program for `key`, shared by every engine of the same model structure and sizes."""
         key = (*key, self._signature)
         executable = _EXECUTABLES.get(key)
         if executable is None:
@@ -149,144 +173,110 @@ class EnginePrograms:
         start = time.perf_counter()
         for bucket in self.buckets:
             self._prefill_executable(bucket)
+            self._insert_executable(bucket)
         for rows in (1, self.slots):
             for variant in SamplerVariant:
                 self._sample_executable(rows, variant)
             self._logprobs_executable(rows)
-        self._insert_executable()
         self._decode_executable()
         return time.perf_counter() - start
 
-    def _abstract(self, tree, sharding_tree=None):
-        def one(x, sharding=None):
-            return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype,
-                                        sharding=sharding)
-
-        if sharding_tree is None:
-            sharding = self._replicated()
-            return jax.tree.map(lambda x: one(x, sharding), tree)
-        return jax.tree.map(one, tree, sharding_tree)
-
-    def _state_abstract(self):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
-
     def _prefill_executable(self, bucket: int):
+        def prefill(state, input_ids, length):
+            model = nnx.merge(self.graphdef, state)
+            slots = jnp.arange(bucket, dtype=jnp.int32)[None, :]
+            cache = KVCache.init(self.config, 1, bucket, self.dtype)
+            # Right padding: the cache's length becomes `length`; the padding slots it wrote stay hidden.
+            hidden, cache = model.hidden_states(input_ids, slots, (slots < length).astype(jnp.int32), cache=cache)
+            logits = model.logits(jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1))[:, 0]
+            seen = mark_seen(jnp.zeros((1, self.vocab), bool), input_ids, slots < length)
+            return cache, logits, seen
+
         def build():
-            graphdef, config, dtype = self.graphdef, self.config, self.dtype
-
-            def prefill(state, input_ids, length):
-                model = nnx.merge(graphdef, state)
-                logits, cache = _prefill_forward(model, input_ids, length, _init_cache(config, 1, bucket, dtype))
-                seen = mark_seen(jnp.zeros((1, config.vocab_size), bool), input_ids,
-                                 (jnp.arange(bucket) < length)[None])
-                return cache, logits, seen
-
-            ids = jax.ShapeDtypeStruct((1, bucket), jnp.int32, sharding=self._replicated())
-            length = jax.ShapeDtypeStruct((), jnp.int32, sharding=self._replicated())
             out_shardings = None if self.mesh is None else (
                 self._cache_sharding(1, bucket), self._logits_sharding(1), self._replicated())
-            return jax.jit(prefill, out_shardings=out_shardings).lower(self._state_abstract(), ids, length).compile()
+            return (jax.jit(prefill, out_shardings=out_shardings)
+                    .lower(self._state_spec(), self._scalar_spec((1, bucket)), self._scalar_spec()).compile())
 
         return self._executable(("prefill", bucket), build)
 
-    def _sample_executable(self, rows: int, variant: SamplerVariant):
-        def build():
-            def sample(logits, slot_state: SlotState):
-                tokens = sample_rows(logits, slot_state.seen, slot_state.params, variant)
-                params = dataclasses.replace(slot_state.params, token_index=slot_state.params.token_index + 1)
-                return SlotState(tokens, params, mark_seen(slot_state.seen, tokens)), tokens
+    def _insert_executable(self, bucket: int):
+        def insert(cache: KVCache, slot_state, row_cache: KVCache, row_state, slot):
+            slot_state = jax.tree.map(lambda whole, row: jax.lax.dynamic_update_index_in_dim(whole, row[0], slot, 0),
+                                      slot_state, row_state)
+            return cache.insert(row_cache, slot), slot_state
 
-            logits = jax.ShapeDtypeStruct((rows, self.vocab), jnp.float32, sharding=self._logits_sharding(rows))
-            state = self._abstract(self._empty_state(rows))
-            out_shardings = None if self.mesh is None else self._replicated()
-            return jax.jit(sample, donate_argnums=1, out_shardings=out_shardings).lower(logits, state).compile()
+        def build():
+            out_shardings = None if self.mesh is None else (self._cache_sharding(self.slots, self.max_len),
+                                                            self._replicated())
+            return (jax.jit(insert, donate_argnums=(0, 1), out_shardings=out_shardings)
+                    .lower(self._cache_spec(self.slots, self.max_len), self._slot_state_spec(self.slots),
+                           self._cache_spec(1, bucket), self._slot_state_spec(1), self._scalar_spec()).compile())
+
+        return self._executable(("insert", bucket), build)
+
+    def _sample_executable(self, rows: int, variant: SamplerVariant):
+        def sample(logits, slot_state: SlotState):
+            tokens = sample_rows(logits, slot_state.seen, slot_state.params, variant)
+            params = dataclasses.replace(slot_state.params, token_index=slot_state.params.token_index + 1)
+            return SlotState(tokens, params, mark_seen(slot_state.seen, tokens)), tokens
+
+        def build():
+            logits = _spec((rows, self.vocab), jnp.float32, self._logits_sharding(rows))
+            return (jax.jit(sample, donate_argnums=1, out_shardings=self._replicated())
+                    .lower(logits, self._slot_state_spec(rows)).compile())
 
         return self._executable(("sample", rows, variant), build)
 
     def _logprobs_executable(self, rows: int):
-        def build():
-            def logprobs(logits, tokens):
-                log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-                chosen = jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
-                top_values, top_ids = jax.lax.top_k(log_probs, MAX_TOP_LOGPROBS)
-                return chosen, top_ids, top_values
+        def logprobs(logits, tokens):
+            log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            chosen = jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
+            top_values, top_ids = jax.lax.top_k(log_probs, MAX_TOP_LOGPROBS)
+            return chosen, top_ids, top_values
 
-            logits = jax.ShapeDtypeStruct((rows, self.vocab), jnp.float32, sharding=self._logits_sharding(rows))
-            tokens = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=self._replicated())
-            out_shardings = None if self.mesh is None else self._replicated()
-            return jax.jit(logprobs, out_shardings=out_shardings).lower(logits, tokens).compile()
+        def build():
+            logits = _spec((rows, self.vocab), jnp.float32, self._logits_sharding(rows))
+            return (jax.jit(logprobs, out_shardings=self._replicated())
+                    .lower(logits, self._scalar_spec((rows,))).compile())
 
         return self._executable(("logprobs", rows), build)
 
-    def _insert_executable(self):
-        def build():
-            def insert(cache, slot_state, row_cache, row_state, slot, length):
-                cache = _insert_row(cache, row_cache, slot, length)
-                slot_state = jax.tree.map(
-                    lambda whole, row: jax.lax.dynamic_update_index_in_dim(whole, row[0], slot, 0),
-                    slot_state, row_state)
-                return cache, slot_state
-
-            cache = self._cache_abstract(self.slots, self.max_len)
-            row_cache = {bucket: self._cache_abstract(1, bucket) for bucket in self.buckets}
-            state = self._abstract(self._empty_state(self.slots))
-            row_state = self._abstract(self._empty_state(1))
-            scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=self._replicated())
-            out_shardings = None if self.mesh is None else (self._cache_sharding(self.slots, self.max_len),
-                                                            self._replicated())
-            jitted = jax.jit(insert, donate_argnums=(0, 1), out_shardings=out_shardings)
-            return {bucket: jitted.lower(cache, state, row_cache[bucket], row_state, scalar, scalar).compile()
-                    for bucket in self.buckets}
-
-        return self._executable(("insert",), build)
-
     def _decode_executable(self):
+        def decode(state, cache: KVCache, tokens, active):
+            model = nnx.merge(self.graphdef, state)
+            logits, cache = model(tokens[:, None], attention_mask=active[:, None].astype(jnp.int32), cache=cache)
+            return logits[:, 0], cache
+
         def build():
-            graphdef = self.graphdef
-
-            def decode(state, cache, tokens, active):
-                model = nnx.merge(graphdef, state)
-                return _decode_forward(model, cache, tokens, active)
-
-            cache = self._cache_abstract(self.slots, self.max_len)
-            tokens = jax.ShapeDtypeStruct((self.slots,), jnp.int32, sharding=self._replicated())
-            active = jax.ShapeDtypeStruct((self.slots,), jnp.bool_, sharding=self._replicated())
             out_shardings = None if self.mesh is None else (self._logits_sharding(self.slots),
                                                             self._cache_sharding(self.slots, self.max_len))
             return (jax.jit(decode, donate_argnums=1, out_shardings=out_shardings)
-                    .lower(self._state_abstract(), cache, tokens, active).compile())
+                    .lower(self._state_spec(), self._cache_spec(self.slots, self.max_len),
+                           self._scalar_spec((self.slots,)), self._scalar_spec((self.slots,), jnp.bool_)).compile())
 
         return self._executable(("decode",), build)
 
-    def _cache_abstract(self, batch: int, length: int):
-        abstract = jax.eval_shape(lambda: _init_cache(self.config, batch, length, self.dtype))
-        if self.mesh is None:
-            return abstract
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                            self._cache_sharding(batch, length))
-
     # ------------------------------------------------------------------ running
     def prefill_into_slot(self, prompt_ids: list[int], options: RequestOptions, slot: int, request) -> StepOutputs:
-        """Prefill one prompt, sample its first token and insert it into `slot` (all dispatched asynchronously)."""
+        """Prefill one prompt, sample its first token and insert both into `slot` (dispatched, not awaited)."""
         length = len(prompt_ids)
         bucket = next(b for b in self.buckets if b >= length)
         ids = np.full((1, bucket), self.pad_id, np.int32)
         ids[0, :length] = prompt_ids
-        put = self._put_small
-        ids, length_arg, slot_arg = put(ids), put(np.int32(length)), put(np.int32(slot))
+        ids, length_arg, slot_arg, params = self._put((ids, np.int32(length), np.int32(slot), _row_params(options)))
         row_cache, logits, seen = self._prefill_executable(bucket)(self.state, ids, length_arg)
-        params = put(_row_params([options]))
-        row_state = SlotState(put(np.zeros(1, np.int32)), params, seen)
+        row_state = SlotState(self._put(np.zeros(1, np.int32)), params, seen)
         variant = variant_for([(options.temperature, options.top_k)])
         row_state, tokens = self._sample_executable(1, variant)(logits, row_state)
         logprobs = self._logprobs_executable(1)(logits, tokens) if options.logprobs is not None else None
-        insert = self._insert_executable()[bucket]
-        self.cache, self.slot_state = insert(self.cache, self.slot_state, row_cache, row_state, slot_arg, length_arg)
+        insert = self._insert_executable(bucket)
+        self.cache, self.slot_state = insert(self.cache, self.slot_state, row_cache, row_state, slot_arg)
         return StepOutputs([request], tokens, logprobs)
 
     def decode_step(self, rows: list) -> StepOutputs:
-        """One token for every slot whose entry in `rows` is a Request (None: left idle)."""
-        active = self._put_small(np.asarray([r is not None for r in rows]))
+        """One token for every slot whose entry in `rows` is a Request (None: the slot idles)."""
+        active = self._put(np.asarray([r is not None for r in rows]))
         logits, self.cache = self._decode_executable()(self.state, self.cache, self.slot_state.tokens, active)
         variant = variant_for([(r.options.temperature, r.options.top_k) for r in rows if r is not None])
         self.slot_state, tokens = self._sample_executable(self.slots, variant)(logits, self.slot_state)
@@ -295,60 +285,13 @@ class EnginePrograms:
         return StepOutputs(list(rows), tokens, logprobs)
 
 
-def _row_params(options: list[RequestOptions]) -> RowParams:
+def _row_params(options: RequestOptions) -> RowParams:
     return RowParams(
-        temperature=np.asarray([o.temperature for o in options], np.float32),
-        top_k=np.asarray([o.top_k for o in options], np.int32),
-        top_p=np.asarray([o.top_p for o in options], np.float32),
-        min_p=np.asarray([o.min_p for o in options], np.float32),
-        repetition_penalty=np.asarray([o.repetition_penalty for o in options], np.float32),
-        key_data=np.stack([seed_key_data(o.seed) for o in options]),
-        token_index=np.zeros(len(options), np.int32),
+        temperature=np.asarray([options.temperature], np.float32),
+        top_k=np.asarray([options.top_k], np.int32),
+        top_p=np.asarray([options.top_p], np.float32),
+        min_p=np.asarray([options.min_p], np.float32),
+        repetition_penalty=np.asarray([options.repetition_penalty], np.float32),
+        key_data=seed_key_data(options.seed)[None],
+        token_index=np.zeros(1, np.int32),
     )
-
-
-# ----------------------------------------------------------------------------- model calls
-# TEMPORARY stand-in until the per-row-length KVCache lands on main: each row runs the model
-# with its own one-row cache and index (vmap). Replaced by KVCache(lengths=...) calls.
-def _init_cache(config, batch: int, length: int, dtype):
-    return (KVCache.init(config, batch, length, dtype), jnp.zeros((batch,), jnp.int32))
-
-
-def _cache_shardings(config, batch, length, mesh, rules):
-    shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
-    kv = named_sharding(KVCache.logical_axes(), shape, mesh, rules)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return (KVCache(kv, kv, replicated), replicated)
-
-
-def _prefill_forward(model, input_ids, length, cache):
-    """Run a right-padded prompt `[1, bucket]` into `cache`; logits `[1, V]` of its last real token."""
-    kv, _ = cache
-    bucket = input_ids.shape[1]
-    positions = jnp.arange(bucket, dtype=jnp.int32)[None]
-    hidden, kv = model.hidden_states(input_ids, positions, jnp.ones((1, kv.max_len), jnp.int32), cache=kv)
-    last = jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1)
-    return model.logits(last)[:, 0], (kv, jnp.full((1,), length, jnp.int32))
-
-
-def _decode_forward(model, cache, tokens, active):
-    """One token per row at each row's own length; rows not `active` keep their length."""
-    kv, lengths = cache
-    max_len = kv.max_len
-
-    def one_row(k, v, token, length):
-        row = KVCache(k[:, None], v[:, None], length)
-        mask = (jnp.arange(max_len) <= length).astype(jnp.int32)[None]
-        logits, row = model.forward(token[None, None], length[None, None], mask, cache=row)
-        return logits[0, 0], row.k[:, 0], row.v[:, 0]
-
-    logits, k, v = jax.vmap(one_row, in_axes=(1, 1, 0, 0), out_axes=(0, 1, 1))(kv.k, kv.v, tokens, lengths)
-    return logits, (KVCache(k, v, kv.index), jnp.where(active, lengths + 1, lengths))
-
-
-def _insert_row(cache, row_cache, slot, length):
-    kv, lengths = cache
-    row_kv, _ = row_cache
-    k = jax.lax.dynamic_update_slice(kv.k, row_kv.k.astype(kv.k.dtype), (0, slot, 0, 0, 0))
-    v = jax.lax.dynamic_update_slice(kv.v, row_kv.v.astype(kv.v.dtype), (0, slot, 0, 0, 0))
-    return (KVCache(k, v, kv.index), lengths.at[slot].set(length))

@@ -9,7 +9,7 @@ from serving import ENGINE_SLOTS as SLOTS
 from serving import tiny_engine, tiny_model, wait_until  # noqa: F401 (fixtures)
 
 import qwen_jax
-from qwen_jax.engine import Engine, EngineClosedError, EngineError, QueueFullError
+from qwen_jax.engine import EngineClosedError, EngineError, QueueFullError
 
 PROBE = "The quick brown fox"
 OTHERS = ["Hello there, how are you today?", "a", "Once upon a time in a land far away", "12345 678"]
@@ -124,7 +124,7 @@ def test_bad_requests_and_queue_limit(loaded, engine):
     with pytest.raises(EngineError, match="outside the vocabulary"):
         engine.submit([1, 2, 10_000])
     model, tokenizer = loaded
-    small = Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN, max_queue=1)  # shares the compiled programs
+    small = qwen_jax.Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN, max_queue=1)  # shares the compiled programs
     try:
         admitted = [small.submit(PROBE, max_new_tokens=40) for _ in range(SLOTS + 1)]
         with pytest.raises(QueueFullError):
@@ -168,7 +168,7 @@ def test_engine_on_a_mesh_equals_one_device(tmp_path, tiny_engine):
     path = byte_checkpoint(tmp_path / "ckpt", tie_word_embeddings=False, initializer_range=0.3)
     mesh = qwen_jax.make_mesh(data=2, fsdp=1, tensor=2, devices=jax.devices()[:4])  # slots over data, heads over tensor
     model, tokenizer = qwen_jax.load(path, mesh=mesh)
-    sharded = Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN)
+    sharded = qwen_jax.Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN)
     try:
         prompts = [PROBE, *OTHERS]
         on_mesh = sharded.generate(prompts, max_new_tokens=12, temperature=0, progress=False)
@@ -182,7 +182,7 @@ def test_engine_on_a_mesh_equals_one_device(tmp_path, tiny_engine):
 
 def test_device_failure_fails_requests_and_refuses_new_ones(loaded, caplog):
     model, tokenizer = loaded
-    broken = Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN)  # shares the compiled programs
+    broken = qwen_jax.Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN)  # shares the compiled programs
 
     def decode_step(rows):
         raise RuntimeError("device lost")

@@ -389,3 +389,26 @@ def test_serve_cli_sigterm_finishes_running_requests_and_exits_0(tiny_engine, tm
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_serve_cli_bad_arguments_exit_2(tmp_path, capsys):
+    import socket
+
+    from qwen_jax.cli import main
+    from qwen_jax.cli_generate import DEFAULT_MODEL
+
+    assert main(["serve", "--model", str(tmp_path), "--slots", "0"]) == 2
+    assert "--slots must be >= 1" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        assert main(["serve", "--model", str(tmp_path), "--port", str(busy.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "missing"), "--port", "0"]) == 2
+    assert "not found" in capsys.readouterr().err
+    from qwen_jax.cli import build_parser
+
+    parser, _ = build_parser()
+    for command in ("serve", "generate", "chat"):
+        args = parser.parse_args([command] + (["--prompt", "x"] if command == "generate" else []))
+        assert args.model == DEFAULT_MODEL == "Qwen/Qwen2.5-0.5B-Instruct"

@@ -173,17 +173,17 @@ class _Server:
         body.check_unsupported()
         use_tools = bool(body.tools) and body.tool_choice != "none"
         tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if use_tools else None
+        messages = body.template_messages()
         try:
-            text = self.tokenizer.apply_chat_template(body.template_messages(), tools=tools, add_generation_prompt=True)
-        except RequestError:
-            raise
-        except Exception as e:  # jinja errors from the checkpoint's template
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+        except Exception as e:  # jinja errors raised by the checkpoint's template
             raise RequestError(f"cannot apply the chat template to these messages: {e}", param="messages") from None
         prefix = forced_prefix(body.tool_choice) if use_tools else ""
         prompt_ids = self.tokenizer.encode(text + prefix)
-        top = (body.top_logprobs or 0) if body.logprobs else None
-        choices, queue = self._submit(body, prompt_ids, body.completion_limit(), None, top, arrived,
-                                      use_tools, prefix, "messages")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        choices, queue = self._submit(body, prompt_ids, max_tokens=body.completion_limit(), logprobs=logprobs,
+                                      arrived=arrived, prompt_param="messages",
+                                      tool_prefix=prefix if use_tools else None)
         kind = _ChatFormat(self, body, use_tools)
         if body.stream:
             return _sse(self._stream(kind, body, request, choices, queue, len(prompt_ids)))
@@ -195,19 +195,18 @@ class _Server:
         body.check_unsupported()
         prompts = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in body.prompts()]
         choices, queue = [], None
-        prompt_tokens = 0
         try:
-            for number, ids in enumerate(prompts):
-                batch, queue = self._submit(body, ids, body.max_tokens, queue, body.logprobs, arrived, False, "",
-                                            "prompt", first_index=len(choices),
-                                            default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
+            for ids in prompts:
+                batch, queue = self._submit(body, ids, max_tokens=body.max_tokens, logprobs=body.logprobs,
+                                            arrived=arrived, prompt_param="prompt", queue=queue,
+                                            first_index=len(choices), default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
                 choices += batch
-                prompt_tokens += len(ids)
         except BaseException:
             self._abort(choices)
             raise
         echo = [self.tokenizer.decode(ids) if body.echo else "" for ids in prompts for _ in range(body.n)]
         kind = _CompletionFormat(self, body, echo)
+        prompt_tokens = sum(map(len, prompts))
         if body.stream:
             return _sse(self._stream(kind, body, request, choices, queue, prompt_tokens))
         return await self._respond(kind, request, choices, queue, prompt_tokens)
@@ -218,13 +217,14 @@ class _Server:
             raise RequestError(f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                                status=404, param="model", code="model_not_found", type="not_found_error")
 
-    def _submit(self, body, prompt_ids: list[int], max_tokens: int | None, queue, logprobs: int | None,
-                arrived: float, use_tools: bool, prefix: str, prompt_param: str, *, first_index: int = 0,
-                default_max_tokens: int | None = None):
-        """Submit body.n engine requests for one prompt; returns their choices and the shared delta queue.
+    def _submit(self, body, prompt_ids: list[int], *, max_tokens: int | None, logprobs: int | None, arrived: float,
+                prompt_param: str, queue: asyncio.Queue | None = None, tool_prefix: str | None = None,
+                first_index: int = 0, default_max_tokens: int | None = None) -> tuple[list[_Choice], asyncio.Queue]:
+        """Submit body.n engine requests for one prompt; returns their choices and the (shared) delta queue.
 
         Without max_tokens a choice may fill the context (chat), or gets `default_max_tokens` capped
-        to the context (completions).
+        to the context (completions). tool_prefix: None without tool parsing, else the forced
+        tool-call text already appended to the prompt ("" for none).
         """
         context = self.engine.max_len
         length = len(prompt_ids)
@@ -236,7 +236,7 @@ class _Server:
             max_tokens = min(default_max_tokens or context, context - length)
         elif length + max_tokens > context:
             raise RequestError(
-                    f"This model's maximum context length is {context} tokens. However, you requested "
+                f"This model's maximum context length is {context} tokens. However, you requested "
                 f"{length + max_tokens} tokens ({length} in the {prompt_param}, {max_tokens} for the "
                 f"completion). Please reduce the length of the {prompt_param} or the completion.",
                 param="max_tokens", code="context_length_exceeded")
@@ -256,7 +256,7 @@ class _Server:
                     top_p=body.top_p, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                     seed=(base_seed + i) % 2**64, stop=body.stop_strings(), logprobs=logprobs, on_delta=on_delta)
                 choices.append(_Choice(first_index + i, handle, RequestTimer(self.metrics, arrived),
-                                       ToolCallStream() if use_tools else None, prefix))
+                                       None if tool_prefix is None else ToolCallStream(), tool_prefix or ""))
         except QueueFullError as e:
             self._abort(choices)
             raise RequestError(str(e), status=503, type="server_error", code="queue_full") from None
@@ -266,9 +266,9 @@ class _Server:
         except EngineError as e:
             self._abort(choices)
             raise RequestError(str(e)) from None
-        if choices and choices[0].tool_stream is not None and prefix:
-            for choice in choices:  # the forced prefix opens a block: the parser must know
-                choice.tool_stream.feed(prefix)
+        if tool_prefix:
+            for choice in choices:  # the forced prefix opens a block: the parser must see it
+                choice.tool_stream.feed(tool_prefix)
         return choices, queue
 
     @staticmethod

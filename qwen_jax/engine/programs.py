@@ -267,7 +267,7 @@ class EnginePrograms:
         ids, length_arg, slot_arg, params = self._put((ids, np.int32(length), np.int32(slot), _row_params(options)))
         row_cache, logits, seen = self._prefill_executable(bucket)(self.state, ids, length_arg)
         row_state = SlotState(self._put(np.zeros(1, np.int32)), params, seen)
-        variant = variant_for([(options.temperature, options.top_k)])
+        variant = variant_for([(options.temperature, options.top_k, options.top_p)])
         row_state, tokens = self._sample_executable(1, variant)(logits, row_state)
         logprobs = self._logprobs_executable(1)(logits, tokens) if options.logprobs is not None else None
         insert = self._insert_executable(bucket)
@@ -278,7 +278,7 @@ class EnginePrograms:
         """One token for every slot whose entry in `rows` is a Request (None: the slot idles)."""
         active = self._put(np.asarray([r is not None for r in rows]))
         logits, self.cache = self._decode_executable()(self.state, self.cache, self.slot_state.tokens, active)
-        variant = variant_for([(r.options.temperature, r.options.top_k) for r in rows if r is not None])
+        variant = variant_for([(r.options.temperature, r.options.top_k, r.options.top_p) for r in rows if r is not None])
         self.slot_state, tokens = self._sample_executable(self.slots, variant)(logits, self.slot_state)
         wants_logprobs = any(r is not None and r.options.logprobs is not None for r in rows)
         logprobs = self._logprobs_executable(self.slots)(logits, tokens) if wants_logprobs else None

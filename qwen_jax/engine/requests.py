@@ -112,7 +112,7 @@ def resolve_options(
     return RequestOptions(
         max_new_tokens=max_new_tokens,
         temperature=float(values["temperature"]),
-        top_k=int(values["top_k"]),
+        top_k=int(values["top_k"]) if int(values["top_k"]) < vocab_size else 0,  # keeping every token: off
         top_p=float(values["top_p"]),
         min_p=float(values["min_p"]),
         repetition_penalty=float(values["repetition_penalty"]),

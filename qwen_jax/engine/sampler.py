@@ -6,14 +6,15 @@ order (as `qwen_jax.sampling`), applied row by row with traced values, so any mi
 through one compiled program.
 
 A row's token depends only on its own logits, settings, seed and token index -- never on its
-batch-mates -- which is what lets a request give the same tokens alone or in a busy batch:
-- greedy rows take the argmax of the (repetition-penalised) logits;
-- sampling rows keep the filtered candidates in descending order and draw by inverse CDF with one
-  uniform number `u = uniform(fold_in(key(seed), token_index))`.
-The candidate set comes from `lax.top_k`: `CANDIDATES` of them for rows with
-0 < top_k <= CANDIDATES (cheap), the whole sorted vocabulary otherwise (exact, but a full sort:
-slow on CPU). Which path a row takes depends only on its own top_k; the program variant
-(`SamplerVariant`) only decides which of the paths are computed for the batch.
+batch-mates -- which is what lets a request give the same tokens alone or in a busy batch.
+Greedy rows take the argmax of the (repetition-penalised) logits. Sampling rows draw by inverse
+CDF with one uniform number `u = uniform(fold_in(key(seed), token_index))` over their kept tokens,
+in an order fixed by the row's own settings:
+- 0 < top_k <= CANDIDATES: the `CANDIDATES` largest logits (`lax.top_k`), in descending order;
+- no top-k and no top-p (temperature and min-p only): the vocabulary in id order (no sort needed);
+- otherwise (top-p without a small top-k, or a large top-k): the whole vocabulary sorted in
+  descending order -- exact, but a full sort, which is slow on CPU (~0.5 s for 8 x 151,936).
+The program variant (`SamplerVariant`) only decides which of these paths are computed for a batch.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ class SamplerVariant(enum.Enum):
     """Which sampling paths one compiled sampler computes (static)."""
 
     GREEDY = "greedy"  # every row greedy: argmax only
-    CANDIDATES = "candidates"  # every sampling row has 0 < top_k <= CANDIDATES
-    FULL = "full"  # some sampling row needs the whole vocabulary sorted (both paths computed)
+    CANDIDATES = "candidates"  # no row needs the sorted vocabulary: top-k candidates and id-order draws
+    FULL = "full"  # some row needs the whole vocabulary sorted (every path computed)
 
 
 @jax.tree_util.register_dataclass
@@ -58,16 +59,21 @@ def seed_key_data(seed: int) -> np.ndarray:
     return np.asarray([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
 
 
-def needs_full_vocabulary(temperature: float, top_k: int) -> bool:
-    """Whether a row's sampling needs the whole sorted vocabulary (no top_k, or top_k > CANDIDATES)."""
-    return temperature > 0 and not 0 < top_k <= CANDIDATES
+def _uses_candidates(top_k):
+    return (top_k > 0) & (top_k <= CANDIDATES)
 
 
-def variant_for(rows: list[tuple[float, int]]) -> SamplerVariant:
-    """The cheapest variant that serves every (temperature, top_k) in `rows`."""
-    if all(t == 0 for t, _ in rows):
+def _needs_sort(top_k, top_p):
+    """Sampling rows that need the sorted vocabulary: top-p without a small top-k, or a large top-k."""
+    return ~_uses_candidates(top_k) & ((top_p < 1) | (top_k > CANDIDATES))
+
+
+def variant_for(rows: list[tuple[float, int, float]]) -> SamplerVariant:
+    """The cheapest variant that serves every (temperature, top_k, top_p) in `rows` (host-side `_needs_sort`)."""
+    sampling_rows = [(k, p) for t, k, p in rows if t > 0]
+    if not sampling_rows:
         return SamplerVariant.GREEDY
-    if any(needs_full_vocabulary(t, k) for t, k in rows):
+    if any(not 0 < k <= CANDIDATES and (p < 1 or k > CANDIDATES) for k, p in sampling_rows):
         return SamplerVariant.FULL
     return SamplerVariant.CANDIDATES
 
@@ -85,11 +91,11 @@ def sample_rows(logits: jax.Array, seen: jax.Array, params: RowParams, variant: 
     temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
     scaled = logits / temperature
     uniform = jax.vmap(_uniform)(params.key_data, params.token_index)
-    sampled = _draw(scaled, params, uniform, min(CANDIDATES, vocab))
+    sampled = jnp.where(_uses_candidates(params.top_k), _draw_sorted(scaled, params, uniform, min(CANDIDATES, vocab)),
+                        _draw_in_id_order(scaled, params, uniform))
     if variant is SamplerVariant.FULL:
-        full = _draw(scaled, params, uniform, vocab)
-        use_full = (params.top_k <= 0) | (params.top_k > CANDIDATES)
-        sampled = jnp.where(use_full, full, sampled)
+        sampled = jnp.where(_needs_sort(params.top_k, params.top_p), _draw_sorted(scaled, params, uniform, vocab),
+                            sampled)
     return jnp.where(params.temperature > 0, sampled, greedy)
 
 
@@ -98,15 +104,26 @@ def _uniform(key_data: jax.Array, token_index: jax.Array) -> jax.Array:
     return jax.random.uniform(key, (), jnp.float32)
 
 
-def _draw(scaled: jax.Array, params: RowParams, uniform: jax.Array, candidates: int) -> jax.Array:
-    """Inverse-CDF draw over the `candidates` largest scaled logits after top-k, top-p and min-p."""
-    values, token_ids = jax.lax.top_k(scaled, candidates)  # descending; ties: lower id first
-    values = jnp.where(_filter_keep(values, params), values, -jnp.inf)
-    weights = jnp.exp(values - values[:, :1])  # the top candidate is always kept: finite max
+def _inverse_cdf(values: jax.Array, uniform: jax.Array) -> jax.Array:
+    """Index drawn from the unnormalised distribution exp(values) (-inf = never) with one uniform per row."""
+    weights = jnp.exp(values - jnp.max(values, axis=-1, keepdims=True))
     cdf = jnp.cumsum(weights, axis=-1)
-    threshold = uniform[:, None] * cdf[:, -1:]
-    index = jnp.minimum(jnp.sum(cdf <= threshold, axis=-1), candidates - 1)
+    index = jnp.sum(cdf <= uniform[:, None] * cdf[:, -1:], axis=-1)
+    return jnp.minimum(index, values.shape[-1] - 1)
+
+
+def _draw_sorted(scaled: jax.Array, params: RowParams, uniform: jax.Array, candidates: int) -> jax.Array:
+    """Draw over the `candidates` largest scaled logits (descending) after top-k, top-p and min-p."""
+    values, token_ids = jax.lax.top_k(scaled, candidates)  # ties: lower id first
+    values = jnp.where(_filter_keep(values, params), values, -jnp.inf)
+    index = _inverse_cdf(values, uniform)
     return jnp.take_along_axis(token_ids, index[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _draw_in_id_order(scaled: jax.Array, params: RowParams, uniform: jax.Array) -> jax.Array:
+    """Draw over the whole vocabulary in id order after min-p (rows without top-k and top-p)."""
+    values = jnp.where(sampling._min_p_keep(scaled, params.min_p[:, None]), scaled, -jnp.inf)
+    return _inverse_cdf(values, uniform).astype(jnp.int32)
 
 
 def _filter_keep(values: jax.Array, params: RowParams) -> jax.Array:

@@ -416,6 +416,7 @@ class Engine:
         with self._lock:
             self._live_ids.discard(request.id)
             self._stats["aborted" if delta.finish_reason == "abort" else "finished"] += 1
+        self._publish_counts()  # before the caller hears of it: stats() never lags a finished request
         self._deliver(request, delta)
         request.handle._complete(request.completion(delta.error))
 

@@ -6,6 +6,7 @@ everything at once) goes through four systems in the same run, on the same rando
   * sequential: `qwen_jax.stream_ids`, one request at a time in arrival order (in process);
   * static batches: `qwen_jax.generate_ids` on groups of `--slots` requests in arrival order, each group
     waiting for its last member and decoding until its longest request is done (in process, no streaming);
+    both in-process baselines are timed without their compile time (warmed up, or subtracted);
   * HF transformers' own OpenAI server, `transformers serve --continuous-batching`, over HTTP.
 The HTTP systems get the same streaming `/v1/completions` requests (greedy, `max_tokens` per request,
 usage counted by the server). Reported per system and rate: requests/s and output tokens/s over the
@@ -187,67 +188,66 @@ def stop(process: subprocess.Popen) -> None:
 
 
 # ----------------------------------------------------------------------------- in-process baselines
+class _Clock:
+    """perf_counter minus the compile time spent so far: baselines are timed as if already compiled."""
+
+    def __init__(self):
+        self.compile_s = 0.0
+
+    def now(self) -> float:
+        return time.perf_counter() - self.compile_s
+
+    def wait_until(self, moment: float) -> None:
+        time.sleep(max(0.0, moment - self.now()))
+
+
 def run_sequential(model, tokenizer, jobs: list[Job]) -> tuple[list[Result], float]:
     from qwen_jax.generation import stream_ids
 
-    results = []
-    start = time.perf_counter()
+    results, clock = [], _Clock()
+    start = clock.now()
     for job in jobs:
-        time.sleep(max(0.0, start + job.arrival - time.perf_counter()))
-        arrival = start + job.arrival
-        first = last = None
-        tokens = 0
-        for _ in stream_ids(model, tokenizer.encode(job.prompt), max_new_tokens=job.max_tokens, temperature=0):
-            last = time.perf_counter()
-            first = first or last
-            tokens += 1
-        results.append(Result(arrival, first, last, tokens))
+        clock.wait_until(start + job.arrival)
+        times = []
+        stream = stream_ids(model, tokenizer.encode(job.prompt), max_new_tokens=job.max_tokens, temperature=0)
+        for _ in stream:
+            times.append(clock.now())
+        compiled = stream.result.timing.compile_s  # zero after warm_up_sequential; subtracted if not
+        clock.compile_s += compiled
+        times = [t - compiled for t in times]
+        results.append(Result(start + job.arrival, times[0], times[-1], len(times)))
     return results, start
 
 
 def run_static(model, tokenizer, jobs: list[Job], batch: int) -> tuple[list[Result], float]:
     from qwen_jax.generation import generate_ids
 
-    results = []
-    start = time.perf_counter()
+    results, clock = [], _Clock()
+    start = clock.now()
     for i in range(0, len(jobs), batch):
         group = jobs[i:i + batch]
-        time.sleep(max(0.0, start + group[-1].arrival - time.perf_counter()))
+        clock.wait_until(start + group[-1].arrival)
         out = generate_ids(model, [tokenizer.encode(j.prompt) for j in group],
                            max_new_tokens=max(j.max_tokens for j in group), temperature=0)
-        done = time.perf_counter()
+        clock.compile_s += out.timing.compile_s
+        done = clock.now()
         for job, ids in zip(group, out.token_ids):  # no streaming: every token arrives with the batch
             results.append(Result(start + job.arrival, done, done, min(len(ids), job.max_tokens)))
     return results, start
 
 
-def warm_up_baselines(model, tokenizer, jobs: list[Job], batch: int) -> None:
-    """Compile every shape the timed baselines will use (compile time is not what they measure)."""
-    from qwen_jax.generation import cache_bucket, generate_ids, prompt_bucket, stream_ids
+def warm_up_sequential(model, tokenizer, jobs: list[Job]) -> None:
+    """Compile the prefill and decode step of every prompt shape the sequential run will see."""
+    from qwen_jax.generation import prompt_bucket, stream_ids
 
-    def smallest_max_new(bucket: int, target_cache: int) -> int:
-        return next(m for m in range(1, target_cache + 1) if cache_bucket(bucket + m) == target_cache)
-
-    seen = set()
-    for job in jobs:
-        ids = tokenizer.encode(job.prompt)
-        bucket = prompt_bucket(len(ids))
-        key = (bucket, cache_bucket(bucket + job.max_tokens))
-        if key not in seen:
-            seen.add(key)
-            stream = stream_ids(model, ids, max_new_tokens=job.max_tokens, temperature=0)
-            for _, _ in zip(range(2), stream):
-                pass
-            stream.close()
-    seen = set()
-    for i in range(0, len(jobs), batch):
-        group = [tokenizer.encode(j.prompt) for j in jobs[i:i + batch]]
-        bucket = prompt_bucket(max(map(len, group)))
-        target = cache_bucket(bucket + max(j.max_tokens for j in jobs[i:i + batch]))
-        key = (len(group), bucket, target)
-        if key not in seen:
-            seen.add(key)
-            generate_ids(model, group, max_new_tokens=smallest_max_new(bucket, target), temperature=0)
+    shapes = {}
+    for job in jobs:  # one job per (prompt bucket, max_tokens): what the compiled shapes derive from
+        shapes.setdefault((prompt_bucket(job.prompt_tokens), job.max_tokens), job)
+    for job in shapes.values():
+        stream = stream_ids(model, tokenizer.encode(job.prompt), max_new_tokens=job.max_tokens, temperature=0)
+        for _, _ in zip(range(2), stream):
+            pass
+        stream.close()
 
 
 # ----------------------------------------------------------------------------- report
@@ -327,8 +327,8 @@ def main(argv=None) -> None:
         import qwen_jax
 
         model, _ = qwen_jax.load(checkpoint, dtype="float32")
-        all_jobs = [job for rate in rates for job in workloads[rate]]
-        warm_up_baselines(model, tokenizer, all_jobs, args.slots)
+        if "sequential" in args.systems:
+            warm_up_sequential(model, tokenizer, [job for rate in rates for job in workloads[rate]])
         for rate in rates:
             if "sequential" in args.systems:
                 record(rate, "sequential qwen_jax.stream", run_sequential(model, tokenizer, workloads[rate]))

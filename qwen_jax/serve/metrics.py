@@ -1,11 +1,18 @@
-"""Prometheus metrics of one server (its own registry, so several servers can live in one process)."""
+"""Prometheus metrics of one server (its own registry, so several servers can live in one process).
+
+Request-level figures (HTTP statuses, finish reasons, latencies) are recorded by the server as
+requests happen; engine-level ones (queue, slots, token totals, tokens/s) are read from
+`Engine.stats()` at each scrape.
+"""
 
 from __future__ import annotations
 
 import collections
+import threading
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_RATE_WINDOW_S = 10.0
@@ -15,21 +22,12 @@ class ServerMetrics:
     """Counters, gauges and histograms exposed at /metrics (names prefixed `qwen_jax_`)."""
 
     def __init__(self, engine):
-        self.engine = engine
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_requests = Counter("qwen_jax_http_requests", "HTTP requests by path and status code",
                                      ["path", "status"], registry=r)
         self.requests = Counter("qwen_jax_requests", "Generation requests (one per choice) by finish reason",
                                 ["finish_reason"], registry=r)
-        self.prompt_tokens = Counter("qwen_jax_prompt_tokens", "Prompt tokens prefilled", registry=r)
-        self.generation_tokens = Counter("qwen_jax_generation_tokens", "Tokens generated", registry=r)
-        self.queue_length = Gauge("qwen_jax_queue_length", "Requests waiting for a decode slot", registry=r)
-        self.slots_in_use = Gauge("qwen_jax_slots_in_use", "Decode slots holding a request", registry=r)
-        self.slots = Gauge("qwen_jax_slots", "Decode slots", registry=r)
-        self.tokens_per_second = Gauge("qwen_jax_generation_tokens_per_second",
-                                       f"Tokens generated per second over the last {_TOKEN_RATE_WINDOW_S:.0f} s",
-                                       registry=r)
         self.time_to_first_token = Histogram("qwen_jax_time_to_first_token_seconds",
                                              "From request arrival to its first generated token",
                                              buckets=_LATENCY_BUCKETS, registry=r)
@@ -38,29 +36,41 @@ class ServerMetrics:
                                              buckets=_LATENCY_BUCKETS, registry=r)
         self.request_latency = Histogram("qwen_jax_request_latency_seconds", "From request arrival to its last token",
                                          buckets=_LATENCY_BUCKETS, registry=r)
-        self._token_samples: collections.deque[tuple[float, int]] = collections.deque()
-        self._last_stats = None
+        r.register(_EngineCollector(engine))
 
     def render(self) -> bytes:
-        """Refresh the gauges from the engine and return the text exposition."""
-        stats = self.engine.stats()
-        self.queue_length.set(stats.waiting)
-        self.slots_in_use.set(stats.running)
-        self.slots.set(stats.slots)
-        if self._last_stats is not None:
-            self.prompt_tokens.inc(stats.prompt_tokens - self._last_stats.prompt_tokens)
-            self.generation_tokens.inc(stats.generated_tokens - self._last_stats.generated_tokens)
-        else:
-            self.prompt_tokens.inc(stats.prompt_tokens)
-            self.generation_tokens.inc(stats.generated_tokens)
-        self._last_stats = stats
-        now = time.monotonic()
-        self._token_samples.append((now, stats.generated_tokens))
-        while len(self._token_samples) > 2 and now - self._token_samples[1][0] >= _TOKEN_RATE_WINDOW_S:
-            self._token_samples.popleft()
-        then, tokens_then = self._token_samples[0]
-        self.tokens_per_second.set((stats.generated_tokens - tokens_then) / (now - then) if now > then else 0.0)
         return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    """Engine counters and gauges, read at scrape time."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._token_samples: collections.deque[tuple[float, int]] = collections.deque()
+
+    def collect(self):
+        stats = self.engine.stats()
+        yield CounterMetricFamily("qwen_jax_prompt_tokens", "Prompt tokens prefilled", value=stats.prompt_tokens)
+        yield CounterMetricFamily("qwen_jax_generation_tokens", "Tokens generated", value=stats.generated_tokens)
+        yield GaugeMetricFamily("qwen_jax_queue_length", "Requests waiting for a decode slot", value=stats.waiting)
+        yield GaugeMetricFamily("qwen_jax_slots_in_use", "Decode slots holding a request", value=stats.running)
+        yield GaugeMetricFamily("qwen_jax_slots", "Decode slots", value=stats.slots)
+        yield GaugeMetricFamily("qwen_jax_generation_tokens_per_second",
+                                f"Tokens generated per second over the last {_TOKEN_RATE_WINDOW_S:.0f} s",
+                                value=self._rate(stats.generated_tokens))
+
+    def _rate(self, generated: int) -> float:
+        """Tokens/s between the oldest scrape inside the window and now (0 before a second scrape)."""
+        with self._lock:
+            now = time.monotonic()
+            samples = self._token_samples
+            samples.append((now, generated))
+            while len(samples) > 2 and now - samples[1][0] >= _TOKEN_RATE_WINDOW_S:
+                samples.popleft()
+            then, generated_then = samples[0]
+            return (generated - generated_then) / (now - then) if now > then else 0.0
 
 
 class RequestTimer:

@@ -57,6 +57,7 @@ class Result:
     first_token: float | None
     last_token: float | None
     tokens: int
+    error: str | None = None
 
 
 # ----------------------------------------------------------------------------- workload
@@ -98,6 +99,13 @@ def make_jobs(tokenizer, count: int, rate: float, prompt_range, output_range, se
 
 
 def summarize(name: str, jobs: list[Job], results: list[Result], start: float) -> dict:
+    failed = [r for r in results if r.error]
+    results = [r for r in results if not r.error]
+    if not results:
+        nan = float("nan")
+        return dict(system=name, requests=0, failed=len(failed), errors=sorted({r.error for r in failed}),
+                    output_tokens=0, makespan_s=nan, requests_per_s=nan, output_tokens_per_s=nan, ttft_p50_s=nan,
+                    ttft_p99_s=nan, itl_p50_s=nan, itl_p99_s=nan, load_average=os.getloadavg()[0])
     end = max(r.last_token or r.arrival for r in results)
     makespan = end - start
     tokens = sum(r.tokens for r in results)
@@ -108,7 +116,8 @@ def summarize(name: str, jobs: list[Job], results: list[Result], start: float) -
     def pct(values, q):
         return float(np.percentile(values, q)) if values else float("nan")
 
-    return dict(system=name, requests=len(results), output_tokens=tokens, makespan_s=makespan,
+    return dict(system=name, requests=len(results), failed=len(failed), errors=sorted({r.error for r in failed}),
+                output_tokens=tokens, makespan_s=makespan,
                 requests_per_s=len(results) / makespan, output_tokens_per_s=tokens / makespan,
                 ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99), itl_p50_s=pct(itl, 50), itl_p99_s=pct(itl, 99),
                 load_average=os.getloadavg()[0])
@@ -126,14 +135,17 @@ async def run_http(base_url: str, model_name: str, jobs: list[Job]) -> tuple[lis
         arrival = time.perf_counter()
         first = last = None
         tokens = 0
-        stream = await client.completions.create(model=model_name, prompt=job.prompt, max_tokens=job.max_tokens,
-                                                 temperature=0, stream=True, stream_options={"include_usage": True})
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].text:
-                last = time.perf_counter()
-                first = first or last
-            if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
+        try:
+            stream = await client.completions.create(model=model_name, prompt=job.prompt, max_tokens=job.max_tokens,
+                                                     temperature=0, stream=True, stream_options={"include_usage": True})
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].text:
+                    last = time.perf_counter()
+                    first = first or last
+                if chunk.usage is not None:
+                    tokens = chunk.usage.completion_tokens
+        except Exception as e:  # a failed request is counted and reported, not fatal to the run
+            return Result(arrival, first, last, tokens, error=f"{type(e).__name__}: {e}")
         return Result(arrival, first, last, tokens)
 
     results = await asyncio.gather(*(one(job) for job in jobs))
@@ -169,10 +181,11 @@ def start_qwen_jax(checkpoint: str, slots: int, max_len: int, port: int) -> tupl
     raise RuntimeError(f"qwen-jax serve exited with status {process.wait()}")
 
 
-def start_transformers(checkpoint: str, port: int) -> tuple[subprocess.Popen, str]:
+def start_transformers(checkpoint: str, port: int, log_path: str) -> tuple[subprocess.Popen, str]:
     command = [shutil.which("transformers") or "transformers", "serve", checkpoint, "--continuous-batching",
                "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, process, timeout=600)
     return process, url
@@ -255,15 +268,15 @@ def print_table(rate: float, rows: list[dict], reference: str = "sequential") ->
     base = {r["system"]: r for r in rows}
     print(f"\n### arrival rate: {'all at once' if math.isinf(rate) else f'{rate:g} requests/s'}\n")
     print("| system | requests/s | output tokens/s | vs sequential | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) "
-          "| output tokens | load avg |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| output tokens | failed | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         ratio = row["output_tokens_per_s"] / base[reference]["output_tokens_per_s"] if reference in base else float("nan")
         itl = ("–" if math.isnan(row["itl_p50_s"]) else
                f"{row['itl_p50_s'] * 1e3:.0f} / {row['itl_p99_s'] * 1e3:.0f}")
         print(f"| {row['system']} | {row['requests_per_s']:.3f} | {row['output_tokens_per_s']:.1f} | {ratio:.2f}× | "
               f"{row['ttft_p50_s']:.1f} / {row['ttft_p99_s']:.1f} | {itl} | {row['output_tokens']} | "
-              f"{row['load_average']:.1f} |")
+              f"{row['failed']} | {row['load_average']:.1f} |")
 
 
 def main(argv=None) -> None:
@@ -315,7 +328,9 @@ def main(argv=None) -> None:
         finally:
             stop(process)
     if "transformers" in args.systems:
-        process, url = start_transformers(checkpoint, args.port + 1)
+        log_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "transformers_serve.log")
+        process, url = start_transformers(checkpoint, args.port + 1, log_path)
+        print(f"  transformers serve log: {log_path}", file=sys.stderr, flush=True)
         try:
             asyncio.run(run_http(url, checkpoint, workloads[rates[0]][:2]))  # loads the model, starts CB
             for rate in rates:

@@ -6,11 +6,16 @@ import json
 import sys
 
 
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+
+
 def add_model_arguments(parser) -> None:
-    """--model, --dtype, --mesh, --attention, --rope-scaling: shared with `qwen-jax chat`."""
+    """--model, --dtype, --mesh, --attention, --rope-scaling: shared with `qwen-jax chat` and `qwen-jax serve`."""
     from qwen_jax.config import ATTENTION_BACKENDS
 
-    parser.add_argument("--model", required=True, help="checkpoint directory (HF or converted by qwen-jax convert)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"checkpoint directory (HF or converted by qwen-jax convert) or Hub id, "
+                             f"downloaded to the Hub cache (default {DEFAULT_MODEL})")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     parser.add_argument("--mesh", help="device mesh, e.g. 'tensor=4' or 'data=1,fsdp=1,tensor=8' (default: one device)")

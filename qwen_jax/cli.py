@@ -23,6 +23,7 @@ COMMANDS = {
     "generate": ("qwen_jax.cli_generate", "generate text from a prompt"),
     "chat": ("qwen_jax.cli_chat", "interactive multi-turn chat"),
     "train": ("qwen_jax.train.cli", "fine-tune (full or LoRA) on JSONL data"),
+    "serve": ("qwen_jax.serve.cli", "serve a model over an OpenAI-compatible HTTP API"),
 }
 
 # Subcommands that run no XLA compilation worth caching; every other one (new ones too) gets the cache.
@@ -34,7 +35,7 @@ class UserError(Exception):
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
-    parser = argparse.ArgumentParser(prog="qwen-jax", description="Qwen2.5 in JAX: convert, generate, chat, train.")
+    parser = argparse.ArgumentParser(prog="qwen-jax", description="Qwen2.5 in JAX: convert, generate, chat, train, serve.")
     parser.add_argument("--version", action="version", version=_version())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}

@@ -6,11 +6,17 @@ import json
 import sys
 
 
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+
+
 def add_model_arguments(parser) -> None:
-    """--model, --dtype, --mesh, --scan-layers, --quantize: shared with `qwen-jax chat`."""
-    parser.add_argument("--model", required=True,
-                        help="checkpoint: HF/GPTQ/AWQ directory, GGUF file, directory converted by qwen-jax "
-                             "convert, or Hub id")
+    """--model, --dtype, --mesh, --scan-layers, --quantize, --attention, --rope-scaling: shared with
+    `qwen-jax chat` and `qwen-jax serve`."""
+    from qwen_jax.config import ATTENTION_BACKENDS
+
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"checkpoint: HF/GPTQ/AWQ directory, GGUF file, directory converted by qwen-jax "
+                             f"convert, or Hub id, downloaded to the Hub cache (default {DEFAULT_MODEL})")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     parser.add_argument("--mesh", help="device mesh, e.g. 'tensor=4' or 'data=1,fsdp=1,tensor=8' (default: one device)")
@@ -19,6 +25,12 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--quantize", metavar="{int8,int4}",
                         help="weight-only quantization of the decoder projections while loading (int8: per output "
                              "channel; int4: groups of 128 inputs); quantized checkpoints load as they are")
+    parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto",
+                        help="attention backend (default auto: chunked flash attention on CPU for long sequences, "
+                             "cuDNN on GPU, splash on TPU)")
+    parser.add_argument("--rope-scaling", metavar="TYPE:FACTOR",
+                        help="override the checkpoint's rope scaling, e.g. 'yarn:4' for 4x the context "
+                             "(Qwen2.5: 32K -> 128K), or 'none'")
 
 
 def add_sampling_arguments(parser) -> None:
@@ -53,7 +65,8 @@ def sampling_overrides(args) -> dict:
 
 
 def load_for_cli(args):
-    """(model, tokenizer) from --model/--dtype/--mesh, user errors as UserError."""
+    """(model, tokenizer) from the model arguments, user errors as UserError."""
+    from qwen_jax.attention import AttentionBackendError
     from qwen_jax.cli import UserError
     from qwen_jax.load import load
     from qwen_jax.sharding import make_mesh, parse_mesh_spec
@@ -64,7 +77,11 @@ def load_for_cli(args):
             mesh = make_mesh(**parse_mesh_spec(args.mesh))
         except ValueError as e:
             raise UserError(str(e)) from None
-    return load(args.model, dtype=args.dtype, mesh=mesh, scan_layers=args.scan_layers, quantize=args.quantize)
+    try:
+        return load(args.model, dtype=args.dtype, mesh=mesh, scan_layers=args.scan_layers, quantize=args.quantize,
+                    attention=args.attention, rope_scaling=args.rope_scaling)
+    except AttentionBackendError as e:
+        raise UserError(str(e)) from None
 
 
 def _read_prompt(args) -> str:

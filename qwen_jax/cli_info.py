@@ -2,7 +2,9 @@
 
 For a converted (Orbax) directory it also prints the stored dtype and quantization, the parameter
 groups and the bytes the parameters take on disk; for GPTQ/AWQ checkpoints their quantization
-settings, for GGUF files the tensor types they hold.
+settings, for GGUF files the tensor types they hold. With --context N it plans inference memory
+per device: the parameters, a KV cache of --batch x N tokens and the activations of a chunked
+prefill, on the mesh given by --mesh (e.g. `qwen-jax info 7B --context 131072 --rope-scaling yarn:4 --mesh tensor=8`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("path", help="checkpoint directory (HF, GPTQ, AWQ or converted Orbax), GGUF file, or a preset "
                                      "such as 0.5B")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--context", type=int, help="plan inference memory for a KV cache of this many tokens")
+    parser.add_argument("--batch", type=int, default=1, help="rows of the planned KV cache (default 1)")
+    parser.add_argument("--mesh", help="plan for this mesh, e.g. 'tensor=8' (default: one device)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+                        help="parameter and KV-cache dtype of the plan (default bfloat16)")
+    parser.add_argument("--rope-scaling", metavar="TYPE:FACTOR",
+                        help="override the rope scaling, e.g. 'yarn:4' (the context the model supports follows)")
+    parser.add_argument("--quantize", choices=["int8", "int4"],
+                        help="plan with int8/int4 decoder projections (default: a converted checkpoint's own)")
 
 
 def stored_summary(path: str) -> dict | None:
@@ -81,10 +92,15 @@ def run(args) -> int:
         config = Qwen2Config.preset(args.path)
     else:
         raise UserError(f"{args.path}: not a checkpoint directory, GGUF file or preset ({', '.join(PRESET_NAMES)})")
+    config = config.with_rope_scaling(args.rope_scaling)
     params = abstract_model(config).num_params()
+    quantize = args.quantize or (stored or {}).get("quantization")
+    plan = _context_plan(config, args, quantize) if args.context is not None else None
     if args.json:
         print(json.dumps({"path": args.path, "parameters": params, "config": config.to_hf(),
-                          **({"stored": stored} if stored else {}), **({"quantization": source} if source else {})}))
+                          "context_length": config.context_length,
+                          **({"stored": stored} if stored else {}), **({"quantization": source} if source else {}),
+                          **({"memory": plan} if plan else {})}))
         return 0
     print(f"{args.path}: Qwen2ForCausalLM, {params:,} parameters ({params / 1e9:.2f} B)")
     if stored:
@@ -102,6 +118,36 @@ def run(args) -> int:
         print(f"  quantization: {source['format']} {source['bits']}-bit, group size {source['group_size'] or 'none'}, "
               f"{'symmetric' if source['sym'] else 'zero points'}"
               f"{', act-order (loads dequantized)' if source['desc_act'] else ''}")
+    print(f"  context: {config.context_length:,} tokens")
+    if plan:
+        quantized = f", {plan['quantization']} projections" if plan["quantization"] else ""
+        print(f"  memory at {plan['context']:,} tokens x batch {plan['batch']} ({plan['dtype']}{quantized}, "
+              f"mesh {plan['mesh']}), "
+              f"per device: {plan['summary']}")
+        if plan["context"] > config.context_length:
+            print(f"  warning: {plan['context']:,} tokens exceed the model's context of {config.context_length:,}"
+                  f"{'' if config.rope_scaling.rope_type != 'default' else ' (try --rope-scaling yarn:4)'}")
     for key, value in config.to_hf().items():
         print(f"  {key}: {value}")
     return 0
+
+
+def _context_plan(config, args, quantize: str | None) -> dict:
+    """Per-device inference memory at `--context` tokens (see `qwen_jax.memory.plan_memory`)."""
+    from qwen_jax.cli import UserError
+    from qwen_jax.generation import PREFILL_CHUNK
+    from qwen_jax.memory import plan_memory
+    from qwen_jax.sharding import parse_mesh_spec
+
+    if args.context < 1 or args.batch < 1:
+        raise UserError("--context and --batch must be >= 1")
+    try:
+        mesh = parse_mesh_spec(args.mesh) if args.mesh else {}
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    plan = plan_memory(config, **mesh, param_dtype=args.dtype, cache_dtype=args.dtype, batch=args.batch,
+                       max_len=args.context, prefill_chunk=min(PREFILL_CHUNK, args.context), quantize=quantize)
+    return {"context": args.context, "batch": args.batch, "dtype": args.dtype, "quantization": quantize,
+            "mesh": ",".join(f"{k}={v}" for k, v in plan.mesh.items()), "params": plan.params,
+            "kv_cache": plan.kv_cache, "prefill_activations": plan.activations, "total": plan.total,
+            "summary": str(plan).split("] ", 1)[1]}

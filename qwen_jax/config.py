@@ -15,6 +15,8 @@ from typing import Any
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("qwen2",)
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+# Attention backends (`qwen_jax.attention`); here so command lines can list them without importing jax.
+ATTENTION_BACKENDS = ("auto", "xla", "chunked", "cudnn", "splash")
 
 
 class ConfigError(ValueError):
@@ -100,6 +102,28 @@ class Qwen2Config:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence (prompt + generated tokens) the model is meant to handle:
+        `max_position_embeddings`, or the original length times the rope scaling factor
+        (Qwen2.5's YaRN factor 4 over 32,768 gives 131,072)."""
+        scaling = self.rope_scaling
+        if scaling.rope_type == "default":
+            return self.max_position_embeddings
+        original = scaling.original_max_position_embeddings or self.max_position_embeddings
+        return max(self.max_position_embeddings, int(original * scaling.factor))
+
+    def with_rope_scaling(self, spec: "str | dict[str, Any] | RopeScaling | None") -> "Qwen2Config":
+        """This config with its rope scaling replaced, as Qwen tells users to do in config.json.
+
+        spec: 'yarn:4' (factor 4 over the checkpoint's original length), 'linear:2', 'dynamic:2',
+        'none' (plain rope), an HF `rope_scaling` dict, or a `RopeScaling`. None keeps the config.
+        """
+        if spec is None:
+            return self
+        original = self.rope_scaling.original_max_position_embeddings or self.max_position_embeddings
+        return self.replace(rope_scaling=parse_rope_scaling(spec, original))
 
     @property
     def layer_windows(self) -> tuple[int, ...]:
@@ -273,6 +297,30 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: config.json is not a JSON object")
     return data
+
+
+def parse_rope_scaling(spec: "str | dict[str, Any] | RopeScaling", original_max_position_embeddings: int) -> RopeScaling:
+    """A rope scaling from a command-line spec (`TYPE:FACTOR`, or 'none'), an HF dict or a RopeScaling.
+
+    YaRN's original length defaults to `original_max_position_embeddings` (the checkpoint's).
+    """
+    if isinstance(spec, RopeScaling):
+        return spec
+    if isinstance(spec, dict):
+        return _parse_rope({"rope_scaling": spec, "max_position_embeddings": original_max_position_embeddings})[1]
+    text = str(spec).strip().lower()
+    if text in ("none", "default"):
+        return RopeScaling()
+    rope_type, sep, factor = text.partition(":")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = 0.0
+    if not sep or rope_type not in ROPE_TYPES[1:] or value < 1.0:
+        raise ConfigError(f"bad rope scaling {spec!r}: expected TYPE:FACTOR with TYPE one of "
+                          f"{', '.join(ROPE_TYPES[1:])} and FACTOR >= 1 (e.g. 'yarn:4'), or 'none'")
+    original = original_max_position_embeddings if rope_type == "yarn" else None
+    return RopeScaling(rope_type=rope_type, factor=value, original_max_position_embeddings=original)
 
 
 def _parse_rope(config: dict[str, Any]) -> tuple[float, RopeScaling]:

@@ -2,12 +2,17 @@
 
 How a call runs:
 
-1. Prompts are right-padded to a power-of-two bucket (at least `MIN_PROMPT_BUCKET`), so a new prompt
-   length inside a bucket reuses the compiled code. The cache length (`prompt bucket + max_new_tokens`)
-   is bucketed too. Every row's tokens start at cache slot 0 and the cache keeps one length per
-   row (`KVCache.lengths`), so a row's result never depends on its batch-mates.
-2. Prefill: one jitted call writes the prompts into the cache and picks each row's first new token
-   from the logits at its own last prompt token.
+1. Prompts are right-padded to a bucket (powers of two from `MIN_PROMPT_BUCKET`, multiples of
+   `LONG_PROMPT_BUCKET` past it), so a new prompt length inside a bucket reuses the compiled code.
+   The cache length (`prompt bucket + max_new_tokens`, capped at the context) is bucketed too.
+   Every row's tokens start at cache slot 0 and the cache keeps one length per row
+   (`KVCache.lengths`), so a row's result never depends on its batch-mates. A prompt plus
+   `max_new_tokens` beyond the model's context (`Qwen2Config.context_length`) is an error before
+   anything is compiled.
+2. Prefill: the prompts go through the model in chunks of `PREFILL_CHUNK` tokens, one call of a
+   single compiled chunk step per chunk up to the longest prompt, each writing the cache, so
+   prefill memory is bounded by the chunk (a progress bar shows on a terminal for long prompts);
+   each row's first new token comes from its last prompt token.
 3. Decode: `generate_ids` runs every remaining step inside one jitted `lax.while_loop` that stops
    when all rows have hit a stop token or `max_new_tokens`; `stream_ids` runs one jitted step per
    token so text can be shown as it is produced. Both draw step `i`'s token with
@@ -40,6 +45,9 @@ from qwen_jax.model import KVCache, Qwen2ForCausalLM
 from qwen_jax.sharding import named_sharding
 
 MIN_PROMPT_BUCKET = 16
+PREFILL_CHUNK = 2048  # prompt tokens per model call: bounds prefill activations, keeps matmuls large
+PROGRESS_MIN_CHUNKS = 4  # prefills of this many chunks or more show a progress bar on a terminal
+LONG_PROMPT_BUCKET = 8192  # past this, prompt buckets grow by multiples of it instead of doubling
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 Prompt = str | Sequence[Mapping[str, Any]]  # text, or a chat conversation (list of messages)
@@ -177,7 +185,8 @@ _trace_counts: collections.Counter = collections.Counter()
 
 
 def trace_counts() -> dict[str, int]:
-    """How often each jitted generation function ("prefill", "decode_loop", "decode_step") was traced.
+    """How often each jitted generation function ("prefill" (a chunk step), "first_token",
+    "decode_loop", "decode_step") was traced.
 
     Every trace is a compile; a new prompt length inside a bucket must not add one.
     """
@@ -219,6 +228,7 @@ class _Static:
     return_logits: bool
     cache_sharding: Any  # NamedSharding of the cache arrays, or None off a mesh
     capacity: int  # length of the decode loop's token buffer (>= max_new_tokens)
+    prefill_chunk: int  # prompt tokens per model call in prefill (divides the padded prompt width)
 
 
 def _constrain_cache(cache: KVCache, static: _Static) -> KVCache:
@@ -233,24 +243,38 @@ def _step_key(key: jax.Array, step) -> jax.Array:
     return jax.random.fold_in(key, step)
 
 
-def _prefill(static: _Static, state, cache, input_ids, prompt_mask, key, params):
-    """Write the (right-padded) prompts into the cache and pick the first new token of each row."""
+def _prefill_chunk(static: _Static, state, cache, chunk_ids, chunk_lengths, last, rope_length):
+    """One chunk of the (right-padded) prompts: write its tokens into the cache and keep, per row,
+    the hidden state of the latest prompt token seen (a row's first new token comes from its last).
+
+    chunk_lengths: int32 [B], the prompt tokens of each row in this chunk (0 once a row's prompt
+    has ended). rope_length: the longest prompt, from which dynamic-NTK rope scales in every chunk.
+    """
     _trace_counts["prefill"] += 1
     model = nnx.merge(static.graphdef, state)
-    batch = input_ids.shape[0]
-    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
-    hidden, cache = model.hidden_states(input_ids, positions, prompt_mask, cache=cache)
-    # Each row's last real token sits at its own column: only it needs logits.
-    last = jnp.take_along_axis(hidden, (cache.lengths - 1)[:, None, None], axis=1)
-    logits = model.logits(last)[:, 0]
+    steps = jnp.arange(chunk_ids.shape[1], dtype=jnp.int32)
+    mask = (steps[None, :] < chunk_lengths[:, None]).astype(jnp.int32)
+    positions = cache.lengths[:, None] + steps[None, :]
+    hidden, cache = model.hidden_states(chunk_ids, positions, mask, cache=cache, rope_length=rope_length)
+    here = jnp.take_along_axis(hidden, jnp.maximum(chunk_lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+    last = jnp.where((chunk_lengths > 0)[:, None], here, last)
+    return _constrain_cache(cache, static), last
+
+
+def _first_token(static: _Static, state, last, input_ids, prompt_lengths, key, params):
+    """Each row's first new token from the hidden state of its last prompt token."""
+    _trace_counts["first_token"] += 1
+    model = nnx.merge(static.graphdef, state)
+    logits = model.logits(last[:, None])[:, 0]
     seen = None
     if static.mode.repetition_penalty:
-        seen = jnp.zeros((batch, logits.shape[-1]), bool)
-        seen = sampling.mark_seen(seen, input_ids, prompt_mask.astype(bool))
+        seen = jnp.zeros(logits.shape, bool)
+        prompt_mask = jnp.arange(input_ids.shape[1])[None, :] < prompt_lengths[:, None]
+        seen = sampling.mark_seen(seen, input_ids, prompt_mask)
     token = sampling.sample(_step_key(key, 0), logits, seen, params, static.mode)
     if seen is not None:
         seen = sampling.mark_seen(seen, token)
-    return token, _constrain_cache(cache, static), seen, logits if static.return_logits else None
+    return token, seen, logits if static.return_logits else None
 
 
 def _decode_token(static: _Static, model, cache, token, seen, key, step, params):
@@ -311,23 +335,31 @@ def _decode_step(static: _Static, state, cache, token, seen, key, step, params):
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(fn):
+def _jitted(fn, donate: bool = True):
     # `static` is hashable (graphdef, frozen mode); the cache (argument 2) is donated.
-    return jax.jit(fn, static_argnums=0, donate_argnums=2)
+    return jax.jit(fn, static_argnums=0, donate_argnums=2 if donate else ())
 
 
 # ----------------------------------------------------------------------------- request preparation
 def prompt_bucket(length: int) -> int:
-    """Padded prompt length: the next power of two, at least MIN_PROMPT_BUCKET."""
-    return max(MIN_PROMPT_BUCKET, sampling.next_power_of_two(length))
+    """Padded prompt length: the next power of two (at least MIN_PROMPT_BUCKET) up to
+    LONG_PROMPT_BUCKET, then the next multiple of it (a 40K prompt pads to 40,960, not 65,536)."""
+    if length <= LONG_PROMPT_BUCKET:
+        return max(MIN_PROMPT_BUCKET, sampling.next_power_of_two(length))
+    return -(-length // LONG_PROMPT_BUCKET) * LONG_PROMPT_BUCKET
 
 
 def cache_bucket(length: int) -> int:
     """Cache length: the next power of two up to 4096, then the next multiple of 4096
-    (attention reads every slot, so large caches round up by less)."""
+    (large caches round up by less)."""
     if length <= 4096:
         return sampling.next_power_of_two(length)
     return -(-length // 4096) * 4096
+
+
+def new_tokens_bucket(max_new_tokens: int) -> int:
+    """Length of the decode loop's token buffer: the next power of two, at least MIN_PROMPT_BUCKET."""
+    return max(MIN_PROMPT_BUCKET, sampling.next_power_of_two(max_new_tokens))
 
 
 @dataclasses.dataclass
@@ -339,7 +371,8 @@ class _Request:
     static: _Static
     state: Any
     input_ids: jax.Array
-    prompt_mask: jax.Array
+    host_ids: np.ndarray  # the same ids on the host, sliced into prefill chunks
+    lengths: jax.Array  # int32 [B]: each row's prompt length
     prompt_lengths: list[int]
     cache: KVCache
     key: jax.Array
@@ -357,11 +390,14 @@ def _put(x, sharding: NamedSharding | None) -> jax.Array:
 
 
 def _prepare(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], config: GenerationConfig,
-             return_logits: bool) -> _Request:
+             return_logits: bool, prefill_chunk: int | None = None) -> _Request:
     if not isinstance(model, Qwen2ForCausalLM):
         raise TypeError(f"expected a Qwen2ForCausalLM, got {type(model).__name__}")
     model_config = model.config
-    context = model_config.max_position_embeddings
+    context = model_config.context_length
+    prefill_chunk = PREFILL_CHUNK if prefill_chunk is None else int(prefill_chunk)
+    if prefill_chunk < 1:
+        raise GenerationError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     prompts = [[int(t) for t in p] for p in prompts]
     if not prompts:
         raise GenerationError("no prompts given")
@@ -372,11 +408,12 @@ def _prepare(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], config: 
         if not ids:
             raise GenerationError(f"prompt {i} is empty: at least one token is needed to generate from")
         if len(ids) > context:
-            raise GenerationError(f"prompt {i} has {len(ids)} tokens, more than the model's context of {context}")
+            raise GenerationError(f"prompt {i} has {len(ids)} tokens, more than the model's context of {context}"
+                                  f"{_context_hint(model_config)}")
         if len(ids) + max_new > context:
             raise GenerationError(
                 f"max_new_tokens={max_new} overflows the context: prompt {i} has {len(ids)} tokens and the "
-                f"model's context is {context} (at most {context - len(ids)} new tokens)")
+                f"model's context is {context} (at most {context - len(ids)} new tokens){_context_hint(model_config)}")
         if min(ids) < 0 or max(ids) >= model_config.vocab_size:
             raise GenerationError(f"prompt {i} has token ids outside the vocabulary [0, {model_config.vocab_size})")
 
@@ -385,14 +422,16 @@ def _prepare(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], config: 
         repetition_penalty=config.repetition_penalty, vocab_size=model_config.vocab_size)
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     bucket = prompt_bucket(max(len(p) for p in prompts))
+    chunk = min(prefill_chunk, bucket)
+    bucket = -(-bucket // chunk) * chunk  # whole chunks
     input_ids = np.full((len(prompts), bucket), pad_id, np.int32)
-    prompt_mask = np.zeros((len(prompts), bucket), np.int32)
     for row, ids in enumerate(prompts):  # right padding: every row's tokens start at cache slot 0
         input_ids[row, : len(ids)] = ids
-        prompt_mask[row, : len(ids)] = 1
 
     mesh = model.mesh
-    cache_len = cache_bucket(bucket + max_new)
+    # Derived from the bucket (a new prompt length inside it reuses the compiled code), never past
+    # the context's bucket (prompt + max_new_tokens fit the context, checked above).
+    cache_len = min(cache_bucket(bucket + max_new), cache_bucket(context))
     cache_dtype = model.dtype
     cache_sharding = None
     replicated = None
@@ -412,10 +451,12 @@ def _prepare(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], config: 
     return _Request(
         model=model,
         config=config,
-        static=_Static(graphdef, mode, return_logits, cache_sharding, cache_len - bucket),
+        static=_Static(graphdef, mode, return_logits, cache_sharding, min(cache_len, new_tokens_bucket(max_new)),
+                       chunk),
         state=state,
         input_ids=put(input_ids),
-        prompt_mask=put(prompt_mask),
+        host_ids=input_ids,
+        lengths=put(np.asarray([len(p) for p in prompts], np.int32)),
         prompt_lengths=[len(p) for p in prompts],
         cache=cache,
         key=put(jax.random.key_data(jax.random.key(int(config.seed)))),
@@ -424,6 +465,13 @@ def _prepare(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], config: 
         max_new_tokens=max_new,
         replicated=replicated,
     )
+
+
+def _context_hint(config: Qwen2Config) -> str:
+    if config.rope_scaling.rope_type != "default":
+        return ""
+    return ("; a longer context needs rope scaling, e.g. YaRN as Qwen documents for 128K: "
+            "load with rope_scaling='yarn:4' (command line: --rope-scaling yarn:4)")
 
 
 def _resolve_config(model, config: GenerationConfig | None, stop_token_ids, **overrides) -> GenerationConfig:
@@ -435,14 +483,36 @@ def _resolve_config(model, config: GenerationConfig | None, stop_token_ids, **ov
 
 
 def _run_prefill(request: _Request, timing: Timing):
-    args = (request.state, request.cache, request.input_ids, request.prompt_mask, request.key, request.params)
-    executable, compile_s = _executables.get(_jitted(_prefill), request.static, args)
-    request.cache = None  # donated
+    """Prefill chunk by chunk (one compiled chunk step, called up to the longest prompt), with a
+    progress bar on a terminal when the prompt spans several chunks; then the first tokens."""
+    from tqdm import tqdm
+
+    chunk = request.static.prefill_chunk
+    lengths = np.asarray(request.prompt_lengths, np.int32)
+    chunks = -(-int(lengths.max()) // chunk)
+    last = request.put(np.zeros((len(lengths), request.model.config.hidden_size), request.model.dtype))
+    rope_length = request.put(np.int32(lengths.max()))
+    cache, request.cache = request.cache, None  # donated
+    compile_s = 0.0
     start = time.perf_counter()
-    token, cache, seen, logits = executable(*args)
-    token.block_until_ready()
+    with tqdm(total=int(lengths.sum()), unit="tok", desc="prefill", leave=False,
+              disable=None if chunks >= PROGRESS_MIN_CHUNKS else True) as bar:
+        for index in range(chunks):
+            real = np.clip(lengths - index * chunk, 0, chunk).astype(np.int32)
+            args = (request.state, cache, request.put(request.host_ids[:, index * chunk:(index + 1) * chunk]),
+                    request.put(real), last, rope_length)
+            step, seconds = _executables.get(_jitted(_prefill_chunk), request.static, args)  # compiled once
+            compile_s += seconds
+            del cache
+            cache, last = step(*args)
+            bar.update(int(real.sum()))
+        args = (request.state, last, request.input_ids, request.lengths, request.key, request.params)
+        first, seconds = _executables.get(_jitted(_first_token, donate=False), request.static, args)
+        compile_s += seconds
+        token, seen, logits = first(*args)
+        token.block_until_ready()
     timing.compile_s += compile_s
-    timing.prefill_s = time.perf_counter() - start
+    timing.prefill_s = time.perf_counter() - start - compile_s
     timing.prompt_tokens = sum(request.prompt_lengths)
     return token, cache, seen, logits
 
@@ -462,15 +532,18 @@ def generate_ids(
     stop_token_ids: Sequence[int] = (),
     config: GenerationConfig | None = None,
     return_logits: bool = False,
+    prefill_chunk: int | None = None,
 ) -> Generation:
     """Generate from a batch of token-id prompts: prefill, then one jitted decode loop.
 
     Unset arguments come from `config` (default: `default_generation_config(model)`).
     Generation of a row stops at any of the config's eos ids or `stop_token_ids`.
+    prefill_chunk: prompt tokens per model call during prefill (default `PREFILL_CHUNK`); smaller
+      bounds prefill memory tighter, larger runs bigger matrix products.
     """
     config = _resolve_config(model, config, stop_token_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-    request = _prepare(model, prompts, config, return_logits)
+    request = _prepare(model, prompts, config, return_logits, prefill_chunk)
     timing = Timing()
     first_token, cache, seen, first_logits = _run_prefill(request, timing)
 
@@ -521,8 +594,8 @@ class TokenStream(_Stream):
     """
 
     def __init__(self, model: Qwen2ForCausalLM, prompt_ids: Sequence[int], config: GenerationConfig,
-                 return_logits: bool = False):
-        self._request = _prepare(model, [prompt_ids], config, return_logits)
+                 return_logits: bool = False, prefill_chunk: int | None = None):
+        self._request = _prepare(model, [prompt_ids], config, return_logits, prefill_chunk)
         self._return_logits = return_logits
         super().__init__()
 
@@ -575,11 +648,12 @@ def stream_ids(
     stop_token_ids: Sequence[int] = (),
     config: GenerationConfig | None = None,
     return_logits: bool = False,
+    prefill_chunk: int | None = None,
 ) -> TokenStream:
     """Generate from one token-id prompt, yielding each id as soon as it is produced."""
     config = _resolve_config(model, config, stop_token_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-    return TokenStream(model, prompt_ids, config, return_logits)
+    return TokenStream(model, prompt_ids, config, return_logits, prefill_chunk)
 
 
 # ----------------------------------------------------------------------------- text API

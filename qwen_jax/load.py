@@ -14,11 +14,13 @@ import os
 import tempfile
 from typing import Iterator
 
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from qwen_jax.attention import check_backend, platform_of
 from qwen_jax.generation import GenerationConfig
 from qwen_jax.layout import CheckpointReader, assemble_model, is_orbax_checkpoint
-from qwen_jax.model import Qwen2ForCausalLM, unstack_layers
+from qwen_jax.model import Qwen2ForCausalLM, default_dtype, unstack_layers
 from qwen_jax.quant import QuantScheme
 from qwen_jax.safetensors_io import CheckpointError
 from qwen_jax.sharding import DEFAULT_RULES, ShardingRules
@@ -58,6 +60,8 @@ def load_model(
     scan_layers: bool = True,
     progress: bool | None = None,
     quantize: str | QuantScheme | None = None,
+    attention: str = "auto",
+    rope_scaling=None,
 ) -> Qwen2ForCausalLM:
     """Load a checkpoint into a model: a local HF, GPTQ or AWQ directory, a GGUF file, a converted
     Orbax directory, or a Hub id (`Qwen/Qwen2.5-0.5B-Instruct`, `org/repo/file.gguf`).
@@ -71,12 +75,19 @@ def load_model(
     quantization of the decoder projections (`qwen_jax.quant`); the embedding, norms and lm_head
     stay float. GPTQ/AWQ checkpoints and quantized Orbax directories load quantized as they are
     by default (GPTQ act-order kernels are dequantized: pass `quantize` to re-quantize them).
+    attention: the attention backend (`qwen_jax.attention`: auto, xla, chunked, cudnn, splash);
+      one that cannot run here is refused before any weight is read.
+    rope_scaling: override the checkpoint's rope scaling, e.g. 'yarn:4' for Qwen2.5's documented
+      128K context, without editing config.json (`Qwen2Config.with_rope_scaling`).
     """
     from qwen_jax.hub import resolve_source
 
+    check_backend(attention, dtype=jnp.dtype(dtype or default_dtype()), head_dim=None, platform=platform_of(mesh))
     reader = open_checkpoint(resolve_source(path))
     model = assemble_model(reader, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, progress=progress,
                            quantize=quantize)
+    model.config = model.config.with_rope_scaling(rope_scaling)
+    model.attention = attention
     return model if scan_layers else unstack_layers(model)
 
 
@@ -89,6 +100,8 @@ def load(
     scan_layers: bool = False,
     progress: bool | None = None,
     quantize: str | QuantScheme | None = None,
+    attention: str = "auto",
+    rope_scaling=None,
 ) -> tuple[Qwen2ForCausalLM, "Tokenizer"]:  # noqa: F821 (imported lazily)
     """Load a checkpoint (see `load_model` for the formats) and its tokenizer.
 
@@ -100,6 +113,8 @@ def load(
       arrays first (2.5x slower batch-1 decode on CPU, see the README). True compiles faster
       (compile time independent of depth). See `load_model`.
     quantize: 'int8' or 'int4' weight-only quantization (see `load_model`).
+    attention, rope_scaling: the attention backend and a rope scaling override ('yarn:4'), as in
+      `load_model`.
     The checkpoint's generation_config.json becomes `model.generation_config`, the defaults of
     `qwen_jax.generate`. A GGUF file's tokenizer and generation settings come from its metadata.
     """
@@ -108,7 +123,7 @@ def load(
 
     path = resolve_source(path)
     model = load_model(path, dtype=dtype, mesh=mesh, rules=rules, scan_layers=scan_layers, progress=progress,
-                       quantize=quantize)
+                       quantize=quantize, attention=attention, rope_scaling=rope_scaling)
     with side_files_dir(path) as directory:
         tokenizer = Tokenizer.from_dir(directory)
         model.generation_config = GenerationConfig.from_pretrained(directory, model.config)

@@ -33,10 +33,11 @@ class MemoryPlan:
     grads: int
     optimizer: int
     kv_cache: int
+    activations: int = 0  # estimated peak of one chunked-prefill call (inference), when asked for
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.kv_cache
+        return self.params + self.grads + self.optimizer + self.kv_cache + self.activations
 
     def __str__(self) -> str:
         mesh = ",".join(f"{k}={v}" for k, v in self.mesh.items())
@@ -47,6 +48,8 @@ class MemoryPlan:
             parts.append(f"optimizer {self.optimizer / GiB:.2f}")
         if self.kv_cache:
             parts.append(f"kv cache {self.kv_cache / GiB:.2f}")
+        if self.activations:
+            parts.append(f"prefill activations ~{self.activations / GiB:.2f}")
         return f"[{mesh}] " + " + ".join(parts) + f" = {self.total / GiB:.2f} GiB per device"
 
 
@@ -77,6 +80,7 @@ def plan_memory(
     batch: int = 0,
     max_len: int = 0,
     cache_dtype=jnp.bfloat16,
+    prefill_chunk: int = 0,
     rules: ShardingRules = DEFAULT_RULES,
     quantize: "str | QuantScheme | None" = None,
 ) -> MemoryPlan:
@@ -84,7 +88,10 @@ def plan_memory(
 
     training: gradients in `param_dtype` plus two AdamW moments in `optimizer_dtype`, and a
     float32 master copy when `master_weights` (bf16 compute with float32 masters). The KV cache is
-    `batch` x `max_len` tokens, sharded by the cache's logical axes. Activations are not counted:
+    `batch` x `max_len` tokens (the context you plan for), sharded by the cache's logical axes.
+    prefill_chunk: also estimate the activations of one prefill call of `batch` x `prefill_chunk`
+    tokens with chunked attention (`qwen_jax.generation.PREFILL_CHUNK` by default in generation);
+    with chunked prefill they do not grow with the prompt. Training activations are not counted:
     they depend on remat policy and sequence length more than on the mesh. quantize: 'int8' or
     'int4' decoder projections (`qwen_jax.quant`): their integer values and float32 scales are
     counted as stored (int4 two per byte); being frozen, they get no gradients or optimizer state.
@@ -109,7 +116,36 @@ def plan_memory(
     if batch and max_len:
         shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
         kv_cache = 2 * _shard_elements(shape, KVCache.logical_axes(), mesh, rules) * jnp.dtype(cache_dtype).itemsize
-    return MemoryPlan({"data": data, "fsdp": fsdp, "tensor": tensor}, params, grads, optimizer, kv_cache)
+    activations = 0
+    if batch and prefill_chunk:
+        activations = prefill_activation_bytes(config, batch, prefill_chunk, param_dtype, mesh, rules)
+    return MemoryPlan({"data": data, "fsdp": fsdp, "tensor": tensor}, params, grads, optimizer, kv_cache, activations)
+
+
+def prefill_activation_bytes(config: Qwen2Config, batch: int, chunk: int, dtype, mesh, rules=DEFAULT_RULES) -> int:
+    """Estimated peak activation bytes per device of one prefill call of `batch` x `chunk` tokens.
+
+    Live at once: the residual stream (twice), then the larger of the attention phase (q/k/v, the
+    blocked queries, three float32 score blocks of `attention.BLOCK_Q` x `BLOCK_KV` per query head)
+    and the MLP phase (gate, up and their product), plus the last position's float32 logits.
+    """
+    from qwen_jax import attention
+
+    size = jnp.dtype(dtype).itemsize
+    D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    N, K, H = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    block_q, block_kv = min(attention.BLOCK_Q, chunk), attention.BLOCK_KV
+
+    def per_device(shape, axes) -> int:
+        return _shard_elements(shape, axes, mesh, rules)
+
+    residual = 2 * per_device((batch, chunk, D), ("batch", "seq", "act_embed")) * size
+    heads = per_device((batch, chunk, N, H), ("batch", "seq", "q_heads", "head_dim"))
+    attention_phase = (3 * heads + 2 * per_device((batch, chunk, K, H), ("batch", "seq", "kv_heads", "head_dim"))) * size
+    attention_phase += 3 * per_device((batch, N, block_q, block_kv), ("batch", "q_heads", None, None)) * 4
+    mlp_phase = 3 * per_device((batch, chunk, F), ("batch", "seq", "mlp")) * size
+    logits = per_device((batch, V), ("batch", "vocab")) * 4
+    return residual + max(attention_phase, mlp_phase) + logits
 
 
 def measured_bytes_per_device(tree) -> dict[jax.Device, int]:

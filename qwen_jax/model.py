@@ -16,14 +16,14 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from qwen_jax import quant, rope
+from qwen_jax import attention, quant, rope
+from qwen_jax.attention import AttentionMask
 from qwen_jax.config import Qwen2Config
 from qwen_jax.sharding import DEFAULT_RULES, ShardingRules, constrain, named_sharding, state_shardings
-
-_MASKED = -1e30  # finite, so a row with nothing to attend to gives a uniform softmax, not NaN
 
 REMAT_POLICIES = {
     "none": None,
@@ -200,31 +200,41 @@ class Attention(nnx.Module):
         self.v_proj = Linear("BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"),
                              (K, H), ("kv_heads", "head_dim"), **kw)
         self.o_proj = Linear("BTNH,NHD->BTD", (N, H, D), ("q_heads", "head_dim", "embed"), **kw)
-        self.num_kv_heads = K
-        self.scale = H**-0.5
-        self.dtype = dtype
 
-    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_starts=None):
-        """mask: bool [B, T, S]. cache_kv: (k, v) of this layer, [B, S, K, H], or None.
-
-        Returns the output and this call's new (k, v) `[B, T, K, H]`, which the caller writes
-        into the cache (each row at its own `cache_starts[b]`).
-        """
+    def __call__(self, x, cos, sin, context: "_AttentionContext", kv=None, layer=None, use_window=False):
+        """Self-attention of one layer; with `kv` (the stacked cache arrays `[L, B, S, K, H]`),
+        this call's keys/values are written into layer `layer` first (each row at its own length)
+        and attention reads that layer's filled blocks. Returns the output and the updated `kv`."""
         q = rope.apply_rope(self.q_proj(x), cos, sin)
         k = rope.apply_rope(self.k_proj(x), cos, sin)
         v = self.v_proj(x)
-        new_kv = (k, v)
-        if cache_kv is not None:
-            k = write_rows(cache_kv[0][None], 0, k, cache_starts)[0].astype(self.dtype)
-            v = write_rows(cache_kv[1][None], 0, v, cache_starts)[0].astype(self.dtype)
-        B, T, N, H = q.shape
-        q = q.reshape(B, T, self.num_kv_heads, N // self.num_kv_heads, H)
-        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * self.scale
-        scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
-        # Softmax in float32; probabilities are rounded to the compute dtype, as HF does.
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
-        return self.o_proj(out), new_kv
+        if kv is not None:
+            kv = tuple(write_rows(cache, layer, new, context.cache_starts) for cache, new in zip(kv, (k, v)))
+            k, v = kv
+        out = context.attend(q, k, v, layer if kv is not None else None, use_window)
+        return self.o_proj(out), kv
+
+
+@dataclasses.dataclass(frozen=True)
+class _AttentionContext:
+    """What every layer's attention shares in one forward call: the backend and the mask."""
+
+    backend: str
+    mask: AttentionMask  # without a window
+    window: int  # the config's sliding window, used on layers that ask for it
+    cache_starts: jax.Array | None  # cache length of every row before this call
+    mesh: Mesh | None
+    rules: ShardingRules
+
+    def attend(self, q, k, v, layer, use_window) -> jax.Array:
+        def run(window):
+            return attention.attend(q, k, v, self.mask.with_window(window), backend=self.backend, layer=layer,
+                                    mesh=self.mesh, rules=self.rules)
+
+        if isinstance(use_window, (bool, int, np.integer)):
+            return run(self.window if use_window else 0)
+        # A scanned stack mixing full and sliding layers: the flag is traced, pick per layer.
+        return jax.lax.cond(use_window, lambda: run(self.window), lambda: run(0))
 
 
 class MLP(nnx.Module):
@@ -249,11 +259,11 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
         self.mlp = MLP(config, **kw)
 
-    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_starts=None):
-        attn_out, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, cache_starts)
+    def __call__(self, x, cos, sin, context, kv=None, layer=None, use_window=False):
+        attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, context, kv, layer, use_window)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, new_kv
+        return x, kv
 
 
 class Embedding(nnx.Module):
@@ -302,6 +312,7 @@ class Qwen2ForCausalLM(nnx.Module):
         rules: ShardingRules = DEFAULT_RULES,
         remat: str = "none",
         scan_layers: bool = True,
+        attention: str = "auto",
     ):
         dtype = jnp.dtype(dtype or default_dtype())
         param_dtype = jnp.dtype(param_dtype or dtype)
@@ -314,6 +325,7 @@ class Qwen2ForCausalLM(nnx.Module):
         self.mesh = mesh
         self.rules = rules
         self.remat = remat
+        self.attention = attention
         self.model = Qwen2Model(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, rngs=rngs)
         self.lm_head = (
             None if config.tie_word_embeddings
@@ -321,8 +333,24 @@ class Qwen2ForCausalLM(nnx.Module):
         )
 
     # ------------------------------------------------------------------ API
-    def __call__(self, input_ids, positions=None, attention_mask=None, *, segment_ids=None, cache=None):
+    @property
+    def attention(self) -> str:
+        """Attention backend: 'auto' (default), 'xla', 'chunked', 'cudnn' or 'splash' (see
+        `qwen_jax.attention`). Setting one that cannot run here raises `AttentionBackendError`."""
+        return self._attention
+
+    @attention.setter
+    def attention(self, name: str) -> None:
+        attention.check_backend(name, dtype=self.dtype, head_dim=self.config.head_dim,
+                                platform=attention.platform_of(self.mesh))
+        self._attention = name
+
+    def __call__(self, input_ids, positions=None, attention_mask=None, *, segment_ids=None, cache=None,
+                 logits_to_keep: int = 0):
         """Logits `[B, T, V]` (float32); with `cache`, returns `(logits, new_cache)`.
+
+        logits_to_keep: compute logits for the last n positions only (`[B, n, V]`; 0: all), as in
+          HF. Full logits of a long prompt are large (4K tokens x 151,936 x 4 bytes = 2.5 GB).
 
         attention_mask: `[B, T]`, 1 for real tokens and 0 for padding. Without a cache, padding
           may sit anywhere (left padding for batched prompts); with a cache, real tokens come
@@ -336,10 +364,14 @@ class Qwen2ForCausalLM(nnx.Module):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be int32[batch, seq], got shape {input_ids.shape}")
         positions, attention_mask = self._defaults(input_ids, positions, attention_mask, cache)
+        logits_to_keep = int(logits_to_keep)
+        if not 0 <= logits_to_keep <= input_ids.shape[1]:
+            raise ValueError(f"logits_to_keep must be in [0, {input_ids.shape[1]}], got {logits_to_keep}")
         if _traced(input_ids) or _traced(self.model.embed_tokens.embedding.get_value()):
-            return self.forward(input_ids, positions, attention_mask, segment_ids=segment_ids, cache=cache)
+            return self.forward(input_ids, positions, attention_mask, segment_ids=segment_ids, cache=cache,
+                                logits_to_keep=logits_to_keep)
         state = nnx.state(self)
-        fn = _jitted_forward(self, state, input_ids, cache is not None, segment_ids is not None)
+        fn = _jitted_forward(self, state, input_ids, cache is not None, segment_ids is not None, logits_to_keep)
         return fn(state, input_ids, positions, attention_mask, segment_ids, cache)
 
     def _defaults(self, input_ids, positions, attention_mask, cache):
@@ -362,43 +394,42 @@ class Qwen2ForCausalLM(nnx.Module):
             raise ValueError(f"positions shape {positions.shape} != input_ids shape {(B, T)}")
         return positions, attention_mask
 
-    def hidden_states(self, input_ids, positions, attention_mask=None, *, segment_ids=None, cache=None):
-        """Final-norm hidden states `[B, T, D]` (and the new cache, or None)."""
+    def hidden_states(self, input_ids, positions, attention_mask=None, *, segment_ids=None, cache=None,
+                      rope_length=None):
+        """Final-norm hidden states `[B, T, D]` (and the new cache, or None).
+
+        rope_length: the sequence length dynamic-NTK rope scales from (see `rope.rope_tables`).
+        """
         cfg, mesh, rules = self.config, self.mesh, self.rules
         x = self.model.embed_tokens(input_ids)
         x = constrain(x, ("batch", "seq", "act_embed"), mesh, rules)
-        cos, sin = rope.rope_tables(cfg, positions, self.dtype)
-        masks = _attention_masks(cfg, input_ids.shape[1], attention_mask, segment_ids, cache)
+        cos, sin = rope.rope_tables(cfg, positions, self.dtype, rope_length)
+        context = self._attention_context(input_ids.shape, attention_mask, segment_ids, cache)
 
-        starts = None if cache is None else cache.lengths
-
-        def run_layer(layer_graph, layer_state, h, kv, layer_idx, window):
+        def run_layer(layer_graph, layer_state, h, kv, layer_idx, use_window):
             layer = nnx.merge(layer_graph, layer_state)
-            mask = masks[0] if len(masks) == 1 else jnp.where(window > 0, masks[1], masks[0])
-            layer_kv = None if kv is None else (kv[0][layer_idx], kv[1][layer_idx])
-            h, new_kv = layer(h, cos, sin, mask, layer_kv, starts)
-            h = constrain(h, ("batch", "seq", "act_embed"), mesh, rules)
-            if kv is not None:  # write only this call's slots, in place
-                kv = tuple(write_rows(c, layer_idx, n, starts) for c, n in zip(kv, new_kv))
-            return h, kv
+            h, kv = layer(h, cos, sin, context, kv, layer_idx, use_window)
+            return constrain(h, ("batch", "seq", "act_embed"), mesh, rules), kv
 
         if self.remat != "none":
             run_layer = jax.checkpoint(run_layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False,
                                        static_argnums=(0,))
         kv = None if cache is None else (cache.k, cache.v)
+        uses_window = tuple(w > 0 for w in cfg.layer_windows)
         if isinstance(self.model.layers, nnx.List):
             # Unrolled: each layer reads its own weight arrays (no per-step slice of a stacked array).
-            for i, (layer, window) in enumerate(zip(self.model.layers, cfg.layer_windows)):
-                x, kv = run_layer(*nnx.split(layer), x, kv, i, window)
+            for i, layer in enumerate(self.model.layers):
+                x, kv = run_layer(*nnx.split(layer), x, kv, i, uses_window[i])
         else:
             layers_graph, layers_state = nnx.split(self.model.layers)
+            same_window = len(set(uses_window)) == 1  # then the flag stays static inside the scan
 
             def body(carry, xs):
-                return run_layer(layers_graph, xs[0], *carry, *xs[1:]), None
+                use_window = uses_window[0] if same_window else xs[2]
+                return run_layer(layers_graph, xs[0], *carry, xs[1], use_window), None
 
             layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-            windows = jnp.asarray(cfg.layer_windows, jnp.int32)
-            (x, kv), _ = jax.lax.scan(body, (x, kv), (layers_state, layer_ids, windows))
+            (x, kv), _ = jax.lax.scan(body, (x, kv), (layers_state, layer_ids, jnp.asarray(uses_window)))
         x = self.model.norm(x)
         new_cache = None
         if cache is not None:
@@ -406,16 +437,35 @@ class Qwen2ForCausalLM(nnx.Module):
             new_cache = KVCache(kv[0], kv[1], cache.lengths + added)
         return x, new_cache
 
+    def _attention_context(self, shape, attention_mask, segment_ids, cache) -> _AttentionContext:
+        cfg = self.config
+        windows = {w for w in cfg.layer_windows if w}
+        if len(windows) > 1:
+            raise ValueError(f"layers use different sliding windows {sorted(windows)}; qwen-jax supports one")
+        if cache is None:
+            if attention_mask is not None:  # padding gets its own segment: real tokens never see it
+                segment_ids = attention_mask if segment_ids is None else jnp.where(attention_mask > 0, segment_ids, -1)
+            mask = AttentionMask.causal(segment_ids)
+        else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids are for packed training batches, not cached decoding")
+            mask = AttentionMask.cached(cache.lengths)
+        backend = attention.select_backend(
+            self.attention, q_len=shape[1], kv_len=shape[1] if cache is None else cache.max_len,
+            cached=cache is not None, dtype=self.dtype, head_dim=cfg.head_dim, platform=attention.platform_of(self.mesh))
+        return _AttentionContext(backend, mask, windows.pop() if windows else 0,
+                                 None if cache is None else cache.lengths, self.mesh, self.rules)
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Full-vocabulary float32 logits from final hidden states."""
         head = self.model.embed_tokens.embedding if self.lm_head is None else self.lm_head.weight
         logits = jnp.einsum("BTD,VD->BTV", hidden, head[...].astype(self.dtype), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab"), self.mesh, self.rules)
 
-    def forward(self, input_ids, positions, attention_mask, *, segment_ids=None, cache=None):
+    def forward(self, input_ids, positions, attention_mask, *, segment_ids=None, cache=None, logits_to_keep: int = 0):
         """The traced computation behind `__call__` (explicit positions and mask)."""
         hidden, new_cache = self.hidden_states(input_ids, positions, attention_mask, segment_ids=segment_ids, cache=cache)
-        logits = self.logits(hidden)
+        logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return logits if cache is None else (logits, new_cache)
 
     def num_params(self) -> int:
@@ -426,50 +476,28 @@ def _traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def _attention_masks(cfg: Qwen2Config, T: int, attention_mask, segment_ids, cache):
-    """Boolean [B, T, S] masks: (full,) or (full, sliding) when some layer uses a window."""
-    if cache is None:
-        q_slots = jnp.arange(T)[None, :]  # [1, T]
-        k_slots = jnp.arange(T)
-    else:
-        q_slots = cache.lengths[:, None] + jnp.arange(T)[None, :]  # [B, T]: each row at its own offset
-        k_slots = jnp.arange(cache.max_len)
-    full = k_slots[None, None, :] <= q_slots[:, :, None]
-    if cache is None and attention_mask is not None:  # padding keys (with a cache, causality hides them)
-        full = full & attention_mask.astype(bool)[:, None, :]
-    if segment_ids is not None:
-        if cache is not None:
-            raise ValueError("segment_ids are for packed training batches, not cached decoding")
-        full = full & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    windows = {w for w in cfg.layer_windows if w}
-    if not windows:
-        return (full,)
-    if len(windows) > 1:
-        raise ValueError(f"layers use different sliding windows {sorted(windows)}; qwen-jax supports one")
-    (window,) = windows
-    # HF: a key is inside the window when kv_idx > q_idx - sliding_window.
-    sliding = full & (k_slots[None, None, :] > q_slots[:, :, None] - window)
-    return (full, sliding)
-
-
-def _jitted_forward(model: "Qwen2ForCausalLM", state, input_ids, with_cache: bool, with_segments: bool):
+def _jitted_forward(model: "Qwen2ForCausalLM", state, input_ids, with_cache: bool, with_segments: bool,
+                    logits_to_keep: int):
     """A compiled forward for this model structure and these shardings (explicit on a mesh)."""
     graphdef = nnx.graphdef(model)
     mesh, rules = model.mesh, model.rules
+    static = (graphdef, with_cache, with_segments, logits_to_keep)
     if mesh is None:
-        return _compile(graphdef, with_cache, with_segments, None)
+        return _compile(*static, None)
     leaves, treedef = jax.tree.flatten(state)
     state_sh = tuple(leaf.sharding for leaf in leaves)
     tokens = named_sharding(("batch", "seq"), input_ids.shape, mesh, rules)
-    logits = named_sharding(("batch", "seq", "vocab"), (*input_ids.shape, model.config.vocab_size), mesh, rules)
-    return _compile(graphdef, with_cache, with_segments, (treedef, state_sh, tokens, logits))
+    kept = logits_to_keep or input_ids.shape[1]
+    logits = named_sharding(("batch", "seq", "vocab"), (input_ids.shape[0], kept, model.config.vocab_size), mesh, rules)
+    return _compile(*static, (treedef, state_sh, tokens, logits))
 
 
 @functools.lru_cache(maxsize=64)
-def _compile(graphdef, with_cache: bool, with_segments: bool, shardings):
+def _compile(graphdef, with_cache: bool, with_segments: bool, logits_to_keep: int, shardings):
     def fn(state, input_ids, positions, attention_mask, segment_ids, cache):
         model = nnx.merge(graphdef, state)
-        return model.forward(input_ids, positions, attention_mask, segment_ids=segment_ids, cache=cache)
+        return model.forward(input_ids, positions, attention_mask, segment_ids=segment_ids, cache=cache,
+                             logits_to_keep=logits_to_keep)
 
     donate = ("cache",) if with_cache else ()
     if shardings is None:
@@ -491,12 +519,13 @@ def create_model(
     rules: ShardingRules = DEFAULT_RULES,
     seed: int = 0,
     remat: str = "none",
+    attention: str = "auto",
 ) -> Qwen2ForCausalLM:
     """A randomly initialised model; on a mesh every parameter is created directly in its shards."""
 
     def build():
         return Qwen2ForCausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed),
-                                mesh=mesh, rules=rules, remat=remat)
+                                mesh=mesh, rules=rules, remat=remat, attention=attention)
 
     if mesh is None:
         return build()
@@ -518,7 +547,7 @@ def unstack_layers(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
         return model
     abstract = nnx.eval_shape(lambda: quant.with_quantized_structure(Qwen2ForCausalLM(
         model.config, dtype=model.dtype, param_dtype=model.param_dtype, mesh=model.mesh, rules=model.rules,
-        remat=model.remat, scan_layers=False), quant.model_quantization(model)))
+        remat=model.remat, scan_layers=False, attention=model.attention), quant.model_quantization(model)))
     graphdef, abstract_state = nnx.split(abstract)
     target = dict(nnx.to_flat_state(abstract_state))
     shardings = (None if model.mesh is None

@@ -81,10 +81,16 @@ def dynamic_inv_freq(config: Qwen2Config, seq_len: jnp.ndarray) -> jnp.ndarray:
     return 1.0 / base ** jnp.asarray(_base_exponents(dim))
 
 
-def rope_tables(config: Qwen2Config, positions: jnp.ndarray, dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """cos, sin of shape [batch, seq, head_dim] in `dtype` for int positions [batch, seq]."""
+def rope_tables(config: Qwen2Config, positions: jnp.ndarray, dtype, seq_len=None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos, sin of shape [batch, seq, head_dim] in `dtype` for int positions [batch, seq].
+
+    seq_len: the sequence length dynamic NTK grows its base from (default: the largest position
+    + 1). A prompt prefilled in chunks passes its full length, so every chunk uses the base HF's
+    one-shot prefill uses.
+    """
     if config.rope_scaling.rope_type == "dynamic":
-        inv_freq, scale = dynamic_inv_freq(config, jnp.max(positions) + 1), 1.0
+        seq_len = jnp.max(positions) + 1 if seq_len is None else jnp.asarray(seq_len)
+        inv_freq, scale = dynamic_inv_freq(config, seq_len), 1.0
     else:
         inv_freq, scale = static_inv_freq(config)
         inv_freq = jnp.asarray(inv_freq)

@@ -194,6 +194,9 @@ def test_bad_config(tmp_path, tiny_model_dir, train_file, capsys):
     assert len(err) == 1 and "unknown LoRA targets ['qq']" in err[0]
     assert main(["train", "--config", str(yaml_path)]) == 2
     assert "missing required setting(s): out" in capsys.readouterr().err
+    assert main(["train", "--model", tiny_model_dir, "--data", str(train_file), "--out", str(tmp_path / "s"),
+                 "--attention", "splash"]) == 2
+    assert "attention='splash' needs a TPU" in capsys.readouterr().err and not (tmp_path / "s").exists()
     # An inference model (unrolled layers) is refused with the way out, not an AttributeError.
     from qwen_jax.load import load_model
 

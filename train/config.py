@@ -11,12 +11,13 @@ import dataclasses
 import os
 from typing import Any
 
-from qwen_jax.config import ConfigError
+from qwen_jax.config import ATTENTION_BACKENDS, ConfigError
 from qwen_jax.train.sources import FORMATS, ColumnMapping
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
+
 
 
 def _field(default, help: str, *, choices=None, kind=None):
@@ -73,6 +74,8 @@ class TrainConfig:
                                 choices=DTYPES)
     param_dtype: str = _field("float32", "master weight dtype (auto: same as compute)", choices=DTYPES)
     remat: str = _field("none", "rematerialisation policy of the decoder layers", choices=REMAT)
+    attention: str = _field("auto", "attention backend (auto: chunked flash attention on CPU past short "
+                            "sequences, cuDNN on GPU, splash on TPU)", choices=ATTENTION_BACKENDS)
     mesh: str = _field("", "device mesh, e.g. 'data=2,fsdp=4,tensor=1' (default: all devices on fsdp)", kind=str)
     # ---- checkpoints, evaluation, logging
     save_every: int = _field(100, "save a train checkpoint every N steps (0: only at the end and on signals)")

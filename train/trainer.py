@@ -40,8 +40,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen_jax import quant
+from qwen_jax.attention import check_backend, platform_of
 from qwen_jax.config import ConfigError
-from qwen_jax.model import Qwen2ForCausalLM
+from qwen_jax.model import Qwen2ForCausalLM, default_dtype
 from qwen_jax.outdir import OutputError
 from qwen_jax.safetensors_io import CheckpointError
 from qwen_jax.sharding import DEFAULT_RULES, make_mesh, named_sharding, parse_mesh_spec, state_shardings
@@ -66,6 +67,15 @@ PEAK_FLOPS = (
 
 
 # --------------------------------------------------------------------------- pieces
+def _check_attention(config: TrainConfig, mesh: Mesh) -> None:
+    """Refuse an attention backend that cannot run on this mesh's platform before anything is written."""
+    dtype = default_dtype() if config.compute_dtype == "auto" else jnp.dtype(config.compute_dtype)
+    try:
+        check_backend(config.attention, dtype=dtype, head_dim=None, platform=platform_of(mesh))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def resolve_mesh(spec: str, devices=None) -> Mesh:
     """`--mesh` value -> Mesh. Axes not named are 1, except fsdp, which takes the remaining
     devices (so an empty spec puts every device on fsdp, the training default)."""
@@ -208,6 +218,7 @@ class Trainer:
         with multihost.all_or_none("checking the settings"):
             config.check_required()
             self.mesh = resolve_mesh(config.mesh, devices)
+            _check_attention(config, self.mesh)
             if model is None and not os.path.isdir(config.model):
                 raise FileNotFoundError(f"{config.model}: model directory not found")
             self.lora_config = self._lora_config()
@@ -219,6 +230,7 @@ class Trainer:
             raise ValueError("training runs the layers with a scan: pass a model loaded with scanned layers "
                             "(qwen_jax.load_model(path), or qwen_jax.load(path, scan_layers=True))")
         self.model.remat = config.remat
+        self.model.attention = config.attention
         self.lora = self.lora_config is not None
         if quant.model_quantization(self.model) is not None and not self.lora:
             raise ConfigError(f"the base model is quantized ({quant.model_quantization(self.model).name}): its weights "

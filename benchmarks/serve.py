@@ -1,0 +1,361 @@
+"""Serving throughput and latency: `qwen-jax serve` against sequential generate, static batches and transformers serve.
+
+One workload (prompt and output lengths drawn at random, Poisson arrivals at each rate; `inf` sends
+everything at once) goes through four systems in the same run, on the same random weights:
+  * qwen-jax serve (continuous batching, `--slots` decode slots), over HTTP;
+  * sequential: `qwen_jax.stream_ids`, one request at a time in arrival order (in process);
+  * static batches: `qwen_jax.generate_ids` on groups of `--slots` requests in arrival order, each group
+    waiting for its last member and decoding until its longest request is done (in process, no streaming);
+    both in-process baselines are timed without their compile time (warmed up, or subtracted);
+  * HF transformers' own OpenAI server, `transformers serve --continuous-batching`, over HTTP.
+The HTTP systems get the same streaming `/v1/completions` requests (greedy, `max_tokens` per request,
+usage counted by the server). Reported per system and rate: requests/s and output tokens/s over the
+makespan (first arrival to last token), time to first token (TTFT) and inter-token latency
+(ITL: (last token - first token) / (tokens - 1) per request), p50 and p99 over requests.
+
+    python benchmarks/serve.py                          # 0.5B, float32, 3 rates: ~30-40 min on 2 CPU cores
+    python benchmarks/serve.py --requests 8 --rates inf --systems qwen-jax sequential   # a quick look
+
+Needs the Qwen2.5 tokenizer files (`QWEN_JAX_TOKENIZER_DIR`); builds a random checkpoint of the chosen
+size once (`--checkpoint-dir` keeps it between runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+import numpy as np
+
+SYSTEMS = ("qwen-jax", "sequential", "static", "transformers")
+
+
+@dataclasses.dataclass
+class Job:
+    arrival: float  # seconds after the start of the run
+    prompt: str
+    prompt_tokens: int
+    max_tokens: int
+
+
+@dataclasses.dataclass
+class Result:
+    arrival: float  # absolute perf_counter times
+    first_token: float | None
+    last_token: float | None
+    tokens: int
+    error: str | None = None
+
+
+# ----------------------------------------------------------------------------- workload
+def build_checkpoint(directory: str, size: str, tokenizer_dir: str) -> str:
+    """A random HF checkpoint of a Qwen2.5 configuration (float32) with the real tokenizer files."""
+    if os.path.isfile(os.path.join(directory, "config.json")):
+        return directory
+    import torch
+    from transformers import Qwen2Config as HFConfig
+    from transformers import Qwen2ForCausalLM
+
+    from qwen_jax import Qwen2Config
+
+    print(f"building a random {size} checkpoint in {directory} ...", file=sys.stderr, flush=True)
+    torch.manual_seed(0)
+    config = HFConfig(**{**Qwen2Config.preset(size).to_hf(), "torch_dtype": "float32"})
+    model = Qwen2ForCausalLM(config).eval()
+    tmp = directory + ".partial"
+    model.save_pretrained(tmp, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if os.path.isfile(os.path.join(tokenizer_dir, name)):
+            shutil.copy(os.path.join(tokenizer_dir, name), tmp)
+    os.replace(tmp, directory)
+    return directory
+
+
+def make_jobs(tokenizer, count: int, rate: float, prompt_range, output_range, seed: int) -> list[Job]:
+    rng = np.random.default_rng(seed)
+    gaps = np.zeros(count) if math.isinf(rate) else rng.exponential(1.0 / rate, count)
+    gaps[0] = 0.0
+    arrivals = np.cumsum(gaps)
+    jobs = []
+    for arrival in arrivals:
+        length = int(rng.integers(prompt_range[0], prompt_range[1] + 1))
+        text = tokenizer.decode(rng.integers(1000, 30000, length).tolist())
+        jobs.append(Job(float(arrival), text, len(tokenizer.encode(text)),
+                        int(rng.integers(output_range[0], output_range[1] + 1))))
+    return jobs
+
+
+def summarize(name: str, jobs: list[Job], results: list[Result], start: float) -> dict:
+    failed = [r for r in results if r.error]
+    results = [r for r in results if not r.error]
+    if not results:
+        nan = float("nan")
+        return dict(system=name, requests=0, failed=len(failed), errors=sorted({r.error for r in failed}),
+                    output_tokens=0, makespan_s=nan, requests_per_s=nan, output_tokens_per_s=nan, ttft_p50_s=nan,
+                    ttft_p99_s=nan, itl_p50_s=nan, itl_p99_s=nan, load_average=os.getloadavg()[0])
+    end = max(r.last_token or r.arrival for r in results)
+    makespan = end - start
+    tokens = sum(r.tokens for r in results)
+    ttft = [r.first_token - r.arrival for r in results if r.first_token is not None]
+    itl = [(r.last_token - r.first_token) / (r.tokens - 1) for r in results
+           if r.first_token is not None and r.tokens > 1 and r.last_token > r.first_token]
+
+    def pct(values, q):
+        return float(np.percentile(values, q)) if values else float("nan")
+
+    return dict(system=name, requests=len(results), failed=len(failed), errors=sorted({r.error for r in failed}),
+                output_tokens=tokens, makespan_s=makespan,
+                requests_per_s=len(results) / makespan, output_tokens_per_s=tokens / makespan,
+                ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99), itl_p50_s=pct(itl, 50), itl_p99_s=pct(itl, 99),
+                load_average=os.getloadavg()[0])
+
+
+# ----------------------------------------------------------------------------- HTTP systems
+async def run_http(base_url: str, model_name: str, jobs: list[Job]) -> tuple[list[Result], float]:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=7200)
+    start = time.perf_counter()
+
+    async def one(job: Job) -> Result:
+        await asyncio.sleep(max(0.0, start + job.arrival - time.perf_counter()))
+        arrival = time.perf_counter()
+        first = last = None
+        tokens = 0
+        try:
+            stream = await client.completions.create(model=model_name, prompt=job.prompt, max_tokens=job.max_tokens,
+                                                     temperature=0, stream=True, stream_options={"include_usage": True})
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].text:
+                    last = time.perf_counter()
+                    first = first or last
+                if chunk.usage is not None:
+                    tokens = chunk.usage.completion_tokens
+        except Exception as e:  # a failed request is counted and reported, not fatal to the run
+            return Result(arrival, first, last, tokens, error=f"{type(e).__name__}: {e}")
+        return Result(arrival, first, last, tokens)
+
+    results = await asyncio.gather(*(one(job) for job in jobs))
+    await client.close()
+    return list(results), start
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not become healthy in {timeout} s")
+
+
+def start_qwen_jax(checkpoint: str, slots: int, max_len: int, port: int) -> tuple[subprocess.Popen, str]:
+    command = [sys.executable, "-m", "qwen_jax.cli", "serve", "--model", checkpoint, "--slots", str(slots),
+               "--max-len", str(max_len), "--port", str(port), "--max-queue", "100000"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        print("  " + line.rstrip(), file=sys.stderr, flush=True)
+        if "listening on" in line:
+            url = line.split("listening on ")[1].split()[0]
+            threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
+            return process, url
+    raise RuntimeError(f"qwen-jax serve exited with status {process.wait()}")
+
+
+def start_transformers(checkpoint: str, port: int, log_path: str) -> tuple[subprocess.Popen, str]:
+    command = [shutil.which("transformers") or "transformers", "serve", checkpoint, "--continuous-batching",
+               "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, process, timeout=600)
+    return process, url
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+# ----------------------------------------------------------------------------- in-process baselines
+class _Clock:
+    """perf_counter minus the compile time spent so far: baselines are timed as if already compiled."""
+
+    def __init__(self):
+        self.compile_s = 0.0
+
+    def now(self) -> float:
+        return time.perf_counter() - self.compile_s
+
+    def wait_until(self, moment: float) -> None:
+        time.sleep(max(0.0, moment - self.now()))
+
+
+def run_sequential(model, tokenizer, jobs: list[Job]) -> tuple[list[Result], float]:
+    from qwen_jax.generation import stream_ids
+
+    results, clock = [], _Clock()
+    start = clock.now()
+    for job in jobs:
+        clock.wait_until(start + job.arrival)
+        times = []
+        stream = stream_ids(model, tokenizer.encode(job.prompt), max_new_tokens=job.max_tokens, temperature=0)
+        for _ in stream:
+            times.append(clock.now())
+        compiled = stream.result.timing.compile_s  # zero after warm_up_sequential; subtracted if not
+        clock.compile_s += compiled
+        times = [t - compiled for t in times]
+        results.append(Result(start + job.arrival, times[0], times[-1], len(times)))
+    return results, start
+
+
+def run_static(model, tokenizer, jobs: list[Job], batch: int) -> tuple[list[Result], float]:
+    from qwen_jax.generation import generate_ids
+
+    results, clock = [], _Clock()
+    start = clock.now()
+    for i in range(0, len(jobs), batch):
+        group = jobs[i:i + batch]
+        clock.wait_until(start + group[-1].arrival)
+        out = generate_ids(model, [tokenizer.encode(j.prompt) for j in group],
+                           max_new_tokens=max(j.max_tokens for j in group), temperature=0)
+        clock.compile_s += out.timing.compile_s
+        done = clock.now()
+        for job, ids in zip(group, out.token_ids):  # no streaming: every token arrives with the batch
+            results.append(Result(start + job.arrival, done, done, min(len(ids), job.max_tokens)))
+    return results, start
+
+
+def warm_up_sequential(model, tokenizer, jobs: list[Job]) -> None:
+    """Compile the prefill and decode step of every prompt shape the sequential run will see."""
+    from qwen_jax.generation import prompt_bucket, stream_ids
+
+    shapes = {}
+    for job in jobs:  # one job per (prompt bucket, max_tokens): what the compiled shapes derive from
+        shapes.setdefault((prompt_bucket(job.prompt_tokens), job.max_tokens), job)
+    for job in shapes.values():
+        stream = stream_ids(model, tokenizer.encode(job.prompt), max_new_tokens=job.max_tokens, temperature=0)
+        for _, _ in zip(range(2), stream):
+            pass
+        stream.close()
+
+
+# ----------------------------------------------------------------------------- report
+def print_table(rate: float, rows: list[dict], reference: str = "sequential") -> None:
+    base = {r["system"]: r for r in rows}
+    print(f"\n### arrival rate: {'all at once' if math.isinf(rate) else f'{rate:g} requests/s'}\n")
+    print("| system | requests/s | output tokens/s | vs sequential | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) "
+          "| output tokens | failed | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        ratio = row["output_tokens_per_s"] / base[reference]["output_tokens_per_s"] if reference in base else float("nan")
+        itl = ("–" if math.isnan(row["itl_p50_s"]) else
+               f"{row['itl_p50_s'] * 1e3:.0f} / {row['itl_p99_s'] * 1e3:.0f}")
+        print(f"| {row['system']} | {row['requests_per_s']:.3f} | {row['output_tokens_per_s']:.1f} | {ratio:.2f}× | "
+              f"{row['ttft_p50_s']:.1f} / {row['ttft_p99_s']:.1f} | {itl} | {row['output_tokens']} | "
+              f"{row['failed']} | {row['load_average']:.1f} |")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="0.5B")
+    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--rates", default="0.1,0.25,inf", help="arrival rates (requests/s), comma-separated")
+    parser.add_argument("--prompt-tokens", default="32,256", help="min,max prompt length")
+    parser.add_argument("--output-tokens", default="16,96", help="min,max max_tokens")
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--checkpoint-dir", help="where the random checkpoint is built (kept); default: a temp dir")
+    parser.add_argument("--port", type=int, default=8471)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json-out", help="write all measurements to this JSON file")
+    args = parser.parse_args(argv)
+
+    tokenizer_dir = os.environ.get("QWEN_JAX_TOKENIZER_DIR")
+    if not tokenizer_dir:
+        sys.exit("set QWEN_JAX_TOKENIZER_DIR to a directory with the Qwen2.5 tokenizer files")
+    workdir = args.checkpoint_dir or os.path.join(tempfile.mkdtemp(prefix="qwen_jax_serve_bench_"), "ckpt")
+    checkpoint = build_checkpoint(workdir, args.size, tokenizer_dir)
+    from qwen_jax.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    rates = [float(r) for r in args.rates.split(",")]
+    prompt_range = tuple(int(x) for x in args.prompt_tokens.split(","))
+    output_range = tuple(int(x) for x in args.output_tokens.split(","))
+    workloads = {rate: make_jobs(tokenizer, args.requests, rate, prompt_range, output_range, args.seed) for rate in rates}
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs; {args.size} random "
+          f"weights, float32; {args.requests} requests per rate, prompts {prompt_range} tokens, outputs "
+          f"{output_range} tokens, {args.slots} slots", flush=True)
+    measurements: dict[float, list[dict]] = {rate: [] for rate in rates}
+
+    def record(rate, name, results_and_start):
+        results, start = results_and_start
+        row = summarize(name, workloads[rate], results, start)
+        measurements[rate].append(row)
+        print(f"  {name} @ {rate:g}/s: {row['output_tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_s']:.2f} s "
+              f"(load {row['load_average']:.1f})", file=sys.stderr, flush=True)
+
+    if "qwen-jax" in args.systems:
+        process, url = start_qwen_jax(checkpoint, args.slots, args.max_len, args.port)
+        try:
+            asyncio.run(run_http(url, checkpoint, workloads[rates[0]][:2]))  # first contact, not timed
+            for rate in rates:
+                record(rate, "qwen-jax serve", asyncio.run(run_http(url, checkpoint, workloads[rate])))
+        finally:
+            stop(process)
+    if "transformers" in args.systems:
+        log_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "transformers_serve.log")
+        process, url = start_transformers(checkpoint, args.port + 1, log_path)
+        print(f"  transformers serve log: {log_path}", file=sys.stderr, flush=True)
+        try:
+            asyncio.run(run_http(url, checkpoint, workloads[rates[0]][:2]))  # loads the model, starts CB
+            for rate in rates:
+                record(rate, "transformers serve --continuous-batching",
+                       asyncio.run(run_http(url, checkpoint, workloads[rate])))
+        finally:
+            stop(process)
+    if "sequential" in args.systems or "static" in args.systems:
+        import qwen_jax
+
+        model, _ = qwen_jax.load(checkpoint, dtype="float32")
+        if "sequential" in args.systems:
+            warm_up_sequential(model, tokenizer, [job for rate in rates for job in workloads[rate]])
+        for rate in rates:
+            if "sequential" in args.systems:
+                record(rate, "sequential qwen_jax.stream", run_sequential(model, tokenizer, workloads[rate]))
+            if "static" in args.systems:
+                record(rate, f"static batches of {args.slots} (qwen_jax.generate)",
+                       run_static(model, tokenizer, workloads[rate], args.slots))
+    for rate in rates:
+        print_table(rate, measurements[rate], reference="sequential qwen_jax.stream")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({str(rate): rows for rate, rows in measurements.items()}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,451 @@
+"""`Engine`: continuous batching over a fixed number of decode slots, on its own thread.
+
+How it runs. Requests wait in a FIFO queue. Whenever a slot is free, the engine thread prefills
+the next request alone (its prompt padded to a power-of-two bucket), samples its first token and
+inserts its KV cache into the free slot; then one decode step advances every occupied slot by a
+token. Each slot keeps its own cache length and positions, so what a request generates never
+depends on which requests share the batch or when it joined. A request that finishes (stop token,
+stop string, max tokens) or is aborted frees its slot at once.
+
+The host never waits for the step it just dispatched: step i is dispatched before the tokens of
+step i-1 are read back, so detokenizing and stop-string matching overlap the device. A request
+that ends is therefore computed one step further than needed, and that token is dropped.
+
+All device work goes through `EnginePrograms`: a fixed set of ahead-of-time compiled programs
+(prefill per bucket, insert, decode step, samplers, logprobs). `warmup()` compiles all of them;
+afterwards nothing compiles while serving.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from qwen_jax.engine.programs import EnginePrograms, StepOutputs
+from qwen_jax.engine.requests import (
+    Completion,
+    Delta,
+    EngineClosedError,
+    EngineError,
+    QueueFullError,
+    Request,
+    RequestHandle,
+    TokenLogprob,
+    new_request_id,
+    resolve_options,
+)
+from qwen_jax.generation import GenerationConfig, Prompt, default_generation_config
+
+DEFAULT_MAX_LEN = 4096
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's counters."""
+
+    slots: int
+    running: int  # requests in a slot
+    waiting: int  # requests queued for a slot
+    prompt_tokens: int  # totals since start
+    generated_tokens: int
+    finished_requests: int
+    aborted_requests: int
+    decode_steps: int
+    healthy: bool
+    accepting: bool
+
+
+class Engine:
+    """Continuous-batching generation for one model: many requests share `slots` decode rows.
+
+    Offline: `Engine(model, tokenizer).generate(prompts)` returns one `Completion` per prompt, in
+    order, with a progress bar. Online: `submit(...)` returns a `RequestHandle` (iterate it for
+    deltas, `.result()` for the completion), `stream(...)` yields text pieces, `abort(id)` stops a
+    request. Sampling defaults come from `config` (default: the checkpoint's
+    generation_config.json, as for `qwen_jax.generate`); the tokenizer's eos always stops.
+
+    Args:
+        model: a loaded `Qwen2ForCausalLM` (on a mesh or one device).
+        tokenizer: its `qwen_jax.Tokenizer`.
+        slots: decode rows: how many requests generate at once.
+        max_len: tokens per slot (prompt + generated); default min(model context, 4096).
+        max_queue: requests allowed to wait for a slot (None: unbounded); beyond it `submit`
+            raises QueueFullError.
+        prefill_buckets: padded prompt lengths (default: powers of two from 16 to max_len).
+        warmup: compile every program now instead of on first use.
+    """
+
+    def __init__(self, model, tokenizer, *, slots: int = 8, max_len: int | None = None, max_queue: int | None = None,
+                 config: GenerationConfig | None = None, prefill_buckets: Sequence[int] | None = None,
+                 warmup: bool = False):
+        context = model.config.max_position_embeddings
+        max_len = min(context, DEFAULT_MAX_LEN) if max_len is None else int(max_len)
+        if not 2 <= max_len <= context:
+            raise EngineError(f"max_len must be between 2 and the model's context of {context} tokens, got {max_len}")
+        if slots < 1:
+            raise EngineError(f"slots must be >= 1, got {slots}")
+        if max_queue is not None and max_queue < 0:
+            raise EngineError(f"max_queue must be >= 0, got {max_queue}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.slots = int(slots)
+        self.max_len = max_len
+        self.max_queue = max_queue
+        config = config or default_generation_config(model)
+        eos = tokenizer.eos_token_id
+        if eos is not None and eos not in config.eos_token_ids:
+            config = config.replace(eos_token_ids=(*config.eos_token_ids, eos))
+        self.config = config
+        self.programs = EnginePrograms(model, slots=self.slots, max_len=max_len, buckets=prefill_buckets,
+                                       pad_id=config.pad_token_id or tokenizer.pad_token_id or 0)
+
+        self._lock = threading.Lock()  # guards the counters below, read by other threads
+        self._live_ids: set[str] = set()  # submitted and not finished
+        self._accepting = True
+        self._stats = collections.Counter()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._requests: dict[str, Request] = {}
+        self._slot_owner: list[Request | None] = [None] * self.slots
+        self._pending: collections.deque[StepOutputs] = collections.deque()
+        self._shutdown_deadline: float | None = None
+        self._error: BaseException | None = None
+        if warmup:
+            self.warmup()
+        self._thread = threading.Thread(target=self._run, name="qwen-jax-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API
+    def warmup(self) -> float:
+        """Compile every program the engine can run (all prefill buckets, decode, samplers); returns seconds.
+
+        Safe to call while serving: compiling happens under the programs' own lock.
+        """
+        return self.programs.compile_all()
+
+    def submit(
+        self,
+        prompt: Prompt | Sequence[int],
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | int | Sequence[str | int] | None = None,
+        logprobs: int | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        request_id: str | None = None,
+        on_delta: Callable[[Delta], None] | None = None,
+    ) -> RequestHandle:
+        """Queue a request; returns at once. Raises EngineError (bad request), QueueFullError, EngineClosedError.
+
+        prompt: text, a chat conversation (list of messages, rendered with the chat template and
+          `tools`), or token ids. `stop` adds stop strings and stop token ids. `logprobs=k` returns
+          each generated token's log-probability and the k most likely alternatives (0 <= k <= 20).
+          `seed`: the token at index i is drawn with `fold_in(key(seed), i)`, so a seeded request
+          gives the same tokens whatever else is running. `on_delta` is called on the engine thread
+          with each `Delta` (keep it short); without it, iterate the handle.
+        """
+        request = self._make_request(prompt, tools, request_id, on_delta, dict(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop, logprobs=logprobs))
+        self._enqueue(request, enforce_queue_limit=True)
+        return request.handle
+
+    def stream(self, prompt: Prompt | Sequence[int], **options) -> Iterator[str]:
+        """Submit one request and yield its text as it is generated; closing the iterator aborts it."""
+        handle = self.submit(prompt, **options)
+        try:
+            for delta in handle:
+                if delta.error:
+                    raise EngineError(delta.error)
+                if delta.text:
+                    yield delta.text
+        finally:
+            handle.abort()
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request (waiting or running); its slot is freed on the engine's next iteration.
+
+        Returns False if the request is unknown or already finished. Never blocks.
+        """
+        with self._lock:
+            if request_id not in self._live_ids:
+                return False
+            self._inbox.put(("abort", request_id))
+        return True
+
+    def generate(self, prompts: Sequence[Prompt | Sequence[int]], *, progress: bool = True,
+                 **options) -> list[Completion]:
+        """Run many prompts through the engine; one Completion per prompt, in input order.
+
+        `options` are those of `submit` (the same for every prompt). Every prompt is validated
+        before any is queued; the queue limit does not apply. Raises EngineError if a request fails.
+        """
+        from tqdm.auto import tqdm
+
+        tools = options.pop("tools", None)
+        finished: queue.SimpleQueue = queue.SimpleQueue()
+
+        def on_delta(delta: Delta) -> None:
+            if delta.finish_reason is not None:
+                finished.put(delta.request_id)
+
+        requests = [self._make_request(p, tools, None, on_delta, options) for p in prompts]
+        for request in requests:
+            self._enqueue(request, enforce_queue_limit=False)
+        try:
+            with tqdm(total=len(requests), desc="generating", unit="request", disable=not progress) as bar:
+                for _ in requests:
+                    finished.get()
+                    bar.update(1)
+        except BaseException:  # Ctrl-C: do not leave the batch running
+            for request in requests:
+                self.abort(request.id)
+            raise
+        results = [request.handle.result() for request in requests]
+        errors = [r.error for r in results if r.finish_reason == "error"]
+        if errors:
+            raise EngineError(errors[0])
+        return results
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            counts = dict(self._stats)
+            return EngineStats(
+                slots=self.slots, running=counts.get("running", 0), waiting=counts.get("waiting", 0),
+                prompt_tokens=counts.get("prompt_tokens", 0), generated_tokens=counts.get("generated_tokens", 0),
+                finished_requests=counts.get("finished", 0), aborted_requests=counts.get("aborted", 0),
+                decode_steps=counts.get("decode_steps", 0),
+                healthy=self._error is None and (self._thread.is_alive() or not self._accepting),
+                accepting=self._accepting)
+
+    def begin_shutdown(self, timeout: float) -> None:
+        """Stop accepting requests; requests still running after `timeout` seconds are aborted."""
+        with self._lock:
+            self._accepting = False
+        self._inbox.put(("shutdown", time.perf_counter() + max(0.0, timeout)))
+
+    def shutdown(self, timeout: float = 0.0) -> None:
+        """Stop accepting, let running requests finish for up to `timeout` s, abort the rest, stop the thread."""
+        self.begin_shutdown(timeout)
+        self._thread.join()
+
+    close = shutdown
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ------------------------------------------------------------------ caller-side helpers
+    def _make_request(self, prompt, tools, request_id, on_delta, options: dict) -> Request:
+        """Encode and validate (raises EngineError) in the caller's thread."""
+        prompt_ids = self._encode(prompt, tools)
+        vocab = self.model.config.vocab_size
+        resolved = resolve_options(self.config, prompt_length=len(prompt_ids), max_len=self.max_len,
+                                   vocab_size=vocab, **options)
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise EngineError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        request_id = request_id or new_request_id()
+        handle = RequestHandle(request_id, self.abort, buffered=on_delta is None)
+        return Request(request_id, prompt_ids, resolved, self.tokenizer, handle, on_delta)
+
+    def _enqueue(self, request: Request, enforce_queue_limit: bool) -> None:
+        with self._lock:  # enqueued under the lock: a shutdown command can never overtake an accepted request
+            if self._error is not None:
+                raise EngineClosedError(f"the engine stopped after an error: {self._error}")
+            if not self._accepting:
+                raise EngineClosedError("the engine is shutting down")
+            if request.id in self._live_ids:
+                raise EngineError(f"request id {request.id!r} is already in use")
+            if enforce_queue_limit and self.max_queue is not None and \
+                    len(self._live_ids) >= self.slots + self.max_queue:
+                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting for {self.slots} slots)")
+            self._live_ids.add(request.id)
+            self._inbox.put(("submit", request))
+
+    def _encode(self, prompt, tools) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        items = list(prompt)
+        if not items:
+            return []  # refused by resolve_options with a clear message
+        if all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in items):
+            return [int(t) for t in items]
+        if all(isinstance(m, Mapping) for m in items):
+            try:
+                text = self.tokenizer.apply_chat_template(items, tools=tools, add_generation_prompt=True)
+            except Exception as e:  # template errors are the caller's input errors
+                raise EngineError(f"cannot apply the chat template: {e}") from None
+            return self.tokenizer.encode(text)
+        raise EngineError("a prompt must be text, a list of chat messages, or a list of token ids")
+
+    # ------------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        try:
+            while True:
+                if not self._read_inbox():
+                    break
+                dispatched_before = len(self._pending)
+                self._admit()
+                self._dispatch_decode()
+                # Read back everything dispatched in earlier iterations; this iteration's work runs meanwhile.
+                in_flight_now = len(self._pending) - dispatched_before
+                keep = in_flight_now if self._has_running() else 0
+                while len(self._pending) > keep:
+                    self._process(self._pending.popleft())
+                self._enforce_shutdown_deadline()
+                self._publish_counts()
+        except BaseException as e:  # a device or program failure: fail every request, refuse new ones
+            logger.exception("the engine thread failed; every request in flight gets an error")
+            with self._lock:
+                self._error = e
+                self._accepting = False
+            self._fail_all(f"engine error: {type(e).__name__}: {e}")
+
+    def _has_running(self) -> bool:
+        return any(r is not None for r in self._slot_owner)
+
+    def _read_inbox(self) -> bool:
+        """Apply queued commands; block when idle. False when the engine should stop."""
+        idle = not self._waiting and not self._has_running() and not self._pending
+        while True:
+            if idle and self._shutdown_deadline is not None:
+                return False
+            try:
+                command = self._inbox.get(block=idle)
+            except queue.Empty:
+                return True
+            kind = command[0]
+            if kind == "submit":
+                request = command[1]
+                self._requests[request.id] = request
+                self._waiting.append(request)
+                idle = False
+            elif kind == "abort":
+                self._abort_now(command[1])
+            elif kind == "shutdown":
+                deadline = command[1]
+                self._shutdown_deadline = min(deadline, self._shutdown_deadline or deadline)
+            idle = idle and not self._waiting
+
+    def _abort_now(self, request_id: str) -> None:
+        request = self._requests.get(request_id)
+        if request is None or request.finished:
+            return
+        if request.slot is None:
+            self._waiting.remove(request)
+        self._finish(request, request.end("abort"))
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free slots (FIFO)."""
+        for slot in range(self.slots):
+            if not self._waiting:
+                return
+            if self._slot_owner[slot] is not None:
+                continue
+            request = self._waiting.popleft()
+            request.slot = slot
+            self._slot_owner[slot] = request
+            self._pending.append(self.programs.prefill_into_slot(request.prompt_ids, request.options, slot, request))
+            request.dispatched = 1
+            with self._lock:
+                self._stats["prompt_tokens"] += len(request.prompt_ids)
+
+    def _dispatch_decode(self) -> None:
+        rows: list[Request | None] = [
+            r if r is not None and not r.finished and r.dispatched < r.options.max_new_tokens else None
+            for r in self._slot_owner]
+        if not any(rows):
+            return
+        self._pending.append(self.programs.decode_step(rows))
+        for r in rows:
+            if r is not None:
+                r.dispatched += 1
+        with self._lock:
+            self._stats["decode_steps"] += 1
+
+    def _process(self, outputs: StepOutputs) -> None:
+        tokens, logprobs = outputs.fetch()
+        for row, request in enumerate(outputs.rows):
+            if request is None or request.finished:
+                continue  # an empty slot, or a request that ended while this step was in flight
+            logprob = None
+            if request.options.logprobs is not None:
+                chosen, top_ids, top_values = logprobs
+                k = request.options.logprobs
+                logprob = TokenLogprob(int(tokens[row]), float(chosen[row]),
+                                       tuple(zip(top_ids[row, :k].tolist(), top_values[row, :k].tolist())))
+            delta = request.add_token(int(tokens[row]), logprob)
+            with self._lock:
+                self._stats["generated_tokens"] += 1
+            if delta.finish_reason is not None:
+                self._finish(request, delta)
+            else:
+                self._deliver(request, delta)
+
+    def _deliver(self, request: Request, delta: Delta) -> None:
+        if request.on_delta is None:
+            request.handle._deliver(delta)
+            return
+        try:
+            request.on_delta(delta)
+        except Exception:  # e.g. the server's event loop is gone: that request alone is lost
+            logger.exception("on_delta of request %s failed; aborting it", request.id)
+            if delta.finish_reason is None:
+                self._inbox.put(("abort", request.id))
+
+    def _finish(self, request: Request, delta: Delta) -> None:
+        if request.slot is not None and self._slot_owner[request.slot] is request:
+            self._slot_owner[request.slot] = None
+        self._requests.pop(request.id, None)
+        with self._lock:
+            self._live_ids.discard(request.id)
+            self._stats["aborted" if delta.finish_reason == "abort" else "finished"] += 1
+        self._publish_counts()  # before the caller hears of it: stats() never lags a finished request
+        self._deliver(request, delta)
+        request.handle._complete(request.completion(delta.error))
+
+    def _enforce_shutdown_deadline(self) -> None:
+        if self._shutdown_deadline is None or time.perf_counter() < self._shutdown_deadline:
+            return
+        for request in [*self._waiting, *(r for r in self._slot_owner if r is not None)]:
+            if not request.finished:
+                if request.slot is None:
+                    self._waiting.remove(request)
+                self._finish(request, request.end("abort", error="the server is shutting down"))
+
+    def _publish_counts(self) -> None:
+        with self._lock:
+            self._stats["waiting"] = len(self._waiting)
+            self._stats["running"] = sum(r is not None for r in self._slot_owner)
+
+    def _fail_all(self, message: str) -> None:
+        for request in [*self._waiting, *self._requests.values()]:
+            if not request.finished:
+                try:
+                    self._finish(request, request.end("error", error=message))
+                except Exception:  # a failing callback must not stop the others from being told
+                    pass
+        self._waiting.clear()
+        while True:  # requests submitted after the failure was noticed
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if command[0] == "submit" and not command[1].finished:
+                self._finish(command[1], command[1].end("error", error=message))

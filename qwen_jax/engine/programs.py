@@ -1,0 +1,297 @@
+"""The engine's device side: the batch KV cache, per-slot state and a fixed set of compiled programs.
+
+Programs (pure functions of the model state, compiled ahead of time; after `compile_all` nothing
+compiles while serving):
+- `prefill[bucket]`: one prompt, right-padded to `bucket`, into a fresh one-row `KVCache`; returns
+  that cache, the logits of its last real token and the prompt's token set (repetition penalty).
+- `sample[rows, variant]`: per-row sampling (`qwen_jax.engine.sampler`) for one row (a prefilled
+  prompt) or all slots (a decode step); updates each row's last token, seen set and token index.
+- `logprobs[rows]`: log-softmax of the raw logits: the chosen token's and the 20 most likely.
+- `insert[bucket]`: `KVCache.insert` of a prefilled one-row cache, and its row state, into a slot.
+- `decode`: one token for every slot; each row attends to its own filled cache and advances its
+  own length (`KVCache` contract); idle rows keep their length.
+
+The batch cache has per-row lengths and every row's keys start at slot 0, so a request's cache
+layout, positions and logits do not depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from qwen_jax.engine.requests import MAX_TOP_LOGPROBS, RequestOptions
+from qwen_jax.engine.sampler import RowParams, SamplerVariant, sample_rows, seed_key_data, variant_for
+from qwen_jax.generation import prompt_bucket
+from qwen_jax.model import KVCache
+from qwen_jax.sampling import mark_seen
+from qwen_jax.sharding import named_sharding
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotState:
+    """Per-row decoding state, `[rows]` leading axis."""
+
+    tokens: jax.Array  # int32: each row's last token (the next decode step's input)
+    params: RowParams
+    seen: jax.Array  # bool [rows, vocab]: ids in the row's sequence (repetition penalty)
+
+
+@dataclasses.dataclass
+class StepOutputs:
+    """Device results of one dispatched step, read back later (see `Engine._process`)."""
+
+    rows: list  # the Request each row belonged to when dispatched (None: an idle row)
+    tokens: jax.Array
+    logprobs: tuple[jax.Array, jax.Array, jax.Array] | None
+
+    def fetch(self) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
+        tokens = np.asarray(self.tokens)
+        logprobs = None if self.logprobs is None else tuple(np.asarray(x) for x in self.logprobs)
+        return tokens, logprobs
+
+
+def prefill_buckets(max_len: int, buckets=None) -> tuple[int, ...]:
+    """Padded prompt lengths: powers of two from 16, and max_len - 1 (the longest prompt) last."""
+    if buckets is not None:
+        chosen = tuple(sorted({int(b) for b in buckets}))
+        if not chosen or chosen[0] < 1 or chosen[-1] > max_len - 1:
+            raise ValueError(f"prefill buckets must lie in [1, {max_len - 1}], got {list(buckets)}")
+        return chosen if chosen[-1] == max_len - 1 else (*chosen, max_len - 1)
+    out, bucket = [], prompt_bucket(1)
+    while bucket < max_len - 1:
+        out.append(bucket)
+        bucket *= 2
+    return (*out, max_len - 1)
+
+
+# Compiled programs, shared by every engine with the same model structure, shardings and sizes.
+_EXECUTABLES: dict[tuple, Any] = {}
+_COMPILE_LOCK = threading.Lock()
+
+
+def _spec(shape, dtype, sharding=None) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
+
+
+class EnginePrograms:
+    """Owns the batch cache and the slot state and runs the compiled programs on them.
+
+    `prefill_into_slot` and `decode_step` are called from the engine thread only; `compile_all`
+    may be called from any thread.
+    """
+
+    def __init__(self, model, *, slots: int, max_len: int, buckets=None, pad_id: int = 0):
+        self.config = model.config
+        self.vocab = model.config.vocab_size
+        self.slots = slots
+        self.max_len = max_len
+        self.buckets = prefill_buckets(max_len, buckets)
+        self.pad_id = int(pad_id)
+        self.dtype = model.dtype
+        self.graphdef, self.state = nnx.split(model)
+        self.mesh, self.rules = model.mesh, model.rules
+        self.compile_seconds = 0.0
+        state_signature = tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(self.state))
+        self._signature = (self.graphdef, state_signature, slots, max_len, self.dtype, self.mesh, self.rules)
+        cache = KVCache.init(self.config, slots, max_len, self.dtype)
+        self.cache = cache if self.mesh is None else jax.device_put(cache, self._cache_sharding(slots, max_len))
+        self.slot_state = self._put(self._empty_state(slots))
+
+    # ------------------------------------------------------------------ placement
+    def _replicated(self) -> NamedSharding | None:
+        return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+
+    def _cache_sharding(self, batch: int, length: int) -> KVCache | None:
+        """KVCache of shardings: keys/values by logical axes (kv heads over `tensor`), lengths replicated."""
+        if self.mesh is None:
+            return None
+        shape = (self.config.num_hidden_layers, batch, length, self.config.num_key_value_heads, self.config.head_dim)
+        kv = named_sharding(KVCache.logical_axes(), shape, self.mesh, self.rules)
+        return KVCache(kv, kv, self._replicated())
+
+    def _logits_sharding(self, rows: int) -> NamedSharding | None:
+        if self.mesh is None:
+            return None
+        return named_sharding(("batch", "vocab"), (rows, self.vocab), self.mesh, self.rules)
+
+    def _put(self, tree):
+        """Small host arrays onto the device (replicated on a mesh)."""
+        sharding = self._replicated()
+        return jax.tree.map(lambda x: jax.device_put(x, sharding) if sharding is not None else jax.device_put(x), tree)
+
+    def _empty_state(self, rows: int) -> SlotState:
+        params = RowParams(
+            temperature=np.zeros(rows, np.float32), top_k=np.zeros(rows, np.int32), top_p=np.ones(rows, np.float32),
+            min_p=np.zeros(rows, np.float32), repetition_penalty=np.ones(rows, np.float32),
+            key_data=np.zeros((rows, 2), np.uint32), token_index=np.zeros(rows, np.int32))
+        return SlotState(np.zeros(rows, np.int32), params, np.zeros((rows, self.vocab), bool))
+
+    # ------------------------------------------------------------------ abstract arguments
+    def _state_spec(self):
+        return jax.tree.map(lambda x: _spec(x.shape, x.dtype, x.sharding), self.state)
+
+    def _slot_state_spec(self, rows: int) -> SlotState:
+        return jax.tree.map(lambda x: _spec(np.shape(x), np.asarray(x).dtype, self._replicated()),
+                            self._empty_state(rows))
+
+    def _cache_spec(self, batch: int, length: int) -> KVCache:
+        abstract = jax.eval_shape(lambda: KVCache.init(self.config, batch, length, self.dtype))
+        shardings = self._cache_sharding(batch, length)
+        if shardings is None:
+            return abstract
+        return jax.tree.map(lambda a, s: _spec(a.shape, a.dtype, s), abstract, shardings)
+
+    def _scalar_spec(self, shape=(), dtype=jnp.int32) -> jax.ShapeDtypeStruct:
+        return _spec(shape, dtype, self._replicated())
+
+    # ------------------------------------------------------------------ compilation
+    def _executable(self, key: tuple, build: Callable[[], Any]):
+        key = (*key, self._signature)
+        executable = _EXECUTABLES.get(key)
+        if executable is None:
+            with _COMPILE_LOCK:
+                executable = _EXECUTABLES.get(key)
+                if executable is None:
+                    start = time.perf_counter()
+                    executable = build()
+                    self.compile_seconds += time.perf_counter() - start
+                    _EXECUTABLES[key] = executable
+        return executable
+
+    def compile_all(self) -> float:
+        """Compile every program this engine can run; returns the seconds it took now."""
+        start = time.perf_counter()
+        for bucket in self.buckets:
+            self._prefill_executable(bucket)
+            self._insert_executable(bucket)
+        for rows in (1, self.slots):
+            for variant in SamplerVariant:
+                self._sample_executable(rows, variant)
+            self._logprobs_executable(rows)
+        self._decode_executable()
+        return time.perf_counter() - start
+
+    def _prefill_executable(self, bucket: int):
+        def prefill(state, input_ids, length):
+            model = nnx.merge(self.graphdef, state)
+            slots = jnp.arange(bucket, dtype=jnp.int32)[None, :]
+            cache = KVCache.init(self.config, 1, bucket, self.dtype)
+            # Right padding: the cache's length becomes `length`; the padding slots it wrote stay hidden.
+            hidden, cache = model.hidden_states(input_ids, slots, (slots < length).astype(jnp.int32), cache=cache)
+            logits = model.logits(jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1))[:, 0]
+            seen = mark_seen(jnp.zeros((1, self.vocab), bool), input_ids, slots < length)
+            return cache, logits, seen
+
+        def build():
+            out_shardings = None if self.mesh is None else (
+                self._cache_sharding(1, bucket), self._logits_sharding(1), self._replicated())
+            return (jax.jit(prefill, out_shardings=out_shardings)
+                    .lower(self._state_spec(), self._scalar_spec((1, bucket)), self._scalar_spec()).compile())
+
+        return self._executable(("prefill", bucket), build)
+
+    def _insert_executable(self, bucket: int):
+        def insert(cache: KVCache, slot_state, row_cache: KVCache, row_state, slot):
+            slot_state = jax.tree.map(lambda whole, row: jax.lax.dynamic_update_index_in_dim(whole, row[0], slot, 0),
+                                      slot_state, row_state)
+            return cache.insert(row_cache, slot), slot_state
+
+        def build():
+            out_shardings = None if self.mesh is None else (self._cache_sharding(self.slots, self.max_len),
+                                                            self._replicated())
+            return (jax.jit(insert, donate_argnums=(0, 1), out_shardings=out_shardings)
+                    .lower(self._cache_spec(self.slots, self.max_len), self._slot_state_spec(self.slots),
+                           self._cache_spec(1, bucket), self._slot_state_spec(1), self._scalar_spec()).compile())
+
+        return self._executable(("insert", bucket), build)
+
+    def _sample_executable(self, rows: int, variant: SamplerVariant):
+        def sample(logits, slot_state: SlotState):
+            tokens = sample_rows(logits, slot_state.seen, slot_state.params, variant)
+            params = dataclasses.replace(slot_state.params, token_index=slot_state.params.token_index + 1)
+            return SlotState(tokens, params, mark_seen(slot_state.seen, tokens)), tokens
+
+        def build():
+            logits = _spec((rows, self.vocab), jnp.float32, self._logits_sharding(rows))
+            return (jax.jit(sample, donate_argnums=1, out_shardings=self._replicated())
+                    .lower(logits, self._slot_state_spec(rows)).compile())
+
+        return self._executable(("sample", rows, variant), build)
+
+    def _logprobs_executable(self, rows: int):
+        def logprobs(logits, tokens):
+            log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            chosen = jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
+            top_values, top_ids = jax.lax.top_k(log_probs, MAX_TOP_LOGPROBS)
+            return chosen, top_ids, top_values
+
+        def build():
+            logits = _spec((rows, self.vocab), jnp.float32, self._logits_sharding(rows))
+            return (jax.jit(logprobs, out_shardings=self._replicated())
+                    .lower(logits, self._scalar_spec((rows,))).compile())
+
+        return self._executable(("logprobs", rows), build)
+
+    def _decode_executable(self):
+        def decode(state, cache: KVCache, tokens, active):
+            model = nnx.merge(self.graphdef, state)
+            logits, cache = model(tokens[:, None], attention_mask=active[:, None].astype(jnp.int32), cache=cache)
+            return logits[:, 0], cache
+
+        def build():
+            out_shardings = None if self.mesh is None else (self._logits_sharding(self.slots),
+                                                            self._cache_sharding(self.slots, self.max_len))
+            return (jax.jit(decode, donate_argnums=1, out_shardings=out_shardings)
+                    .lower(self._state_spec(), self._cache_spec(self.slots, self.max_len),
+                           self._scalar_spec((self.slots,)), self._scalar_spec((self.slots,), jnp.bool_)).compile())
+
+        return self._executable(("decode",), build)
+
+    # ------------------------------------------------------------------ running
+    def prefill_into_slot(self, prompt_ids: list[int], options: RequestOptions, slot: int, request) -> StepOutputs:
+        """Prefill one prompt, sample its first token and insert both into `slot` (dispatched, not awaited)."""
+        length = len(prompt_ids)
+        bucket = next(b for b in self.buckets if b >= length)
+        ids = np.full((1, bucket), self.pad_id, np.int32)
+        ids[0, :length] = prompt_ids
+        ids, length_arg, slot_arg, params = self._put((ids, np.int32(length), np.int32(slot), _row_params(options)))
+        row_cache, logits, seen = self._prefill_executable(bucket)(self.state, ids, length_arg)
+        row_state = SlotState(self._put(np.zeros(1, np.int32)), params, seen)
+        variant = variant_for([(options.temperature, options.top_k, options.top_p)])
+        row_state, tokens = self._sample_executable(1, variant)(logits, row_state)
+        logprobs = self._logprobs_executable(1)(logits, tokens) if options.logprobs is not None else None
+        insert = self._insert_executable(bucket)
+        self.cache, self.slot_state = insert(self.cache, self.slot_state, row_cache, row_state, slot_arg)
+        return StepOutputs([request], tokens, logprobs)
+
+    def decode_step(self, rows: list) -> StepOutputs:
+        """One token for every slot whose entry in `rows` is a Request (None: the slot idles)."""
+        active = self._put(np.asarray([r is not None for r in rows]))
+        logits, self.cache = self._decode_executable()(self.state, self.cache, self.slot_state.tokens, active)
+        variant = variant_for([(r.options.temperature, r.options.top_k, r.options.top_p) for r in rows if r is not None])
+        self.slot_state, tokens = self._sample_executable(self.slots, variant)(logits, self.slot_state)
+        wants_logprobs = any(r is not None and r.options.logprobs is not None for r in rows)
+        logprobs = self._logprobs_executable(self.slots)(logits, tokens) if wants_logprobs else None
+        return StepOutputs(list(rows), tokens, logprobs)
+
+
+def _row_params(options: RequestOptions) -> RowParams:
+    return RowParams(
+        temperature=np.asarray([options.temperature], np.float32),
+        top_k=np.asarray([options.top_k], np.int32),
+        top_p=np.asarray([options.top_p], np.float32),
+        min_p=np.asarray([options.min_p], np.float32),
+        repetition_penalty=np.asarray([options.repetition_penalty], np.float32),
+        key_data=seed_key_data(options.seed)[None],
+        token_index=np.zeros(1, np.int32),
+    )

@@ -1,0 +1,122 @@
+"""Serve a model over an OpenAI-compatible HTTP API (chat/completions, completions, models, health, metrics).
+
+Requests share `--slots` decode rows through continuous batching. With --warmup (the default)
+every program is compiled before the server listens, so nothing compiles while serving; the line
+`qwen-jax serve: listening on http://HOST:PORT` on stderr says it is ready. SIGTERM (or Ctrl-C)
+stops accepting connections, lets running requests finish for up to --shutdown-timeout seconds,
+aborts the rest and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+
+from qwen_jax.cli_generate import add_model_arguments, load_for_cli
+
+DEFAULT_MAX_QUEUE = 256
+
+
+def add_arguments(parser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    parser.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
+    parser.add_argument("--max-len", type=int,
+                        help="tokens per request, prompt + completion (default: min(model context, 4096))")
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help=f"requests that may wait for a slot; beyond it the server answers 503 "
+                             f"(default {DEFAULT_MAX_QUEUE})")
+    parser.add_argument("--api-key", default=os.environ.get("QWEN_JAX_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: $QWEN_JAX_API_KEY, else none)")
+    parser.add_argument("--served-model-name", help="model id clients send and /v1/models lists (default: --model)")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="compile every program before listening (default: on)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="seconds running requests may take to finish after SIGTERM (default 30)")
+    parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                        help="uvicorn log level (default warning)")
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from qwen_jax.cli import UserError
+    from qwen_jax.engine import Engine, EngineError
+    from qwen_jax.serve.app import create_app
+
+    for name in ("slots", "max_queue"):
+        value = getattr(args, name)
+        if value < (1 if name == "slots" else 0):
+            raise UserError(f"--{name.replace('_', '-')} must be {'>= 1' if name == 'slots' else '>= 0'}, got {value}")
+    if args.shutdown_timeout < 0:
+        raise UserError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if not 0 <= args.port < 65536:
+        raise UserError(f"--port must be in [0, 65535], got {args.port}")
+    listener = _listen(args.host, args.port)  # before loading: a busy port fails in a second, not a minute
+
+    model, tokenizer = load_for_cli(args)
+    try:
+        engine = Engine(model, tokenizer, slots=args.slots, max_len=args.max_len, max_queue=args.max_queue)
+    except EngineError as e:
+        raise UserError(str(e)) from None
+    if args.warmup:
+        print(f"qwen-jax serve: compiling {len(engine.programs.buckets)} prefill buckets, decode and samplers...",
+              file=sys.stderr, flush=True)
+        seconds = engine.warmup()
+        print(f"qwen-jax serve: compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
+
+    app = create_app(engine, model_name=args.served_model_name or args.model, api_key=args.api_key)
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout + 5,
+                            lifespan="off", access_log=args.log_level in ("info", "debug"))
+    server = _graceful_server(config, engine, args.shutdown_timeout)
+    host, port = listener.getsockname()[:2]
+    print(f"qwen-jax serve: listening on http://{_url_host(host)}:{port} (model {args.served_model_name or args.model},"
+          f" {args.slots} slots, max length {engine.max_len})", file=sys.stderr, flush=True)
+    # uvicorn re-raises the signal that stopped it once its own handler is removed: make SIGTERM's
+    # next handler a no-op so a graceful stop exits 0 (SIGINT ends as KeyboardInterrupt, caught below).
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run(sockets=[listener])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        engine.shutdown(0.0)
+    print("qwen-jax serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _graceful_server(config, engine, shutdown_timeout: float):
+    """A uvicorn.Server whose exit signal also stops the engine accepting and starts its shutdown deadline."""
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            engine.begin_shutdown(shutdown_timeout)
+            super().handle_exit(sig, frame)
+
+    return GracefulServer(config)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    from qwen_jax.cli import UserError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as e:
+        listener.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    listener.listen(2048)
+    listener.set_inheritable(True)
+    return listener
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,192 @@
+"""Attention backends against the xla reference (`qwen_jax.attention`), and backend selection.
+
+Kernel tests use small shapes and small blocks so that several query/key blocks, ragged tails,
+the causal diagonal and window edges are all exercised; model-level checks live in
+tests/test_long_context.py.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen_jax import attention
+from qwen_jax.attention import AttentionBackendError, AttentionMask
+
+FWD_TOL, GRAD_TOL = 1e-5, 1e-4
+
+
+def _qkv(batch, q_len, kv_len, heads, kv_heads, head_dim, dtype=jnp.float32, layers=None):
+    keys = jax.random.split(jax.random.key(0), 3)
+    kv_shape = (batch, kv_len, kv_heads, head_dim) if layers is None else (layers, batch, kv_len, kv_heads, head_dim)
+    return (jax.random.normal(keys[0], (batch, q_len, heads, head_dim), dtype),
+            jax.random.normal(keys[1], kv_shape, dtype), jax.random.normal(keys[2], kv_shape, dtype))
+
+
+def _segments(batch, length, seed=0):
+    """Sorted segment ids 1..3 with a padding tail of 0 in row 0 (packed training rows)."""
+    ids = np.sort(np.random.RandomState(seed).randint(1, 4, (batch, length)), axis=1)
+    ids[0, -5:] = 0
+    return jnp.asarray(ids, jnp.int32)
+
+
+def _run(backend, mask, **kw):
+    def fn(q, k, v):
+        return attention.attend(q, k, v, mask, backend=backend, **kw)
+    return fn
+
+
+def _forward_and_grads(fn, q, k, v):
+    weights = jax.random.normal(jax.random.key(9), q.shape, jnp.float32)
+
+    @jax.jit
+    def both(q, k, v):
+        out = fn(q, k, v)
+        grads = jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * weights), argnums=(0, 1, 2))(q, k, v)
+        return out, grads
+
+    return both(q, k, v)
+
+
+UNCACHED = {
+    "gqa": dict(heads=4, kv_heads=2, head_dim=64),
+    "mha": dict(heads=4, kv_heads=4, head_dim=64),
+    "mqa_head_dim_128": dict(heads=4, kv_heads=1, head_dim=128),
+    "segments": dict(heads=4, kv_heads=2, head_dim=64, segments=True),
+    "window": dict(heads=4, kv_heads=2, head_dim=64, window=21),
+    "window_and_segments": dict(heads=6, kv_heads=2, head_dim=64, window=9, segments=True),
+}
+
+
+@pytest.mark.parametrize("case", list(UNCACHED))
+def test_chunked_forward_and_gradients_equal_xla(case):
+    """Lengths no block divides (45 tokens, blocks 16 x 8): diagonal, tail and window-edge blocks."""
+    kw = dict(UNCACHED[case])
+    segments, window = kw.pop("segments", False), kw.pop("window", 0)
+    q, k, v = _qkv(2, 45, 45, **kw)
+    mask = AttentionMask.causal(_segments(2, 45) if segments else None, window=window)
+    ref, ref_grads = _forward_and_grads(_run("xla", mask), q, k, v)
+    out, grads = _forward_and_grads(_run("chunked", mask, block_q=16, block_kv=8), q, k, v)
+    assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= FWD_TOL
+    for got, want in zip(grads, ref_grads):
+        assert np.abs(np.asarray(got) - np.asarray(want)).max() <= GRAD_TOL
+
+
+@pytest.mark.parametrize("new_tokens,window", [(1, 0), (9, 0), (9, 6)])
+def test_chunked_reads_a_ragged_cache_like_xla(new_tokens, window):
+    """Cached calls: rows at different lengths (one empty), the stacked cache read at a traced
+    layer, cache length 83 (no block divides it), a decode step (T = 1) and a prefill chunk."""
+    q, k, v = _qkv(3, new_tokens, 83, heads=4, kv_heads=2, head_dim=64, layers=2)
+    lengths = jnp.asarray([0, 31, 83 - new_tokens], jnp.int32)
+    mask = AttentionMask.cached(lengths, window=window)
+
+    @jax.jit
+    def both(q, k, v, layer):
+        return (attention.attend(q, k, v, mask, backend="xla", layer=layer),
+                attention.attend(q, k, v, mask, backend="chunked", layer=layer, block_q=4, block_kv=16))
+
+    ref, out = both(q, k, v, jnp.int32(1))
+    assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= FWD_TOL
+
+
+def test_chunked_bfloat16_close_to_xla():
+    """bfloat16: probabilities are rounded at a different point (before normalisation), so the two
+    differ by bf16 rounding of the output (|out| ~ 1, bf16 eps 2**-8): tolerance 2e-2."""
+    q, k, v = _qkv(1, 64, 64, heads=4, kv_heads=2, head_dim=64, dtype=jnp.bfloat16)
+    mask = AttentionMask.causal()
+    ref = jax.jit(_run("xla", mask))(q, k, v)
+    out = jax.jit(_run("chunked", mask, block_q=16, block_kv=16))(q, k, v)
+    assert out.dtype == jnp.bfloat16
+    assert np.abs(np.asarray(out, np.float32) - np.asarray(ref, np.float32)).max() <= 2e-2
+
+
+@pytest.mark.parametrize("window,segments", [(0, False), (37, True)])
+def test_splash_in_interpret_mode_equals_xla(window, segments):
+    """TPU splash attention, run by the Pallas interpreter on CPU: GQA, a length that needs
+    padding to 128, sliding window, segment ids with padding; forward and gradients."""
+    q, k, v = _qkv(2, 200, 200, heads=4, kv_heads=2, head_dim=64)
+    mask = AttentionMask.causal(_segments(2, 200) if segments else None, window=window)
+    ref, ref_grads = _forward_and_grads(_run("xla", mask), q, k, v)
+    out, grads = _forward_and_grads(_run("splash", mask, interpret=True), q, k, v)
+    assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= FWD_TOL
+    for got, want in zip(grads, ref_grads):
+        assert np.abs(np.asarray(got) - np.asarray(want)).max() <= GRAD_TOL
+
+
+CUDNN_CASES = {
+    "causal": dict(),
+    "window": dict(window=7),
+    "segments": dict(segments=True),
+    "decode_ragged": dict(cached=True, new_tokens=1),
+    "chunk_ragged_window": dict(cached=True, new_tokens=6, window=11),
+}
+
+
+@pytest.mark.parametrize("case", list(CUDNN_CASES))
+def test_cudnn_arguments_express_the_mask(case):
+    """No GPU here: the arguments prepared for cuDNN (top-left causal alignment, window,
+    segment mask, cache lengths) go through jax.nn.dot_product_attention's xla implementation,
+    which takes the same arguments, and must give the reference result."""
+    kw = CUDNN_CASES[case]
+    new_tokens = kw.get("new_tokens", 40)
+    q, k, v = _qkv(2, new_tokens, 40, heads=4, kv_heads=2, head_dim=64)
+    if kw.get("cached"):
+        mask = AttentionMask.cached(jnp.asarray([3, 40 - new_tokens], jnp.int32), window=kw.get("window", 0))
+    else:
+        mask = AttentionMask.causal(_segments(2, 40) if kw.get("segments") else None, window=kw.get("window", 0))
+    ref = attention.attend(q, k, v, mask, backend="xla")
+    arguments = attention.cudnn_arguments(mask, new_tokens, 40)
+    assert arguments.get("is_causal", False) == (not kw.get("cached"))  # cuDNN's own causal mask when aligned
+    out = jax.nn.dot_product_attention(q, k, v, implementation="xla", **arguments)
+    assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= FWD_TOL
+
+
+def test_auto_selection_per_platform_and_dtype():
+    def pick(platform, dtype=jnp.float32, q_len=4096, kv_len=4096, cached=False, head_dim=64):
+        return attention.select_backend("auto", q_len=q_len, kv_len=kv_len, cached=cached, dtype=dtype,
+                                        head_dim=head_dim, platform=platform)
+
+    assert pick("cpu", q_len=64, kv_len=64) == "xla"
+    assert pick("cpu") == "chunked"
+    assert pick("cpu", q_len=1, kv_len=256, cached=True) == "chunked"  # decode reads only the filled cache
+    assert pick("gpu", jnp.bfloat16) == "cudnn"
+    assert pick("gpu", jnp.bfloat16, q_len=1, cached=True) == "cudnn"
+    assert pick("gpu", jnp.float32) == "chunked"  # cuDNN flash attention has no float32
+    assert pick("gpu", jnp.bfloat16, head_dim=96 + 4) == "chunked"
+    assert pick("tpu", jnp.bfloat16) == "splash"
+    assert pick("tpu", jnp.bfloat16, q_len=1, cached=True) == "chunked"
+    for name in ("xla", "chunked"):
+        assert attention.select_backend(name, q_len=8, kv_len=8, cached=False, dtype=jnp.float32, head_dim=64,
+                                        platform="cpu") == name
+
+
+def test_backends_that_cannot_run_are_refused():
+    def check(name, platform, dtype=jnp.bfloat16, head_dim=64):
+        attention.check_backend(name, dtype=dtype, head_dim=head_dim, platform=platform)
+
+    with pytest.raises(AttentionBackendError, match="'cudnn' needs an NVIDIA GPU; this runs on cpu"):
+        check("cudnn", "cpu")
+    with pytest.raises(AttentionBackendError, match="bfloat16 or float16 compute, not float32"):
+        check("cudnn", "gpu", jnp.float32)
+    with pytest.raises(AttentionBackendError, match="head_dim a multiple of 8"):
+        check("cudnn", "gpu", head_dim=100)
+    with pytest.raises(AttentionBackendError, match="'splash' needs a TPU; this runs on gpu"):
+        check("splash", "gpu")
+    with pytest.raises(AttentionBackendError, match="unknown attention backend 'flash'"):
+        check("flash", "cpu")
+    check("cudnn", "gpu")
+    check("splash", "tpu")
+
+
+def test_splash_runs_per_shard_on_a_mesh():
+    """A Pallas kernel is not partitioned by XLA: splash runs under shard_map, batch over data and
+    heads over tensor when the KV heads divide (else replicated), equal to the reference."""
+    import qwen_jax
+
+    q, k, v = _qkv(4, 200, 200, heads=4, kv_heads=2, head_dim=64)
+    mask = AttentionMask.causal(_segments(4, 200), window=37)
+    ref = jax.jit(_run("xla", mask))(q, k, v)
+    for sizes in (dict(data=2, fsdp=1, tensor=2), dict(data=1, fsdp=2, tensor=4)):
+        mesh = qwen_jax.make_mesh(**sizes, devices=jax.devices()[: sizes["data"] * sizes["fsdp"] * sizes["tensor"]])
+        out = jax.jit(_run("splash", mask, interpret=True, mesh=mesh))(q, k, v)
+        assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= FWD_TOL, sizes

@@ -196,3 +196,24 @@ def test_device_failure_fails_requests_and_refuses_new_ones(loaded, caplog):
         broken.submit(PROBE)
     assert "engine thread failed" in caplog.text
     broken.shutdown()
+
+
+def test_quantized_model_serves_like_its_generate(tmp_path):
+    """The engine runs an int8 model (what `qwen-jax serve --quantize int8` loads): each prompt's greedy
+    tokens in a shared batch equal `qwen_jax.generate` on the same quantized model."""
+    from serving import byte_checkpoint
+
+    from qwen_jax.quant import model_quantization
+
+    path = byte_checkpoint(tmp_path / "ckpt", tie_word_embeddings=False, initializer_range=0.3)
+    model, tokenizer = qwen_jax.load(path, quantize="int8")
+    assert model_quantization(model) is not None
+    engine = qwen_jax.Engine(model, tokenizer, slots=4, max_len=MAX_LEN)
+    try:
+        prompts = [PROBE, *OTHERS[:3]]
+        served = engine.generate(prompts, max_new_tokens=12, temperature=0, progress=False)
+        for prompt, completion in zip(prompts, served):
+            reference = qwen_jax.generate(model, tokenizer, prompt, max_new_tokens=12, temperature=0)
+            assert completion.token_ids == reference.token_ids[0], prompt
+    finally:
+        engine.shutdown()

@@ -28,8 +28,8 @@ Backends (`BACKENDS`):
   It serves uncached calls (training, full forward passes); cached calls (prefill chunks and
   decode steps) run the `chunked` kernel, which reads only the filled cache.
 - `auto`: `select_backend`: splash on TPU, cudnn on GPU for bfloat16/float16, otherwise chunked,
-  except xla for short uncached sequences on CPU (below `CPU_CHUNKED_MIN_SCORES` scores), where
-  one einsum is faster than a loop.
+  except xla for short sequences on CPU (below `CPU_CHUNKED_MIN_SCORES` scores, and for cached
+  calls a cache of at most `BLOCK_KV` slots), where one einsum is faster than a loop.
 
 Asking for `cudnn` or `splash` where it cannot run raises `AttentionBackendError`; nothing falls
 back silently.
@@ -154,7 +154,9 @@ def select_backend(name: str, *, q_len: int, kv_len: int, cached: bool, dtype, h
 
     auto: cached calls -> chunked (it reads only the filled cache) except on GPU with cuDNN;
     TPU -> splash; GPU with bfloat16/float16 and head_dim a multiple of 8 up to 128 -> cudnn;
-    CPU -> xla when `q_len * kv_len < CPU_CHUNKED_MIN_SCORES`, else chunked; otherwise chunked.
+    CPU -> xla when `q_len * kv_len < CPU_CHUNKED_MIN_SCORES` and, for a cached call, the cache
+    has at most `BLOCK_KV` slots (xla reads every slot; chunked would read that one block anyway),
+    else chunked; otherwise chunked.
     """
     check_backend(name, dtype=dtype, head_dim=head_dim, platform=platform, interpret=interpret)
     if name == "splash" and cached:
@@ -165,8 +167,8 @@ def select_backend(name: str, *, q_len: int, kv_len: int, cached: bool, dtype, h
         return "cudnn"
     if platform == "tpu" and not cached:
         return "splash"
-    if platform == "cpu" and not cached and q_len * kv_len < CPU_CHUNKED_MIN_SCORES:
-        return "xla"
+    if platform == "cpu" and q_len * kv_len < CPU_CHUNKED_MIN_SCORES and (not cached or kv_len <= BLOCK_KV):
+        return "xla"  # small: the einsum is faster and compiles faster; a cache of one block costs xla no more
     return "chunked"
 
 

@@ -488,6 +488,9 @@ def _run_prefill(request: _Request, timing: Timing):
     from tqdm import tqdm
 
     chunk = request.static.prefill_chunk
+    # Keyed only on what each function uses: another max_new_tokens or sampling mode reuses them.
+    first_static = dataclasses.replace(request.static, capacity=0)
+    prefill_static = dataclasses.replace(first_static, mode=None, return_logits=False)
     lengths = np.asarray(request.prompt_lengths, np.int32)
     chunks = -(-int(lengths.max()) // chunk)
     last = request.put(np.zeros((len(lengths), request.model.config.hidden_size), request.model.dtype))
@@ -501,13 +504,13 @@ def _run_prefill(request: _Request, timing: Timing):
             real = np.clip(lengths - index * chunk, 0, chunk).astype(np.int32)
             args = (request.state, cache, request.put(request.host_ids[:, index * chunk:(index + 1) * chunk]),
                     request.put(real), last, rope_length)
-            step, seconds = _executables.get(_jitted(_prefill_chunk), request.static, args)  # compiled once
+            step, seconds = _executables.get(_jitted(_prefill_chunk), prefill_static, args)  # compiled once
             compile_s += seconds
             del cache
             cache, last = step(*args)
             bar.update(int(real.sum()))
         args = (request.state, last, request.input_ids, request.lengths, request.key, request.params)
-        first, seconds = _executables.get(_jitted(_first_token, donate=False), request.static, args)
+        first, seconds = _executables.get(_jitted(_first_token, donate=False), first_static, args)
         compile_s += seconds
         token, seen, logits = first(*args)
         token.block_until_ready()

@@ -148,7 +148,9 @@ def test_auto_selection_per_platform_and_dtype():
 
     assert pick("cpu", q_len=64, kv_len=64) == "xla"
     assert pick("cpu") == "chunked"
-    assert pick("cpu", q_len=1, kv_len=256, cached=True) == "chunked"  # decode reads only the filled cache
+    assert pick("cpu", q_len=1, kv_len=1024, cached=True) == "chunked"  # decode reads only the filled cache
+    assert pick("cpu", q_len=64, kv_len=128, cached=True) == "xla"  # a short prompt in a cache of one block
+    assert pick("cpu", q_len=512, kv_len=512, cached=True) == "chunked"
     assert pick("gpu", jnp.bfloat16) == "cudnn"
     assert pick("gpu", jnp.bfloat16, q_len=1, cached=True) == "cudnn"
     assert pick("gpu", jnp.float32) == "chunked"  # cuDNN flash attention has no float32

@@ -771,7 +771,7 @@ class TextStream(_Stream):
                 if cut is not None:
                     text, stopped = text[:cut], True
                     break
-                safe = len(text) - _held_back(text, self._stop_strings)
+                safe = len(text) - held_back_length(text, self._stop_strings)
                 if safe > emitted:
                     yield text[emitted:safe]
                     emitted = safe
@@ -793,7 +793,7 @@ class TextStream(_Stream):
             self.result = result
 
 
-def _held_back(text: str, stop_strings: list[str]) -> int:
+def held_back_length(text: str, stop_strings: Sequence[str]) -> int:
     """Length of the longest end of `text` that is a proper prefix of a stop string."""
     longest = 0
     for s in stop_strings:

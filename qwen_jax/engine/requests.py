@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Callable, Iterator, Sequence
 
-from qwen_jax.generation import GenerationConfig, GenerationError
+from qwen_jax.generation import GenerationConfig, GenerationError, held_back_length
 from qwen_jax.sampling import sampling_setup
 from qwen_jax.tokenizer import StreamDecoder
 
@@ -234,23 +234,12 @@ class TextAssembler:
             self.stop_string = best[1]
 
     def _release(self, final: bool) -> str:
-        safe = len(self.text) if final else len(self.text) - _held_back(self.text, self._stop_strings)
+        safe = len(self.text) if final else len(self.text) - held_back_length(self.text, self._stop_strings)
         if safe <= self.emitted:
             return ""
         out = self.text[self.emitted : safe]
         self.emitted = safe
         return out
-
-
-def _held_back(text: str, stop_strings: Sequence[str]) -> int:
-    """Length of the longest end of `text` that is a proper prefix of a stop string."""
-    longest = 0
-    for stop in stop_strings:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return longest
 
 
 # ----------------------------------------------------------------------------- request state

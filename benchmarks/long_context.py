@@ -34,6 +34,32 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _peak_device_bytes(spec: dict) -> int | None:
+    """Peak accelerator memory of this process (JAX's allocator, or torch's on CUDA); None on CPU."""
+    if spec.get("hf_device", "cpu") == "cpu":
+        return None
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+        return int(sys.modules["torch"].cuda.max_memory_allocated())
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def _repeats(spec: dict) -> int:
+    """Timed runs per measurement (best of): accelerator runs are short, CPU runs at 8K+ are not."""
+    if spec.get("hf_device", "cpu") != "cpu":
+        return 3
+    return 2 if spec["length"] <= 4096 else 1
+
+
+def _sync(spec: dict) -> None:
+    if spec.get("hf_device", "cpu") != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def _prompt(length: int, vocab: int, seed: int = PROMPT_SEED) -> list[int]:
     import numpy as np
 
@@ -41,6 +67,13 @@ def _prompt(length: int, vocab: int, seed: int = PROMPT_SEED) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- children
+def _config(spec: dict):
+    from qwen_jax import Qwen2Config
+
+    config = Qwen2Config.preset(spec["size"])
+    return config.with_rope_scaling(spec.get("rope_scaling"))  # e.g. 'yarn:4': 128K for the 0.5B config
+
+
 def _our_model(spec: dict):
     """Random weights in the layout `qwen_jax.load` gives for inference (one array per layer),
     built directly in it (converting a stacked model would add a transient copy to peak RSS)."""
@@ -49,7 +82,7 @@ def _our_model(spec: dict):
 
     from qwen_jax import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config.preset(spec["size"])
+    config = _config(spec)
     extra = {} if spec.get("baseline") else {"attention": spec["attention"]}  # an older qwen-jax has no backends
     return Qwen2ForCausalLM(config, dtype=jnp.dtype(spec["dtype"]), scan_layers=False, rngs=nnx.Rngs(0), **extra)
 
@@ -62,7 +95,7 @@ def ours_prefill(spec: dict) -> dict:
     config = GenerationConfig(temperature=0.0, eos_token_ids=())
     result = generate_ids(model, [prompt], max_new_tokens=1, config=config, prefill_chunk=spec.get("chunk"))
     best = result.timing.prefill_s
-    if spec["length"] <= 4096:  # short runs: best of two
+    for _ in range(_repeats(spec) - 1):
         best = min(best, generate_ids(model, [prompt], max_new_tokens=1, config=config,
                                       prefill_chunk=spec.get("chunk")).timing.prefill_s)
     return dict(tokens_per_s=spec["length"] / best, compile_s=result.timing.compile_s, first_token=result.token_ids[0])
@@ -137,22 +170,27 @@ def _hf_model(spec: dict):
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
-    config = HFConfig(**Qwen2Config.preset(spec["size"]).to_hf(), attn_implementation="sdpa")
-    return Qwen2ForCausalLM(config).to(getattr(torch, spec["dtype"])).eval()
+    config = HFConfig(**_config(spec).to_hf(), attn_implementation="sdpa")
+    return Qwen2ForCausalLM(config).to(getattr(torch, spec["dtype"])).to(spec.get("hf_device", "cpu")).eval()
 
 
 def hf_prefill(spec: dict) -> dict:
     import torch
 
     model = _hf_model(spec)
-    ids = torch.tensor([_prompt(spec["length"], model.config.vocab_size)])
+    ids = torch.tensor([_prompt(spec["length"], model.config.vocab_size)], device=model.device)
     kwargs = dict(do_sample=False, max_new_tokens=1, pad_token_id=0, eos_token_id=None,
                   attention_mask=torch.ones_like(ids))
+    if spec.get("hf_device", "cpu") != "cpu":  # warm-up: cuBLAS/cuDNN initialisation is not prefill
+        with torch.no_grad():
+            model.generate(ids, **kwargs)
     times = []
-    for _ in range(2 if spec["length"] <= 4096 else 1):
+    for _ in range(_repeats(spec)):
+        _sync(spec)
         start = time.perf_counter()
         with torch.no_grad():
             out = model.generate(ids, **kwargs)
+        _sync(spec)
         times.append(time.perf_counter() - start)
     return dict(tokens_per_s=spec["length"] / min(times), first_token=int(out[0, -1]))
 
@@ -162,14 +200,19 @@ def hf_decode(spec: dict) -> dict:
 
     model = _hf_model(spec)
     context, steps = spec["context"], spec["steps"]
-    ids = torch.tensor([_prompt(context, model.config.vocab_size)])
+    ids = torch.tensor([_prompt(context, model.config.vocab_size)], device=model.device)
     with torch.no_grad():
         out = model(ids, use_cache=True, logits_to_keep=1)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(4 if spec.get("hf_device", "cpu") != "cpu" else 0):  # warm-up on an accelerator
+            out = model(token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(spec)
         start = time.perf_counter()
         for _ in range(steps):
             out = model(token, past_key_values=cache, use_cache=True)
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(spec)
         elapsed = time.perf_counter() - start
     return dict(tokens_per_s=steps / elapsed)
 
@@ -229,6 +272,9 @@ def main(argv=None) -> None:
                         help="also measure the short-context decode of the qwen-jax source tree SRC (e.g. the code "
                              "before long-context support: git archive a7fc5e1 | tar -x -C SRC)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per measurement")
+    parser.add_argument("--rope-scaling", help="override the config's rope scaling, e.g. yarn:4 (128K context)")
+    parser.add_argument("--hf-device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where HF runs: auto = cuda when JAX runs on a GPU and torch sees one, else cpu")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -236,22 +282,31 @@ def main(argv=None) -> None:
         kind, spec = args.child
         result = CHILDREN[kind](json.loads(spec))
         result["peak_rss"] = _peak_rss_bytes()
+        result["peak_device"] = _peak_device_bytes(json.loads(spec))
         print(json.dumps(result), flush=True)
         return
 
+    # The parent only looks at the platform: it must not take the GPU's memory from the children.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
     import torch
     import transformers
 
-    base = dict(size=args.size, dtype=args.dtype, attention=args.attention)
+    hf_device = args.hf_device
+    if hf_device == "auto":
+        hf_device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    base = dict(size=args.size, dtype=args.dtype, attention=args.attention, rope_scaling=args.rope_scaling,
+                hf_device=hf_device)
+    device_note = f"; {jax.devices()[0].device_kind}, HF on {hf_device}" if jax.default_backend() != "cpu" else ""
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; jax {jax.__version__} "
           f"({jax.default_backend()}), torch {torch.__version__}, transformers {transformers.__version__}; "
-          f"{args.size} {args.dtype}, attention={args.attention}; {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+          f"{args.size} {args.dtype}, attention={args.attention}, rope_scaling={args.rope_scaling}{device_note}; "
+          f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     results: dict = {"prefill": {}, "decode": {}}
     from qwen_jax import Qwen2Config
 
-    context = Qwen2Config.preset(args.size).context_length
+    context = Qwen2Config.preset(args.size).with_rope_scaling(args.rope_scaling).context_length
     for length in args.lengths:
         length = min(length, context - 1)  # prompt + one new token must fit the context (32,768 -> 32,767)
         spec = dict(base, length=length, chunk=args.chunk)
@@ -260,7 +315,9 @@ def main(argv=None) -> None:
         results["prefill"][length] = dict(ours=ours, hf=theirs)
         print(f"prefill {length}: qwen-jax {_fmt(ours, 'tokens_per_s')} tok/s, {_fmt(ours, 'peak_rss', 2**30, 2)} GiB "
               f"(load {ours['load']:.1f}); HF {_fmt(theirs, 'tokens_per_s')} tok/s, "
-              f"{_fmt(theirs, 'peak_rss', 2**30, 2)} GiB (load {theirs['load'] if theirs else 0:.1f})", flush=True)
+              f"{_fmt(theirs, 'peak_rss', 2**30, 2)} GiB (load {theirs['load'] if theirs else 0:.1f})"
+              + (f"; peak GPU memory qwen-jax {_fmt(ours, 'peak_device', 2**30, 2)} GiB, HF "
+                 f"{_fmt(theirs, 'peak_device', 2**30, 2)} GiB" if hf_device != "cpu" else ""), flush=True)
     if args.decode_contexts:
         short = run_child("ours_short_decode", base, args.timeout)
         results["decode"]["short"] = dict(ours=short)
@@ -281,12 +338,16 @@ def main(argv=None) -> None:
               f"{_fmt(theirs, 'tokens_per_s', digits=2)} tok/s", flush=True)
 
     print()
-    print("| prompt tokens | qwen-jax prefill tok/s | HF prefill tok/s | ratio | qwen-jax peak RSS GiB | HF peak RSS GiB |")
-    print("|---|---|---|---|---|---|")
+    accel = hf_device != "cpu"
+    print("| prompt tokens | qwen-jax prefill tok/s | HF prefill tok/s | ratio | qwen-jax peak RSS GiB | HF peak RSS GiB |"
+          + (" qwen-jax peak GPU memory GiB | HF peak GPU memory GiB |" if accel else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|" if accel else ""))
     for length, pair in results["prefill"].items():
         print(f"| {length:,} | {_fmt(pair['ours'], 'tokens_per_s')} | {_fmt(pair['hf'], 'tokens_per_s')} | "
               f"{_ratio(pair['ours'], pair['hf'])} | {_fmt(pair['ours'], 'peak_rss', 2**30, 2)} | "
-              f"{_fmt(pair['hf'], 'peak_rss', 2**30, 2)} |")
+              f"{_fmt(pair['hf'], 'peak_rss', 2**30, 2)} |"
+              + (f" {_fmt(pair['ours'], 'peak_device', 2**30, 2)} | {_fmt(pair['hf'], 'peak_device', 2**30, 2)} |"
+                 if accel else ""))
     if args.decode_contexts:
         print()
         print(f"| tokens in cache | qwen-jax decode tok/s (cache of {args.max_len:,}) | HF decode tok/s | ratio |")

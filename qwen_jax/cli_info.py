@@ -135,7 +135,8 @@ def run(args) -> int:
 def _context_plan(config, args, quantize: str | None) -> dict:
     """Per-device inference memory at `--context` tokens (see `qwen_jax.memory.plan_memory`)."""
     from qwen_jax.cli import UserError
-    from qwen_jax.generation import PREFILL_CHUNK
+    from qwen_jax.attention import platform_of
+    from qwen_jax.generation import default_prefill_chunk
     from qwen_jax.memory import plan_memory
     from qwen_jax.sharding import parse_mesh_spec
 
@@ -146,7 +147,8 @@ def _context_plan(config, args, quantize: str | None) -> dict:
     except ValueError as e:
         raise UserError(str(e)) from None
     plan = plan_memory(config, **mesh, param_dtype=args.dtype, cache_dtype=args.dtype, batch=args.batch,
-                       max_len=args.context, prefill_chunk=min(PREFILL_CHUNK, args.context), quantize=quantize)
+                       max_len=args.context, prefill_chunk=min(default_prefill_chunk(platform_of()) or args.context,
+                                                               args.context), quantize=quantize)
     return {"context": args.context, "batch": args.batch, "dtype": args.dtype, "quantization": quantize,
             "mesh": ",".join(f"{k}={v}" for k, v in plan.mesh.items()), "params": plan.params,
             "kv_cache": plan.kv_cache, "prefill_activations": plan.activations, "total": plan.total,

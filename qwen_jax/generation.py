@@ -9,10 +9,12 @@ How a call runs:
    (`KVCache.lengths`), so a row's result never depends on its batch-mates. A prompt plus
    `max_new_tokens` beyond the model's context (`Qwen2Config.context_length`) is an error before
    anything is compiled.
-2. Prefill: the prompts go through the model in chunks of `PREFILL_CHUNK` tokens, one call of a
-   single compiled chunk step per chunk up to the longest prompt, each writing the cache, so
-   prefill memory is bounded by the chunk (a progress bar shows on a terminal for long prompts);
-   each row's first new token comes from its last prompt token.
+2. Prefill: the prompts go through the model in chunks (`default_prefill_chunk`: `PREFILL_CHUNK`
+   tokens on CPU, the whole prompt on a GPU/TPU), one call of a single compiled chunk step per
+   chunk up to the longest prompt, each writing the cache, so prefill memory is bounded by the
+   chunk (a progress bar shows on a terminal for long prompts); each row's first new token comes
+   from its last prompt token. A prompt that fits one chunk is plain causal self-attention over
+   its own keys (`empty_cache`): the fused kernels' causal path, without reading the cache.
 3. Decode: `generate_ids` runs every remaining step inside one jitted `lax.while_loop` that stops
    when all rows have hit a stop token or `max_new_tokens`; `stream_ids` runs one jitted step per
    token so text can be shown as it is produced. Both draw step `i`'s token with
@@ -45,12 +47,21 @@ from qwen_jax.model import KVCache, Qwen2ForCausalLM
 from qwen_jax.sharding import named_sharding
 
 MIN_PROMPT_BUCKET = 16
-PREFILL_CHUNK = 2048  # prompt tokens per model call: bounds prefill activations, keeps matmuls large
+PREFILL_CHUNK = 2048  # prompt tokens per model call on CPU: bounds prefill activations, keeps matmuls large
 PROGRESS_MIN_CHUNKS = 4  # prefills of this many chunks or more show a progress bar on a terminal
 LONG_PROMPT_BUCKET = 8192  # past this, prompt buckets grow by multiples of it instead of doubling
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 Prompt = str | Sequence[Mapping[str, Any]]  # text, or a chat conversation (list of messages)
+
+
+def default_prefill_chunk(platform: str) -> int | None:
+    """Prompt tokens per prefill call when the caller gives none: `PREFILL_CHUNK` on CPU; None
+    (the whole prompt in one call) on a GPU or TPU, where activations of even a 128K-token prompt
+    of the 0.5B model (~3 GB) are small next to device memory, and one call lets the fused
+    attention kernels run their causal path (a later chunk must mask the cache it reads, which
+    cuDNN does with a dense bias). Pass `prefill_chunk=` to bound prefill memory on a small card."""
+    return PREFILL_CHUNK if platform == "cpu" else None
 
 
 class GenerationError(ValueError):
@@ -229,6 +240,7 @@ class _Static:
     cache_sharding: Any  # NamedSharding of the cache arrays, or None off a mesh
     capacity: int  # length of the decode loop's token buffer (>= max_new_tokens)
     prefill_chunk: int  # prompt tokens per model call in prefill (divides the padded prompt width)
+    empty_cache: bool = False  # a prefill chunk into an empty cache (the first of one): see Qwen2ForCausalLM
 
 
 def _constrain_cache(cache: KVCache, static: _Static) -> KVCache:
@@ -255,7 +267,8 @@ def _prefill_chunk(static: _Static, state, cache, chunk_ids, chunk_lengths, last
     steps = jnp.arange(chunk_ids.shape[1], dtype=jnp.int32)
     mask = (steps[None, :] < chunk_lengths[:, None]).astype(jnp.int32)
     positions = cache.lengths[:, None] + steps[None, :]
-    hidden, cache = model.hidden_states(chunk_ids, positions, mask, cache=cache, rope_length=rope_length)
+    hidden, cache = model.hidden_states(chunk_ids, positions, mask, cache=cache, rope_length=rope_length,
+                                        empty_cache=static.empty_cache)
     here = jnp.take_along_axis(hidden, jnp.maximum(chunk_lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     last = jnp.where((chunk_lengths > 0)[:, None], here, last)
     return _constrain_cache(cache, static), last
@@ -395,7 +408,11 @@ def _prepare(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], config: 
         raise TypeError(f"expected a Qwen2ForCausalLM, got {type(model).__name__}")
     model_config = model.config
     context = model_config.context_length
-    prefill_chunk = PREFILL_CHUNK if prefill_chunk is None else int(prefill_chunk)
+    if prefill_chunk is None:
+        from qwen_jax.attention import platform_of
+
+        prefill_chunk = default_prefill_chunk(platform_of(model.mesh)) or context
+    prefill_chunk = int(prefill_chunk)
     if prefill_chunk < 1:
         raise GenerationError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     prompts = [[int(t) for t in p] for p in prompts]
@@ -493,6 +510,9 @@ def _run_prefill(request: _Request, timing: Timing):
     prefill_static = dataclasses.replace(first_static, mode=None, return_logits=False)
     lengths = np.asarray(request.prompt_lengths, np.int32)
     chunks = -(-int(lengths.max()) // chunk)
+    # One chunk: attention over its own keys. Several: every chunk reads the cache, so one compiled
+    # step serves them all (an empty-cache first chunk would be a second compilation).
+    prefill_static = dataclasses.replace(prefill_static, empty_cache=chunks == 1)
     last = request.put(np.zeros((len(lengths), request.model.config.hidden_size), request.model.dtype))
     rope_length = request.put(np.int32(lengths.max()))
     cache, request.cache = request.cache, None  # donated

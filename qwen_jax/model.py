@@ -208,10 +208,13 @@ class Attention(nnx.Module):
         q = rope.apply_rope(self.q_proj(x), cos, sin)
         k = rope.apply_rope(self.k_proj(x), cos, sin)
         v = self.v_proj(x)
+        reads_cache = kv is not None and context.reads_cache
         if kv is not None:
             kv = tuple(write_rows(cache, layer, new, context.cache_starts) for cache, new in zip(kv, (k, v)))
-            k, v = kv
-        out = context.attend(q, k, v, layer if kv is not None else None, use_window)
+            if reads_cache:
+                k, v = kv
+        # An empty cache holds only this call's keys: attend to them directly (plain causal self-attention).
+        out = context.attend(q, k, v, layer if reads_cache else None, use_window)
         return self.o_proj(out), kv
 
 
@@ -223,6 +226,7 @@ class _AttentionContext:
     mask: AttentionMask  # without a window
     window: int  # the config's sliding window, used on layers that ask for it
     cache_starts: jax.Array | None  # cache length of every row before this call
+    reads_cache: bool  # False without a cache, or when the caller says the cache is empty
     mesh: Mesh | None
     rules: ShardingRules
 
@@ -395,16 +399,20 @@ class Qwen2ForCausalLM(nnx.Module):
         return positions, attention_mask
 
     def hidden_states(self, input_ids, positions, attention_mask=None, *, segment_ids=None, cache=None,
-                      rope_length=None):
+                      rope_length=None, empty_cache: bool = False):
         """Final-norm hidden states `[B, T, D]` (and the new cache, or None).
 
         rope_length: the sequence length dynamic-NTK rope scales from (see `rope.rope_tables`).
+        empty_cache: the caller guarantees every row of `cache` has length 0 (a first prefill):
+          keys are still written to the cache, but attention is plain causal self-attention over
+          this call's keys (the fused kernels' fast causal path, no cache read, no slot mask).
+          Same result as the cached path; wrong if a row already holds tokens.
         """
         cfg, mesh, rules = self.config, self.mesh, self.rules
         x = self.model.embed_tokens(input_ids)
         x = constrain(x, ("batch", "seq", "act_embed"), mesh, rules)
         cos, sin = rope.rope_tables(cfg, positions, self.dtype, rope_length)
-        context = self._attention_context(input_ids.shape, attention_mask, segment_ids, cache)
+        context = self._attention_context(input_ids.shape, attention_mask, segment_ids, cache, empty_cache)
 
         def run_layer(layer_graph, layer_state, h, kv, layer_idx, use_window):
             layer = nnx.merge(layer_graph, layer_state)
@@ -437,7 +445,7 @@ class Qwen2ForCausalLM(nnx.Module):
             new_cache = KVCache(kv[0], kv[1], cache.lengths + added)
         return x, new_cache
 
-    def _attention_context(self, shape, attention_mask, segment_ids, cache) -> _AttentionContext:
+    def _attention_context(self, shape, attention_mask, segment_ids, cache, empty_cache=False) -> _AttentionContext:
         cfg = self.config
         windows = {w for w in cfg.layer_windows if w}
         if len(windows) > 1:
@@ -449,12 +457,15 @@ class Qwen2ForCausalLM(nnx.Module):
         else:
             if segment_ids is not None:
                 raise ValueError("segment_ids are for packed training batches, not cached decoding")
-            mask = AttentionMask.cached(cache.lengths)
+            # Empty cache: real tokens come first in each row and sit at slots 0..T-1, so the plain
+            # causal mask is the cache's mask (padding after a row's tokens is never seen by them).
+            mask = AttentionMask.causal() if empty_cache else AttentionMask.cached(cache.lengths)
+        reads_cache = cache is not None and not empty_cache
         backend = attention.select_backend(
-            self.attention, q_len=shape[1], kv_len=shape[1] if cache is None else cache.max_len,
-            cached=cache is not None, dtype=self.dtype, head_dim=cfg.head_dim, platform=attention.platform_of(self.mesh))
+            self.attention, q_len=shape[1], kv_len=cache.max_len if reads_cache else shape[1],
+            cached=reads_cache, dtype=self.dtype, head_dim=cfg.head_dim, platform=attention.platform_of(self.mesh))
         return _AttentionContext(backend, mask, windows.pop() if windows else 0,
-                                 None if cache is None else cache.lengths, self.mesh, self.rules)
+                                 None if cache is None else cache.lengths, reads_cache, self.mesh, self.rules)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Full-vocabulary float32 logits from final hidden states."""
@@ -462,9 +473,12 @@ class Qwen2ForCausalLM(nnx.Module):
         logits = jnp.einsum("BTD,VD->BTV", hidden, head[...].astype(self.dtype), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab"), self.mesh, self.rules)
 
-    def forward(self, input_ids, positions, attention_mask, *, segment_ids=None, cache=None, logits_to_keep: int = 0):
-        """The traced computation behind `__call__` (explicit positions and mask)."""
-        hidden, new_cache = self.hidden_states(input_ids, positions, attention_mask, segment_ids=segment_ids, cache=cache)
+    def forward(self, input_ids, positions, attention_mask, *, segment_ids=None, cache=None, logits_to_keep: int = 0,
+                empty_cache: bool = False):
+        """The traced computation behind `__call__` (explicit positions and mask); `empty_cache` as in
+        `hidden_states`."""
+        hidden, new_cache = self.hidden_states(input_ids, positions, attention_mask, segment_ids=segment_ids, cache=cache,
+                                               empty_cache=empty_cache)
         logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return logits if cache is None else (logits, new_cache)
 

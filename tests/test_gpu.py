@@ -123,7 +123,6 @@ def test_model_with_cudnn_matches_hf_and_the_einsum_path(hf_checkpoint):
     mask[1, :37] = 0
     ref32 = _hf_logits(hf32, ids, mask)
     ref16 = _hf_logits(hf32.to(torch.bfloat16), ids, mask)
-    hf32.float()
     model = load_model(path, dtype=jnp.bfloat16, attention="cudnn")
     ours = np.asarray(model(ids, attention_mask=mask), np.float32)
     model.attention = "xla"
@@ -137,16 +136,19 @@ def test_model_with_cudnn_matches_hf_and_the_einsum_path(hf_checkpoint):
         assert np.abs(ours[row, cols] - einsum[row, cols]).max() <= 2 * hf_err + 1e-3, row
 
 
-def test_generation_with_cudnn_decodes_like_a_full_forward(hf_checkpoint):
-    """Ragged prompts through chunked prefill (chunks of 64) and 24 cached decode steps with cuDNN:
-    each step's logits equal a full (uncached, xla) forward over prompt + generated tokens within
-    bf16 rounding, so the cache, its lengths and cuDNN's bottom-right alignment are right."""
+@pytest.mark.parametrize("prefill_chunk", [None, 64])
+def test_generation_with_cudnn_decodes_like_a_full_forward(hf_checkpoint, prefill_chunk):
+    """Ragged prompts prefilled in one call (the GPU default: cuDNN's causal path into an empty
+    cache) or in chunks of 64 (later chunks read the cache through a slot mask), then 24 cached
+    decode steps with cuDNN: each step's logits equal a full (uncached, xla) forward over prompt +
+    generated tokens within bf16 rounding, so the cache, its lengths and the mask are right."""
     _, path = hf_checkpoint(seed=2, hidden_size=256, num_attention_heads=4, num_key_value_heads=1,
                             intermediate_size=512, max_position_embeddings=1024)
     model = load_model(path, dtype=jnp.bfloat16, attention="cudnn")
     rng = np.random.RandomState(1)
     prompts = [rng.randint(0, 256, n).tolist() for n in (150, 37)]
-    out = generate_ids(model, prompts, max_new_tokens=24, temperature=0.0, return_logits=True, prefill_chunk=64)
+    out = generate_ids(model, prompts, max_new_tokens=24, temperature=0.0, return_logits=True,
+                       prefill_chunk=prefill_chunk)
     model.attention = "xla"
     for prompt, tokens, step_logits in zip(prompts, out.token_ids, out.logits):
         full = np.asarray(model(np.asarray([prompt + tokens[:-1]], np.int32)), np.float32)[0]

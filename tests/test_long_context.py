@@ -93,6 +93,34 @@ def test_chunked_prefill_ragged_batch_greedy_matches_hf(hf_checkpoint):
     assert one_shot.token_ids == expected
 
 
+@pytest.mark.parametrize("backend", ["xla", "chunked"])
+def test_prefill_into_an_empty_cache_equals_reading_the_cache(hf_checkpoint, backend):
+    """`empty_cache=True` (causal self-attention over the call's own keys, used for a one-chunk
+    prefill) gives the cached path's hidden states and cache: right-padded ragged rows, a mix of
+    sliding-window and full layers, a cache longer than the call."""
+    from qwen_jax.model import KVCache
+
+    _, path = hf_checkpoint(use_sliding_window=True, sliding_window=20, max_window_layers=1,
+                            max_position_embeddings=1024)
+    model = load_model(path, dtype=jnp.float32, attention=backend)
+    ids = jnp.asarray(_ids(2, 96, seed=2))
+    steps = jnp.arange(96, dtype=jnp.int32)[None, :]
+    lengths = jnp.asarray([96, 41], jnp.int32)
+    mask = (steps < lengths[:, None]).astype(jnp.int32)
+    positions = jnp.broadcast_to(steps, (2, 96))
+    outputs = {}
+    for empty in (True, False):
+        cache = KVCache.init(model.config, 2, 160, jnp.float32)
+        outputs[empty] = model.hidden_states(ids, positions, mask, cache=cache, empty_cache=empty)
+    (fresh, fresh_cache), (ref, ref_cache) = outputs[True], outputs[False]
+    real = np.asarray(mask, bool)
+    assert np.abs(np.asarray(fresh)[real] - np.asarray(ref)[real]).max() <= 1e-5
+    np.testing.assert_array_equal(np.asarray(fresh_cache.lengths), [96, 41])
+    np.testing.assert_array_equal(np.asarray(fresh_cache.lengths), np.asarray(ref_cache.lengths))
+    for got, want in ((fresh_cache.k, ref_cache.k), (fresh_cache.v, ref_cache.v)):
+        assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-5
+
+
 def test_prefill_memory_grows_linearly_with_length():
     """Compiled memory of a jitted long-prompt forward (0.5B attention geometry: 14 query heads,
     2 KV heads, head_dim 64, MLP 4864) stays under a bound linear in T with chunked attention;

@@ -187,7 +187,8 @@ class EnginePrograms:
             slots = jnp.arange(bucket, dtype=jnp.int32)[None, :]
             cache = KVCache.init(self.config, 1, bucket, self.dtype)
             # Right padding: the cache's length becomes `length`; the padding slots it wrote stay hidden.
-            hidden, cache = model.hidden_states(input_ids, slots, (slots < length).astype(jnp.int32), cache=cache)
+            hidden, cache = model.hidden_states(input_ids, slots, (slots < length).astype(jnp.int32), cache=cache,
+                                                empty_cache=True)  # a fresh cache: causal self-attention
             logits = model.logits(jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1))[:, 0]
             seen = mark_seen(jnp.zeros((1, self.vocab), bool), input_ids, slots < length)
             return cache, logits, seen

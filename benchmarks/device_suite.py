@@ -442,7 +442,7 @@ def check_fits(plan: Plan, steps: list[Step], workdir: str, memory: bool = True)
 
 def select_steps(only: list[str] | None, skip: list[str]) -> list[Step]:
     names = [step.name for step in STEPS]
-    unknown = sorted(set(only or []) | set(skip) - set(names))
+    unknown = sorted((set(only or []) | set(skip)) - set(names))
     if unknown:
         raise PreflightError(f"unknown step(s) {', '.join(unknown)}; the steps are {', '.join(names)}")
     return [step for step in STEPS if (only is None or step.name in only) and step.name not in skip]

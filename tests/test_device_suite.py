@@ -108,6 +108,10 @@ def test_memory_and_step_checks(device_suite, tmp_path, monkeypatch):
     with pytest.raises(device_suite.PreflightError, match="unknown step.*decode-70B"):
         device_suite.select_steps(["decode-70B"], [])
     assert [s.name for s in device_suite.select_steps(None, ["train-1.5B"])][-1] == "train-0.5B"
+    assert [s.name for s in device_suite.select_steps(["prefill-2K-0.5B", "decode-0.5B"], [])] == [
+        "decode-0.5B", "prefill-2K-0.5B"]  # suite order
+    with pytest.raises(device_suite.PreflightError, match="unknown step.*decode-70B"):
+        device_suite.select_steps(["decode-0.5B", "decode-70B"], [])
 
 
 def test_feature_steps_run_once_load_model_accepts_their_argument(device_suite, workdir, monkeypatch):

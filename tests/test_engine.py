@@ -100,6 +100,25 @@ def test_streaming_text_equals_completion(engine):
         assert entry.logprob == pytest.approx(entry.top[0][1])
 
 
+def test_gaps_are_closed_and_steps_run_only_the_rows_in_use(engine):
+    """A short request between two long ones finishes; the long one above it moves down into its
+    slot (cache row, last token, seed, token index and seen set with it) and the steps narrow to
+    the rows in use: every request still gives exactly what it gives alone."""
+    settings = [dict(max_new_tokens=24, temperature=0),
+                dict(max_new_tokens=3, temperature=0),
+                dict(max_new_tokens=24, temperature=0.8, seed=5, repetition_penalty=1.3, top_k=20)]
+    prompts = [PROBE, OTHERS[1], OTHERS[2]]
+    alone = [_tokens(engine, p, **o).token_ids for p, o in zip(prompts, settings)]
+    before = engine.stats()
+    handles = [engine.submit(p, **o) for p, o in zip(prompts, settings)]
+    assert [h.result(120).token_ids for h in handles] == alone
+    after = engine.stats()
+    steps, rows = after.decode_steps - before.decode_steps, after.decode_rows - before.decode_rows
+    # The third request into the second's slot; again into slot 0 if the first ends before it.
+    assert 1 <= after.slot_moves - before.slot_moves <= 2
+    assert steps >= 23 and rows <= 4 * 4 + 2 * (steps - 4), (steps, rows)  # width 4 while 3 run, then 2
+
+
 def test_abort_frees_the_slot(engine):
     first_token = threading.Event()
     handle = engine.submit(PROBE, max_new_tokens=40, temperature=0.5, on_delta=lambda delta: first_token.set())

@@ -2,18 +2,21 @@
 
 How it runs. Requests wait in a FIFO queue. Whenever a slot is free, the engine thread prefills
 the next request alone (its prompt padded to a power-of-two bucket), samples its first token and
-inserts its KV cache into the free slot; then one decode step advances every occupied slot by a
-token. Each slot keeps its own cache length and positions, so what a request generates never
+inserts its KV cache into the lowest free slot; then one decode step advances every occupied slot
+by a token. Each slot keeps its own cache length and positions, so what a request generates never
 depends on which requests share the batch or when it joined. A request that finishes (stop token,
-stop string, max tokens) or is aborted frees its slot at once.
+stop string, max tokens) or is aborted frees its slot at once; a gap it leaves below running
+requests is closed by moving the highest one down (one row copy), so the running requests fill
+slots 0..n-1 and each decode step runs the narrowest compiled width (1, 2, 4, ..., slots) that
+covers them: a lightly loaded server does not pay for idle slots.
 
 The host never waits for the step it just dispatched: step i is dispatched before the tokens of
 step i-1 are read back, so detokenizing and stop-string matching overlap the device. A request
 that ends is therefore computed one step further than needed, and that token is dropped.
 
 All device work goes through `EnginePrograms`: a fixed set of ahead-of-time compiled programs
-(prefill per bucket, insert, decode step, samplers, logprobs). `warmup()` compiles all of them;
-afterwards nothing compiles while serving.
+(prefill per bucket, insert, decode step per width, samplers, logprobs, row move). `warmup()`
+compiles all of them; afterwards nothing compiles while serving.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ class EngineStats:
     finished_requests: int
     aborted_requests: int
     decode_steps: int
+    decode_rows: int  # rows the decode steps computed (each step runs a compiled width >= its occupied slots)
+    slot_moves: int  # requests moved to a lower slot to close a gap
     healthy: bool
     accepting: bool
 
@@ -227,7 +232,8 @@ class Engine:
                 slots=self.slots, running=counts.get("running", 0), waiting=counts.get("waiting", 0),
                 prompt_tokens=counts.get("prompt_tokens", 0), generated_tokens=counts.get("generated_tokens", 0),
                 finished_requests=counts.get("finished", 0), aborted_requests=counts.get("aborted", 0),
-                decode_steps=counts.get("decode_steps", 0),
+                decode_steps=counts.get("decode_steps", 0), decode_rows=counts.get("decode_rows", 0),
+                slot_moves=counts.get("slot_moves", 0),
                 healthy=self._error is None and (self._thread.is_alive() or not self._accepting),
                 accepting=self._accepting)
 
@@ -352,10 +358,12 @@ class Engine:
         self._finish(request, request.end("abort"))
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free slots (FIFO)."""
+        """Prefill waiting requests into the lowest free slots (FIFO), then close the gaps that
+        finished requests left below occupied slots, so the running requests fill slots 0..n-1
+        and a decode step runs only as many rows as are in use."""
         for slot in range(self.slots):
             if not self._waiting:
-                return
+                break
             if self._slot_owner[slot] is not None:
                 continue
             request = self._waiting.popleft()
@@ -365,6 +373,23 @@ class Engine:
             request.dispatched = 1
             with self._lock:
                 self._stats["prompt_tokens"] += len(request.prompt_ids)
+        self._compact()
+
+    def _compact(self) -> None:
+        """Move the highest occupied slot into the lowest free one until no gap is left. A step
+        already in flight keeps its own row -> request map (`StepOutputs.rows`), and the device
+        runs the move after it, so its token is read from the old row and the move copies it."""
+        while True:
+            free = next((i for i, r in enumerate(self._slot_owner) if r is None), None)
+            last = max((i for i, r in enumerate(self._slot_owner) if r is not None), default=-1)
+            if free is None or free > last:
+                return
+            request = self._slot_owner[last]
+            self.programs.move(last, free)
+            self._slot_owner[free], self._slot_owner[last] = request, None
+            request.slot = free
+            with self._lock:
+                self._stats["slot_moves"] += 1
 
     def _dispatch_decode(self) -> None:
         rows: list[Request | None] = [
@@ -372,12 +397,15 @@ class Engine:
             for r in self._slot_owner]
         if not any(rows):
             return
+        used = max(i for i, r in enumerate(rows) if r is not None) + 1
+        rows = rows[:self.programs.width_for(used)]
         self._pending.append(self.programs.decode_step(rows))
         for r in rows:
             if r is not None:
                 r.dispatched += 1
         with self._lock:
             self._stats["decode_steps"] += 1
+            self._stats["decode_rows"] += len(rows)
 
     def _process(self, outputs: StepOutputs) -> None:
         tokens, logprobs = outputs.fetch()

@@ -4,20 +4,25 @@ Programs (pure functions of the model state, compiled ahead of time; after `comp
 compiles while serving):
 - `prefill[bucket]`: one prompt, right-padded to `bucket`, into a fresh one-row `KVCache`; returns
   that cache, the logits of its last real token and the prompt's token set (repetition penalty).
-- `sample[rows, variant]`: per-row sampling (`qwen_jax.engine.sampler`) for one row (a prefilled
-  prompt) or all slots (a decode step); updates each row's last token, seen set and token index.
-- `logprobs[rows]`: log-softmax of the raw logits: the chosen token's and the 20 most likely.
+- `sample[variant]`: per-row sampling (`qwen_jax.engine.sampler`) of a prefilled prompt's first
+  token into its one-row state (last token, seen set, token index).
 - `insert[bucket]`: `KVCache.insert` of a prefilled one-row cache, and its row state, into a slot.
-- `decode`: one token for every slot; each row attends to its own filled cache and advances its
-  own length (`KVCache` contract); idle rows keep their length.
+- `decode[width]`: one token for each of the first `width` slots (`decode_widths`: 1, 2, 4, ...,
+  slots); each row attends to its own filled cache and advances its own length (`KVCache`
+  contract); idle rows keep their length. The engine keeps its requests in the lowest slots, so a
+  step costs what its occupied rows cost, not what `slots` rows cost.
+- `step_sample[width, variant]`: sampling of those rows into the slot state.
+- `logprobs[rows]`: log-softmax of the raw logits: the chosen token's and the 20 most likely.
+- `move`: copy one slot's cache row and state into another (the engine closes gaps with it).
 
 The batch cache has per-row lengths and every row's keys start at slot 0, so a request's cache
-layout, positions and logits do not depend on its batch-mates.
+layout, positions and logits do not depend on its batch-mates or on the slot it sits in.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 import time
 from typing import Any, Callable
@@ -79,6 +84,15 @@ _EXECUTABLES: dict[tuple, Any] = {}
 _COMPILE_LOCK = threading.Lock()
 
 
+def decode_widths(slots: int) -> tuple[int, ...]:
+    """Row counts the decode step is compiled for: powers of two below `slots`, and `slots`."""
+    widths, width = [], 1
+    while width < slots:
+        widths.append(width)
+        width *= 2
+    return (*widths, slots)
+
+
 def _spec(shape, dtype, sharding=None) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
 
@@ -96,6 +110,7 @@ class EnginePrograms:
         self.slots = slots
         self.max_len = max_len
         self.buckets = prefill_buckets(max_len, buckets)
+        self.widths = decode_widths(slots)
         self.pad_id = int(pad_id)
         self.dtype = model.dtype
         self.graphdef, self.state = nnx.split(model)
@@ -174,12 +189,20 @@ class EnginePrograms:
         for bucket in self.buckets:
             self._prefill_executable(bucket)
             self._insert_executable(bucket)
-        for rows in (1, self.slots):
+        for variant in SamplerVariant:
+            self._sample_executable(variant)
+        self._logprobs_executable(1)
+        for width in self.widths:
+            self._decode_executable(width)
             for variant in SamplerVariant:
-                self._sample_executable(rows, variant)
-            self._logprobs_executable(rows)
-        self._decode_executable()
+                self._step_sample_executable(width, variant)
+            self._logprobs_executable(width)
+        self._move_executable()
         return time.perf_counter() - start
+
+    def width_for(self, rows: int) -> int:
+        """The narrowest compiled decode width that covers the first `rows` slots."""
+        return next(w for w in self.widths if w >= rows)
 
     def _prefill_executable(self, bucket: int):
         def prefill(state, input_ids, length):
@@ -216,18 +239,29 @@ class EnginePrograms:
 
         return self._executable(("insert", bucket), build)
 
-    def _sample_executable(self, rows: int, variant: SamplerVariant):
-        def sample(logits, slot_state: SlotState):
-            tokens = sample_rows(logits, slot_state.seen, slot_state.params, variant)
-            params = dataclasses.replace(slot_state.params, token_index=slot_state.params.token_index + 1)
-            return SlotState(tokens, params, mark_seen(slot_state.seen, tokens)), tokens
+    def _sample_executable(self, variant: SamplerVariant):
+        """A prefilled prompt's first token, into its one-row state."""
+        def build():
+            logits = _spec((1, self.vocab), jnp.float32, self._logits_sharding(1))
+            return (jax.jit(functools.partial(_sample, variant=variant), donate_argnums=1,
+                            out_shardings=self._replicated())
+                    .lower(logits, self._slot_state_spec(1)).compile())
+
+        return self._executable(("sample", variant), build)
+
+    def _step_sample_executable(self, width: int, variant: SamplerVariant):
+        """A decode step's tokens for the first `width` slots, sampled into the slot state."""
+        def step_sample(logits, slot_state: SlotState):
+            rows = jax.tree.map(lambda x: x[:width], slot_state)
+            rows, tokens = _sample(logits, rows, variant)
+            return jax.tree.map(lambda whole, part: whole.at[:width].set(part), slot_state, rows), tokens
 
         def build():
-            logits = _spec((rows, self.vocab), jnp.float32, self._logits_sharding(rows))
-            return (jax.jit(sample, donate_argnums=1, out_shardings=self._replicated())
-                    .lower(logits, self._slot_state_spec(rows)).compile())
+            logits = _spec((width, self.vocab), jnp.float32, self._logits_sharding(width))
+            return (jax.jit(step_sample, donate_argnums=1, out_shardings=self._replicated())
+                    .lower(logits, self._slot_state_spec(self.slots)).compile())
 
-        return self._executable(("sample", rows, variant), build)
+        return self._executable(("step_sample", width, variant), build)
 
     def _logprobs_executable(self, rows: int):
         def logprobs(logits, tokens):
@@ -243,20 +277,46 @@ class EnginePrograms:
 
         return self._executable(("logprobs", rows), build)
 
-    def _decode_executable(self):
+    def _decode_executable(self, width: int):
         def decode(state, cache: KVCache, tokens, active):
             model = nnx.merge(self.graphdef, state)
-            logits, cache = model(tokens[:, None], attention_mask=active[:, None].astype(jnp.int32), cache=cache)
+            mask = active[:, None].astype(jnp.int32)
+            if width == self.slots:
+                logits, cache = model(tokens[:, None], attention_mask=mask, cache=cache)
+                return logits[:, 0], cache
+            # The first `width` rows as a cache of their own; XLA reads and writes them in place.
+            rows = KVCache(cache.k[:, :width], cache.v[:, :width], cache.lengths[:width])
+            logits, rows = model(tokens[:width, None], attention_mask=mask, cache=rows)
+            cache = KVCache(cache.k.at[:, :width].set(rows.k), cache.v.at[:, :width].set(rows.v),
+                            cache.lengths.at[:width].set(rows.lengths))
             return logits[:, 0], cache
 
         def build():
-            out_shardings = None if self.mesh is None else (self._logits_sharding(self.slots),
+            out_shardings = None if self.mesh is None else (self._logits_sharding(width),
                                                             self._cache_sharding(self.slots, self.max_len))
             return (jax.jit(decode, donate_argnums=1, out_shardings=out_shardings)
                     .lower(self._state_spec(), self._cache_spec(self.slots, self.max_len),
-                           self._scalar_spec((self.slots,)), self._scalar_spec((self.slots,), jnp.bool_)).compile())
+                           self._scalar_spec((self.slots,)), self._scalar_spec((width,), jnp.bool_)).compile())
 
-        return self._executable(("decode",), build)
+        return self._executable(("decode", width), build)
+
+    def _move_executable(self):
+        def move(cache: KVCache, slot_state: SlotState, source, target):
+            def copy(x, axis):
+                row = jax.lax.dynamic_index_in_dim(x, source, axis, keepdims=True)
+                return jax.lax.dynamic_update_slice_in_dim(x, row, target, axis)
+
+            cache = KVCache(copy(cache.k, 1), copy(cache.v, 1), copy(cache.lengths, 0))
+            return cache, jax.tree.map(lambda x: copy(x, 0), slot_state)
+
+        def build():
+            out_shardings = None if self.mesh is None else (self._cache_sharding(self.slots, self.max_len),
+                                                            self._replicated())
+            return (jax.jit(move, donate_argnums=(0, 1), out_shardings=out_shardings)
+                    .lower(self._cache_spec(self.slots, self.max_len), self._slot_state_spec(self.slots),
+                           self._scalar_spec(), self._scalar_spec()).compile())
+
+        return self._executable(("move",), build)
 
     # ------------------------------------------------------------------ running
     def prefill_into_slot(self, prompt_ids: list[int], options: RequestOptions, slot: int, request) -> StepOutputs:
@@ -269,21 +329,34 @@ class EnginePrograms:
         row_cache, logits, seen = self._prefill_executable(bucket)(self.state, ids, length_arg)
         row_state = SlotState(self._put(np.zeros(1, np.int32)), params, seen)
         variant = variant_for([(options.temperature, options.top_k, options.top_p)])
-        row_state, tokens = self._sample_executable(1, variant)(logits, row_state)
+        row_state, tokens = self._sample_executable(variant)(logits, row_state)
         logprobs = self._logprobs_executable(1)(logits, tokens) if options.logprobs is not None else None
         insert = self._insert_executable(bucket)
         self.cache, self.slot_state = insert(self.cache, self.slot_state, row_cache, row_state, slot_arg)
         return StepOutputs([request], tokens, logprobs)
 
     def decode_step(self, rows: list) -> StepOutputs:
-        """One token for every slot whose entry in `rows` is a Request (None: the slot idles)."""
+        """One token for each of the first `len(rows)` slots whose entry is a Request (None: the slot
+        idles); `len(rows)` must be one of `widths`."""
+        width = len(rows)
         active = self._put(np.asarray([r is not None for r in rows]))
-        logits, self.cache = self._decode_executable()(self.state, self.cache, self.slot_state.tokens, active)
+        logits, self.cache = self._decode_executable(width)(self.state, self.cache, self.slot_state.tokens, active)
         variant = variant_for([(r.options.temperature, r.options.top_k, r.options.top_p) for r in rows if r is not None])
-        self.slot_state, tokens = self._sample_executable(self.slots, variant)(logits, self.slot_state)
+        self.slot_state, tokens = self._step_sample_executable(width, variant)(logits, self.slot_state)
         wants_logprobs = any(r is not None and r.options.logprobs is not None for r in rows)
-        logprobs = self._logprobs_executable(self.slots)(logits, tokens) if wants_logprobs else None
+        logprobs = self._logprobs_executable(width)(logits, tokens) if wants_logprobs else None
         return StepOutputs(list(rows), tokens, logprobs)
+
+    def move(self, source: int, target: int) -> None:
+        """Copy slot `source`'s cache row and state into slot `target` (dispatched, not awaited)."""
+        source, target = self._put((np.int32(source), np.int32(target)))
+        self.cache, self.slot_state = self._move_executable()(self.cache, self.slot_state, source, target)
+
+
+def _sample(logits, slot_state: SlotState, variant: SamplerVariant):
+    tokens = sample_rows(logits, slot_state.seen, slot_state.params, variant)
+    params = dataclasses.replace(slot_state.params, token_index=slot_state.params.token_index + 1)
+    return SlotState(tokens, params, mark_seen(slot_state.seen, tokens)), tokens
 
 
 def _row_params(options: RequestOptions) -> RowParams:

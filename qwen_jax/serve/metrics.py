@@ -57,6 +57,9 @@ class _EngineCollector:
         yield GaugeMetricFamily("qwen_jax_queue_length", "Requests waiting for a decode slot", value=stats.waiting)
         yield GaugeMetricFamily("qwen_jax_slots_in_use", "Decode slots holding a request", value=stats.running)
         yield GaugeMetricFamily("qwen_jax_slots", "Decode slots", value=stats.slots)
+        yield CounterMetricFamily("qwen_jax_decode_steps", "Decode steps run", value=stats.decode_steps)
+        yield CounterMetricFamily("qwen_jax_decode_rows", "Rows computed by decode steps (a step runs the "
+                                  "narrowest compiled width covering its occupied slots)", value=stats.decode_rows)
         yield GaugeMetricFamily("qwen_jax_generation_tokens_per_second",
                                 f"Tokens generated per second over the last {_TOKEN_RATE_WINDOW_S:.0f} s",
                                 value=self._rate(stats.generated_tokens))

@@ -181,8 +181,19 @@ def start_qwen_jax(checkpoint: str, slots: int, max_len: int, port: int) -> tupl
     raise RuntimeError(f"qwen-jax serve exited with status {process.wait()}")
 
 
+def transformers_executable() -> str:
+    """The `transformers` console script beside this interpreter (a venv's bin/ need not be on
+    PATH), else on PATH; a clear error before any measurement when it is missing."""
+    search = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    executable = shutil.which("transformers", path=search)
+    if executable is None:
+        sys.exit("serve.py: error: the `transformers` command is not installed (pip install -e '.[test]'); "
+                 "leave it out with --systems qwen-jax sequential static")
+    return executable
+
+
 def start_transformers(checkpoint: str, port: int, log_path: str) -> tuple[subprocess.Popen, str]:
-    command = [shutil.which("transformers") or "transformers", "serve", checkpoint, "--continuous-batching",
+    command = [transformers_executable(), "serve", checkpoint, "--continuous-batching",
                "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -319,6 +330,8 @@ def main(argv=None) -> None:
         print(f"  {name} @ {rate:g}/s: {row['output_tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_s']:.2f} s "
               f"(load {row['load_average']:.1f})", file=sys.stderr, flush=True)
 
+    if "transformers" in args.systems:
+        transformers_executable()  # fail now, not after the other systems' measurements
     if "qwen-jax" in args.systems:
         process, url = start_qwen_jax(checkpoint, args.slots, args.max_len, args.port)
         try:

@@ -44,6 +44,9 @@ def add_sampling_arguments(parser) -> None:
     parser.add_argument("--repetition-penalty", type=float, help="HF repetition penalty (1: off)")
     parser.add_argument("--seed", type=int, help="sampling seed (default 0)")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
+    parser.add_argument("--prefill-chunk", type=int, metavar="TOKENS",
+                        help="prompt tokens per prefill call: bounds prefill memory (default: 2048 on CPU, the "
+                             "whole prompt on a GPU/TPU)")
 
 
 def add_arguments(parser) -> None:
@@ -61,7 +64,8 @@ def sampling_overrides(args) -> dict:
     """Keyword arguments for qwen_jax.generate from the parsed sampling options (None: default)."""
     temperature = 0.0 if args.greedy else args.temperature
     return dict(max_new_tokens=args.max_new_tokens, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                prefill_chunk=args.prefill_chunk)
 
 
 def load_for_cli(args):

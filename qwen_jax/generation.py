@@ -561,8 +561,9 @@ def generate_ids(
 
     Unset arguments come from `config` (default: `default_generation_config(model)`).
     Generation of a row stops at any of the config's eos ids or `stop_token_ids`.
-    prefill_chunk: prompt tokens per model call during prefill (default `PREFILL_CHUNK`); smaller
-      bounds prefill memory tighter, larger runs bigger matrix products.
+    prefill_chunk: prompt tokens per model call during prefill (default `default_prefill_chunk`: 2,048
+      on CPU, the whole prompt on a GPU/TPU); smaller bounds prefill memory tighter, larger runs
+      bigger matrix products, and a prompt that fits one chunk skips reading the cache.
     """
     config = _resolve_config(model, config, stop_token_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
@@ -740,6 +741,7 @@ def generate(
     stop: str | int | Sequence[str | int] | None = None,
     tools: Sequence[Mapping[str, Any]] | None = None,
     config: GenerationConfig | None = None,
+    prefill_chunk: int | None = None,
 ) -> Generation:
     """Generate continuations for a batch of prompts (strings) or conversations (lists of messages).
 
@@ -747,6 +749,7 @@ def generate(
     assistant header. `stop` adds stop token ids (ints) and stop strings (the text is cut before
     the first one). Defaults come from `config`, else the checkpoint's generation_config.json
     (attached by `qwen_jax.load`); the tokenizer's eos token always stops generation.
+    `prefill_chunk` as in `generate_ids`.
     """
     single = isinstance(prompts_or_conversations, str) or (
         bool(prompts_or_conversations) and isinstance(prompts_or_conversations[0], Mapping))
@@ -756,7 +759,7 @@ def generate(
     prompt_ids = [_encode_prompt(tokenizer, p, tools) for p in prompts]
     result = generate_ids(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                          stop_token_ids=stop_ids, config=config)
+                          stop_token_ids=stop_ids, config=config, prefill_chunk=prefill_chunk)
     texts = []
     for row, ids in enumerate(result.token_ids):
         text, ids, stopped = _truncate_at_stop_string(tokenizer, ids, stop_strings)
@@ -839,6 +842,7 @@ def stream(
     stop: str | int | Sequence[str | int] | None = None,
     tools: Sequence[Mapping[str, Any]] | None = None,
     config: GenerationConfig | None = None,
+    prefill_chunk: int | None = None,
 ) -> TextStream:
     """Streaming `generate` for one prompt or conversation: iterate to get text as it is decoded.
 
@@ -849,5 +853,5 @@ def stream(
     prompt_ids = _encode_prompt(tokenizer, prompt_or_conversation, tools)
     tokens = stream_ids(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                        stop_token_ids=stop_ids, config=config)
+                        stop_token_ids=stop_ids, config=config, prefill_chunk=prefill_chunk)
     return TextStream(tokens, tokenizer, stop_strings)

@@ -90,8 +90,8 @@ def plan_memory(
     float32 master copy when `master_weights` (bf16 compute with float32 masters). The KV cache is
     `batch` x `max_len` tokens (the context you plan for), sharded by the cache's logical axes.
     prefill_chunk: also estimate the activations of one prefill call of `batch` x `prefill_chunk`
-    tokens with chunked attention (`qwen_jax.generation.PREFILL_CHUNK` by default in generation);
-    with chunked prefill they do not grow with the prompt. Training activations are not counted:
+    tokens with chunked attention (generation's default, `qwen_jax.generation.default_prefill_chunk`:
+    2,048 on CPU, the whole prompt on a GPU/TPU); with chunked prefill they do not grow with the prompt. Training activations are not counted:
     they depend on remat policy and sequence length more than on the mesh. quantize: 'int8' or
     'int4' decoder projections (`qwen_jax.quant`): their integer values and float32 scales are
     counted as stored (int4 two per byte); being frozen, they get no gradients or optimizer state.

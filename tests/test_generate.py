@@ -234,6 +234,10 @@ def test_cli_generate_json(chat_checkpoint, capsys):
     assert out["token_ids"] == expected.token_ids[0] and out["text"] == expected.texts[0]
     assert out["prompt_tokens"] == expected.prompt_lengths[0]
     assert out["prefill_tokens_per_s"] > 0 and out["decode_tokens_per_s"] >= 0
+    # --prefill-chunk: the prompt in calls of 4 tokens (every chunk after the first reads the cache).
+    assert main(["generate", "--model", path, "--prompt", "Hello", "--chat", "--greedy",
+                 "--max-new-tokens", "16", "--json", "--prefill-chunk", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == expected.token_ids[0]
 
 
 def test_cli_generate_streams_and_reports_errors(chat_checkpoint, capsys):

@@ -1,7 +1,7 @@
 """`Engine`: continuous batching over a fixed number of decode slots, on its own thread.
 
 How it runs. Requests wait in a FIFO queue. Whenever a slot is free, the engine thread prefills
-the next request alone (its prompt padded to a power-of-two bucket), samples its first token and
+the next request alone (its prompt padded to a bucket, `prefill_buckets`), samples its first token and
 inserts its KV cache into the lowest free slot; then one decode step advances every occupied slot
 by a token. Each slot keeps its own cache length and positions, so what a request generates never
 depends on which requests share the batch or when it joined. A request that finishes (stop token,

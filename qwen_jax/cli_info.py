@@ -147,7 +147,7 @@ def _context_plan(config, args, quantize: str | None) -> dict:
     except ValueError as e:
         raise UserError(str(e)) from None
     plan = plan_memory(config, **mesh, param_dtype=args.dtype, cache_dtype=args.dtype, batch=args.batch,
-                       max_len=args.context, prefill_chunk=min(default_prefill_chunk(platform_of()) or args.context,
+                       max_len=args.context, prefill_chunk=min(default_prefill_chunk(platform_of(), args.context),
                                                                args.context), quantize=quantize)
     return {"context": args.context, "batch": args.batch, "dtype": args.dtype, "quantization": quantize,
             "mesh": ",".join(f"{k}={v}" for k, v in plan.mesh.items()), "params": plan.params,

@@ -55,13 +55,13 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 Prompt = str | Sequence[Mapping[str, Any]]  # text, or a chat conversation (list of messages)
 
 
-def default_prefill_chunk(platform: str) -> int | None:
-    """Prompt tokens per prefill call when the caller gives none: `PREFILL_CHUNK` on CPU; None
+def default_prefill_chunk(platform: str, longest: int) -> int:
+    """Prompt tokens per prefill call when the caller gives none: `PREFILL_CHUNK` on CPU; `longest`
     (the whole prompt in one call) on a GPU or TPU, where activations of even a 128K-token prompt
     of the 0.5B model (~3 GB) are small next to device memory, and one call lets the fused
     attention kernels run their causal path (a later chunk must mask the cache it reads, which
     cuDNN does with a dense bias). Pass `prefill_chunk=` to bound prefill memory on a small card."""
-    return PREFILL_CHUNK if platform == "cpu" else None
+    return PREFILL_CHUNK if platform == "cpu" else longest
 
 
 class GenerationError(ValueError):
@@ -411,7 +411,7 @@ def _prepare(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], config: 
     if prefill_chunk is None:
         from qwen_jax.attention import platform_of
 
-        prefill_chunk = default_prefill_chunk(platform_of(model.mesh)) or context
+        prefill_chunk = default_prefill_chunk(platform_of(model.mesh), context)
     prefill_chunk = int(prefill_chunk)
     if prefill_chunk < 1:
         raise GenerationError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
@@ -506,13 +506,12 @@ def _run_prefill(request: _Request, timing: Timing):
 
     chunk = request.static.prefill_chunk
     # Keyed only on what each function uses: another max_new_tokens or sampling mode reuses them.
-    first_static = dataclasses.replace(request.static, capacity=0)
-    prefill_static = dataclasses.replace(first_static, mode=None, return_logits=False)
     lengths = np.asarray(request.prompt_lengths, np.int32)
     chunks = -(-int(lengths.max()) // chunk)
+    first_static = dataclasses.replace(request.static, capacity=0)
     # One chunk: attention over its own keys. Several: every chunk reads the cache, so one compiled
     # step serves them all (an empty-cache first chunk would be a second compilation).
-    prefill_static = dataclasses.replace(prefill_static, empty_cache=chunks == 1)
+    prefill_static = dataclasses.replace(first_static, mode=None, return_logits=False, empty_cache=chunks == 1)
     last = request.put(np.zeros((len(lengths), request.model.config.hidden_size), request.model.dtype))
     rope_length = request.put(np.int32(lengths.max()))
     cache, request.cache = request.cache, None  # donated

@@ -208,13 +208,12 @@ class Attention(nnx.Module):
         q = rope.apply_rope(self.q_proj(x), cos, sin)
         k = rope.apply_rope(self.k_proj(x), cos, sin)
         v = self.v_proj(x)
-        reads_cache = kv is not None and context.reads_cache
         if kv is not None:
             kv = tuple(write_rows(cache, layer, new, context.cache_starts) for cache, new in zip(kv, (k, v)))
-            if reads_cache:
+            if context.reads_cache:
                 k, v = kv
         # An empty cache holds only this call's keys: attend to them directly (plain causal self-attention).
-        out = context.attend(q, k, v, layer if reads_cache else None, use_window)
+        out = context.attend(q, k, v, layer if context.reads_cache else None, use_window)
         return self.o_proj(out), kv
 
 

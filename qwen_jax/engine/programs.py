@@ -284,16 +284,14 @@ class EnginePrograms:
     def _decode_executable(self, width: int):
         def decode(state, cache: KVCache, tokens, active):
             model = nnx.merge(self.graphdef, state)
-            mask = active[:, None].astype(jnp.int32)
-            if width == self.slots:
-                logits, cache = model(tokens[:, None], attention_mask=mask, cache=cache)
-                return logits[:, 0], cache
-            # The first `width` rows as a cache of their own; XLA reads and writes them in place.
-            rows = KVCache(cache.k[:, :width], cache.v[:, :width], cache.lengths[:width])
-            logits, rows = model(tokens[:width, None], attention_mask=mask, cache=rows)
-            cache = KVCache(cache.k.at[:, :width].set(rows.k), cache.v.at[:, :width].set(rows.v),
-                            cache.lengths.at[:width].set(rows.lengths))
-            return logits[:, 0], cache
+            # Below `slots`, the first `width` rows as a cache of their own; XLA reads and writes them in place.
+            whole = width == self.slots
+            rows = cache if whole else KVCache(cache.k[:, :width], cache.v[:, :width], cache.lengths[:width])
+            logits, rows = model(tokens[:width, None], attention_mask=active[:, None].astype(jnp.int32), cache=rows)
+            if not whole:
+                rows = KVCache(cache.k.at[:, :width].set(rows.k), cache.v.at[:, :width].set(rows.v),
+                               cache.lengths.at[:width].set(rows.lengths))
+            return logits[:, 0], rows
 
         def build():
             out_shardings = None if self.mesh is None else (self._logits_sharding(width),

@@ -168,9 +168,12 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"{url} did not become healthy in {timeout} s")
 
 
-def start_qwen_jax(checkpoint: str, slots: int, max_len: int, port: int) -> tuple[subprocess.Popen, str]:
+def start_qwen_jax(checkpoint: str, slots: int, max_len: int, port: int,
+                   prefill_chunk: int | None = None) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "qwen_jax.cli", "serve", "--model", checkpoint, "--slots", str(slots),
                "--max-len", str(max_len), "--port", str(port), "--max-queue", "100000"]
+    if prefill_chunk is not None:
+        command += ["--prefill-chunk", str(prefill_chunk)]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     for line in process.stderr:
         print("  " + line.rstrip(), file=sys.stderr, flush=True)
@@ -299,6 +302,7 @@ def main(argv=None) -> None:
     parser.add_argument("--output-tokens", default="16,96", help="min,max max_tokens")
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--prefill-chunk", type=int, help="qwen-jax serve --prefill-chunk (default: its own)")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--checkpoint-dir", help="where the random checkpoint is built (kept); default: a temp dir")
     parser.add_argument("--port", type=int, default=8471)
@@ -333,7 +337,7 @@ def main(argv=None) -> None:
     if "transformers" in args.systems:
         transformers_executable()  # fail now, not after the other systems' measurements
     if "qwen-jax" in args.systems:
-        process, url = start_qwen_jax(checkpoint, args.slots, args.max_len, args.port)
+        process, url = start_qwen_jax(checkpoint, args.slots, args.max_len, args.port, args.prefill_chunk)
         try:
             asyncio.run(run_http(url, checkpoint, workloads[rates[0]][:2]))  # first contact, not timed
             for rate in rates:

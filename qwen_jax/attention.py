@@ -174,13 +174,15 @@ def select_backend(name: str, *, q_len: int, kv_len: int, cached: bool, dtype, h
 
 # ----------------------------------------------------------------------------- entry point
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, backend: str = "xla",
-           scale: float | None = None, layer=None, block_q: int | None = None, block_kv: int | None = None,
-           interpret: bool = False, mesh=None, rules=None) -> jax.Array:
+           scale: float | None = None, layer=None, row_offset=0, block_q: int | None = None,
+           block_kv: int | None = None, interpret: bool = False, mesh=None, rules=None) -> jax.Array:
     """Attention output `[B, T, N, H]` in q's dtype.
 
     backend: a concrete backend ('xla', 'chunked', 'cudnn', 'splash'); resolve 'auto' with
       `select_backend` first. `splash` with a cached mask runs `chunked` (see the module doc).
     layer: with k/v the stacked cache `[L, B, S, K, H]`, the layer to read (may be traced).
+    row_offset: with `layer`, query row b reads cache row `row_offset + b` (may be traced); the
+      cache may then have more rows than q (a slice of a batch cache, read in place).
     block_q, block_kv: chunked kernel block sizes (default `BLOCK_Q`, `BLOCK_KV`).
     scale: score scale (default `head_dim ** -0.5`).
     interpret: run Pallas kernels (splash) in interpret mode, for testing on CPU.
@@ -193,11 +195,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, bac
     scale = head_dim**-0.5 if scale is None else float(scale)
     if q.shape[2] % k.shape[-2]:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[-2]} key/value heads")
+    if layer is None and (not isinstance(row_offset, int) or row_offset or k.shape[0] != q.shape[0]):
+        raise ValueError("row_offset and a cache with more rows than q need the stacked cache and `layer`")
     if backend == "xla":
-        k, v = (k, v) if layer is None else (k[layer], v[layer])
+        k, v = (k, v) if layer is None else (_cache_rows(k, layer, row_offset, q.shape[0]),
+                                             _cache_rows(v, layer, row_offset, q.shape[0]))
         return _xla_attention(q, k, v, mask, scale)
     if backend == "cudnn":
-        k, v = (k, v) if layer is None else (k[layer], v[layer])
+        k, v = (k, v) if layer is None else (_cache_rows(k, layer, row_offset, q.shape[0]),
+                                             _cache_rows(v, layer, row_offset, q.shape[0]))
         return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale,
                                             implementation="cudnn", **cudnn_arguments(mask, q.shape[1], k.shape[1]))
     if backend == "splash" and not mask.is_cached:
@@ -207,8 +213,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, bac
     blocks = (min(block_q or BLOCK_Q, q.shape[1]), min(block_kv or BLOCK_KV, k.shape[-3]))
     if layer is None:
         return _flash(q, k, v, mask, scale, blocks)
-    out, _ = _flash_forward(q, k, v, layer, mask, scale, blocks)
+    out, _ = _flash_forward(q, k, v, layer, mask, scale, blocks, row_offset)
     return out
+
+
+def _cache_rows(cache, layer, row_offset, rows: int):
+    """Rows `row_offset .. row_offset + rows - 1` of one layer of a stacked cache `[L, B, S, K, H]`."""
+    if isinstance(row_offset, int) and row_offset == 0 and rows == cache.shape[1]:
+        return cache[layer]
+    start = (layer, row_offset, 0, 0, 0)
+    return jax.lax.dynamic_slice(cache, start, (1, rows, *cache.shape[2:]))[0]
 
 
 # ----------------------------------------------------------------------------- xla (reference)
@@ -352,13 +366,14 @@ def _block_ranges(mask: AttentionMask, first_q, last_q, bk: int, num_kv_blocks: 
     return lo.astype(jnp.int32), clean_lo.astype(jnp.int32), clean_hi.astype(jnp.int32), hi.astype(jnp.int32)
 
 
-def _kv_block(k, v, layer, i, bk: int):
-    """Keys/values of block i `[B, bk, K, H]` and their slots; the start is clamped so the last
-    block of a length no block size divides re-reads some keys (masked by `_fresh`)."""
+def _kv_block(k, v, layer, i, bk: int, row_offset=0, rows=None):
+    """Keys/values of block i `[rows, bk, K, H]` (cache rows from `row_offset`) and their slots; the
+    start is clamped so the last block of a length no block size divides re-reads some keys
+    (masked by `_fresh`)."""
     S = k.shape[2]
     start = jnp.minimum(i * bk, S - bk)
-    index = (layer, 0, start, 0, 0)
-    size = (1, k.shape[1], bk, k.shape[3], k.shape[4])
+    index = (layer, row_offset, start, 0, 0)
+    size = (1, k.shape[1] if rows is None else rows, bk, k.shape[3], k.shape[4])
     kb = jax.lax.dynamic_slice(k, index, size)[0]
     vb = jax.lax.dynamic_slice(v, index, size)[0]
     return kb, vb, start + jnp.arange(bk, dtype=jnp.int32)
@@ -376,10 +391,11 @@ def _scores(qb, kb, scale):
     return jnp.einsum("BKGQH,BSKH->BKGQS", qb, kb.astype(qb.dtype), preferred_element_type=jnp.float32) * scale
 
 
-def _flash_forward(q, k, v, layer, mask: AttentionMask, scale: float, blocks: tuple[int, int]):
+def _flash_forward(q, k, v, layer, mask: AttentionMask, scale: float, blocks: tuple[int, int], row_offset=0):
     """Forward of the chunked kernel: (out `[B, T, N, H]`, lse `[nq, B, K, G, bq]` float32).
 
-    k/v: `[L, B, S, K, H]` (a plain `[B, S, K, H]` is passed as `k[None]` with layer 0).
+    k/v: `[L, B', S, K, H]` (a plain `[B, S, K, H]` is passed as `k[None]` with layer 0); query row
+    b reads row `row_offset + b`.
     """
     if k.ndim == 4:
         k, v, layer = k[None], v[None], 0
@@ -400,7 +416,7 @@ def _flash_forward(q, k, v, layer, mask: AttentionMask, scale: float, blocks: tu
         def step(masked):
             def body(i, carry):
                 acc, row_max, row_sum = carry
-                kb, vb, k_slots = _kv_block(k, v, layer, i, bk)
+                kb, vb, k_slots = _kv_block(k, v, layer, i, bk, row_offset, B)
                 s = _scores(qb, kb, scale)
                 if masked:
                     seen = _block_visible(mask, jnp.broadcast_to(q_slots, (B, bq)), q_segments, k_slots, i, bk)

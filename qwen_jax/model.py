@@ -116,14 +116,14 @@ class KVCache:
         )
 
 
-def write_rows(buffer: jax.Array, layer, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """`buffer[layer, b, starts[b] + t] = new[b, t]` for a stacked cache array `[L, B, S, K, H]`.
+def write_rows(buffer: jax.Array, layer, new: jax.Array, starts: jax.Array, row_offset=0) -> jax.Array:
+    """`buffer[layer, row_offset + b, starts[b] + t] = new[b, t]` for a stacked cache array `[L, B, S, K, H]`.
 
     Each row is written at its own offset (one scatter); slots past `max_len` are dropped.
     """
     batch, length = new.shape[:2]
     slots = starts[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
-    rows = jnp.arange(batch, dtype=jnp.int32)[:, None]
+    rows = row_offset + jnp.arange(batch, dtype=jnp.int32)[:, None]
     return buffer.at[layer, rows, slots].set(new.astype(buffer.dtype), mode="drop")
 
 
@@ -208,6 +208,9 @@ class Attention(nnx.Module):
         q = rope.apply_rope(self.q_proj(x), cos, sin)
         k = rope.apply_rope(self.k_proj(x), cos, sin)
         v = self.v_proj(x)
+        if isinstance(context, _MixedContext):
+            out, kv = context.attend(q, k, v, kv, layer, use_window)
+            return self.o_proj(out), kv
         if kv is not None:
             kv = tuple(write_rows(cache, layer, new, context.cache_starts) for cache, new in zip(kv, (k, v)))
             if context.reads_cache:
@@ -229,15 +232,39 @@ class _AttentionContext:
     mesh: Mesh | None
     rules: ShardingRules
 
-    def attend(self, q, k, v, layer, use_window) -> jax.Array:
+    def attend(self, q, k, v, layer, use_window, row_offset=0) -> jax.Array:
         def run(window):
             return attention.attend(q, k, v, self.mask.with_window(window), backend=self.backend, layer=layer,
-                                    mesh=self.mesh, rules=self.rules)
+                                    row_offset=row_offset, mesh=self.mesh, rules=self.rules)
 
         if isinstance(use_window, (bool, int, np.integer)):
             return run(self.window if use_window else 0)
         # A scanned stack mixing full and sliding layers: the flag is traced, pick per layer.
         return jax.lax.cond(use_window, lambda: run(self.window), lambda: run(0))
+
+
+@dataclasses.dataclass(frozen=True)
+class _MixedContext:
+    """Attention of a mixed step (`Qwen2ForCausalLM.mixed_hidden_states`): the call's tokens are
+    `width` decode tokens (one per cache row 0..width-1) followed by a prompt chunk of cache row
+    `row`; each group writes its keys into its rows and attends to its own rows of the cache."""
+
+    decode: _AttentionContext
+    chunk: _AttentionContext
+    width: int
+    row: jax.Array  # int32 scalar: the chunk's cache row
+
+    def attend(self, q, k, v, kv, layer, use_window):
+        W = self.width
+        (q_dec, q_chunk), (k_dec, k_chunk), (v_dec, v_chunk) = (
+            (x[0, :W, None], x[:, W:]) for x in (q, k, v))  # [W, 1, heads, H] and [1, C, heads, H]
+        # Decode rows first: an idle row (the chunk's own row among them) writes a slot the chunk then overwrites.
+        kv = tuple(write_rows(cache, layer, new, self.decode.cache_starts) for cache, new in zip(kv, (k_dec, v_dec)))
+        kv = tuple(write_rows(cache, layer, new, self.chunk.cache_starts, self.row)
+                   for cache, new in zip(kv, (k_chunk, v_chunk)))
+        out_dec = self.decode.attend(q_dec, *kv, layer, use_window)
+        out_chunk = self.chunk.attend(q_chunk, *kv, layer, use_window, row_offset=self.row)
+        return jnp.concatenate([out_dec[:, 0][None], out_chunk], axis=1), kv
 
 
 class MLP(nnx.Module):
@@ -412,6 +439,44 @@ class Qwen2ForCausalLM(nnx.Module):
         x = constrain(x, ("batch", "seq", "act_embed"), mesh, rules)
         cos, sin = rope.rope_tables(cfg, positions, self.dtype, rope_length)
         context = self._attention_context(input_ids.shape, attention_mask, segment_ids, cache, empty_cache)
+        x, kv = self._run_layers(x, cos, sin, context, None if cache is None else (cache.k, cache.v))
+        new_cache = None
+        if cache is not None:
+            added = input_ids.shape[1] if attention_mask is None else jnp.sum(attention_mask, axis=1, dtype=jnp.int32)
+            new_cache = KVCache(kv[0], kv[1], cache.lengths + added)
+        return x, new_cache
+
+    def mixed_hidden_states(self, tokens, active, chunk_ids, chunk_length, row, cache: KVCache):
+        """One step of continuous batching that decodes and prefills together (chunked prefill).
+
+        tokens: int32 `[W]`, the next token of cache rows 0..W-1; `active[W]` marks the rows that
+          decode (an inactive row keeps its length; what it computes is ignored).
+        chunk_ids: int32 `[1, C]`, the next `chunk_length` prompt tokens of cache row `row`
+          (right-padded to C), written from that row's length on; `active[row]` must be False.
+        Both groups run through every projection and MLP as one `[1, W + C]` batch of tokens
+        (the decode rows ride on the chunk's matrix products), and each attends to its own cache
+        rows exactly as a separate decode step and prefill chunk would (`KVCache` contract).
+        Returns final-norm hidden states `[W, D]` (decode rows) and `[C, D]` (the chunk), and the
+        cache with rows 0..W-1 advanced by `active` and row `row` by `chunk_length`.
+        """
+        cfg, mesh, rules = self.config, self.mesh, self.rules
+        W, C = tokens.shape[0], chunk_ids.shape[1]
+        decode_starts = cache.lengths[:W]
+        row_start = jax.lax.dynamic_index_in_dim(cache.lengths, row, keepdims=True)  # [1]
+        chunk_positions = row_start[:, None] + jnp.arange(C, dtype=jnp.int32)[None, :]
+        x = self.model.embed_tokens(jnp.concatenate([tokens[None, :], chunk_ids], axis=1))
+        x = constrain(x, ("batch", "seq", "act_embed"), mesh, rules)
+        tables = [rope.rope_tables(cfg, p, self.dtype) for p in (decode_starts[None, :], chunk_positions)]
+        cos, sin = (jnp.concatenate(parts, axis=1) for parts in zip(*tables))
+        context = _MixedContext(self._cached_context(decode_starts, 1, cache.max_len),
+                                self._cached_context(row_start, C, cache.max_len), W, jnp.asarray(row, jnp.int32))
+        x, kv = self._run_layers(x, cos, sin, context, (cache.k, cache.v))
+        lengths = cache.lengths.at[:W].add(active.astype(jnp.int32)).at[row].add(chunk_length)
+        return x[0, :W], x[0, W:], KVCache(kv[0], kv[1], lengths)
+
+    def _run_layers(self, x, cos, sin, context, kv):
+        """Every decoder layer, then the final norm; returns (hidden states, cache arrays or None)."""
+        cfg, mesh, rules = self.config, self.mesh, self.rules
 
         def run_layer(layer_graph, layer_state, h, kv, layer_idx, use_window):
             layer = nnx.merge(layer_graph, layer_state)
@@ -421,7 +486,6 @@ class Qwen2ForCausalLM(nnx.Module):
         if self.remat != "none":
             run_layer = jax.checkpoint(run_layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False,
                                        static_argnums=(0,))
-        kv = None if cache is None else (cache.k, cache.v)
         uses_window = tuple(w > 0 for w in cfg.layer_windows)
         if isinstance(self.model.layers, nnx.List):
             # Unrolled: each layer reads its own weight arrays (no per-step slice of a stacked array).
@@ -437,18 +501,25 @@ class Qwen2ForCausalLM(nnx.Module):
 
             layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
             (x, kv), _ = jax.lax.scan(body, (x, kv), (layers_state, layer_ids, jnp.asarray(uses_window)))
-        x = self.model.norm(x)
-        new_cache = None
-        if cache is not None:
-            added = input_ids.shape[1] if attention_mask is None else jnp.sum(attention_mask, axis=1, dtype=jnp.int32)
-            new_cache = KVCache(kv[0], kv[1], cache.lengths + added)
-        return x, new_cache
+        return self.model.norm(x), kv
+
+    def _window(self) -> int:
+        windows = {w for w in self.config.layer_windows if w}
+        if len(windows) > 1:
+            raise ValueError(f"layers use different sliding windows {sorted(windows)}; qwen-jax supports one")
+        return windows.pop() if windows else 0
+
+    def _cached_context(self, starts, q_len: int, max_len: int) -> _AttentionContext:
+        """The context of `q_len` new tokens per row read against a cache whose rows start at `starts`."""
+        backend = attention.select_backend(
+            self.attention, q_len=q_len, kv_len=max_len, cached=True, dtype=self.dtype, head_dim=self.config.head_dim,
+            platform=attention.platform_of(self.mesh))
+        return _AttentionContext(backend, AttentionMask.cached(starts), self._window(), starts, True, self.mesh,
+                                 self.rules)
 
     def _attention_context(self, shape, attention_mask, segment_ids, cache, empty_cache=False) -> _AttentionContext:
         cfg = self.config
-        windows = {w for w in cfg.layer_windows if w}
-        if len(windows) > 1:
-            raise ValueError(f"layers use different sliding windows {sorted(windows)}; qwen-jax supports one")
+        window = self._window()
         if cache is None:
             if attention_mask is not None:  # padding gets its own segment: real tokens never see it
                 segment_ids = attention_mask if segment_ids is None else jnp.where(attention_mask > 0, segment_ids, -1)
@@ -463,8 +534,8 @@ class Qwen2ForCausalLM(nnx.Module):
         backend = attention.select_backend(
             self.attention, q_len=shape[1], kv_len=cache.max_len if reads_cache else shape[1],
             cached=reads_cache, dtype=self.dtype, head_dim=cfg.head_dim, platform=attention.platform_of(self.mesh))
-        return _AttentionContext(backend, mask, windows.pop() if windows else 0,
-                                 None if cache is None else cache.lengths, reads_cache, self.mesh, self.rules)
+        return _AttentionContext(backend, mask, window, None if cache is None else cache.lengths, reads_cache,
+                                 self.mesh, self.rules)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Full-vocabulary float32 logits from final hidden states."""

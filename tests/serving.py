@@ -107,6 +107,7 @@ def wait_until(condition, timeout: float = 30.0, interval: float = 0.02) -> bool
 
 ENGINE_SLOTS = 8
 ENGINE_MAX_LEN = 64
+ENGINE_CHUNK = 16  # prompt tokens per mixed step: most test prompts go in over several steps
 
 
 @pytest.fixture(scope="session")
@@ -124,11 +125,12 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model):
-    """An Engine (8 slots, 64 tokens) over `tiny_model`, compiled once for the whole session."""
+    """An Engine (8 slots, 64 tokens, 16-token prefill chunks) over `tiny_model`, compiled once for the whole session."""
     from qwen_jax.engine import Engine
 
     model, tokenizer = tiny_model
-    engine = Engine(model, tokenizer, slots=ENGINE_SLOTS, max_len=ENGINE_MAX_LEN, warmup=True)
+    engine = Engine(model, tokenizer, slots=ENGINE_SLOTS, max_len=ENGINE_MAX_LEN, prefill_chunk=ENGINE_CHUNK,
+                    warmup=True)
     yield engine
     engine.shutdown()
 

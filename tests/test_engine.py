@@ -4,6 +4,7 @@ import threading
 
 import jax
 import pytest
+from serving import ENGINE_CHUNK as CHUNK
 from serving import ENGINE_MAX_LEN as MAX_LEN
 from serving import ENGINE_SLOTS as SLOTS
 from serving import tiny_engine, tiny_model, wait_until  # noqa: F401 (fixtures)
@@ -119,6 +120,29 @@ def test_gaps_are_closed_and_steps_run_only_the_rows_in_use(engine):
     assert steps >= 23 and rows <= 4 * 4 + 2 * (steps - 4), (steps, rows)  # width 4 while 3 run, then 2
 
 
+def test_prompts_go_in_chunk_by_chunk_while_others_decode(engine):
+    """A long prompt admitted while requests decode is prefilled over several mixed steps (each
+    also decoding the running rows); the running requests keep generating meanwhile, and every
+    request gives exactly what it gives alone (a multi-chunk prompt alone is prefilled whole)."""
+    long_prompt = "Once upon a time in a land far away, a fox"  # 42 tokens: chunks of 16, 16 and 10
+    assert len(long_prompt) > 2 * CHUNK
+    settings = [dict(max_new_tokens=20, temperature=0),
+                dict(max_new_tokens=20, temperature=0.9, top_p=0.9, seed=7, repetition_penalty=1.2),
+                dict(max_new_tokens=8, temperature=0)]
+    prompts = [PROBE, OTHERS[0], long_prompt]
+    alone = [_tokens(engine, p, **o).token_ids for p, o in zip(prompts, settings)]
+    before = engine.stats()
+    running = [engine.submit(p, **o) for p, o in zip(prompts[:2], settings[:2])]
+    assert wait_until(lambda: engine.stats().generated_tokens >= before.generated_tokens + 2, interval=0.001)
+    late = engine.submit(prompts[2], **settings[2])
+    assert [h.result(120).token_ids for h in (*running, late)] == alone
+    after = engine.stats()
+    # The first prompt (nothing decoding) is prefilled whole; the second goes in as a chunk beside the first's
+    # decoding, the late one in three chunks beside both: every chunk step decoded the running rows too.
+    assert after.prefill_chunks - before.prefill_chunks >= 4, (before, after)
+    assert after.decode_rows - before.decode_rows >= 2 * (after.prefill_chunks - before.prefill_chunks)
+
+
 def test_abort_frees_the_slot(engine):
     first_token = threading.Event()
     handle = engine.submit(PROBE, max_new_tokens=40, temperature=0.5, on_delta=lambda delta: first_token.set())
@@ -143,7 +167,8 @@ def test_bad_requests_and_queue_limit(loaded, engine):
     with pytest.raises(EngineError, match="outside the vocabulary"):
         engine.submit([1, 2, 10_000])
     model, tokenizer = loaded
-    small = qwen_jax.Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN, max_queue=1)  # shares the compiled programs
+    small = qwen_jax.Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN, max_queue=1,
+                            prefill_chunk=CHUNK)  # shares the compiled programs
     try:
         admitted = [small.submit(PROBE, max_new_tokens=40) for _ in range(SLOTS + 1)]
         with pytest.raises(QueueFullError):
@@ -187,7 +212,7 @@ def test_engine_on_a_mesh_equals_one_device(tmp_path, tiny_engine):
     path = byte_checkpoint(tmp_path / "ckpt", tie_word_embeddings=False, initializer_range=0.3)
     mesh = qwen_jax.make_mesh(data=2, fsdp=1, tensor=2, devices=jax.devices()[:4])  # slots over data, heads over tensor
     model, tokenizer = qwen_jax.load(path, mesh=mesh)
-    sharded = qwen_jax.Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN)
+    sharded = qwen_jax.Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN, prefill_chunk=CHUNK)
     try:
         prompts = [PROBE, *OTHERS]
         on_mesh = sharded.generate(prompts, max_new_tokens=12, temperature=0, progress=False)
@@ -201,7 +226,7 @@ def test_engine_on_a_mesh_equals_one_device(tmp_path, tiny_engine):
 
 def test_device_failure_fails_requests_and_refuses_new_ones(loaded, caplog):
     model, tokenizer = loaded
-    broken = qwen_jax.Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN)  # shares the compiled programs
+    broken = qwen_jax.Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN, prefill_chunk=CHUNK)  # shares the compiled programs
 
     def decode_step(rows):
         raise RuntimeError("device lost")

@@ -121,6 +121,47 @@ def test_prefill_into_an_empty_cache_equals_reading_the_cache(hf_checkpoint, bac
         assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-5
 
 
+@pytest.mark.parametrize("backend,scan_layers", [("xla", True), ("chunked", False)])
+def test_mixed_step_equals_a_decode_step_and_a_prefill_chunk(hf_checkpoint, backend, scan_layers):
+    """`mixed_hidden_states` (the serving engine's decode rows and one row's prompt chunk in one call)
+    gives what a separate decode step of those rows and a prefill chunk of that row give: hidden
+    states, cache contents and lengths; ragged rows, an idle row, sliding-window and full layers,
+    a chunk continuing a partly prefilled row with padding after its real tokens."""
+    from qwen_jax.model import KVCache
+
+    _, path = hf_checkpoint(use_sliding_window=True, sliding_window=20, max_window_layers=1,
+                            max_position_embeddings=1024)
+    model = load_model(path, dtype=jnp.float32, attention=backend, scan_layers=scan_layers)
+    rows, max_len, chunk, real = 4, 600, 48, 37
+    cache = KVCache.init(model.config, rows, max_len, jnp.float32)
+    prompts = _ids(rows, 560, seed=3)
+    for row, length in enumerate((530, 30, 9, 0)):  # row 2 is the one being prefilled (9 tokens in so far)
+        if length:
+            one = KVCache.init(model.config, 1, max_len, jnp.float32)
+            _, one = model(jnp.asarray(prompts[row:row + 1, :length]), cache=one)
+            cache = cache.insert(one, row)
+    tokens = jnp.asarray(_ids(1, rows, seed=4)[0])
+    active = jnp.asarray([True, True, False, False])
+    chunk_ids = jnp.asarray(_ids(1, chunk, seed=5))
+    decoded, prefilled, mixed_cache = model.mixed_hidden_states(tokens, active, chunk_ids, jnp.int32(real),
+                                                                jnp.int32(2), cache)
+    step, step_cache = model.hidden_states(tokens[:, None], cache.lengths[:, None], active[:, None].astype(jnp.int32),
+                                           cache=cache)
+    row_cache = KVCache(cache.k[:, 2:3], cache.v[:, 2:3], cache.lengths[2:3])
+    positions = row_cache.lengths[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+    mask = (jnp.arange(chunk) < real)[None].astype(jnp.int32)
+    alone, alone_cache = model.hidden_states(chunk_ids, positions, mask, cache=row_cache)
+    np.testing.assert_array_equal(np.asarray(mixed_cache.lengths), [531, 31, 9 + real, 0])
+    assert np.abs(np.asarray(decoded)[:2] - np.asarray(step)[:2, 0]).max() <= 1e-5
+    assert np.abs(np.asarray(prefilled)[:real] - np.asarray(alone)[0, :real]).max() <= 1e-5
+    for got, decode_ref, chunk_ref in ((mixed_cache.k, step_cache.k, alone_cache.k),
+                                       (mixed_cache.v, step_cache.v, alone_cache.v)):
+        got, decode_ref, chunk_ref = np.asarray(got), np.asarray(decode_ref), np.asarray(chunk_ref)
+        for row, filled in ((0, 531), (1, 31)):
+            assert np.abs(got[:, row, :filled] - decode_ref[:, row, :filled]).max() <= 1e-5
+        assert np.abs(got[:, 2, :9 + real] - chunk_ref[:, 0, :9 + real]).max() <= 1e-5
+
+
 def test_prefill_memory_grows_linearly_with_length():
     """Compiled memory of a jitted long-prompt forward (0.5B attention geometry: 14 query heads,
     2 KV heads, head_dim 64, MLP 4864) stays under a bound linear in T with chunked attention;

@@ -13,6 +13,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from serving import (
+    ENGINE_CHUNK,
     ENGINE_MAX_LEN,
     ENGINE_SLOTS,
     LiveServer,
@@ -231,7 +232,8 @@ def test_disconnect_aborts_and_frees_the_slot(server, tiny_engine, long_prompt):
 
 def test_queue_full_gives_503(tiny_model, long_prompt):
     model, tokenizer = tiny_model
-    engine = Engine(model, tokenizer, slots=ENGINE_SLOTS, max_len=ENGINE_MAX_LEN, max_queue=0)  # shares programs
+    engine = Engine(model, tokenizer, slots=ENGINE_SLOTS, max_len=ENGINE_MAX_LEN, max_queue=0,
+                    prefill_chunk=ENGINE_CHUNK)  # shares programs
     try:
         with LiveServer(engine, MODEL) as live:
             client = live.client()
@@ -250,7 +252,7 @@ def test_queue_full_gives_503(tiny_model, long_prompt):
 
 def test_shutdown_deadline_aborts_running_streams(tiny_model, long_prompt):
     model, tokenizer = tiny_model
-    engine = Engine(model, tokenizer, slots=ENGINE_SLOTS, max_len=ENGINE_MAX_LEN)
+    engine = Engine(model, tokenizer, slots=ENGINE_SLOTS, max_len=ENGINE_MAX_LEN, prefill_chunk=ENGINE_CHUNK)
     try:
         with LiveServer(engine, MODEL) as live:
             stream = live.client().completions.create(model=MODEL, prompt=long_prompt, max_tokens=50,

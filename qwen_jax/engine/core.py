@@ -1,9 +1,14 @@
 """`Engine`: continuous batching over a fixed number of decode slots, on its own thread.
 
-How it runs. Requests wait in a FIFO queue. Whenever a slot is free, the engine thread prefills
-the next request alone (its prompt padded to a bucket, `prefill_buckets`), samples its first token and
-inserts its KV cache into the lowest free slot; then one decode step advances every occupied slot
-by a token. Each slot keeps its own cache length and positions, so what a request generates never
+How it runs. Requests wait in a FIFO queue and take the lowest free slot as one frees up. Each
+engine iteration dispatches one step. While requests are decoding, a request that has just taken a
+slot is prefilled in chunks (`prefill_chunk` tokens, default 64 on CPU and 512 on GPU/TPU), each
+chunk fused with the decode step of the running requests (`mixed` programs: the decode rows ride
+on the chunk's matrix products, so the running requests keep generating while a prompt goes in,
+and a step costs far less than a prefill and a decode step apart); the chunk that ends the prompt
+also samples its first token. When nothing is decoding, the next prompt is prefilled whole in one
+call (padded to a bucket, `prefill_buckets`: the fastest way to a first token) and inserted into
+its slot. Otherwise one decode step advances every decoding slot by a token. Each slot keeps its own cache length and positions, so what a request generates never
 depends on which requests share the batch or when it joined. A request that finishes (stop token,
 stop string, max tokens) or is aborted frees its slot at once; a gap it leaves below running
 requests is closed by moving the highest one down (one row copy), so the running requests fill
@@ -15,7 +20,8 @@ step i-1 are read back, so detokenizing and stop-string matching overlap the dev
 that ends is therefore computed one step further than needed, and that token is dropped.
 
 All device work goes through `EnginePrograms`: a fixed set of ahead-of-time compiled programs
-(prefill per bucket, insert, decode step per width, samplers, logprobs, row move). `warmup()`
+(prefill per bucket, insert, decode step per width, mixed step per width and chunk length,
+samplers, logprobs, row move). `warmup()`
 compiles all of them; afterwards nothing compiles while serving.
 """
 
@@ -31,7 +37,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from qwen_jax.engine.programs import EnginePrograms, StepOutputs
+from qwen_jax import attention
+from qwen_jax.engine.programs import EnginePrograms, StepOutputs, default_prefill_chunk
 from qwen_jax.engine.requests import (
     Completion,
     Delta,
@@ -63,6 +70,7 @@ class EngineStats:
     aborted_requests: int
     decode_steps: int
     decode_rows: int  # rows the decode steps computed (each step runs a compiled width >= its occupied slots)
+    prefill_chunks: int  # decode steps that also prefilled a chunk of a prompt (mixed steps)
     slot_moves: int  # requests moved to a lower slot to close a gap
     healthy: bool
     accepting: bool
@@ -84,13 +92,16 @@ class Engine:
         max_len: tokens per slot (prompt + generated); default min(model context, 4096).
         max_queue: requests allowed to wait for a slot (None: unbounded); beyond it `submit`
             raises QueueFullError.
-        prefill_buckets: padded prompt lengths (default: powers of two from 16 to max_len).
+        prefill_buckets: padded prompt lengths of a whole-prompt prefill (default: powers of two
+            from 16 to max_len).
+        prefill_chunk: prompt tokens per mixed step while other requests decode (default 64 on
+            CPU, 512 on GPU/TPU); 0 prefills every prompt whole, pausing the running requests.
         warmup: compile every program now instead of on first use.
     """
 
     def __init__(self, model, tokenizer, *, slots: int = 8, max_len: int | None = None, max_queue: int | None = None,
                  config: GenerationConfig | None = None, prefill_buckets: Sequence[int] | None = None,
-                 warmup: bool = False):
+                 prefill_chunk: int | None = None, warmup: bool = False):
         context = model.config.max_position_embeddings
         max_len = min(context, DEFAULT_MAX_LEN) if max_len is None else int(max_len)
         if not 2 <= max_len <= context:
@@ -99,6 +110,10 @@ class Engine:
             raise EngineError(f"slots must be >= 1, got {slots}")
         if max_queue is not None and max_queue < 0:
             raise EngineError(f"max_queue must be >= 0, got {max_queue}")
+        if prefill_chunk is None:
+            prefill_chunk = default_prefill_chunk(attention.platform_of(model.mesh))
+        if prefill_chunk < 0:
+            raise EngineError(f"prefill_chunk must be >= 0 (0: prefill prompts whole), got {prefill_chunk}")
         self.model = model
         self.tokenizer = tokenizer
         self.slots = int(slots)
@@ -110,7 +125,8 @@ class Engine:
             config = config.replace(eos_token_ids=(*config.eos_token_ids, eos))
         self.config = config
         self.programs = EnginePrograms(model, slots=self.slots, max_len=max_len, buckets=prefill_buckets,
-                                       pad_id=config.pad_token_id or tokenizer.pad_token_id or 0)
+                                       pad_id=config.pad_token_id or tokenizer.pad_token_id or 0,
+                                       prefill_chunk=prefill_chunk)
 
         self._lock = threading.Lock()  # guards the counters below, read by other threads
         self._live_ids: set[str] = set()  # submitted and not finished
@@ -118,6 +134,7 @@ class Engine:
         self._stats = collections.Counter()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: collections.deque[Request] = collections.deque()
+        self._prefilling: collections.deque[Request] = collections.deque()  # in a slot, prompt not all in yet
         self._requests: dict[str, Request] = {}
         self._slot_owner: list[Request | None] = [None] * self.slots
         self._pending: collections.deque[StepOutputs] = collections.deque()
@@ -233,7 +250,7 @@ class Engine:
                 prompt_tokens=counts.get("prompt_tokens", 0), generated_tokens=counts.get("generated_tokens", 0),
                 finished_requests=counts.get("finished", 0), aborted_requests=counts.get("aborted", 0),
                 decode_steps=counts.get("decode_steps", 0), decode_rows=counts.get("decode_rows", 0),
-                slot_moves=counts.get("slot_moves", 0),
+                prefill_chunks=counts.get("prefill_chunks", 0), slot_moves=counts.get("slot_moves", 0),
                 healthy=self._error is None and (self._thread.is_alive() or not self._accepting),
                 accepting=self._accepting)
 
@@ -308,7 +325,7 @@ class Engine:
                     break
                 dispatched_before = len(self._pending)
                 self._admit()
-                self._dispatch_decode()
+                self._dispatch()
                 # Read back everything dispatched in earlier iterations; this iteration's work runs meanwhile.
                 in_flight_now = len(self._pending) - dispatched_before
                 keep = in_flight_now if self._has_running() else 0
@@ -358,9 +375,9 @@ class Engine:
         self._finish(request, request.end("abort"))
 
     def _admit(self) -> None:
-        """Prefill waiting requests into the lowest free slots (FIFO), then close the gaps that
-        finished requests left below occupied slots, so the running requests fill slots 0..n-1
-        and a decode step runs only as many rows as are in use."""
+        """Give waiting requests the lowest free slots (FIFO; their prompts go in from `_dispatch`),
+        then close the gaps that finished requests left below occupied slots, so the requests fill
+        slots 0..n-1 and a step runs only as many rows as are in use."""
         for slot in range(self.slots):
             if not self._waiting:
                 break
@@ -369,8 +386,7 @@ class Engine:
             request = self._waiting.popleft()
             request.slot = slot
             self._slot_owner[slot] = request
-            self._pending.append(self.programs.prefill_into_slot(request.prompt_ids, request.options, slot, request))
-            request.dispatched = 1
+            self._prefilling.append(request)
             with self._lock:
                 self._stats["prompt_tokens"] += len(request.prompt_ids)
         self._compact()
@@ -391,21 +407,53 @@ class Engine:
             with self._lock:
                 self._stats["slot_moves"] += 1
 
-    def _dispatch_decode(self) -> None:
-        rows: list[Request | None] = [
-            r if r is not None and not r.finished and r.dispatched < r.options.max_new_tokens else None
-            for r in self._slot_owner]
-        if not any(rows):
+    def _decode_rows(self) -> list[Request | None]:
+        """Per slot, the request a step would decode a token for (None: idle or still prefilling)."""
+        return [r if r is not None and not r.finished and r.prefilled == len(r.prompt_ids)
+                and r.dispatched < r.options.max_new_tokens else None for r in self._slot_owner]
+
+    def _prefill_whole(self, request: Request) -> None:
+        self._pending.append(self.programs.prefill_into_slot(request.prompt_ids, request.options, request.slot,
+                                                             request))
+        request.prefilled, request.dispatched = len(request.prompt_ids), 1
+        self._prefilling.remove(request)
+
+    def _dispatch(self) -> None:
+        """Dispatch this iteration's step: prompts prefilled whole when nothing decodes (or chunking
+        is off), then a mixed step (decode + the next prompt chunk) or a plain decode step."""
+        if not self.programs.chunks:
+            for request in list(self._prefilling):
+                self._prefill_whole(request)
+        elif self._prefilling and self._prefilling[0].prefilled == 0 and not any(self._decode_rows()):
+            self._prefill_whole(self._prefilling[0])
+        rows = self._decode_rows()
+        chunk_owner = self._prefilling[0] if self._prefilling else None
+        if chunk_owner is None and not any(rows):
             return
-        used = max(i for i, r in enumerate(rows) if r is not None) + 1
+        used = max((i for i, r in enumerate(rows) if r is not None), default=-1) + 1
+        if chunk_owner is not None:
+            used = max(used, chunk_owner.slot + 1)
         rows = rows[:self.programs.width_for(used)]
-        self._pending.append(self.programs.decode_step(rows))
+        if chunk_owner is None:
+            self._pending.append(self.programs.decode_step(rows))
+        else:
+            if chunk_owner.prefilled == 0:
+                self.programs.start_row(chunk_owner.options, chunk_owner.slot)
+            start = chunk_owner.prefilled
+            chunk = chunk_owner.prompt_ids[start:start + self.programs.chunks[-1]]
+            chunk_owner.prefilled += len(chunk)
+            final = chunk_owner.prefilled == len(chunk_owner.prompt_ids)
+            self._pending.append(self.programs.mixed_step(rows, chunk, chunk_owner.slot, chunk_owner, final))
+            if final:
+                chunk_owner.dispatched = 1
+                self._prefilling.popleft()
         for r in rows:
             if r is not None:
                 r.dispatched += 1
         with self._lock:
             self._stats["decode_steps"] += 1
             self._stats["decode_rows"] += len(rows)
+            self._stats["prefill_chunks"] += chunk_owner is not None
 
     def _process(self, outputs: StepOutputs) -> None:
         tokens, logprobs = outputs.fetch()
@@ -440,6 +488,8 @@ class Engine:
     def _finish(self, request: Request, delta: Delta) -> None:
         if request.slot is not None and self._slot_owner[request.slot] is request:
             self._slot_owner[request.slot] = None
+        if request in self._prefilling:
+            self._prefilling.remove(request)
         self._requests.pop(request.id, None)
         with self._lock:
             self._live_ids.discard(request.id)

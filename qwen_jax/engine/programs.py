@@ -7,11 +7,17 @@ compiles while serving):
 - `sample[variant]`: per-row sampling (`qwen_jax.engine.sampler`) of a prefilled prompt's first
   token into its one-row state (last token, seen set, token index).
 - `insert[bucket]`: `KVCache.insert` of a prefilled one-row cache, and its row state, into a slot.
+- `start`: a request's row state into a slot whose cache row is emptied (before chunked prefill).
+- `mixed[width, chunk]`: a decode step of the first `width` slots fused with the next chunk (up to
+  `chunk` tokens) of one slot's prompt, written into that slot's cache row (chunked prefill,
+  `Qwen2ForCausalLM.mixed_hidden_states`): the decode rows ride on the chunk's matrix products
+  instead of waiting for a separate prefill. The chunk's row is one of the `width` rows (idle in
+  the decode part); its logits are those of the chunk's last real token.
 - `decode[width]`: one token for each of the first `width` slots (`decode_widths`: 1, 2, 4, ...,
   slots); each row attends to its own filled cache and advances its own length (`KVCache`
   contract); idle rows keep their length. The engine keeps its requests in the lowest slots, so a
   step costs what its occupied rows cost, not what `slots` rows cost.
-- `step_sample[width, variant]`: sampling of those rows into the slot state.
+- `step_sample[width, variant]`: sampling of the rows a step produced a token for into the slot state.
 - `logprobs[rows]`: log-softmax of the raw logits: the chosen token's and the 20 most likely.
 - `move`: copy one slot's cache row and state into another (the engine closes gaps with it).
 
@@ -56,11 +62,11 @@ class StepOutputs:
     """Device results of one dispatched step, read back later (see `Engine._process`)."""
 
     rows: list  # the Request each row belonged to when dispatched (None: an idle row)
-    tokens: jax.Array
+    tokens: jax.Array | None  # None: a step that produced no token (a prompt chunk alone)
     logprobs: tuple[jax.Array, jax.Array, jax.Array] | None
 
     def fetch(self) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
-        tokens = np.asarray(self.tokens)
+        tokens = None if self.tokens is None else np.asarray(self.tokens)
         logprobs = None if self.logprobs is None else tuple(np.asarray(x) for x in self.logprobs)
         return tokens, logprobs
 
@@ -81,6 +87,24 @@ def prefill_buckets(max_len: int, buckets=None) -> tuple[int, ...]:
         out.append(bucket)
         bucket *= 2
     return (*out, max_len - 1)
+
+
+def default_prefill_chunk(platform: str) -> int:
+    """Prompt tokens a mixed step prefills: 64 on CPU (a 2-core step of 64 + 8 rows costs ~1.5x a
+    decode step of 8 and carries 64 prompt tokens), 512 on GPU/TPU (which reach full matrix-unit
+    use only at hundreds of rows)."""
+    return 64 if platform == "cpu" else 512
+
+
+def chunk_buckets(prefill_chunk: int) -> tuple[int, ...]:
+    """Compiled chunk lengths of the mixed step: powers of two from 16 below `prefill_chunk`, and it."""
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    out, bucket = [], 16
+    while bucket < prefill_chunk:
+        out.append(bucket)
+        bucket *= 2
+    return (*out, prefill_chunk)
 
 
 # Compiled programs, shared by every engine with the same model structure, shardings and sizes.
@@ -108,13 +132,15 @@ class EnginePrograms:
     may be called from any thread.
     """
 
-    def __init__(self, model, *, slots: int, max_len: int, buckets=None, pad_id: int = 0):
+    def __init__(self, model, *, slots: int, max_len: int, buckets=None, pad_id: int = 0, prefill_chunk: int = 64):
         self.config = model.config
         self.vocab = model.config.vocab_size
         self.slots = slots
         self.max_len = max_len
         self.buckets = prefill_buckets(max_len, buckets)
         self.widths = decode_widths(slots)
+        # Chunked prefill fused with decoding (0: off, every prompt is prefilled alone).
+        self.chunks = chunk_buckets(min(prefill_chunk, max_len - 1)) if prefill_chunk else ()
         self.pad_id = int(pad_id)
         self.dtype = model.dtype
         self.graphdef, self.state = nnx.split(model)
@@ -198,11 +224,19 @@ class EnginePrograms:
         self._logprobs_executable(1)
         for width in self.widths:
             self._decode_executable(width)
+            for chunk in self.chunks:
+                self._mixed_executable(width, chunk)
             for variant in SamplerVariant:
                 self._step_sample_executable(width, variant)
             self._logprobs_executable(width)
         self._move_executable()
+        if self.chunks:
+            self._start_executable()
         return time.perf_counter() - start
+
+    def chunk_for(self, tokens: int) -> int:
+        """The compiled chunk length for the next `tokens` prompt tokens (at most the largest)."""
+        return next((c for c in self.chunks if c >= tokens), self.chunks[-1])
 
     def width_for(self, rows: int) -> int:
         """The narrowest compiled decode width that covers the first `rows` slots."""
@@ -254,16 +288,20 @@ class EnginePrograms:
         return self._executable(("sample", variant), build)
 
     def _step_sample_executable(self, width: int, variant: SamplerVariant):
-        """A decode step's tokens for the first `width` slots, sampled into the slot state."""
-        def step_sample(logits, slot_state: SlotState):
+        """A step's tokens for the first `width` slots, sampled into the slot state of the rows
+        `take` marks (the others keep their state: idle slots, a prompt still being prefilled)."""
+        def step_sample(logits, slot_state: SlotState, take):
             rows = jax.tree.map(lambda x: x[:width], slot_state)
-            rows, tokens = _sample(logits, rows, variant)
+            sampled, tokens = _sample(logits, rows, variant)
+            rows = jax.tree.map(lambda new, old: jnp.where(take.reshape(-1, *(1,) * (new.ndim - 1)), new, old),
+                                sampled, rows)
             return jax.tree.map(lambda whole, part: whole.at[:width].set(part), slot_state, rows), tokens
 
         def build():
             logits = _spec((width, self.vocab), jnp.float32, self._logits_sharding(width))
             return (jax.jit(step_sample, donate_argnums=1, out_shardings=self._replicated())
-                    .lower(logits, self._slot_state_spec(self.slots)).compile())
+                    .lower(logits, self._slot_state_spec(self.slots), self._scalar_spec((width,), jnp.bool_))
+                    .compile())
 
         return self._executable(("step_sample", width, variant), build)
 
@@ -301,6 +339,44 @@ class EnginePrograms:
                            self._scalar_spec((self.slots,)), self._scalar_spec((width,), jnp.bool_)).compile())
 
         return self._executable(("decode", width), build)
+
+    def _start_executable(self):
+        def start(cache: KVCache, slot_state, row_state, slot):
+            slot_state = jax.tree.map(lambda whole, row: jax.lax.dynamic_update_index_in_dim(whole, row[0], slot, 0),
+                                      slot_state, row_state)
+            return dataclasses.replace(cache, lengths=cache.lengths.at[slot].set(0)), slot_state
+
+        def build():
+            out_shardings = None if self.mesh is None else (self._cache_sharding(self.slots, self.max_len),
+                                                            self._replicated())
+            return (jax.jit(start, donate_argnums=(0, 1), out_shardings=out_shardings)
+                    .lower(self._cache_spec(self.slots, self.max_len), self._slot_state_spec(self.slots),
+                           self._slot_state_spec(1), self._scalar_spec()).compile())
+
+        return self._executable(("start",), build)
+
+    def _mixed_executable(self, width: int, chunk: int):
+        def mixed(state, cache: KVCache, slot_state: SlotState, active, chunk_ids, chunk_length, slot):
+            model = nnx.merge(self.graphdef, state)
+            decoded, prefilled, cache = model.mixed_hidden_states(slot_state.tokens[:width], active, chunk_ids,
+                                                                  chunk_length, slot, cache)
+            last = jax.lax.dynamic_index_in_dim(prefilled, chunk_length - 1, 0)  # [1, D]
+            hidden = jax.lax.dynamic_update_slice_in_dim(decoded, last, slot, 0)  # the chunk's row: its last token
+            logits = model.logits(hidden[:, None])[:, 0]
+            valid = jnp.arange(chunk, dtype=jnp.int32)[None, :] < chunk_length
+            row_seen = mark_seen(jax.lax.dynamic_index_in_dim(slot_state.seen, slot, 0), chunk_ids, valid)
+            seen = jax.lax.dynamic_update_index_in_dim(slot_state.seen, row_seen[0], slot, 0)
+            return logits, cache, dataclasses.replace(slot_state, seen=seen)
+
+        def build():
+            out_shardings = None if self.mesh is None else (
+                self._logits_sharding(width), self._cache_sharding(self.slots, self.max_len), self._replicated())
+            return (jax.jit(mixed, donate_argnums=(1, 2), out_shardings=out_shardings)
+                    .lower(self._state_spec(), self._cache_spec(self.slots, self.max_len),
+                           self._slot_state_spec(self.slots), self._scalar_spec((width,), jnp.bool_),
+                           self._scalar_spec((1, chunk)), self._scalar_spec(), self._scalar_spec()).compile())
+
+        return self._executable(("mixed", width, chunk), build)
 
     def _move_executable(self):
         def move(cache: KVCache, slot_state: SlotState, source, target):
@@ -343,8 +419,40 @@ class EnginePrograms:
         width = len(rows)
         active = self._put(np.asarray([r is not None for r in rows]))
         logits, self.cache = self._decode_executable(width)(self.state, self.cache, self.slot_state.tokens, active)
+        return self._sample_step(rows, logits, active)
+
+    def start_row(self, options: RequestOptions, slot: int) -> None:
+        """Empty `slot`'s cache row and give it the request's sampling state (before `mixed_step`)."""
+        row_state = SlotState(np.zeros(1, np.int32), _row_params(options), np.zeros((1, self.vocab), bool))
+        row_state, slot_arg = self._put((row_state, np.int32(slot)))
+        self.cache, self.slot_state = self._start_executable()(self.cache, self.slot_state, row_state, slot_arg)
+
+    def mixed_step(self, rows: list, chunk_ids: list[int], slot: int, request, final: bool) -> StepOutputs:
+        """A decode step of `rows` (as in `decode_step`; `rows[slot]` is None) fused with the prompt
+        tokens `chunk_ids` of the request prefilling `slot`. With `final` (the prompt's last chunk),
+        the request's first token is sampled too and it decodes from the next step on."""
+        width, length = len(rows), len(chunk_ids)
+        if not slot < width or rows[slot] is not None:
+            raise ValueError(f"slot {slot} must be an idle row of the {width} decoded")
+        chunk = self.chunk_for(length)
+        ids = np.full((1, chunk), self.pad_id, np.int32)
+        ids[0, :length] = chunk_ids
+        active = np.asarray([r is not None for r in rows])
+        active_arg, ids, length_arg, slot_arg = self._put((active, ids, np.int32(length), np.int32(slot)))
+        logits, self.cache, self.slot_state = self._mixed_executable(width, chunk)(
+            self.state, self.cache, self.slot_state, active_arg, ids, length_arg, slot_arg)
+        rows = list(rows)
+        if final:
+            rows[slot] = request
+        take = self._put(np.asarray([r is not None for r in rows])) if final else active_arg
+        return self._sample_step(rows, logits, take)
+
+    def _sample_step(self, rows: list, logits, take) -> StepOutputs:
+        if not any(rows):  # a chunk of a prompt, nothing decoding: no token this step
+            return StepOutputs(list(rows), None, None)
+        width = len(rows)
         variant = variant_for([(r.options.temperature, r.options.top_k, r.options.top_p) for r in rows if r is not None])
-        self.slot_state, tokens = self._step_sample_executable(width, variant)(logits, self.slot_state)
+        self.slot_state, tokens = self._step_sample_executable(width, variant)(logits, self.slot_state, take)
         wants_logprobs = any(r is not None and r.options.logprobs is not None for r in rows)
         logprobs = self._logprobs_executable(width)(logits, tokens) if wants_logprobs else None
         return StepOutputs(list(rows), tokens, logprobs)

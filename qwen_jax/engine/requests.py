@@ -311,6 +311,7 @@ class Request:
         self.logprobs: list[TokenLogprob] | None = [] if options.logprobs is not None else None
         self.slot: int | None = None
         self.dispatched = 0  # tokens whose computation has been dispatched to the device
+        self.prefilled = 0  # prompt tokens whose prefill has been dispatched
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.submitted_at = time.perf_counter()

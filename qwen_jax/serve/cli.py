@@ -30,6 +30,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                         help=f"requests that may wait for a slot; beyond it the server answers 503 "
                              f"(default {DEFAULT_MAX_QUEUE})")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="prompt tokens prefilled per step while other requests decode, fused with their decode "
+                             "step (default 64 on CPU, 512 on GPU/TPU; 0: prefill each prompt whole, pausing decoding)")
     parser.add_argument("--api-key", default=os.environ.get("QWEN_JAX_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $QWEN_JAX_API_KEY, else none)")
     parser.add_argument("--served-model-name", help="model id clients send and /v1/models lists (default: --model)")
@@ -60,11 +63,13 @@ def run(args) -> int:
 
     model, tokenizer = load_for_cli(args)
     try:
-        engine = Engine(model, tokenizer, slots=args.slots, max_len=args.max_len, max_queue=args.max_queue)
+        engine = Engine(model, tokenizer, slots=args.slots, max_len=args.max_len, max_queue=args.max_queue,
+                        prefill_chunk=args.prefill_chunk)
     except EngineError as e:
         raise UserError(str(e)) from None
     if args.warmup:
-        print(f"qwen-jax serve: compiling {len(engine.programs.buckets)} prefill buckets, decode and samplers...",
+        print(f"qwen-jax serve: compiling {len(engine.programs.buckets)} prefill buckets, decode and mixed steps "
+              f"({len(engine.programs.widths)} widths x {len(engine.programs.chunks)} chunk lengths) and samplers...",
               file=sys.stderr, flush=True)
         seconds = engine.warmup()
         print(f"qwen-jax serve: compiled in {seconds:.1f} s", file=sys.stderr, flush=True)

@@ -89,6 +89,27 @@ def test_chunked_reads_a_ragged_cache_like_xla(new_tokens, window):
     assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= FWD_TOL
 
 
+@pytest.mark.parametrize("backend", ["xla", "chunked"])
+def test_cached_read_at_a_row_offset_equals_those_rows_alone(backend):
+    """`row_offset`: queries for 2 rows read rows 3 and 4 of a 6-row stacked cache in place (traced
+    offset and layer) and get what the same call on a cache of just those rows gives."""
+    q, k, v = _qkv(6, 5, 83, heads=4, kv_heads=2, head_dim=64, layers=2)
+    q = q[:2]
+    lengths = jnp.asarray([40, 78], jnp.int32)
+    mask = AttentionMask.cached(lengths)
+    kw = dict(block_q=4, block_kv=16) if backend == "chunked" else {}
+
+    @jax.jit
+    def both(q, k, v, layer, offset):
+        return (attention.attend(q, k, v, mask, backend=backend, layer=layer, row_offset=offset, **kw),
+                attention.attend(q, k[:, 3:5], v[:, 3:5], mask, backend=backend, layer=layer, **kw))
+
+    out, ref = both(q, k, v, jnp.int32(1), jnp.int32(3))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    with pytest.raises(ValueError, match="row_offset"):
+        attention.attend(q, k[1], v[1], mask, backend=backend, row_offset=3)
+
+
 def test_chunked_bfloat16_close_to_xla():
     """bfloat16: probabilities are rounded at a different point (before normalisation), so the two
     differ by bf16 rounding of the output (|out| ~ 1, bf16 eps 2**-8): tolerance 2e-2."""

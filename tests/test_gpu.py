@@ -155,3 +155,31 @@ def test_generation_with_cudnn_decodes_like_a_full_forward(hf_checkpoint, prefil
         expected = full[len(prompt) - 1:]
         scale = np.abs(expected).max()
         assert np.abs(np.asarray(step_logits, np.float32) - expected).max() <= 0.03 * scale + 0.05
+
+
+def test_mixed_step_with_cudnn_equals_a_decode_step_and_a_prefill_chunk(hf_checkpoint):
+    """The serving engine's mixed step (decode rows + one row's prompt chunk, read at a row offset of
+    the batch cache) with cuDNN gives the hidden states of a separate decode step and prefill chunk."""
+    from qwen_jax.model import KVCache
+
+    _, path = hf_checkpoint(seed=3, hidden_size=256, num_attention_heads=4, num_key_value_heads=1,
+                            intermediate_size=512, max_position_embeddings=1024)
+    model = load_model(path, dtype=jnp.bfloat16, attention="cudnn")
+    rng = np.random.RandomState(2)
+    cache = KVCache.init(model.config, 4, 320, jnp.bfloat16)
+    for row, length in enumerate((200, 17, 5)):
+        one = KVCache.init(model.config, 1, 320, jnp.bfloat16)
+        _, one = model(rng.randint(0, 256, (1, length)).astype(np.int32), cache=one)
+        cache = cache.insert(one, row)
+    tokens = jnp.asarray(rng.randint(0, 256, 4).astype(np.int32))
+    active = jnp.asarray([True, True, False, False])
+    chunk_ids = jnp.asarray(rng.randint(0, 256, (1, 64)).astype(np.int32))
+    decoded, prefilled, _ = model.mixed_hidden_states(tokens, active, chunk_ids, jnp.int32(50), jnp.int32(2), cache)
+    step, _ = model.hidden_states(tokens[:, None], cache.lengths[:, None], active[:, None].astype(jnp.int32),
+                                  cache=cache)
+    row = KVCache(cache.k[:, 2:3], cache.v[:, 2:3], cache.lengths[2:3])
+    alone, _ = model.hidden_states(chunk_ids, row.lengths[:, None] + jnp.arange(64)[None],
+                                   (jnp.arange(64) < 50)[None].astype(jnp.int32), cache=row)
+    for got, want in ((np.asarray(decoded, np.float32)[:2], np.asarray(step, np.float32)[:2, 0]),
+                      (np.asarray(prefilled, np.float32)[:50], np.asarray(alone, np.float32)[0, :50])):
+        assert np.abs(got - want).max() <= 0.03 * np.abs(want).max() + 0.05

@@ -2,7 +2,7 @@
 
 How it runs. Requests wait in a FIFO queue and take the lowest free slot as one frees up. Each
 engine iteration dispatches one step. While requests are decoding, a request that has just taken a
-slot is prefilled in chunks (`prefill_chunk` tokens, default 64 on CPU and 512 on GPU/TPU), each
+slot is prefilled in chunks (`prefill_chunk` tokens, default 256 on CPU and 512 on GPU/TPU), each
 chunk fused with the decode step of the running requests (`mixed` programs: the decode rows ride
 on the chunk's matrix products, so the running requests keep generating while a prompt goes in,
 and a step costs far less than a prefill and a decode step apart); the chunk that ends the prompt
@@ -94,7 +94,7 @@ class Engine:
             raises QueueFullError.
         prefill_buckets: padded prompt lengths of a whole-prompt prefill (default: powers of two
             from 16 to max_len).
-        prefill_chunk: prompt tokens per mixed step while other requests decode (default 64 on
+        prefill_chunk: prompt tokens per mixed step while other requests decode (default 256 on
             CPU, 512 on GPU/TPU); 0 prefills every prompt whole, pausing the running requests.
         warmup: compile every program now instead of on first use.
     """

@@ -32,7 +32,7 @@ def add_arguments(parser) -> None:
                              f"(default {DEFAULT_MAX_QUEUE})")
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="prompt tokens prefilled per step while other requests decode, fused with their decode "
-                             "step (default 64 on CPU, 512 on GPU/TPU; 0: prefill each prompt whole, pausing decoding)")
+                             "step (default 256 on CPU, 512 on GPU/TPU; 0: prefill each prompt whole, pausing decoding)")
     parser.add_argument("--api-key", default=os.environ.get("QWEN_JAX_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $QWEN_JAX_API_KEY, else none)")
     parser.add_argument("--served-model-name", help="model id clients send and /v1/models lists (default: --model)")

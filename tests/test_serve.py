@@ -306,11 +306,14 @@ def test_load_64_streams_equal_served_alone(server, client, tiny_engine):
                 usage = chunk.usage.completion_tokens
         return "".join(pieces), finish, usage
 
+    chunks_before = _metrics(server).get(("qwen_jax_prefill_chunks_total", ()), 0)
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(max_workers=64) as pool:
         streamed = list(pool.map(run, requests, timeout=300))
     assert time.monotonic() - started < 300
     assert tiny_engine.stats().healthy
+    # Requests admitted while others decode were prefilled in mixed steps (`/metrics` counts them).
+    assert _metrics(server)[("qwen_jax_prefill_chunks_total", ())] > chunks_before
     for request, result in zip(requests, streamed):
         alone = client.completions.create(model=MODEL, **request)
         assert result == (alone.choices[0].text, alone.choices[0].finish_reason, alone.usage.completion_tokens)

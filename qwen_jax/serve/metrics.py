@@ -60,6 +60,8 @@ class _EngineCollector:
         yield CounterMetricFamily("qwen_jax_decode_steps", "Decode steps run", value=stats.decode_steps)
         yield CounterMetricFamily("qwen_jax_decode_rows", "Rows computed by decode steps (a step runs the "
                                   "narrowest compiled width covering its occupied slots)", value=stats.decode_rows)
+        yield CounterMetricFamily("qwen_jax_prefill_chunks", "Decode steps that also prefilled a chunk of a prompt "
+                                  "(chunked prefill fused with decoding)", value=stats.prefill_chunks)
         yield GaugeMetricFamily("qwen_jax_generation_tokens_per_second",
                                 f"Tokens generated per second over the last {_TOKEN_RATE_WINDOW_S:.0f} s",
                                 value=self._rate(stats.generated_tokens))

@@ -5,11 +5,11 @@ engine iteration dispatches one step. While requests are decoding, a request tha
 slot is prefilled in chunks (`prefill_chunk` tokens, default 256 on CPU and 512 on GPU/TPU), each
 chunk fused with the decode step of the running requests (`mixed` programs: the decode rows ride
 on the chunk's matrix products, so the running requests keep generating while a prompt goes in,
-and a step costs far less than a prefill and a decode step apart); the chunk that ends the prompt
+and one step costs less than a prefill and a decode step apart); the chunk that ends the prompt
 also samples its first token. When nothing is decoding, the next prompt is prefilled whole in one
 call (padded to a bucket, `prefill_buckets`: the fastest way to a first token) and inserted into
-its slot. Otherwise one decode step advances every decoding slot by a token. Each slot keeps its own cache length and positions, so what a request generates never
-depends on which requests share the batch or when it joined. A request that finishes (stop token,
+its slot. Otherwise one decode step advances every decoding slot by a token. Each slot keeps its
+own cache length and positions, so what a request generates never depends on which requests share the batch or when it joined. A request that finishes (stop token,
 stop string, max tokens) or is aborted frees its slot at once; a gap it leaves below running
 requests is closed by moving the highest one down (one row copy), so the running requests fill
 slots 0..n-1 and each decode step runs the narrowest compiled width (1, 2, 4, ..., slots) that
@@ -20,9 +20,9 @@ step i-1 are read back, so detokenizing and stop-string matching overlap the dev
 that ends is therefore computed one step further than needed, and that token is dropped.
 
 All device work goes through `EnginePrograms`: a fixed set of ahead-of-time compiled programs
-(prefill per bucket, insert, decode step per width, mixed step per width and chunk length,
-samplers, logprobs, row move). `warmup()`
-compiles all of them; afterwards nothing compiles while serving.
+(prefill per bucket, insert, decode step per width, mixed step per width and chunk length, row
+start, samplers, logprobs, row move). `warmup()` compiles all of them; afterwards nothing
+compiles while serving.
 """
 
 from __future__ import annotations

@@ -518,23 +518,22 @@ class Qwen2ForCausalLM(nnx.Module):
                                  self.rules)
 
     def _attention_context(self, shape, attention_mask, segment_ids, cache, empty_cache=False) -> _AttentionContext:
-        cfg = self.config
-        window = self._window()
-        if cache is None:
+        if cache is not None:
+            if segment_ids is not None:
+                raise ValueError("segment_ids are for packed training batches, not cached decoding")
+            if not empty_cache:
+                return self._cached_context(cache.lengths, shape[1], cache.max_len)
+            # Empty cache: real tokens come first in each row and sit at slots 0..T-1, so the plain
+            # causal mask is the cache's mask (padding after a row's tokens is never seen by them).
+            mask = AttentionMask.causal()
+        else:
             if attention_mask is not None:  # padding gets its own segment: real tokens never see it
                 segment_ids = attention_mask if segment_ids is None else jnp.where(attention_mask > 0, segment_ids, -1)
             mask = AttentionMask.causal(segment_ids)
-        else:
-            if segment_ids is not None:
-                raise ValueError("segment_ids are for packed training batches, not cached decoding")
-            # Empty cache: real tokens come first in each row and sit at slots 0..T-1, so the plain
-            # causal mask is the cache's mask (padding after a row's tokens is never seen by them).
-            mask = AttentionMask.causal() if empty_cache else AttentionMask.cached(cache.lengths)
-        reads_cache = cache is not None and not empty_cache
         backend = attention.select_backend(
-            self.attention, q_len=shape[1], kv_len=cache.max_len if reads_cache else shape[1],
-            cached=reads_cache, dtype=self.dtype, head_dim=cfg.head_dim, platform=attention.platform_of(self.mesh))
-        return _AttentionContext(backend, mask, window, None if cache is None else cache.lengths, reads_cache,
+            self.attention, q_len=shape[1], kv_len=shape[1], cached=False, dtype=self.dtype,
+            head_dim=self.config.head_dim, platform=attention.platform_of(self.mesh))
+        return _AttentionContext(backend, mask, self._window(), None if cache is None else cache.lengths, False,
                                  self.mesh, self.rules)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

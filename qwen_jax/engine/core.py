@@ -9,11 +9,12 @@ and one step costs less than a prefill and a decode step apart); the chunk that 
 also samples its first token. When nothing is decoding, the next prompt is prefilled whole in one
 call (padded to a bucket, `prefill_buckets`: the fastest way to a first token) and inserted into
 its slot. Otherwise one decode step advances every decoding slot by a token. Each slot keeps its
-own cache length and positions, so what a request generates never depends on which requests share the batch or when it joined. A request that finishes (stop token,
-stop string, max tokens) or is aborted frees its slot at once; a gap it leaves below running
-requests is closed by moving the highest one down (one row copy), so the running requests fill
-slots 0..n-1 and each decode step runs the narrowest compiled width (1, 2, 4, ..., slots) that
-covers them: a lightly loaded server does not pay for idle slots.
+own cache length and positions, so what a request generates never depends on which requests share
+the batch or when it joined. A request that finishes (stop token, stop string, max tokens) or is
+aborted frees its slot at once; a gap it leaves below running requests is closed by moving the
+highest one down (one row copy), so the running requests fill slots 0..n-1 and each step runs the
+narrowest compiled width (1, 2, 4, ..., slots) that covers them: a lightly loaded server does not
+pay for idle slots.
 
 The host never waits for the step it just dispatched: step i is dispatched before the tokens of
 step i-1 are read back, so detokenizing and stop-string matching overlap the device. A request

@@ -58,35 +58,65 @@ UNCACHED = {
 }
 
 
+# (tokens, query block, key block): lengths no block divides. Query blocks below
+# `attention.LEAN_MIN_QUERIES` rows take the plain float32 path, larger ones the lean one (scale
+# folded into q, row sums from the product with v, lazy rescaling).
+SHAPES = {"plain": (45, 16, 8), "lean": (150, 64, 16)}
+assert SHAPES["plain"][1] < attention.LEAN_MIN_QUERIES <= SHAPES["lean"][1]
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("case", list(UNCACHED))
-def test_chunked_forward_and_gradients_equal_xla(case):
-    """Lengths no block divides (45 tokens, blocks 16 x 8): diagonal, tail and window-edge blocks."""
+def test_chunked_forward_and_gradients_equal_xla(case, shape):
+    """Diagonal, tail and window-edge blocks, both float32 paths."""
     kw = dict(UNCACHED[case])
     segments, window = kw.pop("segments", False), kw.pop("window", 0)
-    q, k, v = _qkv(2, 45, 45, **kw)
-    mask = AttentionMask.causal(_segments(2, 45) if segments else None, window=window)
+    length, block_q, block_kv = SHAPES[shape]
+    q, k, v = _qkv(2, length, length, **kw)
+    mask = AttentionMask.causal(_segments(2, length) if segments else None, window=window)
     ref, ref_grads = _forward_and_grads(_run("xla", mask), q, k, v)
-    out, grads = _forward_and_grads(_run("chunked", mask, block_q=16, block_kv=8), q, k, v)
+    out, grads = _forward_and_grads(_run("chunked", mask, block_q=block_q, block_kv=block_kv), q, k, v)
     assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= FWD_TOL
     for got, want in zip(grads, ref_grads):
         assert np.abs(np.asarray(got) - np.asarray(want)).max() <= GRAD_TOL
 
 
-@pytest.mark.parametrize("new_tokens,window", [(1, 0), (9, 0), (9, 6)])
-def test_chunked_reads_a_ragged_cache_like_xla(new_tokens, window):
+@pytest.mark.parametrize("new_tokens,window,block_q", [(1, 0, 4), (9, 0, 4), (9, 6, 4), (70, 0, 64), (70, 23, 64)])
+def test_chunked_reads_a_ragged_cache_like_xla(new_tokens, window, block_q):
     """Cached calls: rows at different lengths (one empty), the stacked cache read at a traced
-    layer, cache length 83 (no block divides it), a decode step (T = 1) and a prefill chunk."""
-    q, k, v = _qkv(3, new_tokens, 83, heads=4, kv_heads=2, head_dim=64, layers=2)
-    lengths = jnp.asarray([0, 31, 83 - new_tokens], jnp.int32)
+    layer, cache length 163 (no block divides it), a decode step (T = 1) and prefill chunks
+    (70 tokens in 64-query blocks: the lean float32 path)."""
+    q, k, v = _qkv(3, new_tokens, 163, heads=4, kv_heads=2, head_dim=64, layers=2)
+    lengths = jnp.asarray([0, 31, 163 - new_tokens], jnp.int32)
     mask = AttentionMask.cached(lengths, window=window)
 
     @jax.jit
     def both(q, k, v, layer):
         return (attention.attend(q, k, v, mask, backend="xla", layer=layer),
-                attention.attend(q, k, v, mask, backend="chunked", layer=layer, block_q=4, block_kv=16))
+                attention.attend(q, k, v, mask, backend="chunked", layer=layer, block_q=block_q, block_kv=16))
 
     ref, out = both(q, k, v, jnp.int32(1))
     assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= FWD_TOL
+
+
+def test_lazy_rescaling_redoes_blocks_whose_scores_jump():
+    """Scores that rise far above a row's reference maximum in later key blocks (keys scaled up
+    block by block, to e^100 and more over the first block: float32 overflows at e^88) take the exact
+    path for those blocks; the output and gradients still equal the einsum reference."""
+    q, k, v = _qkv(1, 128, 128, heads=4, kv_heads=2, head_dim=64)
+    growth = jnp.repeat(jnp.asarray([0.01, 1.0, 5.0, 12.0, 30.0, 30.0, 40.0, 40.0]), 16)  # per 16-key block
+    k = k * growth[None, :, None, None]
+    mask = AttentionMask.causal()
+    ref, ref_grads = _forward_and_grads(_run("xla", mask), q, k, v)
+    out, grads = _forward_and_grads(_run("chunked", mask, block_q=64, block_kv=16), q, k, v)
+    assert np.isfinite(np.asarray(out)).all()
+    scores = np.einsum("tnh,snh->nts", np.asarray(q)[0], np.repeat(np.asarray(k)[0], 2, axis=1)) / 8
+    assert (scores[:, 64:, 64:].max(-1) - scores[:, 64:, :16].max(-1)).max() > 100  # past float32's range
+    # Scores near 150 carry a float32 rounding of ~1e-5 (the scale is applied to q here, to the
+    # scores in the reference), which exp turns into relative differences of that size.
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-4, rtol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=GRAD_TOL * np.abs(want).max(), rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["xla", "chunked"])

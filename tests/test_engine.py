@@ -3,6 +3,7 @@
 import threading
 
 import jax
+import numpy as np
 import pytest
 from serving import ENGINE_CHUNK as CHUNK
 from serving import ENGINE_MAX_LEN as MAX_LEN
@@ -70,6 +71,56 @@ def test_seeded_sampling_independent_of_batch(engine):
     a = _tokens(engine, PROBE, max_new_tokens=20, temperature=1.0, seed=1).token_ids
     b = _tokens(engine, PROBE, max_new_tokens=20, temperature=1.0, seed=2).token_ids
     assert a != b  # the seed matters
+
+
+def _reference_greedy(model, prompt_ids, steps, *, repetition=1.0, presence=0.0, frequency=0.0, bias=None):
+    """Greedy decoding on the host from full forwards: logit bias, repetition penalty over prompt +
+    output ids, then OpenAI's presence/frequency penalties over the generated ids."""
+    ids, generated = list(prompt_ids), []
+    for _ in range(steps):
+        logits = np.asarray(model(np.asarray([ids], np.int32), logits_to_keep=1))[0, -1].astype(np.float64)
+        for token_id, value in (bias or {}).items():
+            logits[token_id] += value
+        seen = np.zeros(logits.shape, bool)
+        seen[ids] = True
+        logits = np.where(seen, np.where(logits < 0, logits * repetition, logits / repetition), logits)
+        counts = np.bincount(np.asarray(generated, int), minlength=logits.shape[0])
+        logits = logits - frequency * counts - presence * (counts > 0)
+        token = int(np.argmax(logits))
+        ids.append(token)
+        generated.append(token)
+    return generated
+
+
+def test_presence_frequency_penalties_and_logit_bias(engine, loaded):
+    model, tokenizer = loaded
+    prompt_ids = tokenizer.encode(PROBE)
+    plain = _tokens(engine, PROBE, max_new_tokens=20, temperature=0).token_ids
+    biased = {ord("e"): 6.0, ord(" "): -2.5}  # the tiny model rarely repeats a token unless pushed to
+    base = _tokens(engine, PROBE, max_new_tokens=20, temperature=0, logit_bias=biased).token_ids
+    # (options, the tokens without the penalties): each setting must change the output
+    settings = [(dict(frequency_penalty=-2.0), plain), (dict(presence_penalty=-2.0, repetition_penalty=1.2), plain),
+                (dict(frequency_penalty=1.0, presence_penalty=0.5, logit_bias=biased), base)]
+    assert base != plain
+    for options, without in settings:
+        alone = _tokens(engine, PROBE, max_new_tokens=20, temperature=0, **options)
+        reference = _reference_greedy(model, prompt_ids, len(alone.token_ids),
+                                      repetition=options.get("repetition_penalty", 1.0),
+                                      presence=options.get("presence_penalty", 0.0),
+                                      frequency=options.get("frequency_penalty", 0.0), bias=options.get("logit_bias"))
+        assert alone.token_ids == reference, options
+        assert alone.token_ids != without[:len(alone.token_ids)], options
+        busy = [engine.submit(p, max_new_tokens=20, temperature=t, seed=s, frequency_penalty=0.5 * s)
+                for p, t, s in zip(OTHERS, (0, 1.0, 0.5), (1, 2, 3))]
+        probe = engine.submit(PROBE, max_new_tokens=20, temperature=0, **options)
+        assert probe.result(120).token_ids == alone.token_ids, options
+        for handle in busy:
+            handle.result(120)
+    # A strong bias decides every token; a ban keeps a token out.
+    forced = _tokens(engine, PROBE, max_new_tokens=8, temperature=0.9, seed=5, logit_bias={ord("q"): 100})
+    assert forced.text == "q" * 8
+    banned = _tokens(engine, PROBE, max_new_tokens=20, temperature=0, logit_bias={plain[0]: -100})
+    assert plain[0] not in banned.token_ids
 
 
 def test_stop_strings_stop_ids_and_max_tokens(engine):
@@ -166,6 +217,14 @@ def test_bad_requests_and_queue_limit(loaded, engine):
         engine.submit("")
     with pytest.raises(EngineError, match="outside the vocabulary"):
         engine.submit([1, 2, 10_000])
+    with pytest.raises(EngineError, match="presence_penalty must be a number between -2 and 2, got 3"):
+        engine.submit(PROBE, presence_penalty=3)
+    with pytest.raises(EngineError, match="frequency_penalty must be a number"):
+        engine.submit(PROBE, frequency_penalty="high")
+    with pytest.raises(EngineError, match="logit_bias token id 10000 is not in the vocabulary"):
+        engine.submit(PROBE, logit_bias={10_000: 1.0})
+    with pytest.raises(EngineError, match="logit_bias value for token 5 must be a number between -100 and 100"):
+        engine.submit(PROBE, logit_bias={5: 200})
     model, tokenizer = loaded
     small = qwen_jax.Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN, max_queue=1,
                             prefill_chunk=CHUNK)  # shares the compiled programs

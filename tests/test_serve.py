@@ -166,7 +166,10 @@ def _post(server, path, body):
     ({"model": MODEL, "messages": []}, 400, "messages", "invalid value"),
     ({"model": MODEL}, 400, "messages", "missing"),
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role", "invalid value"),
-    ({"model": MODEL, "messages": MESSAGES, "presence_penalty": 1}, 400, "presence_penalty", "not supported"),
+    ({"model": MODEL, "messages": MESSAGES, "presence_penalty": 3}, 400, "presence_penalty", "invalid value"),
+    ({"model": MODEL, "messages": MESSAGES, "logit_bias": {"q": 1}}, 400, "logit_bias", "must be token ids"),
+    ({"model": MODEL, "messages": MESSAGES, "logit_bias": {"5": 101}}, 400, "logit_bias", "between -100 and 100"),
+    ({"model": MODEL, "messages": MESSAGES, "logit_bias": {"999999": 1}}, 400, "logit_bias", "not in the vocabulary"),
     ({"model": "gpt-4", "messages": MESSAGES}, 404, "model", "does not exist"),
     ([1, 2], 400, None, "JSON object"),
     ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content", "invalid value"),
@@ -177,6 +180,22 @@ def test_errors_use_openai_envelope(server, body, status, param, message):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param and message in error["message"]
+
+
+def test_logit_bias_and_penalties(client, tiny_engine, long_prompt):
+    """OpenAI's logit_bias / presence_penalty / frequency_penalty reach the engine: the server's
+    output equals the engine's own for the same settings, and a strong bias decides every token."""
+    forced = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=6, temperature=0,
+                                       logit_bias={str(ord("z")): 100})
+    assert forced.choices[0].text == "z" * 6
+    plain = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=30, temperature=0)
+    options = dict(presence_penalty=1.5, frequency_penalty=2.0)
+    penalised = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=30, temperature=0, **options)
+    engine = tiny_engine.generate([long_prompt], max_new_tokens=30, temperature=0, progress=False, **options)[0]
+    assert penalised.choices[0].text == engine.text != plain.choices[0].text
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0,
+                                          logit_bias={str(ord("k")): 100}, presence_penalty=0.5)
+    assert chat.choices[0].message.content == "kkkk"
 
 
 def test_bad_requests_do_not_disturb_running_ones(server, client, long_prompt):

@@ -89,7 +89,8 @@ def test_request_checks():
         return body
 
     assert chat(max_completion_tokens=5).completion_limit() == 5
-    for fields, param in [({"frequency_penalty": 0.5}, "frequency_penalty"), ({"logit_bias": {"1": 2}}, "logit_bias"),
+    assert chat(logit_bias={"7": -100, "12": 2.5}, frequency_penalty=0.5).logit_bias_ids() == {7: -100, 12: 2.5}
+    for fields, param in [({"logit_bias": {"x1": 2}}, "logit_bias"), ({"logit_bias": {"1": -200}}, "logit_bias"),
                           ({"top_logprobs": 2}, "top_logprobs"), ({"tool_choice": "required"}, "tool_choice"),
                           ({"response_format": {"type": "json_object"}}, "response_format"),
                           ({"max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens"),

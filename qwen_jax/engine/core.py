@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from qwen_jax import attention
-from qwen_jax.engine.programs import EnginePrograms, StepOutputs, default_prefill_chunk
+from qwen_jax.engine.programs import EnginePrograms, StepOutputs, default_mixed_chunk
 from qwen_jax.engine.requests import (
     Completion,
     Delta,
@@ -112,7 +112,7 @@ class Engine:
         if max_queue is not None and max_queue < 0:
             raise EngineError(f"max_queue must be >= 0, got {max_queue}")
         if prefill_chunk is None:
-            prefill_chunk = default_prefill_chunk(attention.platform_of(model.mesh))
+            prefill_chunk = default_mixed_chunk(attention.platform_of(model.mesh))
         if prefill_chunk < 0:
             raise EngineError(f"prefill_chunk must be >= 0 (0: prefill prompts whole), got {prefill_chunk}")
         self.model = model
@@ -164,6 +164,9 @@ class Engine:
         top_p: float | None = None,
         min_p: float | None = None,
         repetition_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        logit_bias: Mapping[int, float] | None = None,
         seed: int | None = None,
         stop: str | int | Sequence[str | int] | None = None,
         logprobs: int | None = None,
@@ -179,10 +182,13 @@ class Engine:
           `seed`: the token at index i is drawn with `fold_in(key(seed), i)`, so a seeded request
           gives the same tokens whatever else is running. `on_delta` is called on the engine thread
           with each `Delta` (keep it short); without it, iterate the handle.
+          `presence_penalty` / `frequency_penalty` (OpenAI's, in [-2, 2]) lower the logits of ids
+          already generated (once / per occurrence); `logit_bias` adds {token id: value in [-100, 100]}.
         """
         request = self._make_request(prompt, tools, request_id, on_delta, dict(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-            repetition_penalty=repetition_penalty, seed=seed, stop=stop, logprobs=logprobs))
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=seed, stop=stop, logprobs=logprobs))
         self._enqueue(request, enforce_queue_limit=True)
         return request.handle
 

@@ -5,7 +5,7 @@ compiles while serving):
 - `prefill[bucket]`: one prompt, right-padded to `bucket`, into a fresh one-row `KVCache`; returns
   that cache, the logits of its last real token and the prompt's token set (repetition penalty).
 - `sample[variant]`: per-row sampling (`qwen_jax.engine.sampler`) of a prefilled prompt's first
-  token into its one-row state (last token, seen set, token index).
+  token into its one-row state (last token, penalty history, token index).
 - `insert[bucket]`: `KVCache.insert` of a prefilled one-row cache, and its row state, into a slot.
 - `start`: a request's row state into a slot whose cache row is emptied (before chunked prefill).
 - `mixed[width, chunk]`: a decode step of the first `width` slots fused with the next chunk (up to
@@ -40,7 +40,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen_jax.engine.requests import MAX_TOP_LOGPROBS, RequestOptions
-from qwen_jax.engine.sampler import RowParams, SamplerVariant, sample_rows, seed_key_data, variant_for
+from qwen_jax.engine.sampler import History, RowParams, SamplerVariant, sample_rows, seed_key_data, variant_for
 from qwen_jax.generation import prompt_bucket
 from qwen_jax.model import KVCache
 from qwen_jax.sampling import mark_seen
@@ -54,7 +54,7 @@ class SlotState:
 
     tokens: jax.Array  # int32: each row's last token (the next decode step's input)
     params: RowParams
-    seen: jax.Array  # bool [rows, vocab]: ids in the row's sequence (repetition penalty)
+    history: History  # [rows, vocab]: ids seen, generated-id counts, logit bias
 
 
 @dataclasses.dataclass
@@ -89,7 +89,7 @@ def prefill_buckets(max_len: int, buckets=None) -> tuple[int, ...]:
     return (*out, max_len - 1)
 
 
-def default_prefill_chunk(platform: str) -> int:
+def default_mixed_chunk(platform: str) -> int:
     """Prompt tokens a mixed step prefills at most: 256 on CPU, 512 on GPU/TPU.
 
     Measured on the 2-core CPU (0.5B, float32, 8 slots; README "Serving"): a mixed step of 8 decode
@@ -183,8 +183,9 @@ class EnginePrograms:
         params = RowParams(
             temperature=np.zeros(rows, np.float32), top_k=np.zeros(rows, np.int32), top_p=np.ones(rows, np.float32),
             min_p=np.zeros(rows, np.float32), repetition_penalty=np.ones(rows, np.float32),
+            presence_penalty=np.zeros(rows, np.float32), frequency_penalty=np.zeros(rows, np.float32),
             key_data=np.zeros((rows, 2), np.uint32), token_index=np.zeros(rows, np.int32))
-        return SlotState(np.zeros(rows, np.int32), params, np.zeros((rows, self.vocab), bool))
+        return SlotState(np.zeros(rows, np.int32), params, History.empty(rows, self.vocab, np))
 
     # ------------------------------------------------------------------ abstract arguments
     def _state_spec(self):
@@ -369,9 +370,10 @@ class EnginePrograms:
             hidden = jax.lax.dynamic_update_slice_in_dim(decoded, last, slot, 0)  # the chunk's row: its last token
             logits = model.logits(hidden[:, None])[:, 0]
             valid = jnp.arange(chunk, dtype=jnp.int32)[None, :] < chunk_length
-            row_seen = mark_seen(jax.lax.dynamic_index_in_dim(slot_state.seen, slot, 0), chunk_ids, valid)
-            seen = jax.lax.dynamic_update_index_in_dim(slot_state.seen, row_seen[0], slot, 0)
-            return logits, cache, dataclasses.replace(slot_state, seen=seen)
+            history = slot_state.history
+            row_seen = mark_seen(jax.lax.dynamic_index_in_dim(history.seen, slot, 0), chunk_ids, valid)
+            seen = jax.lax.dynamic_update_index_in_dim(history.seen, row_seen[0], slot, 0)
+            return logits, cache, dataclasses.replace(slot_state, history=dataclasses.replace(history, seen=seen))
 
         def build():
             out_shardings = None if self.mesh is None else (
@@ -408,9 +410,10 @@ class EnginePrograms:
         bucket = next(b for b in self.buckets if b >= length)
         ids = np.full((1, bucket), self.pad_id, np.int32)
         ids[0, :length] = prompt_ids
-        ids, length_arg, slot_arg, params = self._put((ids, np.int32(length), np.int32(slot), _row_params(options)))
+        ids, length_arg, slot_arg, row_state = self._put((ids, np.int32(length), np.int32(slot),
+                                                          _row_state(options, self.vocab)))
         row_cache, logits, seen = self._prefill_executable(bucket)(self.state, ids, length_arg)
-        row_state = SlotState(self._put(np.zeros(1, np.int32)), params, seen)
+        row_state = dataclasses.replace(row_state, history=dataclasses.replace(row_state.history, seen=seen))
         variant = variant_for([(options.temperature, options.top_k, options.top_p)])
         row_state, tokens = self._sample_executable(variant)(logits, row_state)
         logprobs = self._logprobs_executable(1)(logits, tokens) if options.logprobs is not None else None
@@ -428,8 +431,7 @@ class EnginePrograms:
 
     def start_row(self, options: RequestOptions, slot: int) -> None:
         """Empty `slot`'s cache row and give it the request's sampling state (before `mixed_step`)."""
-        row_state = SlotState(np.zeros(1, np.int32), _row_params(options), np.zeros((1, self.vocab), bool))
-        row_state, slot_arg = self._put((row_state, np.int32(slot)))
+        row_state, slot_arg = self._put((_row_state(options, self.vocab), np.int32(slot)))
         self.cache, self.slot_state = self._start_executable()(self.cache, self.slot_state, row_state, slot_arg)
 
     def mixed_step(self, rows: list, chunk_ids: list[int], slot: int, request, final: bool) -> StepOutputs:
@@ -469,9 +471,17 @@ class EnginePrograms:
 
 
 def _sample(logits, slot_state: SlotState, variant: SamplerVariant):
-    tokens = sample_rows(logits, slot_state.seen, slot_state.params, variant)
+    tokens = sample_rows(logits, slot_state.history, slot_state.params, variant)
     params = dataclasses.replace(slot_state.params, token_index=slot_state.params.token_index + 1)
-    return SlotState(tokens, params, mark_seen(slot_state.seen, tokens)), tokens
+    return SlotState(tokens, params, slot_state.history.record(tokens)), tokens
+
+
+def _row_state(options: RequestOptions, vocab: int) -> SlotState:
+    """A request's one-row state on the host: its settings, an empty history with its logit bias."""
+    history = History.empty(1, vocab, np)
+    for token_id, value in options.logit_bias:
+        history.bias[0, token_id] = value
+    return SlotState(np.zeros(1, np.int32), _row_params(options), history)
 
 
 def _row_params(options: RequestOptions) -> RowParams:
@@ -481,6 +491,8 @@ def _row_params(options: RequestOptions) -> RowParams:
         top_p=np.asarray([options.top_p], np.float32),
         min_p=np.asarray([options.min_p], np.float32),
         repetition_penalty=np.asarray([options.repetition_penalty], np.float32),
+        presence_penalty=np.asarray([options.presence_penalty], np.float32),
+        frequency_penalty=np.asarray([options.frequency_penalty], np.float32),
         key_data=seed_key_data(options.seed)[None],
         token_index=np.zeros(1, np.int32),
     )

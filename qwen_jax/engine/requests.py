@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 import uuid
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from qwen_jax.generation import GenerationConfig, GenerationError, held_back_length
 from qwen_jax.sampling import sampling_setup
@@ -49,6 +49,9 @@ class RequestOptions:
     stop_token_ids: frozenset[int]
     stop_strings: tuple[str, ...]
     logprobs: int | None  # None: no logprobs; k: the chosen token's logprob and the k most likely
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every id generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence of an id generated so far
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, value added to its logit)
 
     @property
     def greedy(self) -> bool:
@@ -71,11 +74,16 @@ def resolve_options(
     stop: str | int | Sequence[str | int] | None = None,
     stop_token_ids: Sequence[int] = (),
     logprobs: int | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    logit_bias: Mapping[int, float] | None = None,
 ) -> RequestOptions:
     """Fill unset settings from `config` and check every value; raises EngineError naming the problem.
 
     `max_new_tokens=None` takes the config's default, capped to what the context leaves;
     an explicit value that overflows the context is an error that states both numbers.
+    `presence_penalty` / `frequency_penalty` (OpenAI's, each in [-2, 2]) act on generated ids only;
+    `logit_bias` maps token ids to values in [-100, 100] added to their logits.
     """
     if prompt_length < 1:
         raise EngineError("the prompt is empty: at least one token is needed to generate from")
@@ -101,6 +109,13 @@ def resolve_options(
         raise EngineError(str(e)) from None
     if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
         raise EngineError(f"top logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {logprobs}")
+    penalties = {}
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        value = 0.0 if value is None else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+            raise EngineError(f"{name} must be a number between -2 and 2, got {value!r}")
+        penalties[name] = float(value)
+    bias = _logit_bias(logit_bias, vocab_size)
     seed = config.seed if seed is None else seed
     if not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < SEED_MODULUS:
         raise EngineError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
@@ -120,7 +135,25 @@ def resolve_options(
         stop_token_ids=frozenset(stop_ids),
         stop_strings=tuple(stop_strings),
         logprobs=logprobs,
+        logit_bias=bias,
+        **penalties,
     )
+
+
+def _logit_bias(logit_bias, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    if not logit_bias:
+        return ()
+    if not isinstance(logit_bias, Mapping):
+        raise EngineError(f"logit_bias must map token ids to numbers, got {type(logit_bias).__name__}")
+    pairs = {}
+    for token_id, value in logit_bias.items():
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
+            raise EngineError(f"logit_bias token id {token_id!r} is not in the vocabulary [0, {vocab_size})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise EngineError(f"logit_bias value for token {token_id} must be a number between -100 and 100, "
+                              f"got {value!r}")
+        pairs[token_id] = float(value)
+    return tuple(sorted(pairs.items()))
 
 
 def _split_stop(stop) -> tuple[list[int], list[str]]:

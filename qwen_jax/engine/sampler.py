@@ -1,13 +1,17 @@
 """Per-row sampling for batches whose rows belong to different requests.
 
 Each row carries its own settings (`RowParams`): temperature (0 = greedy), top-k, top-p, min-p,
-repetition penalty, and a key with a token index. The filters are HF's logits processors in HF's
-order (as `qwen_jax.sampling`), applied row by row with traced values, so any mix of requests runs
-through one compiled program.
+repetition penalty, OpenAI's presence and frequency penalties, and a key with a token index; a
+row's `History` holds what those penalties read (the ids seen in prompt and output, the counts of
+generated ids) and its logit bias. The logits are adjusted in vLLM's order: logit bias, repetition
+penalty (prompt and output ids), then `logits -= frequency * count + presence * (count > 0)` over
+the generated ids (OpenAI's definition); the filters that follow are HF's logits processors in
+HF's order (as `qwen_jax.sampling`). Everything is applied row by row with traced values, so any
+mix of requests runs through one compiled program.
 
 A row's token depends only on its own logits, settings, seed and token index -- never on its
 batch-mates -- which is what lets a request give the same tokens alone or in a busy batch.
-Greedy rows take the argmax of the (repetition-penalised) logits. Sampling rows draw by inverse
+Greedy rows take the argmax of the adjusted logits. Sampling rows draw by inverse
 CDF with one uniform number `u = uniform(fold_in(key(seed), token_index))` over their kept tokens,
 in an order fixed by the row's own settings:
 - 0 < top_k <= CANDIDATES: the `CANDIDATES` largest logits (`lax.top_k`), in descending order;
@@ -49,8 +53,38 @@ class RowParams:
     top_p: jax.Array  # float32; 1 = off
     min_p: jax.Array  # float32; 0 = off
     repetition_penalty: jax.Array  # float32; 1 = off
+    presence_penalty: jax.Array  # float32; 0 = off
+    frequency_penalty: jax.Array  # float32; 0 = off
     key_data: jax.Array  # uint32 [rows, 2]: threefry key of the request's seed
     token_index: jax.Array  # int32: index of the token being drawn (0 = first generated token)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class History:
+    """What a row's penalties and bias read, each `[rows, vocab]`."""
+
+    seen: jax.Array  # bool: ids in the prompt or generated so far (repetition penalty)
+    counts: jax.Array  # int32: how often each id was generated (presence and frequency penalties)
+    bias: jax.Array  # float32: added to the logits (OpenAI's logit_bias); 0 = none
+
+    @classmethod
+    def empty(cls, rows: int, vocab: int, xp=jnp) -> "History":
+        return cls(xp.zeros((rows, vocab), bool), xp.zeros((rows, vocab), xp.int32), xp.zeros((rows, vocab), xp.float32))
+
+    def record(self, tokens: jax.Array) -> "History":
+        """The history after each row generated `tokens[row]`."""
+        rows = jnp.arange(tokens.shape[0])
+        return History(self.seen.at[rows, tokens].set(True), self.counts.at[rows, tokens].add(1), self.bias)
+
+
+def adjusted_logits(logits: jax.Array, history: History, params: RowParams) -> jax.Array:
+    """float32 logits after the logit bias and the repetition, frequency and presence penalties."""
+    logits = logits.astype(jnp.float32) + history.bias
+    logits = sampling.apply_repetition_penalty(logits, history.seen, params.repetition_penalty[:, None])
+    counts = history.counts.astype(jnp.float32)
+    return (logits - params.frequency_penalty[:, None] * counts
+            - params.presence_penalty[:, None] * (history.counts > 0).astype(jnp.float32))
 
 
 def seed_key_data(seed: int) -> np.ndarray:
@@ -78,12 +112,9 @@ def variant_for(rows: list[tuple[float, int, float]]) -> SamplerVariant:
     return SamplerVariant.CANDIDATES
 
 
-def sample_rows(logits: jax.Array, seen: jax.Array, params: RowParams, variant: SamplerVariant) -> jax.Array:
-    """Next token per row, int32 `[rows]`, from float32 logits `[rows, vocab]`.
-
-    seen: bool `[rows, vocab]`, the ids already in each row's sequence (for the repetition penalty).
-    """
-    logits = sampling.apply_repetition_penalty(logits.astype(jnp.float32), seen, params.repetition_penalty[:, None])
+def sample_rows(logits: jax.Array, history: History, params: RowParams, variant: SamplerVariant) -> jax.Array:
+    """Next token per row, int32 `[rows]`, from float32 logits `[rows, vocab]` and each row's `history`."""
+    logits = adjusted_logits(logits, history, params)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if variant is SamplerVariant.GREEDY:
         return greedy
@@ -138,9 +169,9 @@ def _filter_keep(values: jax.Array, params: RowParams) -> jax.Array:
     return keep & sampling._min_p_keep(values, params.min_p[:, None])
 
 
-def processed_logits(logits: jax.Array, seen: jax.Array, params: RowParams) -> jax.Array:
+def processed_logits(logits: jax.Array, history: History, params: RowParams) -> jax.Array:
     """The full-vocabulary logits each sampling row draws from (-inf where filtered), for tests and tools."""
-    logits = sampling.apply_repetition_penalty(logits.astype(jnp.float32), seen, params.repetition_penalty[:, None])
+    logits = adjusted_logits(logits, history, params)
     temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
     values, token_ids = jax.lax.top_k(logits / temperature, logits.shape[-1])
     values = jnp.where(_filter_keep(values, params), values, -jnp.inf)

@@ -254,6 +254,8 @@ class _Server:
                 handle = self.engine.submit(
                     prompt_ids, max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k_value(),
                     top_p=body.top_p, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                    presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                    logit_bias=body.logit_bias_ids(),
                     seed=(base_seed + i) % 2**64, stop=body.stop_strings(), logprobs=logprobs, on_delta=on_delta)
                 choices.append(_Choice(first_index + i, handle, RequestTimer(self.metrics, arrived),
                                        None if tool_prefix is None else ToolCallStream(), tool_prefix or ""))
@@ -265,7 +267,10 @@ class _Server:
             raise RequestError(str(e), status=503, type="server_error", code="shutting_down") from None
         except EngineError as e:
             self._abort(choices)
-            raise RequestError(str(e)) from None
+            message = str(e)
+            param = next((name for name in ("logit_bias", "presence_penalty", "frequency_penalty")
+                          if message.startswith(name)), None)
+            raise RequestError(message, param=param) from None
         if tool_prefix:
             for choice in choices:  # the forced prefix opens a block: the parser must see it
                 choice.tool_stream.feed(tool_prefix)

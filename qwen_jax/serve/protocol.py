@@ -3,8 +3,8 @@
 Top-level request fields are strict: an unknown field is a 400 naming it (as OpenAI does), so a
 typo such as `max_token` is not silently ignored. Fields OpenAI defines that do not change the
 output (`user`, `metadata`, `store`, `service_tier`, ...) are accepted; fields that would change
-it and that qwen-jax does not implement (`frequency_penalty`, `logit_bias`, JSON modes, ...) are a
-400 when set to a non-neutral value. Messages are lenient (extra keys ignored), because clients
+it and that qwen-jax does not implement (JSON modes, `suffix`, ...) are a 400 when set to a
+non-neutral value. Messages are lenient (extra keys ignored), because clients
 send assistant messages back exactly as they received them (`refusal`, `annotations`, ...).
 """
 
@@ -108,8 +108,8 @@ class _SamplingFields(_Strict):
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     metadata: dict[str, Any] | None = None
@@ -117,16 +117,28 @@ class _SamplingFields(_Strict):
     service_tier: str | None = None
 
     def check_unsupported(self) -> None:
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                raise RequestError(f"{name} is not supported by qwen-jax; use repetition_penalty", param=name)
-        if self.logit_bias:
-            raise RequestError("logit_bias is not supported by qwen-jax", param="logit_bias")
+        self.logit_bias_ids()
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if any(not s for s in stops):
             raise RequestError("stop strings must not be empty", param="stop")
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed when stream is true", param="stream_options")
+
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        """`logit_bias` with integer token ids (OpenAI sends them as JSON object keys, i.e. strings)."""
+        if not self.logit_bias:
+            return None
+        bias = {}
+        for key, value in self.logit_bias.items():
+            try:
+                token_id = int(key)
+            except ValueError:
+                raise RequestError(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+            if not -100 <= value <= 100:
+                raise RequestError(f"logit_bias value for token {token_id} must be between -100 and 100, got {value}",
+                                   param="logit_bias")
+            bias[token_id] = value
+        return bias
 
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

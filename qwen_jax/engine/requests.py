@@ -24,7 +24,14 @@ SEED_MODULUS = 2**64
 
 
 class EngineError(GenerationError):
-    """A request the engine cannot serve (bad parameters, prompt + max tokens beyond the context)."""
+    """A request the engine cannot serve (bad parameters, prompt + max tokens beyond the context).
+
+    `param`: the request field at fault, where one is (the server reports it in OpenAI's envelope).
+    """
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class QueueFullError(RuntimeError):
@@ -113,7 +120,7 @@ def resolve_options(
     for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
         value = 0.0 if value is None else value
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
-            raise EngineError(f"{name} must be a number between -2 and 2, got {value!r}")
+            raise EngineError(f"{name} must be a number between -2 and 2, got {value!r}", param=name)
         penalties[name] = float(value)
     bias = _logit_bias(logit_bias, vocab_size)
     seed = config.seed if seed is None else seed
@@ -144,14 +151,16 @@ def _logit_bias(logit_bias, vocab_size: int) -> tuple[tuple[int, float], ...]:
     if not logit_bias:
         return ()
     if not isinstance(logit_bias, Mapping):
-        raise EngineError(f"logit_bias must map token ids to numbers, got {type(logit_bias).__name__}")
+        raise EngineError(f"logit_bias must map token ids to numbers, got {type(logit_bias).__name__}",
+                          param="logit_bias")
     pairs = {}
     for token_id, value in logit_bias.items():
         if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
-            raise EngineError(f"logit_bias token id {token_id!r} is not in the vocabulary [0, {vocab_size})")
+            raise EngineError(f"logit_bias token id {token_id!r} is not in the vocabulary [0, {vocab_size})",
+                              param="logit_bias")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
             raise EngineError(f"logit_bias value for token {token_id} must be a number between -100 and 100, "
-                              f"got {value!r}")
+                              f"got {value!r}", param="logit_bias")
         pairs[token_id] = float(value)
     return tuple(sorted(pairs.items()))
 

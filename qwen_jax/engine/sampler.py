@@ -75,7 +75,7 @@ class History:
     def record(self, tokens: jax.Array) -> "History":
         """The history after each row generated `tokens[row]`."""
         rows = jnp.arange(tokens.shape[0])
-        return History(self.seen.at[rows, tokens].set(True), self.counts.at[rows, tokens].add(1), self.bias)
+        return History(sampling.mark_seen(self.seen, tokens), self.counts.at[rows, tokens].add(1), self.bias)
 
 
 def adjusted_logits(logits: jax.Array, history: History, params: RowParams) -> jax.Array:

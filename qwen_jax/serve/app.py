@@ -248,6 +248,7 @@ class _Server:
             loop.call_soon_threadsafe(queue.put_nowait, delta)
 
         base_seed = body.seed if body.seed is not None else secrets.randbits(63)
+        logit_bias = body.logit_bias_ids()
         choices: list[_Choice] = []
         try:
             for i in range(body.n):
@@ -255,7 +256,7 @@ class _Server:
                     prompt_ids, max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k_value(),
                     top_p=body.top_p, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                     presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                    logit_bias=body.logit_bias_ids(),
+                    logit_bias=logit_bias,
                     seed=(base_seed + i) % 2**64, stop=body.stop_strings(), logprobs=logprobs, on_delta=on_delta)
                 choices.append(_Choice(first_index + i, handle, RequestTimer(self.metrics, arrived),
                                        None if tool_prefix is None else ToolCallStream(), tool_prefix or ""))
@@ -267,10 +268,7 @@ class _Server:
             raise RequestError(str(e), status=503, type="server_error", code="shutting_down") from None
         except EngineError as e:
             self._abort(choices)
-            message = str(e)
-            param = next((name for name in ("logit_bias", "presence_penalty", "frequency_penalty")
-                          if message.startswith(name)), None)
-            raise RequestError(message, param=param) from None
+            raise RequestError(str(e), param=e.param) from None
         if tool_prefix:
             for choice in choices:  # the forced prefix opens a block: the parser must see it
                 choice.tool_stream.feed(tool_prefix)

@@ -642,14 +642,21 @@ def _generation_config(config: Qwen2Config) -> dict:
 def model_groups(model: Qwen2ForCausalLM, row_block_elements: int | None = None
                  ) -> Iterator[tuple[ParamGroup, dict[Key, jax.Array]]]:
     """(group, its arrays) of a model's parameters, as device arrays (scanned or unrolled layers)."""
+    from qwen_jax.model import einsum_kernel
+
     flat = {path: variable.get_value() for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    # Unrolled kernels stored [*out, *in] (`unstack_layers` on CPU) are written in the einsum layout.
+    out_major = {("model", "layers", *path, "kernel"): linear for path, linear in quant.decoder_linears(model)
+                 if linear.out_major}
     for group in param_groups(model.config, row_block_elements, quant.model_quantization(model)):
         arrays = {}
         for spec in group.specs:
             if spec.path in flat:
                 arrays[group.key(spec)] = group.take(spec, flat[spec.path])
             else:  # unrolled layers (scan_layers=False): each layer has its own arrays
-                arrays[group.key(spec)] = flat[(*spec.path[:2], group.layer, *spec.path[2:])]
+                path = (*spec.path[:2], group.layer, *spec.path[2:])
+                value = flat[path]
+                arrays[group.key(spec)] = einsum_kernel(out_major[path], value) if path in out_major else value
         yield group, arrays
 
 

@@ -337,6 +337,10 @@ def kernel_layout(linear) -> KernelLayout:
     axes = tuple(kernel.get_metadata()["logical_axes"])
     lead = 1 if axes[0] == "layers" else 0
     shape, n_in = tuple(kernel.shape), linear.contracted
+    if linear.out_major:  # stored [*out, *in] (`qwen_jax.model.set_out_major`)
+        n_out = len(shape) - lead - n_in
+        return KernelLayout(shape[:lead], shape[lead + n_out:], shape[lead:lead + n_out], axes[lead + n_out:],
+                            axes[lead:lead + n_out])
     return KernelLayout(shape[:lead], shape[lead:lead + n_in], shape[lead + n_in:], axes[lead:lead + n_in],
                         axes[lead + n_in:])
 
@@ -375,6 +379,10 @@ def quantize_linear(linear, scheme: QuantScheme) -> None:
     """Quantize a float `Linear` in place (its kernel array is replaced)."""
     if linear.quantization is not None:
         raise QuantizationError(f"kernel is already quantized ({linear.quantization.name})")
+    if linear.out_major:
+        from qwen_jax.model import set_out_major
+
+        set_out_major(linear, False)  # quantization starts from the einsum layout
     layout = kernel_layout(linear)
     scheme.groups(layout.in_features, f"{linear.equation} kernel")
     sharding = getattr(linear.kernel.get_value(), "sharding", None)

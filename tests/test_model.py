@@ -66,6 +66,54 @@ def test_unrolled_layers_match_hf(hf_checkpoint, case):
         np.testing.assert_array_equal(array, state[name].numpy())
 
 
+@pytest.mark.parametrize("rows", [1, 2, 12, 32, 33])
+def test_out_major_kernels_match_hf_in_every_product_regime(hf_checkpoint, rows):
+    """Unrolled kernels on CPU are stored [*out, *in] (`set_out_major`): one row is a matrix-vector
+    product, 2-32 rows a broadcast-and-sum, more a matrix product. Each equals HF (the rows are
+    decode-shaped: `rows` sequences of one token) and the einsum layout."""
+    from qwen_jax.model import OUT_MAJOR_REDUCE_ROWS, Linear
+
+    hf_model, path = hf_checkpoint(**CASES["gqa_untied"])
+    model = load_model(path, dtype=jnp.float32, scan_layers=False)
+    linears = [m for _, m in __import__("flax").nnx.iter_modules(model.model.layers) if isinstance(m, Linear)]
+    assert len(linears) == 3 * 7 and all(linear.out_major for linear in linears)
+    assert model.model.layers[0].mlp.down_proj.kernel.shape == (64, 128)  # [hidden, intermediate]
+    assert OUT_MAJOR_REDUCE_ROWS == (2, 32)  # the regimes this test spans
+    ids = random_ids(rows, 1, seed=rows)
+    ours = np.asarray(model(ids))
+    assert np.abs(ours - hf_logits(hf_model, ids)).max() <= FP32_TOL
+    einsum = load_model(path, dtype=jnp.float32, scan_layers=True)
+    np.testing.assert_allclose(ours, np.asarray(einsum(ids)), atol=1e-5)
+
+
+def test_out_major_models_save_quantize_and_unstack_without_it(hf_checkpoint, tmp_path):
+    """Writers read out-major kernels back in the einsum layout; quantizing one starts from that
+    layout; `out_major=False` keeps the einsum layout."""
+    from qwen_jax import quant
+    from qwen_jax.layout import save_model
+    from qwen_jax.model import unstack_layers
+
+    _, path = hf_checkpoint(**CASES["gqa_untied"])
+    ids = random_ids(2, 7)
+    model = load_model(path, dtype=jnp.float32, scan_layers=False)
+    reference = np.asarray(model(ids))
+    save_model(model, tmp_path / "orbax", source=str(path))
+    restored = load_model(str(tmp_path / "orbax"), dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(restored(ids)), reference, atol=1e-5)
+
+    plain = unstack_layers(load_model(path, dtype=jnp.float32), out_major=False)
+    assert not plain.model.layers[0].self_attn.o_proj.out_major
+    assert plain.model.layers[0].self_attn.o_proj.kernel.shape == (4, 16, 64)  # einsum [heads, head_dim, hidden]
+    np.testing.assert_allclose(np.asarray(plain(ids)), reference, atol=1e-5)
+
+    layout = quant.kernel_layout(model.model.layers[0].self_attn.o_proj)
+    assert layout == quant.kernel_layout(plain.model.layers[0].self_attn.o_proj)
+    quant.quantize_model(model, "int8")
+    expected = load_model(path, dtype=jnp.float32, scan_layers=False, quantize="int8")
+    assert not expected.model.layers[0].self_attn.o_proj.out_major  # quantized before unstacking
+    np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(expected(ids)), atol=1e-5)
+
+
 def test_sliding_window_is_really_applied(hf_checkpoint):
     """The window must change the logits past it (guards against a mask that is never used)."""
     _, windowed = hf_checkpoint(seed=3, use_sliding_window=True, sliding_window=3, max_window_layers=0)

@@ -99,6 +99,11 @@ def test_unrolled_layers_on_a_mesh(hf_checkpoint):
     ids = np.random.RandomState(1).randint(0, 256, (4, 10)).astype(np.int32)
     reference = np.asarray(load_model(path)(ids))
     model = load_model(path, mesh=qwen_jax.make_mesh(fsdp=4, tensor=2), scan_layers=False)
-    q_kernel = model.model.layers[1].self_attn.q_proj.kernel[...]
-    assert _full_spec(q_kernel) == P("fsdp", "tensor", None)
+    # On CPU the unrolled kernels are stored [*out, *in] (`set_out_major`): q_proj [heads, head_dim, embed].
+    q_proj = model.model.layers[1].self_attn.q_proj
+    assert q_proj.out_major
+    assert _full_spec(q_proj.kernel[...]) == P("tensor", None, "fsdp")
     np.testing.assert_allclose(np.asarray(model(ids)), reference, atol=1e-5)
+    # 12 rows: the products broadcast and sum over sharded inputs (`OUT_MAJOR_REDUCE_ROWS`).
+    short = ids[:, :3]
+    np.testing.assert_allclose(np.asarray(model(short)), np.asarray(load_model(path)(short)), atol=1e-5)

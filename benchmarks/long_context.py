@@ -84,7 +84,16 @@ def _our_model(spec: dict):
 
     config = _config(spec)
     extra = {} if spec.get("baseline") else {"attention": spec["attention"]}  # an older qwen-jax has no backends
-    return Qwen2ForCausalLM(config, dtype=jnp.dtype(spec["dtype"]), scan_layers=False, rngs=nnx.Rngs(0), **extra)
+    model = Qwen2ForCausalLM(config, dtype=jnp.dtype(spec["dtype"]), scan_layers=False, rngs=nnx.Rngs(0), **extra)
+    if not spec.get("baseline"):
+        from qwen_jax import quant
+        from qwen_jax.attention import platform_of
+        from qwen_jax.model import set_out_major
+
+        if platform_of() == "cpu":  # as `unstack_layers` stores them there (one kernel transposed at a time)
+            for _, linear in quant.decoder_linears(model):
+                set_out_major(linear, True)
+    return model
 
 
 def ours_prefill(spec: dict) -> dict:

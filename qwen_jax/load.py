@@ -69,7 +69,8 @@ def load_model(
     dtype: compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU). param_dtype: storage
     dtype of the float parameters (default: dtype). With `mesh`, each parameter is created
     directly in its shards according to `rules`. scan_layers=False gives one array per layer
-    (`qwen_jax.model.unstack_layers`): faster memory-bound decode, compile time grows with depth.
+    (`qwen_jax.model.unstack_layers`): faster memory-bound decode (on CPU the decoder kernels are
+    then stored out-major, which XLA:CPU's decode products read faster), compile time grows with depth.
     progress: a progress bar over the bytes loaded (None: only when stderr is a terminal).
     quantize: 'int8' (per output channel) or 'int4' (groups of 128 inputs) weight-only
     quantization of the decoder projections (`qwen_jax.quant`); the embedding, norms and lm_head

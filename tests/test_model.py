@@ -66,11 +66,11 @@ def test_unrolled_layers_match_hf(hf_checkpoint, case):
         np.testing.assert_array_equal(array, state[name].numpy())
 
 
-@pytest.mark.parametrize("rows", [1, 2, 12, 32, 33])
+@pytest.mark.parametrize("rows", [1, 2, 3, 12, 32, 33])
 def test_out_major_kernels_match_hf_in_every_product_regime(hf_checkpoint, rows):
     """Unrolled kernels on CPU are stored [*out, *in] (`set_out_major`): one row is a matrix-vector
-    product, 2-32 rows a broadcast-and-sum, more a matrix product. Each equals HF (the rows are
-    decode-shaped: `rows` sequences of one token) and the einsum layout."""
+    product, 2 rows or more than 32 a matrix product, 3-32 rows a broadcast-and-sum. Each equals HF
+    (the rows are decode-shaped: `rows` sequences of one token) and the einsum layout."""
     from qwen_jax.model import OUT_MAJOR_REDUCE_ROWS, Linear
 
     hf_model, path = hf_checkpoint(**CASES["gqa_untied"])
@@ -78,7 +78,7 @@ def test_out_major_kernels_match_hf_in_every_product_regime(hf_checkpoint, rows)
     linears = [m for _, m in __import__("flax").nnx.iter_modules(model.model.layers) if isinstance(m, Linear)]
     assert len(linears) == 3 * 7 and all(linear.out_major for linear in linears)
     assert model.model.layers[0].mlp.down_proj.kernel.shape == (64, 128)  # [hidden, intermediate]
-    assert OUT_MAJOR_REDUCE_ROWS == (2, 32)  # the regimes this test spans
+    assert OUT_MAJOR_REDUCE_ROWS == (3, 32)  # the regimes this test spans
     ids = random_ids(rows, 1, seed=rows)
     ours = np.asarray(model(ids))
     assert np.abs(ours - hf_logits(hf_model, ids)).max() <= FP32_TOL

@@ -85,14 +85,10 @@ def _our_model(spec: dict):
     config = _config(spec)
     extra = {} if spec.get("baseline") else {"attention": spec["attention"]}  # an older qwen-jax has no backends
     model = Qwen2ForCausalLM(config, dtype=jnp.dtype(spec["dtype"]), scan_layers=False, rngs=nnx.Rngs(0), **extra)
-    if not spec.get("baseline"):
-        from qwen_jax import quant
-        from qwen_jax.attention import platform_of
-        from qwen_jax.model import set_out_major
+    if not spec.get("baseline"):  # the kernels as `unstack_layers` stores them (one transposed at a time)
+        from qwen_jax.model import default_out_major, set_decoder_out_major
 
-        if platform_of() == "cpu":  # as `unstack_layers` stores them there (one kernel transposed at a time)
-            for _, linear in quant.decoder_linears(model):
-                set_out_major(linear, True)
+        set_decoder_out_major(model, default_out_major(model))
     return model
 
 

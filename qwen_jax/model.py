@@ -247,6 +247,17 @@ def set_out_major(linear: "Linear", out_major: bool) -> None:
     linear.out_major = out_major
 
 
+def default_out_major(model: "Qwen2ForCausalLM") -> bool:
+    """Whether inference layers store their kernels out-major by default: a float model on CPU."""
+    return quant.model_quantization(model) is None and attention.platform_of(model.mesh) == "cpu"
+
+
+def set_decoder_out_major(model: "Qwen2ForCausalLM", out_major: bool) -> None:
+    """`set_out_major` on every decoder projection of an unrolled model, in place."""
+    for _, linear in quant.decoder_linears(model):
+        set_out_major(linear, out_major)
+
+
 def einsum_kernel(linear: "Linear", value: jax.Array) -> jax.Array:
     """A float kernel array of `linear` in the einsum layout `[*in, *out]`, however it is stored."""
     if not linear.out_major:
@@ -698,17 +709,13 @@ def unstack_layers(model: Qwen2ForCausalLM, *, out_major: bool | None = None) ->
     """
     if isinstance(model.model.layers, nnx.List):
         return model
-    scheme = quant.model_quantization(model)
-    if out_major is None:
-        out_major = scheme is None and attention.platform_of(model.mesh) == "cpu"
+    out_major = default_out_major(model) if out_major is None else out_major
 
     def build():
         unrolled = quant.with_quantized_structure(Qwen2ForCausalLM(
             model.config, dtype=model.dtype, param_dtype=model.param_dtype, mesh=model.mesh, rules=model.rules,
-            remat=model.remat, scan_layers=False, attention=model.attention), scheme)
-        if out_major:
-            for _, linear in quant.decoder_linears(unrolled):
-                set_out_major(linear, True)
+            remat=model.remat, scan_layers=False, attention=model.attention), quant.model_quantization(model))
+        set_decoder_out_major(unrolled, out_major)
         return unrolled
 
     abstract = nnx.eval_shape(build)

@@ -339,10 +339,10 @@ def kernel_layout(linear) -> KernelLayout:
     shape, n_in = tuple(kernel.shape), linear.contracted
     if linear.out_major:  # stored [*out, *in] (`qwen_jax.model.set_out_major`)
         n_out = len(shape) - lead - n_in
-        return KernelLayout(shape[:lead], shape[lead + n_out:], shape[lead:lead + n_out], axes[lead + n_out:],
-                            axes[lead:lead + n_out])
-    return KernelLayout(shape[:lead], shape[lead:lead + n_in], shape[lead + n_in:], axes[lead:lead + n_in],
-                        axes[lead + n_in:])
+        ins, outs = slice(lead + n_out, None), slice(lead, lead + n_out)
+    else:
+        ins, outs = slice(lead, lead + n_in), slice(lead + n_in, None)
+    return KernelLayout(shape[:lead], shape[ins], shape[outs], axes[ins], axes[outs])
 
 
 def to_out_major(kernel, layout: KernelLayout):

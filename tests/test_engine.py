@@ -320,3 +320,54 @@ def test_quantized_model_serves_like_its_generate(tmp_path):
             assert completion.token_ids == reference.token_ids[0], prompt
     finally:
         engine.shutdown()
+
+
+def test_parallel_warmup_compiles_each_program_once(loaded, tiny_engine):
+    """Warm-up compiles on several threads; two warm-ups at once still build each program once, and a
+    workload after them compiles nothing and gives the tokens of an engine warmed up one program at a time."""
+    import collections
+
+    model, tokenizer = loaded
+    # 4 slots: a structure of its own, so its programs are compiled here rather than taken from `tiny_engine`'s.
+    engine = qwen_jax.Engine(model, tokenizer, slots=4, max_len=MAX_LEN, prefill_chunk=CHUNK)
+    builds = collections.Counter()
+    executable = engine.programs._executable
+
+    def counting(key, build):
+        def counted():
+            builds[key] += 1
+            return build()
+        return executable(key, counted)
+
+    engine.programs._executable = counting
+    compiles = []
+
+    def listener(name, duration, **_):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    try:
+        with pytest.raises(ValueError, match="workers must be >= 1"):
+            engine.warmup(workers=0)
+        threads = [threading.Thread(target=engine.warmup, kwargs=dict(workers=2)) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(600)
+        assert len(builds) > 10 and set(builds.values()) == {1}, builds
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            prompts = [PROBE, *OTHERS, "x" * 40]
+            options = dict(max_new_tokens=10, stop=["q"])
+            greedy = engine.generate(prompts, temperature=0, progress=False, **options)
+            seeded = engine.generate(prompts, temperature=0.8, top_k=20, seed=7, progress=False, **options)
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+        assert compiles == []
+        assert [c.token_ids for c in greedy] == [
+            c.token_ids for c in tiny_engine.generate(prompts, temperature=0, progress=False, **options)]
+        assert [c.token_ids for c in seeded] == [
+            c.token_ids for c in tiny_engine.generate(prompts, temperature=0.8, top_k=20, seed=7, progress=False,
+                                                      **options)]
+    finally:
+        engine.shutdown()

@@ -147,12 +147,13 @@ class Engine:
         self._thread.start()
 
     # ------------------------------------------------------------------ public API
-    def warmup(self) -> float:
+    def warmup(self, workers: int | None = None) -> float:
         """Compile every program the engine can run (all prefill buckets, decode, samplers); returns seconds.
 
-        Safe to call while serving: compiling happens under the programs' own lock.
+        `workers` threads compile different programs at once (default: one per CPU core, at most 8).
+        Safe to call while serving: each program is compiled once, under its own lock.
         """
-        return self.programs.compile_all()
+        return self.programs.compile_all(workers)
 
     def submit(
         self,

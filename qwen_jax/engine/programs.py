@@ -27,8 +27,10 @@ layout, positions and logits do not depend on its batch-mates or on the slot it 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import os
 import threading
 import time
 from typing import Any, Callable
@@ -114,7 +116,15 @@ def chunk_buckets(prefill_chunk: int) -> tuple[int, ...]:
 
 # Compiled programs, shared by every engine with the same model structure, shardings and sizes.
 _EXECUTABLES: dict[tuple, Any] = {}
-_COMPILE_LOCK = threading.Lock()
+_COMPILE_LOCK = threading.Lock()  # guards the two dicts
+_KEY_LOCKS: dict[tuple, threading.Lock] = {}  # one per program: a program is compiled once, different ones at once
+MAX_COMPILE_WORKERS = 8
+
+
+def default_compile_workers() -> int:
+    """Threads `compile_all` compiles with: one per CPU core, at most MAX_COMPILE_WORKERS. XLA's
+    compilation releases the GIL, so while one thread traces a program (Python) others compile."""
+    return max(1, min(MAX_COMPILE_WORKERS, os.cpu_count() or 1))
 
 
 def decode_widths(slots: int) -> tuple[int, ...]:
@@ -209,35 +219,49 @@ class EnginePrograms:
     def _executable(self, key: tuple, build: Callable[[], Any]):
         key = (*key, self._signature)
         executable = _EXECUTABLES.get(key)
-        if executable is None:
-            with _COMPILE_LOCK:
-                executable = _EXECUTABLES.get(key)
-                if executable is None:
-                    start = time.perf_counter()
-                    executable = build()
+        if executable is not None:
+            return executable
+        with _COMPILE_LOCK:
+            lock = _KEY_LOCKS.setdefault(key, threading.Lock())
+        with lock:
+            executable = _EXECUTABLES.get(key)
+            if executable is None:
+                start = time.perf_counter()
+                executable = build()
+                with _COMPILE_LOCK:
                     self.compile_seconds += time.perf_counter() - start
                     _EXECUTABLES[key] = executable
         return executable
 
-    def compile_all(self) -> float:
-        """Compile every program this engine can run; returns the seconds it took now."""
+    def compile_all(self, workers: int | None = None) -> float:
+        """Compile every program this engine can run; returns the seconds it took now (wall clock).
+
+        `workers` threads (default `default_compile_workers()`) compile different programs at once,
+        the largest (mixed and decode steps, prefills) first. `compile_seconds` sums the programs'
+        own compile times, so it can exceed the wall clock."""
         start = time.perf_counter()
-        for bucket in self.buckets:
-            self._prefill_executable(bucket)
-            self._insert_executable(bucket)
-        for variant in SamplerVariant:
-            self._sample_executable(variant)
-        self._logprobs_executable(1)
-        for width in self.widths:
-            self._decode_executable(width)
-            for chunk in self.chunks:
-                self._mixed_executable(width, chunk)
-            for variant in SamplerVariant:
-                self._step_sample_executable(width, variant)
-            self._logprobs_executable(width)
-        self._move_executable()
+        jobs = [functools.partial(self._mixed_executable, width, chunk)
+                for chunk in reversed(self.chunks) for width in reversed(self.widths)]
+        jobs += [functools.partial(self._prefill_executable, bucket) for bucket in reversed(self.buckets)]
+        jobs += [functools.partial(self._decode_executable, width) for width in reversed(self.widths)]
+        jobs += [functools.partial(self._insert_executable, bucket) for bucket in self.buckets]
+        jobs += [functools.partial(self._sample_executable, variant) for variant in SamplerVariant]
+        jobs += [functools.partial(self._step_sample_executable, width, variant)
+                 for width in self.widths for variant in SamplerVariant]
+        jobs += [functools.partial(self._logprobs_executable, rows) for rows in sorted({1, *self.widths})]
+        jobs.append(self._move_executable)
         if self.chunks:
-            self._start_executable()
+            jobs.append(self._start_executable)
+        workers = default_compile_workers() if workers is None else int(workers)
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if workers == 1:
+            for job in jobs:
+                job()
+        else:
+            with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="qwen-jax-compile") as pool:
+                for future in [pool.submit(job) for job in jobs]:
+                    future.result()  # the first failure is raised; the pool still finishes the rest
         return time.perf_counter() - start
 
     def chunk_for(self, tokens: int) -> int:

@@ -49,6 +49,7 @@ def run(args) -> int:
 
     from qwen_jax.cli import UserError
     from qwen_jax.engine import Engine, EngineError
+    from qwen_jax.engine.programs import default_compile_workers
     from qwen_jax.serve.app import create_app
 
     for name in ("slots", "max_queue"):
@@ -69,7 +70,8 @@ def run(args) -> int:
         raise UserError(str(e)) from None
     if args.warmup:
         print(f"qwen-jax serve: compiling {len(engine.programs.buckets)} prefill buckets, decode and mixed steps "
-              f"({len(engine.programs.widths)} widths x {len(engine.programs.chunks)} chunk lengths) and samplers...",
+              f"({len(engine.programs.widths)} widths x {len(engine.programs.chunks)} chunk lengths) and samplers "
+              f"on {default_compile_workers()} threads...",
               file=sys.stderr, flush=True)
         seconds = engine.warmup()
         print(f"qwen-jax serve: compiled in {seconds:.1f} s", file=sys.stderr, flush=True)

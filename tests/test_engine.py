@@ -277,6 +277,9 @@ def test_engine_on_a_mesh_equals_one_device(tmp_path, tiny_engine):
         on_mesh = sharded.generate(prompts, max_new_tokens=12, temperature=0, progress=False)
         reference = tiny_engine.generate(prompts, max_new_tokens=12, temperature=0, progress=False)
         assert [c.token_ids for c in on_mesh] == [c.token_ids for c in reference]
+        assert sharded.programs.prime() > 0  # the programs used so far, on sharded scratch arrays
+        again = sharded.generate(prompts, max_new_tokens=12, temperature=0, progress=False)
+        assert [c.token_ids for c in again] == [c.token_ids for c in reference]
         spec = tuple(sharded.programs.cache.k.sharding.spec)
         assert spec[1:4] == ("data", None, "tensor")  # [layers, batch, seq, kv_heads, head_dim]
     finally:
@@ -327,6 +330,8 @@ def test_parallel_warmup_compiles_each_program_once(loaded, tiny_engine):
     workload after them compiles nothing and gives the tokens of an engine warmed up one program at a time."""
     import collections
 
+    from qwen_jax.engine import programs as programs_module
+
     model, tokenizer = loaded
     # 4 slots: a structure of its own, so its programs are compiled here rather than taken from `tiny_engine`'s.
     engine = qwen_jax.Engine(model, tokenizer, slots=4, max_len=MAX_LEN, prefill_chunk=CHUNK)
@@ -357,6 +362,11 @@ def test_parallel_warmup_compiles_each_program_once(loaded, tiny_engine):
         assert len(builds) > 10 and set(builds.values()) == {1}, builds
         jax.monitoring.register_event_duration_secs_listener(listener)
         try:
+            # Priming runs every program once on scratch arrays: nothing compiles, the engine's state stays empty.
+            engine.warmup(prime=True)
+            assert engine.programs.prime_seconds > 0
+            assert set(engine.programs._keys) <= programs_module._PRIMED
+            assert not np.asarray(engine.programs.cache.lengths).any()
             prompts = [PROBE, *OTHERS, "x" * 40]
             options = dict(max_new_tokens=10, stop=["q"])
             greedy = engine.generate(prompts, temperature=0, progress=False, **options)

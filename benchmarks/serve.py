@@ -9,7 +9,9 @@ everything at once) goes through four systems in the same run, on the same rando
     both in-process baselines are timed without their compile time (warmed up, or subtracted);
   * HF transformers' own OpenAI server, `transformers serve --continuous-batching`, over HTTP.
 The HTTP systems get the same streaming `/v1/completions` requests (greedy, `max_tokens` per request,
-usage counted by the server). Reported per system and rate: requests/s and output tokens/s over the
+usage counted by the server). The HTTP servers and the static batches are timed after an untimed pass
+of the whole workload (`--warm-pass`, the default), the sequential run after one prefill and decode of
+each shape: on CPU a program's first run is much slower than its later ones. Reported per system and rate: requests/s and output tokens/s over the
 makespan (first arrival to last token), time to first token (TTFT) and inter-token latency
 (ITL: (last token - first token) / (tokens - 1) per request), p50 and p99 over requests.
 
@@ -151,6 +153,14 @@ async def run_http(base_url: str, model_name: str, jobs: list[Job]) -> tuple[lis
     results = await asyncio.gather(*(one(job) for job in jobs))
     await client.close()
     return list(results), start
+
+
+def warm_pass(url: str, model_name: str, jobs: list[Job], whole: bool) -> None:
+    """An untimed pass before the timed ones: the whole workload sent at once (`whole`), so each
+    server has run every program the workload needs once (on CPU a compiled XLA program's first run
+    is much slower than later ones, and torch warms up too), or only two requests (first contact)."""
+    asyncio.run(run_http(url, model_name, [dataclasses.replace(job, arrival=0.0) for job in jobs]
+                         if whole else jobs[:2]))
 
 
 def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
@@ -307,6 +317,10 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint-dir", help="where the random checkpoint is built (kept); default: a temp dir")
     parser.add_argument("--port", type=int, default=8471)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warm-pass", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the first rate's whole workload once, untimed, through the HTTP servers and the "
+                             "static batches before timing them (default; --no-warm-pass: two requests only, so "
+                             "the first timed pass pays the programs' first runs)")
     parser.add_argument("--json-out", help="write all measurements to this JSON file")
     args = parser.parse_args(argv)
 
@@ -339,7 +353,7 @@ def main(argv=None) -> None:
     if "qwen-jax" in args.systems:
         process, url = start_qwen_jax(checkpoint, args.slots, args.max_len, args.port, args.prefill_chunk)
         try:
-            asyncio.run(run_http(url, checkpoint, workloads[rates[0]][:2]))  # first contact, not timed
+            warm_pass(url, checkpoint, workloads[rates[0]], args.warm_pass)
             for rate in rates:
                 record(rate, "qwen-jax serve", asyncio.run(run_http(url, checkpoint, workloads[rate])))
         finally:
@@ -349,7 +363,7 @@ def main(argv=None) -> None:
         process, url = start_transformers(checkpoint, args.port + 1, log_path)
         print(f"  transformers serve log: {log_path}", file=sys.stderr, flush=True)
         try:
-            asyncio.run(run_http(url, checkpoint, workloads[rates[0]][:2]))  # loads the model, starts CB
+            warm_pass(url, checkpoint, workloads[rates[0]], args.warm_pass)  # also loads the model, starts CB
             for rate in rates:
                 record(rate, "transformers serve --continuous-batching",
                        asyncio.run(run_http(url, checkpoint, workloads[rate])))
@@ -361,6 +375,9 @@ def main(argv=None) -> None:
         model, _ = qwen_jax.load(checkpoint, dtype="float32")
         if "sequential" in args.systems:
             warm_up_sequential(model, tokenizer, [job for rate in rates for job in workloads[rate]])
+        if "static" in args.systems and args.warm_pass:  # untimed: every batch shape compiled and run once
+            run_static(model, tokenizer, [dataclasses.replace(job, arrival=0.0) for job in workloads[rates[0]]],
+                       args.slots)
         for rate in rates:
             if "sequential" in args.systems:
                 record(rate, "sequential qwen_jax.stream", run_sequential(model, tokenizer, workloads[rate]))

@@ -155,12 +155,16 @@ async def run_http(base_url: str, model_name: str, jobs: list[Job]) -> tuple[lis
     return list(results), start
 
 
+def all_at_once(jobs: list[Job]) -> list[Job]:
+    """The same requests, every one arriving at the start (for untimed warm passes)."""
+    return [dataclasses.replace(job, arrival=0.0) for job in jobs]
+
+
 def warm_pass(url: str, model_name: str, jobs: list[Job], whole: bool) -> None:
     """An untimed pass before the timed ones: the whole workload sent at once (`whole`), so each
     server has run every program the workload needs once (on CPU a compiled XLA program's first run
     is much slower than later ones, and torch warms up too), or only two requests (first contact)."""
-    asyncio.run(run_http(url, model_name, [dataclasses.replace(job, arrival=0.0) for job in jobs]
-                         if whole else jobs[:2]))
+    asyncio.run(run_http(url, model_name, all_at_once(jobs) if whole else jobs[:2]))
 
 
 def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
@@ -376,8 +380,7 @@ def main(argv=None) -> None:
         if "sequential" in args.systems:
             warm_up_sequential(model, tokenizer, [job for rate in rates for job in workloads[rate]])
         if "static" in args.systems and args.warm_pass:  # untimed: every batch shape compiled and run once
-            run_static(model, tokenizer, [dataclasses.replace(job, arrival=0.0) for job in workloads[rates[0]]],
-                       args.slots)
+            run_static(model, tokenizer, all_at_once(workloads[rates[0]]), args.slots)
         for rate in rates:
             if "sequential" in args.systems:
                 record(rate, "sequential qwen_jax.stream", run_sequential(model, tokenizer, workloads[rate]))

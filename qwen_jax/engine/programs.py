@@ -119,9 +119,7 @@ _EXECUTABLES: dict[tuple, Any] = {}
 _COMPILE_LOCK = threading.Lock()  # guards the two dicts
 _KEY_LOCKS: dict[tuple, threading.Lock] = {}  # one per program: a program is compiled once, different ones at once
 MAX_COMPILE_WORKERS = 8
-# Programs already run once (see `EnginePrograms.prime`), and those whose first argument is the model's state.
-_PRIMED: set[tuple] = set()
-_STATE_PROGRAMS = frozenset({"prefill", "decode", "mixed"})
+_PRIMED: set[tuple] = set()  # programs already run once (see `EnginePrograms.prime`)
 
 
 def default_compile_workers() -> int:
@@ -224,19 +222,17 @@ class EnginePrograms:
     def _executable(self, key: tuple, build: Callable[[], Any]):
         key = (*key, self._signature)
         executable = _EXECUTABLES.get(key)
-        if executable is not None:
-            self._keys.setdefault(key, executable)
-            return executable
-        with _COMPILE_LOCK:
-            lock = _KEY_LOCKS.setdefault(key, threading.Lock())
-        with lock:
-            executable = _EXECUTABLES.get(key)
-            if executable is None:
-                start = time.perf_counter()
-                executable = build()
-                with _COMPILE_LOCK:
-                    self.compile_seconds += time.perf_counter() - start
-                    _EXECUTABLES[key] = executable
+        if executable is None:
+            with _COMPILE_LOCK:
+                lock = _KEY_LOCKS.setdefault(key, threading.Lock())
+            with lock:
+                executable = _EXECUTABLES.get(key)
+                if executable is None:
+                    start = time.perf_counter()
+                    executable = build()
+                    with _COMPILE_LOCK:
+                        self.compile_seconds += time.perf_counter() - start
+                        _EXECUTABLES[key] = executable
         self._keys.setdefault(key, executable)
         return executable
 
@@ -248,6 +244,11 @@ class EnginePrograms:
         0.5B mixed steps, measured), so without this the first requests after warm-up pay it step by
         step. A program is primed once per process, whichever engine runs it. Needs memory for a
         second KV cache while it runs."""
+        def zeros(info, sharding):
+            array = np.zeros(info.shape, info.dtype)
+            return jax.device_put(array, sharding) if sharding is not None else jnp.asarray(array)
+
+        state_structure = jax.tree.structure(self.state)
         start = time.perf_counter()
         for key, executable in list(self._keys.items()):
             with _COMPILE_LOCK:
@@ -255,14 +256,10 @@ class EnginePrograms:
                     continue
                 _PRIMED.add(key)
             (args_info, _), (shardings, _) = executable.args_info, executable.input_shardings
-
-            def zeros(info, sharding):
-                array = np.zeros(info.shape, info.dtype)
-                return jax.device_put(array, sharding) if sharding is not None else jnp.asarray(array)
-
-            args = [self.state if i == 0 and key[0] in _STATE_PROGRAMS else
+            # An argument shaped like the model's state is the state (never donated); the rest are zeros.
+            args = [self.state if jax.tree.structure(info) == state_structure else
                     jax.tree.map(zeros, info, sharding, is_leaf=lambda x: x is None or hasattr(x, "donated"))
-                    for i, (info, sharding) in enumerate(zip(args_info, shardings))]
+                    for info, sharding in zip(args_info, shardings)]
             jax.block_until_ready(executable(*args))
         seconds = time.perf_counter() - start
         self.prime_seconds += seconds

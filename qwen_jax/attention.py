@@ -54,8 +54,12 @@ LAZY_SUM_LIMIT = 1e20
 # Query blocks of fewer rows (decode steps, short chunks) take the plain float32 path: for them the
 # shortcuts below cost more than they save (measured: 8 rows decoding against 8K-slot caches, 12 %).
 LEAN_MIN_QUERIES = 64
-# Block sizes of the chunked kernel: 256-512 measured best on CPU (see DESIGN.md).
-BLOCK_Q = 512
+# Query blocks of this many rows or more that divide BLOCK_KV mask their causal diagonal in blocks of
+# their own width (see `_flash_forward`).
+DIAGONAL_MIN_QUERIES = 128
+# Block sizes of the chunked kernel: 256 x 512 measured best on CPU, forward and backward (one 0.5B
+# layer, 2 cores: 2K and 8K causal, 4K with gradients; 128-1,024 tried; see the README, Long context).
+BLOCK_Q = 256
 BLOCK_KV = 512
 # On CPU an uncached call with fewer scores per (batch row, head) than this runs the xla einsum:
 # there it costs about what chunked costs (measured on 2 cores: chunked is faster from ~64 tokens
@@ -377,13 +381,16 @@ def _kv_block(k, v, layer, i, bk: int, row_offset=0, rows=None):
     """Keys/values of block i `[rows, bk, K, H]` (cache rows from `row_offset`) and their slots; the
     start is clamped so the last block of a length no block size divides re-reads some keys
     (masked by `_fresh`)."""
-    S = k.shape[2]
-    start = jnp.minimum(i * bk, S - bk)
-    index = (layer, row_offset, start, 0, 0)
-    size = (1, k.shape[1] if rows is None else rows, bk, k.shape[3], k.shape[4])
-    kb = jax.lax.dynamic_slice(k, index, size)[0]
-    vb = jax.lax.dynamic_slice(v, index, size)[0]
+    start = jnp.minimum(i * bk, k.shape[2] - bk)
+    kb, vb = _kv_slice(k, v, layer, start, bk, row_offset, rows)
     return kb, vb, start + jnp.arange(bk, dtype=jnp.int32)
+
+
+def _kv_slice(k, v, layer, start, size: int, row_offset=0, rows=None):
+    """Keys/values of slots `start .. start + size - 1` `[rows, size, K, H]`, cache rows from `row_offset`."""
+    index = (layer, row_offset, start, 0, 0)
+    shape = (1, k.shape[1] if rows is None else rows, size, k.shape[3], k.shape[4])
+    return jax.lax.dynamic_slice(k, index, shape)[0], jax.lax.dynamic_slice(v, index, shape)[0]
 
 
 def _block_visible(mask: AttentionMask, q_slots, q_segments, k_slots, i, bk: int):
@@ -398,12 +405,6 @@ def _scores(qb, kb, scale):
     return jnp.einsum("BKGQH,BSKH->BKGQS", qb, kb.astype(qb.dtype), preferred_element_type=jnp.float32) * scale
 
 
-def _with_sums(p, vb):
-    """`p @ [v | 1]` in float32 `[B, K, G, Q, H + 1]`: the products and, last, each row's sum of p."""
-    ones = jnp.ones((*vb.shape[:-1], 1), jnp.float32)
-    return jnp.einsum("BKGQS,BSKH->BKGQH", p, jnp.concatenate([vb.astype(jnp.float32), ones], axis=-1))
-
-
 def _flash_forward(q, k, v, layer, mask: AttentionMask, scale: float, blocks: tuple[int, int], row_offset=0):
     """Forward of the chunked kernel: (out `[B, T, N, H]`, lse `[nq, B, K, G, bq]` float32).
 
@@ -416,15 +417,18 @@ def _flash_forward(q, k, v, layer, mask: AttentionMask, scale: float, blocks: tu
     S, K = k.shape[2], k.shape[3]
     G = N // K
     bq, bk = blocks
-    nq, nk = _ceil_div(T, bq), _ceil_div(S, bk)
+    # Masked blocks (the causal diagonal, window edges, ragged rows) are `bm` keys wide, clean ones
+    # `bk`: with query blocks of `DIAGONAL_MIN_QUERIES` rows or more that divide bk, a query block's
+    # diagonal is bq keys wide, not bk, so less of the block above the diagonal is computed and
+    # thrown away (one 0.5B layer, 8K causal, 2 CPU cores, 256 x 512 blocks: 856 ms without, 816-839
+    # ms with, in separate runs).
+    bm = bq if DIAGONAL_MIN_QUERIES <= bq < bk and bk % bq == 0 else bk
+    nq, nm = _ceil_div(T, bq), _ceil_div(S, bm)
     q_blocks, segment_blocks = _query_blocks(q, mask, nq * bq, bq, K)
 
-    # float32 (the CPU default) query blocks of `LEAN_MIN_QUERIES` rows or more take three shortcuts
-    # (measured on 2 CPU cores, one 0.5B layer, 8K-token causal attention, medians of 3 interleaved
-    # runs: 799 -> 725 ms, where torch's flash kernel takes 548 ms):
+    # float32 (the CPU default) query blocks of `LEAN_MIN_QUERIES` rows or more take two shortcuts
+    # (measured on 2 CPU cores, one 0.5B layer, 8K-token causal attention):
     # - the scale is folded into each query block (one pass over it, not one over every score block);
-    # - each row's sum of probabilities comes out of the product with v, whose keys get a column of
-    #   ones (no reduction pass);
     # - lazy rescaling: after a row's first block, probabilities are taken against the row's
     #   reference maximum without computing the block's maximum (a pass over the scores); a block
     #   whose probabilities sum past `LAZY_SUM_LIMIT` in some row (a score far above the reference,
@@ -439,56 +443,59 @@ def _flash_forward(q, k, v, layer, mask: AttentionMask, scale: float, blocks: tu
         q_slots = mask.q_slots(B, bq, j * bq)
         first_q = q_slots[:, 0]
         last_q = q_slots[:, 0] + jnp.minimum(bq, T - j * bq) - 1
-        lo, clean_lo, clean_hi, hi = _block_ranges(mask, first_q, last_q, bk, nk, S)
+        lo, clean_lo, clean_hi, hi = _block_ranges(mask, first_q, last_q, bm, nm, S)
         q_scaled = qb * scale if lean else None
 
-        def step(masked):
-            def scores(i):
-                kb, vb, k_slots = _kv_block(k, v, layer, i, bk, row_offset, B)
-                if lean:
-                    s = jnp.einsum("BKGQH,BSKH->BKGQS", q_scaled, kb.astype(jnp.float32))
-                else:
-                    s = _scores(qb, kb, scale)
-                if masked:
-                    seen = _block_visible(mask, jnp.broadcast_to(q_slots, (B, bq)), q_segments, k_slots, i, bk)
-                    s = jnp.where(seen[:, None, None], s, MASKED)
-                return s, vb
+        def exact(s, vb, acc, row_max, row_sum):
+            new_max = jnp.maximum(row_max, jnp.max(s, axis=-1))
+            correction = jnp.exp(row_max - new_max)
+            p = jnp.exp(s - new_max[..., None])
+            row_sum = row_sum * correction + jnp.sum(p, axis=-1)
+            pv = jnp.einsum("BKGQS,BSKH->BKGQH", p.astype(qb.dtype), vb.astype(qb.dtype),
+                            preferred_element_type=jnp.float32)
+            return acc * correction[..., None] + pv, new_max, row_sum
 
-            def exact(s, vb, acc, row_max, row_sum):
-                new_max = jnp.maximum(row_max, jnp.max(s, axis=-1))
-                correction = jnp.exp(row_max - new_max)
-                p = jnp.exp(s - new_max[..., None])
-                if lean:  # acc's last column accumulates the row sums
-                    pv = _with_sums(p, vb)
-                else:
-                    row_sum = row_sum * correction + jnp.sum(p, axis=-1)
-                    pv = jnp.einsum("BKGQS,BSKH->BKGQH", p.astype(qb.dtype), vb.astype(qb.dtype),
-                                    preferred_element_type=jnp.float32)
-                return acc * correction[..., None] + pv, new_max, row_sum
+        def update(s, vb, carry):
+            acc, row_max, row_sum = carry
+            if not lean:
+                return exact(s, vb, acc, row_max, row_sum)
 
-            def body(i, carry):
-                acc, row_max, row_sum = carry
-                s, vb = scores(i)
-                if not lean:
-                    return exact(s, vb, acc, row_max, row_sum)
+            def lazy():
+                p = jnp.exp(s - row_max[..., None])
+                p_sum = jnp.sum(p, axis=-1)
+                safe = jnp.all(p_sum < LAZY_SUM_LIMIT)  # False for inf and NaN too
+                return jax.lax.cond(
+                    safe, lambda: (acc + jnp.einsum("BKGQS,BSKH->BKGQH", p, vb.astype(jnp.float32)),
+                                   row_max, row_sum + p_sum),
+                    lambda: exact(s, vb, acc, row_max, row_sum))
 
-                def lazy():
-                    pv = _with_sums(jnp.exp(s - row_max[..., None]), vb)
-                    safe = jnp.all(pv[..., H] < LAZY_SUM_LIMIT)  # False for inf and NaN too
-                    return jax.lax.cond(safe, lambda: (acc + pv, row_max, row_sum),
-                                        lambda: exact(s, vb, acc, row_max, row_sum))
+            started = jnp.all(row_max > MASKED / 2)  # every row has a reference from a visible key
+            return jax.lax.cond(started, lazy, lambda: exact(s, vb, acc, row_max, row_sum))
 
-                started = jnp.all(row_max > MASKED / 2)  # every row has a reference from a visible key
-                return jax.lax.cond(started, lazy, lambda: exact(s, vb, acc, row_max, row_sum))
-            return body
+        def scores(kb):
+            if lean:
+                return jnp.einsum("BKGQH,BSKH->BKGQS", q_scaled, kb.astype(jnp.float32))
+            return _scores(qb, kb, scale)
 
-        carry = (jnp.zeros((B, K, G, bq, H + lean), jnp.float32), jnp.full((B, K, G, bq), MASKED, jnp.float32),
+        def masked_step(i, carry):  # block i of bm keys, masked
+            kb, vb, k_slots = _kv_block(k, v, layer, i, bm, row_offset, B)
+            seen = _block_visible(mask, jnp.broadcast_to(q_slots, (B, bq)), q_segments, k_slots, i, bm)
+            return update(jnp.where(seen[:, None, None], scores(kb), MASKED), vb, carry)
+
+        def clean_block(start, size, carry):  # `size` keys from slot `start`, all visible to every query
+            kb, vb = _kv_slice(k, v, layer, start, size, row_offset, B)
+            return update(scores(kb), vb, carry)
+
+        carry = (jnp.zeros((B, K, G, bq, H), jnp.float32), jnp.full((B, K, G, bq), MASKED, jnp.float32),
                  jnp.zeros((B, K, G, bq), jnp.float32))
-        carry = jax.lax.fori_loop(lo, clean_lo, step(True), carry)
-        carry = jax.lax.fori_loop(clean_lo, clean_hi, step(False), carry)
-        acc, row_max, row_sum = jax.lax.fori_loop(clean_hi, hi, step(True), carry)
-        if lean:
-            acc, row_sum = acc[..., :H], acc[..., H]
+        carry = jax.lax.fori_loop(lo, clean_lo, masked_step, carry)
+        # The clean range [clean_lo * bm, clean_hi * bm): whole bk blocks, then bm blocks for the rest.
+        whole = (clean_hi - clean_lo) * bm // bk
+        carry = jax.lax.fori_loop(0, whole, lambda t, c: clean_block(clean_lo * bm + t * bk, bk, c), carry)
+        if bm != bk:
+            carry = jax.lax.fori_loop(clean_lo + whole * (bk // bm), clean_hi,
+                                      lambda i, c: clean_block(i * bm, bm, c), carry)
+        acc, row_max, row_sum = jax.lax.fori_loop(clean_hi, hi, masked_step, carry)
         row_sum = jnp.maximum(row_sum, jnp.finfo(jnp.float32).tiny)
         return (acc / row_sum[..., None]).astype(q.dtype), row_max + jnp.log(row_sum)
 

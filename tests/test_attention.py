@@ -60,9 +60,11 @@ UNCACHED = {
 
 # (tokens, query block, key block): lengths no block divides. Query blocks below
 # `attention.LEAN_MIN_QUERIES` rows take the plain float32 path, larger ones the lean one (scale
-# folded into q, row sums from the product with v, lazy rescaling).
-SHAPES = {"plain": (45, 16, 8), "lean": (150, 64, 16)}
+# folded into q, lazy rescaling); "diagonal" query blocks also mask in blocks of their own width
+# (narrower than the key blocks of the clean part).
+SHAPES = {"plain": (45, 16, 8), "lean": (150, 64, 16), "diagonal": (300, 128, 256)}
 assert SHAPES["plain"][1] < attention.LEAN_MIN_QUERIES <= SHAPES["lean"][1]
+assert attention.DIAGONAL_MIN_QUERIES <= SHAPES["diagonal"][1] < SHAPES["diagonal"][2]
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -81,19 +83,22 @@ def test_chunked_forward_and_gradients_equal_xla(case, shape):
         assert np.abs(np.asarray(got) - np.asarray(want)).max() <= GRAD_TOL
 
 
-@pytest.mark.parametrize("new_tokens,window,block_q", [(1, 0, 4), (9, 0, 4), (9, 6, 4), (70, 0, 64), (70, 23, 64)])
-def test_chunked_reads_a_ragged_cache_like_xla(new_tokens, window, block_q):
+@pytest.mark.parametrize("new_tokens,window,block_q,block_kv,cache", [
+    (1, 0, 4, 16, 163), (9, 0, 4, 16, 163), (9, 6, 4, 16, 163), (70, 0, 64, 16, 163), (70, 23, 64, 16, 163),
+    (300, 0, 128, 256, 701), (300, 57, 128, 256, 701)])
+def test_chunked_reads_a_ragged_cache_like_xla(new_tokens, window, block_q, block_kv, cache):
     """Cached calls: rows at different lengths (one empty), the stacked cache read at a traced
-    layer, cache length 163 (no block divides it), a decode step (T = 1) and prefill chunks
-    (70 tokens in 64-query blocks: the lean float32 path)."""
-    q, k, v = _qkv(3, new_tokens, 163, heads=4, kv_heads=2, head_dim=64, layers=2)
-    lengths = jnp.asarray([0, 31, 163 - new_tokens], jnp.int32)
+    layer, cache lengths no block divides, a decode step (T = 1) and prefill chunks (70 tokens in
+    64-query blocks: the lean float32 path; 300 tokens in 128-query blocks: also masked in blocks
+    of 128 keys, with clean blocks of 256 and 128 keys)."""
+    q, k, v = _qkv(3, new_tokens, cache, heads=4, kv_heads=2, head_dim=64, layers=2)
+    lengths = jnp.asarray([0, 31, cache - new_tokens], jnp.int32)
     mask = AttentionMask.cached(lengths, window=window)
 
     @jax.jit
     def both(q, k, v, layer):
         return (attention.attend(q, k, v, mask, backend="xla", layer=layer),
-                attention.attend(q, k, v, mask, backend="chunked", layer=layer, block_q=block_q, block_kv=16))
+                attention.attend(q, k, v, mask, backend="chunked", layer=layer, block_q=block_q, block_kv=block_kv))
 
     ref, out = both(q, k, v, jnp.int32(1))
     assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= FWD_TOL

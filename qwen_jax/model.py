@@ -10,9 +10,11 @@ compile time does not grow with depth. Every parameter carries `logical_axes` me
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -245,6 +247,9 @@ def set_out_major(linear: "Linear", out_major: bool) -> None:
     value = jnp.transpose(linear.kernel.get_value(), perm)
     linear.kernel = nnx.Param(value, logical_axes=tuple(axes[i] for i in perm))
     linear.out_major = out_major
+    # The replaced kernel is freed now; hand its memory back before the next kernel is transposed
+    # (transposing the 0.5B float32 model's kernels one by one otherwise raised peak RSS by 1 GiB).
+    release_freed_host_memory()
 
 
 def default_out_major(model: "Qwen2ForCausalLM") -> bool:
@@ -256,6 +261,29 @@ def set_decoder_out_major(model: "Qwen2ForCausalLM", out_major: bool) -> None:
     """`set_out_major` on every decoder projection of an unrolled model, in place."""
     for _, linear in quant.decoder_linears(model):
         set_out_major(linear, out_major)
+
+
+@functools.cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_host_memory() -> None:
+    """Return freed heap memory to the OS (glibc's `malloc_trim`; a no-op elsewhere).
+
+    Host buffers of XLA:CPU that are freed one by one (e.g. kernels replaced by transposed copies)
+    stay in glibc's heap once its mmap threshold has risen past their size, so RSS keeps them
+    although nothing uses them. Cheap (0.2 ms with nothing to return, the 0.5B model loaded; 9 ms
+    returning memory); call it after freeing large arrays.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def einsum_kernel(linear: "Linear", value: jax.Array) -> jax.Array:

@@ -308,6 +308,9 @@ def print_table(rate: float, rows: list[dict], reference: str = "sequential") ->
 
 
 def main(argv=None) -> None:
+    # A terminated benchmark stops the servers it started (the `finally` blocks below run): without
+    # this, SIGTERM left a `qwen-jax serve` holding 4 GB running after the benchmark was gone.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="0.5B")
     parser.add_argument("--requests", type=int, default=24)

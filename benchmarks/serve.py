@@ -17,6 +17,7 @@ makespan (first arrival to last token), time to first token (TTFT) and inter-tok
 
     python benchmarks/serve.py                          # 0.5B, float32, 3 rates: ~30-40 min on 2 CPU cores
     python benchmarks/serve.py --requests 8 --rates inf --systems qwen-jax sequential   # a quick look
+    python benchmarks/serve.py --requests 16 --rates inf          # on a GPU: bfloat16, transformers on cuda
 
 Needs the Qwen2.5 tokenizer files (`QWEN_JAX_TOKENIZER_DIR`); builds a random checkpoint of the chosen
 size once (`--checkpoint-dir` keeps it between runs).
@@ -183,9 +184,9 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
 
 
 def start_qwen_jax(checkpoint: str, slots: int, max_len: int, port: int,
-                   prefill_chunk: int | None = None) -> tuple[subprocess.Popen, str]:
+                   prefill_chunk: int | None = None, dtype: str = "float32") -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "qwen_jax.cli", "serve", "--model", checkpoint, "--slots", str(slots),
-               "--max-len", str(max_len), "--port", str(port), "--max-queue", "100000"]
+               "--max-len", str(max_len), "--port", str(port), "--max-queue", "100000", "--dtype", dtype]
     if prefill_chunk is not None:
         command += ["--prefill-chunk", str(prefill_chunk)]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
@@ -209,9 +210,10 @@ def transformers_executable() -> str:
     return executable
 
 
-def start_transformers(checkpoint: str, port: int, log_path: str) -> tuple[subprocess.Popen, str]:
+def start_transformers(checkpoint: str, port: int, log_path: str, device: str = "cpu",
+                       dtype: str = "float32") -> tuple[subprocess.Popen, str]:
     command = [transformers_executable(), "serve", checkpoint, "--continuous-batching",
-               "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)]
+               "--device", device, "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port)]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -328,8 +330,24 @@ def main(argv=None) -> None:
                         help="run the first rate's whole workload once, untimed, through the HTTP servers and the "
                              "static batches before timing them (default; --no-warm-pass: two requests only, so "
                              "the first timed pass pays the programs' first runs)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+                        help="compute dtype of every system (default: float32 on CPU, bfloat16 on a GPU/TPU)")
+    parser.add_argument("--hf-device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where transformers serve runs: auto = cuda when JAX runs on a GPU and torch sees one")
     parser.add_argument("--json-out", help="write all measurements to this JSON file")
     args = parser.parse_args(argv)
+    # This process keeps a JAX client open while the servers run: on a GPU it must not take the
+    # memory they need (the children inherit the setting; the engine sizes its cache itself).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+
+    accelerator = jax.default_backend() != "cpu"
+    dtype = args.dtype or ("bfloat16" if accelerator else "float32")
+    hf_device = args.hf_device
+    if hf_device == "auto":
+        import torch
+
+        hf_device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
 
     tokenizer_dir = os.environ.get("QWEN_JAX_TOKENIZER_DIR")
     if not tokenizer_dir:
@@ -343,9 +361,10 @@ def main(argv=None) -> None:
     prompt_range = tuple(int(x) for x in args.prompt_tokens.split(","))
     output_range = tuple(int(x) for x in args.output_tokens.split(","))
     workloads = {rate: make_jobs(tokenizer, args.requests, rate, prompt_range, output_range, args.seed) for rate in rates}
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs; {args.size} random "
-          f"weights, float32; {args.requests} requests per rate, prompts {prompt_range} tokens, outputs "
-          f"{output_range} tokens, {args.slots} slots", flush=True)
+    device = f"; {jax.devices()[0].device_kind}, transformers on {hf_device}" if accelerator else ""
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs{device}; {args.size} "
+          f"random weights, {dtype}; {args.requests} requests per rate, prompts {prompt_range} tokens, outputs "
+          f"{output_range} tokens, {args.slots} slots; {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     measurements: dict[float, list[dict]] = {rate: [] for rate in rates}
 
     def record(rate, name, results_and_start):
@@ -358,7 +377,7 @@ def main(argv=None) -> None:
     if "transformers" in args.systems:
         transformers_executable()  # fail now, not after the other systems' measurements
     if "qwen-jax" in args.systems:
-        process, url = start_qwen_jax(checkpoint, args.slots, args.max_len, args.port, args.prefill_chunk)
+        process, url = start_qwen_jax(checkpoint, args.slots, args.max_len, args.port, args.prefill_chunk, dtype)
         try:
             warm_pass(url, checkpoint, workloads[rates[0]], args.warm_pass)
             for rate in rates:
@@ -367,7 +386,7 @@ def main(argv=None) -> None:
             stop(process)
     if "transformers" in args.systems:
         log_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "transformers_serve.log")
-        process, url = start_transformers(checkpoint, args.port + 1, log_path)
+        process, url = start_transformers(checkpoint, args.port + 1, log_path, hf_device, dtype)
         print(f"  transformers serve log: {log_path}", file=sys.stderr, flush=True)
         try:
             warm_pass(url, checkpoint, workloads[rates[0]], args.warm_pass)  # also loads the model, starts CB
@@ -379,7 +398,7 @@ def main(argv=None) -> None:
     if "sequential" in args.systems or "static" in args.systems:
         import qwen_jax
 
-        model, _ = qwen_jax.load(checkpoint, dtype="float32")
+        model, _ = qwen_jax.load(checkpoint, dtype=dtype)
         if "sequential" in args.systems:
             warm_up_sequential(model, tokenizer, [job for rate in rates for job in workloads[rate]])
         if "static" in args.systems and args.warm_pass:  # untimed: every batch shape compiled and run once

@@ -145,8 +145,8 @@ def ours_decode(spec: dict) -> dict:
     runs = {}
     for name, slots in (("long", max_len), ("short", short_len)):
         cache = KVCache.init(model.config, 1, slots, model.dtype)
-        for start in range(0, context, chunk):  # whole chunks; the last may be shorter
-            logits, cache = prefill(state, cache, prompt[:, start:start + chunk])
+        for offset in range(0, context, chunk):  # whole chunks; the last may be shorter
+            logits, cache = prefill(state, cache, prompt[:, offset:offset + chunk])
         token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
         start = time.perf_counter()
         compiled = jax.jit(decode, donate_argnums=1).lower(state, cache, token).compile()

@@ -66,24 +66,46 @@ def test_unrolled_layers_match_hf(hf_checkpoint, case):
         np.testing.assert_array_equal(array, state[name].numpy())
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 12, 32, 33])
+@pytest.mark.parametrize("rows", [1, 2, 3, 12, 64, 65])
 def test_out_major_kernels_match_hf_in_every_product_regime(hf_checkpoint, rows):
     """Unrolled kernels on CPU are stored [*out, *in] (`set_out_major`): one row is a matrix-vector
-    product, 2 rows or more than 32 a matrix product, 3-32 rows a broadcast-and-sum. Each equals HF
-    (the rows are decode-shaped: `rows` sequences of one token) and the einsum layout."""
-    from qwen_jax.model import OUT_MAJOR_REDUCE_ROWS, Linear
+    product, 2-64 rows `(W @ x.T).T`, more a matrix product with the kernel on the right; the
+    lm_head the same. Each equals HF (the rows are decode-shaped: `rows` sequences of one token) and
+    the einsum layout."""
+    from qwen_jax.model import OUT_MAJOR_SWAP_ROWS, Linear
 
     hf_model, path = hf_checkpoint(**CASES["gqa_untied"])
     model = load_model(path, dtype=jnp.float32, scan_layers=False)
     linears = [m for _, m in __import__("flax").nnx.iter_modules(model.model.layers) if isinstance(m, Linear)]
     assert len(linears) == 3 * 7 and all(linear.out_major for linear in linears)
     assert model.model.layers[0].mlp.down_proj.kernel.shape == (64, 128)  # [hidden, intermediate]
-    assert OUT_MAJOR_REDUCE_ROWS == (3, 32)  # the regimes this test spans
+    assert OUT_MAJOR_SWAP_ROWS == (2, 64)  # the regimes this test spans
     ids = random_ids(rows, 1, seed=rows)
     ours = np.asarray(model(ids))
     assert np.abs(ours - hf_logits(hf_model, ids)).max() <= FP32_TOL
     einsum = load_model(path, dtype=jnp.float32, scan_layers=True)
     np.testing.assert_allclose(ours, np.asarray(einsum(ids)), atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 64, 65])
+def test_rows_times_out_major_in_every_regime_and_under_grad(rows):
+    """`rows_times_out_major` equals `x @ W.T` for every row count, keeps a preferred element type,
+    and differentiates (the training loss reaches the lm_head through it on CPU)."""
+    from qwen_jax.model import rows_times_out_major
+
+    rng = np.random.RandomState(rows)
+    x = rng.randn(rows, 48).astype(np.float32)
+    w = rng.randn(80, 48).astype(np.float32)
+    y = jax.jit(rows_times_out_major)(x, w)
+    assert y.shape == (rows, 80)
+    np.testing.assert_allclose(np.asarray(y), x @ w.T, rtol=1e-5, atol=1e-5)
+    low = rows_times_out_major(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), jnp.float32)
+    assert low.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(low), x @ w.T, rtol=0.05, atol=0.3)
+    gx, gw = jax.grad(lambda a, b: jnp.sum(jnp.sin(rows_times_out_major(a, b))), argnums=(0, 1))(x, w)
+    gy = np.cos(x @ w.T)
+    np.testing.assert_allclose(np.asarray(gx), gy @ w, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(gw), gy.T @ x, rtol=1e-4, atol=1e-4)
 
 
 def test_out_major_models_save_quantize_and_unstack_without_it(hf_checkpoint, tmp_path):

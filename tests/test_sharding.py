@@ -104,6 +104,6 @@ def test_unrolled_layers_on_a_mesh(hf_checkpoint):
     assert q_proj.out_major
     assert _full_spec(q_proj.kernel[...]) == P("tensor", None, "fsdp")
     np.testing.assert_allclose(np.asarray(model(ids)), reference, atol=1e-5)
-    # 12 rows: the products broadcast and sum over sharded inputs (`OUT_MAJOR_REDUCE_ROWS`).
+    # 12 rows: the products run as (W @ x.T).T on sharded kernels (`OUT_MAJOR_SWAP_ROWS`).
     short = ids[:, :3]
     np.testing.assert_allclose(np.asarray(model(short)), np.asarray(load_model(path)(short)), atol=1e-5)

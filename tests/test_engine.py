@@ -381,3 +381,21 @@ def test_parallel_warmup_compiles_each_program_once(loaded, tiny_engine):
                                                       **options)]
     finally:
         engine.shutdown()
+
+
+def test_a_step_finds_its_program_without_hashing_the_model(engine):
+    """Each step looks its programs up; after the first lookup that must not hash the full key (the
+    model's graph definition: ~4 ms a lookup for the unrolled 0.5B)."""
+    programs = engine.programs
+    width = programs.widths[-1]
+    first = programs._decode_executable(width)
+
+    class Unhashable:
+        def __hash__(self):
+            raise AssertionError("the full key was hashed")
+
+    signature, programs._signature = programs._signature, Unhashable()
+    try:
+        assert programs._decode_executable(width) is first
+    finally:
+        programs._signature = signature

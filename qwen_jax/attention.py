@@ -240,16 +240,11 @@ def _cache_rows(cache, layer, row_offset, rows: int):
 def _xla_attention(q, k, v, mask: AttentionMask, scale: float) -> jax.Array:
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
-    q = q.reshape(B, T, K, N // K, H)
-    if _decode_by_sums(B, T):  # one query per row: [B, 1, K, G, H] is [B, K, G, 1, H]
-        scores = _qk(q.reshape(B, K, N // K, 1, H), k) * scale
-        scores = jnp.where(mask.dense(B, T, S)[:, None, None], scores, MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        return _pv(probs, v.astype(q.dtype)).reshape(B, T, N, H)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    q = jnp.transpose(q.reshape(B, T, K, N // K, H), (0, 2, 3, 1, 4))  # [B, K, G, T, H]
+    scores = _qk(q, k) * scale
     scores = jnp.where(mask.dense(B, T, S)[:, None, None], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(q.dtype)).reshape(B, T, N, H)
+    return jnp.transpose(_pv(probs, v), (0, 3, 1, 2, 4)).reshape(B, T, N, H)
 
 
 def _decode_by_sums(batch: int, queries: int) -> bool:

@@ -365,7 +365,7 @@ def test_parallel_warmup_compiles_each_program_once(loaded, tiny_engine):
             # Priming runs every program once on scratch arrays: nothing compiles, the engine's state stays empty.
             engine.warmup(prime=True)
             assert engine.programs.prime_seconds > 0
-            assert set(engine.programs._keys) <= programs_module._PRIMED
+            assert {key for key, _ in engine.programs._programs.values()} <= programs_module._PRIMED
             assert not np.asarray(engine.programs.cache.lengths).any()
             prompts = [PROBE, *OTHERS, "x" * 40]
             options = dict(max_new_tokens=10, stop=["q"])

@@ -163,8 +163,8 @@ class EnginePrograms:
         self.mesh, self.rules = model.mesh, model.rules
         self.compile_seconds = 0.0
         self.prime_seconds = 0.0
-        self._keys: dict[tuple, Any] = {}  # this engine's programs: full key -> executable
-        self._by_short_key: dict[tuple, Any] = {}  # the same, by the key without the signature
+        # This engine's programs: key without the signature -> (full key, executable).
+        self._programs: dict[tuple, tuple[tuple, Any]] = {}
         state_signature = tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(self.state))
         self._signature = (self.graphdef, state_signature, slots, max_len, self.dtype, self.mesh, self.rules)
         cache = KVCache.init(self.config, slots, max_len, self.dtype)
@@ -221,11 +221,12 @@ class EnginePrograms:
 
     # ------------------------------------------------------------------ compilation
     def _executable(self, key: tuple, build: Callable[[], Any]):
-        # Looked up on every step: by the short key first, since hashing the full key (the model's
-        # graph definition) took ~4 ms a lookup for the unrolled 0.5B, 2-3 lookups a step.
-        executable = self._by_short_key.get(key)
-        if executable is not None:
-            return executable
+        # Looked up on every step: in this engine's own programs first, by the short key, since
+        # hashing the full key (the model's graph definition) took ~4 ms a lookup for the unrolled
+        # 0.5B, 2-3 lookups a step.
+        known = self._programs.get(key)
+        if known is not None:
+            return known[1]
         short_key, key = key, (*key, self._signature)
         executable = _EXECUTABLES.get(key)
         if executable is None:
@@ -239,8 +240,7 @@ class EnginePrograms:
                     with _COMPILE_LOCK:
                         self.compile_seconds += time.perf_counter() - start
                         _EXECUTABLES[key] = executable
-        self._keys.setdefault(key, executable)
-        self._by_short_key[short_key] = executable
+        self._programs[short_key] = (key, executable)
         return executable
 
     def prime(self) -> float:
@@ -257,7 +257,7 @@ class EnginePrograms:
 
         state_structure = jax.tree.structure(self.state)
         start = time.perf_counter()
-        for key, executable in list(self._keys.items()):
+        for key, executable in list(self._programs.values()):
             with _COMPILE_LOCK:
                 if key in _PRIMED:
                     continue

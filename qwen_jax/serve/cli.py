@@ -40,8 +40,8 @@ def add_arguments(parser) -> None:
                         help="compile every program before listening (default: on)")
     parser.add_argument("--prime", action=argparse.BooleanOptionalAction, default=False,
                         help="after compiling, run every program once on scratch arrays before listening, so the "
-                             "first requests run at full speed (on CPU a program's first run is several times "
-                             "slower than later ones; 0.5B, 2 cores: ~35 s more start-up). Default: off")
+                             "first requests run at full speed (on CPU a program's first run is up to ~3x slower "
+                             "than later ones; 0.5B, 2 cores: 34-58 s more start-up, measured). Default: off")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds running requests may take to finish after SIGTERM (default 30)")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],

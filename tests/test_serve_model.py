@@ -1,4 +1,5 @@
-"""benchmarks/serve_model.py: the engine-schedule model gives the step sums its policy implies."""
+"""benchmarks/serve_model.py: the engine-schedule model gives the step sums its policy implies; and
+benchmarks/serve.py's choice of the pass it reports."""
 
 import sys
 from pathlib import Path
@@ -22,3 +23,15 @@ def test_mixed_steps_carry_the_running_row():
     # A: prefill (token 1), then 2 mixed steps (tokens 2, 3) -> done. B: then 2 more tokens in 1-row steps.
     expected = 230 + 2 * (140 + 50) + 2 * 100
     assert serve_model.simulate([10, 10], [3, 3], 2, 16, COSTS) == expected / 1000
+
+
+def test_serve_benchmark_keeps_the_fastest_pass_and_lists_all():
+    import serve  # benchmarks/serve.py
+
+    nan = float("nan")
+    rows = [dict(system="s", output_tokens_per_s=v, ttft_p50_s=i) for i, v in enumerate([20.5, nan, 23.25, 19.0])]
+    best = serve.best_pass(rows)
+    assert best["output_tokens_per_s"] == 23.25 and best["ttft_p50_s"] == 2  # the whole row of that pass
+    assert best["passes"][0] == 20.5 and best["passes"][2:] == [23.25, 19.0]
+    failed = serve.best_pass([dict(system="s", output_tokens_per_s=nan)])  # every pass failed: still a row
+    assert failed["passes"] and failed["output_tokens_per_s"] != failed["output_tokens_per_s"]

@@ -29,9 +29,12 @@ def test_serve_benchmark_keeps_the_fastest_pass_and_lists_all():
     import serve  # benchmarks/serve.py
 
     nan = float("nan")
-    rows = [dict(system="s", output_tokens_per_s=v, ttft_p50_s=i) for i, v in enumerate([20.5, nan, 23.25, 19.0])]
+    rows = [dict(system="s", output_tokens_per_s=v, ttft_p50_s=i, failed=0, errors=[])
+            for i, v in enumerate([20.5, nan, 23.25, 19.0])]
+    rows[3].update(failed=2, errors=["APITimeoutError: timed out"])  # a slower pass had failures
     best = serve.best_pass(rows)
     assert best["output_tokens_per_s"] == 23.25 and best["ttft_p50_s"] == 2  # the whole row of that pass
     assert best["passes"][0] == 20.5 and best["passes"][2:] == [23.25, 19.0]
+    assert best["failed"] == 2 and best["errors"] == ["APITimeoutError: timed out"]  # not hidden
     failed = serve.best_pass([dict(system="s", output_tokens_per_s=nan)])  # every pass failed: still a row
     assert failed["passes"] and failed["output_tokens_per_s"] != failed["output_tokens_per_s"]

@@ -138,8 +138,8 @@ def best_pass(rows: list[dict]) -> dict:
     `errors`), so a failure in a slower pass is not hidden behind the fastest one."""
     best = max(rows, key=lambda row: -1.0 if math.isnan(row["output_tokens_per_s"]) else row["output_tokens_per_s"])
     return dict(best, passes=[row["output_tokens_per_s"] for row in rows],
-                failed=sum(row.get("failed", 0) for row in rows),
-                errors=sorted({error for row in rows for error in row.get("errors", [])}))
+                failed=sum(row["failed"] for row in rows),
+                errors=sorted({error for row in rows for error in row["errors"]}))
 
 
 # ----------------------------------------------------------------------------- HTTP systems
@@ -325,7 +325,7 @@ def print_table(rate: float, rows: list[dict], reference: str = "sequential") ->
         print(f"| {row['system']} | {row['requests_per_s']:.3f} | {row['output_tokens_per_s']:.1f} | {ratio:.2f}× | "
               f"{row['ttft_p50_s']:.1f} / {row['ttft_p99_s']:.1f} | {itl} | {row['output_tokens']} | "
               f"{row['failed']} | {row['load_average']:.1f} | "
-              f"{' / '.join(f'{v:.1f}' for v in row.get('passes', [row['output_tokens_per_s']]))} |")
+              f"{' / '.join(f'{v:.1f}' for v in row['passes'])} |")
 
 
 def main(argv=None) -> None:

@@ -36,5 +36,6 @@ def test_serve_benchmark_keeps_the_fastest_pass_and_lists_all():
     assert best["output_tokens_per_s"] == 23.25 and best["ttft_p50_s"] == 2  # the whole row of that pass
     assert best["passes"][0] == 20.5 and best["passes"][2:] == [23.25, 19.0]
     assert best["failed"] == 2 and best["errors"] == ["APITimeoutError: timed out"]  # not hidden
-    failed = serve.best_pass([dict(system="s", output_tokens_per_s=nan)])  # every pass failed: still a row
+    failed = serve.best_pass([dict(system="s", output_tokens_per_s=nan, failed=16, errors=["e"])])  # all failed
     assert failed["passes"] and failed["output_tokens_per_s"] != failed["output_tokens_per_s"]
+    assert failed["failed"] == 16 and failed["errors"] == ["e"]

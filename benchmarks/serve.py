@@ -23,6 +23,7 @@ noise only slows a pass down.
     python benchmarks/serve.py --requests 8 --rates inf --systems qwen-jax sequential   # a quick look
     python benchmarks/serve.py --requests 16 --rates inf          # on a GPU: bfloat16, transformers on cuda
     python benchmarks/serve.py --requests 16 --rates inf --output-tokens 32,256 --repeat 2   # longer outputs
+    python benchmarks/serve.py --requests 64 --rates inf --repeat 2   # README's 64-request figures: ~47 min here
 
 Needs the Qwen2.5 tokenizer files (`QWEN_JAX_TOKENIZER_DIR`); builds a random checkpoint of the chosen
 size once (`--checkpoint-dir` keeps it between runs).

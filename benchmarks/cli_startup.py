@@ -81,7 +81,7 @@ def write_random_checkpoint(config, directory: str, *, dtype: str = "bfloat16", 
     from safetensors.numpy import save_file
 
     from qwen_jax import create_model
-    from qwen_jax.hf import iter_hf_tensors
+    from qwen_jax.checkpoints.hf import iter_hf_tensors
 
     store = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     model = create_model(config, dtype=dtype, param_dtype=dtype, seed=seed)

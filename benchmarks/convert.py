@@ -45,8 +45,8 @@ def write_source(directory: str, dtype: str) -> int:
     import jax.numpy as jnp
 
     from qwen_jax import Qwen2Config, create_model
-    from qwen_jax.hf import iter_hf_tensors
-    from qwen_jax.safetensors_io import write_safetensors
+    from qwen_jax.checkpoints.hf import iter_hf_tensors
+    from qwen_jax.checkpoints.safetensors import write_safetensors
 
     config = Qwen2Config.preset("0.5B").replace(torch_dtype=dtype)
     model = create_model(config, dtype=jnp.dtype(dtype), seed=0)

@@ -230,7 +230,7 @@ def estimated_bytes(plan: Plan, step: Step) -> int:
     inference (loading unstacks the layers into new arrays), plus the KV cache and the largest
     activations; float32 masters, gradients, AdamW moments, logits and attention probabilities
     for training."""
-    from qwen_jax.generation import cache_bucket, prompt_bucket
+    from qwen_jax.generation.static import cache_bucket, prompt_bucket
     from qwen_jax.memory import plan_memory
 
     config = plan.models[step.model]
@@ -316,7 +316,8 @@ def hf_twin(suite: Suite, model, wanted: bool):
 
 
 def run_prefill(suite: Suite, step: Step) -> list[dict]:
-    from qwen_jax.generation import GenerationConfig, generate_ids
+    from qwen_jax.config import GenerationConfig
+    from qwen_jax.generation.static import generate_ids
 
     plan = suite.plan
     model, rows = suite.model(step)
@@ -408,7 +409,7 @@ def check_backend(cpu_smoke: bool) -> None:
 
 def check_imports() -> None:
     missing = []
-    for module in ("qwen_jax.train.trainer", "qwen_jax.hf", "safetensors.numpy", "ml_dtypes", "tokenizers"):
+    for module in ("qwen_jax.train.trainer", "qwen_jax.checkpoints.hf", "safetensors.numpy", "ml_dtypes", "tokenizers"):
         try:
             __import__(module)
         except ImportError as e:

@@ -24,8 +24,9 @@ import jax
 import numpy as np
 
 from qwen_jax import Qwen2Config, create_model
-from qwen_jax.model import unstack_layers
-from qwen_jax.generation import GenerationConfig, generate_ids
+from qwen_jax.model.causal_lm import unstack_layers
+from qwen_jax.config import GenerationConfig
+from qwen_jax.generation.static import generate_ids
 
 
 def measure_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
@@ -82,7 +83,7 @@ def build_hf_twin(model, dtype: str, device: str = "cpu"):
     from transformers import Qwen2Config as HFConfig
     from transformers import Qwen2ForCausalLM
 
-    from qwen_jax.hf import iter_hf_tensors
+    from qwen_jax.checkpoints.hf import iter_hf_tensors
 
     hf_config = HFConfig(**model.config.to_hf())
     # Built in `dtype` (buffers such as the rotary frequencies stay float32, as from_pretrained

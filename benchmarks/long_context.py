@@ -90,14 +90,15 @@ def _our_model(spec: dict):
     extra = {} if spec.get("baseline") else {"attention": spec["attention"]}  # an older qwen-jax has no backends
     model = Qwen2ForCausalLM(config, dtype=jnp.dtype(spec["dtype"]), scan_layers=False, rngs=nnx.Rngs(0), **extra)
     if not spec.get("baseline"):  # the kernels as `unstack_layers` stores them (one transposed at a time)
-        from qwen_jax.model import default_out_major, set_decoder_out_major
+        from qwen_jax.model.quantize import default_out_major, set_decoder_out_major
 
         set_decoder_out_major(model, default_out_major(model))
     return model
 
 
 def ours_prefill(spec: dict) -> dict:
-    from qwen_jax.generation import GenerationConfig, generate_ids
+    from qwen_jax.config import GenerationConfig
+    from qwen_jax.generation.static import generate_ids
 
     model = _our_model(spec)
     prompt = _prompt(spec["length"], model.config.vocab_size)
@@ -119,7 +120,7 @@ def ours_decode(spec: dict) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from qwen_jax.model import KVCache
+    from qwen_jax.model.kv_cache import KVCache
 
     model = _our_model(spec)
     context, steps, max_len = spec["context"], spec["steps"], spec["max_len"]
@@ -169,7 +170,8 @@ def ours_decode(spec: dict) -> dict:
 
 def ours_short_decode(spec: dict) -> dict:
     """The generation benchmark's batch-1 figure: 64-token prompt, 32 new tokens."""
-    from qwen_jax.generation import GenerationConfig, generate_ids
+    from qwen_jax.config import GenerationConfig
+    from qwen_jax.generation.static import generate_ids
 
     model = _our_model(spec)
     config = GenerationConfig(temperature=0.0, eos_token_ids=())

@@ -44,22 +44,25 @@ def kernels(layers: int = 24, repeats: int = 5) -> list[list[str]]:
     import jax.numpy as jnp
     import qwix
 
-    from qwen_jax import quant
+    from qwen_jax.ops.quant import QuantScheme
+    from qwen_jax.ops.quant import matmul
+    from qwen_jax.ops.quant import pack
+    from qwen_jax.ops.quant import quantize_matrix
 
     rng = np.random.default_rng(0)
     shapes = [(896, 4864), (4864, 896)]  # (in, out) of gate and down
     floats = [[jnp.asarray(rng.standard_normal(s, dtype=np.float32) * 0.03) for s in shapes] for _ in range(layers)]
 
     def ours(spec):
-        scheme = quant.QuantScheme.parse(spec)
+        scheme = QuantScheme.parse(spec)
         weights = []
         for layer in floats:
             parts = []
             for w in layer:
-                values, scale = quant.quantize_matrix(w.T, scheme)
-                parts.append((quant.pack(values, scheme), scale))
+                values, scale = quantize_matrix(w.T, scheme)
+                parts.append((pack(values, scheme), scale))
             weights.append(parts)
-        return weights, lambda x, part: quant.matmul(x, part[0], part[1], None, scheme, jnp.float32)
+        return weights, lambda x, part: matmul(x, part[0], part[1], None, scheme, jnp.float32)
 
     def qwix_weights(qtype, tile):
         # What a weight-only qwix rule (QuantizationRule(weight_qtype=..., tile_size=...)) stores for
@@ -107,8 +110,8 @@ def kernels(layers: int = 24, repeats: int = 5) -> list[list[str]]:
 def write_checkpoint(directory: str) -> None:
     """The 0.5B configuration with random weights (seed 0) as an HF safetensors checkpoint."""
     from qwen_jax import Qwen2Config, create_model
-    from qwen_jax.hf import iter_hf_tensors
-    from qwen_jax.safetensors_io import write_safetensors
+    from qwen_jax.checkpoints.hf import iter_hf_tensors
+    from qwen_jax.checkpoints.safetensors import write_safetensors
 
     config = Qwen2Config.preset("0.5B")
     model = create_model(config, dtype="float32", seed=0)
@@ -180,7 +183,7 @@ def child(variant: str, checkpoint: str, out: str) -> None:
 
 def model_table(variants: tuple[str, ...]) -> list[list[str]]:
     from qwen_jax import Qwen2Config
-    from qwen_jax.layout import abstract_model
+    from qwen_jax.checkpoints.assemble import abstract_model
 
     weights = abstract_model(Qwen2Config.preset("0.5B")).num_params()
     results = {}

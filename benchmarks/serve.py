@@ -264,7 +264,7 @@ class _Clock:
 
 
 def run_sequential(model, tokenizer, jobs: list[Job]) -> tuple[list[Result], float]:
-    from qwen_jax.generation import stream_ids
+    from qwen_jax.generation.static import stream_ids
 
     results, clock = [], _Clock()
     start = clock.now()
@@ -282,7 +282,7 @@ def run_sequential(model, tokenizer, jobs: list[Job]) -> tuple[list[Result], flo
 
 
 def run_static(model, tokenizer, jobs: list[Job], batch: int) -> tuple[list[Result], float]:
-    from qwen_jax.generation import generate_ids
+    from qwen_jax.generation.static import generate_ids
 
     results, clock = [], _Clock()
     start = clock.now()
@@ -300,7 +300,7 @@ def run_static(model, tokenizer, jobs: list[Job], batch: int) -> tuple[list[Resu
 
 def warm_up_sequential(model, tokenizer, jobs: list[Job]) -> None:
     """Compile the prefill and decode step of every prompt shape the sequential run will see."""
-    from qwen_jax.generation import prompt_bucket, stream_ids
+    from qwen_jax.generation.static import prompt_bucket, stream_ids
 
     shapes = {}
     for job in jobs:  # one job per (prompt bucket, max_tokens): what the compiled shapes derive from

@@ -75,7 +75,7 @@ def bench_jax(preset, seq_len: int, rows: int, steps: int, lora_rank: int, workd
     Qwen2Config (`layers` / `vocab_size` shrink it), `mesh` a --mesh spec (default: every device
     on fsdp). The tokenizer only reads the one-line data file the trainer insists on."""
     from qwen_jax import Qwen2Config, create_model
-    from qwen_jax.model import default_dtype
+    from qwen_jax.model.causal_lm import default_dtype
     from qwen_jax.train.config import TrainConfig
     from qwen_jax.train.trainer import Trainer, resolve_mesh
 
@@ -254,7 +254,7 @@ def main(argv=None) -> int:
         return compare_processes(args)
 
     from qwen_jax import Qwen2Config
-    from qwen_jax.model import default_dtype
+    from qwen_jax.model.causal_lm import default_dtype
     from qwen_jax.train.trainer import flops_per_token, peak_flops_per_device
 
     config = Qwen2Config.preset(args.preset)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Mapping
+
+from qwen_jax.errors import ConfigError
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("qwen2",)
@@ -19,8 +21,6 @@ ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 ATTENTION_BACKENDS = ("auto", "xla", "chunked", "cudnn", "splash")
 
 
-class ConfigError(ValueError):
-    """config.json is missing, unreadable, or describes a model we do not implement."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,3 +356,78 @@ def _parse_rope(config: dict[str, Any]) -> tuple[float, RopeScaling]:
         mscale_all_dim=scaling.get("mscale_all_dim"),
         truncate=True if truncate is None else bool(truncate),
     )
+
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """Sampling defaults. `temperature == 0` is greedy decoding.
+
+    `GenerationConfig.from_pretrained(dir)` reads the checkpoint's generation_config.json with HF
+    semantics (`do_sample: false` -> greedy; HF's top_k default of 50 when sampling).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    def replace(self, **changes) -> "GenerationConfig":
+        """A copy with the given fields changed; None values are ignored (keep the default)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if "eos_token_ids" in changes:
+            changes["eos_token_ids"] = tuple(int(i) for i in changes["eos_token_ids"])
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, generation_config: Mapping[str, Any], model_config: Qwen2Config | None = None) -> "GenerationConfig":
+        """From a generation_config.json dict; eos ids are the union of it and the model config's."""
+        do_sample = bool(generation_config.get("do_sample", False))
+        eos = _as_ids(generation_config.get("eos_token_id"))
+        if model_config is not None:
+            eos += tuple(i for i in model_config.eos_token_ids if i not in eos)
+        pad = generation_config.get("pad_token_id")
+        if pad is None and model_config is not None:
+            pad = model_config.pad_token_id
+        return cls(
+            max_new_tokens=int(generation_config.get("max_new_tokens") or cls.max_new_tokens),
+            temperature=float(generation_config.get("temperature", 1.0)) if do_sample else 0.0,
+            top_k=int(generation_config.get("top_k", 50) or 0) if do_sample else 0,
+            top_p=float(generation_config.get("top_p", 1.0) or 1.0),
+            min_p=float(generation_config.get("min_p") or 0.0),
+            repetition_penalty=float(generation_config.get("repetition_penalty", 1.0) or 1.0),
+            eos_token_ids=eos,
+            pad_token_id=pad,
+        )
+
+    @classmethod
+    def from_model_config(cls, model_config: Qwen2Config) -> "GenerationConfig":
+        """Greedy, stopping on the model config's eos ids (for checkpoints without generation_config.json)."""
+        return cls(eos_token_ids=model_config.eos_token_ids, pad_token_id=model_config.pad_token_id)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, model_config: Qwen2Config | None = None) -> "GenerationConfig":
+        """generation_config.json of a checkpoint directory, or the model-config defaults without one."""
+        file = os.path.join(os.fspath(path), GENERATION_CONFIG_FILE)
+        if os.path.isfile(file):
+            with open(file) as f:
+                return cls.from_hf(json.load(f), model_config)
+        if model_config is None:
+            return cls()
+        return cls.from_model_config(model_config)
+
+
+def _as_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(i) for i in value)

@@ -17,18 +17,19 @@ from typing import Iterator
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from qwen_jax.attention import check_backend, platform_of
-from qwen_jax.generation import GenerationConfig
-from qwen_jax.layout import CheckpointReader, assemble_model, is_orbax_checkpoint
-from qwen_jax.model import Qwen2ForCausalLM, default_dtype, unstack_layers
-from qwen_jax.quant import QuantScheme
-from qwen_jax.safetensors_io import CheckpointError
+from qwen_jax.checkpoints.assemble import CheckpointReader, assemble_model
+from qwen_jax.checkpoints.orbax import is_orbax_checkpoint
+from qwen_jax.config import GenerationConfig
+from qwen_jax.errors import CheckpointError
+from qwen_jax.model.causal_lm import Qwen2ForCausalLM, default_dtype, unstack_layers
+from qwen_jax.ops.attention.selection import check_backend, platform_of
+from qwen_jax.ops.quant import QuantScheme
 from qwen_jax.sharding import DEFAULT_RULES, ShardingRules
 
 
 def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
     """The reader for a local checkpoint (directory or GGUF file), chosen by what it holds."""
-    from qwen_jax.gguf_file import GGUFReader, is_gguf_file
+    from qwen_jax.checkpoints.gguf import GGUFReader, is_gguf_file
 
     path = os.fspath(path)
     if is_gguf_file(path):
@@ -37,15 +38,18 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
         raise CheckpointError(f"{path}: checkpoint directory not found" if not os.path.exists(path)
                               else f"{path}: not a checkpoint directory or GGUF file")
     if is_orbax_checkpoint(path):
-        from qwen_jax.checkpoint import OrbaxReader
+        from qwen_jax.checkpoints.orbax import OrbaxReader
 
         return OrbaxReader(path)
+    from qwen_jax.checkpoints.gptq_awq import (
+        PrequantizedReader,
+        read_prequantized_config,
+    )
     from qwen_jax.config import read_config_json
-    from qwen_jax.quantized_hf import PrequantizedReader, read_prequantized_config
 
     if read_prequantized_config(read_config_json(path), path) is not None:
         return PrequantizedReader(path)
-    from qwen_jax.hf import HFReader
+    from qwen_jax.checkpoints.hf import HFReader
 
     return HFReader(path)
 
@@ -81,7 +85,7 @@ def load_model(
     rope_scaling: override the checkpoint's rope scaling, e.g. 'yarn:4' for Qwen2.5's documented
       128K context, without editing config.json (`Qwen2Config.with_rope_scaling`).
     """
-    from qwen_jax.hub import resolve_source
+    from qwen_jax.checkpoints.hub import resolve_source
 
     check_backend(attention, dtype=jnp.dtype(dtype or default_dtype()), head_dim=None, platform=platform_of(mesh))
     reader = open_checkpoint(resolve_source(path))
@@ -119,7 +123,7 @@ def load(
     The checkpoint's generation_config.json becomes `model.generation_config`, the defaults of
     `qwen_jax.generate`. A GGUF file's tokenizer and generation settings come from its metadata.
     """
-    from qwen_jax.hub import resolve_source
+    from qwen_jax.checkpoints.hub import resolve_source
     from qwen_jax.tokenizer import Tokenizer
 
     path = resolve_source(path)
@@ -134,7 +138,7 @@ def load(
 @contextlib.contextmanager
 def side_files_dir(path: str) -> Iterator[str]:
     """A directory holding the checkpoint's tokenizer and generation files (built from a GGUF's metadata)."""
-    from qwen_jax.gguf_file import GGUFCheckpoint, is_gguf_file
+    from qwen_jax.checkpoints.gguf import GGUFCheckpoint, is_gguf_file
 
     if not is_gguf_file(path):
         yield path

@@ -16,9 +16,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwen_jax.config import Qwen2Config
-from qwen_jax import quant
-from qwen_jax.model import KVCache
-from qwen_jax.quant import QuantScheme
+from qwen_jax.model.kv_cache import KVCache
+from qwen_jax.model.linear import QuantizedKernel
+from qwen_jax.model.quantize import with_quantized_structure
+from qwen_jax.ops.quant import QuantScheme
 from qwen_jax.sharding import DEFAULT_RULES, ShardingRules, logical_to_spec
 
 GiB = 1024**3
@@ -96,18 +97,18 @@ def plan_memory(
     'int4' decoder projections (`qwen_jax.quant`): their integer values and float32 scales are
     counted as stored (int4 two per byte); being frozen, they get no gradients or optimizer state.
     """
-    from qwen_jax.model import Qwen2ForCausalLM
+    from qwen_jax.model.causal_lm import Qwen2ForCausalLM
 
     mesh = _mesh_of_sizes(data, fsdp, tensor)
     scheme = None if quantize is None else QuantScheme.parse(quantize)
-    abstract = nnx.eval_shape(lambda: quant.with_quantized_structure(
+    abstract = nnx.eval_shape(lambda: with_quantized_structure(
         Qwen2ForCausalLM(config, dtype=param_dtype, param_dtype=param_dtype), scheme))
     params = trained_elements = 0
     for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         axes = variable.get_metadata()["logical_axes"]
         elements = _shard_elements(variable.shape, axes, mesh, rules)
         params += elements * jnp.dtype(variable.dtype).itemsize
-        if not (isinstance(variable, quant.QuantizedKernel) or path[-1] in ("kernel_scale", "kernel_zero")):
+        if not (isinstance(variable, QuantizedKernel) or path[-1] in ("kernel_scale", "kernel_zero")):
             trained_elements += elements
     o_bytes = jnp.dtype(optimizer_dtype).itemsize
     grads = trained_elements * jnp.dtype(param_dtype).itemsize if training else 0
@@ -129,12 +130,12 @@ def prefill_activation_bytes(config: Qwen2Config, batch: int, chunk: int, dtype,
     blocked queries, three float32 score blocks of `attention.BLOCK_Q` x `BLOCK_KV` per query head)
     and the MLP phase (gate, up and their product), plus the last position's float32 logits.
     """
-    from qwen_jax import attention
+    from qwen_jax.ops.attention.chunked import BLOCK_KV, BLOCK_Q
 
     size = jnp.dtype(dtype).itemsize
     D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
     N, K, H = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    block_q, block_kv = min(attention.BLOCK_Q, chunk), attention.BLOCK_KV
+    block_q, block_kv = min(BLOCK_Q, chunk), BLOCK_KV
 
     def per_device(shape, axes) -> int:
         return _shard_elements(shape, axes, mesh, rules)

@@ -25,7 +25,7 @@ import os
 import numpy as np
 import torch
 
-from qwen_jax.safetensors_io import write_safetensors
+from qwen_jax.checkpoints.safetensors import write_safetensors
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

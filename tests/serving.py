@@ -55,7 +55,7 @@ class LiveServer:
     def __init__(self, engine, model_name: str = "test-model", api_key: str | None = None):
         import uvicorn
 
-        from qwen_jax.serve import create_app
+        from qwen_jax.serve.app import create_app
 
         self.engine = engine
         self.app = create_app(engine, model_name=model_name, api_key=api_key)
@@ -126,7 +126,7 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model):
     """An Engine (8 slots, 64 tokens, 16-token prefill chunks) over `tiny_model`, compiled once for the whole session."""
-    from qwen_jax.engine import Engine
+    from qwen_jax.engine.core import Engine
 
     model, tokenizer = tiny_model
     engine = Engine(model, tokenizer, slots=ENGINE_SLOTS, max_len=ENGINE_MAX_LEN, prefill_chunk=ENGINE_CHUNK,

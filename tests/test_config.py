@@ -5,8 +5,9 @@ import json
 import pytest
 
 import qwen_jax
-from qwen_jax.config import ConfigError, Qwen2Config
-from qwen_jax.layout import abstract_model
+from qwen_jax.errors import ConfigError
+from qwen_jax.config import Qwen2Config
+from qwen_jax.checkpoints.assemble import abstract_model
 
 REFERENCE = "qwen2.5-configs.json"
 

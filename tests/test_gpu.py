@@ -1,7 +1,7 @@
 """Checks that need an NVIDIA GPU: the cuDNN attention backend against the xla reference, and the
 model on it (prefill, cached decode, left padding) against the einsum path and HF.
 
-Skipped where JAX has no GPU (CI has none; tests/test_attention.py checks cuDNN's arguments through
+Skipped where JAX has no GPU (CI has none; tests/ops/test_attention.py checks cuDNN's arguments through
 jax's xla implementation there). On a GPU: `pytest tests/test_gpu.py`. The README's long-context
 section says when and on which card this last ran.
 
@@ -16,12 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from test_attention import _qkv, _segments
+from attention_fixtures import _qkv, _segments
 
-from qwen_jax import attention
-from qwen_jax.attention import AttentionMask
-from qwen_jax.generation import generate_ids
+from qwen_jax.ops.attention import attend
+from qwen_jax.ops.attention.selection import platform_of
+from qwen_jax.ops.attention.selection import select_backend
+from qwen_jax.ops.attention.mask import AttentionMask
+from qwen_jax.generation.static import generate_ids
 from qwen_jax.load import load_model
+from qwen_jax.model.mixed import mixed_hidden_states
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu",
                                 reason="needs an NVIDIA GPU (cuDNN attention); CI has none")
@@ -47,7 +50,7 @@ def _forward_and_grads(backend, mask, q, k, v):
     weights = jax.random.normal(jax.random.key(9), q.shape, jnp.float32)
 
     def fn(q, k, v):
-        return attention.attend(q, k, v, mask, backend=backend)
+        return attend(q, k, v, mask, backend=backend)
 
     @jax.jit
     def both(q, k, v):
@@ -91,8 +94,8 @@ def test_cudnn_reads_a_ragged_cache_like_xla(new_tokens, window):
 
     @jax.jit
     def both(q, k, v, layer):
-        ref = attention.attend(*_f32(q, k, v), mask, backend="xla", layer=layer)
-        return ref, attention.attend(q, k, v, mask, backend="cudnn", layer=layer)
+        ref = attend(*_f32(q, k, v), mask, backend="xla", layer=layer)
+        return ref, attend(q, k, v, mask, backend="cudnn", layer=layer)
 
     ref, out = both(q, k, v, jnp.int32(1))
     err = np.abs(np.asarray(out, np.float32) - np.asarray(ref)).max()
@@ -100,9 +103,9 @@ def test_cudnn_reads_a_ragged_cache_like_xla(new_tokens, window):
 
 
 def test_auto_picks_cudnn_for_bfloat16_on_this_gpu():
-    pick = dict(q_len=4096, kv_len=4096, cached=False, head_dim=64, platform=attention.platform_of())
-    assert attention.select_backend("auto", dtype=jnp.bfloat16, **pick) == "cudnn"
-    assert attention.select_backend("auto", dtype=jnp.float32, **pick) == "chunked"
+    pick = dict(q_len=4096, kv_len=4096, cached=False, head_dim=64, platform=platform_of())
+    assert select_backend("auto", dtype=jnp.bfloat16, **pick) == "cudnn"
+    assert select_backend("auto", dtype=jnp.float32, **pick) == "chunked"
 
 
 def _hf_logits(model, ids, mask=None):
@@ -114,7 +117,7 @@ def _hf_logits(model, ids, mask=None):
 def test_model_with_cudnn_matches_hf_and_the_einsum_path(hf_checkpoint):
     """bf16 model, head_dim 64, GQA, sliding-window layers mixed with full ones, a left-padded row:
     the cuDNN model's error against HF float32 is no worse than HF bfloat16's own (slack as in
-    tests/test_model.py), and equal to the xla backend's within bf16 rounding."""
+    tests/model/test_model.py), and equal to the xla backend's within bf16 rounding."""
     hf32, path = hf_checkpoint(seed=1, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
                                intermediate_size=512, tie_word_embeddings=False, max_position_embeddings=1024,
                                use_sliding_window=True, sliding_window=100, max_window_layers=1)
@@ -160,7 +163,7 @@ def test_generation_with_cudnn_decodes_like_a_full_forward(hf_checkpoint, prefil
 def test_mixed_step_with_cudnn_equals_a_decode_step_and_a_prefill_chunk(hf_checkpoint):
     """The serving engine's mixed step (decode rows + one row's prompt chunk, read at a row offset of
     the batch cache) with cuDNN gives the hidden states of a separate decode step and prefill chunk."""
-    from qwen_jax.model import KVCache
+    from qwen_jax.model.kv_cache import KVCache
 
     _, path = hf_checkpoint(seed=3, hidden_size=256, num_attention_heads=4, num_key_value_heads=1,
                             intermediate_size=512, max_position_embeddings=1024)
@@ -174,7 +177,7 @@ def test_mixed_step_with_cudnn_equals_a_decode_step_and_a_prefill_chunk(hf_check
     tokens = jnp.asarray(rng.randint(0, 256, 4).astype(np.int32))
     active = jnp.asarray([True, True, False, False])
     chunk_ids = jnp.asarray(rng.randint(0, 256, (1, 64)).astype(np.int32))
-    decoded, prefilled, _ = model.mixed_hidden_states(tokens, active, chunk_ids, jnp.int32(50), jnp.int32(2), cache)
+    decoded, prefilled, _ = mixed_hidden_states(model, tokens, active, chunk_ids, jnp.int32(50), jnp.int32(2), cache)
     step, _ = model.hidden_states(tokens[:, None], cache.lengths[:, None], active[:, None].astype(jnp.int32),
                                   cache=cache)
     row = KVCache(cache.k[:, 2:3], cache.v[:, 2:3], cache.lengths[2:3])

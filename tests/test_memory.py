@@ -5,7 +5,7 @@ import pytest
 
 import qwen_jax
 from qwen_jax.memory import measured_bytes_per_device, plan_memory
-from qwen_jax.model import KVCache
+from qwen_jax.model.kv_cache import KVCache
 from qwen_jax.sharding import named_sharding
 
 CONFIG = qwen_jax.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,

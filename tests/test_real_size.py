@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwen_jax import layout
-from qwen_jax.hf import HFCheckpoint
+from qwen_jax.checkpoints.orbax import PARAMS_DIR
+from qwen_jax.checkpoints.orbax import read_manifest
+from qwen_jax.checkpoints.hf import HFCheckpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = Path(os.environ.get("QWEN_JAX_TOKENIZER_DIR", REPO.parent / "shared/reference/qwen2.5-tokenizer"))
@@ -74,11 +75,11 @@ def test_convert_reports_the_real_size(real_checkpoint, tmp_path, capsys):
     assert cli_main(["convert", src, str(out)]) == 0  # auto dtype: bfloat16
     printed = capsys.readouterr().out
     assert f"{parameters:,} parameters, bfloat16, {2 * parameters / 1e9:.2f} GB" in printed
-    manifest = layout.read_manifest(out)
+    manifest = read_manifest(out)
     assert manifest["parameters"] == parameters and manifest["bytes"] == 2 * parameters
     assert [g for g in manifest["groups"] if ".rows" in g] == [
         f"{prefix}.rows{start}" for prefix in ("model.embed_tokens", "lm_head") for start in range(0, 151936, 18724)]
-    on_disk = _disk_bytes(out / layout.PARAMS_DIR)
+    on_disk = _disk_bytes(out / PARAMS_DIR)
     # Orbax compresses (zstd): random bf16 weights shrink by about a quarter (low-entropy exponents).
     assert 0.5 * 2 * parameters < on_disk < 2 * parameters + 5e6, on_disk
     assert f"({on_disk / 1e9:.2f} GB on disk)" in printed
@@ -109,7 +110,7 @@ def test_train_cli_lora_step_and_hf_export_at_real_size(real_checkpoint, tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     assert "final model" in done.stderr and "HF export" in done.stderr
 
-    manifest = layout.read_manifest(out / "model")
+    manifest = read_manifest(out / "model")
     assert manifest["parameters"] == parameters and manifest["dtype"] == "float32"
     assert sum(".rows" in g for g in manifest["groups"]) == 18
     ours = np.asarray(load_model(out / "model", dtype="float32")(IDS.astype(np.int32)))

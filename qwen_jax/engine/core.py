@@ -38,21 +38,23 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from qwen_jax import attention
+from qwen_jax.config import GenerationConfig
 from qwen_jax.engine.programs import EnginePrograms, StepOutputs, default_mixed_chunk
 from qwen_jax.engine.requests import (
     Completion,
     Delta,
-    EngineClosedError,
-    EngineError,
-    QueueFullError,
     Request,
     RequestHandle,
     TokenLogprob,
     new_request_id,
+)
+from qwen_jax.errors import EngineClosedError, EngineError, QueueFullError
+from qwen_jax.generation.options import (
+    Prompt,
+    default_generation_config,
     resolve_options,
 )
-from qwen_jax.generation import GenerationConfig, Prompt, default_generation_config
+from qwen_jax.ops.attention.selection import platform_of
 
 DEFAULT_MAX_LEN = 4096
 logger = logging.getLogger(__name__)
@@ -112,7 +114,7 @@ class Engine:
         if max_queue is not None and max_queue < 0:
             raise EngineError(f"max_queue must be >= 0, got {max_queue}")
         if prefill_chunk is None:
-            prefill_chunk = default_mixed_chunk(attention.platform_of(model.mesh))
+            prefill_chunk = default_mixed_chunk(platform_of(model.mesh))
         if prefill_chunk < 0:
             raise EngineError(f"prefill_chunk must be >= 0 (0: prefill prompts whole), got {prefill_chunk}")
         self.model = model

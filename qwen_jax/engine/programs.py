@@ -10,7 +10,7 @@ compiles while serving):
 - `start`: a request's row state into a slot whose cache row is emptied (before chunked prefill).
 - `mixed[width, chunk]`: a decode step of the first `width` slots fused with the next chunk (up to
   `chunk` tokens) of one slot's prompt, written into that slot's cache row (chunked prefill,
-  `Qwen2ForCausalLM.mixed_hidden_states`): the decode rows ride on the chunk's matrix products
+  `qwen_jax.model.mixed.mixed_hidden_states`): the decode rows ride on the chunk's matrix products
   instead of waiting for a separate prefill. The chunk's row is one of the `width` rows (idle in
   the decode part); its logits are those of the chunk's last real token.
 - `decode[width]`: one token for each of the first `width` slots (`decode_widths`: 1, 2, 4, ...,
@@ -41,12 +41,20 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qwen_jax.engine.requests import MAX_TOP_LOGPROBS, RequestOptions
-from qwen_jax.engine.sampler import History, RowParams, SamplerVariant, sample_rows, seed_key_data, variant_for
-from qwen_jax.generation import prompt_bucket
-from qwen_jax.model import KVCache
-from qwen_jax.sampling import mark_seen
+from qwen_jax.generation.options import MAX_TOP_LOGPROBS, RequestOptions
+from qwen_jax.generation.sampler import (
+    History,
+    RowParams,
+    SamplerVariant,
+    sample_rows,
+    seed_key_data,
+    variant_for,
+)
+from qwen_jax.generation.sampling import mark_seen
+from qwen_jax.generation.static import prompt_bucket
+from qwen_jax.model.kv_cache import KVCache
 from qwen_jax.sharding import named_sharding
+from qwen_jax.model.mixed import mixed_hidden_states
 
 
 @jax.tree_util.register_dataclass
@@ -427,7 +435,7 @@ class EnginePrograms:
     def _mixed_executable(self, width: int, chunk: int):
         def mixed(state, cache: KVCache, slot_state: SlotState, active, chunk_ids, chunk_length, slot):
             model = nnx.merge(self.graphdef, state)
-            decoded, prefilled, cache = model.mixed_hidden_states(slot_state.tokens[:width], active, chunk_ids,
+            decoded, prefilled, cache = mixed_hidden_states(model, slot_state.tokens[:width], active, chunk_ids,
                                                                   chunk_length, slot, cache)
             last = jax.lax.dynamic_index_in_dim(prefilled, chunk_length - 1, 0)  # [1, D]
             hidden = jax.lax.dynamic_update_slice_in_dim(decoded, last, slot, 0)  # the chunk's row: its last token

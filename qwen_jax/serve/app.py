@@ -21,7 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qwen_jax.engine import Delta, EngineClosedError, EngineError, QueueFullError
+from qwen_jax.engine.requests import Delta
+from qwen_jax.errors import EngineClosedError, EngineError, QueueFullError
 from qwen_jax.serve.metrics import RequestTimer, ServerMetrics
 from qwen_jax.serve.protocol import (
     ChatCompletionRequest,

@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 
-from qwen_jax.cli_generate import add_model_arguments, load_for_cli
+from qwen_jax.cli.generate import add_model_arguments, load_for_cli
 
 DEFAULT_MAX_QUEUE = 256
 
@@ -51,21 +51,21 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import uvicorn
 
-    from qwen_jax.cli import UserError
-    from qwen_jax.engine import Engine, EngineError
+    from qwen_jax.engine.core import Engine
     from qwen_jax.engine.programs import default_compile_workers
+    from qwen_jax.errors import EngineError, UsageError
     from qwen_jax.serve.app import create_app
 
     for name in ("slots", "max_queue"):
         value = getattr(args, name)
         if value < (1 if name == "slots" else 0):
-            raise UserError(f"--{name.replace('_', '-')} must be {'>= 1' if name == 'slots' else '>= 0'}, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be {'>= 1' if name == 'slots' else '>= 0'}, got {value}")
     if args.shutdown_timeout < 0:
-        raise UserError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+        raise UsageError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if args.prime and not args.warmup:
-        raise UserError("--prime runs the compiled programs once: it needs --warmup")
+        raise UsageError("--prime runs the compiled programs once: it needs --warmup")
     if not 0 <= args.port < 65536:
-        raise UserError(f"--port must be in [0, 65535], got {args.port}")
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     listener = _listen(args.host, args.port)  # before loading: a busy port fails in a second, not a minute
 
     model, tokenizer = load_for_cli(args)
@@ -73,7 +73,7 @@ def run(args) -> int:
         engine = Engine(model, tokenizer, slots=args.slots, max_len=args.max_len, max_queue=args.max_queue,
                         prefill_chunk=args.prefill_chunk)
     except EngineError as e:
-        raise UserError(str(e)) from None
+        raise UsageError(str(e)) from None
     if args.warmup:
         print(f"qwen-jax serve: compiling {len(engine.programs.buckets)} prefill buckets, decode and mixed steps "
               f"({len(engine.programs.widths)} widths x {len(engine.programs.chunks)} chunk lengths) and samplers "
@@ -119,7 +119,7 @@ def _graceful_server(config, engine, shutdown_timeout: float):
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    from qwen_jax.cli import UserError
+    from qwen_jax.errors import UsageError
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
@@ -128,7 +128,7 @@ def _listen(host: str, port: int) -> socket.socket:
         listener.bind((host, port))
     except OSError as e:
         listener.close()
-        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     listener.listen(2048)
     listener.set_inheritable(True)
     return listener

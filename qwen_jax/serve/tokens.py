@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from qwen_jax.engine import TokenLogprob
+from qwen_jax.engine.requests import TokenLogprob
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,0 +1,609 @@
+"""Text generation with a preallocated KV cache: batched (one jitted loop) and streaming (one jitted step per token).
+
+How a call runs:
+
+1. Prompts are right-padded to a bucket (powers of two from `MIN_PROMPT_BUCKET`, multiples of
+   `LONG_PROMPT_BUCKET` past it), so a new prompt length inside a bucket reuses the compiled code.
+   The cache length (`prompt bucket + max_new_tokens`, capped at the context) is bucketed too.
+   Every row's tokens start at cache slot 0 and the cache keeps one length per row
+   (`KVCache.lengths`), so a row's result never depends on its batch-mates. A prompt plus
+   `max_new_tokens` beyond the model's context (`Qwen2Config.context_length`) is an error before
+   anything is compiled.
+2. Prefill: the prompts go through the model in chunks (`default_prefill_chunk`: `PREFILL_CHUNK`
+   tokens on CPU, the whole prompt on a GPU/TPU), one call of a single compiled chunk step per
+   chunk up to the longest prompt, each writing the cache, so prefill memory is bounded by the
+   chunk (a progress bar shows on a terminal for long prompts); each row's first new token comes
+   from its last prompt token. A prompt that fits one chunk is plain causal self-attention over
+   its own keys (`empty_cache`): the fused kernels' causal path, without reading the cache.
+3. Decode: `generate_ids` runs every remaining step inside one jitted `lax.while_loop` that stops
+   when all rows have hit a stop token or `max_new_tokens`; `stream_ids` runs one jitted step per
+   token so text can be shown as it is produced. Both draw step `i`'s token with
+   `fold_in(PRNGKey(seed), i)`, so they give the same tokens.
+
+The model is split once per call (`nnx.split`); the jitted functions are pure functions of
+(graphdef, state), compiled ahead of time and cached by argument shapes and shardings, which lets
+`Timing` report compile time apart from prefill and decode time. The cache is donated to every call.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import time
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from qwen_jax.config import GenerationConfig, Qwen2Config
+from qwen_jax.errors import GenerationError
+from qwen_jax.generation.options import _resolve_config
+from qwen_jax.generation.sampling import (
+    SamplingMode,
+    SamplingParams,
+    mark_seen,
+    next_power_of_two,
+    sample,
+    sampling_setup,
+)
+from qwen_jax.model.causal_lm import Qwen2ForCausalLM
+from qwen_jax.model.kv_cache import KVCache
+from qwen_jax.sharding import named_sharding
+
+MIN_PROMPT_BUCKET = 16
+PREFILL_CHUNK = 2048  # prompt tokens per model call on CPU: bounds prefill activations, keeps matmuls large
+PROGRESS_MIN_CHUNKS = 4  # prefills of this many chunks or more show a progress bar on a terminal
+LONG_PROMPT_BUCKET = 8192  # past this, prompt buckets grow by multiples of it instead of doubling
+
+
+
+def default_prefill_chunk(platform: str, longest: int) -> int:
+    """Prompt tokens per prefill call when the caller gives none: `PREFILL_CHUNK` on CPU; `longest`
+    (the whole prompt in one call) on a GPU or TPU, where activations of even a 128K-token prompt
+    of the 0.5B model (~3 GB) are small next to device memory, and one call lets the fused
+    attention kernels run their causal path (a later chunk must mask the cache it reads, which
+    cuDNN does with a dense bias). Pass `prefill_chunk=` to bound prefill memory on a small card."""
+    return PREFILL_CHUNK if platform == "cpu" else longest
+
+
+
+
+
+
+
+
+
+
+# ----------------------------------------------------------------------------- results
+@dataclasses.dataclass
+class Timing:
+    """Wall-clock timing of one generation call (compile time is counted apart)."""
+
+    prompt_tokens: int = 0  # real (unpadded) prompt tokens over all rows
+    prefill_s: float = 0.0
+    decode_tokens: int = 0  # tokens produced after the first one, over all rows
+    decode_s: float = 0.0
+    compile_s: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"prompt {self.prompt_tokens} tokens, prefill {self.prefill_s:.3f} s "
+            f"({self.prefill_tokens_per_s:.1f} tok/s), decode {self.decode_tokens} tokens "
+            f"({self.decode_tokens_per_s:.1f} tok/s), compile {self.compile_s:.2f} s"
+        )
+
+
+@dataclasses.dataclass
+class Generation:
+    """Result of a generation call, one entry per prompt.
+
+    token_ids: the generated ids, ending with the stop token when one was produced.
+    finish_reasons: "stop" (a stop token or stop string) or "length" (max_new_tokens).
+    texts: the decoded continuation without special tokens (None from the id-level API).
+    logits: with `return_logits`, the raw model logits of each generated step `[steps, vocab]`.
+    """
+
+    token_ids: list[list[int]]
+    finish_reasons: list[str]
+    prompt_lengths: list[int]
+    timing: Timing
+    texts: list[str] | None = None
+    logits: list[np.ndarray] | None = None
+
+
+# ----------------------------------------------------------------------------- compilation
+_trace_counts: collections.Counter = collections.Counter()
+
+
+def trace_counts() -> dict[str, int]:
+    """How often each jitted generation function ("prefill" (a chunk step), "first_token",
+    "decode_loop", "decode_step") was traced.
+
+    Every trace is a compile; a new prompt length inside a bucket must not add one.
+    """
+    return dict(_trace_counts)
+
+
+class _Executables:
+    """Ahead-of-time compiled executables keyed by function, static settings and argument signature."""
+
+    def __init__(self, max_entries: int = 32):
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._max_entries = max_entries
+
+    def get(self, jitted, static: "_Static", args: tuple) -> tuple[Any, float]:
+        """(executable taking `args`, seconds spent compiling it now: 0 when it was cached)."""
+        leaves, treedef = jax.tree.flatten(args)
+        signature = tuple((leaf.shape, leaf.dtype, leaf.sharding) for leaf in leaves)
+        key = (jitted, static, treedef, signature)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key], 0.0
+        start = time.perf_counter()
+        executable = jitted.lower(static, *args).compile()
+        self._entries[key] = executable
+        if len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+        return executable, time.perf_counter() - start
+
+
+_executables = _Executables()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the traced functions specialise on besides array shapes."""
+
+    graphdef: Any
+    mode: SamplingMode
+    return_logits: bool
+    cache_sharding: Any  # NamedSharding of the cache arrays, or None off a mesh
+    capacity: int  # length of the decode loop's token buffer (>= max_new_tokens)
+    prefill_chunk: int  # prompt tokens per model call in prefill (divides the padded prompt width)
+    empty_cache: bool = False  # a prefill chunk into an empty cache (the first of one): see Qwen2ForCausalLM
+
+
+def _constrain_cache(cache: KVCache, static: _Static) -> KVCache:
+    if static.cache_sharding is None:
+        return cache
+    k = jax.lax.with_sharding_constraint(cache.k, static.cache_sharding)
+    v = jax.lax.with_sharding_constraint(cache.v, static.cache_sharding)
+    return KVCache(k, v, cache.lengths)
+
+
+def _step_key(key: jax.Array, step) -> jax.Array:
+    return jax.random.fold_in(key, step)
+
+
+def _prefill_chunk(static: _Static, state, cache, chunk_ids, chunk_lengths, last, rope_length):
+    """One chunk of the (right-padded) prompts: write its tokens into the cache and keep, per row,
+    the hidden state of the latest prompt token seen (a row's first new token comes from its last).
+
+    chunk_lengths: int32 [B], the prompt tokens of each row in this chunk (0 once a row's prompt
+    has ended). rope_length: the longest prompt, from which dynamic-NTK rope scales in every chunk.
+    """
+    _trace_counts["prefill"] += 1
+    model = nnx.merge(static.graphdef, state)
+    steps = jnp.arange(chunk_ids.shape[1], dtype=jnp.int32)
+    mask = (steps[None, :] < chunk_lengths[:, None]).astype(jnp.int32)
+    positions = cache.lengths[:, None] + steps[None, :]
+    hidden, cache = model.hidden_states(chunk_ids, positions, mask, cache=cache, rope_length=rope_length,
+                                        empty_cache=static.empty_cache)
+    here = jnp.take_along_axis(hidden, jnp.maximum(chunk_lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+    last = jnp.where((chunk_lengths > 0)[:, None], here, last)
+    return _constrain_cache(cache, static), last
+
+
+def _first_token(static: _Static, state, last, input_ids, prompt_lengths, key, params):
+    """Each row's first new token from the hidden state of its last prompt token."""
+    _trace_counts["first_token"] += 1
+    model = nnx.merge(static.graphdef, state)
+    logits = model.logits(last[:, None])[:, 0]
+    seen = None
+    if static.mode.repetition_penalty:
+        seen = jnp.zeros(logits.shape, bool)
+        prompt_mask = jnp.arange(input_ids.shape[1])[None, :] < prompt_lengths[:, None]
+        seen = mark_seen(seen, input_ids, prompt_mask)
+    token = sample(_step_key(key, 0), logits, seen, params, static.mode)
+    if seen is not None:
+        seen = mark_seen(seen, token)
+    return token, seen, logits if static.return_logits else None
+
+
+def _decode_token(static: _Static, model, cache, token, seen, key, step, params):
+    """One cached forward of `token` (each row at its own cache length), then the next token.
+
+    Shared by the loop and the stream.
+    """
+    logits, cache = model.forward(token[:, None], cache.lengths[:, None], None, cache=cache)
+    logits = logits[:, 0]
+    next_token = sample(_step_key(key, step), logits, seen, params, static.mode)
+    if seen is not None:
+        seen = mark_seen(seen, next_token)
+    return next_token, _constrain_cache(cache, static), seen, logits
+
+
+def _decode_loop(static: _Static, state, cache, first_token, seen, key, params, max_new_tokens, stop_ids):
+    """All remaining decode steps in one `lax.while_loop`.
+
+    Returns tokens `[B, static.capacity]` (pad after each row's end), the number of tokens each
+    row produced, the cache, and (with return_logits) the logits of every step.
+    """
+    _trace_counts["decode_loop"] += 1
+    model = nnx.merge(static.graphdef, state)
+    batch = first_token.shape[0]
+    tokens = jnp.zeros((batch, static.capacity), jnp.int32).at[:, 0].set(first_token)
+    done = jnp.isin(first_token, stop_ids)
+    lengths = jnp.ones((batch,), jnp.int32)
+    vocab = model.config.vocab_size
+    all_logits = jnp.zeros((batch, static.capacity, vocab), jnp.float32) if static.return_logits else None
+
+    def cond(carry):
+        step, done = carry[0], carry[1]
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, done, lengths, tokens, cache, seen, all_logits = carry
+        previous = tokens[:, step - 1]
+        next_token, cache, seen, logits = _decode_token(static, model, cache, previous, seen, key, step, params)
+        next_token = jnp.where(done, 0, next_token)
+        tokens = tokens.at[:, step].set(next_token)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(next_token, stop_ids)
+        if all_logits is not None:
+            all_logits = all_logits.at[:, step].set(logits)
+        return step + 1, done, lengths, tokens, cache, seen, all_logits
+
+    carry = (jnp.asarray(1, jnp.int32), done, lengths, tokens, cache, seen, all_logits)
+    _, _, lengths, tokens, cache, _, all_logits = jax.lax.while_loop(cond, body, carry)
+    return tokens, lengths, cache, all_logits
+
+
+def _decode_step(static: _Static, state, cache, token, seen, key, step, params):
+    """One decode step for streaming."""
+    _trace_counts["decode_step"] += 1
+    model = nnx.merge(static.graphdef, state)
+    next_token, cache, seen, logits = _decode_token(static, model, cache, token, seen, key, step, params)
+    return next_token, cache, seen, logits if static.return_logits else None
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(fn, donate: bool = True):
+    # `static` is hashable (graphdef, frozen mode); the cache (argument 2) is donated.
+    return jax.jit(fn, static_argnums=0, donate_argnums=2 if donate else ())
+
+
+# ----------------------------------------------------------------------------- request preparation
+def prompt_bucket(length: int) -> int:
+    """Padded prompt length: the next power of two (at least MIN_PROMPT_BUCKET) up to
+    LONG_PROMPT_BUCKET, then the next multiple of it (a 40K prompt pads to 40,960, not 65,536)."""
+    if length <= LONG_PROMPT_BUCKET:
+        return max(MIN_PROMPT_BUCKET, next_power_of_two(length))
+    return -(-length // LONG_PROMPT_BUCKET) * LONG_PROMPT_BUCKET
+
+
+def cache_bucket(length: int) -> int:
+    """Cache length: the next power of two up to 4096, then the next multiple of 4096
+    (large caches round up by less)."""
+    if length <= 4096:
+        return next_power_of_two(length)
+    return -(-length // 4096) * 4096
+
+
+def new_tokens_bucket(max_new_tokens: int) -> int:
+    """Length of the decode loop's token buffer: the next power of two, at least MIN_PROMPT_BUCKET."""
+    return max(MIN_PROMPT_BUCKET, next_power_of_two(max_new_tokens))
+
+
+@dataclasses.dataclass
+class _Request:
+    """A validated batch: padded arrays on device plus everything the loops need."""
+
+    model: Qwen2ForCausalLM
+    config: GenerationConfig
+    static: _Static
+    state: Any
+    input_ids: jax.Array
+    host_ids: np.ndarray  # the same ids on the host, sliced into prefill chunks
+    lengths: jax.Array  # int32 [B]: each row's prompt length
+    prompt_lengths: list[int]
+    cache: KVCache
+    key: jax.Array
+    params: SamplingParams
+    stop_ids: jax.Array
+    max_new_tokens: int
+    replicated: NamedSharding | None  # where small inputs go on a mesh (None: the default device)
+
+    def put(self, x) -> jax.Array:
+        return _put(x, self.replicated)
+
+
+def _put(x, sharding: NamedSharding | None) -> jax.Array:
+    return jax.device_put(x, sharding) if sharding is not None else jax.device_put(x)
+
+
+def _prepare(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], config: GenerationConfig,
+             return_logits: bool, prefill_chunk: int | None = None) -> _Request:
+    if not isinstance(model, Qwen2ForCausalLM):
+        raise TypeError(f"expected a Qwen2ForCausalLM, got {type(model).__name__}")
+    model_config = model.config
+    context = model_config.context_length
+    if prefill_chunk is None:
+        from qwen_jax.ops.attention.selection import platform_of
+
+        prefill_chunk = default_prefill_chunk(platform_of(model.mesh), context)
+    prefill_chunk = int(prefill_chunk)
+    if prefill_chunk < 1:
+        raise GenerationError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    prompts = [[int(t) for t in p] for p in prompts]
+    if not prompts:
+        raise GenerationError("no prompts given")
+    max_new = int(config.max_new_tokens)
+    if max_new < 1:
+        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new}")
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise GenerationError(f"prompt {i} is empty: at least one token is needed to generate from")
+        if len(ids) > context:
+            raise GenerationError(f"prompt {i} has {len(ids)} tokens, more than the model's context of {context}"
+                                  f"{_context_hint(model_config)}")
+        if len(ids) + max_new > context:
+            raise GenerationError(
+                f"max_new_tokens={max_new} overflows the context: prompt {i} has {len(ids)} tokens and the "
+                f"model's context is {context} (at most {context - len(ids)} new tokens){_context_hint(model_config)}")
+        if min(ids) < 0 or max(ids) >= model_config.vocab_size:
+            raise GenerationError(f"prompt {i} has token ids outside the vocabulary [0, {model_config.vocab_size})")
+
+    mode, params = sampling_setup(
+        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
+        repetition_penalty=config.repetition_penalty, vocab_size=model_config.vocab_size)
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    bucket = prompt_bucket(max(len(p) for p in prompts))
+    chunk = min(prefill_chunk, bucket)
+    bucket = -(-bucket // chunk) * chunk  # whole chunks
+    input_ids = np.full((len(prompts), bucket), pad_id, np.int32)
+    for row, ids in enumerate(prompts):  # right padding: every row's tokens start at cache slot 0
+        input_ids[row, : len(ids)] = ids
+
+    mesh = model.mesh
+    # Derived from the bucket (a new prompt length inside it reuses the compiled code), never past
+    # the context's bucket (prompt + max_new_tokens fit the context, checked above).
+    cache_len = min(cache_bucket(bucket + max_new), cache_bucket(context))
+    cache_dtype = model.dtype
+    cache_sharding = None
+    replicated = None
+    if mesh is not None:
+        shape = (model_config.num_hidden_layers, len(prompts), cache_len, model_config.num_key_value_heads,
+                 model_config.head_dim)
+        cache_sharding = named_sharding(KVCache.logical_axes(), shape, mesh, model.rules)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        cache = jax.jit(lambda: KVCache.init(model_config, len(prompts), cache_len, cache_dtype),
+                        out_shardings=KVCache(cache_sharding, cache_sharding, replicated))()
+    else:
+        cache = KVCache.init(model_config, len(prompts), cache_len, cache_dtype)
+
+    graphdef, state = nnx.split(model)
+    eos = config.eos_token_ids or (-1,)  # -1 never matches: no stop token
+    put = functools.partial(_put, sharding=replicated)
+    return _Request(
+        model=model,
+        config=config,
+        static=_Static(graphdef, mode, return_logits, cache_sharding, min(cache_len, new_tokens_bucket(max_new)),
+                       chunk),
+        state=state,
+        input_ids=put(input_ids),
+        host_ids=input_ids,
+        lengths=put(np.asarray([len(p) for p in prompts], np.int32)),
+        prompt_lengths=[len(p) for p in prompts],
+        cache=cache,
+        key=put(jax.random.key_data(jax.random.key(int(config.seed)))),
+        params=jax.tree.map(put, params),
+        stop_ids=put(np.asarray(eos, np.int32)),
+        max_new_tokens=max_new,
+        replicated=replicated,
+    )
+
+
+def _context_hint(config: Qwen2Config) -> str:
+    if config.rope_scaling.rope_type != "default":
+        return ""
+    return ("; a longer context needs rope scaling, e.g. YaRN as Qwen documents for 128K: "
+            "load with rope_scaling='yarn:4' (command line: --rope-scaling yarn:4)")
+
+
+
+
+def _run_prefill(request: _Request, timing: Timing):
+    """Prefill chunk by chunk (one compiled chunk step, called up to the longest prompt), with a
+    progress bar on a terminal when the prompt spans several chunks; then the first tokens."""
+    from tqdm import tqdm
+
+    chunk = request.static.prefill_chunk
+    # Keyed only on what each function uses: another max_new_tokens or sampling mode reuses them.
+    lengths = np.asarray(request.prompt_lengths, np.int32)
+    chunks = -(-int(lengths.max()) // chunk)
+    first_static = dataclasses.replace(request.static, capacity=0)
+    # One chunk: attention over its own keys. Several: every chunk reads the cache, so one compiled
+    # step serves them all (an empty-cache first chunk would be a second compilation).
+    prefill_static = dataclasses.replace(first_static, mode=None, return_logits=False, empty_cache=chunks == 1)
+    last = request.put(np.zeros((len(lengths), request.model.config.hidden_size), request.model.dtype))
+    rope_length = request.put(np.int32(lengths.max()))
+    cache, request.cache = request.cache, None  # donated
+    compile_s = 0.0
+    start = time.perf_counter()
+    with tqdm(total=int(lengths.sum()), unit="tok", desc="prefill", leave=False,
+              disable=None if chunks >= PROGRESS_MIN_CHUNKS else True) as bar:
+        for index in range(chunks):
+            real = np.clip(lengths - index * chunk, 0, chunk).astype(np.int32)
+            args = (request.state, cache, request.put(request.host_ids[:, index * chunk:(index + 1) * chunk]),
+                    request.put(real), last, rope_length)
+            step, seconds = _executables.get(_jitted(_prefill_chunk), prefill_static, args)  # compiled once
+            compile_s += seconds
+            del cache
+            cache, last = step(*args)
+            bar.update(int(real.sum()))
+        args = (request.state, last, request.input_ids, request.lengths, request.key, request.params)
+        first, seconds = _executables.get(_jitted(_first_token, donate=False), first_static, args)
+        compile_s += seconds
+        token, seen, logits = first(*args)
+        token.block_until_ready()
+    timing.compile_s += compile_s
+    timing.prefill_s = time.perf_counter() - start - compile_s
+    timing.prompt_tokens = sum(request.prompt_lengths)
+    return token, cache, seen, logits
+
+
+# ----------------------------------------------------------------------------- public API
+def generate_ids(
+    model: Qwen2ForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop_token_ids: Sequence[int] = (),
+    config: GenerationConfig | None = None,
+    return_logits: bool = False,
+    prefill_chunk: int | None = None,
+) -> Generation:
+    """Generate from a batch of token-id prompts: prefill, then one jitted decode loop.
+
+    Unset arguments come from `config` (default: `default_generation_config(model)`).
+    Generation of a row stops at any of the config's eos ids or `stop_token_ids`.
+    prefill_chunk: prompt tokens per model call during prefill (default `default_prefill_chunk`: 2,048
+      on CPU, the whole prompt on a GPU/TPU); smaller bounds prefill memory tighter, larger runs
+      bigger matrix products, and a prompt that fits one chunk skips reading the cache.
+    """
+    config = _resolve_config(model, config, stop_token_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    request = _prepare(model, prompts, config, return_logits, prefill_chunk)
+    timing = Timing()
+    first_token, cache, seen, first_logits = _run_prefill(request, timing)
+
+    args = (request.state, cache, first_token, seen, request.key, request.params,
+            request.put(np.int32(request.max_new_tokens)), request.stop_ids)
+    executable, compile_s = _executables.get(_jitted(_decode_loop), request.static, args)
+    del cache
+    start = time.perf_counter()
+    tokens, lengths, _, step_logits = executable(*args)
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    timing.compile_s += compile_s
+    timing.decode_s = time.perf_counter() - start
+    timing.decode_tokens = int(lengths.sum()) - len(lengths)
+
+    stop_ids = set(config.eos_token_ids)
+    token_ids = [tokens[row, :n].tolist() for row, n in enumerate(lengths)]
+    reasons = ["stop" if ids[-1] in stop_ids else "length" for ids in token_ids]
+    logits = None
+    if return_logits:
+        step_logits = np.array(step_logits)  # writable copy
+        step_logits[:, 0] = np.asarray(first_logits)
+        logits = [step_logits[row, :n] for row, n in enumerate(lengths)]
+    return Generation(token_ids, reasons, request.prompt_lengths, timing, logits=logits)
+
+
+class _Stream:
+    """An iterator over the subclass's `_run()` generator; `result` is set once it finishes or is closed."""
+
+    def __init__(self):
+        self.result: Generation | None = None
+        self._iterator = self._run()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._iterator)
+
+    def close(self) -> None:
+        """Stop generating (e.g. on Ctrl-C); `result` then holds what was produced so far."""
+        self._iterator.close()
+
+
+class TokenStream(_Stream):
+    """Iterator over the ids generated for one prompt, one jitted decode step per token.
+
+    After the iteration ends (or `close()`), `result` holds the `Generation` (timing included).
+    """
+
+    def __init__(self, model: Qwen2ForCausalLM, prompt_ids: Sequence[int], config: GenerationConfig,
+                 return_logits: bool = False, prefill_chunk: int | None = None):
+        self._request = _prepare(model, [prompt_ids], config, return_logits, prefill_chunk)
+        self._return_logits = return_logits
+        super().__init__()
+
+    def _run(self) -> Iterator[int]:
+        request, timing = self._request, Timing()
+        generated: list[int] = []
+        logits: list[np.ndarray] = []
+        stop_ids = set(request.config.eos_token_ids)
+        finish = "length"
+        try:
+            token, cache, seen, step_logits = _run_prefill(request, timing)
+            decode_start = executable = None
+            for step in range(request.max_new_tokens):
+                if step > 0:
+                    args = (request.state, cache, token, seen, request.key, request.put(np.int32(step)),
+                            request.params)
+                    if executable is None:  # every step has the same signature: look it up once
+                        executable, compile_s = _executables.get(_jitted(_decode_step), request.static, args)
+                        timing.compile_s += compile_s
+                        decode_start = time.perf_counter()
+                    del cache
+                    token, cache, seen, step_logits = executable(*args)
+                token_id = int(token[0])
+                generated.append(token_id)
+                if self._return_logits:
+                    logits.append(np.asarray(step_logits[0]))
+                if step > 0:
+                    timing.decode_tokens += 1
+                    timing.decode_s = time.perf_counter() - decode_start
+                yield token_id
+                if token_id in stop_ids:
+                    finish = "stop"
+                    break
+        finally:
+            self.result = Generation([generated], [finish], request.prompt_lengths, timing,
+                                     logits=[np.stack(logits)] if logits else None)
+
+
+def stream_ids(
+    model: Qwen2ForCausalLM,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop_token_ids: Sequence[int] = (),
+    config: GenerationConfig | None = None,
+    return_logits: bool = False,
+    prefill_chunk: int | None = None,
+) -> TokenStream:
+    """Generate from one token-id prompt, yielding each id as soon as it is produced."""
+    config = _resolve_config(model, config, stop_token_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    return TokenStream(model, prompt_ids, config, return_logits, prefill_chunk)
+
+
+
+

@@ -1,0 +1,220 @@
+"""`qwen-jax train` settings: one dataclass; every field is a YAML key and a command-line flag.
+
+Precedence: built-in defaults < `--config train.yaml` < flags given on the command line.
+YAML keys use the field names (`learning_rate: 3e-4`); flags use dashes (`--learning-rate 3e-4`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any
+
+from qwen_jax.config import ATTENTION_BACKENDS
+from qwen_jax.errors import ConfigError
+from qwen_jax.train.sources import FORMATS, ColumnMapping
+
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("auto", "float32", "bfloat16")
+REMAT = ("none", "full", "dots", "dots_no_batch")
+
+
+
+def _field(default, help: str, *, choices=None, kind=None):
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "kind": kind})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # ---- what to train on, where to write
+    model: str = _field(None, "base model: HF, GPTQ or AWQ directory, or converted Orbax directory (required)", kind=str)
+    data: str = _field(None, "training data (required): JSONL or Parquet file, directory of Parquet files or of "
+                       "`datasets` save_to_disk, or a Hugging Face Hub dataset id", kind=str)
+    out: str = _field(None, "output directory: checkpoints/, model/, metrics.jsonl, loss_curve.png (required)",
+                      kind=str)
+    eval_data: str = _field(None, "optional evaluation data, any form --data takes (eval loss in the metrics)",
+                            kind=str)
+    tokenizer: str = _field(None, "tokenizer directory (default: the model directory)", kind=str)
+    export_hf: str = _field(None, "also write the final model (LoRA merged) as HF safetensors here", kind=str)
+    skip_bad_lines: bool = _field(False, "skip and count malformed data lines instead of stopping")
+    # ---- data
+    data_split: str = _field("train", "split of a Hub dataset id or of a `datasets` DatasetDict directory", kind=str)
+    data_format: str = _field("auto", "example form (auto: per record, by which columns it has)", choices=FORMATS)
+    messages_column: str = _field("messages", "column of the chat messages (role/content dicts)", kind=str)
+    prompt_column: str = _field("prompt", "prompt column(s); several (e.g. 'instruction,input') are joined by "
+                                "a blank line", kind=str)
+    completion_column: str = _field("completion", "completion column (alpaca: output)", kind=str)
+    text_column: str = _field("text", "plain-text column", kind=str)
+    seq_len: int = _field(512, "tokens per packed row; longer examples keep their first seq_len tokens")
+    batch_size: int = _field(8, "packed rows per optimizer step (global, over all devices)")
+    grad_accum: int = _field(1, "micro-batches per step (batch_size must be a multiple); gradients are summed")
+    epochs: int = _field(1, "epochs to run when steps is 0")
+    steps: int = _field(0, "optimizer steps to run (0: run `epochs` epochs)")
+    seed: int = _field(0, "seed of data order, LoRA init and dropout")
+    # ---- optimizer
+    learning_rate: float = _field(1e-4, "peak learning rate")
+    schedule: str = _field("cosine", "learning-rate decay after warmup", choices=SCHEDULES)
+    warmup_steps: int = _field(0, "linear warmup steps from 0 to the peak learning rate")
+    min_lr_ratio: float = _field(0.0, "final learning rate as a fraction of the peak (cosine/linear)")
+    weight_decay: float = _field(0.0, "AdamW weight decay (never applied to norms and biases)")
+    adam_b1: float = _field(0.9, "AdamW beta1")
+    adam_b2: float = _field(0.999, "AdamW beta2")
+    adam_eps: float = _field(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _field(1.0, "clip gradients to this global norm (0: no clipping)")
+    # ---- LoRA
+    lora_rank: int = _field(0, "LoRA rank; 0 trains all weights (full fine-tuning)")
+    lora_alpha: float = _field(16.0, "LoRA alpha (adapter output is scaled by alpha / rank)")
+    lora_dropout: float = _field(0.0, "dropout on the adapter inputs during training")
+    lora_targets: str = _field("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                               "comma-separated projections that get adapters")
+    quantize: str = _field("", "quantize the frozen base model's projections (int8 or int4) while loading: "
+                               "QLoRA-style, needs lora_rank > 0", kind=str)
+    # ---- numerics, memory, devices
+    compute_dtype: str = _field("auto", "activation dtype (auto: float32 on CPU, bfloat16 on GPU/TPU)",
+                                choices=DTYPES)
+    param_dtype: str = _field("float32", "master weight dtype (auto: same as compute)", choices=DTYPES)
+    remat: str = _field("none", "rematerialisation policy of the decoder layers", choices=REMAT)
+    attention: str = _field("auto", "attention backend (auto: chunked flash attention on CPU past short "
+                            "sequences, cuDNN on GPU, splash on TPU)", choices=ATTENTION_BACKENDS)
+    mesh: str = _field("", "device mesh, e.g. 'data=2,fsdp=4,tensor=1' (default: all devices on fsdp)", kind=str)
+    # ---- checkpoints, evaluation, logging
+    save_every: int = _field(100, "save a train checkpoint every N steps (0: only at the end and on signals)")
+    keep_checkpoints: int = _field(3, "train checkpoints to keep")
+    resume: bool = _field(False, "continue from the latest train checkpoint in OUT/checkpoints, if any")
+    export_only: bool = _field(False, "train no further: write OUT/model (and export_hf) from the latest train "
+                                      "checkpoint, e.g. after a run whose final export failed")
+    eval_every: int = _field(0, "evaluate every N steps (0: only at the end); needs eval_data")
+    peak_tflops: float = _field(0.0, "peak TFLOP/s per device for MFU (0: known accelerators only)")
+    progress: bool = _field(True, "show a progress bar")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        positive = ("seq_len", "batch_size", "grad_accum", "epochs", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps", "warmup_steps", "save_every", "eval_every", "lora_rank", "weight_decay",
+                     "max_grad_norm", "peak_tflops"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.column_mapping.prompt:
+            raise ConfigError("prompt_column names no column")
+        if self.eval_every and not self.eval_data:
+            raise ConfigError("eval_every is set but there is no eval_data")
+        if self.quantize:
+            from qwen_jax.errors import QuantizationError
+            from qwen_jax.ops.quant import QuantScheme
+
+            try:
+                QuantScheme.parse(self.quantize)
+            except QuantizationError as e:
+                raise ConfigError(f"quantize: {e}") from None
+            if not self.lora_rank:
+                raise ConfigError("quantize needs LoRA (lora_rank > 0): quantized base weights are frozen")
+
+    def check_required(self) -> None:
+        missing = [name for name in ("model", "data", "out") if not getattr(self, name)]
+        if missing:
+            raise ConfigError(f"missing required setting(s): {', '.join(missing)} (flags or YAML keys)")
+
+    @property
+    def column_mapping(self) -> ColumnMapping:
+        prompt = tuple(c.strip() for c in self.prompt_column.split(",") if c.strip())
+        return ColumnMapping(self.data_format, self.messages_column, "tools", prompt, self.completion_column,
+                             self.text_column)
+
+    @property
+    def lora_target_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _kind(f: dataclasses.Field) -> type:
+    return f.metadata["kind"] or type(f.default)
+
+
+def coerce(name: str, value: Any) -> Any:
+    """A YAML value checked (and int->float widened) against the field's type."""
+    f = {f.name: f for f in dataclasses.fields(TrainConfig)}.get(name)
+    if f is None:
+        known = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
+        raise ConfigError(f"unknown setting {name!r}; known settings: {known}")
+    kind = _kind(f)
+    if value is None:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):
+        try:  # PyYAML (YAML 1.1) reads `1e-4` as a string; only `1.0e-4` is a float
+            return float(value)
+        except ValueError:
+            pass
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings of a YAML file (a mapping of field names to values)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    try:
+        return {key: coerce(key, value) for key, value in data.items()}
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (default: unset, so YAML values are not overridden)."""
+    parser.add_argument("--config", metavar="YAML", help="YAML file of settings (keys are the flag names with _)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _kind(f)
+        help_text = f"{f.metadata['help']} [default: {f.default}]"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata["choices"],
+                                metavar=None if f.metadata["choices"] else f.name.upper(), help=help_text)
+
+
+def from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, then the YAML file, then the flags that were given."""
+    settings = read_yaml(args.config) if getattr(args, "config", None) else {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            settings[f.name] = value
+    config = TrainConfig(**settings)
+    config.check_required()
+    return config

@@ -1,0 +1,401 @@
+"""The continuous-batching engine: batch-independence, equality with qwen_jax.generate, stops, abort, no compiles."""
+
+import threading
+
+import jax
+import numpy as np
+import pytest
+from serving import ENGINE_CHUNK as CHUNK
+from serving import ENGINE_MAX_LEN as MAX_LEN
+from serving import ENGINE_SLOTS as SLOTS
+from serving import tiny_engine, tiny_model, wait_until  # noqa: F401 (fixtures)
+
+import qwen_jax
+from qwen_jax.errors import EngineClosedError, EngineError, QueueFullError
+
+PROBE = "The quick brown fox"
+OTHERS = ["Hello there, how are you today?", "a", "Once upon a time in a land far away", "12345 678"]
+
+
+@pytest.fixture
+def loaded(tiny_model):
+    return tiny_model
+
+
+@pytest.fixture
+def engine(tiny_engine):
+    yield tiny_engine
+    assert wait_until(lambda: tiny_engine.stats().running == 0 and tiny_engine.stats().waiting == 0)
+
+
+def _tokens(engine, prompt, **options):
+    return engine.generate([prompt], progress=False, **options)[0]
+
+
+def test_greedy_alone_equals_generate_and_busy(engine, loaded):
+    model, tokenizer = loaded
+    alone = _tokens(engine, PROBE, max_new_tokens=24, temperature=0)
+    reference = qwen_jax.generate(model, tokenizer, PROBE, max_new_tokens=24, temperature=0)
+    assert alone.token_ids == reference.token_ids[0]
+    assert alone.text == reference.texts[0] and alone.finish_reason == reference.finish_reasons[0]
+    # Busy: long requests occupy all slots but one; a short one holds the last slot for `hold` tokens, then
+    # the probe is inserted into the slot it vacates while the long ones are mid-way (a different step each time).
+    for hold in (1, 4, 9):
+        handles = [engine.submit(OTHERS[i % 4], max_new_tokens=25, temperature=0.9 * (i % 2), seed=i)
+                   for i in range(SLOTS - 1)]
+        handles.append(engine.submit(OTHERS[1], max_new_tokens=hold, temperature=0))
+        probe = engine.submit(PROBE, max_new_tokens=24, temperature=0)
+        assert probe.result(120).token_ids == alone.token_ids, f"probe inserted after {hold} tokens"
+        assert all(h.result(120).finish_reason in ("stop", "length") for h in handles)
+
+
+def test_batch_of_many_equals_each_alone(engine):
+    prompts = [PROBE, *OTHERS, "zz top", "Lorem ipsum dolor sit amet"]
+    together = engine.generate(prompts, max_new_tokens=16, temperature=0, progress=False)
+    assert [c.prompt_tokens for c in together] == [len(p.encode()) for p in prompts]  # input order
+    for prompt, completion in zip(prompts, together):
+        assert _tokens(engine, prompt, max_new_tokens=16, temperature=0).token_ids == completion.token_ids
+
+
+def test_seeded_sampling_independent_of_batch(engine):
+    settings = [dict(temperature=0.8, top_k=20, seed=11), dict(temperature=1.1, top_p=0.9, seed=12),
+                dict(temperature=0.7, top_k=40, top_p=0.8, min_p=0.05, repetition_penalty=1.3, seed=13)]
+    for options in settings:
+        alone = _tokens(engine, PROBE, max_new_tokens=20, **options).token_ids
+        busy = [engine.submit(p, max_new_tokens=20, temperature=t, seed=s)
+                for p, t, s in zip(OTHERS, (0, 1.0, 0.5), (1, 2, 3))]
+        probe = engine.submit(PROBE, max_new_tokens=20, **options)
+        assert probe.result(120).token_ids == alone, options
+        for handle in busy:
+            handle.result(120)
+    a = _tokens(engine, PROBE, max_new_tokens=20, temperature=1.0, seed=1).token_ids
+    b = _tokens(engine, PROBE, max_new_tokens=20, temperature=1.0, seed=2).token_ids
+    assert a != b  # the seed matters
+
+
+def _reference_greedy(model, prompt_ids, steps, *, repetition=1.0, presence=0.0, frequency=0.0, bias=None):
+    """Greedy decoding on the host from full forwards: logit bias, repetition penalty over prompt +
+    output ids, then OpenAI's presence/frequency penalties over the generated ids."""
+    ids, generated = list(prompt_ids), []
+    for _ in range(steps):
+        logits = np.asarray(model(np.asarray([ids], np.int32), logits_to_keep=1))[0, -1].astype(np.float64)
+        for token_id, value in (bias or {}).items():
+            logits[token_id] += value
+        seen = np.zeros(logits.shape, bool)
+        seen[ids] = True
+        logits = np.where(seen, np.where(logits < 0, logits * repetition, logits / repetition), logits)
+        counts = np.bincount(np.asarray(generated, int), minlength=logits.shape[0])
+        logits = logits - frequency * counts - presence * (counts > 0)
+        token = int(np.argmax(logits))
+        ids.append(token)
+        generated.append(token)
+    return generated
+
+
+def test_presence_frequency_penalties_and_logit_bias(engine, loaded):
+    model, tokenizer = loaded
+    prompt_ids = tokenizer.encode(PROBE)
+    plain = _tokens(engine, PROBE, max_new_tokens=20, temperature=0).token_ids
+    biased = {ord("e"): 6.0, ord(" "): -2.5}  # the tiny model rarely repeats a token unless pushed to
+    base = _tokens(engine, PROBE, max_new_tokens=20, temperature=0, logit_bias=biased).token_ids
+    # (options, the tokens without the penalties): each setting must change the output
+    settings = [(dict(frequency_penalty=-2.0), plain), (dict(presence_penalty=-2.0, repetition_penalty=1.2), plain),
+                (dict(frequency_penalty=1.0, presence_penalty=0.5, logit_bias=biased), base)]
+    assert base != plain
+    for options, without in settings:
+        alone = _tokens(engine, PROBE, max_new_tokens=20, temperature=0, **options)
+        reference = _reference_greedy(model, prompt_ids, len(alone.token_ids),
+                                      repetition=options.get("repetition_penalty", 1.0),
+                                      presence=options.get("presence_penalty", 0.0),
+                                      frequency=options.get("frequency_penalty", 0.0), bias=options.get("logit_bias"))
+        assert alone.token_ids == reference, options
+        assert alone.token_ids != without[:len(alone.token_ids)], options
+        busy = [engine.submit(p, max_new_tokens=20, temperature=t, seed=s, frequency_penalty=0.5 * s)
+                for p, t, s in zip(OTHERS, (0, 1.0, 0.5), (1, 2, 3))]
+        probe = engine.submit(PROBE, max_new_tokens=20, temperature=0, **options)
+        assert probe.result(120).token_ids == alone.token_ids, options
+        for handle in busy:
+            handle.result(120)
+    # A strong bias decides every token; a ban keeps a token out.
+    forced = _tokens(engine, PROBE, max_new_tokens=8, temperature=0.9, seed=5, logit_bias={ord("q"): 100})
+    assert forced.text == "q" * 8
+    banned = _tokens(engine, PROBE, max_new_tokens=20, temperature=0, logit_bias={plain[0]: -100})
+    assert plain[0] not in banned.token_ids
+
+
+def test_stop_strings_stop_ids_and_max_tokens(engine):
+    free = _tokens(engine, OTHERS[0], max_new_tokens=30, temperature=0)
+    assert free.finish_reason == "length" and len(free.token_ids) == 30
+    text = free.text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    cut = _tokens(engine, OTHERS[0], max_new_tokens=30, temperature=0, stop=[stop, "\x00never"])
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == text[: text.index(stop)]
+    assert cut.token_ids == free.token_ids[: len(cut.token_ids)] and len(cut.token_ids) < 30
+    stop_id = free.token_ids[5]
+    by_id = _tokens(engine, OTHERS[0], max_new_tokens=30, temperature=0, stop=[stop_id])
+    assert by_id.token_ids == free.token_ids[: free.token_ids.index(stop_id) + 1]
+    assert by_id.finish_reason == "stop" and by_id.stop_reason == stop_id
+
+
+def test_streaming_text_equals_completion(engine):
+    pieces = list(engine.stream(OTHERS[2], max_new_tokens=20, temperature=0))
+    assert "".join(pieces) == _tokens(engine, OTHERS[2], max_new_tokens=20, temperature=0).text
+    handle = engine.submit(OTHERS[2], max_new_tokens=5, temperature=0, logprobs=3)
+    deltas = list(handle)
+    assert [d.finish_reason for d in deltas] == [None] * 4 + ["length"]
+    completion = handle.result()
+    assert [t.token_id for t in completion.logprobs] == completion.token_ids
+    for entry in completion.logprobs:
+        assert len(entry.top) == 3 and entry.top[0][1] >= entry.top[1][1] >= entry.top[2][1]
+        assert entry.logprob <= 0 and entry.top[0][0] == entry.token_id  # greedy: the chosen one is the top one
+        assert entry.logprob == pytest.approx(entry.top[0][1])
+
+
+def test_gaps_are_closed_and_steps_run_only_the_rows_in_use(engine):
+    """A short request between two long ones finishes; the long one above it moves down into its
+    slot (cache row, last token, seed, token index and seen set with it) and the steps narrow to
+    the rows in use: every request still gives exactly what it gives alone."""
+    settings = [dict(max_new_tokens=24, temperature=0),
+                dict(max_new_tokens=3, temperature=0),
+                dict(max_new_tokens=24, temperature=0.8, seed=5, repetition_penalty=1.3, top_k=20)]
+    prompts = [PROBE, OTHERS[1], OTHERS[2]]
+    alone = [_tokens(engine, p, **o).token_ids for p, o in zip(prompts, settings)]
+    before = engine.stats()
+    handles = [engine.submit(p, **o) for p, o in zip(prompts, settings)]
+    assert [h.result(120).token_ids for h in handles] == alone
+    after = engine.stats()
+    steps, rows = after.decode_steps - before.decode_steps, after.decode_rows - before.decode_rows
+    # The third request into the second's slot; again into slot 0 if the first ends before it.
+    assert 1 <= after.slot_moves - before.slot_moves <= 2
+    assert steps >= 23 and rows <= 4 * 4 + 2 * (steps - 4), (steps, rows)  # width 4 while 3 run, then 2
+
+
+def test_prompts_go_in_chunk_by_chunk_while_others_decode(engine):
+    """A long prompt admitted while requests decode is prefilled over several mixed steps (each
+    also decoding the running rows); the running requests keep generating meanwhile, and every
+    request gives exactly what it gives alone (a multi-chunk prompt alone is prefilled whole)."""
+    long_prompt = "Once upon a time in a land far away, a fox"  # 42 tokens: chunks of 16, 16 and 10
+    assert len(long_prompt) > 2 * CHUNK
+    settings = [dict(max_new_tokens=20, temperature=0),
+                dict(max_new_tokens=20, temperature=0.9, top_p=0.9, seed=7, repetition_penalty=1.2),
+                dict(max_new_tokens=8, temperature=0)]
+    prompts = [PROBE, OTHERS[0], long_prompt]
+    alone = [_tokens(engine, p, **o).token_ids for p, o in zip(prompts, settings)]
+    before = engine.stats()
+    running = [engine.submit(p, **o) for p, o in zip(prompts[:2], settings[:2])]
+    assert wait_until(lambda: engine.stats().generated_tokens >= before.generated_tokens + 2, interval=0.001)
+    late = engine.submit(prompts[2], **settings[2])
+    assert [h.result(120).token_ids for h in (*running, late)] == alone
+    after = engine.stats()
+    # The first prompt (nothing decoding) is prefilled whole; the second goes in as a chunk beside the first's
+    # decoding, the late one in three chunks beside both: every chunk step decoded the running rows too.
+    assert after.prefill_chunks - before.prefill_chunks >= 4, (before, after)
+    assert after.decode_rows - before.decode_rows >= 2 * (after.prefill_chunks - before.prefill_chunks)
+
+
+def test_abort_frees_the_slot(engine):
+    first_token = threading.Event()
+    handle = engine.submit(PROBE, max_new_tokens=40, temperature=0.5, on_delta=lambda delta: first_token.set())
+    assert first_token.wait(60)
+    assert handle.abort()
+    completion = handle.result(60)
+    assert completion.finish_reason == "abort" and len(completion.token_ids) < 40
+    assert not handle.abort()  # already finished
+    assert wait_until(lambda: engine.stats().running == 0)
+    waiting = [engine.submit(OTHERS[0], max_new_tokens=30, temperature=0) for _ in range(SLOTS + 2)]
+    assert waiting[-1].abort()  # aborted while queued
+    assert waiting[-1].result(60).finish_reason == "abort" and waiting[-1].result().token_ids == []
+    for handle in waiting[:-1]:
+        assert handle.result(120).finish_reason == "length"
+
+
+def test_bad_requests_and_queue_limit(loaded, engine):
+    with pytest.raises(EngineError, match="plus max_new_tokens"):
+        engine.submit(PROBE, max_new_tokens=MAX_LEN)
+    with pytest.raises(EngineError, match="empty"):
+        engine.submit("")
+    with pytest.raises(EngineError, match="outside the vocabulary"):
+        engine.submit([1, 2, 10_000])
+    with pytest.raises(EngineError, match="presence_penalty must be a number between -2 and 2, got 3"):
+        engine.submit(PROBE, presence_penalty=3)
+    with pytest.raises(EngineError, match="frequency_penalty must be a number"):
+        engine.submit(PROBE, frequency_penalty="high")
+    with pytest.raises(EngineError, match="logit_bias token id 10000 is not in the vocabulary"):
+        engine.submit(PROBE, logit_bias={10_000: 1.0})
+    with pytest.raises(EngineError, match="logit_bias value for token 5 must be a number between -100 and 100"):
+        engine.submit(PROBE, logit_bias={5: 200})
+    model, tokenizer = loaded
+    small = qwen_jax.Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN, max_queue=1,
+                            prefill_chunk=CHUNK)  # shares the compiled programs
+    try:
+        admitted = [small.submit(PROBE, max_new_tokens=40) for _ in range(SLOTS + 1)]
+        with pytest.raises(QueueFullError):
+            small.submit(PROBE, max_new_tokens=4)
+        for handle in admitted:
+            handle.abort()
+    finally:
+        small.shutdown()
+    assert small.programs.compile_seconds == 0
+    with pytest.raises(EngineClosedError):
+        small.submit(PROBE)
+
+
+def test_no_compilation_after_warmup(engine):
+    compiles = []
+
+    def listener(name, duration, **_):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        mixed = [dict(temperature=0), dict(temperature=0.9, top_k=10, seed=1), dict(temperature=1.0, seed=2),
+                 dict(temperature=0.7, top_p=0.5, min_p=0.1, repetition_penalty=1.2, seed=3),
+                 dict(temperature=0, logprobs=5), dict(temperature=0.5, top_k=200, logprobs=0, seed=4)]
+        prompts = ["x" * n for n in (1, 15, 16, 17, 40, 62)]  # every prefill bucket, at its edges
+        handles = [engine.submit(p, max_new_tokens=MAX_LEN - len(p) if i == 5 else min(6, MAX_LEN - len(p)),
+                                 stop=["q"], **mixed[i % 6])
+                   for i, p in enumerate(prompts * 2)]
+        handles[3].abort()
+        for handle in handles:
+            handle.result(120)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+
+
+def test_engine_on_a_mesh_equals_one_device(tmp_path, tiny_engine):
+    from serving import byte_checkpoint
+
+    path = byte_checkpoint(tmp_path / "ckpt", tie_word_embeddings=False, initializer_range=0.3)
+    mesh = qwen_jax.make_mesh(data=2, fsdp=1, tensor=2, devices=jax.devices()[:4])  # slots over data, heads over tensor
+    model, tokenizer = qwen_jax.load(path, mesh=mesh)
+    sharded = qwen_jax.Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN, prefill_chunk=CHUNK)
+    try:
+        prompts = [PROBE, *OTHERS]
+        on_mesh = sharded.generate(prompts, max_new_tokens=12, temperature=0, progress=False)
+        reference = tiny_engine.generate(prompts, max_new_tokens=12, temperature=0, progress=False)
+        assert [c.token_ids for c in on_mesh] == [c.token_ids for c in reference]
+        assert sharded.programs.prime() > 0  # the programs used so far, on sharded scratch arrays
+        again = sharded.generate(prompts, max_new_tokens=12, temperature=0, progress=False)
+        assert [c.token_ids for c in again] == [c.token_ids for c in reference]
+        spec = tuple(sharded.programs.cache.k.sharding.spec)
+        assert spec[1:4] == ("data", None, "tensor")  # [layers, batch, seq, kv_heads, head_dim]
+    finally:
+        sharded.shutdown()
+
+
+def test_device_failure_fails_requests_and_refuses_new_ones(loaded, caplog):
+    model, tokenizer = loaded
+    broken = qwen_jax.Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN, prefill_chunk=CHUNK)  # shares the compiled programs
+
+    def decode_step(rows):
+        raise RuntimeError("device lost")
+
+    broken.programs.decode_step = decode_step  # fault injection: the next decode step fails
+    handle = broken.submit(PROBE, max_new_tokens=10)
+    completion = handle.result(60)
+    assert completion.finish_reason == "error" and "device lost" in completion.error
+    assert not broken.stats().healthy
+    with pytest.raises(EngineClosedError, match="device lost"):
+        broken.submit(PROBE)
+    assert "engine thread failed" in caplog.text
+    broken.shutdown()
+
+
+def test_quantized_model_serves_like_its_generate(tmp_path):
+    """The engine runs an int8 model (what `qwen-jax serve --quantize int8` loads): each prompt's greedy
+    tokens in a shared batch equal `qwen_jax.generate` on the same quantized model."""
+    from serving import byte_checkpoint
+
+    from qwen_jax.model.quantize import model_quantization
+
+    path = byte_checkpoint(tmp_path / "ckpt", tie_word_embeddings=False, initializer_range=0.3)
+    model, tokenizer = qwen_jax.load(path, quantize="int8")
+    assert model_quantization(model) is not None
+    engine = qwen_jax.Engine(model, tokenizer, slots=4, max_len=MAX_LEN)
+    try:
+        prompts = [PROBE, *OTHERS[:3]]
+        served = engine.generate(prompts, max_new_tokens=12, temperature=0, progress=False)
+        for prompt, completion in zip(prompts, served):
+            reference = qwen_jax.generate(model, tokenizer, prompt, max_new_tokens=12, temperature=0)
+            assert completion.token_ids == reference.token_ids[0], prompt
+    finally:
+        engine.shutdown()
+
+
+def test_parallel_warmup_compiles_each_program_once(loaded, tiny_engine):
+    """Warm-up compiles on several threads; two warm-ups at once still build each program once, and a
+    workload after them compiles nothing and gives the tokens of an engine warmed up one program at a time."""
+    import collections
+
+    from qwen_jax.engine import programs as programs_module
+
+    model, tokenizer = loaded
+    # 4 slots: a structure of its own, so its programs are compiled here rather than taken from `tiny_engine`'s.
+    engine = qwen_jax.Engine(model, tokenizer, slots=4, max_len=MAX_LEN, prefill_chunk=CHUNK)
+    builds = collections.Counter()
+    executable = engine.programs._executable
+
+    def counting(key, build):
+        def counted():
+            builds[key] += 1
+            return build()
+        return executable(key, counted)
+
+    engine.programs._executable = counting
+    compiles = []
+
+    def listener(name, duration, **_):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    try:
+        with pytest.raises(ValueError, match="workers must be >= 1"):
+            engine.warmup(workers=0)
+        threads = [threading.Thread(target=engine.warmup, kwargs=dict(workers=2)) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(600)
+        assert len(builds) > 10 and set(builds.values()) == {1}, builds
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            # Priming runs every program once on scratch arrays: nothing compiles, the engine's state stays empty.
+            engine.warmup(prime=True)
+            assert engine.programs.prime_seconds > 0
+            assert {key for key, _ in engine.programs._programs.values()} <= programs_module._PRIMED
+            assert not np.asarray(engine.programs.cache.lengths).any()
+            prompts = [PROBE, *OTHERS, "x" * 40]
+            options = dict(max_new_tokens=10, stop=["q"])
+            greedy = engine.generate(prompts, temperature=0, progress=False, **options)
+            seeded = engine.generate(prompts, temperature=0.8, top_k=20, seed=7, progress=False, **options)
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+        assert compiles == []
+        assert [c.token_ids for c in greedy] == [
+            c.token_ids for c in tiny_engine.generate(prompts, temperature=0, progress=False, **options)]
+        assert [c.token_ids for c in seeded] == [
+            c.token_ids for c in tiny_engine.generate(prompts, temperature=0.8, top_k=20, seed=7, progress=False,
+                                                      **options)]
+    finally:
+        engine.shutdown()
+
+
+def test_a_step_finds_its_program_without_hashing_the_model(engine):
+    """Each step looks its programs up; after the first lookup that must not hash the full key (the
+    model's graph definition: ~4 ms a lookup for the unrolled 0.5B)."""
+    programs = engine.programs
+    width = programs.widths[-1]
+    first = programs._decode_executable(width)
+
+    class Unhashable:
+        def __hash__(self):
+            raise AssertionError("the full key was hashed")
+
+    signature, programs._signature = programs._signature, Unhashable()
+    try:
+        assert programs._decode_executable(width) is first
+    finally:
+        programs._signature = signature

@@ -26,8 +26,9 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER_DIR = os.environ.get("QWEN_JAX_TOKENIZER_DIR",
-                               os.path.join(REPO, "..", "shared", "reference", "qwen2.5-tokenizer"))
+TOKENIZER_DIR = os.environ.get(
+    "QWEN_JAX_TOKENIZER_DIR", os.path.join(REPO, "..", "shared", "reference", "qwen2.5-tokenizer")
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 # Runs the real CLI entry point and reports on stderr, from JAX's monitoring events (not timing),
@@ -71,8 +72,15 @@ def write_stand_in_tokenizer(directory: str) -> None:
         json.dump({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, f)
 
 
-def write_random_checkpoint(config, directory: str, *, dtype: str = "bfloat16", seed: int = 0,
-                            tokenizer_dir: str | None = None, shard_bytes: int = 4 * 2**30) -> str:
+def write_random_checkpoint(
+    config,
+    directory: str,
+    *,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    tokenizer_dir: str | None = None,
+    shard_bytes: int = 4 * 2**30,
+) -> str:
     """An HF checkpoint directory with random weights of `config` (a Qwen2Config): config.json,
     safetensors files of at most `shard_bytes` (with an index when there are several) and the
     tokenizer files of `tokenizer_dir` (a stand-in tokenizer when None)."""
@@ -92,8 +100,11 @@ def write_random_checkpoint(config, directory: str, *, dtype: str = "bfloat16", 
             shards.append({})
         shards[-1][name] = np.ascontiguousarray(array).astype(store)
     del model
-    names = (["model.safetensors"] if len(shards) == 1
-             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     for file_name, tensors in zip(names, shards):
         save_file(tensors, os.path.join(directory, file_name), metadata={"format": "pt"})
     if len(shards) > 1:
@@ -101,8 +112,11 @@ def write_random_checkpoint(config, directory: str, *, dtype: str = "bfloat16", 
         with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {}, "weight_map": weight_map}, f)
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump({**config.to_hf(), "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-                   "torch_dtype": dtype}, f, indent=1)
+        json.dump(
+            {**config.to_hf(), "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "torch_dtype": dtype},
+            f,
+            indent=1,
+        )
     if tokenizer_dir is None:
         write_stand_in_tokenizer(directory)
     else:
@@ -115,8 +129,9 @@ def time_cli_run(argv: list[str], env: dict[str, str]) -> dict:
     """Run `qwen-jax ARGV` in a fresh process; seconds to the first stdout byte and to exit, and
     the compilation counts the process reported."""
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-c", COUNTING_CLI, *argv], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-c", COUNTING_CLI, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     stderr_chunks: list[bytes] = []  # drained on a thread: a full stderr pipe would stall the child
     drain = threading.Thread(target=lambda: stderr_chunks.append(process.stderr.read()), daemon=True)
     drain.start()
@@ -130,24 +145,43 @@ def time_cli_run(argv: list[str], env: dict[str, str]) -> dict:
     if process.returncode != 0:
         raise RuntimeError(f"qwen-jax {' '.join(argv)} exited {process.returncode}: {stderr[-2000:]}")
     counts_line = [line for line in stderr.splitlines() if line.startswith("COMPILE_COUNTS ")][-1]
-    return dict(first_token_s=first_output_s if first else None, total_s=total_s,
-                output=(first + rest).decode(errors="replace"), **json.loads(counts_line.split(" ", 1)[1]))
+    return dict(
+        first_token_s=first_output_s if first else None,
+        total_s=total_s,
+        output=(first + rest).decode(errors="replace"),
+        **json.loads(counts_line.split(" ", 1)[1]),
+    )
 
 
-def measure_startup(model_dir: str, cache_dir: str, *, new_tokens: int = 16, dtype: str | None = None,
-                    env: dict[str, str] | None = None) -> dict:
+def measure_startup(
+    model_dir: str, cache_dir: str, *, new_tokens: int = 16, dtype: str | None = None, env: dict[str, str] | None = None
+) -> dict:
     """Two identical `qwen-jax generate` runs sharing `cache_dir` (which should start empty), in
     the environment `env` (default: this process's)."""
-    argv = ["generate", "--model", model_dir, "--prompt", "The capital of France is", "--greedy",
-            "--max-new-tokens", str(new_tokens), "--compile-cache", cache_dir]
+    argv = [
+        "generate",
+        "--model",
+        model_dir,
+        "--prompt",
+        "The capital of France is",
+        "--greedy",
+        "--max-new-tokens",
+        str(new_tokens),
+        "--compile-cache",
+        cache_dir,
+    ]
     if dtype:
         argv += ["--dtype", dtype]
     env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
     first = time_cli_run(argv, env)
     second = time_cli_run(argv, env)
     entries = [os.path.join(cache_dir, name) for name in os.listdir(cache_dir) if name.endswith("-cache")]
-    return {"first_run": first, "second_run": second, "cache_entries": len(entries),
-            "cache_bytes": sum(os.path.getsize(path) for path in entries)}
+    return {
+        "first_run": first,
+        "second_run": second,
+        "cache_entries": len(entries),
+        "cache_bytes": sum(os.path.getsize(path) for path in entries),
+    }
 
 
 def main(argv=None) -> int:
@@ -164,17 +198,27 @@ def main(argv=None) -> int:
     tokenizer_dir = TOKENIZER_DIR if os.path.isfile(os.path.join(TOKENIZER_DIR, "tokenizer.json")) else None
     print(f"tokenizer: {tokenizer_dir or 'stand-in (Qwen2.5 tokenizer files not found)'}")
     with tempfile.TemporaryDirectory() as work:
-        model_dir = write_random_checkpoint(Qwen2Config.preset(args.size), os.path.join(work, "model"),
-                                            tokenizer_dir=tokenizer_dir)
+        model_dir = write_random_checkpoint(
+            Qwen2Config.preset(args.size), os.path.join(work, "model"), tokenizer_dir=tokenizer_dir
+        )
         result = measure_startup(model_dir, os.path.join(work, "cache"), new_tokens=args.new_tokens, dtype=args.dtype)
-    result.update(size=args.size, backend=jax.default_backend(), device=jax.devices()[0].device_kind,
-                  jax=jax.__version__, load_average=os.getloadavg()[0])
-    print(f"qwen-jax generate, {args.size} random weights, {result['device']}, jax {jax.__version__}, "
-          f"load average {result['load_average']:.1f}")
+    result.update(
+        size=args.size,
+        backend=jax.default_backend(),
+        device=jax.devices()[0].device_kind,
+        jax=jax.__version__,
+        load_average=os.getloadavg()[0],
+    )
+    print(
+        f"qwen-jax generate, {args.size} random weights, {result['device']}, jax {jax.__version__}, "
+        f"load average {result['load_average']:.1f}"
+    )
     for name in ("first_run", "second_run"):
         run = result[name]
-        print(f"{name.replace('_', ' ')}: first token after {run['first_token_s']:.1f} s, exit after "
-              f"{run['total_s']:.1f} s; {run['compilations']} XLA compilations, {run['cache_hits']} cache hits")
+        print(
+            f"{name.replace('_', ' ')}: first token after {run['first_token_s']:.1f} s, exit after "
+            f"{run['total_s']:.1f} s; {run['compilations']} XLA compilations, {run['cache_hits']} cache hits"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

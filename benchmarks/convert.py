@@ -93,8 +93,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for step, dtype, size, r in rows:
         peak = max(r["peak_mib"], r["imports_mib"])
-        print(f"| {step} | {dtype} | {size / 1e9:.2f} GB | {r['seconds']:.1f} s | {size / 1e6 / r['seconds']:.0f} MB/s "
-              f"| {peak:.0f} MiB | {r['growth_mib']:.0f} MiB |")
+        print(
+            f"| {step} | {dtype} | {size / 1e9:.2f} GB | {r['seconds']:.1f} s | {size / 1e6 / r['seconds']:.0f} MB/s "
+            f"| {peak:.0f} MiB | {r['growth_mib']:.0f} MiB |"
+        )
 
 
 if __name__ == "__main__":

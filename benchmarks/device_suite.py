@@ -45,16 +45,17 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
-INSTALL_HINT = ("install qwen-jax (pip install -e .; offline, with its dependencies already there: "
-                "pip install --no-deps --no-build-isolation -e .)")
+INSTALL_HINT = (
+    "install qwen-jax (pip install -e .; offline, with its dependencies already there: "
+    "pip install --no-deps --no-build-isolation -e .)"
+)
 try:
-    import jax
-    import numpy as np
-
     import cli_startup
     import generate as generate_bench
+    import jax
+    import numpy as np
     import train as train_bench
 except ImportError as missing:  # qwen_jax itself or a dependency: one line, not a traceback
     print(f"device_suite: error: cannot import {missing.name}: {INSTALL_HINT}", file=sys.stderr)
@@ -98,12 +99,27 @@ def cpu_smoke_plan() -> Plan:
     def small(name: str):
         real = Qwen2Config.preset(name)
         head_dim = 32 if name == "7B" else 8
-        return real.replace(hidden_size=head_dim * real.num_attention_heads, intermediate_size=128, num_hidden_layers=2,
-                            vocab_size=1024, max_position_embeddings=1024, bos_token_id=None, eos_token_id=None)
+        return real.replace(
+            hidden_size=head_dim * real.num_attention_heads,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            vocab_size=1024,
+            max_position_embeddings=1024,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
 
-    return Plan(models={name: small(name) for name in ("0.5B", "1.5B", "7B")}, prompt_len=16, new_tokens=8,
-                prefill_len=64, long_prefill_len=512 - 16, train_seq_len=64, train_steps=2,
-                startup_new_tokens=4, bandwidth_mb=256)
+    return Plan(
+        models={name: small(name) for name in ("0.5B", "1.5B", "7B")},
+        prompt_len=16,
+        new_tokens=8,
+        prefill_len=64,
+        long_prefill_len=512 - 16,
+        train_seq_len=64,
+        train_steps=2,
+        startup_new_tokens=4,
+        bandwidth_mb=256,
+    )
 
 
 # ----------------------------------------------------------------------------- features
@@ -151,8 +167,9 @@ class Suite:
         """`qwen_jax.load_model` of the step's checkpoint with its options, for inference (unrolled
         layers), kept loaded for the next steps that use the same; plus a row with the load time
         when it was loaded for this step."""
-        import qwen_jax
         from flax import nnx
+
+        import qwen_jax
 
         key = (step.model, step.load_options)
         if self._loaded is not None and self._loaded[0] == key:
@@ -165,8 +182,14 @@ class Suite:
         seconds = time.perf_counter() - start
         self._loaded = (key, model)
         size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
-        return model, [result_row(step, "load_model s (bf16 safetensors)", seconds,
-                                  note=f"{format_bytes(size / seconds)}/s from {format_bytes(size)}")]
+        return model, [
+            result_row(
+                step,
+                "load_model s (bf16 safetensors)",
+                seconds,
+                note=f"{format_bytes(size / seconds)}/s from {format_bytes(size)}",
+            )
+        ]
 
     def release(self) -> None:
         self._loaded = None
@@ -253,8 +276,16 @@ def estimated_bytes(plan: Plan, step: Step) -> int:
 
 
 # ----------------------------------------------------------------------------- steps
-def result_row(step: Step, metric: str, value: float, *, hf: float | None = None, percent: float | None = None,
-               percent_of: str = "", note: str = "") -> dict:
+def result_row(
+    step: Step,
+    metric: str,
+    value: float,
+    *,
+    hf: float | None = None,
+    percent: float | None = None,
+    percent_of: str = "",
+    note: str = "",
+) -> dict:
     return dict(step=step.name, metric=metric, value=value, hf=hf, percent=percent, percent_of=percent_of, note=note)
 
 
@@ -288,11 +319,23 @@ def decode_rows(suite: Suite, step: Step, model, twin, batch: int, weight_bytes:
         note += f"; greedy tokens identical to HF: {theirs['tokens'][0] == ours['tokens'][0]}"
     if batch == 1:
         label = dict(step.load_options).get("quantize", plan.dtype)
-        rows.append(result_row(step, f"prefill tok/s (1x{plan.prompt_len}), {label}", ours["prefill"],
-                               hf=theirs and theirs["prefill"]))
+        rows.append(
+            result_row(
+                step, f"prefill tok/s (1x{plan.prompt_len}), {label}", ours["prefill"], hf=theirs and theirs["prefill"]
+            )
+        )
         rows.append(result_row(step, "compile s (batch 1)", ours["compile"]))
-    rows.append(result_row(step, f"decode tok/s, batch {batch}", ours["decode"], hf=theirs and theirs["decode"],
-                           percent=100 * ours["decode"] / roofline, percent_of="roofline", note=note))
+    rows.append(
+        result_row(
+            step,
+            f"decode tok/s, batch {batch}",
+            ours["decode"],
+            hf=theirs and theirs["decode"],
+            percent=100 * ours["decode"] / roofline,
+            percent_of="roofline",
+            note=note,
+        )
+    )
     return rows
 
 
@@ -328,9 +371,12 @@ def run_prefill(suite: Suite, step: Step) -> list[dict]:
     timing = generate_ids(model, ids, max_new_tokens=1, config=greedy).timing
     options = ", ".join(f"{k}={v}" for k, v in step.load_options) or "default attention"
     mfu = 100 * prefill_flops(model.config, length) / timing.prefill_s / suite.peak_flops
-    return rows + [result_row(step, f"prefill tok/s (1x{length}), {options}", length / timing.prefill_s,
-                              percent=mfu, percent_of="MFU"),
-                   result_row(step, f"compile s (1x{length})", warm_up.timing.compile_s + timing.compile_s)]
+    return rows + [
+        result_row(
+            step, f"prefill tok/s (1x{length}), {options}", length / timing.prefill_s, percent=mfu, percent_of="MFU"
+        ),
+        result_row(step, f"compile s (1x{length})", warm_up.timing.compile_s + timing.compile_s),
+    ]
 
 
 def run_train(suite: Suite, step: Step) -> list[dict]:
@@ -344,8 +390,16 @@ def run_train(suite: Suite, step: Step) -> list[dict]:
     cli_startup.write_stand_in_tokenizer(tokenizer_dir)
     out = tempfile.mkdtemp(dir=suite.workdir, prefix=f"{step.name}-")
     try:
-        result = train_bench.bench_jax(config, plan.train_seq_len, plan.train_batch, plan.train_steps, 0, out,
-                                       tokenizer=tokenizer_dir, mesh="fsdp=1")
+        result = train_bench.bench_jax(
+            config,
+            plan.train_seq_len,
+            plan.train_batch,
+            plan.train_steps,
+            0,
+            out,
+            tokenizer=tokenizer_dir,
+            mesh="fsdp=1",
+        )
     finally:
         shutil.rmtree(out, ignore_errors=True)
     if not np.isfinite(result["loss"]):
@@ -353,9 +407,17 @@ def run_train(suite: Suite, step: Step) -> list[dict]:
     tokens = plan.train_batch * plan.train_seq_len
     mfu = 100 * flops_per_token(config, plan.train_seq_len, lora=False) * tokens / result["step_s"] / suite.peak_flops
     shape = f"{plan.train_batch}x{plan.train_seq_len}"
-    return [result_row(step, f"train tokens/s ({shape}, full fine-tuning)", tokens / result["step_s"], percent=mfu,
-                       percent_of="MFU", note=f"loss {result['loss']:.3f}"),
-            result_row(step, "first step s (compile)", result["first_step_s"])]
+    return [
+        result_row(
+            step,
+            f"train tokens/s ({shape}, full fine-tuning)",
+            tokens / result["step_s"],
+            percent=mfu,
+            percent_of="MFU",
+            note=f"loss {result['loss']:.3f}",
+        ),
+        result_row(step, "first step s (compile)", result["first_step_s"]),
+    ]
 
 
 def run_startup(suite: Suite, step: Step) -> list[dict]:
@@ -371,8 +433,14 @@ def run_startup(suite: Suite, step: Step) -> list[dict]:
     rows = []
     for run, label in (("first_run", "first run, empty cache"), ("second_run", "second run, cache filled")):
         counts = result[run]
-        rows.append(result_row(step, f"qwen-jax generate: s to first token, {label}", counts["first_token_s"],
-                               note=f"{counts['compilations']} XLA compilations, {counts['cache_hits']} cache hits"))
+        rows.append(
+            result_row(
+                step,
+                f"qwen-jax generate: s to first token, {label}",
+                counts["first_token_s"],
+                note=f"{counts['compilations']} XLA compilations, {counts['cache_hits']} cache hits",
+            )
+        )
     return rows
 
 
@@ -404,7 +472,8 @@ def check_backend(cpu_smoke: bool) -> None:
     if not cpu_smoke and backend == "cpu":
         raise PreflightError(
             "no accelerator found: JAX runs on the CPU. Install the JAX backend for your machine "
-            '(pip install -e ".[cuda12]", ".[cuda13]" or ".[tpu]") or run the CPU smoke test with --cpu-smoke')
+            '(pip install -e ".[cuda12]", ".[cuda13]" or ".[tpu]") or run the CPU smoke test with --cpu-smoke'
+        )
 
 
 def check_imports() -> None:
@@ -427,18 +496,25 @@ def check_fits(plan: Plan, steps: list[Step], workdir: str, memory: bool = True)
         for step in steps:
             need = estimated_bytes(plan, step)
             if need > 0.95 * limit:
-                raise PreflightError(f"step {step.name} needs about {need / GiB:.1f} GiB of device memory, the "
-                                     f"device has {limit / GiB:.1f} GiB: leave it out with --skip {step.name} "
-                                     "(or try it anyway with --no-memory-check)")
+                raise PreflightError(
+                    f"step {step.name} needs about {need / GiB:.1f} GiB of device memory, the "
+                    f"device has {limit / GiB:.1f} GiB: leave it out with --skip {step.name} "
+                    "(or try it anyway with --no-memory-check)"
+                )
     from qwen_jax.memory import plan_memory
 
-    to_write = {step.model for step in steps if step.run is not run_train
-                and not os.path.exists(os.path.join(workdir, f"random-{step.model}", ".complete"))}
+    to_write = {
+        step.model
+        for step in steps
+        if step.run is not run_train and not os.path.exists(os.path.join(workdir, f"random-{step.model}", ".complete"))
+    }
     need = sum(plan_memory(plan.models[name], param_dtype=plan.dtype).params for name in to_write)
     free = shutil.disk_usage(workdir).free
     if need > 0.9 * free:
-        raise PreflightError(f"the random checkpoints of {', '.join(sorted(to_write))} need {need / GiB:.1f} GiB of "
-                             f"disk, {workdir} has {free / GiB:.1f} GiB free: choose another --workdir")
+        raise PreflightError(
+            f"the random checkpoints of {', '.join(sorted(to_write))} need {need / GiB:.1f} GiB of "
+            f"disk, {workdir} has {free / GiB:.1f} GiB free: choose another --workdir"
+        )
 
 
 def select_steps(only: list[str] | None, skip: list[str]) -> list[Step]:
@@ -475,8 +551,11 @@ def run_steps(suite: Suite, steps: list[Step], keep_going: bool, report: Callabl
         record["seconds"] = time.perf_counter() - start
         suite.results[step.name] = {row["metric"]: row["value"] for row in record["rows"]}
         for row in record["rows"]:
-            print(f"  {row['metric']}: {format_number(row['value'])}"
-                  + (f" ({row['percent']:.0f}% {row['percent_of']})" if row["percent"] is not None else ""), flush=True)
+            print(
+                f"  {row['metric']}: {format_number(row['value'])}"
+                + (f" ({row['percent']:.0f}% {row['percent_of']})" if row["percent"] is not None else ""),
+                flush=True,
+            )
         print(f"{step.name}: {record['status']} after {record['seconds']:.0f} s", flush=True)
         report(records)
         if status and not keep_going:
@@ -505,25 +584,38 @@ def machine_summary(suite: Suite, plan_name: str) -> dict:
     stats = device.memory_stats() or {}
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "plan": plan_name, "dtype": suite.plan.dtype,
-        "backend": jax.default_backend(), "device": device.device_kind, "devices": jax.device_count(),
+        "plan": plan_name,
+        "dtype": suite.plan.dtype,
+        "backend": jax.default_backend(),
+        "device": device.device_kind,
+        "devices": jax.device_count(),
         "device_memory_gib": stats["bytes_limit"] / GiB if "bytes_limit" in stats else None,
-        "host": f"{platform.machine()}, {os.cpu_count()} CPU cores", "load_average": os.getloadavg()[0],
-        "bandwidth_gb_s": suite.bandwidth / 1e9, "peak_tflops": suite.peak_flops / 1e12, "peak_source": suite.peak_source,
+        "host": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "load_average": os.getloadavg()[0],
+        "bandwidth_gb_s": suite.bandwidth / 1e9,
+        "peak_tflops": suite.peak_flops / 1e12,
+        "peak_source": suite.peak_source,
         "hf_peer": suite.hf_device,
-        "versions": {"qwen-jax": qwen_jax.__version__, "jax": jax.__version__, "flax": flax.__version__,
-                     "orbax-checkpoint": orbax.checkpoint.__version__, "python": platform.python_version()},
+        "versions": {
+            "qwen-jax": qwen_jax.__version__,
+            "jax": jax.__version__,
+            "flax": flax.__version__,
+            "orbax-checkpoint": orbax.checkpoint.__version__,
+            "python": platform.python_version(),
+        },
     }
 
 
 def markdown(machine: dict, records: list[dict]) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
     lines = [
-        f"# qwen-jax device suite ({machine['plan']}, {machine['dtype']})", "",
+        f"# qwen-jax device suite ({machine['plan']}, {machine['dtype']})",
+        "",
         f"{machine['date']}: {machine['device']} ({machine['backend']}, {machine['devices']} device(s)), "
         f"host {machine['host']}, load average {machine['load_average']:.1f}; {versions}.",
         f"Measured memory bandwidth {machine['bandwidth_gb_s']:.1f} GB/s; peak {machine['peak_tflops']:.3g} TFLOP/s "
-        f"({machine['peak_source']}); HF transformers peer: {machine['hf_peer'] or 'not run'}.", "",
+        f"({machine['peak_source']}); HF transformers peer: {machine['hf_peer'] or 'not run'}.",
+        "",
         "| step | metric | qwen-jax | HF transformers | ratio | % of roofline / MFU | notes |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -533,31 +625,42 @@ def markdown(machine: dict, records: list[dict]) -> str:
         for row in record["rows"]:
             ratio = f"{row['value'] / row['hf']:.2f}x" if row["hf"] else ""
             percent = f"{row['percent']:.0f}% {row['percent_of']}" if row["percent"] is not None else ""
-            lines.append(f"| {record['step']} | {row['metric']} | {format_number(row['value'])} | "
-                         f"{format_number(row['hf']) if row['hf'] else ''} | {ratio} | {percent} | {row['note']} |")
+            lines.append(
+                f"| {record['step']} | {row['metric']} | {format_number(row['value'])} | "
+                f"{format_number(row['hf']) if row['hf'] else ''} | {ratio} | {percent} | {row['note']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="steps: " + ", ".join(
-        step.name for step in STEPS))
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], epilog="steps: " + ", ".join(step.name for step in STEPS)
+    )
     parser.add_argument("--cpu-smoke", action="store_true", help="run on the CPU with scaled-down configurations")
     parser.add_argument("--out", default="device-suite-results", help="directory for device_suite.json and .md")
-    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "qwen-jax-device-suite"),
-                        help="random checkpoints go here and are reused by later runs")
+    parser.add_argument(
+        "--workdir",
+        default=os.path.join(tempfile.gettempdir(), "qwen-jax-device-suite"),
+        help="random checkpoints go here and are reused by later runs",
+    )
     parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps")
     parser.add_argument("--skip", nargs="+", default=[], metavar="STEP", help="leave these steps out")
     parser.add_argument("--keep-going", action="store_true", help="run the remaining steps after a failure")
-    parser.add_argument("--no-memory-check", action="store_true",
-                        help="run steps whose estimated memory exceeds the device's")
+    parser.add_argument(
+        "--no-memory-check", action="store_true", help="run steps whose estimated memory exceeds the device's"
+    )
     parser.add_argument("--no-hf-peer", action="store_true", help="do not run HF transformers on the decode steps")
-    parser.add_argument("--list", action="store_true", help="list the steps and whether this version has their features")
+    parser.add_argument(
+        "--list", action="store_true", help="list the steps and whether this version has their features"
+    )
     args = parser.parse_args(argv)
     if args.list:
         for step in STEPS:
             available = not step.needs or load_model_accepts(step.needs)
-            print(f"{step.name:18s} " + ("ready" if available else
-                                         f"{SKIPPED_FEATURE} (load_model has no {step.needs!r} argument)"))
+            print(
+                f"{step.name:18s} "
+                + ("ready" if available else f"{SKIPPED_FEATURE} (load_model has no {step.needs!r} argument)")
+            )
         return 0
     if args.cpu_smoke:
         jax.config.update("jax_platforms", "cpu")

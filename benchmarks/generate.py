@@ -24,9 +24,9 @@ import jax
 import numpy as np
 
 from qwen_jax import Qwen2Config, create_model
-from qwen_jax.model.causal_lm import unstack_layers
 from qwen_jax.config import GenerationConfig
 from qwen_jax.generation.static import generate_ids
+from qwen_jax.model.causal_lm import unstack_layers
 
 
 def measure_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
@@ -56,7 +56,9 @@ def device_bandwidth(megabytes: int = 2048, repeats: int = 5) -> float:
     return 2 * x.nbytes / best
 
 
-def roofline_tokens_per_s(config: Qwen2Config, params: int, dtype_bytes: int, context: float, bandwidth: float) -> float:
+def roofline_tokens_per_s(
+    config: Qwen2Config, params: int, dtype_bytes: int, context: float, bandwidth: float
+) -> float:
     """Batch-1 decode limit: every weight and the KV cache of `context` tokens read once per token."""
     kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype_bytes * context
     return bandwidth / (params * dtype_bytes + kv_bytes)
@@ -73,8 +75,12 @@ def bench_ours(model, prompt_ids, new_tokens: int) -> dict:
     warm_up = generate_ids(model, prompt_ids, max_new_tokens=2, config=config)
     result = generate_ids(model, prompt_ids, max_new_tokens=new_tokens, config=config)
     timing = result.timing
-    return dict(prefill=timing.prefill_tokens_per_s, decode=timing.decode_tokens_per_s,
-                compile=warm_up.timing.compile_s + timing.compile_s, tokens=result.token_ids)
+    return dict(
+        prefill=timing.prefill_tokens_per_s,
+        decode=timing.decode_tokens_per_s,
+        compile=warm_up.timing.compile_s + timing.compile_s,
+        tokens=result.token_ids,
+    )
 
 
 def build_hf_twin(model, dtype: str, device: str = "cpu"):
@@ -121,8 +127,11 @@ def bench_hf(twin, prompt_ids, new_tokens: int) -> dict:
     prefill_s, _ = run(1)
     total_s, out = run(new_tokens)
     batch, length = ids.shape
-    return dict(prefill=batch * length / prefill_s, decode=batch * (new_tokens - 1) / (total_s - prefill_s),
-                tokens=out[:, length:].tolist())
+    return dict(
+        prefill=batch * length / prefill_s,
+        decode=batch * (new_tokens - 1) / (total_s - prefill_s),
+        tokens=out[:, length:].tolist(),
+    )
 
 
 def main(argv=None) -> None:
@@ -133,8 +142,12 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8, help="batch size of the throughput run")
     parser.add_argument("--skip-hf", action="store_true", help="measure qwen-jax only")
-    parser.add_argument("--layers", choices=["scan", "unrolled", "both"], default="both",
-                        help="stacked layers run with a scan, one array per layer (scan_layers=False), or both")
+    parser.add_argument(
+        "--layers",
+        choices=["scan", "unrolled", "both"],
+        default="both",
+        help="stacked layers run with a scan, one array per layer (scan_layers=False), or both",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -143,9 +156,11 @@ def main(argv=None) -> None:
     config = Qwen2Config.preset(args.size)
     device = jax.devices()[0]
     bandwidth = device_bandwidth()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-          f"jax {jax.__version__} on {device.device_kind}; torch {torch.__version__}; "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"jax {jax.__version__} on {device.device_kind}; torch {torch.__version__}; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"measured memory bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
     one = prompts(1, args.prompt_len, config.vocab_size)
     many = prompts(args.batch, args.prompt_len, config.vocab_size, seed=1)
@@ -161,26 +176,35 @@ def main(argv=None) -> None:
             if layout == "unrolled":
                 model = unstack_layers(model)
             ours[layout] = bench_ours(model, one, args.new_tokens), bench_ours(model, many, args.new_tokens)
-            print(f"{dtype} ({layout} layers): qwen-jax prefill {ours[layout][0]['prefill']:.1f} tok/s, decode "
-                  f"{ours[layout][0]['decode']:.2f} tok/s (batch 1), {ours[layout][1]['decode']:.2f} tok/s "
-                  f"(batch {args.batch}); compile {ours[layout][0]['compile']:.1f} s", flush=True)
+            print(
+                f"{dtype} ({layout} layers): qwen-jax prefill {ours[layout][0]['prefill']:.1f} tok/s, decode "
+                f"{ours[layout][0]['decode']:.2f} tok/s (batch 1), {ours[layout][1]['decode']:.2f} tok/s "
+                f"(batch {args.batch}); compile {ours[layout][0]['compile']:.1f} s",
+                flush=True,
+            )
         ours_1, ours_n = ours[layouts[0]]
         theirs_1 = theirs_n = None
         if not args.skip_hf:
             twin = build_hf_twin(model, dtype)
             theirs_1, theirs_n = bench_hf(twin, one, args.new_tokens), bench_hf(twin, many, args.new_tokens)
             same = theirs_1["tokens"][0] == ours_1["tokens"][0]
-            print(f"{dtype}: HF prefill {theirs_1['prefill']:.1f} tok/s, decode {theirs_1['decode']:.2f} tok/s "
-                  f"(batch 1), {theirs_n['decode']:.2f} tok/s (batch {args.batch}); "
-                  f"batch-1 greedy tokens identical: {same}", flush=True)
+            print(
+                f"{dtype}: HF prefill {theirs_1['prefill']:.1f} tok/s, decode {theirs_1['decode']:.2f} tok/s "
+                f"(batch 1), {theirs_n['decode']:.2f} tok/s (batch {args.batch}); "
+                f"batch-1 greedy tokens identical: {same}",
+                flush=True,
+            )
             del twin
         del model
 
         def row(metric, ours, theirs, roofline=None):
             ratio = f"{ours / theirs:.2f}x" if theirs else "-"
             cells = [f"{args.size} {dtype}", metric, f"{ours:.1f}", f"{theirs:.1f}" if theirs else "-", ratio]
-            cells.append(f"{100 * ours / roofline:.0f}% / {100 * theirs / roofline:.0f}%" if roofline and theirs
-                         else (f"{100 * ours / roofline:.0f}%" if roofline else ""))
+            cells.append(
+                f"{100 * ours / roofline:.0f}% / {100 * theirs / roofline:.0f}%"
+                if roofline and theirs
+                else (f"{100 * ours / roofline:.0f}%" if roofline else "")
+            )
             rows.append(cells)
 
         get = lambda result, key: result[key] if result else None  # noqa: E731

@@ -84,7 +84,7 @@ def _our_model(spec: dict):
     import jax.numpy as jnp
     from flax import nnx
 
-    from qwen_jax import Qwen2Config, Qwen2ForCausalLM
+    from qwen_jax import Qwen2ForCausalLM
 
     config = _config(spec)
     extra = {} if spec.get("baseline") else {"attention": spec["attention"]}  # an older qwen-jax has no backends
@@ -106,8 +106,12 @@ def ours_prefill(spec: dict) -> dict:
     result = generate_ids(model, [prompt], max_new_tokens=1, config=config, prefill_chunk=spec.get("chunk"))
     best = result.timing.prefill_s
     for _ in range(_repeats(spec) - 1):
-        best = min(best, generate_ids(model, [prompt], max_new_tokens=1, config=config,
-                                      prefill_chunk=spec.get("chunk")).timing.prefill_s)
+        best = min(
+            best,
+            generate_ids(
+                model, [prompt], max_new_tokens=1, config=config, prefill_chunk=spec.get("chunk")
+            ).timing.prefill_s,
+        )
     return dict(tokens_per_s=spec["length"] / best, compile_s=result.timing.compile_s, first_token=result.token_ids[0])
 
 
@@ -147,12 +151,13 @@ def ours_decode(spec: dict) -> dict:
     for name, slots in (("long", max_len), ("short", short_len)):
         cache = KVCache.init(model.config, 1, slots, model.dtype)
         for offset in range(0, context, chunk):  # whole chunks; the last may be shorter
-            logits, cache = prefill(state, cache, prompt[:, offset:offset + chunk])
+            logits, cache = prefill(state, cache, prompt[:, offset : offset + chunk])
         token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
         start = time.perf_counter()
         compiled = jax.jit(decode, donate_argnums=1).lower(state, cache, token).compile()
-        runs[name] = dict(cache=cache, token=token, compiled=compiled, compile_s=time.perf_counter() - start,
-                          best=float("inf"))
+        runs[name] = dict(
+            cache=cache, token=token, compiled=compiled, compile_s=time.perf_counter() - start, best=float("inf")
+        )
     tokens = {}
     for _ in range(DECODE_ROUNDS):
         for name, run in runs.items():
@@ -164,8 +169,12 @@ def ours_decode(spec: dict) -> dict:
             assert int(out_cache.lengths[0]) == context + steps
             tokens.setdefault(name, int(out_token[0, 0]))
     assert tokens["long"] == tokens["short"], tokens  # the cache's size must not change the tokens
-    return dict(tokens_per_s=steps / runs["long"]["best"], compile_s=runs["long"]["compile_s"],
-                short_tokens_per_s=steps / runs["short"]["best"], short_max_len=short_len)
+    return dict(
+        tokens_per_s=steps / runs["long"]["best"],
+        compile_s=runs["long"]["compile_s"],
+        short_tokens_per_s=steps / runs["short"]["best"],
+        short_max_len=short_len,
+    )
 
 
 def ours_short_decode(spec: dict) -> dict:
@@ -177,8 +186,9 @@ def ours_short_decode(spec: dict) -> dict:
     config = GenerationConfig(temperature=0.0, eos_token_ids=())
     prompt = [_prompt(64, model.config.vocab_size)]
     generate_ids(model, prompt, max_new_tokens=2, config=config)
-    best = max(generate_ids(model, prompt, max_new_tokens=32, config=config).timing.decode_tokens_per_s
-               for _ in range(2))
+    best = max(
+        generate_ids(model, prompt, max_new_tokens=32, config=config).timing.decode_tokens_per_s for _ in range(2)
+    )
     return dict(tokens_per_s=best)
 
 
@@ -187,7 +197,6 @@ def _hf_model(spec: dict):
     from transformers import Qwen2Config as HFConfig
     from transformers import Qwen2ForCausalLM
 
-    from qwen_jax import Qwen2Config
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -200,8 +209,9 @@ def hf_prefill(spec: dict) -> dict:
 
     model = _hf_model(spec)
     ids = torch.tensor([_prompt(spec["length"], model.config.vocab_size)], device=model.device)
-    kwargs = dict(do_sample=False, max_new_tokens=1, pad_token_id=0, eos_token_id=None,
-                  attention_mask=torch.ones_like(ids))
+    kwargs = dict(
+        do_sample=False, max_new_tokens=1, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(ids)
+    )
     if spec.get("hf_device", "cpu") != "cpu":  # warm-up: cuBLAS/cuDNN initialisation is not prefill
         with torch.no_grad():
             model.generate(ids, **kwargs)
@@ -238,8 +248,13 @@ def hf_decode(spec: dict) -> dict:
     return dict(tokens_per_s=steps / elapsed)
 
 
-CHILDREN = {"ours_prefill": ours_prefill, "ours_decode": ours_decode, "ours_short_decode": ours_short_decode,
-            "hf_prefill": hf_prefill, "hf_decode": hf_decode}
+CHILDREN = {
+    "ours_prefill": ours_prefill,
+    "ours_decode": ours_decode,
+    "ours_short_decode": ours_short_decode,
+    "hf_prefill": hf_prefill,
+    "hf_decode": hf_decode,
+}
 
 
 # ----------------------------------------------------------------------------- parent
@@ -251,8 +266,13 @@ def run_child(kind: str, spec: dict, timeout: float, code: str | None = None) ->
     start = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=code) if code else None
     try:
-        proc = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], capture_output=True,
-                              text=True, timeout=timeout, env=env)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", kind, json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
         return dict(error=f"timed out after {timeout:.0f} s", load=load)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -289,13 +309,20 @@ def main(argv=None) -> None:
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--chunk", type=int, help="qwen-jax prefill chunk (default: generation.PREFILL_CHUNK)")
     parser.add_argument("--skip-hf", action="store_true", help="measure qwen-jax only")
-    parser.add_argument("--baseline", metavar="SRC",
-                        help="also measure the short-context decode of the qwen-jax source tree SRC (e.g. the code "
-                             "before long-context support: git archive a7fc5e1 | tar -x -C SRC)")
+    parser.add_argument(
+        "--baseline",
+        metavar="SRC",
+        help="also measure the short-context decode of the qwen-jax source tree SRC (e.g. the code "
+        "before long-context support: git archive a7fc5e1 | tar -x -C SRC)",
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per measurement")
     parser.add_argument("--rope-scaling", help="override the config's rope scaling, e.g. yarn:4 (128K context)")
-    parser.add_argument("--hf-device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="where HF runs: auto = cuda when JAX runs on a GPU and torch sees one, else cpu")
+    parser.add_argument(
+        "--hf-device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where HF runs: auto = cuda when JAX runs on a GPU and torch sees one, else cpu",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -316,14 +343,18 @@ def main(argv=None) -> None:
     hf_device = args.hf_device
     if hf_device == "auto":
         hf_device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
-    base = dict(size=args.size, dtype=args.dtype, attention=args.attention, rope_scaling=args.rope_scaling,
-                hf_device=hf_device)
+    base = dict(
+        size=args.size, dtype=args.dtype, attention=args.attention, rope_scaling=args.rope_scaling, hf_device=hf_device
+    )
     device_note = f"; {jax.devices()[0].device_kind}, HF on {hf_device}" if jax.default_backend() != "cpu" else ""
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; jax {jax.__version__} "
-          f"({jax.default_backend()}), torch {torch.__version__}, transformers {transformers.__version__}; "
-          f"{args.size} {args.dtype}, attention={args.attention}, rope_scaling={args.rope_scaling}{device_note}; "
-          f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; jax {jax.__version__} "
+        f"({jax.default_backend()}), torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"{args.size} {args.dtype}, attention={args.attention}, rope_scaling={args.rope_scaling}{device_note}; "
+        f"{time.strftime('%Y-%m-%d %H:%M')}",
+        flush=True,
+    )
     results: dict = {"prefill": {}, "decode": {}}
     from qwen_jax import Qwen2Config
 
@@ -334,62 +365,94 @@ def main(argv=None) -> None:
         ours = run_child("ours_prefill", spec, args.timeout)
         theirs = None if args.skip_hf else run_child("hf_prefill", spec, args.timeout)
         results["prefill"][length] = dict(ours=ours, hf=theirs)
-        print(f"prefill {length}: qwen-jax {_fmt(ours, 'tokens_per_s')} tok/s, {_fmt(ours, 'peak_rss', 2**30, 2)} GiB "
-              f"(load {ours['load']:.1f}); HF {_fmt(theirs, 'tokens_per_s')} tok/s, "
-              f"{_fmt(theirs, 'peak_rss', 2**30, 2)} GiB (load {theirs['load'] if theirs else 0:.1f})"
-              + (f"; peak GPU memory qwen-jax {_fmt(ours, 'peak_device', 2**30, 2)} GiB, HF "
-                 f"{_fmt(theirs, 'peak_device', 2**30, 2)} GiB" if hf_device != "cpu" else ""), flush=True)
+        print(
+            f"prefill {length}: qwen-jax {_fmt(ours, 'tokens_per_s')} tok/s, {_fmt(ours, 'peak_rss', 2**30, 2)} GiB "
+            f"(load {ours['load']:.1f}); HF {_fmt(theirs, 'tokens_per_s')} tok/s, "
+            f"{_fmt(theirs, 'peak_rss', 2**30, 2)} GiB (load {theirs['load'] if theirs else 0:.1f})"
+            + (
+                f"; peak GPU memory qwen-jax {_fmt(ours, 'peak_device', 2**30, 2)} GiB, HF "
+                f"{_fmt(theirs, 'peak_device', 2**30, 2)} GiB"
+                if hf_device != "cpu"
+                else ""
+            ),
+            flush=True,
+        )
     if args.decode_contexts:
         short = run_child("ours_short_decode", base, args.timeout)
         results["decode"]["short"] = dict(ours=short)
-        print(f"decode, 64-token prompt (generate_ids): qwen-jax {_fmt(short, 'tokens_per_s', digits=2)} tok/s "
-              f"(load {short['load']:.1f})", flush=True)
+        print(
+            f"decode, 64-token prompt (generate_ids): qwen-jax {_fmt(short, 'tokens_per_s', digits=2)} tok/s "
+            f"(load {short['load']:.1f})",
+            flush=True,
+        )
         if args.baseline:
             before = run_child("ours_short_decode", dict(base, baseline=True), args.timeout, code=args.baseline)
             results["decode"]["baseline"] = dict(ours=before)
-            print(f"decode, 64-token prompt, baseline {args.baseline}: {_fmt(before, 'tokens_per_s', digits=2)} tok/s "
-                  f"(load {before['load']:.1f})", flush=True)
+            print(
+                f"decode, 64-token prompt, baseline {args.baseline}: {_fmt(before, 'tokens_per_s', digits=2)} tok/s "
+                f"(load {before['load']:.1f})",
+                flush=True,
+            )
     for context in args.decode_contexts:
         spec = dict(base, context=context, steps=args.decode_steps, max_len=args.max_len)
         ours = run_child("ours_decode", spec, args.timeout)
         theirs = None if args.skip_hf else run_child("hf_decode", spec, args.timeout)
         results["decode"][context] = dict(ours=ours, hf=theirs)
-        print(f"decode with {context} tokens in a {args.max_len}-slot cache: qwen-jax "
-              f"{_fmt(ours, 'tokens_per_s', digits=2)} tok/s, the same in a {_fmt(ours, 'short_max_len', digits=0)}"
-              f"-slot cache {_fmt(ours, 'short_tokens_per_s', digits=2)} tok/s (load {ours['load']:.1f}); HF "
-              f"{_fmt(theirs, 'tokens_per_s', digits=2)} tok/s", flush=True)
+        print(
+            f"decode with {context} tokens in a {args.max_len}-slot cache: qwen-jax "
+            f"{_fmt(ours, 'tokens_per_s', digits=2)} tok/s, the same in a {_fmt(ours, 'short_max_len', digits=0)}"
+            f"-slot cache {_fmt(ours, 'short_tokens_per_s', digits=2)} tok/s (load {ours['load']:.1f}); HF "
+            f"{_fmt(theirs, 'tokens_per_s', digits=2)} tok/s",
+            flush=True,
+        )
 
     print()
     accel = hf_device != "cpu"
-    print("| prompt tokens | qwen-jax prefill tok/s | HF prefill tok/s | ratio | qwen-jax peak RSS GiB | HF peak RSS GiB |"
-          + (" qwen-jax peak GPU memory GiB | HF peak GPU memory GiB |" if accel else ""))
+    print(
+        "| prompt tokens | qwen-jax prefill tok/s | HF prefill tok/s | ratio | qwen-jax peak RSS GiB | HF peak RSS GiB |"
+        + (" qwen-jax peak GPU memory GiB | HF peak GPU memory GiB |" if accel else "")
+    )
     print("|---|---|---|---|---|---|" + ("---|---|" if accel else ""))
     for length, pair in results["prefill"].items():
-        print(f"| {length:,} | {_fmt(pair['ours'], 'tokens_per_s')} | {_fmt(pair['hf'], 'tokens_per_s')} | "
-              f"{_ratio(pair['ours'], pair['hf'])} | {_fmt(pair['ours'], 'peak_rss', 2**30, 2)} | "
-              f"{_fmt(pair['hf'], 'peak_rss', 2**30, 2)} |"
-              + (f" {_fmt(pair['ours'], 'peak_device', 2**30, 2)} | {_fmt(pair['hf'], 'peak_device', 2**30, 2)} |"
-                 if accel else ""))
+        print(
+            f"| {length:,} | {_fmt(pair['ours'], 'tokens_per_s')} | {_fmt(pair['hf'], 'tokens_per_s')} | "
+            f"{_ratio(pair['ours'], pair['hf'])} | {_fmt(pair['ours'], 'peak_rss', 2**30, 2)} | "
+            f"{_fmt(pair['hf'], 'peak_rss', 2**30, 2)} |"
+            + (
+                f" {_fmt(pair['ours'], 'peak_device', 2**30, 2)} | {_fmt(pair['hf'], 'peak_device', 2**30, 2)} |"
+                if accel
+                else ""
+            )
+        )
     if args.decode_contexts:
         print()
-        print(f"| tokens in cache | qwen-jax decode tok/s (cache of {args.max_len:,}) | HF decode tok/s | ratio | "
-              "qwen-jax, same program, cache just big enough | long / short cache |")
+        print(
+            f"| tokens in cache | qwen-jax decode tok/s (cache of {args.max_len:,}) | HF decode tok/s | ratio | "
+            "qwen-jax, same program, cache just big enough | long / short cache |"
+        )
         print("|---|---|---|---|---|---|")
         short = results["decode"]["short"]["ours"]
         print(f"| 64-token prompt, `generate_ids` | {_fmt(short, 'tokens_per_s', digits=2)} | - | - | - | - |")
         if "baseline" in results["decode"]:
             before = results["decode"]["baseline"]["ours"]
-            print(f"| 64-token prompt, `generate_ids`, baseline source | {_fmt(before, 'tokens_per_s', digits=2)} "
-                  "| - | - | - | - |")
+            print(
+                f"| 64-token prompt, `generate_ids`, baseline source | {_fmt(before, 'tokens_per_s', digits=2)} "
+                "| - | - | - | - |"
+            )
         for context in args.decode_contexts:
             pair = results["decode"][context]
             ours = pair["ours"]
-            within = (f"{ours['tokens_per_s'] / ours['short_tokens_per_s']:.2f}×"
-                      if ours and ours.get("short_tokens_per_s") else "-")
-            print(f"| {context:,} | {_fmt(ours, 'tokens_per_s', digits=2)} | "
-                  f"{_fmt(pair['hf'], 'tokens_per_s', digits=2)} | {_ratio(ours, pair['hf'])} | "
-                  f"{_fmt(ours, 'short_tokens_per_s', digits=2)} ({_fmt(ours, 'short_max_len', digits=0)} slots) | "
-                  f"{within} |")
+            within = (
+                f"{ours['tokens_per_s'] / ours['short_tokens_per_s']:.2f}×"
+                if ours and ours.get("short_tokens_per_s")
+                else "-"
+            )
+            print(
+                f"| {context:,} | {_fmt(ours, 'tokens_per_s', digits=2)} | "
+                f"{_fmt(pair['hf'], 'tokens_per_s', digits=2)} | {_ratio(ours, pair['hf'])} | "
+                f"{_fmt(ours, 'short_tokens_per_s', digits=2)} ({_fmt(ours, 'short_max_len', digits=0)} slots) | "
+                f"{within} |"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

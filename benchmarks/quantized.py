@@ -44,10 +44,7 @@ def kernels(layers: int = 24, repeats: int = 5) -> list[list[str]]:
     import jax.numpy as jnp
     import qwix
 
-    from qwen_jax.ops.quant import QuantScheme
-    from qwen_jax.ops.quant import matmul
-    from qwen_jax.ops.quant import pack
-    from qwen_jax.ops.quant import quantize_matrix
+    from qwen_jax.ops.quant import QuantScheme, matmul, pack, quantize_matrix
 
     rng = np.random.default_rng(0)
     shapes = [(896, 4864), (4864, 896)]  # (in, out) of gate and down
@@ -67,8 +64,10 @@ def kernels(layers: int = 24, repeats: int = 5) -> list[list[str]]:
     def qwix_weights(qtype, tile):
         # What a weight-only qwix rule (QuantizationRule(weight_qtype=..., tile_size=...)) stores for
         # a [in, out] kernel: a scale per output channel, and per `tile` inputs when tiled.
-        weights = [[qwix.quantize(w, qtype, channelwise_axes=[1], tiled_axes={0: tile} if tile else None)
-                    for w in layer] for layer in floats]
+        weights = [
+            [qwix.quantize(w, qtype, channelwise_axes=[1], tiled_axes={0: tile} if tile else None) for w in layer]
+            for layer in floats
+        ]
         return weights, lambda x, w: qwix.dot_general(x, w, (((1,), (0,)), ((), ())))
 
     variants = {
@@ -84,6 +83,7 @@ def kernels(layers: int = 24, repeats: int = 5) -> list[list[str]]:
             for gate, down in weights:
                 x = product(jax.nn.silu(product(x, gate)), down)
             return x
+
         return jax.jit(run)
 
     results = {(name, rows): [] for name in variants for rows in (1, 8)}
@@ -150,9 +150,8 @@ def child(variant: str, checkpoint: str, out: str) -> None:
     start = time.perf_counter()
     if variant == "hf":
         import torch
-        from transformers import AutoModelForCausalLM
-
         from generate import bench_hf
+        from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(os.cpu_count() or 1)
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
@@ -164,8 +163,8 @@ def child(variant: str, checkpoint: str, out: str) -> None:
         greedy = bench_hf(model, accuracy.tolist(), NEW_TOKENS)["tokens"]
     else:
         from flax import nnx
-
         from generate import bench_ours
+
         from qwen_jax.load import load_model
 
         if variant != "float32":  # the quantized checkpoint `model_table` converted
@@ -193,16 +192,41 @@ def model_table(variants: tuple[str, ...]) -> list[list[str]]:
         write_checkpoint(checkpoint)
         for variant in variants:
             if variant in ("int8", "int4"):
-                subprocess.run([sys.executable, "-m", "qwen_jax.cli", "convert", checkpoint,
-                                os.path.join(directory, variant), "--quantize", variant], check=True)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "qwen_jax.cli",
+                        "convert",
+                        checkpoint,
+                        os.path.join(directory, variant),
+                        "--quantize",
+                        variant,
+                    ],
+                    check=True,
+                )
             out = os.path.join(directory, f"{variant}.npz")
-            subprocess.run([sys.executable, os.path.abspath(__file__), "--child", variant, "--checkpoint", checkpoint,
-                            "--out", out], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--child",
+                    variant,
+                    "--checkpoint",
+                    checkpoint,
+                    "--out",
+                    out,
+                ],
+                check=True,
+            )
             results[variant] = dict(np.load(out))
             r = results[variant]
-            print(f"{variant}: decode {float(r['decode_1']):.2f} tok/s (batch 1), {float(r['decode_n']):.2f} "
-                  f"(batch {BATCH}), prefill {float(r['prefill']):.1f} tok/s, peak RSS "
-                  f"{float(r['peak_rss']) / 2**30:.2f} GiB (load average {os.getloadavg()[0]:.1f})", flush=True)
+            print(
+                f"{variant}: decode {float(r['decode_1']):.2f} tok/s (batch 1), {float(r['decode_n']):.2f} "
+                f"(batch {BATCH}), prefill {float(r['prefill']):.1f} tok/s, peak RSS "
+                f"{float(r['peak_rss']) / 2**30:.2f} GiB (load average {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
     reference = results["float32"]
     hf = results.get("hf")
     table = []
@@ -211,15 +235,19 @@ def model_table(variants: tuple[str, ...]) -> list[list[str]]:
         top1 = np.mean(r["logits"].argmax(-1) == reference["logits"].argmax(-1))
         greedy = np.mean(r["greedy"] == reference["greedy"])
         ratio = lambda key: f" ({float(r[key]) / float(hf[key]):.2f}x HF)" if hf is not None and variant != "hf" else ""  # noqa: E731
-        table.append([
-            "HF transformers float32" if variant == "hf" else f"qwen-jax {variant}",
-            f"{float(r['weight_bytes']) / weights:.2f}",
-            f"{float(r['peak_rss']) / 2**30:.2f}",
-            f"{float(r['prefill']):.1f}{ratio('prefill')}",
-            f"{float(r['decode_1']):.2f}{ratio('decode_1')}",
-            f"{float(r['decode_n']):.2f}{ratio('decode_n')}",
-            f"{error:.4f}", f"{100 * top1:.1f} %", f"{100 * greedy:.1f} %",
-        ])
+        table.append(
+            [
+                "HF transformers float32" if variant == "hf" else f"qwen-jax {variant}",
+                f"{float(r['weight_bytes']) / weights:.2f}",
+                f"{float(r['peak_rss']) / 2**30:.2f}",
+                f"{float(r['prefill']):.1f}{ratio('prefill')}",
+                f"{float(r['decode_1']):.2f}{ratio('decode_1')}",
+                f"{float(r['decode_n']):.2f}{ratio('decode_n')}",
+                f"{error:.4f}",
+                f"{100 * top1:.1f} %",
+                f"{100 * greedy:.1f} %",
+            ]
+        )
     return table
 
 
@@ -237,8 +265,11 @@ def main(argv=None) -> None:
         return
     import jax
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} "
-          f"on {jax.devices()[0].device_kind}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} "
+        f"on {jax.devices()[0].device_kind}; load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     if args.part in ("kernels", "both"):
         print("\n| kernel (24 layers of 0.5B gate+down) | rows | ms | vs float32 |\n|---|---|---|---|")
         for cells in kernels(repeats=args.repeats):
@@ -248,9 +279,11 @@ def main(argv=None) -> None:
         if "float32" not in args.variants:
             args.variants.insert(0, "float32")  # the accuracy reference
         table = model_table(tuple(dict.fromkeys(args.variants)))
-        print("\n| 0.5B, random weights | weight bytes / parameter | peak RSS GiB | prefill tok/s (1x64) | "
-              f"decode tok/s, batch 1 | decode tok/s, batch {BATCH} | logit error vs float32 | top-1 agreement | "
-              "greedy agreement (32 tokens) |")
+        print(
+            "\n| 0.5B, random weights | weight bytes / parameter | peak RSS GiB | prefill tok/s (1x64) | "
+            f"decode tok/s, batch 1 | decode tok/s, batch {BATCH} | logit error vs float32 | top-1 agreement | "
+            "greedy agreement (32 tokens) |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         for cells in table:
             print("| " + " | ".join(cells) + " |")

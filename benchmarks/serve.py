@@ -102,8 +102,14 @@ def make_jobs(tokenizer, count: int, rate: float, prompt_range, output_range, se
     for arrival in arrivals:
         length = int(rng.integers(prompt_range[0], prompt_range[1] + 1))
         text = tokenizer.decode(rng.integers(1000, 30000, length).tolist())
-        jobs.append(Job(float(arrival), text, len(tokenizer.encode(text)),
-                        int(rng.integers(output_range[0], output_range[1] + 1))))
+        jobs.append(
+            Job(
+                float(arrival),
+                text,
+                len(tokenizer.encode(text)),
+                int(rng.integers(output_range[0], output_range[1] + 1)),
+            )
+        )
     return jobs
 
 
@@ -112,24 +118,49 @@ def summarize(name: str, jobs: list[Job], results: list[Result], start: float) -
     results = [r for r in results if not r.error]
     if not results:
         nan = float("nan")
-        return dict(system=name, requests=0, failed=len(failed), errors=sorted({r.error for r in failed}),
-                    output_tokens=0, makespan_s=nan, requests_per_s=nan, output_tokens_per_s=nan, ttft_p50_s=nan,
-                    ttft_p99_s=nan, itl_p50_s=nan, itl_p99_s=nan, load_average=os.getloadavg()[0])
+        return dict(
+            system=name,
+            requests=0,
+            failed=len(failed),
+            errors=sorted({r.error for r in failed}),
+            output_tokens=0,
+            makespan_s=nan,
+            requests_per_s=nan,
+            output_tokens_per_s=nan,
+            ttft_p50_s=nan,
+            ttft_p99_s=nan,
+            itl_p50_s=nan,
+            itl_p99_s=nan,
+            load_average=os.getloadavg()[0],
+        )
     end = max(r.last_token or r.arrival for r in results)
     makespan = end - start
     tokens = sum(r.tokens for r in results)
     ttft = [r.first_token - r.arrival for r in results if r.first_token is not None]
-    itl = [(r.last_token - r.first_token) / (r.tokens - 1) for r in results
-           if r.first_token is not None and r.tokens > 1 and r.last_token > r.first_token]
+    itl = [
+        (r.last_token - r.first_token) / (r.tokens - 1)
+        for r in results
+        if r.first_token is not None and r.tokens > 1 and r.last_token > r.first_token
+    ]
 
     def pct(values, q):
         return float(np.percentile(values, q)) if values else float("nan")
 
-    return dict(system=name, requests=len(results), failed=len(failed), errors=sorted({r.error for r in failed}),
-                output_tokens=tokens, makespan_s=makespan,
-                requests_per_s=len(results) / makespan, output_tokens_per_s=tokens / makespan,
-                ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99), itl_p50_s=pct(itl, 50), itl_p99_s=pct(itl, 99),
-                load_average=os.getloadavg()[0])
+    return dict(
+        system=name,
+        requests=len(results),
+        failed=len(failed),
+        errors=sorted({r.error for r in failed}),
+        output_tokens=tokens,
+        makespan_s=makespan,
+        requests_per_s=len(results) / makespan,
+        output_tokens_per_s=tokens / makespan,
+        ttft_p50_s=pct(ttft, 50),
+        ttft_p99_s=pct(ttft, 99),
+        itl_p50_s=pct(itl, 50),
+        itl_p99_s=pct(itl, 99),
+        load_average=os.getloadavg()[0],
+    )
 
 
 def best_pass(rows: list[dict]) -> dict:
@@ -138,9 +169,12 @@ def best_pass(rows: list[dict]) -> dict:
     system gets the same number of passes. Failed requests of every pass are counted (`failed`,
     `errors`), so a failure in a slower pass is not hidden behind the fastest one."""
     best = max(rows, key=lambda row: -1.0 if math.isnan(row["output_tokens_per_s"]) else row["output_tokens_per_s"])
-    return dict(best, passes=[row["output_tokens_per_s"] for row in rows],
-                failed=sum(row["failed"] for row in rows),
-                errors=sorted({error for row in rows for error in row["errors"]}))
+    return dict(
+        best,
+        passes=[row["output_tokens_per_s"] for row in rows],
+        failed=sum(row["failed"] for row in rows),
+        errors=sorted({error for row in rows for error in row["errors"]}),
+    )
 
 
 # ----------------------------------------------------------------------------- HTTP systems
@@ -156,8 +190,14 @@ async def run_http(base_url: str, model_name: str, jobs: list[Job]) -> tuple[lis
         first = last = None
         tokens = 0
         try:
-            stream = await client.completions.create(model=model_name, prompt=job.prompt, max_tokens=job.max_tokens,
-                                                     temperature=0, stream=True, stream_options={"include_usage": True})
+            stream = await client.completions.create(
+                model=model_name,
+                prompt=job.prompt,
+                max_tokens=job.max_tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].text:
                     last = time.perf_counter()
@@ -200,12 +240,34 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"{url} did not become healthy in {timeout} s")
 
 
-def start_qwen_jax(checkpoint: str, slots: int, max_len: int, port: int,
-                   prefill_chunk: int | None = None, dtype: str = "float32",
-                   prime: bool = True) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "qwen_jax.cli", "serve", "--model", checkpoint, "--slots", str(slots),
-               "--max-len", str(max_len), "--port", str(port), "--max-queue", "100000", "--dtype", dtype,
-               "--prime" if prime else "--no-prime"]
+def start_qwen_jax(
+    checkpoint: str,
+    slots: int,
+    max_len: int,
+    port: int,
+    prefill_chunk: int | None = None,
+    dtype: str = "float32",
+    prime: bool = True,
+) -> tuple[subprocess.Popen, str]:
+    command = [
+        sys.executable,
+        "-m",
+        "qwen_jax.cli",
+        "serve",
+        "--model",
+        checkpoint,
+        "--slots",
+        str(slots),
+        "--max-len",
+        str(max_len),
+        "--port",
+        str(port),
+        "--max-queue",
+        "100000",
+        "--dtype",
+        dtype,
+        "--prime" if prime else "--no-prime",
+    ]
     if prefill_chunk is not None:
         command += ["--prefill-chunk", str(prefill_chunk)]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
@@ -224,15 +286,30 @@ def transformers_executable() -> str:
     search = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     executable = shutil.which("transformers", path=search)
     if executable is None:
-        sys.exit("serve.py: error: the `transformers` command is not installed (pip install -e '.[test]'); "
-                 "leave it out with --systems qwen-jax sequential static")
+        sys.exit(
+            "serve.py: error: the `transformers` command is not installed (pip install -e '.[test]'); "
+            "leave it out with --systems qwen-jax sequential static"
+        )
     return executable
 
 
-def start_transformers(checkpoint: str, port: int, log_path: str, device: str = "cpu",
-                       dtype: str = "float32") -> tuple[subprocess.Popen, str]:
-    command = [transformers_executable(), "serve", checkpoint, "--continuous-batching",
-               "--device", device, "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port)]
+def start_transformers(
+    checkpoint: str, port: int, log_path: str, device: str = "cpu", dtype: str = "float32"
+) -> tuple[subprocess.Popen, str]:
+    command = [
+        transformers_executable(),
+        "serve",
+        checkpoint,
+        "--continuous-batching",
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -287,10 +364,14 @@ def run_static(model, tokenizer, jobs: list[Job], batch: int) -> tuple[list[Resu
     results, clock = [], _Clock()
     start = clock.now()
     for i in range(0, len(jobs), batch):
-        group = jobs[i:i + batch]
+        group = jobs[i : i + batch]
         clock.wait_until(start + group[-1].arrival)
-        out = generate_ids(model, [tokenizer.encode(j.prompt) for j in group],
-                           max_new_tokens=max(j.max_tokens for j in group), temperature=0)
+        out = generate_ids(
+            model,
+            [tokenizer.encode(j.prompt) for j in group],
+            max_new_tokens=max(j.max_tokens for j in group),
+            temperature=0,
+        )
         clock.compile_s += out.timing.compile_s
         done = clock.now()
         for job, ids in zip(group, out.token_ids):  # no streaming: every token arrives with the batch
@@ -316,17 +397,22 @@ def warm_up_sequential(model, tokenizer, jobs: list[Job]) -> None:
 def print_table(rate: float, rows: list[dict], reference: str = "sequential") -> None:
     base = {r["system"]: r for r in rows}
     print(f"\n### arrival rate: {'all at once' if math.isinf(rate) else f'{rate:g} requests/s'}\n")
-    print("| system | requests/s | output tokens/s | vs sequential | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) "
-          "| output tokens | failed (all passes) | load avg | tokens/s of each pass |")
+    print(
+        "| system | requests/s | output tokens/s | vs sequential | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) "
+        "| output tokens | failed (all passes) | load avg | tokens/s of each pass |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        ratio = row["output_tokens_per_s"] / base[reference]["output_tokens_per_s"] if reference in base else float("nan")
-        itl = ("–" if math.isnan(row["itl_p50_s"]) else
-               f"{row['itl_p50_s'] * 1e3:.0f} / {row['itl_p99_s'] * 1e3:.0f}")
-        print(f"| {row['system']} | {row['requests_per_s']:.3f} | {row['output_tokens_per_s']:.1f} | {ratio:.2f}× | "
-              f"{row['ttft_p50_s']:.1f} / {row['ttft_p99_s']:.1f} | {itl} | {row['output_tokens']} | "
-              f"{row['failed']} | {row['load_average']:.1f} | "
-              f"{' / '.join(f'{v:.1f}' for v in row['passes'])} |")
+        ratio = (
+            row["output_tokens_per_s"] / base[reference]["output_tokens_per_s"] if reference in base else float("nan")
+        )
+        itl = "–" if math.isnan(row["itl_p50_s"]) else f"{row['itl_p50_s'] * 1e3:.0f} / {row['itl_p99_s'] * 1e3:.0f}"
+        print(
+            f"| {row['system']} | {row['requests_per_s']:.3f} | {row['output_tokens_per_s']:.1f} | {ratio:.2f}× | "
+            f"{row['ttft_p50_s']:.1f} / {row['ttft_p99_s']:.1f} | {itl} | {row['output_tokens']} | "
+            f"{row['failed']} | {row['load_average']:.1f} | "
+            f"{' / '.join(f'{v:.1f}' for v in row['passes'])} |"
+        )
 
 
 def main(argv=None) -> None:
@@ -346,23 +432,42 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint-dir", help="where the random checkpoint is built (kept); default: a temp dir")
     parser.add_argument("--port", type=int, default=8471)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--warm-pass", action=argparse.BooleanOptionalAction, default=True,
-                        help="run the first rate's whole workload once, untimed, through the HTTP servers and the "
-                             "static batches before timing them (default; --no-warm-pass: two requests only, so "
-                             "the first timed pass pays the programs' first runs)")
-    parser.add_argument("--prime", action=argparse.BooleanOptionalAction, default=True,
-                        help="start qwen-jax serve with --prime (default): every compiled program run once before "
-                             "it listens. A warm pass alone does not reach every program: requests arrive over "
-                             "HTTP in a different order each pass, so the engine's schedule (which step widths "
-                             "and chunk lengths run) differs, and a program first run in the timed pass costs "
-                             "seconds on CPU")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="timed passes of each rate's workload per system (after the warm pass); the table "
-                             "reports each system's fastest pass and lists all of them")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
-                        help="compute dtype of every system (default: float32 on CPU, bfloat16 on a GPU/TPU)")
-    parser.add_argument("--hf-device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="where transformers serve runs: auto = cuda when JAX runs on a GPU and torch sees one")
+    parser.add_argument(
+        "--warm-pass",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the first rate's whole workload once, untimed, through the HTTP servers and the "
+        "static batches before timing them (default; --no-warm-pass: two requests only, so "
+        "the first timed pass pays the programs' first runs)",
+    )
+    parser.add_argument(
+        "--prime",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start qwen-jax serve with --prime (default): every compiled program run once before "
+        "it listens. A warm pass alone does not reach every program: requests arrive over "
+        "HTTP in a different order each pass, so the engine's schedule (which step widths "
+        "and chunk lengths run) differs, and a program first run in the timed pass costs "
+        "seconds on CPU",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="timed passes of each rate's workload per system (after the warm pass); the table "
+        "reports each system's fastest pass and lists all of them",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="compute dtype of every system (default: float32 on CPU, bfloat16 on a GPU/TPU)",
+    )
+    parser.add_argument(
+        "--hf-device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where transformers serve runs: auto = cuda when JAX runs on a GPU and torch sees one",
+    )
     parser.add_argument("--json-out", help="write all measurements to this JSON file")
     args = parser.parse_args(argv)
     if args.repeat < 1:
@@ -391,11 +496,16 @@ def main(argv=None) -> None:
     rates = [float(r) for r in args.rates.split(",")]
     prompt_range = tuple(int(x) for x in args.prompt_tokens.split(","))
     output_range = tuple(int(x) for x in args.output_tokens.split(","))
-    workloads = {rate: make_jobs(tokenizer, args.requests, rate, prompt_range, output_range, args.seed) for rate in rates}
+    workloads = {
+        rate: make_jobs(tokenizer, args.requests, rate, prompt_range, output_range, args.seed) for rate in rates
+    }
     device = f"; {jax.devices()[0].device_kind}, transformers on {hf_device}" if accelerator else ""
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs{device}; {args.size} "
-          f"random weights, {dtype}; {args.requests} requests per rate, prompts {prompt_range} tokens, outputs "
-          f"{output_range} tokens, {args.slots} slots; {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs{device}; {args.size} "
+        f"random weights, {dtype}; {args.requests} requests per rate, prompts {prompt_range} tokens, outputs "
+        f"{output_range} tokens, {args.slots} slots; {time.strftime('%Y-%m-%d %H:%M')}",
+        flush=True,
+    )
     measurements: dict[float, list[dict]] = {rate: [] for rate in rates}
 
     def record(rate, name, run_once):
@@ -404,15 +514,20 @@ def main(argv=None) -> None:
         for _ in range(args.repeat):
             results, start = run_once()
             rows.append(summarize(name, workloads[rate], results, start))
-            print(f"  {name} @ {rate:g}/s: {rows[-1]['output_tokens_per_s']:.1f} tok/s, TTFT p50 "
-                  f"{rows[-1]['ttft_p50_s']:.2f} s (load {rows[-1]['load_average']:.1f})", file=sys.stderr, flush=True)
+            print(
+                f"  {name} @ {rate:g}/s: {rows[-1]['output_tokens_per_s']:.1f} tok/s, TTFT p50 "
+                f"{rows[-1]['ttft_p50_s']:.2f} s (load {rows[-1]['load_average']:.1f})",
+                file=sys.stderr,
+                flush=True,
+            )
         measurements[rate].append(best_pass(rows))
 
     if "transformers" in args.systems:
         transformers_executable()  # fail now, not after the other systems' measurements
     if "qwen-jax" in args.systems:
-        process, url = start_qwen_jax(checkpoint, args.slots, args.max_len, args.port, args.prefill_chunk, dtype,
-                                      args.prime)
+        process, url = start_qwen_jax(
+            checkpoint, args.slots, args.max_len, args.port, args.prefill_chunk, dtype, args.prime
+        )
         try:
             warm_pass(url, checkpoint, workloads[rates[0]], args.warm_pass)
             for rate in rates:
@@ -426,8 +541,11 @@ def main(argv=None) -> None:
         try:
             warm_pass(url, checkpoint, workloads[rates[0]], args.warm_pass)  # also loads the model, starts CB
             for rate in rates:
-                record(rate, "transformers serve --continuous-batching",
-                       lambda: asyncio.run(run_http(url, checkpoint, workloads[rate])))
+                record(
+                    rate,
+                    "transformers serve --continuous-batching",
+                    lambda: asyncio.run(run_http(url, checkpoint, workloads[rate])),
+                )
         finally:
             stop(process)
     if "sequential" in args.systems or "static" in args.systems:
@@ -442,8 +560,11 @@ def main(argv=None) -> None:
             if "sequential" in args.systems:
                 record(rate, "sequential qwen_jax.stream", lambda: run_sequential(model, tokenizer, workloads[rate]))
             if "static" in args.systems:
-                record(rate, f"static batches of {args.slots} (qwen_jax.generate)",
-                       lambda: run_static(model, tokenizer, workloads[rate], args.slots))
+                record(
+                    rate,
+                    f"static batches of {args.slots} (qwen_jax.generate)",
+                    lambda: run_static(model, tokenizer, workloads[rate], args.slots),
+                )
     for rate in rates:
         print_table(rate, measurements[rate], reference="sequential qwen_jax.stream")
     if args.json_out:

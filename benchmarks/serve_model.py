@@ -88,10 +88,17 @@ def main(argv=None) -> None:
     costs = (DECODE, PREFILL, CHUNK_EXTRA)
     if args.costs:
         given = json.loads(args.costs)
-        costs = tuple({int(k): float(v) for k, v in given[name].items()} for name in ("decode", "prefill", "chunk_extra"))
-    jobs = make_jobs(Tokenizer.from_dir(args.checkpoint), args.requests, math.inf,
-                     tuple(int(x) for x in args.prompt_tokens.split(",")),
-                     tuple(int(x) for x in args.output_tokens.split(",")), args.seed)
+        costs = tuple(
+            {int(k): float(v) for k, v in given[name].items()} for name in ("decode", "prefill", "chunk_extra")
+        )
+    jobs = make_jobs(
+        Tokenizer.from_dir(args.checkpoint),
+        args.requests,
+        math.inf,
+        tuple(int(x) for x in args.prompt_tokens.split(",")),
+        tuple(int(x) for x in args.output_tokens.split(",")),
+        args.seed,
+    )
     prompts, outputs = [j.prompt_tokens for j in jobs], [j.max_tokens for j in jobs]
     total = sum(outputs)
     print(f"{len(jobs)} requests, {sum(prompts)} prompt tokens, {total} output tokens, {args.slots} slots")
@@ -99,9 +106,13 @@ def main(argv=None) -> None:
         seconds = simulate(prompts, outputs, args.slots, chunk, costs)
         print(f"  --prefill-chunk {chunk:>4}: {seconds:5.1f} s, {total / seconds:5.1f} output tokens/s")
     best_token = min(extra / c for c, extra in costs[2].items()) / 1000
-    bound = total / args.slots * costs[0][max(costs[0])] / 1000 + (sum(prompts) + TEMPLATE_TOKENS * len(jobs)) * best_token
-    print(f"  perfect packing (every step {args.slots} rows, prompt tokens at {best_token * 1000:.1f} ms): "
-          f"{bound:5.1f} s, {total / bound:5.1f} output tokens/s")
+    bound = (
+        total / args.slots * costs[0][max(costs[0])] / 1000 + (sum(prompts) + TEMPLATE_TOKENS * len(jobs)) * best_token
+    )
+    print(
+        f"  perfect packing (every step {args.slots} rows, prompt tokens at {best_token * 1000:.1f} ms): "
+        f"{bound:5.1f} s, {total / bound:5.1f} output tokens/s"
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.environ.get("QWEN_JAX_TOKENIZER_DIR", os.path.join(REPO, "..", "shared", "reference", "qwen2.5-tokenizer"))
+TOKENIZER = os.environ.get(
+    "QWEN_JAX_TOKENIZER_DIR", os.path.join(REPO, "..", "shared", "reference", "qwen2.5-tokenizer")
+)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -68,9 +70,18 @@ def write_data_file(workdir: str) -> str:
     return data
 
 
-def bench_jax(preset, seq_len: int, rows: int, steps: int, lora_rank: int, workdir: str,
-              layers: int | None = None, vocab_size: int | None = None, tokenizer: str = TOKENIZER,
-              mesh: str = "") -> dict:
+def bench_jax(
+    preset,
+    seq_len: int,
+    rows: int,
+    steps: int,
+    lora_rank: int,
+    workdir: str,
+    layers: int | None = None,
+    vocab_size: int | None = None,
+    tokenizer: str = TOKENIZER,
+    mesh: str = "",
+) -> dict:
     """Seconds per train step (after the first) of a random model: `preset` is a preset name or a
     Qwen2Config (`layers` / `vocab_size` shrink it), `mesh` a --mesh spec (default: every device
     on fsdp). The tokenizer only reads the one-line data file the trainer insists on."""
@@ -85,9 +96,20 @@ def bench_jax(preset, seq_len: int, rows: int, steps: int, lora_rank: int, workd
     if vocab_size:
         config = config.replace(vocab_size=vocab_size)
     data = write_data_file(workdir)
-    train_config = TrainConfig(model="random weights", tokenizer=tokenizer, data=data, out=workdir,
-                               seq_len=seq_len, batch_size=rows, steps=steps, lora_rank=lora_rank,
-                               lora_alpha=2.0 * max(lora_rank, 1), progress=False, save_every=0, mesh=mesh)
+    train_config = TrainConfig(
+        model="random weights",
+        tokenizer=tokenizer,
+        data=data,
+        out=workdir,
+        seq_len=seq_len,
+        batch_size=rows,
+        steps=steps,
+        lora_rank=lora_rank,
+        lora_alpha=2.0 * max(lora_rank, 1),
+        progress=False,
+        save_every=0,
+        mesh=mesh,
+    )
     model = create_model(config, dtype=default_dtype(), param_dtype=jnp.float32, mesh=resolve_mesh(mesh))
     trainer = Trainer(train_config, model=model, log=lambda message: None)
     batch = random_batch(config, seq_len, rows)
@@ -191,8 +213,9 @@ if multihost.is_primary():
 """
 
 
-def bench_processes(preset: str, layers: int, vocab_size: int, seq_len: int, rows: int, steps: int,
-                    processes: int, devices: int) -> dict:
+def bench_processes(
+    preset: str, layers: int, vocab_size: int, seq_len: int, rows: int, steps: int, processes: int, devices: int
+) -> dict:
     """One full fine-tuning run of `processes` x `devices / processes` fake CPU devices (jax.distributed, gloo)."""
     import socket
     import subprocess
@@ -204,30 +227,64 @@ def bench_processes(preset: str, layers: int, vocab_size: int, seq_len: int, row
     code = _PROCESS_WORKER.replace("{repo!r}", repr(REPO))
     workdir = tempfile.mkdtemp()  # the run's output directory, shared by the processes
     write_data_file(workdir)
-    workers = [subprocess.Popen([sys.executable, "-c", code, str(i), str(processes), str(port), preset, str(layers), str(vocab_size),
-                                 str(seq_len), str(rows), str(steps), workdir], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True) for i in range(processes)]
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                code,
+                str(i),
+                str(processes),
+                str(port),
+                preset,
+                str(layers),
+                str(vocab_size),
+                str(seq_len),
+                str(rows),
+                str(steps),
+                workdir,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for i in range(processes)
+    ]
     outputs = [w.communicate()[0] for w in workers]
     if any(w.returncode for w in workers):
         raise RuntimeError(f"a benchmark process failed: {[w.returncode for w in workers]}")
     (line,) = [line for line in outputs[0].splitlines() if line.startswith("RESULT ")]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def compare_processes(args) -> int:
     """Tokens/s of the same training step on 1 process x N devices and on 2 processes x N/2."""
     tokens = args.batch_size * args.seq_len
-    print(f"# {args.preset} architecture with {args.layers} layer(s) and a {args.vocab_size}-token vocabulary, "
-          f"full fine-tuning step, batch {args.batch_size} "
-          f"x seq {args.seq_len}, {args.devices} fake CPU devices (fsdp={args.devices})")
+    print(
+        f"# {args.preset} architecture with {args.layers} layer(s) and a {args.vocab_size}-token vocabulary, "
+        f"full fine-tuning step, batch {args.batch_size} "
+        f"x seq {args.seq_len}, {args.devices} fake CPU devices (fsdp={args.devices})"
+    )
     results = {}
     for processes in (1, 2):
-        result = bench_processes(args.preset, args.layers, args.vocab_size, args.seq_len, args.batch_size,
-                                 args.steps, processes, args.devices)
+        result = bench_processes(
+            args.preset,
+            args.layers,
+            args.vocab_size,
+            args.seq_len,
+            args.batch_size,
+            args.steps,
+            processes,
+            args.devices,
+        )
         results[processes] = result
-        print(f"{processes} process(es) x {args.devices // processes} devices: {result['step_s']:7.2f} s/step  "
-              f"{tokens / result['step_s']:8.1f} tokens/s  (first step {result['first_step_s']:.1f} s, "
-              f"loss {result['loss']:.4f})", flush=True)
+        print(
+            f"{processes} process(es) x {args.devices // processes} devices: {result['step_s']:7.2f} s/step  "
+            f"{tokens / result['step_s']:8.1f} tokens/s  (first step {result['first_step_s']:.1f} s, "
+            f"loss {result['loss']:.4f})",
+            flush=True,
+        )
     print(f"2-process / 1-process tokens/s: {results[1]['step_s'] / results[2]['step_s']:.2f}")
     return 0
 
@@ -241,14 +298,25 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--compare-processes", action="store_true",
-                        help="instead: full fine-tuning on 1 process x --devices fake CPU devices vs 2 processes x half")
+    parser.add_argument(
+        "--compare-processes",
+        action="store_true",
+        help="instead: full fine-tuning on 1 process x --devices fake CPU devices vs 2 processes x half",
+    )
     parser.add_argument("--devices", type=int, default=8, help="fake CPU devices in all, for --compare-processes")
-    parser.add_argument("--layers", type=int, default=2,
-                        help="decoder layers of the preset's architecture, for --compare-processes (memory)")
-    parser.add_argument("--vocab-size", type=int, default=8192,
-                        help="vocabulary for --compare-processes: FSDP gathers the embedding on every fake device, "
-                             "so the real 151,936 rows need ~1 GB per device")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=2,
+        help="decoder layers of the preset's architecture, for --compare-processes (memory)",
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=8192,
+        help="vocabulary for --compare-processes: FSDP gathers the embedding on every fake device, "
+        "so the real 151,936 rows need ~1 GB per device",
+    )
     args = parser.parse_args(argv)
     if args.compare_processes:
         return compare_processes(args)
@@ -265,27 +333,50 @@ def main(argv=None) -> int:
         peak, peak_source = measured_matmul_flops(default_dtype()), f"measured {np.dtype(default_dtype()).name} matmul"
     devices = jax.device_count()
     tokens = args.batch_size * args.seq_len
-    print(f"# {args.preset} train step, batch {args.batch_size} x seq {args.seq_len}, backend {backend} "
-          f"({jax.devices()[0].device_kind}, {devices} device(s)); peak {peak / 1e12:.2f} TFLOP/s/device ({peak_source})")
+    print(
+        f"# {args.preset} train step, batch {args.batch_size} x seq {args.seq_len}, backend {backend} "
+        f"({jax.devices()[0].device_kind}, {devices} device(s)); peak {peak / 1e12:.2f} TFLOP/s/device ({peak_source})"
+    )
     results = []
     for mode, rank in (("full", 0), ("lora", args.lora_rank)):
         flops = flops_per_token(config, args.seq_len, lora=bool(rank)) * tokens
-        runs = [("qwen-jax", lambda: bench_jax(args.preset, args.seq_len, args.batch_size, args.steps, rank,
-                                                tempfile.mkdtemp()))]
+        runs = [
+            (
+                "qwen-jax",
+                lambda: bench_jax(args.preset, args.seq_len, args.batch_size, args.steps, rank, tempfile.mkdtemp()),
+            )
+        ]
         if not args.skip_torch:
             runs.append(("hf-torch", lambda: bench_torch(args.preset, args.seq_len, args.batch_size, args.steps, rank)))
         for name, fn in runs:
             result = fn()
-            result.update(impl=name, mode=mode, tokens_per_s=tokens / result["step_s"],
-                          mfu=flops / result["step_s"] / (peak * devices))
+            result.update(
+                impl=name,
+                mode=mode,
+                tokens_per_s=tokens / result["step_s"],
+                mfu=flops / result["step_s"] / (peak * devices),
+            )
             results.append(result)
-            print(f"{name:9s} {mode:4s}: {result['step_s']:7.2f} s/step  {result['tokens_per_s']:8.1f} tokens/s  "
-                  f"MFU {100 * result['mfu']:5.1f}%  (first step {result['first_step_s']:.1f} s, "
-                  f"loss {result['loss']:.3f})", flush=True)
+            print(
+                f"{name:9s} {mode:4s}: {result['step_s']:7.2f} s/step  {result['tokens_per_s']:8.1f} tokens/s  "
+                f"MFU {100 * result['mfu']:5.1f}%  (first step {result['first_step_s']:.1f} s, "
+                f"loss {result['loss']:.3f})",
+                flush=True,
+            )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"preset": args.preset, "seq_len": args.seq_len, "batch_size": args.batch_size,
-                       "backend": backend, "peak_flops": peak, "results": results}, f, indent=1)
+            json.dump(
+                {
+                    "preset": args.preset,
+                    "seq_len": args.seq_len,
+                    "batch_size": args.batch_size,
+                    "backend": backend,
+                    "peak_flops": peak,
+                    "results": results,
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 

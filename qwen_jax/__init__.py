@@ -10,13 +10,31 @@ from qwen_jax.model.kv_cache import KVCache
 from qwen_jax.model.quantize import dequantize_model, quantize_model
 from qwen_jax.ops.quant import QuantScheme
 from qwen_jax.sharding import DEFAULT_RULES, ShardingRules, make_mesh
-from qwen_jax.version import __version__
 from qwen_jax.tokenizer import StreamDecoder, Tokenizer, parse_tool_calls
-
+from qwen_jax.version import __version__
 
 __all__ = [
-    "ConfigError", "Qwen2Config", "RopeScaling", "KVCache", "Qwen2ForCausalLM", "create_model",
-    "default_dtype", "load_model", "load", "quantize_model", "dequantize_model", "QuantScheme", "generate", "stream",
-    "GenerationConfig", "Engine", "DEFAULT_RULES", "ShardingRules", "make_mesh", "Tokenizer", "StreamDecoder",
-    "parse_tool_calls", "__version__",
+    "ConfigError",
+    "Qwen2Config",
+    "RopeScaling",
+    "KVCache",
+    "Qwen2ForCausalLM",
+    "create_model",
+    "default_dtype",
+    "load_model",
+    "load",
+    "quantize_model",
+    "dequantize_model",
+    "QuantScheme",
+    "generate",
+    "stream",
+    "GenerationConfig",
+    "Engine",
+    "DEFAULT_RULES",
+    "ShardingRules",
+    "make_mesh",
+    "Tokenizer",
+    "StreamDecoder",
+    "parse_tool_calls",
+    "__version__",
 ]

@@ -21,7 +21,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 
@@ -32,8 +33,12 @@ OFF_VALUES = frozenset({"", "0", "off", "false", "no", "none"})
 # Past this size the least recently used entries of the default directory are evicted.
 MAX_BYTES = 4 * 2**30
 # The JAX options `persistent_cache_options` sets; `jax_options` restores them afterwards.
-_OPTIONS = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
-            "jax_persistent_cache_min_compile_time_secs", "jax_compilation_cache_max_size")
+_OPTIONS = (
+    "jax_enable_compilation_cache",
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_compilation_cache_max_size",
+)
 
 
 def default_dir() -> str:

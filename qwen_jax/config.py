@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from qwen_jax.errors import ConfigError
 
@@ -19,8 +20,6 @@ SUPPORTED_MODEL_TYPES = ("qwen2",)
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 # Attention backends (`qwen_jax.attention`); here so command lines can list them without importing jax.
 ATTENTION_BACKENDS = ("auto", "xla", "chunked", "cudnn", "splash")
-
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +91,7 @@ class Qwen2Config:
             )
             object.__setattr__(self, "layer_types", types)
         elif len(self.layer_types) != self.num_hidden_layers:
-            raise ConfigError(
-                f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
-            )
+            raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ConfigError("layer_types asks for sliding_attention but sliding_window is not set")
 
@@ -114,7 +111,7 @@ class Qwen2Config:
         original = scaling.original_max_position_embeddings or self.max_position_embeddings
         return max(self.max_position_embeddings, int(original * scaling.factor))
 
-    def with_rope_scaling(self, spec: "str | dict[str, Any] | RopeScaling | None") -> "Qwen2Config":
+    def with_rope_scaling(self, spec: str | dict[str, Any] | RopeScaling | None) -> Qwen2Config:
         """This config with its rope scaling replaced, as Qwen tells users to do in config.json.
 
         spec: 'yarn:4' (factor 4 over the checkpoint's original length), 'linear:2', 'dynamic:2',
@@ -138,14 +135,14 @@ class Qwen2Config:
             return (self.eos_token_id,)
         return tuple(self.eos_token_id)
 
-    def replace(self, **changes) -> "Qwen2Config":
+    def replace(self, **changes) -> Qwen2Config:
         if "num_hidden_layers" in changes and "layer_types" not in changes:
             changes["layer_types"] = None
         return dataclasses.replace(self, **changes)
 
     # ----------------------------------------------------------------- HF I/O
     @classmethod
-    def from_hf(cls, config: dict[str, Any] | str | os.PathLike) -> "Qwen2Config":
+    def from_hf(cls, config: dict[str, Any] | str | os.PathLike) -> Qwen2Config:
         """Build from a config.json dict, a config.json path, or a checkpoint directory."""
         if not isinstance(config, dict):
             config = read_config_json(config)
@@ -227,7 +224,7 @@ class Qwen2Config:
 
     # ----------------------------------------------------------------- presets
     @classmethod
-    def preset(cls, name: str) -> "Qwen2Config":
+    def preset(cls, name: str) -> Qwen2Config:
         """Architecture of a published Qwen2.5 size: '0.5B', '1.5B', '3B', '7B', '14B', '32B', '72B'."""
         key = name.upper().removeprefix("QWEN2.5-").removesuffix("-INSTRUCT")
         if key not in _PRESETS:
@@ -235,38 +232,44 @@ class Qwen2Config:
         return cls(**_PRESETS[key])
 
     @classmethod
-    def qwen2_5_0_5b(cls) -> "Qwen2Config":
+    def qwen2_5_0_5b(cls) -> Qwen2Config:
         return cls.preset("0.5B")
 
     @classmethod
-    def qwen2_5_1_5b(cls) -> "Qwen2Config":
+    def qwen2_5_1_5b(cls) -> Qwen2Config:
         return cls.preset("1.5B")
 
     @classmethod
-    def qwen2_5_3b(cls) -> "Qwen2Config":
+    def qwen2_5_3b(cls) -> Qwen2Config:
         return cls.preset("3B")
 
     @classmethod
-    def qwen2_5_7b(cls) -> "Qwen2Config":
+    def qwen2_5_7b(cls) -> Qwen2Config:
         return cls.preset("7B")
 
     @classmethod
-    def qwen2_5_14b(cls) -> "Qwen2Config":
+    def qwen2_5_14b(cls) -> Qwen2Config:
         return cls.preset("14B")
 
     @classmethod
-    def qwen2_5_32b(cls) -> "Qwen2Config":
+    def qwen2_5_32b(cls) -> Qwen2Config:
         return cls.preset("32B")
 
     @classmethod
-    def qwen2_5_72b(cls) -> "Qwen2Config":
+    def qwen2_5_72b(cls) -> Qwen2Config:
         return cls.preset("72B")
 
 
 def _preset(hidden, layers, heads, kv_heads, mlp, vocab, tied, eps=1e-6):
     return dict(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        intermediate_size=mlp, vocab_size=vocab, tie_word_embeddings=tied, rms_norm_eps=eps,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=mlp,
+        vocab_size=vocab,
+        tie_word_embeddings=tied,
+        rms_norm_eps=eps,
     )
 
 
@@ -299,7 +302,9 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def parse_rope_scaling(spec: "str | dict[str, Any] | RopeScaling", original_max_position_embeddings: int) -> RopeScaling:
+def parse_rope_scaling(
+    spec: str | dict[str, Any] | RopeScaling, original_max_position_embeddings: int
+) -> RopeScaling:
     """A rope scaling from a command-line spec (`TYPE:FACTOR`, or 'none'), an HF dict or a RopeScaling.
 
     YaRN's original length defaults to `original_max_position_embeddings` (the checkpoint's).
@@ -317,8 +322,10 @@ def parse_rope_scaling(spec: "str | dict[str, Any] | RopeScaling", original_max_
     except ValueError:
         value = 0.0
     if not sep or rope_type not in ROPE_TYPES[1:] or value < 1.0:
-        raise ConfigError(f"bad rope scaling {spec!r}: expected TYPE:FACTOR with TYPE one of "
-                          f"{', '.join(ROPE_TYPES[1:])} and FACTOR >= 1 (e.g. 'yarn:4'), or 'none'")
+        raise ConfigError(
+            f"bad rope scaling {spec!r}: expected TYPE:FACTOR with TYPE one of "
+            f"{', '.join(ROPE_TYPES[1:])} and FACTOR >= 1 (e.g. 'yarn:4'), or 'none'"
+        )
     original = original_max_position_embeddings if rope_type == "yarn" else None
     return RopeScaling(rope_type=rope_type, factor=value, original_max_position_embeddings=original)
 
@@ -380,7 +387,7 @@ class GenerationConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
 
-    def replace(self, **changes) -> "GenerationConfig":
+    def replace(self, **changes) -> GenerationConfig:
         """A copy with the given fields changed; None values are ignored (keep the default)."""
         changes = {k: v for k, v in changes.items() if v is not None}
         if "eos_token_ids" in changes:
@@ -388,7 +395,9 @@ class GenerationConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_hf(cls, generation_config: Mapping[str, Any], model_config: Qwen2Config | None = None) -> "GenerationConfig":
+    def from_hf(
+        cls, generation_config: Mapping[str, Any], model_config: Qwen2Config | None = None
+    ) -> GenerationConfig:
         """From a generation_config.json dict; eos ids are the union of it and the model config's."""
         do_sample = bool(generation_config.get("do_sample", False))
         eos = _as_ids(generation_config.get("eos_token_id"))
@@ -409,12 +418,12 @@ class GenerationConfig:
         )
 
     @classmethod
-    def from_model_config(cls, model_config: Qwen2Config) -> "GenerationConfig":
+    def from_model_config(cls, model_config: Qwen2Config) -> GenerationConfig:
         """Greedy, stopping on the model config's eos ids (for checkpoints without generation_config.json)."""
         return cls(eos_token_ids=model_config.eos_token_ids, pad_token_id=model_config.pad_token_id)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, model_config: Qwen2Config | None = None) -> "GenerationConfig":
+    def from_pretrained(cls, path: str | os.PathLike, model_config: Qwen2Config | None = None) -> GenerationConfig:
         """generation_config.json of a checkpoint directory, or the model-config defaults without one."""
         file = os.path.join(os.fspath(path), GENERATION_CONFIG_FILE)
         if os.path.isfile(file):

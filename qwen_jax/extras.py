@@ -37,4 +37,5 @@ def require(module: str, *, extra: str, feature: str | None = None) -> ModuleTyp
         missing = e.name or module.split(".")[0]
         raise MissingExtraError(
             f"{feature or extra} needs the optional package {missing!r}, which is not installed: "
-            f"pip install 'qwen-jax[{extra}]'") from None
+            f"pip install 'qwen-jax[{extra}]'"
+        ) from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -35,8 +35,11 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
     if is_gguf_file(path):
         return GGUFReader(path)
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: checkpoint directory not found" if not os.path.exists(path)
-                              else f"{path}: not a checkpoint directory or GGUF file")
+        raise CheckpointError(
+            f"{path}: checkpoint directory not found"
+            if not os.path.exists(path)
+            else f"{path}: not a checkpoint directory or GGUF file"
+        )
     if is_orbax_checkpoint(path):
         from qwen_jax.checkpoints.orbax import OrbaxReader
 
@@ -89,8 +92,9 @@ def load_model(
 
     check_backend(attention, dtype=jnp.dtype(dtype or default_dtype()), head_dim=None, platform=platform_of(mesh))
     reader = open_checkpoint(resolve_source(path))
-    model = assemble_model(reader, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, progress=progress,
-                           quantize=quantize)
+    model = assemble_model(
+        reader, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, progress=progress, quantize=quantize
+    )
     model.config = model.config.with_rope_scaling(rope_scaling)
     model.attention = attention
     return model if scan_layers else unstack_layers(model)
@@ -107,7 +111,7 @@ def load(
     quantize: str | QuantScheme | None = None,
     attention: str = "auto",
     rope_scaling=None,
-) -> tuple[Qwen2ForCausalLM, "Tokenizer"]:  # noqa: F821 (imported lazily)
+) -> tuple[Qwen2ForCausalLM, Tokenizer]:  # noqa: F821 (imported lazily)
     """Load a checkpoint (see `load_model` for the formats) and its tokenizer.
 
     dtype: compute and parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU).
@@ -127,8 +131,17 @@ def load(
     from qwen_jax.tokenizer import Tokenizer
 
     path = resolve_source(path)
-    model = load_model(path, dtype=dtype, mesh=mesh, rules=rules, scan_layers=scan_layers, progress=progress,
-                       quantize=quantize, attention=attention, rope_scaling=rope_scaling)
+    model = load_model(
+        path,
+        dtype=dtype,
+        mesh=mesh,
+        rules=rules,
+        scan_layers=scan_layers,
+        progress=progress,
+        quantize=quantize,
+        attention=attention,
+        rope_scaling=rope_scaling,
+    )
     with side_files_dir(path) as directory:
         tokenizer = Tokenizer.from_dir(directory)
         model.generation_config = GenerationConfig.from_pretrained(directory, model.config)

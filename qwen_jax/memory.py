@@ -83,7 +83,7 @@ def plan_memory(
     cache_dtype=jnp.bfloat16,
     prefill_chunk: int = 0,
     rules: ShardingRules = DEFAULT_RULES,
-    quantize: "str | QuantScheme | None" = None,
+    quantize: str | QuantScheme | None = None,
 ) -> MemoryPlan:
     """Per-device bytes of parameters (+ grads and AdamW state when `training`) and a KV cache.
 
@@ -101,8 +101,9 @@ def plan_memory(
 
     mesh = _mesh_of_sizes(data, fsdp, tensor)
     scheme = None if quantize is None else QuantScheme.parse(quantize)
-    abstract = nnx.eval_shape(lambda: with_quantized_structure(
-        Qwen2ForCausalLM(config, dtype=param_dtype, param_dtype=param_dtype), scheme))
+    abstract = nnx.eval_shape(
+        lambda: with_quantized_structure(Qwen2ForCausalLM(config, dtype=param_dtype, param_dtype=param_dtype), scheme)
+    )
     params = trained_elements = 0
     for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         axes = variable.get_metadata()["logical_axes"]
@@ -142,7 +143,9 @@ def prefill_activation_bytes(config: Qwen2Config, batch: int, chunk: int, dtype,
 
     residual = 2 * per_device((batch, chunk, D), ("batch", "seq", "act_embed")) * size
     heads = per_device((batch, chunk, N, H), ("batch", "seq", "q_heads", "head_dim"))
-    attention_phase = (3 * heads + 2 * per_device((batch, chunk, K, H), ("batch", "seq", "kv_heads", "head_dim"))) * size
+    attention_phase = (
+        3 * heads + 2 * per_device((batch, chunk, K, H), ("batch", "seq", "kv_heads", "head_dim"))
+    ) * size
     attention_phase += 3 * per_device((batch, N, block_q, block_kv), ("batch", "q_heads", None, None)) * 4
     mlp_phase = 3 * per_device((batch, chunk, F), ("batch", "seq", "mlp")) * size
     logits = per_device((batch, V), ("batch", "vocab")) * 4

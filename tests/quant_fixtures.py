@@ -27,8 +27,15 @@ import torch
 
 from qwen_jax.checkpoints.safetensors import write_safetensors
 
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
@@ -36,8 +43,9 @@ def _to_int32(words: np.ndarray) -> np.ndarray:
     return (np.asarray(words, np.uint64) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
 
 
-def gptq_quantize(w: np.ndarray, bits: int, group_size: int, sym: bool, act_order: bool,
-                  rng: np.random.Generator) -> dict:
+def gptq_quantize(
+    w: np.ndarray, bits: int, group_size: int, sym: bool, act_order: bool, rng: np.random.Generator
+) -> dict:
     """RTN GPTQ quantization of `w [out, in]`: codes, zeros, fp16 scales, g_idx and the dequantized weight."""
     out, inputs = w.shape
     group = inputs if group_size == -1 else group_size
@@ -86,8 +94,12 @@ def gptq_pack(quantized: dict, bits: int, v1: bool = True) -> dict[str, np.ndarr
     for col in range(out // per_word):
         for j in range(per_word):
             qzeros[:, col] |= stored_zeros[:, col * per_word + j].astype(np.uint64) << np.uint64(bits * j)
-    return {"qweight": _to_int32(qweight), "qzeros": _to_int32(qzeros),
-            "scales": quantized["scales"].astype(np.float16), "g_idx": quantized["g_idx"]}
+    return {
+        "qweight": _to_int32(qweight),
+        "qzeros": _to_int32(qzeros),
+        "scales": quantized["scales"].astype(np.float16),
+        "g_idx": quantized["g_idx"],
+    }
 
 
 def awq_quantize_pack(w: np.ndarray, group_size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -115,9 +127,19 @@ def awq_quantize_pack(w: np.ndarray, group_size: int) -> tuple[dict[str, np.ndar
     return tensors, dequantized.astype(np.float32)
 
 
-def write_quantized_checkpoint(model, directory, *, method: str = "gptq", bits: int = 4, group_size: int = 32,
-                               sym: bool = True, desc_act: bool = False, checkpoint_format: str = "gptq",
-                               pad_intermediate_to: int | None = None, seed: int = 0) -> str:
+def write_quantized_checkpoint(
+    model,
+    directory,
+    *,
+    method: str = "gptq",
+    bits: int = 4,
+    group_size: int = 32,
+    sym: bool = True,
+    desc_act: bool = False,
+    checkpoint_format: str = "gptq",
+    pad_intermediate_to: int | None = None,
+    seed: int = 0,
+) -> str:
     """Save HF `model` as a GPTQ/AWQ checkpoint in `directory`; `model`'s projection weights are
     replaced in place by their dequantized values, so it becomes the float oracle.
 
@@ -142,23 +164,42 @@ def write_quantized_checkpoint(model, directory, *, method: str = "gptq", bits: 
                 packed, dequantized = awq_quantize_pack(padded, group_size)
             else:
                 quantized = gptq_quantize(padded, bits, group_size, sym, desc_act, rng)
-                packed, dequantized = gptq_pack(quantized, bits, v1=checkpoint_format == "gptq"), quantized["dequantized"]
+                packed, dequantized = (
+                    gptq_pack(quantized, bits, v1=checkpoint_format == "gptq"),
+                    quantized["dequantized"],
+                )
             tensors.update({f"{module}.{k}": v for k, v in packed.items()})
             with torch.no_grad():
-                model.get_submodule(module).weight.copy_(torch.from_numpy(dequantized[:w.shape[0], :w.shape[1]]))
-    tensors.update({name: value for name, value in state.items() if not name.startswith("lm_head") or
-                    not model.config.tie_word_embeddings})
+                model.get_submodule(module).weight.copy_(torch.from_numpy(dequantized[: w.shape[0], : w.shape[1]]))
+    tensors.update(
+        {
+            name: value
+            for name, value in state.items()
+            if not name.startswith("lm_head") or not model.config.tie_word_embeddings
+        }
+    )
     write_safetensors(os.path.join(directory, "model.safetensors"), sorted(tensors.items()))
     config = model.config.to_dict()
     config["torch_dtype"] = "float32"
     if pad_intermediate_to:
         config["intermediate_size"] = pad_intermediate_to
     if method == "awq":
-        config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group_size,
-                                         "version": "gemm", "zero_point": True}
+        config["quantization_config"] = {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": group_size,
+            "version": "gemm",
+            "zero_point": True,
+        }
     else:
-        config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group_size,
-                                         "desc_act": desc_act, "sym": sym, "checkpoint_format": checkpoint_format}
+        config["quantization_config"] = {
+            "quant_method": "gptq",
+            "bits": bits,
+            "group_size": group_size,
+            "desc_act": desc_act,
+            "sym": sym,
+            "checkpoint_format": checkpoint_format,
+        }
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config, f)
     return str(directory)
@@ -167,8 +208,9 @@ def write_quantized_checkpoint(model, directory, *, method: str = "gptq", bits: 
 # --------------------------------------------------------------------------- GGUF
 def byte_level_alphabet() -> list[str]:
     """GPT-2's byte -> printable character table, in byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -207,8 +249,10 @@ def small_bpe_vocabulary(corpus: str, merges_wanted: int = 40) -> tuple[list[str
     return tokens, merges
 
 
-CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 USER_DEFINED_TOKENS = ("<tool_call>",)
 
@@ -224,15 +268,25 @@ def k_quant_blocks(rows: int, cols: int, qtype, rng: np.random.Generator) -> np.
         blocks[..., 0:2] = np.full(blocks.shape[:2], 2e-4, np.float16)[..., None].view(np.uint8)
         blocks[..., 2:4] = np.full(blocks.shape[:2], 1e-4, np.float16)[..., None].view(np.uint8)
     elif name == "Q6_K":  # d (fp16) ends the block
-        blocks[..., block_bytes - 2:] = np.full(blocks.shape[:2], 3e-5, np.float16)[..., None].view(np.uint8)
+        blocks[..., block_bytes - 2 :] = np.full(blocks.shape[:2], 3e-5, np.float16)[..., None].view(np.uint8)
     else:
         raise ValueError(name)
     return blocks.reshape(rows, -1)
 
 
-def write_tiny_gguf(path: str, *, hidden: int = 256, intermediate: int = 512, layers: int = 2, heads: int = 4,
-                    kv_heads: int = 2, tied: bool = True, seed: int = 0, types: dict[str, str] | None = None,
-                    corpus: str = "the quick brown fox jumps over the lazy dog and the cat sat on the mat") -> dict:
+def write_tiny_gguf(
+    path: str,
+    *,
+    hidden: int = 256,
+    intermediate: int = 512,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    tied: bool = True,
+    seed: int = 0,
+    types: dict[str, str] | None = None,
+    corpus: str = "the quick brown fox jumps over the lazy dog and the cat sat on the mat",
+) -> dict:
     """A qwen2 GGUF with random weights in several tensor types and a small byte-level BPE tokenizer.
 
     types: GGUF type per llama.cpp tensor kind (attn_q, ffn_down, token_embd, ...); F32 by default.
@@ -249,8 +303,18 @@ def write_tiny_gguf(path: str, *, hidden: int = 256, intermediate: int = 512, la
     pads = vocab - len(tokens)
     tokens += [f"[PAD{len(tokens) + i}]" for i in range(pads)]
     token_types += [5] * pads
-    types = {"token_embd": "F16", "attn_q": "Q8_0", "attn_k": "Q4_0", "attn_v": "BF16", "attn_output": "Q4_K",
-             "ffn_gate": "Q5_K", "ffn_up": "Q6_K", "ffn_down": "F16", "output": "Q8_0", **(types or {})}
+    types = {
+        "token_embd": "F16",
+        "attn_q": "Q8_0",
+        "attn_k": "Q4_0",
+        "attn_v": "BF16",
+        "attn_output": "Q4_K",
+        "ffn_gate": "Q5_K",
+        "ffn_up": "Q6_K",
+        "ffn_down": "F16",
+        "output": "Q8_0",
+        **(types or {}),
+    }
     head_dim = hidden // heads
     writer = gguf.GGUFWriter(path, "qwen2")
     writer.add_name("tiny-qwen2")

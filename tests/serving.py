@@ -67,7 +67,7 @@ class LiveServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
-    def __enter__(self) -> "LiveServer":
+    def __enter__(self) -> LiveServer:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -118,8 +118,9 @@ def tiny_model(tmp_path_factory):
     """
     import qwen_jax
 
-    path = byte_checkpoint(tmp_path_factory.mktemp("tiny_serving") / "ckpt", tie_word_embeddings=False,
-                           initializer_range=0.3)
+    path = byte_checkpoint(
+        tmp_path_factory.mktemp("tiny_serving") / "ckpt", tie_word_embeddings=False, initializer_range=0.3
+    )
     return qwen_jax.load(path)
 
 
@@ -129,8 +130,9 @@ def tiny_engine(tiny_model):
     from qwen_jax.engine.core import Engine
 
     model, tokenizer = tiny_model
-    engine = Engine(model, tokenizer, slots=ENGINE_SLOTS, max_len=ENGINE_MAX_LEN, prefill_chunk=ENGINE_CHUNK,
-                    warmup=True)
+    engine = Engine(
+        model, tokenizer, slots=ENGINE_SLOTS, max_len=ENGINE_MAX_LEN, prefill_chunk=ENGINE_CHUNK, warmup=True
+    )
     yield engine
     engine.shutdown()
 
@@ -154,9 +156,18 @@ def bigram_checkpoint(directory: Path, tokenizer_dir: str, answer: str) -> str:
     if len(set(chain)) != len(chain):
         raise ValueError("the answer's tokens (and the header's newline) must all differ")
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=False, eos_token_id=151645, bos_token_id=None)
+    config = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        eos_token_id=151645,
+        bos_token_id=None,
+    )
     model = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():
         model.model.embed_tokens.weight.normal_()
@@ -184,8 +195,9 @@ class HttpResult:
         return json.loads(self.text)
 
 
-def http(method: str, url: str, body: bytes | str | dict | None = None, headers: dict | None = None,
-         timeout: float = 60) -> HttpResult:
+def http(
+    method: str, url: str, body: bytes | str | dict | None = None, headers: dict | None = None, timeout: float = 60
+) -> HttpResult:
     """One plain HTTP request (stdlib only); error statuses are returned, not raised."""
     import urllib.error
     import urllib.request
@@ -194,8 +206,9 @@ def http(method: str, url: str, body: bytes | str | dict | None = None, headers:
         body = json.dumps(body)
     if isinstance(body, str):
         body = body.encode()
-    request = urllib.request.Request(url, data=body, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+    request = urllib.request.Request(
+        url, data=body, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return HttpResult(response.status, response.read())

@@ -5,9 +5,9 @@ import json
 import pytest
 
 import qwen_jax
-from qwen_jax.errors import ConfigError
-from qwen_jax.config import Qwen2Config
 from qwen_jax.checkpoints.assemble import abstract_model
+from qwen_jax.config import Qwen2Config
+from qwen_jax.errors import ConfigError
 
 REFERENCE = "qwen2.5-configs.json"
 
@@ -43,7 +43,8 @@ def test_roundtrip_through_transformers(tmp_path):
     from transformers import AutoConfig
 
     config = Qwen2Config.preset("7B").replace(
-        rope_scaling=qwen_jax.RopeScaling("yarn", 4.0, original_max_position_embeddings=32768))
+        rope_scaling=qwen_jax.RopeScaling("yarn", 4.0, original_max_position_embeddings=32768)
+    )
     (tmp_path / "config.json").write_text(json.dumps(config.to_hf()))
     hf = AutoConfig.from_pretrained(tmp_path)
     assert hf.model_type == "qwen2" and hf.hidden_size == 3584

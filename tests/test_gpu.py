@@ -18,16 +18,16 @@ import pytest
 import torch
 from attention_fixtures import _qkv, _segments
 
-from qwen_jax.ops.attention import attend
-from qwen_jax.ops.attention.selection import platform_of
-from qwen_jax.ops.attention.selection import select_backend
-from qwen_jax.ops.attention.mask import AttentionMask
 from qwen_jax.generation.static import generate_ids
 from qwen_jax.load import load_model
 from qwen_jax.model.mixed import mixed_hidden_states
+from qwen_jax.ops.attention import attend
+from qwen_jax.ops.attention.mask import AttentionMask
+from qwen_jax.ops.attention.selection import platform_of, select_backend
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu",
-                                reason="needs an NVIDIA GPU (cuDNN attention); CI has none")
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "gpu", reason="needs an NVIDIA GPU (cuDNN attention); CI has none"
+)
 
 FWD_TOL = 2e-2
 GRAD_REL_TOL = 3e-2
@@ -110,17 +110,29 @@ def test_auto_picks_cudnn_for_bfloat16_on_this_gpu():
 
 def _hf_logits(model, ids, mask=None):
     with torch.no_grad():
-        return model(torch.tensor(ids, dtype=torch.long),
-                     attention_mask=None if mask is None else torch.tensor(mask)).logits.float().numpy()
+        return (
+            model(torch.tensor(ids, dtype=torch.long), attention_mask=None if mask is None else torch.tensor(mask))
+            .logits.float()
+            .numpy()
+        )
 
 
 def test_model_with_cudnn_matches_hf_and_the_einsum_path(hf_checkpoint):
     """bf16 model, head_dim 64, GQA, sliding-window layers mixed with full ones, a left-padded row:
     the cuDNN model's error against HF float32 is no worse than HF bfloat16's own (slack as in
     tests/model/test_model.py), and equal to the xla backend's within bf16 rounding."""
-    hf32, path = hf_checkpoint(seed=1, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
-                               intermediate_size=512, tie_word_embeddings=False, max_position_embeddings=1024,
-                               use_sliding_window=True, sliding_window=100, max_window_layers=1)
+    hf32, path = hf_checkpoint(
+        seed=1,
+        hidden_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=512,
+        tie_word_embeddings=False,
+        max_position_embeddings=1024,
+        use_sliding_window=True,
+        sliding_window=100,
+        max_window_layers=1,
+    )
     ids = np.random.RandomState(0).randint(0, 256, (2, 300)).astype(np.int32)
     mask = np.ones_like(ids)
     mask[1, :37] = 0
@@ -145,17 +157,24 @@ def test_generation_with_cudnn_decodes_like_a_full_forward(hf_checkpoint, prefil
     cache) or in chunks of 64 (later chunks read the cache through a slot mask), then 24 cached
     decode steps with cuDNN: each step's logits equal a full (uncached, xla) forward over prompt +
     generated tokens within bf16 rounding, so the cache, its lengths and the mask are right."""
-    _, path = hf_checkpoint(seed=2, hidden_size=256, num_attention_heads=4, num_key_value_heads=1,
-                            intermediate_size=512, max_position_embeddings=1024)
+    _, path = hf_checkpoint(
+        seed=2,
+        hidden_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=512,
+        max_position_embeddings=1024,
+    )
     model = load_model(path, dtype=jnp.bfloat16, attention="cudnn")
     rng = np.random.RandomState(1)
     prompts = [rng.randint(0, 256, n).tolist() for n in (150, 37)]
-    out = generate_ids(model, prompts, max_new_tokens=24, temperature=0.0, return_logits=True,
-                       prefill_chunk=prefill_chunk)
+    out = generate_ids(
+        model, prompts, max_new_tokens=24, temperature=0.0, return_logits=True, prefill_chunk=prefill_chunk
+    )
     model.attention = "xla"
     for prompt, tokens, step_logits in zip(prompts, out.token_ids, out.logits):
         full = np.asarray(model(np.asarray([prompt + tokens[:-1]], np.int32)), np.float32)[0]
-        expected = full[len(prompt) - 1:]
+        expected = full[len(prompt) - 1 :]
         scale = np.abs(expected).max()
         assert np.abs(np.asarray(step_logits, np.float32) - expected).max() <= 0.03 * scale + 0.05
 
@@ -165,8 +184,14 @@ def test_mixed_step_with_cudnn_equals_a_decode_step_and_a_prefill_chunk(hf_check
     the batch cache) with cuDNN gives the hidden states of a separate decode step and prefill chunk."""
     from qwen_jax.model.kv_cache import KVCache
 
-    _, path = hf_checkpoint(seed=3, hidden_size=256, num_attention_heads=4, num_key_value_heads=1,
-                            intermediate_size=512, max_position_embeddings=1024)
+    _, path = hf_checkpoint(
+        seed=3,
+        hidden_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=512,
+        max_position_embeddings=1024,
+    )
     model = load_model(path, dtype=jnp.bfloat16, attention="cudnn")
     rng = np.random.RandomState(2)
     cache = KVCache.init(model.config, 4, 320, jnp.bfloat16)
@@ -178,11 +203,15 @@ def test_mixed_step_with_cudnn_equals_a_decode_step_and_a_prefill_chunk(hf_check
     active = jnp.asarray([True, True, False, False])
     chunk_ids = jnp.asarray(rng.randint(0, 256, (1, 64)).astype(np.int32))
     decoded, prefilled, _ = mixed_hidden_states(model, tokens, active, chunk_ids, jnp.int32(50), jnp.int32(2), cache)
-    step, _ = model.hidden_states(tokens[:, None], cache.lengths[:, None], active[:, None].astype(jnp.int32),
-                                  cache=cache)
+    step, _ = model.hidden_states(
+        tokens[:, None], cache.lengths[:, None], active[:, None].astype(jnp.int32), cache=cache
+    )
     row = KVCache(cache.k[:, 2:3], cache.v[:, 2:3], cache.lengths[2:3])
-    alone, _ = model.hidden_states(chunk_ids, row.lengths[:, None] + jnp.arange(64)[None],
-                                   (jnp.arange(64) < 50)[None].astype(jnp.int32), cache=row)
-    for got, want in ((np.asarray(decoded, np.float32)[:2], np.asarray(step, np.float32)[:2, 0]),
-                      (np.asarray(prefilled, np.float32)[:50], np.asarray(alone, np.float32)[0, :50])):
+    alone, _ = model.hidden_states(
+        chunk_ids, row.lengths[:, None] + jnp.arange(64)[None], (jnp.arange(64) < 50)[None].astype(jnp.int32), cache=row
+    )
+    for got, want in (
+        (np.asarray(decoded, np.float32)[:2], np.asarray(step, np.float32)[:2, 0]),
+        (np.asarray(prefilled, np.float32)[:50], np.asarray(alone, np.float32)[0, :50]),
+    ):
         assert np.abs(got - want).max() <= 0.03 * np.abs(want).max() + 0.05

@@ -8,21 +8,29 @@ from qwen_jax.memory import measured_bytes_per_device, plan_memory
 from qwen_jax.model.kv_cache import KVCache
 from qwen_jax.sharding import named_sharding
 
-CONFIG = qwen_jax.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                              num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+CONFIG = qwen_jax.Qwen2Config(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=192,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
 
 
 @pytest.mark.parametrize("mesh_kw", [dict(data=8), dict(fsdp=4, tensor=2), dict(tensor=8), dict(fsdp=8)])
 def test_plan_matches_placement(mesh_kw):
-    from flax import nnx
     import jax
+    from flax import nnx
 
     mesh = qwen_jax.make_mesh(**{"data": 1, "fsdp": 1, "tensor": 1, **mesh_kw})
     model = qwen_jax.create_model(CONFIG, dtype=jnp.float32, mesh=mesh)
     cache = KVCache.init(CONFIG, batch=8, max_len=32, dtype=jnp.float32)
 
-    cache = jax.tree.map(lambda a: jax.device_put(a, named_sharding(KVCache.logical_axes(), a.shape, mesh))
-                         if a.ndim == 5 else a, cache)
+    cache = jax.tree.map(
+        lambda a: jax.device_put(a, named_sharding(KVCache.logical_axes(), a.shape, mesh)) if a.ndim == 5 else a, cache
+    )
     measured_params = max(measured_bytes_per_device(nnx.state(model)).values())
     measured_cache = max(measured_bytes_per_device((cache.k, cache.v)).values())
     plan = plan_memory(CONFIG, param_dtype=jnp.float32, batch=8, max_len=32, cache_dtype=jnp.float32, **mesh_kw)

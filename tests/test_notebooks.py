@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import build_hf_model, save_hf_checkpoint
 
 nbformat = pytest.importorskip("nbformat")
@@ -48,8 +47,14 @@ TINY_QWEN = dict(
 )
 # The sampling defaults the Instruct checkpoints ship (shared/reference/generation_config.instruct.json).
 GENERATION_CONFIG = {
-    "bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
-    "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
+    "bos_token_id": 151643,
+    "pad_token_id": 151643,
+    "do_sample": True,
+    "eos_token_id": [151645, 151643],
+    "repetition_penalty": 1.05,
+    "temperature": 0.7,
+    "top_p": 0.8,
+    "top_k": 20,
 }
 
 # CI values of each notebook's parameters; "{model}" and "{workdir}" are filled in by the test.
@@ -57,8 +62,17 @@ GENERATION_CONFIG = {
 CI_PARAMETERS = {
     "quickstart": {"MODEL": "{model}", "NUM_DEVICES": 2, "MAX_NEW_TOKENS": 8, "STREAM_TOKENS": 8},
     "sharding": {"MODEL": "{model}"},
-    "finetune": {"MODEL": "{model}", "WORKDIR": "{workdir}", "NUM_DEVICES": 4, "STEPS": 4, "SEQ_LEN": 96,
-                 "BATCH_SIZE": 4, "LORA_RANK": 4, "LEARNING_RATE": 1e-2, "MAX_NEW_TOKENS": 8},
+    "finetune": {
+        "MODEL": "{model}",
+        "WORKDIR": "{workdir}",
+        "NUM_DEVICES": 4,
+        "STEPS": 4,
+        "SEQ_LEN": 96,
+        "BATCH_SIZE": 4,
+        "LORA_RANK": 4,
+        "LEARNING_RATE": 1e-2,
+        "MAX_NEW_TOKENS": 8,
+    },
 }
 
 
@@ -76,8 +90,10 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     """A random tiny Qwen2 HF checkpoint with the real Qwen2.5 tokenizer and generation config."""
     source = tokenizer_dir()
     if source is None:
-        pytest.skip("the Qwen2.5 tokenizer files are needed: set QWEN_JAX_TOKENIZER_DIR to a directory "
-                    "with tokenizer.json and tokenizer_config.json")
+        pytest.skip(
+            "the Qwen2.5 tokenizer files are needed: set QWEN_JAX_TOKENIZER_DIR to a directory "
+            "with tokenizer.json and tokenizer_config.json"
+        )
     directory = tmp_path_factory.mktemp("tiny-qwen2.5")
     save_hf_checkpoint(build_hf_model(seed=0, **TINY_QWEN), directory)
     for name in TOKENIZER_FILES:
@@ -95,9 +111,13 @@ def parameters_cell_index(notebook) -> int:
 
 
 def assigned_names(source: str) -> set[str]:
-    return {target.id for node in ast.parse(source).body if isinstance(node, (ast.Assign, ast.AnnAssign))
-            for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
-            if isinstance(target, ast.Name)}
+    return {
+        target.id
+        for node in ast.parse(source).body
+        if isinstance(node, (ast.Assign, ast.AnnAssign))
+        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        if isinstance(target, ast.Name)
+    }
 
 
 def inject_parameters(notebook, values: dict) -> None:
@@ -107,7 +127,8 @@ def inject_parameters(notebook, values: dict) -> None:
     if unknown:
         raise AssertionError(f"CI sets {sorted(unknown)}, which the parameters cell does not define")
     source = "# Parameters injected by tests/test_notebooks.py\n" + "".join(
-        f"{name} = {value!r}\n" for name, value in values.items())
+        f"{name} = {value!r}\n" for name, value in values.items()
+    )
     cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
     notebook.cells.insert(index + 1, cell)
 
@@ -117,8 +138,11 @@ def test_notebook_is_committed_clean(path):
     """No outputs or execution counts in git; a markdown introduction and one parameters cell."""
     notebook = nbformat.read(path, as_version=4)
     nbformat.validate(notebook)
-    dirty = [i for i, cell in enumerate(notebook.cells) if cell.cell_type == "code"
-             and (cell.outputs or cell.execution_count is not None)]
+    dirty = [
+        i
+        for i, cell in enumerate(notebook.cells)
+        if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)
+    ]
     assert not dirty, f"{path.name}: cells {dirty} have outputs or execution counts; strip them before committing"
     assert notebook.cells[0].cell_type == "markdown", f"{path.name}: the first cell must be the markdown introduction"
     assert notebook.cells[parameters_cell_index(notebook)].cell_type == "code"
@@ -137,8 +161,11 @@ def kernel_name(tmp_path, monkeypatch) -> str:
     name = "qwen-jax-test"
     spec_dir = tmp_path / "jupyter" / "kernels" / name
     spec_dir.mkdir(parents=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "qwen-jax test", "language": "python"}
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "qwen-jax test",
+        "language": "python",
+    }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))  # searched before the user's directories
     return name
@@ -146,10 +173,16 @@ def kernel_name(tmp_path, monkeypatch) -> str:
 
 def run_notebook(notebook, workdir: Path, kernel_name: str) -> None:
     """Execute every cell in `workdir`; AssertionError with the failing cell's source and traceback."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={KERNEL_DEVICES}",
-           "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    client = nbclient.NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name=kernel_name,
-                                     resources={"metadata": {"path": str(workdir)}})
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={KERNEL_DEVICES}",
+        "JAX_PLATFORMS": "cpu",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+    }
+    client = nbclient.NotebookClient(
+        notebook, timeout=CELL_TIMEOUT_S, kernel_name=kernel_name, resources={"metadata": {"path": str(workdir)}}
+    )
     try:
         client.execute(env=env)
     except nbclient.exceptions.CellExecutionError as error:
@@ -163,8 +196,10 @@ def test_notebook_runs(path, tiny_checkpoint, kernel_name, tmp_path):
         pytest.fail(f"{path.name}: no entry in CI_PARAMETERS")
     notebook = nbformat.read(path, as_version=4)
     fill = {"{model}": tiny_checkpoint, "{workdir}": str(tmp_path / "work")}
-    values = {name: fill.get(value, value) if isinstance(value, str) else value
-              for name, value in CI_PARAMETERS[path.stem].items()}
+    values = {
+        name: fill.get(value, value) if isinstance(value, str) else value
+        for name, value in CI_PARAMETERS[path.stem].items()
+    }
     inject_parameters(notebook, values)
     try:
         run_notebook(notebook, tmp_path, kernel_name)
@@ -175,11 +210,13 @@ def test_notebook_runs(path, tiny_checkpoint, kernel_name, tmp_path):
 def test_injected_parameters_override_and_cell_errors_fail(kernel_name, tmp_path):
     """The harness itself: injected values replace the defaults, and a failing cell fails the run
     with its source and error in the message."""
-    notebook = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_markdown_cell("# harness check"),
-        nbformat.v4.new_code_cell("STEPS = 100", metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell("assert STEPS == 100, f'STEPS is {STEPS}'"),
-    ])
+    notebook = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_markdown_cell("# harness check"),
+            nbformat.v4.new_code_cell("STEPS = 100", metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell("assert STEPS == 100, f'STEPS is {STEPS}'"),
+        ]
+    )
     with pytest.raises(AssertionError, match="unknown_name"):
         inject_parameters(notebook, {"unknown_name": 1})
     inject_parameters(notebook, {"STEPS": 3})

@@ -18,8 +18,11 @@ def test_accelerator_extras_forward_to_jax():
     offered_by_jax = metadata("jax").get_all("Provides-Extra")
     for extra in ACCELERATOR_EXTRAS:
         assert extra in ours and extra in offered_by_jax
-        [requirement] = [r for r in _requirements() if r.marker and r.marker.evaluate({"extra": extra})
-                         and not r.marker.evaluate({"extra": ""})]
+        [requirement] = [
+            r
+            for r in _requirements()
+            if r.marker and r.marker.evaluate({"extra": extra}) and not r.marker.evaluate({"extra": ""})
+        ]
         assert requirement.name == "jax" and requirement.extras == {extra}
         assert not requirement.specifier  # the bounds are stated once, on the base requirement
 

@@ -16,20 +16,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwen_jax.checkpoints.orbax import PARAMS_DIR
-from qwen_jax.checkpoints.orbax import read_manifest
 from qwen_jax.checkpoints.hf import HFCheckpoint
+from qwen_jax.checkpoints.orbax import PARAMS_DIR, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = Path(os.environ.get("QWEN_JAX_TOKENIZER_DIR", REPO.parent / "shared/reference/qwen2.5-tokenizer"))
-pytestmark = pytest.mark.skipif(not (TOKENIZER / "tokenizer.json").exists(),
-                                reason="the real Qwen2.5 tokenizer is needed (set QWEN_JAX_TOKENIZER_DIR)")
+pytestmark = pytest.mark.skipif(
+    not (TOKENIZER / "tokenizer.json").exists(),
+    reason="the real Qwen2.5 tokenizer is needed (set QWEN_JAX_TOKENIZER_DIR)",
+)
 IDS = np.array([[9707, 11, 1879, 0, 151644, 872, 198, 3838, 374, 220]], dtype=np.int64)
 CHAT = [
-    {"messages": [{"role": "user", "content": "What is the capital of France?"},
-                  {"role": "assistant", "content": "Paris."}]},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-                  {"role": "assistant", "content": "4"}]},
+    {
+        "messages": [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+        ]
+    },
 ]
 
 
@@ -78,7 +88,8 @@ def test_convert_reports_the_real_size(real_checkpoint, tmp_path, capsys):
     manifest = read_manifest(out)
     assert manifest["parameters"] == parameters and manifest["bytes"] == 2 * parameters
     assert [g for g in manifest["groups"] if ".rows" in g] == [
-        f"{prefix}.rows{start}" for prefix in ("model.embed_tokens", "lm_head") for start in range(0, 151936, 18724)]
+        f"{prefix}.rows{start}" for prefix in ("model.embed_tokens", "lm_head") for start in range(0, 151936, 18724)
+    ]
     on_disk = _disk_bytes(out / PARAMS_DIR)
     # Orbax compresses (zstd): random bf16 weights shrink by about a quarter (low-entropy exponents).
     assert 0.5 * 2 * parameters < on_disk < 2 * parameters + 5e6, on_disk
@@ -102,9 +113,33 @@ def test_train_cli_lora_step_and_hf_export_at_real_size(real_checkpoint, tmp_pat
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(line) + "\n" for line in CHAT))
     out, export = tmp_path / "run", tmp_path / "run_hf"
-    command = [sys.executable, "-m", "qwen_jax.cli", "train", "--model", src, "--data", str(data), "--out", str(out),
-               "--seq-len", "64", "--batch-size", "1", "--steps", "1", "--lora-rank", "4", "--learning-rate", "1e-2",
-               "--save-every", "0", "--no-progress", "--export-hf", str(export)]
+    command = [
+        sys.executable,
+        "-m",
+        "qwen_jax.cli",
+        "train",
+        "--model",
+        src,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "1",
+        "--steps",
+        "1",
+        "--lora-rank",
+        "4",
+        "--learning-rate",
+        "1e-2",
+        "--save-every",
+        "0",
+        "--no-progress",
+        "--export-hf",
+        str(export),
+    ]
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one CPU device, as a user's laptop
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -10,8 +10,9 @@ from qwen_jax.load import load_model
 from qwen_jax.sharding import ShardingRules, logical_to_spec, parse_mesh_spec
 
 # 8 query heads and 2 kv heads: tensor=8 splits q heads but must replicate kv heads.
-SHARD_CONFIG = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, intermediate_size=128,
-                    tie_word_embeddings=False)
+SHARD_CONFIG = dict(
+    hidden_size=64, num_attention_heads=8, num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=False
+)
 
 
 def test_eight_fake_devices():
@@ -83,8 +84,14 @@ def test_parse_mesh_spec():
 
 
 def test_create_model_places_params_in_shards():
-    config = qwen_jax.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2)
+    config = qwen_jax.Qwen2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     mesh = qwen_jax.make_mesh(fsdp=4, tensor=2)
     model = qwen_jax.create_model(config, mesh=mesh)
     emb = model.model.embed_tokens.embedding[...]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jinja2
 import pytest
-from tokenizers import AddedToken, models, decoders, normalizers, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from qwen_jax.tokenizer import StreamDecoder, Tokenizer, parse_tool_calls
@@ -36,7 +36,7 @@ MIXED_TEXTS = [
     "def fib(n: int) -> int:\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # 🐍\n",
     "Emoji: 👍🏽 👨‍👩‍👧‍👦 🇯🇵 and accents: café naïve Ångström",
     "Mixed 中文 and English with numbers 1234567 and 3.14159, plus 日本語のテキスト and 한국어.",
-    "Special strings in text: <|im_start|>user\nhi<|im_end|> <tool_call>{\"a\": 1}</tool_call><|endoftext|>",
+    'Special strings in text: <|im_start|>user\nhi<|im_end|> <tool_call>{"a": 1}</tool_call><|endoftext|>',
     "",
 ]
 
@@ -48,7 +48,7 @@ WEATHER_TOOL = {
         "parameters": {
             "type": "object",
             "properties": {
-                "city": {"type": "string", "description": "City name, e.g. \"Paris\" or 北京"},
+                "city": {"type": "string", "description": 'City name, e.g. "Paris" or 北京'},
                 "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
             },
             "required": ["city"],
@@ -176,8 +176,17 @@ Tools:
 def _byte_level_merges() -> list[tuple[str, str]]:
     """Merges that build a few multi-byte pieces: ASCII words and the UTF-8 bytes of 世, 界, 👍."""
     byte_to_char = {b: c for b, c in zip(range(256), _bytes_to_unicode())}
-    merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("Ġ", "w"), ("o", "r"), ("Ġw", "or"),
-              ("l", "d"), ("Ġwor", "ld")]
+    merges = [
+        ("h", "e"),
+        ("l", "l"),
+        ("he", "ll"),
+        ("hell", "o"),
+        ("Ġ", "w"),
+        ("o", "r"),
+        ("Ġw", "or"),
+        ("l", "d"),
+        ("Ġwor", "ld"),
+    ]
     for character in "世界👍":
         pieces = [byte_to_char[b] for b in character.encode("utf-8")]
         merged = pieces[0]
@@ -215,8 +224,14 @@ def tiny_dir(tmp_path_factory) -> Path:
     backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in TINY_NOT_SPECIAL])
     backend.save(str(directory / "tokenizer.json"))
     added = {
-        str(backend.token_to_id(token)): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
-                                          "single_word": False, "special": token in TINY_SPECIAL}
+        str(backend.token_to_id(token)): {
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": token in TINY_SPECIAL,
+        }
         for token in TINY_SPECIAL + TINY_NOT_SPECIAL
     }
     config = {
@@ -283,13 +298,15 @@ def test_tiny_vocabulary_attributes_match_hf(tiny, tiny_hf):
 def test_tiny_chat_template_matches_hf(tiny, tiny_hf, name, tools, add_generation_prompt):
     messages = CONVERSATIONS[name]
     if name == "tool_calls_and_responses":  # the tiny template reads call.function only
-        messages = [m for m in messages if m["role"] != "assistant" or "tool_calls" not in m] + [CONVERSATIONS[
-            "assistant_text_with_tool_call"][2]]
+        messages = [m for m in messages if m["role"] != "assistant" or "tool_calls" not in m] + [
+            CONVERSATIONS["assistant_text_with_tool_call"][2]
+        ]
     text, ids = hf_chat(tiny_hf, messages, tools, add_generation_prompt)
     assert tiny.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt) == text
-    assert tiny.apply_chat_template(
-        messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=True
-    ) == ids
+    assert (
+        tiny.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=True)
+        == ids
+    )
 
 
 def test_tiny_chat_template_variables_match_hf(tiny, tiny_hf):
@@ -368,7 +385,7 @@ def test_tiny_stream_decoder(tiny):
     truncated = tiny.encode("hello 👍")[:-1]
     decoder = StreamDecoder(tiny)
     assert "".join(decoder.push(i) for i in truncated) == "hello "
-    assert decoder.flush() == tiny.decode(truncated)[len("hello "):] == "\ufffd"
+    assert decoder.flush() == tiny.decode(truncated)[len("hello ") :] == "\ufffd"
 
 
 # --- tool-call parsing ------------------------------------------------------------------------------
@@ -376,9 +393,9 @@ def test_tiny_stream_decoder(tiny):
 
 def test_parse_tool_calls_well_formed():
     text = (
-        "I'll check both.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n"
-        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": \"{\\\"city\\\": \\\"北京\\\"}\"}\n</tool_call>"
-        "<tool_call>{\"name\": \"get_time\"}</tool_call>"
+        'I\'ll check both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"北京\\"}"}\n</tool_call>'
+        '<tool_call>{"name": "get_time"}</tool_call>'
     )
     content, calls = parse_tool_calls(text)
     assert content == "I'll check both."
@@ -396,17 +413,17 @@ def test_parse_tool_calls_without_calls_returns_text_unchanged():
 @pytest.mark.parametrize(
     "bad_block",
     [
-        "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}\n</tool_call>",  # missing brace
+        '<tool_call>\n{"name": "f", "arguments": {"x": 1}\n</tool_call>',  # missing brace
         "<tool_call>\nnot json at all\n</tool_call>",
         "<tool_call>\n[1, 2]\n</tool_call>",  # not an object
-        "<tool_call>\n{\"arguments\": {}}\n</tool_call>",  # no name
-        "<tool_call>\n{\"name\": \"f\", \"arguments\": [1]}\n</tool_call>",  # arguments not an object
-        "<tool_call>\n{\"name\": \"f\", \"arguments\": \"{oops\"}\n</tool_call>",  # arguments string not JSON
-        "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}}",  # unclosed: generation cut off
+        '<tool_call>\n{"arguments": {}}\n</tool_call>',  # no name
+        '<tool_call>\n{"name": "f", "arguments": [1]}\n</tool_call>',  # arguments not an object
+        '<tool_call>\n{"name": "f", "arguments": "{oops"}\n</tool_call>',  # arguments string not JSON
+        '<tool_call>\n{"name": "f", "arguments": {"x": 1}}',  # unclosed: generation cut off
     ],
 )
 def test_parse_tool_calls_malformed_kept_in_content(bad_block):
-    good = "<tool_call>\n{\"name\": \"g\", \"arguments\": {}}\n</tool_call>"
+    good = '<tool_call>\n{"name": "g", "arguments": {}}\n</tool_call>'
     assert parse_tool_calls("Answer: " + bad_block) == ("Answer: " + bad_block, [])
     content, calls = parse_tool_calls(good + "\n" + bad_block)
     assert calls == [{"name": "g", "arguments": {}}]
@@ -463,9 +480,10 @@ def test_qwen_chat_template_matches_hf(qwen, qwen_hf, name, tools, add_generatio
     messages = CONVERSATIONS[name]
     text, ids = hf_chat(qwen_hf, messages, tools, add_generation_prompt)
     assert qwen.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt) == text
-    assert qwen.apply_chat_template(
-        messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=True
-    ) == ids
+    assert (
+        qwen.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=True)
+        == ids
+    )
 
 
 @requires_qwen_tokenizer

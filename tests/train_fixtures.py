@@ -1,6 +1,5 @@
 """Shared by the training tests (and the QLoRA tests): a word-level tokenizer, a tiny model, training data."""
 
-
 import json
 import os
 from pathlib import Path
@@ -18,15 +17,24 @@ REPO = Path(__file__).resolve().parents[1]
 QWEN_TOKENIZER = Path(os.environ.get("QWEN_JAX_TOKENIZER_DIR", REPO.parent / "shared/reference/qwen2.5-tokenizer"))
 
 
-WORDS = ("the cat sat on mat dog ran to park a red blue green ball is what color sky sea answer question "
-         "one two three four five six seven eight nine ten").split()
+WORDS = (
+    "the cat sat on mat dog ran to park a red blue green ball is what color sky sea answer question "
+    "one two three four five six seven eight nine ten"
+).split()
 
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-TINY_MODEL = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256)
+TINY_MODEL = dict(
+    vocab_size=64,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 TRAIN_LINES = [
@@ -79,16 +87,31 @@ def compilation_cache(tmp_path_factory):
     jax.config.update(names[0], directory)
     jax.config.update(names[1], 1.0)
     cc.reset_cache()
-    yield {**os.environ, "JAX_COMPILATION_CACHE_DIR": directory, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1",
-           "QWEN_JAX_COMPILE_CACHE": directory}  # the same cache for `qwen-jax train` in a child
+    yield {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": directory,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1",
+        "QWEN_JAX_COMPILE_CACHE": directory,
+    }  # the same cache for `qwen-jax train` in a child
     for name, value in saved.items():
         jax.config.update(name, value)
     cc.reset_cache()
 
 
 def _config(model_dir, data, out, **overrides) -> TrainConfig:
-    settings = dict(model=model_dir, data=data, out=str(out), seq_len=32, batch_size=2, steps=6,
-                    learning_rate=1e-2, warmup_steps=1, save_every=3, mesh="fsdp=1", progress=False)
+    settings = dict(
+        model=model_dir,
+        data=data,
+        out=str(out),
+        seq_len=32,
+        batch_size=2,
+        steps=6,
+        learning_rate=1e-2,
+        warmup_steps=1,
+        save_every=3,
+        mesh="fsdp=1",
+        progress=False,
+    )
     settings.update(overrides)
     return TrainConfig(**settings)
 

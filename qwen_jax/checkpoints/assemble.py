@@ -56,13 +56,25 @@ from qwen_jax.sharding import DEFAULT_RULES, ShardingRules, state_shardings
 
 
 # --------------------------------------------------------------------------- placement
-def abstract_model(config: Qwen2Config, *, dtype=None, param_dtype=None, mesh=None, rules=DEFAULT_RULES,
-                   quantization: QuantScheme | None = None):
+def abstract_model(
+    config: Qwen2Config,
+    *,
+    dtype=None,
+    param_dtype=None,
+    mesh=None,
+    rules=DEFAULT_RULES,
+    quantization: QuantScheme | None = None,
+):
     """The model with ShapeDtypeStruct leaves (nothing allocated); quantized kernels with `quantization`."""
     dtype = jnp.dtype(dtype or default_dtype())
-    return nnx.eval_shape(lambda: with_quantized_structure(Qwen2ForCausalLM(
-        config, dtype=dtype, param_dtype=param_dtype or dtype, rngs=nnx.Rngs(0), mesh=mesh, rules=rules),
-        quantization))
+    return nnx.eval_shape(
+        lambda: with_quantized_structure(
+            Qwen2ForCausalLM(
+                config, dtype=dtype, param_dtype=param_dtype or dtype, rngs=nnx.Rngs(0), mesh=mesh, rules=rules
+            ),
+            quantization,
+        )
+    )
 
 
 def leaf_shardings(abstract_state, mesh, rules) -> dict[Key, jax.sharding.Sharding]:
@@ -126,7 +138,7 @@ class CheckpointReader(Protocol):
         ...
 
 
-def target_quantization(stored: QuantScheme | None, quantize: "str | QuantScheme | None") -> QuantScheme | None:
+def target_quantization(stored: QuantScheme | None, quantize: str | QuantScheme | None) -> QuantScheme | None:
     """The quantization a loaded model gets: the checkpoint's own unless `quantize` asks for another.
 
     A requested scheme with the checkpoint's bits and groups keeps the checkpoint's (zero points
@@ -148,7 +160,7 @@ def assemble_model(
     mesh: Mesh | None = None,
     rules: ShardingRules = DEFAULT_RULES,
     progress: bool | None = None,
-    quantize: "str | QuantScheme | None" = None,
+    quantize: str | QuantScheme | None = None,
 ) -> Qwen2ForCausalLM:
     """A model whose parameters are read group by group from `reader`, straight into their shards.
 
@@ -168,15 +180,22 @@ def assemble_model(
     groups = param_groups(config, reader.row_block_elements, scheme)
     values: dict[Key, jax.Array] = {}
     total = count_bytes(groups, lambda spec: flat[spec.path].dtype)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="load",
-              disable=None if progress is None else not progress, leave=False) as bar:
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc="load",
+        disable=None if progress is None else not progress,
+        leave=False,
+    ) as bar:
         for group in groups:
             targets = {}
             for spec in group.specs:
                 variable = flat[spec.path]
                 sharding = part_sharding(group, shardings[spec.path], len(variable.shape))
-                targets[group.key(spec)] = jax.ShapeDtypeStruct(group.part_shape(spec), variable.dtype,
-                                                                sharding=sharding)
+                targets[group.key(spec)] = jax.ShapeDtypeStruct(
+                    group.part_shape(spec), variable.dtype, sharding=sharding
+                )
             arrays = reader.read_group(group, targets)
             for spec in group.specs:
                 target = targets[group.key(spec)]
@@ -195,11 +214,14 @@ def assemble_model(
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def _placed(array, target: jax.ShapeDtypeStruct, reader: CheckpointReader, group: ParamGroup,
-            spec: ParamSpec) -> jax.Array:
+def _placed(
+    array, target: jax.ShapeDtypeStruct, reader: CheckpointReader, group: ParamGroup, spec: ParamSpec
+) -> jax.Array:
     if tuple(array.shape) != tuple(target.shape):
-        raise CheckpointError(f"{reader.source}: {group.name}: parameter {'.'.join(group.key(spec))!r} has shape "
-                              f"{list(array.shape)}, config.json implies {list(target.shape)}")
+        raise CheckpointError(
+            f"{reader.source}: {group.name}: parameter {'.'.join(group.key(spec))!r} has shape "
+            f"{list(array.shape)}, config.json implies {list(target.shape)}"
+        )
     if isinstance(array, jax.Array):
         return array
     return put(np.asarray(array).astype(target.dtype, copy=False), target.sharding)

@@ -34,8 +34,10 @@ _LAYER_NAMES = {  # HF name inside model.layers.{i} -> llama.cpp name inside blk
 }
 _GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 # Qwen2's pre-tokenizer split, as in its tokenizer.json (llama.cpp's pre-tokenizer "qwen2").
-QWEN2_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                       r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # llama.cpp token types
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
@@ -53,7 +55,7 @@ def gguf_name(hf_name: str) -> str:
     """llama.cpp's tensor name for an HF Qwen2 tensor name."""
     module, _, kind = hf_name.rpartition(".")
     if module.startswith("model.layers."):
-        index, _, inner = module[len("model.layers."):].partition(".")
+        index, _, inner = module[len("model.layers.") :].partition(".")
         return f"blk.{index}.{_LAYER_NAMES[inner]}.{kind}"
     return f"{_GLOBAL_NAMES[module]}.{kind}"
 
@@ -108,8 +110,9 @@ class GGUFCheckpoint:
             "intermediate_size": int(self._required("qwen2.feed_forward_length")),
             "num_hidden_layers": int(self._required("qwen2.block_count")),
             "num_attention_heads": int(self._required("qwen2.attention.head_count")),
-            "num_key_value_heads": int(self.metadata("qwen2.attention.head_count_kv")
-                                       or self._required("qwen2.attention.head_count")),
+            "num_key_value_heads": int(
+                self.metadata("qwen2.attention.head_count_kv") or self._required("qwen2.attention.head_count")
+            ),
             "max_position_embeddings": int(self._required("qwen2.context_length")),
             "rms_norm_eps": float(self._required("qwen2.attention.layer_norm_rms_epsilon")),
             "rope_theta": float(self.metadata("qwen2.rope.freq_base", 10000.0)),
@@ -123,7 +126,10 @@ class GGUFCheckpoint:
         if scaling not in (None, "none"):
             if scaling not in ("linear", "yarn"):
                 raise CheckpointError(f"{self.path}: rope scaling {scaling!r} is not supported")
-            config["rope_scaling"] = {"rope_type": scaling, "factor": float(self._required("qwen2.rope.scaling.factor"))}
+            config["rope_scaling"] = {
+                "rope_type": scaling,
+                "factor": float(self._required("qwen2.rope.scaling.factor")),
+            }
             original = self.metadata("qwen2.rope.scaling.original_context_length")
             if original is not None:
                 config["rope_scaling"]["original_max_position_embeddings"] = int(original)
@@ -141,8 +147,14 @@ class GGUFCheckpoint:
         if len(types) != len(tokens):
             raise CheckpointError(f"{self.path}: {len(types)} token types for {len(tokens)} tokens")
         backend = build_bpe_tokenizer(tokens, merges, types)
-        special_ids = {name: self.metadata(f"tokenizer.ggml.{key}") for name, key in
-                       (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id"))}
+        special_ids = {
+            name: self.metadata(f"tokenizer.ggml.{key}")
+            for name, key in (
+                ("bos_token", "bos_token_id"),
+                ("eos_token", "eos_token_id"),
+                ("pad_token", "padding_token_id"),
+            )
+        }
         tokenizer_config: dict[str, Any] = {
             "add_bos_token": bool(self.metadata("tokenizer.ggml.add_bos_token", False)),
             "add_prefix_space": False,
@@ -158,8 +170,11 @@ class GGUFCheckpoint:
         generation = {"bos_token_id": special_ids["bos_token"], "eos_token_id": _eos_ids(self, tokens)}
         if special_ids["pad_token"] is not None:
             generation["pad_token_id"] = special_ids["pad_token"]
-        return {"tokenizer.json": json.loads(backend.to_str()), "tokenizer_config.json": tokenizer_config,
-                "generation_config.json": generation}
+        return {
+            "tokenizer.json": json.loads(backend.to_str()),
+            "tokenizer_config.json": tokenizer_config,
+            "generation_config.json": generation,
+        }
 
     def write_side_files(self, directory: str) -> list[str]:
         """Write tokenizer.json, tokenizer_config.json and generation_config.json into `directory`."""
@@ -186,19 +201,22 @@ class GGUFCheckpoint:
         from gguf import quants
 
         tensor = self.tensors[gguf_name(hf_name)]
-        data = tensor.data if rows is None else tensor.data[rows[0]:rows[1]]
+        data = tensor.data if rows is None else tensor.data[rows[0] : rows[1]]
         try:
             array = quants.dequantize(data, tensor.tensor_type)
         except NotImplementedError:
-            raise CheckpointError(f"{self.path}: tensor {tensor.name!r} has GGUF type {tensor.tensor_type.name}, "
-                                  "which the gguf package cannot dequantize") from None
+            raise CheckpointError(
+                f"{self.path}: tensor {tensor.name!r} has GGUF type {tensor.tensor_type.name}, "
+                "which the gguf package cannot dequantize"
+            ) from None
         array = np.asarray(array, np.float32)
         shape = self.shape(hf_name)
         if rows is not None:
             shape = (rows[1] - rows[0], *shape[1:])
         if array.shape != shape:
-            raise CheckpointError(f"{self.path}: tensor {tensor.name!r} dequantized to {list(array.shape)}, "
-                                  f"expected {list(shape)}")
+            raise CheckpointError(
+                f"{self.path}: tensor {tensor.name!r} dequantized to {list(array.shape)}, expected {list(shape)}"
+            )
         return array
 
     def type_counts(self) -> dict[str, int]:
@@ -246,17 +264,30 @@ def build_bpe_tokenizer(tokens: list[str], merges: list[str], token_types: list[
         if not sep:
             raise CheckpointError(f"malformed BPE merge {merge!r} in GGUF metadata")
         pairs.append((left, right))
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, continuing_subword_prefix="",
-                                     end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=pairs,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+        )
+    )
     tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     tokenizer.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    added = [(i, token, kind == TOKEN_CONTROL) for i, (token, kind) in enumerate(zip(tokens, token_types))
-             if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
+    added = [
+        (i, token, kind == TOKEN_CONTROL)
+        for i, (token, kind) in enumerate(zip(tokens, token_types))
+        if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED)
+    ]
     for expected_id, token, special in added:
         entry = AddedToken(token, special=special, normalized=False, single_word=False, lstrip=False, rstrip=False)
         (tokenizer.add_special_tokens if special else tokenizer.add_tokens)([entry])
@@ -292,8 +323,10 @@ class GGUFReader:
                 if not self.file.has(name):
                     raise CheckpointError(f"{self.source}: missing GGUF tensor {gguf_name(name)!r} ({name})")
                 if self.file.shape(name) != spec.hf_shape:
-                    raise CheckpointError(f"{self.source}: GGUF tensor {gguf_name(name)!r} has shape "
-                                          f"{list(self.file.shape(name))}, the metadata implies {list(spec.hf_shape)}")
+                    raise CheckpointError(
+                        f"{self.source}: GGUF tensor {gguf_name(name)!r} has shape "
+                        f"{list(self.file.shape(name))}, the metadata implies {list(spec.hf_shape)}"
+                    )
         for name in sorted(set(self.file.tensors) - expected):
             if name == "output.weight" and self.config.tie_word_embeddings:
                 continue
@@ -335,7 +368,7 @@ class _Cursor:
         length = self.take("<Q")
         if self.offset + length > len(self.buffer):
             raise CheckpointError(f"{self.path}: truncated GGUF header")
-        raw = bytes(self.buffer[self.offset:self.offset + length])
+        raw = bytes(self.buffer[self.offset : self.offset + length])
         self.offset += length
         try:
             return raw.decode("utf-8")
@@ -382,8 +415,10 @@ def _parse(path: str) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
         try:
             tensor_type = gguf.GGMLQuantizationType(type_id)
         except ValueError:
-            raise CheckpointError(f"{path}: tensor {name!r} has unknown GGUF tensor type {type_id} (newer than the "
-                                  "installed gguf package, or a corrupted file)") from None
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has unknown GGUF tensor type {type_id} (newer than the "
+                "installed gguf package, or a corrupted file)"
+            ) from None
         infos.append((name, tuple(reversed(dims)), tensor_type, offset))
     alignment = int(metadata.get("general.alignment", 32))
     start = -(-cursor.offset // alignment) * alignment
@@ -394,13 +429,14 @@ def _parse(path: str) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
         nbytes = elements // block * block_bytes
         begin = start + offset
         if begin + nbytes > len(buffer):
-            raise CheckpointError(f"{path}: truncated GGUF: tensor {name!r} needs bytes up to {begin + nbytes}, the "
-                                  f"file has {len(buffer)}")
-        raw = buffer[begin:begin + nbytes]
+            raise CheckpointError(
+                f"{path}: truncated GGUF: tensor {name!r} needs bytes up to {begin + nbytes}, the "
+                f"file has {len(buffer)}"
+            )
+        raw = buffer[begin : begin + nbytes]
         if tensor_type.name in ("F32", "F16"):
             data = raw.view(np.float32 if tensor_type.name == "F32" else np.float16).reshape(shape)
         else:
             data = raw.reshape(gguf.quants.quant_shape_to_byte_shape(shape, tensor_type))
         tensors[name] = GGUFTensor(name, shape, tensor_type, data)
     return metadata, tensors
-

@@ -89,8 +89,10 @@ def read_prequantized_config(config_json: dict[str, Any], directory: str | None 
         raise CheckpointError(f"{where}: expected an object")
     method = str(data.get("quant_method", "")).lower()
     if method not in ("gptq", "awq"):
-        raise CheckpointError(f"{where}: quant_method {data.get('quant_method')!r} is not supported "
-                              "(qwen-jax reads gptq and awq; convert other formats to safetensors floats)")
+        raise CheckpointError(
+            f"{where}: quant_method {data.get('quant_method')!r} is not supported "
+            "(qwen-jax reads gptq and awq; convert other formats to safetensors floats)"
+        )
     try:
         bits = int(data.get("bits", data.get("w_bit", 0)))
         group = int(data.get("group_size", data.get("q_group_size", 128)))
@@ -107,13 +109,26 @@ def read_prequantized_config(config_json: dict[str, Any], directory: str | None 
             raise CheckpointError(f"{where}: AWQ version {version!r} is not supported (qwen-jax reads the GEMM layout)")
         if not data.get("zero_point", True):
             raise CheckpointError(f"{where}: AWQ without zero points is not supported")
-        return PrequantizedConfig("awq", 4, None if group == -1 else group, sym=False, checkpoint_format="gemm",
-                                  modules_to_not_convert=modules)
+        return PrequantizedConfig(
+            "awq",
+            4,
+            None if group == -1 else group,
+            sym=False,
+            checkpoint_format="gemm",
+            modules_to_not_convert=modules,
+        )
     fmt = str(data.get("checkpoint_format", "gptq")).lower()
     if fmt not in ("gptq", "gptq_v2"):
         raise CheckpointError(f"{where}: GPTQ checkpoint_format {fmt!r} is not supported (gptq or gptq_v2)")
-    return PrequantizedConfig("gptq", bits, None if group == -1 else group, bool(data.get("desc_act", False)),
-                              bool(data.get("sym", True)), fmt, modules)
+    return PrequantizedConfig(
+        "gptq",
+        bits,
+        None if group == -1 else group,
+        bool(data.get("desc_act", False)),
+        bool(data.get("sym", True)),
+        fmt,
+        modules,
+    )
 
 
 # --------------------------------------------------------------------------- unpacking
@@ -149,13 +164,23 @@ def _signed(values: np.ndarray, bits: int) -> np.ndarray:
 
 def _expect_shape(array: np.ndarray, shape: tuple[int, ...], what: str) -> None:
     if tuple(array.shape) != shape:
-        raise CheckpointError(f"{what}: shape {list(array.shape)}, expected {list(shape)} for this config and "
-                              "quantization (wrong packing or group size?)")
+        raise CheckpointError(
+            f"{what}: shape {list(array.shape)}, expected {list(shape)} for this config and "
+            "quantization (wrong packing or group size?)"
+        )
 
 
-def unpack_gptq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None, *,
-                in_features: int, out_features: int, config: PrequantizedConfig,
-                name: str = "module") -> "QuantizedMatrix | np.ndarray":
+def unpack_gptq(
+    qweight: np.ndarray,
+    qzeros: np.ndarray,
+    scales: np.ndarray,
+    g_idx: np.ndarray | None,
+    *,
+    in_features: int,
+    out_features: int,
+    config: PrequantizedConfig,
+    name: str = "module",
+) -> QuantizedMatrix | np.ndarray:
     """One GPTQ projection -> QuantizedMatrix (contiguous groups) or dequantized float32 `[out, in]` (act-order)."""
     bits = config.bits
     group = config.group_size or in_features
@@ -185,8 +210,16 @@ def unpack_gptq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_i
     return _to_matrix(q, zeros, scale, config, name)
 
 
-def unpack_awq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, *, in_features: int,
-               out_features: int, config: PrequantizedConfig, name: str = "module") -> QuantizedMatrix:
+def unpack_awq(
+    qweight: np.ndarray,
+    qzeros: np.ndarray,
+    scales: np.ndarray,
+    *,
+    in_features: int,
+    out_features: int,
+    config: PrequantizedConfig,
+    name: str = "module",
+) -> QuantizedMatrix:
     """One AWQ GEMM projection -> QuantizedMatrix."""
     group = config.group_size or in_features
     if in_features % group or out_features % 8:
@@ -206,16 +239,18 @@ def _awq_columns(unpacked: np.ndarray) -> np.ndarray:
     return unpacked.reshape(rows, cols // 8, 8)[:, :, AWQ_REVERSE_ORDER].reshape(rows, cols)
 
 
-def _to_matrix(q: np.ndarray, zeros: np.ndarray, scale: np.ndarray, config: PrequantizedConfig,
-               name: str) -> QuantizedMatrix:
+def _to_matrix(
+    q: np.ndarray, zeros: np.ndarray, scale: np.ndarray, config: PrequantizedConfig, name: str
+) -> QuantizedMatrix:
     scheme = config.scheme
     midpoint = 2 ** (config.bits - 1)
     if scheme.zero_point:
         zero = (zeros - midpoint).astype(np.float32)
     else:
         if not np.all(zeros == midpoint):
-            raise CheckpointError(f"{name}.qzeros: zero points differ from {midpoint} although quantization_config "
-                                  "says sym: true")
+            raise CheckpointError(
+                f"{name}.qzeros: zero points differ from {midpoint} although quantization_config says sym: true"
+            )
         zero = None
     return QuantizedMatrix(_signed(q, config.bits), scale, zero, scheme)
 
@@ -257,11 +292,17 @@ class PrequantizedReader:
         self.config = Qwen2Config.from_hf(config_json)
         self.checkpoint = HFCheckpoint(self.source)
         self.modules = _quantized_modules(self.config, self.config.num_hidden_layers)
-        unconverted = sorted(m for m in self.modules if m.rpartition(".")[2] in self.prequantized.modules_to_not_convert
-                             or m in self.prequantized.modules_to_not_convert)
+        unconverted = sorted(
+            m
+            for m in self.modules
+            if m.rpartition(".")[2] in self.prequantized.modules_to_not_convert
+            or m in self.prequantized.modules_to_not_convert
+        )
         if unconverted:
-            raise CheckpointError(f"{self.source}: modules_to_not_convert leaves {unconverted[0]} in float; checkpoints "
-                                  "mixing float and quantized decoder projections are not supported")
+            raise CheckpointError(
+                f"{self.source}: modules_to_not_convert leaves {unconverted[0]} in float; checkpoints "
+                "mixing float and quantized decoder projections are not supported"
+            )
         self._validate()
         act_order = self.prequantized.method == "gptq" and self.prequantized.desc_act
         # Act-order groups are not runs of inputs: those kernels are dequantized (see `unpack_gptq`).
@@ -270,8 +311,11 @@ class PrequantizedReader:
     @property
     def dtypes(self) -> set[np.dtype]:
         """Dtypes of the float tensors (embedding, norms, biases, scales)."""
-        return {self.checkpoint.files[p].dtype(n) for n, p in self.checkpoint.where.items()
-                if not n.endswith((".qweight", ".qzeros", ".g_idx"))}
+        return {
+            self.checkpoint.files[p].dtype(n)
+            for n, p in self.checkpoint.where.items()
+            if not n.endswith((".qweight", ".qzeros", ".g_idx"))
+        }
 
     def _validate(self) -> None:
         from qwen_jax.checkpoints.hf import validate_checkpoint
@@ -282,30 +326,48 @@ class PrequantizedReader:
         for module, (inputs, out) in self.modules.items():
             group = pq.group_size or inputs
             if inputs % group:
-                raise CheckpointError(f"{self.source}: group size {group} does not divide the {inputs} inputs of {module}")
+                raise CheckpointError(
+                    f"{self.source}: group size {group} does not divide the {inputs} inputs of {module}"
+                )
             groups = inputs // group
             if pq.method == "gptq":
-                expected_packed.update({f"{module}.qweight": (inputs // per_word, out),
-                                        f"{module}.qzeros": (groups, out // per_word), f"{module}.scales": (groups, out)})
+                expected_packed.update(
+                    {
+                        f"{module}.qweight": (inputs // per_word, out),
+                        f"{module}.qzeros": (groups, out // per_word),
+                        f"{module}.scales": (groups, out),
+                    }
+                )
             else:
-                expected_packed.update({f"{module}.qweight": (inputs, out // 8), f"{module}.qzeros": (groups, out // 8),
-                                        f"{module}.scales": (groups, out)})
+                expected_packed.update(
+                    {
+                        f"{module}.qweight": (inputs, out // 8),
+                        f"{module}.qzeros": (groups, out // 8),
+                        f"{module}.scales": (groups, out),
+                    }
+                )
         for name, shape in expected_packed.items():
             if name not in ckpt.where:
                 raise CheckpointError(f"{self.source}: missing tensor {name!r} ({pq.method} checkpoint)")
             if ckpt.shape(name) != shape:
-                raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(ckpt.shape(name))}, "
-                                      f"{pq.bits}-bit {pq.method} with group size {pq.group_size or -1} and this "
-                                      f"config expects {list(shape)}")
+                raise CheckpointError(
+                    f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(ckpt.shape(name))}, "
+                    f"{pq.bits}-bit {pq.method} with group size {pq.group_size or -1} and this "
+                    f"config expects {list(shape)}"
+                )
             if name.endswith((".qweight", ".qzeros")) and ckpt.files[ckpt.file_of(name)].dtype(name) != np.int32:
-                raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name!r} is "
-                                      f"{ckpt.files[ckpt.file_of(name)].dtype(name)}, packed tensors are int32")
+                raise CheckpointError(
+                    f"{ckpt.file_of(name)}: tensor {name!r} is "
+                    f"{ckpt.files[ckpt.file_of(name)].dtype(name)}, packed tensors are int32"
+                )
         extra = set()
         for module, (inputs, _) in self.modules.items():
             if f"{module}.g_idx" in ckpt.where:
                 if ckpt.shape(f"{module}.g_idx") != (inputs,):
-                    raise CheckpointError(f"{self.source}: tensor '{module}.g_idx' has shape "
-                                          f"{list(ckpt.shape(f'{module}.g_idx'))}, expected [{inputs}]")
+                    raise CheckpointError(
+                        f"{self.source}: tensor '{module}.g_idx' has shape "
+                        f"{list(ckpt.shape(f'{module}.g_idx'))}, expected [{inputs}]"
+                    )
                 extra.add(f"{module}.g_idx")
             bias = f"{module}.bias"
             if bias in ckpt.where and not module.endswith(("q_proj", "k_proj", "v_proj")):
@@ -316,7 +378,7 @@ class PrequantizedReader:
         float_view = _FloatView(ckpt, set(expected_packed) | extra, self.modules)
         validate_checkpoint(float_view, self.config)
 
-    def get(self, name: str) -> "QuantizedMatrix | np.ndarray":
+    def get(self, name: str) -> QuantizedMatrix | np.ndarray:
         """An HF tensor by name: projections as QuantizedMatrix (or float for act-order), the rest as stored."""
         module = name.removesuffix(".weight")
         if module not in self.modules:
@@ -327,8 +389,9 @@ class PrequantizedReader:
         if self.prequantized.method == "awq":
             return unpack_awq(**tensors, in_features=inputs, out_features=out, config=self.prequantized, name=where)
         g_idx = self.checkpoint.get(f"{module}.g_idx") if f"{module}.g_idx" in self.checkpoint.where else None
-        return unpack_gptq(**tensors, g_idx=g_idx, in_features=inputs, out_features=out, config=self.prequantized,
-                           name=where)
+        return unpack_gptq(
+            **tensors, g_idx=g_idx, in_features=inputs, out_features=out, config=self.prequantized, name=where
+        )
 
     def read_group(self, group, targets) -> dict[tuple[str, ...], np.ndarray]:
         arrays = group.read_hf_arrays(self.get)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,11 +39,11 @@ from qwen_jax.checkpoints.params import (
     param_groups,
 )
 from qwen_jax.config import Qwen2Config
-from qwen_jax.version import __version__
 from qwen_jax.errors import CheckpointError
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM
 from qwen_jax.model.quantize import decoder_linears, model_quantization
 from qwen_jax.ops.quant import QuantScheme
+from qwen_jax.version import __version__
 
 MANIFEST = "qwen_jax_manifest.json"
 
@@ -107,8 +108,10 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{manifest_path}: not a {FORMAT} manifest")
     if manifest.get("format_version") not in (FORMAT_VERSION, QUANTIZED_FORMAT_VERSION):
-        raise CheckpointError(f"{manifest_path}: format version {manifest.get('format_version')!r}, this qwen-jax "
-                              f"reads {FORMAT_VERSION} and {QUANTIZED_FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{manifest_path}: format version {manifest.get('format_version')!r}, this qwen-jax "
+            f"reads {FORMAT_VERSION} and {QUANTIZED_FORMAT_VERSION}"
+        )
     return manifest
 
 
@@ -130,8 +133,14 @@ class OrbaxWriter:
     `finish` with the same arguments, on one shared directory). The caller owns the directory (e.g. `qwen_jax.outdir.atomic_output_dir`).
     """
 
-    def __init__(self, directory: str | os.PathLike, config: Qwen2Config, *,
-                 row_block_elements: int | None = None, quantization: QuantScheme | None = None):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        config: Qwen2Config,
+        *,
+        row_block_elements: int | None = None,
+        quantization: QuantScheme | None = None,
+    ):
         self.directory = os.path.abspath(os.fspath(directory))
         self.config = config
         self.row_block_elements = row_block_elements or params.ROW_BLOCK_ELEMENTS
@@ -150,14 +159,18 @@ class OrbaxWriter:
             raise ValueError(f"{group.name}: arrays for {sorted(arrays)}, the group holds {sorted(expected)}")
         for key, array in arrays.items():
             if tuple(array.shape) != expected[key]:
-                raise ValueError(f"{group.name}: {'.'.join(key)} has shape {list(array.shape)}, this group holds "
-                                 f"{list(expected[key])}")
+                raise ValueError(
+                    f"{group.name}: {'.'.join(key)} has shape {list(array.shape)}, this group holds "
+                    f"{list(expected[key])}"
+                )
         for spec in group.specs:
             dtype = np.dtype(arrays[group.key(spec)].dtype)
             wanted = {"values": np.int8, "scale": np.float32, "zero": np.float32}
             if spec.quant_part is not None and dtype != np.dtype(wanted[spec.quant_part]):
-                raise ValueError(f"{group.name}: {'.'.join(group.key(spec))} is {dtype}, the quantization stores "
-                                 f"{np.dtype(wanted[spec.quant_part])}")
+                raise ValueError(
+                    f"{group.name}: {'.'.join(group.key(spec))} is {dtype}, the quantization stores "
+                    f"{np.dtype(wanted[spec.quant_part])}"
+                )
         os.makedirs(os.path.join(self.directory, PARAMS_DIR), exist_ok=True)
         try:
             self._checkpointer.save(group_dir(self.directory, group), args=ocp.args.StandardSave(nest(arrays)))
@@ -167,17 +180,25 @@ class OrbaxWriter:
         self.written.append(group.name)
         self.bytes_written += nbytes
         # The checkpoint's dtype is that of its float parameters (quantized parts have their own).
-        self.dtypes.update(np.dtype(arrays[group.key(spec)].dtype).name for spec in group.specs
-                           if spec.quant_part is None)
+        self.dtypes.update(
+            np.dtype(arrays[group.key(spec)].dtype).name for spec in group.specs if spec.quant_part is None
+        )
         return nbytes
 
-    def finish(self, *, source: str, config_json: dict[str, Any] | None = None, side_files_from: str | None = None,
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def finish(
+        self,
+        *,
+        source: str,
+        config_json: dict[str, Any] | None = None,
+        side_files_from: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Write config.json, the side files and the manifest once every group is written; returns the manifest."""
         missing = [group.name for group in self.groups if group.name not in self.written]
         if missing:
-            raise ValueError(f"{self.directory}: groups not written: {', '.join(missing[:3])}"
-                             f"{' ...' if len(missing) > 3 else ''}")
+            raise ValueError(
+                f"{self.directory}: groups not written: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+            )
         if len(self.dtypes) != 1:
             raise ValueError(f"{self.directory}: parameters stored in several dtypes {sorted(self.dtypes)}")
         (dtype,) = self.dtypes
@@ -220,15 +241,17 @@ def _generation_config(config: Qwen2Config) -> dict:
     return {"bos_token_id": config.bos_token_id, "eos_token_id": eos}
 
 
-def model_groups(model: Qwen2ForCausalLM, row_block_elements: int | None = None
-                 ) -> Iterator[tuple[ParamGroup, dict[Key, jax.Array]]]:
+def model_groups(
+    model: Qwen2ForCausalLM, row_block_elements: int | None = None
+) -> Iterator[tuple[ParamGroup, dict[Key, jax.Array]]]:
     """(group, its arrays) of a model's parameters, as device arrays (scanned or unrolled layers)."""
     from qwen_jax.model.linear import einsum_kernel
 
     flat = {path: variable.get_value() for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     # Unrolled kernels stored [*out, *in] (`unstack_layers` on CPU) are written in the einsum layout.
-    out_major = {("model", "layers", *path, "kernel"): linear for path, linear in decoder_linears(model)
-                 if linear.out_major}
+    out_major = {
+        ("model", "layers", *path, "kernel"): linear for path, linear in decoder_linears(model) if linear.out_major
+    }
     for group in param_groups(model.config, row_block_elements, model_quantization(model)):
         arrays = {}
         for spec in group.specs:
@@ -241,8 +264,14 @@ def model_groups(model: Qwen2ForCausalLM, row_block_elements: int | None = None
         yield group, arrays
 
 
-def save_model(model: Qwen2ForCausalLM, directory: str | os.PathLike, *, source: str,
-               side_files_from: str | None = None, progress: bool | None = None) -> dict[str, Any]:
+def save_model(
+    model: Qwen2ForCausalLM,
+    directory: str | os.PathLike,
+    *,
+    source: str,
+    side_files_from: str | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
     """Write a model's parameters in the qwen-jax Orbax layout into `directory`; returns the manifest.
 
     One group at a time goes through Orbax, shard by shard from the devices. The caller owns the
@@ -252,19 +281,25 @@ def save_model(model: Qwen2ForCausalLM, directory: str | os.PathLike, *, source:
 
     writer = OrbaxWriter(directory, model.config, quantization=model_quantization(model))
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    total = count_bytes(writer.groups, lambda spec: flat[spec.path].get_value().dtype if spec.path in flat
-                        else model.param_dtype)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="save", leave=False,
-              disable=None if progress is None else not progress) as bar:
+    total = count_bytes(
+        writer.groups, lambda spec: flat[spec.path].get_value().dtype if spec.path in flat else model.param_dtype
+    )
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc="save",
+        leave=False,
+        disable=None if progress is None else not progress,
+    ) as bar:
         for group, arrays in model_groups(model, writer.row_block_elements):
             bar.update(writer.write_group(group, arrays))
     return writer.finish(source=source, side_files_from=side_files_from)
 
 
-
-
-def restore_group(checkpoint_dir: str | os.PathLike, group: ParamGroup,
-                  targets: dict[Key, jax.ShapeDtypeStruct] | None = None) -> dict[Key, Any]:
+def restore_group(
+    checkpoint_dir: str | os.PathLike, group: ParamGroup, targets: dict[Key, jax.ShapeDtypeStruct] | None = None
+) -> dict[Key, Any]:
     """Read one group: into the targets' shapes, dtypes and shardings, or as host numpy arrays without targets."""
     directory = group_dir(checkpoint_dir, group)
     if not os.path.isdir(directory):
@@ -314,7 +349,8 @@ class OrbaxReader:
             return restore_group(self.source, group, targets)
         # The kernels are wanted quantized differently (or at all): read this layer as stored,
         # then convert through the HF layout, one layer on the host at a time.
-        stored = next(g for g in param_groups(self.config, self.row_block_elements, self.quantization)
-                      if g.name == group.name)
+        stored = next(
+            g for g in param_groups(self.config, self.row_block_elements, self.quantization) if g.name == group.name
+        )
         tensors = dict(hf_tensors(stored, restore_group(self.source, stored)))
         return group.read_hf_arrays(tensors.__getitem__)

@@ -9,19 +9,25 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from qwen_jax.errors import OutputError
 
 # Files a checkpoint directory may carry besides its weights (copied along by converters and the
 # trainer, fetched from the Hub).
 SIDE_FILES = (
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
-
-
 
 
 def write_json(path: str, data: dict[str, Any]) -> None:

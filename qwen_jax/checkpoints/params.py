@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -120,17 +121,24 @@ def param_specs(config: Qwen2Config, quantization: QuantScheme | None = None) ->
     specs = [ParamSpec(("model", "embed_tokens", "embedding"), "model.embed_tokens.weight", (V, D), (V, D), *same)]
     for sub, heads in (("q_proj", N), ("k_proj", K), ("v_proj", K)):
         specs += kernel((*attn, sub), f"{layer}self_attn.{sub}.weight", (D,), (heads, H), proj_in(heads))
-        specs.append(ParamSpec((*attn, sub, "bias"), f"{layer}self_attn.{sub}.bias", (heads, H), (heads * H,),
-                               *bias(heads)))
+        specs.append(
+            ParamSpec((*attn, sub, "bias"), f"{layer}self_attn.{sub}.bias", (heads, H), (heads * H,), *bias(heads))
+        )
     specs += kernel((*attn, "o_proj"), f"{layer}self_attn.o_proj.weight", (N, H), (D,), o_proj)
     specs += kernel((*mlp, "gate_proj"), f"{layer}mlp.gate_proj.weight", (D,), (F,), transpose)
     specs += kernel((*mlp, "up_proj"), f"{layer}mlp.up_proj.weight", (D,), (F,), transpose)
     specs += kernel((*mlp, "down_proj"), f"{layer}mlp.down_proj.weight", (F,), (D,), transpose)
     specs += [
-        ParamSpec(("model", "layers", "input_layernorm", "weight"), f"{layer}input_layernorm.weight", (D,), (D,),
-                  *same),
-        ParamSpec(("model", "layers", "post_attention_layernorm", "weight"),
-                  f"{layer}post_attention_layernorm.weight", (D,), (D,), *same),
+        ParamSpec(
+            ("model", "layers", "input_layernorm", "weight"), f"{layer}input_layernorm.weight", (D,), (D,), *same
+        ),
+        ParamSpec(
+            ("model", "layers", "post_attention_layernorm", "weight"),
+            f"{layer}post_attention_layernorm.weight",
+            (D,),
+            (D,),
+            *same,
+        ),
         ParamSpec(("model", "norm", "weight"), "model.norm.weight", (D,), (D,), *same),
     ]
     if not config.tie_word_embeddings:
@@ -138,8 +146,9 @@ def param_specs(config: Qwen2Config, quantization: QuantScheme | None = None) ->
     return specs
 
 
-def quantized_kernel_specs(path: Key, hf_name: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
-                           scheme: QuantScheme) -> list[ParamSpec]:
+def quantized_kernel_specs(
+    path: Key, hf_name: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...], scheme: QuantScheme
+) -> list[ParamSpec]:
     """The specs of a quantized kernel: stored values `[*out, groups, group']`, scales (and zero points).
 
     Their HF-side form is a `QuantizedMatrix`'s (`[out, in]` int8 values, `[out, groups]` scales):
@@ -154,13 +163,24 @@ def quantized_kernel_specs(path: Key, hf_name: str, in_shape: tuple[int, ...], o
         return (lambda a: a.reshape(ours), lambda a: a.reshape(hf))
 
     # HF orientation: int8 values [out, in] (4-bit ones unpacked), which `pack` stores.
-    values = (lambda v: pack(v.reshape(out, inputs), scheme).reshape(values_shape),
-              lambda s: unpack(s.reshape(out, *values_shape[-2:]), scheme).reshape(out, inputs))
+    values = (
+        lambda v: pack(v.reshape(out, inputs), scheme).reshape(values_shape),
+        lambda s: unpack(s.reshape(out, *values_shape[-2:]), scheme).reshape(out, inputs),
+    )
     specs = [ParamSpec(path, hf_name, values_shape, (out, inputs), *values, quant_part="values", scheme=scheme)]
     for part, name in (("scale", "kernel_scale"), ("zero", "kernel_zero")):
         if part == "scale" or scheme.zero_point:
-            specs.append(ParamSpec((*path[:-1], name), hf_name, (*out_shape, groups), (out, groups),
-                                   *reshaping((*out_shape, groups), (out, groups)), quant_part=part, scheme=scheme))
+            specs.append(
+                ParamSpec(
+                    (*path[:-1], name),
+                    hf_name,
+                    (*out_shape, groups),
+                    (out, groups),
+                    *reshaping((*out_shape, groups), (out, groups)),
+                    quant_part=part,
+                    scheme=scheme,
+                )
+            )
     return specs
 
 
@@ -194,7 +214,7 @@ class ParamGroup:
         if self.layer is not None:
             return value[self.layer]
         if self.rows is not None:
-            return value[self.rows[0]:self.rows[1]]
+            return value[self.rows[0] : self.rows[1]]
         return value
 
     def hf_name(self, spec: ParamSpec) -> str:
@@ -216,10 +236,10 @@ class ParamGroup:
         if isinstance(tensor, QuantizedMatrix):
             tensor = tensor.dequantize()
         if self.rows is not None:
-            tensor = tensor[self.rows[0]:self.rows[1]]
+            tensor = tensor[self.rows[0] : self.rows[1]]
         return spec.from_hf(tensor)
 
-    def read_hf_arrays(self, read: Callable[[str], "np.ndarray | QuantizedMatrix"]) -> dict[Key, np.ndarray]:
+    def read_hf_arrays(self, read: Callable[[str], np.ndarray | QuantizedMatrix]) -> dict[Key, np.ndarray]:
         """Every array of this group, in our layout, from HF-named tensors (each read once).
 
         `read(name)` returns a float array or a `QuantizedMatrix`. A quantized kernel takes a
@@ -238,7 +258,7 @@ class ParamGroup:
         return arrays
 
 
-def quantized_for(scheme: QuantScheme, tensor: "np.ndarray | QuantizedMatrix", name: str) -> QuantizedMatrix:
+def quantized_for(scheme: QuantScheme, tensor: np.ndarray | QuantizedMatrix, name: str) -> QuantizedMatrix:
     """`tensor` (float `[out, in]` or quantized) as a QuantizedMatrix of `scheme`."""
     if isinstance(tensor, QuantizedMatrix):
         same_grid = (tensor.scheme.bits, tensor.scheme.group_size) == (scheme.bits, scheme.group_size)
@@ -256,8 +276,11 @@ def hf_tensors(group: ParamGroup, arrays: dict[Key, Any]) -> Iterator[tuple[str,
         if spec.quant_part is None:
             yield group.hf_name(spec), np.asarray(spec.to_hf(np.asarray(jax.device_get(arrays[group.key(spec)]))))
         elif spec.quant_part == "values":
-            parts = {part.quant_part: np.asarray(part.to_hf(np.asarray(jax.device_get(arrays[group.key(part)]))))
-                     for part in group.specs if part.hf_name == spec.hf_name and part.quant_part is not None}
+            parts = {
+                part.quant_part: np.asarray(part.to_hf(np.asarray(jax.device_get(arrays[group.key(part)]))))
+                for part in group.specs
+                if part.hf_name == spec.hf_name and part.quant_part is not None
+            }
             matrix = QuantizedMatrix(parts["values"], parts["scale"], parts.get("zero"), spec.scheme)
             yield group.hf_name(spec), matrix.dequantize()
 
@@ -270,8 +293,9 @@ def row_block_rows(spec: ParamSpec, row_block_elements: int | None = None) -> in
     return max(1, (row_block_elements or ROW_BLOCK_ELEMENTS) // max(1, row_size))
 
 
-def param_groups(config: Qwen2Config, row_block_elements: int | None = None,
-                 quantization: QuantScheme | None = None) -> list[ParamGroup]:
+def param_groups(
+    config: Qwen2Config, row_block_elements: int | None = None, quantization: QuantScheme | None = None
+) -> list[ParamGroup]:
     """The groups of a config in HF checkpoint order: embedding, layers 0..L-1, final norm, lm_head.
 
     `row_block_elements` (default `ROW_BLOCK_ELEMENTS`; a checkpoint records its own in the
@@ -288,8 +312,10 @@ def param_groups(config: Qwen2Config, row_block_elements: int | None = None,
         rows, block = spec.shape[0], row_block_rows(spec, row_block_elements)
         if rows <= block:
             return [ParamGroup(prefix, (spec,))]
-        return [ParamGroup(f"{prefix}.rows{start}", (spec,), rows=(start, min(start + block, rows)))
-                for start in range(0, rows, block)]
+        return [
+            ParamGroup(f"{prefix}.rows{start}", (spec,), rows=(start, min(start + block, rows)))
+            for start in range(0, rows, block)
+        ]
 
     layers = [ParamGroup(f"model.layers.{i}", stacked, layer=i) for i in range(config.num_hidden_layers)]
     return [g for s in before for g in unstacked(s)] + layers + [g for s in after for g in unstacked(s)]
@@ -298,53 +324,16 @@ def param_groups(config: Qwen2Config, row_block_elements: int | None = None,
 def count_parameters(groups: list[ParamGroup]) -> int:
     """Parameters held by these groups (each row block counted for its own rows only; a quantized
     kernel counts its weights, not its stored bytes; scales and zero points are not parameters)."""
-    return sum(math.prod(spec.hf_shape if spec.quant_part else group.part_shape(spec))
-               for group in groups for spec in group.specs if spec.is_weight)
+    return sum(
+        math.prod(spec.hf_shape if spec.quant_part else group.part_shape(spec))
+        for group in groups
+        for spec in group.specs
+        if spec.is_weight
+    )
 
 
 def count_bytes(groups: list[ParamGroup], dtypes: Callable[[ParamSpec], Any]) -> int:
     """Bytes of the arrays these groups hold, `dtypes(spec)` giving each one's dtype."""
-    return sum(math.prod(group.part_shape(spec)) * np.dtype(dtypes(spec)).itemsize
-               for group in groups for spec in group.specs)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+    return sum(
+        math.prod(group.part_shape(spec)) * np.dtype(dtypes(spec)).itemsize for group in groups for spec in group.specs
+    )

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 
@@ -23,11 +24,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """--compile-cache DIR / --no-compile-cache."""
     group = parser.add_argument_group("compilation cache")
     choice = group.add_mutually_exclusive_group()
-    choice.add_argument("--compile-cache", metavar="DIR",
-                        help=f"JAX persistent compilation cache directory (default: ${ENV}, else "
-                             f"$JAX_COMPILATION_CACHE_DIR, else {default_dir()})")
-    choice.add_argument("--no-compile-cache", action="store_true",
-                        help=f"compile from scratch, without reading or writing the cache (or {ENV}=off)")
+    choice.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        help=f"JAX persistent compilation cache directory (default: ${ENV}, else "
+        f"$JAX_COMPILATION_CACHE_DIR, else {default_dir()})",
+    )
+    choice.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help=f"compile from scratch, without reading or writing the cache (or {ENV}=off)",
+    )
 
 
 def chosen_dir(args: argparse.Namespace) -> str | None:

@@ -13,23 +13,42 @@ def add_model_arguments(parser) -> None:
     `qwen-jax chat` and `qwen-jax serve`."""
     from qwen_jax.config import ATTENTION_BACKENDS
 
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"checkpoint: HF/GPTQ/AWQ directory, GGUF file, directory converted by qwen-jax "
-                             f"convert, or Hub id, downloaded to the Hub cache (default {DEFAULT_MODEL})")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                        help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"checkpoint: HF/GPTQ/AWQ directory, GGUF file, directory converted by qwen-jax "
+        f"convert, or Hub id, downloaded to the Hub cache (default {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)",
+    )
     parser.add_argument("--mesh", help="device mesh, e.g. 'tensor=4' or 'data=1,fsdp=1,tensor=8' (default: one device)")
-    parser.add_argument("--scan-layers", action="store_true",
-                        help="run the layers with a scan: faster compile, slower decode (default: unrolled)")
-    parser.add_argument("--quantize", metavar="{int8,int4}",
-                        help="weight-only quantization of the decoder projections while loading (int8: per output "
-                             "channel; int4: groups of 128 inputs); quantized checkpoints load as they are")
-    parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto",
-                        help="attention backend (default auto: chunked flash attention on CPU for long sequences, "
-                             "cuDNN on GPU, splash on TPU)")
-    parser.add_argument("--rope-scaling", metavar="TYPE:FACTOR",
-                        help="override the checkpoint's rope scaling, e.g. 'yarn:4' for 4x the context "
-                             "(Qwen2.5: 32K -> 128K), or 'none'")
+    parser.add_argument(
+        "--scan-layers",
+        action="store_true",
+        help="run the layers with a scan: faster compile, slower decode (default: unrolled)",
+    )
+    parser.add_argument(
+        "--quantize",
+        metavar="{int8,int4}",
+        help="weight-only quantization of the decoder projections while loading (int8: per output "
+        "channel; int4: groups of 128 inputs); quantized checkpoints load as they are",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=ATTENTION_BACKENDS,
+        default="auto",
+        help="attention backend (default auto: chunked flash attention on CPU for long sequences, "
+        "cuDNN on GPU, splash on TPU)",
+    )
+    parser.add_argument(
+        "--rope-scaling",
+        metavar="TYPE:FACTOR",
+        help="override the checkpoint's rope scaling, e.g. 'yarn:4' for 4x the context "
+        "(Qwen2.5: 32K -> 128K), or 'none'",
+    )
 
 
 def add_sampling_arguments(parser) -> None:
@@ -43,9 +62,13 @@ def add_sampling_arguments(parser) -> None:
     parser.add_argument("--repetition-penalty", type=float, help="HF repetition penalty (1: off)")
     parser.add_argument("--seed", type=int, help="sampling seed (default 0)")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
-    parser.add_argument("--prefill-chunk", type=int, metavar="TOKENS",
-                        help="prompt tokens per prefill call: bounds prefill memory (default: 2048 on CPU, the "
-                             "whole prompt on a GPU/TPU)")
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        metavar="TOKENS",
+        help="prompt tokens per prefill call: bounds prefill memory (default: 2048 on CPU, the "
+        "whole prompt on a GPU/TPU)",
+    )
 
 
 def add_arguments(parser) -> None:
@@ -55,16 +78,26 @@ def add_arguments(parser) -> None:
     source.add_argument("--prompt-file", help="file with the prompt text ('-' for stdin)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
     add_sampling_arguments(parser)
-    parser.add_argument("--json", action="store_true",
-                        help='print one JSON object {"text", "token_ids", "prompt_tokens", ...} instead of streaming')
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='print one JSON object {"text", "token_ids", "prompt_tokens", ...} instead of streaming',
+    )
 
 
 def sampling_overrides(args) -> dict:
     """Keyword arguments for qwen_jax.generate from the parsed sampling options (None: default)."""
     temperature = 0.0 if args.greedy else args.temperature
-    return dict(max_new_tokens=args.max_new_tokens, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                prefill_chunk=args.prefill_chunk)
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        prefill_chunk=args.prefill_chunk,
+    )
 
 
 def load_for_cli(args):
@@ -80,8 +113,15 @@ def load_for_cli(args):
         except ValueError as e:
             raise UsageError(str(e)) from None
     try:
-        return load(args.model, dtype=args.dtype, mesh=mesh, scan_layers=args.scan_layers, quantize=args.quantize,
-                    attention=args.attention, rope_scaling=args.rope_scaling)
+        return load(
+            args.model,
+            dtype=args.dtype,
+            mesh=mesh,
+            scan_layers=args.scan_layers,
+            quantize=args.quantize,
+            attention=args.attention,
+            rope_scaling=args.rope_scaling,
+        )
     except AttentionBackendError as e:
         raise UsageError(str(e)) from None
 
@@ -109,14 +149,19 @@ def run(args) -> int:
         if args.json:
             result = generate(model, tokenizer, [prompt], **options)
             timing = result.timing
-            print(json.dumps({
-                "text": result.texts[0],
-                "token_ids": result.token_ids[0],
-                "prompt_tokens": result.prompt_lengths[0],
-                "finish_reason": result.finish_reasons[0],
-                "prefill_tokens_per_s": timing.prefill_tokens_per_s,
-                "decode_tokens_per_s": timing.decode_tokens_per_s,
-            }, ensure_ascii=False))
+            print(
+                json.dumps(
+                    {
+                        "text": result.texts[0],
+                        "token_ids": result.token_ids[0],
+                        "prompt_tokens": result.prompt_lengths[0],
+                        "finish_reason": result.finish_reasons[0],
+                        "prefill_tokens_per_s": timing.prefill_tokens_per_s,
+                        "decode_tokens_per_s": timing.decode_tokens_per_s,
+                    },
+                    ensure_ascii=False,
+                )
+            )
             return 0
         pieces = stream(model, tokenizer, prompt, **options)
         for piece in pieces:

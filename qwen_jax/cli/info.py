@@ -14,18 +14,29 @@ import os
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("path", help="checkpoint directory (HF, GPTQ, AWQ or converted Orbax), GGUF file, or a preset "
-                                     "such as 0.5B")
+    parser.add_argument(
+        "path", help="checkpoint directory (HF, GPTQ, AWQ or converted Orbax), GGUF file, or a preset such as 0.5B"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--context", type=int, help="plan inference memory for a KV cache of this many tokens")
     parser.add_argument("--batch", type=int, default=1, help="rows of the planned KV cache (default 1)")
     parser.add_argument("--mesh", help="plan for this mesh, e.g. 'tensor=8' (default: one device)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
-                        help="parameter and KV-cache dtype of the plan (default bfloat16)")
-    parser.add_argument("--rope-scaling", metavar="TYPE:FACTOR",
-                        help="override the rope scaling, e.g. 'yarn:4' (the context the model supports follows)")
-    parser.add_argument("--quantize", choices=["int8", "int4"],
-                        help="plan with int8/int4 decoder projections (default: a converted checkpoint's own)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="bfloat16",
+        help="parameter and KV-cache dtype of the plan (default bfloat16)",
+    )
+    parser.add_argument(
+        "--rope-scaling",
+        metavar="TYPE:FACTOR",
+        help="override the rope scaling, e.g. 'yarn:4' (the context the model supports follows)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        help="plan with int8/int4 decoder projections (default: a converted checkpoint's own)",
+    )
 
 
 def stored_summary(path: str) -> dict | None:
@@ -48,8 +59,12 @@ def stored_summary(path: str) -> dict | None:
     scheme = manifest_quantization(manifest)
     groups = param_groups(Qwen2Config.from_hf(path), manifest.get("row_block_elements"), scheme)
     parameters = count_parameters(groups)
-    part_dtypes = {None: jnp.dtype(manifest.get("dtype")), "values": jnp.int8, "scale": jnp.float32,
-                   "zero": jnp.float32}
+    part_dtypes = {
+        None: jnp.dtype(manifest.get("dtype")),
+        "values": jnp.int8,
+        "scale": jnp.float32,
+        "zero": jnp.float32,
+    }
     summary = {
         "dtype": manifest.get("dtype"),
         "quantization": None if scheme is None else scheme.name,
@@ -103,36 +118,59 @@ def run(args) -> int:
     quantize = args.quantize or (stored or {}).get("quantization")
     plan = _context_plan(config, args, quantize) if args.context is not None else None
     if args.json:
-        print(json.dumps({"path": args.path, "parameters": params, "config": config.to_hf(),
-                          "context_length": config.context_length,
-                          **({"stored": stored} if stored else {}), **({"quantization": source} if source else {}),
-                          **({"memory": plan} if plan else {})}))
+        print(
+            json.dumps(
+                {
+                    "path": args.path,
+                    "parameters": params,
+                    "config": config.to_hf(),
+                    "context_length": config.context_length,
+                    **({"stored": stored} if stored else {}),
+                    **({"quantization": source} if source else {}),
+                    **({"memory": plan} if plan else {}),
+                }
+            )
+        )
         return 0
     print(f"{args.path}: Qwen2ForCausalLM, {params:,} parameters ({params / 1e9:.2f} B)")
     if stored:
-        kind = stored["dtype"] if stored["quantization"] is None else f"{stored['quantization']} kernels, {stored['dtype']}"
-        print(f"  stored: {kind}, {stored['parameters']:,} parameters in {stored['groups']} groups "
-              f"({stored['row_blocks']} row blocks), {stored['bytes'] / 1e9:.2f} GB "
-              f"({stored['bytes_on_disk'] / 1e9:.2f} GB on disk)")
+        kind = (
+            stored["dtype"]
+            if stored["quantization"] is None
+            else f"{stored['quantization']} kernels, {stored['dtype']}"
+        )
+        print(
+            f"  stored: {kind}, {stored['parameters']:,} parameters in {stored['groups']} groups "
+            f"({stored['row_blocks']} row blocks), {stored['bytes'] / 1e9:.2f} GB "
+            f"({stored['bytes_on_disk'] / 1e9:.2f} GB on disk)"
+        )
         if "manifest_parameters" in stored:
-            print(f"  note: the manifest says {stored['manifest_parameters']:,} parameters (over-counted by an "
-                  "older qwen-jax); the weights themselves are unaffected")
+            print(
+                f"  note: the manifest says {stored['manifest_parameters']:,} parameters (over-counted by an "
+                "older qwen-jax); the weights themselves are unaffected"
+            )
     if source and source["format"] == "gguf":
         types = ", ".join(f"{count} {name}" for name, count in sorted(source["tensor_types"].items()))
         print(f"  quantization: GGUF tensors {types} (dequantized on loading; --quantize re-quantizes)")
     elif source:
-        print(f"  quantization: {source['format']} {source['bits']}-bit, group size {source['group_size'] or 'none'}, "
-              f"{'symmetric' if source['sym'] else 'zero points'}"
-              f"{', act-order (loads dequantized)' if source['desc_act'] else ''}")
+        print(
+            f"  quantization: {source['format']} {source['bits']}-bit, group size {source['group_size'] or 'none'}, "
+            f"{'symmetric' if source['sym'] else 'zero points'}"
+            f"{', act-order (loads dequantized)' if source['desc_act'] else ''}"
+        )
     print(f"  context: {config.context_length:,} tokens")
     if plan:
         quantized = f", {plan['quantization']} projections" if plan["quantization"] else ""
-        print(f"  memory at {plan['context']:,} tokens x batch {plan['batch']} ({plan['dtype']}{quantized}, "
-              f"mesh {plan['mesh']}), "
-              f"per device: {plan['summary']}")
+        print(
+            f"  memory at {plan['context']:,} tokens x batch {plan['batch']} ({plan['dtype']}{quantized}, "
+            f"mesh {plan['mesh']}), "
+            f"per device: {plan['summary']}"
+        )
         if plan["context"] > config.context_length:
-            print(f"  warning: {plan['context']:,} tokens exceed the model's context of {config.context_length:,}"
-                  f"{'' if config.rope_scaling.rope_type != 'default' else ' (try --rope-scaling yarn:4)'}")
+            print(
+                f"  warning: {plan['context']:,} tokens exceed the model's context of {config.context_length:,}"
+                f"{'' if config.rope_scaling.rope_type != 'default' else ' (try --rope-scaling yarn:4)'}"
+            )
     for key, value in config.to_hf().items():
         print(f"  {key}: {value}")
     return 0
@@ -152,10 +190,25 @@ def _context_plan(config, args, quantize: str | None) -> dict:
         mesh = parse_mesh_spec(args.mesh) if args.mesh else {}
     except ValueError as e:
         raise UsageError(str(e)) from None
-    plan = plan_memory(config, **mesh, param_dtype=args.dtype, cache_dtype=args.dtype, batch=args.batch,
-                       max_len=args.context, prefill_chunk=min(default_prefill_chunk(platform_of(), args.context),
-                                                               args.context), quantize=quantize)
-    return {"context": args.context, "batch": args.batch, "dtype": args.dtype, "quantization": quantize,
-            "mesh": ",".join(f"{k}={v}" for k, v in plan.mesh.items()), "params": plan.params,
-            "kv_cache": plan.kv_cache, "prefill_activations": plan.activations, "total": plan.total,
-            "summary": str(plan).split("] ", 1)[1]}
+    plan = plan_memory(
+        config,
+        **mesh,
+        param_dtype=args.dtype,
+        cache_dtype=args.dtype,
+        batch=args.batch,
+        max_len=args.context,
+        prefill_chunk=min(default_prefill_chunk(platform_of(), args.context), args.context),
+        quantize=quantize,
+    )
+    return {
+        "context": args.context,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "quantization": quantize,
+        "mesh": ",".join(f"{k}={v}" for k, v in plan.mesh.items()),
+        "params": plan.params,
+        "kv_cache": plan.kv_cache,
+        "prefill_activations": plan.activations,
+        "total": plan.total,
+        "summary": str(plan).split("] ", 1)[1],
+    }

@@ -32,10 +32,10 @@ COMMANDS = {
 WITHOUT_COMPILATION = frozenset({"info", "convert", "export-hf"})
 
 
-
-
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
-    parser = argparse.ArgumentParser(prog="qwen-jax", description="Qwen2.5 in JAX: convert, generate, chat, train, serve.")
+    parser = argparse.ArgumentParser(
+        prog="qwen-jax", description="Qwen2.5 in JAX: convert, generate, chat, train, serve."
+    )
     parser.add_argument("--version", action="version", version=_version())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}

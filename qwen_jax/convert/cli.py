@@ -16,14 +16,24 @@ from qwen_jax.convert.common import DTYPE_CHOICES
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("src", help="HF/GPTQ/AWQ checkpoint directory, GGUF file, or a Hub id such as "
-                                    "Qwen/Qwen2.5-0.5B-Instruct or org/repo/file.gguf")
+    parser.add_argument(
+        "src",
+        help="HF/GPTQ/AWQ checkpoint directory, GGUF file, or a Hub id such as "
+        "Qwen/Qwen2.5-0.5B-Instruct or org/repo/file.gguf",
+    )
     parser.add_argument("out", help="output directory (must not exist unless --force)")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                        help="stored parameter dtype (default: auto, the checkpoint's own)")
-    parser.add_argument("--quantize", metavar="{int8,int4}",
-                        help="store the decoder projections quantized (weight-only); GPTQ/AWQ sources keep their "
-                             "own quantization unless this asks for another")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="stored parameter dtype (default: auto, the checkpoint's own)",
+    )
+    parser.add_argument(
+        "--quantize",
+        metavar="{int8,int4}",
+        help="store the decoder projections quantized (weight-only); GPTQ/AWQ sources keep their "
+        "own quantization unless this asks for another",
+    )
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
 
@@ -37,6 +47,8 @@ def run(args) -> int:
         summary = hf_to_orbax(args.src, args.out, dtype=args.dtype, force=args.force, quantize=args.quantize)
     on_disk = bytes_on_disk(os.path.join(summary.out, PARAMS_DIR))
     stored = summary.dtype if summary.quantization is None else f"{summary.quantization} kernels, {summary.dtype}"
-    print(f"wrote {summary.out}: {summary.parameters:,} parameters, {stored}, "
-          f"{summary.bytes_written / 1e9:.2f} GB ({on_disk / 1e9:.2f} GB on disk) in {time.perf_counter() - start:.1f} s")
+    print(
+        f"wrote {summary.out}: {summary.parameters:,} parameters, {stored}, "
+        f"{summary.bytes_written / 1e9:.2f} GB ({on_disk / 1e9:.2f} GB on disk) in {time.perf_counter() - start:.1f} s"
+    )
     return 0

@@ -11,8 +11,6 @@ DTYPE_CHOICES = ("auto", "bfloat16", "float32", "float16")
 _DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 
 
-
-
 def dtype_name(dtype: np.dtype) -> str:
     return np.dtype(dtype).name
 

@@ -31,8 +31,17 @@ from qwen_jax.convert.common import dtype_name, resolve_dtype
 from qwen_jax.errors import CheckpointError, ConversionError
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: str | int) -> int:
@@ -112,8 +121,11 @@ class ShardedSafetensorsWriter:
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for entry in self.shards[shard_index]:
-            header[entry.name] = {"dtype": DTYPE_NAMES[entry.dtype], "shape": list(entry.shape),
-                                  "data_offsets": [offset, offset + entry.nbytes]}
+            header[entry.name] = {
+                "dtype": DTYPE_NAMES[entry.dtype],
+                "shape": list(entry.shape),
+                "data_offsets": [offset, offset + entry.nbytes],
+            }
             offset += entry.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
@@ -139,8 +151,10 @@ class ShardedSafetensorsWriter:
 def _check_shape(src: str, group: ParamGroup, spec: ParamSpec, stored: np.ndarray) -> None:
     """A stored array (or row block) must have the shape the config implies."""
     if stored.shape != group.part_shape(spec):
-        raise CheckpointError(f"{src}: {group.name}: parameter {'.'.join(group.key(spec))!r} has shape "
-                              f"{list(stored.shape)}, which does not fit config.json")
+        raise CheckpointError(
+            f"{src}: {group.name}: parameter {'.'.join(group.key(spec))!r} has shape "
+            f"{list(stored.shape)}, which does not fit config.json"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,16 +193,22 @@ def orbax_to_hf(
     groups = param_groups(config, manifest.get("row_block_elements"), manifest_quantization(manifest))
     # In the order the groups deliver them; a row-blocked tensor arrives in several groups. A
     # quantized kernel is one float HF tensor (dequantized), its scales are no tensor of their own.
-    names = dict.fromkeys((group.hf_name(spec), spec.hf_shape) for group in groups for spec in group.specs
-                          if spec.is_weight)
+    names = dict.fromkeys(
+        (group.hf_name(spec), spec.hf_shape) for group in groups for spec in group.specs if spec.is_weight
+    )
     entries = [TensorEntry(name, shape, out_dtype) for name, shape in names]
     shards = plan_shards(entries, parse_size(max_shard_size))
 
     with atomic_output_dir(out, force=force, protect=(src,)) as staging:
         writer = ShardedSafetensorsWriter(staging, shards)
         try:
-            with tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, desc="export-hf",
-                      disable=None if progress else True) as bar:
+            with tqdm(
+                total=sum(e.nbytes for e in entries),
+                unit="B",
+                unit_scale=True,
+                desc="export-hf",
+                disable=None if progress else True,
+            ) as bar:
                 for group in groups:
                     host = restore_group(src, group)
                     for spec in group.specs:

@@ -67,22 +67,40 @@ def hf_to_orbax(
 
     with atomic_output_dir(out, force=force, protect=(src_path,)) as staging:
         writer = OrbaxWriter(staging, reader.config, quantization=scheme)
-        total = count_bytes(writer.groups, lambda spec: out_dtype if spec.quant_part is None
-                                   else (np.int8 if spec.quant_part == "values" else np.float32))
+        total = count_bytes(
+            writer.groups,
+            lambda spec: (
+                out_dtype if spec.quant_part is None else (np.int8 if spec.quant_part == "values" else np.float32)
+            ),
+        )
         try:
-            with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=None if progress else True) as bar:
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc="convert", disable=None if progress else True
+            ) as bar:
                 for group in writer.groups:
                     arrays = reader.read_group(group, None)
-                    arrays = {group.key(spec): np.ascontiguousarray(np.asarray(arrays[group.key(spec)]).astype(
-                        out_dtype if spec.quant_part is None else arrays[group.key(spec)].dtype, copy=False))
-                        for spec in group.specs}
+                    arrays = {
+                        group.key(spec): np.ascontiguousarray(
+                            np.asarray(arrays[group.key(spec)]).astype(
+                                out_dtype if spec.quant_part is None else arrays[group.key(spec)].dtype, copy=False
+                            )
+                        )
+                        for spec in group.specs
+                    }
                     bar.update(writer.write_group(group, arrays))
                     del arrays  # release this group before reading the next one
             if gguf:
                 GGUFCheckpoint(src_path).write_side_files(staging)
-            manifest = writer.finish(source=source_label, config_json=config_json,
-                                     side_files_from=None if gguf else src_path)
+            manifest = writer.finish(
+                source=source_label, config_json=config_json, side_files_from=None if gguf else src_path
+            )
         except OSError as e:
             raise write_error(os.fspath(out), e) from None
-    return ConversionSummary(os.path.abspath(os.fspath(out)), source_label, manifest["dtype"], manifest["parameters"],
-                             manifest["bytes"], None if scheme is None else scheme.name)
+    return ConversionSummary(
+        os.path.abspath(os.fspath(out)),
+        source_label,
+        manifest["dtype"],
+        manifest["parameters"],
+        manifest["bytes"],
+        None if scheme is None else scheme.name,
+    )

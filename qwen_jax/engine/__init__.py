@@ -5,6 +5,14 @@ from qwen_jax.engine.requests import Completion, Delta, RequestHandle, TokenLogp
 from qwen_jax.errors import EngineClosedError, EngineError, QueueFullError
 
 __all__ = [
-    "DEFAULT_MAX_LEN", "Engine", "EngineStats", "Completion", "Delta", "EngineClosedError", "EngineError",
-    "QueueFullError", "RequestHandle", "TokenLogprob",
+    "DEFAULT_MAX_LEN",
+    "Engine",
+    "EngineStats",
+    "Completion",
+    "Delta",
+    "EngineClosedError",
+    "EngineError",
+    "QueueFullError",
+    "RequestHandle",
+    "TokenLogprob",
 ]

@@ -34,7 +34,8 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -102,9 +103,19 @@ class Engine:
         warmup: compile every program now instead of on first use (see `warmup()`).
     """
 
-    def __init__(self, model, tokenizer, *, slots: int = 8, max_len: int | None = None, max_queue: int | None = None,
-                 config: GenerationConfig | None = None, prefill_buckets: Sequence[int] | None = None,
-                 prefill_chunk: int | None = None, warmup: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        slots: int = 8,
+        max_len: int | None = None,
+        max_queue: int | None = None,
+        config: GenerationConfig | None = None,
+        prefill_buckets: Sequence[int] | None = None,
+        prefill_chunk: int | None = None,
+        warmup: bool = False,
+    ):
         context = model.config.max_position_embeddings
         max_len = min(context, DEFAULT_MAX_LEN) if max_len is None else int(max_len)
         if not 2 <= max_len <= context:
@@ -127,9 +138,14 @@ class Engine:
         if eos is not None and eos not in config.eos_token_ids:
             config = config.replace(eos_token_ids=(*config.eos_token_ids, eos))
         self.config = config
-        self.programs = EnginePrograms(model, slots=self.slots, max_len=max_len, buckets=prefill_buckets,
-                                       pad_id=config.pad_token_id or tokenizer.pad_token_id or 0,
-                                       prefill_chunk=prefill_chunk)
+        self.programs = EnginePrograms(
+            model,
+            slots=self.slots,
+            max_len=max_len,
+            buckets=prefill_buckets,
+            pad_id=config.pad_token_id or tokenizer.pad_token_id or 0,
+            prefill_chunk=prefill_chunk,
+        )
 
         self._lock = threading.Lock()  # guards the counters below, read by other threads
         self._live_ids: set[str] = set()  # submitted and not finished
@@ -197,10 +213,26 @@ class Engine:
           `presence_penalty` / `frequency_penalty` (OpenAI's, in [-2, 2]) lower the logits of ids
           already generated (once / per occurrence); `logit_bias` adds {token id: value in [-100, 100]}.
         """
-        request = self._make_request(prompt, tools, request_id, on_delta, dict(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=seed, stop=stop, logprobs=logprobs))
+        request = self._make_request(
+            prompt,
+            tools,
+            request_id,
+            on_delta,
+            dict(
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                repetition_penalty=repetition_penalty,
+                presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty,
+                logit_bias=logit_bias,
+                seed=seed,
+                stop=stop,
+                logprobs=logprobs,
+            ),
+        )
         self._enqueue(request, enforce_queue_limit=True)
         return request.handle
 
@@ -227,8 +259,9 @@ class Engine:
             self._inbox.put(("abort", request_id))
         return True
 
-    def generate(self, prompts: Sequence[Prompt | Sequence[int]], *, progress: bool = True,
-                 **options) -> list[Completion]:
+    def generate(
+        self, prompts: Sequence[Prompt | Sequence[int]], *, progress: bool = True, **options
+    ) -> list[Completion]:
         """Run many prompts through the engine; one Completion per prompt, in input order.
 
         `options` are those of `submit` (the same for every prompt). Every prompt is validated
@@ -265,13 +298,20 @@ class Engine:
         with self._lock:
             counts = dict(self._stats)
             return EngineStats(
-                slots=self.slots, running=counts.get("running", 0), waiting=counts.get("waiting", 0),
-                prompt_tokens=counts.get("prompt_tokens", 0), generated_tokens=counts.get("generated_tokens", 0),
-                finished_requests=counts.get("finished", 0), aborted_requests=counts.get("aborted", 0),
-                decode_steps=counts.get("decode_steps", 0), decode_rows=counts.get("decode_rows", 0),
-                prefill_chunks=counts.get("prefill_chunks", 0), slot_moves=counts.get("slot_moves", 0),
+                slots=self.slots,
+                running=counts.get("running", 0),
+                waiting=counts.get("waiting", 0),
+                prompt_tokens=counts.get("prompt_tokens", 0),
+                generated_tokens=counts.get("generated_tokens", 0),
+                finished_requests=counts.get("finished", 0),
+                aborted_requests=counts.get("aborted", 0),
+                decode_steps=counts.get("decode_steps", 0),
+                decode_rows=counts.get("decode_rows", 0),
+                prefill_chunks=counts.get("prefill_chunks", 0),
+                slot_moves=counts.get("slot_moves", 0),
                 healthy=self._error is None and (self._thread.is_alive() or not self._accepting),
-                accepting=self._accepting)
+                accepting=self._accepting,
+            )
 
     def begin_shutdown(self, timeout: float) -> None:
         """Stop accepting requests; requests still running after `timeout` seconds are aborted."""
@@ -286,7 +326,7 @@ class Engine:
 
     close = shutdown
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -297,8 +337,9 @@ class Engine:
         """Encode and validate (raises EngineError) in the caller's thread."""
         prompt_ids = self._encode(prompt, tools)
         vocab = self.model.config.vocab_size
-        resolved = resolve_options(self.config, prompt_length=len(prompt_ids), max_len=self.max_len,
-                                   vocab_size=vocab, **options)
+        resolved = resolve_options(
+            self.config, prompt_length=len(prompt_ids), max_len=self.max_len, vocab_size=vocab, **options
+        )
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise EngineError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
@@ -314,8 +355,11 @@ class Engine:
                 raise EngineClosedError("the engine is shutting down")
             if request.id in self._live_ids:
                 raise EngineError(f"request id {request.id!r} is already in use")
-            if enforce_queue_limit and self.max_queue is not None and \
-                    len(self._live_ids) >= self.slots + self.max_queue:
+            if (
+                enforce_queue_limit
+                and self.max_queue is not None
+                and len(self._live_ids) >= self.slots + self.max_queue
+            ):
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting for {self.slots} slots)")
             self._live_ids.add(request.id)
             self._inbox.put(("submit", request))
@@ -428,12 +472,20 @@ class Engine:
 
     def _decode_rows(self) -> list[Request | None]:
         """Per slot, the request a step would decode a token for (None: idle or still prefilling)."""
-        return [r if r is not None and not r.finished and r.prefilled == len(r.prompt_ids)
-                and r.dispatched < r.options.max_new_tokens else None for r in self._slot_owner]
+        return [
+            r
+            if r is not None
+            and not r.finished
+            and r.prefilled == len(r.prompt_ids)
+            and r.dispatched < r.options.max_new_tokens
+            else None
+            for r in self._slot_owner
+        ]
 
     def _prefill_whole(self, request: Request) -> None:
-        self._pending.append(self.programs.prefill_into_slot(request.prompt_ids, request.options, request.slot,
-                                                             request))
+        self._pending.append(
+            self.programs.prefill_into_slot(request.prompt_ids, request.options, request.slot, request)
+        )
         request.prefilled, request.dispatched = len(request.prompt_ids), 1
         self._prefilling.remove(request)
 
@@ -452,14 +504,14 @@ class Engine:
         used = max((i for i, r in enumerate(rows) if r is not None), default=-1) + 1
         if chunk_owner is not None:
             used = max(used, chunk_owner.slot + 1)
-        rows = rows[:self.programs.width_for(used)]
+        rows = rows[: self.programs.width_for(used)]
         if chunk_owner is None:
             self._pending.append(self.programs.decode_step(rows))
         else:
             if chunk_owner.prefilled == 0:
                 self.programs.start_row(chunk_owner.options, chunk_owner.slot)
             start = chunk_owner.prefilled
-            chunk = chunk_owner.prompt_ids[start:start + self.programs.chunks[-1]]
+            chunk = chunk_owner.prompt_ids[start : start + self.programs.chunks[-1]]
             chunk_owner.prefilled += len(chunk)
             final = chunk_owner.prefilled == len(chunk_owner.prompt_ids)
             self._pending.append(self.programs.mixed_step(rows, chunk, chunk_owner.slot, chunk_owner, final))
@@ -483,8 +535,11 @@ class Engine:
             if request.options.logprobs is not None:
                 chosen, top_ids, top_values = logprobs
                 k = request.options.logprobs
-                logprob = TokenLogprob(int(tokens[row]), float(chosen[row]),
-                                       tuple(zip(top_ids[row, :k].tolist(), top_values[row, :k].tolist())))
+                logprob = TokenLogprob(
+                    int(tokens[row]),
+                    float(chosen[row]),
+                    tuple(zip(top_ids[row, :k].tolist(), top_values[row, :k].tolist())),
+                )
             delta = request.add_token(int(tokens[row]), logprob)
             with self._lock:
                 self._stats["generated_tokens"] += 1

@@ -33,7 +33,8 @@ import functools
 import os
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,8 +54,8 @@ from qwen_jax.generation.sampler import (
 from qwen_jax.generation.sampling import mark_seen
 from qwen_jax.generation.static import prompt_bucket
 from qwen_jax.model.kv_cache import KVCache
-from qwen_jax.sharding import named_sharding
 from qwen_jax.model.mixed import mixed_hidden_states
+from qwen_jax.sharding import named_sharding
 
 
 @jax.tree_util.register_dataclass
@@ -203,10 +204,16 @@ class EnginePrograms:
 
     def _empty_state(self, rows: int) -> SlotState:
         params = RowParams(
-            temperature=np.zeros(rows, np.float32), top_k=np.zeros(rows, np.int32), top_p=np.ones(rows, np.float32),
-            min_p=np.zeros(rows, np.float32), repetition_penalty=np.ones(rows, np.float32),
-            presence_penalty=np.zeros(rows, np.float32), frequency_penalty=np.zeros(rows, np.float32),
-            key_data=np.zeros((rows, 2), np.uint32), token_index=np.zeros(rows, np.int32))
+            temperature=np.zeros(rows, np.float32),
+            top_k=np.zeros(rows, np.int32),
+            top_p=np.ones(rows, np.float32),
+            min_p=np.zeros(rows, np.float32),
+            repetition_penalty=np.ones(rows, np.float32),
+            presence_penalty=np.zeros(rows, np.float32),
+            frequency_penalty=np.zeros(rows, np.float32),
+            key_data=np.zeros((rows, 2), np.uint32),
+            token_index=np.zeros(rows, np.int32),
+        )
         return SlotState(np.zeros(rows, np.int32), params, History.empty(rows, self.vocab, np))
 
     # ------------------------------------------------------------------ abstract arguments
@@ -214,8 +221,9 @@ class EnginePrograms:
         return jax.tree.map(lambda x: _spec(x.shape, x.dtype, x.sharding), self.state)
 
     def _slot_state_spec(self, rows: int) -> SlotState:
-        return jax.tree.map(lambda x: _spec(np.shape(x), np.asarray(x).dtype, self._replicated()),
-                            self._empty_state(rows))
+        return jax.tree.map(
+            lambda x: _spec(np.shape(x), np.asarray(x).dtype, self._replicated()), self._empty_state(rows)
+        )
 
     def _cache_spec(self, batch: int, length: int) -> KVCache:
         abstract = jax.eval_shape(lambda: KVCache.init(self.config, batch, length, self.dtype))
@@ -259,6 +267,7 @@ class EnginePrograms:
         0.5B mixed steps, measured), so without this the first requests after warm-up pay it step by
         step. A program is primed once per process, whichever engine runs it. Needs memory for a
         second KV cache while it runs."""
+
         def zeros(info, sharding):
             array = np.zeros(info.shape, info.dtype)
             return jax.device_put(array, sharding) if sharding is not None else jnp.asarray(array)
@@ -272,9 +281,12 @@ class EnginePrograms:
                 _PRIMED.add(key)
             (args_info, _), (shardings, _) = executable.args_info, executable.input_shardings
             # An argument shaped like the model's state is the state (never donated); the rest are zeros.
-            args = [self.state if jax.tree.structure(info) == state_structure else
-                    jax.tree.map(zeros, info, sharding, is_leaf=lambda x: x is None or hasattr(x, "donated"))
-                    for info, sharding in zip(args_info, shardings)]
+            args = [
+                self.state
+                if jax.tree.structure(info) == state_structure
+                else jax.tree.map(zeros, info, sharding, is_leaf=lambda x: x is None or hasattr(x, "donated"))
+                for info, sharding in zip(args_info, shardings)
+            ]
             jax.block_until_ready(executable(*args))
         seconds = time.perf_counter() - start
         self.prime_seconds += seconds
@@ -287,14 +299,20 @@ class EnginePrograms:
         the largest (mixed and decode steps, prefills) first. `compile_seconds` sums the programs'
         own compile times, so it can exceed the wall clock."""
         start = time.perf_counter()
-        jobs = [functools.partial(self._mixed_executable, width, chunk)
-                for chunk in reversed(self.chunks) for width in reversed(self.widths)]
+        jobs = [
+            functools.partial(self._mixed_executable, width, chunk)
+            for chunk in reversed(self.chunks)
+            for width in reversed(self.widths)
+        ]
         jobs += [functools.partial(self._prefill_executable, bucket) for bucket in reversed(self.buckets)]
         jobs += [functools.partial(self._decode_executable, width) for width in reversed(self.widths)]
         jobs += [functools.partial(self._insert_executable, bucket) for bucket in self.buckets]
         jobs += [functools.partial(self._sample_executable, variant) for variant in SamplerVariant]
-        jobs += [functools.partial(self._step_sample_executable, width, variant)
-                 for width in self.widths for variant in SamplerVariant]
+        jobs += [
+            functools.partial(self._step_sample_executable, width, variant)
+            for width in self.widths
+            for variant in SamplerVariant
+        ]
         jobs += [functools.partial(self._logprobs_executable, rows) for rows in sorted({1, *self.widths})]
         jobs.append(self._move_executable)
         if self.chunks:
@@ -325,60 +343,84 @@ class EnginePrograms:
             slots = jnp.arange(bucket, dtype=jnp.int32)[None, :]
             cache = KVCache.init(self.config, 1, bucket, self.dtype)
             # Right padding: the cache's length becomes `length`; the padding slots it wrote stay hidden.
-            hidden, cache = model.hidden_states(input_ids, slots, (slots < length).astype(jnp.int32), cache=cache,
-                                                empty_cache=True)  # a fresh cache: causal self-attention
+            hidden, cache = model.hidden_states(
+                input_ids, slots, (slots < length).astype(jnp.int32), cache=cache, empty_cache=True
+            )  # a fresh cache: causal self-attention
             logits = model.logits(jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1))[:, 0]
             seen = mark_seen(jnp.zeros((1, self.vocab), bool), input_ids, slots < length)
             return cache, logits, seen
 
         def build():
-            out_shardings = None if self.mesh is None else (
-                self._cache_sharding(1, bucket), self._logits_sharding(1), self._replicated())
-            return (jax.jit(prefill, out_shardings=out_shardings)
-                    .lower(self._state_spec(), self._scalar_spec((1, bucket)), self._scalar_spec()).compile())
+            out_shardings = (
+                None
+                if self.mesh is None
+                else (self._cache_sharding(1, bucket), self._logits_sharding(1), self._replicated())
+            )
+            return (
+                jax.jit(prefill, out_shardings=out_shardings)
+                .lower(self._state_spec(), self._scalar_spec((1, bucket)), self._scalar_spec())
+                .compile()
+            )
 
         return self._executable(("prefill", bucket), build)
 
     def _insert_executable(self, bucket: int):
         def insert(cache: KVCache, slot_state, row_cache: KVCache, row_state, slot):
-            slot_state = jax.tree.map(lambda whole, row: jax.lax.dynamic_update_index_in_dim(whole, row[0], slot, 0),
-                                      slot_state, row_state)
+            slot_state = jax.tree.map(
+                lambda whole, row: jax.lax.dynamic_update_index_in_dim(whole, row[0], slot, 0), slot_state, row_state
+            )
             return cache.insert(row_cache, slot), slot_state
 
         def build():
-            out_shardings = None if self.mesh is None else (self._cache_sharding(self.slots, self.max_len),
-                                                            self._replicated())
-            return (jax.jit(insert, donate_argnums=(0, 1), out_shardings=out_shardings)
-                    .lower(self._cache_spec(self.slots, self.max_len), self._slot_state_spec(self.slots),
-                           self._cache_spec(1, bucket), self._slot_state_spec(1), self._scalar_spec()).compile())
+            out_shardings = (
+                None if self.mesh is None else (self._cache_sharding(self.slots, self.max_len), self._replicated())
+            )
+            return (
+                jax.jit(insert, donate_argnums=(0, 1), out_shardings=out_shardings)
+                .lower(
+                    self._cache_spec(self.slots, self.max_len),
+                    self._slot_state_spec(self.slots),
+                    self._cache_spec(1, bucket),
+                    self._slot_state_spec(1),
+                    self._scalar_spec(),
+                )
+                .compile()
+            )
 
         return self._executable(("insert", bucket), build)
 
     def _sample_executable(self, variant: SamplerVariant):
         """A prefilled prompt's first token, into its one-row state."""
+
         def build():
             logits = _spec((1, self.vocab), jnp.float32, self._logits_sharding(1))
-            return (jax.jit(functools.partial(_sample, variant=variant), donate_argnums=1,
-                            out_shardings=self._replicated())
-                    .lower(logits, self._slot_state_spec(1)).compile())
+            return (
+                jax.jit(functools.partial(_sample, variant=variant), donate_argnums=1, out_shardings=self._replicated())
+                .lower(logits, self._slot_state_spec(1))
+                .compile()
+            )
 
         return self._executable(("sample", variant), build)
 
     def _step_sample_executable(self, width: int, variant: SamplerVariant):
         """A step's tokens for the first `width` slots, sampled into the slot state of the rows
         `take` marks (the others keep their state: idle slots, a prompt still being prefilled)."""
+
         def step_sample(logits, slot_state: SlotState, take):
             rows = jax.tree.map(lambda x: x[:width], slot_state)
             sampled, tokens = _sample(logits, rows, variant)
-            rows = jax.tree.map(lambda new, old: jnp.where(take.reshape(-1, *(1,) * (new.ndim - 1)), new, old),
-                                sampled, rows)
+            rows = jax.tree.map(
+                lambda new, old: jnp.where(take.reshape(-1, *(1,) * (new.ndim - 1)), new, old), sampled, rows
+            )
             return jax.tree.map(lambda whole, part: whole.at[:width].set(part), slot_state, rows), tokens
 
         def build():
             logits = _spec((width, self.vocab), jnp.float32, self._logits_sharding(width))
-            return (jax.jit(step_sample, donate_argnums=1, out_shardings=self._replicated())
-                    .lower(logits, self._slot_state_spec(self.slots), self._scalar_spec((width,), jnp.bool_))
-                    .compile())
+            return (
+                jax.jit(step_sample, donate_argnums=1, out_shardings=self._replicated())
+                .lower(logits, self._slot_state_spec(self.slots), self._scalar_spec((width,), jnp.bool_))
+                .compile()
+            )
 
         return self._executable(("step_sample", width, variant), build)
 
@@ -391,8 +433,9 @@ class EnginePrograms:
 
         def build():
             logits = _spec((rows, self.vocab), jnp.float32, self._logits_sharding(rows))
-            return (jax.jit(logprobs, out_shardings=self._replicated())
-                    .lower(logits, self._scalar_spec((rows,))).compile())
+            return (
+                jax.jit(logprobs, out_shardings=self._replicated()).lower(logits, self._scalar_spec((rows,))).compile()
+            )
 
         return self._executable(("logprobs", rows), build)
 
@@ -404,39 +447,62 @@ class EnginePrograms:
             rows = cache if whole else KVCache(cache.k[:, :width], cache.v[:, :width], cache.lengths[:width])
             logits, rows = model(tokens[:width, None], attention_mask=active[:, None].astype(jnp.int32), cache=rows)
             if not whole:
-                rows = KVCache(cache.k.at[:, :width].set(rows.k), cache.v.at[:, :width].set(rows.v),
-                               cache.lengths.at[:width].set(rows.lengths))
+                rows = KVCache(
+                    cache.k.at[:, :width].set(rows.k),
+                    cache.v.at[:, :width].set(rows.v),
+                    cache.lengths.at[:width].set(rows.lengths),
+                )
             return logits[:, 0], rows
 
         def build():
-            out_shardings = None if self.mesh is None else (self._logits_sharding(width),
-                                                            self._cache_sharding(self.slots, self.max_len))
-            return (jax.jit(decode, donate_argnums=1, out_shardings=out_shardings)
-                    .lower(self._state_spec(), self._cache_spec(self.slots, self.max_len),
-                           self._scalar_spec((self.slots,)), self._scalar_spec((width,), jnp.bool_)).compile())
+            out_shardings = (
+                None
+                if self.mesh is None
+                else (self._logits_sharding(width), self._cache_sharding(self.slots, self.max_len))
+            )
+            return (
+                jax.jit(decode, donate_argnums=1, out_shardings=out_shardings)
+                .lower(
+                    self._state_spec(),
+                    self._cache_spec(self.slots, self.max_len),
+                    self._scalar_spec((self.slots,)),
+                    self._scalar_spec((width,), jnp.bool_),
+                )
+                .compile()
+            )
 
         return self._executable(("decode", width), build)
 
     def _start_executable(self):
         def start(cache: KVCache, slot_state, row_state, slot):
-            slot_state = jax.tree.map(lambda whole, row: jax.lax.dynamic_update_index_in_dim(whole, row[0], slot, 0),
-                                      slot_state, row_state)
+            slot_state = jax.tree.map(
+                lambda whole, row: jax.lax.dynamic_update_index_in_dim(whole, row[0], slot, 0), slot_state, row_state
+            )
             return dataclasses.replace(cache, lengths=cache.lengths.at[slot].set(0)), slot_state
 
         def build():
-            out_shardings = None if self.mesh is None else (self._cache_sharding(self.slots, self.max_len),
-                                                            self._replicated())
-            return (jax.jit(start, donate_argnums=(0, 1), out_shardings=out_shardings)
-                    .lower(self._cache_spec(self.slots, self.max_len), self._slot_state_spec(self.slots),
-                           self._slot_state_spec(1), self._scalar_spec()).compile())
+            out_shardings = (
+                None if self.mesh is None else (self._cache_sharding(self.slots, self.max_len), self._replicated())
+            )
+            return (
+                jax.jit(start, donate_argnums=(0, 1), out_shardings=out_shardings)
+                .lower(
+                    self._cache_spec(self.slots, self.max_len),
+                    self._slot_state_spec(self.slots),
+                    self._slot_state_spec(1),
+                    self._scalar_spec(),
+                )
+                .compile()
+            )
 
         return self._executable(("start",), build)
 
     def _mixed_executable(self, width: int, chunk: int):
         def mixed(state, cache: KVCache, slot_state: SlotState, active, chunk_ids, chunk_length, slot):
             model = nnx.merge(self.graphdef, state)
-            decoded, prefilled, cache = mixed_hidden_states(model, slot_state.tokens[:width], active, chunk_ids,
-                                                                  chunk_length, slot, cache)
+            decoded, prefilled, cache = mixed_hidden_states(
+                model, slot_state.tokens[:width], active, chunk_ids, chunk_length, slot, cache
+            )
             last = jax.lax.dynamic_index_in_dim(prefilled, chunk_length - 1, 0)  # [1, D]
             hidden = jax.lax.dynamic_update_slice_in_dim(decoded, last, slot, 0)  # the chunk's row: its last token
             logits = model.logits(hidden[:, None])[:, 0]
@@ -447,12 +513,24 @@ class EnginePrograms:
             return logits, cache, dataclasses.replace(slot_state, history=dataclasses.replace(history, seen=seen))
 
         def build():
-            out_shardings = None if self.mesh is None else (
-                self._logits_sharding(width), self._cache_sharding(self.slots, self.max_len), self._replicated())
-            return (jax.jit(mixed, donate_argnums=(1, 2), out_shardings=out_shardings)
-                    .lower(self._state_spec(), self._cache_spec(self.slots, self.max_len),
-                           self._slot_state_spec(self.slots), self._scalar_spec((width,), jnp.bool_),
-                           self._scalar_spec((1, chunk)), self._scalar_spec(), self._scalar_spec()).compile())
+            out_shardings = (
+                None
+                if self.mesh is None
+                else (self._logits_sharding(width), self._cache_sharding(self.slots, self.max_len), self._replicated())
+            )
+            return (
+                jax.jit(mixed, donate_argnums=(1, 2), out_shardings=out_shardings)
+                .lower(
+                    self._state_spec(),
+                    self._cache_spec(self.slots, self.max_len),
+                    self._slot_state_spec(self.slots),
+                    self._scalar_spec((width,), jnp.bool_),
+                    self._scalar_spec((1, chunk)),
+                    self._scalar_spec(),
+                    self._scalar_spec(),
+                )
+                .compile()
+            )
 
         return self._executable(("mixed", width, chunk), build)
 
@@ -466,11 +544,19 @@ class EnginePrograms:
             return cache, jax.tree.map(lambda x: copy(x, 0), slot_state)
 
         def build():
-            out_shardings = None if self.mesh is None else (self._cache_sharding(self.slots, self.max_len),
-                                                            self._replicated())
-            return (jax.jit(move, donate_argnums=(0, 1), out_shardings=out_shardings)
-                    .lower(self._cache_spec(self.slots, self.max_len), self._slot_state_spec(self.slots),
-                           self._scalar_spec(), self._scalar_spec()).compile())
+            out_shardings = (
+                None if self.mesh is None else (self._cache_sharding(self.slots, self.max_len), self._replicated())
+            )
+            return (
+                jax.jit(move, donate_argnums=(0, 1), out_shardings=out_shardings)
+                .lower(
+                    self._cache_spec(self.slots, self.max_len),
+                    self._slot_state_spec(self.slots),
+                    self._scalar_spec(),
+                    self._scalar_spec(),
+                )
+                .compile()
+            )
 
         return self._executable(("move",), build)
 
@@ -481,8 +567,9 @@ class EnginePrograms:
         bucket = next(b for b in self.buckets if b >= length)
         ids = np.full((1, bucket), self.pad_id, np.int32)
         ids[0, :length] = prompt_ids
-        ids, length_arg, slot_arg, row_state = self._put((ids, np.int32(length), np.int32(slot),
-                                                          _row_state(options, self.vocab)))
+        ids, length_arg, slot_arg, row_state = self._put(
+            (ids, np.int32(length), np.int32(slot), _row_state(options, self.vocab))
+        )
         row_cache, logits, seen = self._prefill_executable(bucket)(self.state, ids, length_arg)
         row_state = dataclasses.replace(row_state, history=dataclasses.replace(row_state.history, seen=seen))
         variant = variant_for([(options.temperature, options.top_k, options.top_p)])
@@ -518,7 +605,8 @@ class EnginePrograms:
         active = np.asarray([r is not None for r in rows])
         active_arg, ids, length_arg, slot_arg = self._put((active, ids, np.int32(length), np.int32(slot)))
         logits, self.cache, self.slot_state = self._mixed_executable(width, chunk)(
-            self.state, self.cache, self.slot_state, active_arg, ids, length_arg, slot_arg)
+            self.state, self.cache, self.slot_state, active_arg, ids, length_arg, slot_arg
+        )
         rows = list(rows)
         if final:
             rows[slot] = request
@@ -529,7 +617,9 @@ class EnginePrograms:
         if not any(rows):  # a chunk of a prompt, nothing decoding: no token this step
             return StepOutputs(list(rows), None, None)
         width = len(rows)
-        variant = variant_for([(r.options.temperature, r.options.top_k, r.options.top_p) for r in rows if r is not None])
+        variant = variant_for(
+            [(r.options.temperature, r.options.top_k, r.options.top_p) for r in rows if r is not None]
+        )
         self.slot_state, tokens = self._step_sample_executable(width, variant)(logits, self.slot_state, take)
         wants_logprobs = any(r is not None and r.options.logprobs is not None for r in rows)
         logprobs = self._logprobs_executable(width)(logits, tokens) if wants_logprobs else None

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 import uuid
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from qwen_jax.generation.options import RequestOptions
 from qwen_jax.generation.text import TextAssembler
@@ -66,8 +66,6 @@ class Completion:
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
-
-
 
 
 # ----------------------------------------------------------------------------- request state
@@ -127,8 +125,15 @@ class RequestHandle:
 class Request:
     """Engine-side state of one request (owned by the engine thread once submitted)."""
 
-    def __init__(self, request_id: str, prompt_ids: list[int], options: RequestOptions, tokenizer,
-                 handle: RequestHandle, on_delta: Callable[[Delta], None] | None):
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        options: RequestOptions,
+        tokenizer,
+        handle: RequestHandle,
+        on_delta: Callable[[Delta], None] | None,
+    ):
         self.id = request_id
         self.prompt_ids = prompt_ids
         self.options = options
@@ -168,16 +173,42 @@ class Request:
             self.finish_reason = "length"
         if self.finished:
             text += self.text.finish()
-        return Delta(self.id, text, [token_id], None if logprob is None else [logprob], self.finish_reason,
-                     self.stop_reason, prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.token_ids))
+        return Delta(
+            self.id,
+            text,
+            [token_id],
+            None if logprob is None else [logprob],
+            self.finish_reason,
+            self.stop_reason,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.token_ids),
+        )
 
     def end(self, reason: str, error: str | None = None) -> Delta:
         """Finish without a new token (abort, error, shutdown)."""
         self.finish_reason = reason
-        return Delta(self.id, self.text.finish(), [], None, reason, error=error, prompt_tokens=len(self.prompt_ids),
-                     completion_tokens=len(self.token_ids))
+        return Delta(
+            self.id,
+            self.text.finish(),
+            [],
+            None,
+            reason,
+            error=error,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.token_ids),
+        )
 
     def completion(self, error: str | None = None) -> Completion:
         ttft = None if self.first_token_at is None else self.first_token_at - self.submitted_at
-        return Completion(self.id, self.text.text, list(self.token_ids), self.finish_reason, len(self.prompt_ids),
-                          self.logprobs, self.stop_reason, error, ttft, time.perf_counter() - self.submitted_at)
+        return Completion(
+            self.id,
+            self.text.text,
+            list(self.token_ids),
+            self.finish_reason,
+            len(self.prompt_ids),
+            self.logprobs,
+            self.stop_reason,
+            error,
+            ttft,
+            time.perf_counter() - self.submitted_at,
+        )

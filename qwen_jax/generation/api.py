@@ -27,7 +27,8 @@ The model is split once per call (`nnx.split`); the jitted functions are pure fu
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from qwen_jax.config import GenerationConfig
 from qwen_jax.generation.options import (
@@ -84,14 +85,26 @@ def generate(
     `prefill_chunk` as in `generate_ids`.
     """
     single = isinstance(prompts_or_conversations, str) or (
-        bool(prompts_or_conversations) and isinstance(prompts_or_conversations[0], Mapping))
+        bool(prompts_or_conversations) and isinstance(prompts_or_conversations[0], Mapping)
+    )
     prompts = [prompts_or_conversations] if single else list(prompts_or_conversations)
     stop_ids, stop_strings = _split_stop(stop)
     config = _with_tokenizer_eos(config or default_generation_config(model), tokenizer)
     prompt_ids = [_encode_prompt(tokenizer, p, tools) for p in prompts]
-    result = generate_ids(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                          top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                          stop_token_ids=stop_ids, config=config, prefill_chunk=prefill_chunk)
+    result = generate_ids(
+        model,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop_token_ids=stop_ids,
+        config=config,
+        prefill_chunk=prefill_chunk,
+    )
     texts = []
     for row, ids in enumerate(result.token_ids):
         text, ids, stopped = _truncate_at_stop_string(tokenizer, ids, stop_strings)
@@ -172,7 +185,18 @@ def stream(
     stop_ids, stop_strings = _split_stop(stop)
     config = _with_tokenizer_eos(config or default_generation_config(model), tokenizer)
     prompt_ids = _encode_prompt(tokenizer, prompt_or_conversation, tools)
-    tokens = stream_ids(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                        stop_token_ids=stop_ids, config=config, prefill_chunk=prefill_chunk)
+    tokens = stream_ids(
+        model,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop_token_ids=stop_ids,
+        config=config,
+        prefill_chunk=prefill_chunk,
+    )
     return TextStream(tokens, tokenizer, stop_strings)

@@ -28,7 +28,8 @@ The model is split once per call (`nnx.split`); the jitted functions are pure fu
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from qwen_jax.config import GenerationConfig
 from qwen_jax.errors import EngineError
@@ -117,19 +118,28 @@ def resolve_options(
     if prompt_length < 1:
         raise EngineError("the prompt is empty: at least one token is needed to generate from")
     if prompt_length >= max_len:
-        raise EngineError(f"the prompt has {prompt_length} tokens, but the context is {max_len} tokens "
-                          f"(at least one new token must fit)")
+        raise EngineError(
+            f"the prompt has {prompt_length} tokens, but the context is {max_len} tokens "
+            f"(at least one new token must fit)"
+        )
     room = max_len - prompt_length
     if max_new_tokens is None:
         max_new_tokens = min(config.max_new_tokens, room)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise EngineError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if max_new_tokens > room:
-        raise EngineError(f"the prompt ({prompt_length} tokens) plus max_new_tokens ({max_new_tokens}) is "
-                          f"{prompt_length + max_new_tokens} tokens, more than the context of {max_len} tokens "
-                          f"(at most {room} new tokens for this prompt)")
-    values = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
-                  repetition_penalty=config.repetition_penalty)
+        raise EngineError(
+            f"the prompt ({prompt_length} tokens) plus max_new_tokens ({max_new_tokens}) is "
+            f"{prompt_length + max_new_tokens} tokens, more than the context of {max_len} tokens "
+            f"(at most {room} new tokens for this prompt)"
+        )
+    values = dict(
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        min_p=config.min_p,
+        repetition_penalty=config.repetition_penalty,
+    )
     given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
     values.update({k: v for k, v in given.items() if v is not None})
     try:
@@ -173,16 +183,20 @@ def _logit_bias(logit_bias, vocab_size: int) -> tuple[tuple[int, float], ...]:
     if not logit_bias:
         return ()
     if not isinstance(logit_bias, Mapping):
-        raise EngineError(f"logit_bias must map token ids to numbers, got {type(logit_bias).__name__}",
-                          param="logit_bias")
+        raise EngineError(
+            f"logit_bias must map token ids to numbers, got {type(logit_bias).__name__}", param="logit_bias"
+        )
     pairs = {}
     for token_id, value in logit_bias.items():
         if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
-            raise EngineError(f"logit_bias token id {token_id!r} is not in the vocabulary [0, {vocab_size})",
-                              param="logit_bias")
+            raise EngineError(
+                f"logit_bias token id {token_id!r} is not in the vocabulary [0, {vocab_size})", param="logit_bias"
+            )
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
-            raise EngineError(f"logit_bias value for token {token_id} must be a number between -100 and 100, "
-                              f"got {value!r}", param="logit_bias")
+            raise EngineError(
+                f"logit_bias value for token {token_id} must be a number between -100 and 100, got {value!r}",
+                param="logit_bias",
+            )
         pairs[token_id] = float(value)
     return tuple(sorted(pairs.items()))
 

@@ -74,10 +74,12 @@ class History:
     bias: jax.Array  # float32: added to the logits (OpenAI's logit_bias); 0 = none
 
     @classmethod
-    def empty(cls, rows: int, vocab: int, xp=jnp) -> "History":
-        return cls(xp.zeros((rows, vocab), bool), xp.zeros((rows, vocab), xp.int32), xp.zeros((rows, vocab), xp.float32))
+    def empty(cls, rows: int, vocab: int, xp=jnp) -> History:
+        return cls(
+            xp.zeros((rows, vocab), bool), xp.zeros((rows, vocab), xp.int32), xp.zeros((rows, vocab), xp.float32)
+        )
 
-    def record(self, tokens: jax.Array) -> "History":
+    def record(self, tokens: jax.Array) -> History:
         """The history after each row generated `tokens[row]`."""
         rows = jnp.arange(tokens.shape[0])
         return History(mark_seen(self.seen, tokens), self.counts.at[rows, tokens].add(1), self.bias)
@@ -88,8 +90,11 @@ def adjusted_logits(logits: jax.Array, history: History, params: RowParams) -> j
     logits = logits.astype(jnp.float32) + history.bias
     logits = apply_repetition_penalty(logits, history.seen, params.repetition_penalty[:, None])
     counts = history.counts.astype(jnp.float32)
-    return (logits - params.frequency_penalty[:, None] * counts
-            - params.presence_penalty[:, None] * (history.counts > 0).astype(jnp.float32))
+    return (
+        logits
+        - params.frequency_penalty[:, None] * counts
+        - params.presence_penalty[:, None] * (history.counts > 0).astype(jnp.float32)
+    )
 
 
 def seed_key_data(seed: int) -> np.ndarray:
@@ -127,11 +132,15 @@ def sample_rows(logits: jax.Array, history: History, params: RowParams, variant:
     temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
     scaled = logits / temperature
     uniform = jax.vmap(_uniform)(params.key_data, params.token_index)
-    sampled = jnp.where(_uses_candidates(params.top_k), _draw_sorted(scaled, params, uniform, min(CANDIDATES, vocab)),
-                        _draw_in_id_order(scaled, params, uniform))
+    sampled = jnp.where(
+        _uses_candidates(params.top_k),
+        _draw_sorted(scaled, params, uniform, min(CANDIDATES, vocab)),
+        _draw_in_id_order(scaled, params, uniform),
+    )
     if variant is SamplerVariant.FULL:
-        sampled = jnp.where(_needs_sort(params.top_k, params.top_p), _draw_sorted(scaled, params, uniform, vocab),
-                            sampled)
+        sampled = jnp.where(
+            _needs_sort(params.top_k, params.top_p), _draw_sorted(scaled, params, uniform, vocab), sampled
+        )
     return jnp.where(params.temperature > 0, sampled, greedy)
 
 

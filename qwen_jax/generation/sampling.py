@@ -146,9 +146,7 @@ def _candidates(logits: jax.Array, params: SamplingParams, mode: SamplingMode):
     return logits, token_ids
 
 
-def process_logits(
-    logits: jax.Array, seen: jax.Array | None, params: SamplingParams, mode: SamplingMode
-) -> jax.Array:
+def process_logits(logits: jax.Array, seen: jax.Array | None, params: SamplingParams, mode: SamplingMode) -> jax.Array:
     """The full-vocabulary logits the sampler draws from (-inf where filtered), as HF's processors give."""
     logits = logits.astype(jnp.float32)
     if mode.repetition_penalty:

@@ -31,7 +31,8 @@ import collections
 import dataclasses
 import functools
 import time
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +61,6 @@ PROGRESS_MIN_CHUNKS = 4  # prefills of this many chunks or more show a progress 
 LONG_PROMPT_BUCKET = 8192  # past this, prompt buckets grow by multiples of it instead of doubling
 
 
-
 def default_prefill_chunk(platform: str, longest: int) -> int:
     """Prompt tokens per prefill call when the caller gives none: `PREFILL_CHUNK` on CPU; `longest`
     (the whole prompt in one call) on a GPU or TPU, where activations of even a 128K-token prompt
@@ -68,14 +68,6 @@ def default_prefill_chunk(platform: str, longest: int) -> int:
     attention kernels run their causal path (a later chunk must mask the cache it reads, which
     cuDNN does with a dense bias). Pass `prefill_chunk=` to bound prefill memory on a small card."""
     return PREFILL_CHUNK if platform == "cpu" else longest
-
-
-
-
-
-
-
-
 
 
 # ----------------------------------------------------------------------------- results
@@ -143,7 +135,7 @@ class _Executables:
         self._entries: collections.OrderedDict = collections.OrderedDict()
         self._max_entries = max_entries
 
-    def get(self, jitted, static: "_Static", args: tuple) -> tuple[Any, float]:
+    def get(self, jitted, static: _Static, args: tuple) -> tuple[Any, float]:
         """(executable taking `args`, seconds spent compiling it now: 0 when it was cached)."""
         leaves, treedef = jax.tree.flatten(args)
         signature = tuple((leaf.shape, leaf.dtype, leaf.sharding) for leaf in leaves)
@@ -199,8 +191,9 @@ def _prefill_chunk(static: _Static, state, cache, chunk_ids, chunk_lengths, last
     steps = jnp.arange(chunk_ids.shape[1], dtype=jnp.int32)
     mask = (steps[None, :] < chunk_lengths[:, None]).astype(jnp.int32)
     positions = cache.lengths[:, None] + steps[None, :]
-    hidden, cache = model.hidden_states(chunk_ids, positions, mask, cache=cache, rope_length=rope_length,
-                                        empty_cache=static.empty_cache)
+    hidden, cache = model.hidden_states(
+        chunk_ids, positions, mask, cache=cache, rope_length=rope_length, empty_cache=static.empty_cache
+    )
     here = jnp.take_along_axis(hidden, jnp.maximum(chunk_lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     last = jnp.where((chunk_lengths > 0)[:, None], here, last)
     return _constrain_cache(cache, static), last
@@ -279,7 +272,7 @@ def _decode_step(static: _Static, state, cache, token, seen, key, step, params):
     return next_token, cache, seen, logits if static.return_logits else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(fn, donate: bool = True):
     # `static` is hashable (graphdef, frozen mode); the cache (argument 2) is donated.
     return jax.jit(fn, static_argnums=0, donate_argnums=2 if donate else ())
@@ -334,8 +327,13 @@ def _put(x, sharding: NamedSharding | None) -> jax.Array:
     return jax.device_put(x, sharding) if sharding is not None else jax.device_put(x)
 
 
-def _prepare(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], config: GenerationConfig,
-             return_logits: bool, prefill_chunk: int | None = None) -> _Request:
+def _prepare(
+    model: Qwen2ForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    config: GenerationConfig,
+    return_logits: bool,
+    prefill_chunk: int | None = None,
+) -> _Request:
     if not isinstance(model, Qwen2ForCausalLM):
         raise TypeError(f"expected a Qwen2ForCausalLM, got {type(model).__name__}")
     model_config = model.config
@@ -357,18 +355,26 @@ def _prepare(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], config: 
         if not ids:
             raise GenerationError(f"prompt {i} is empty: at least one token is needed to generate from")
         if len(ids) > context:
-            raise GenerationError(f"prompt {i} has {len(ids)} tokens, more than the model's context of {context}"
-                                  f"{_context_hint(model_config)}")
+            raise GenerationError(
+                f"prompt {i} has {len(ids)} tokens, more than the model's context of {context}"
+                f"{_context_hint(model_config)}"
+            )
         if len(ids) + max_new > context:
             raise GenerationError(
                 f"max_new_tokens={max_new} overflows the context: prompt {i} has {len(ids)} tokens and the "
-                f"model's context is {context} (at most {context - len(ids)} new tokens){_context_hint(model_config)}")
+                f"model's context is {context} (at most {context - len(ids)} new tokens){_context_hint(model_config)}"
+            )
         if min(ids) < 0 or max(ids) >= model_config.vocab_size:
             raise GenerationError(f"prompt {i} has token ids outside the vocabulary [0, {model_config.vocab_size})")
 
     mode, params = sampling_setup(
-        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
-        repetition_penalty=config.repetition_penalty, vocab_size=model_config.vocab_size)
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        min_p=config.min_p,
+        repetition_penalty=config.repetition_penalty,
+        vocab_size=model_config.vocab_size,
+    )
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     bucket = prompt_bucket(max(len(p) for p in prompts))
     chunk = min(prefill_chunk, bucket)
@@ -385,12 +391,19 @@ def _prepare(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], config: 
     cache_sharding = None
     replicated = None
     if mesh is not None:
-        shape = (model_config.num_hidden_layers, len(prompts), cache_len, model_config.num_key_value_heads,
-                 model_config.head_dim)
+        shape = (
+            model_config.num_hidden_layers,
+            len(prompts),
+            cache_len,
+            model_config.num_key_value_heads,
+            model_config.head_dim,
+        )
         cache_sharding = named_sharding(KVCache.logical_axes(), shape, mesh, model.rules)
         replicated = NamedSharding(mesh, PartitionSpec())
-        cache = jax.jit(lambda: KVCache.init(model_config, len(prompts), cache_len, cache_dtype),
-                        out_shardings=KVCache(cache_sharding, cache_sharding, replicated))()
+        cache = jax.jit(
+            lambda: KVCache.init(model_config, len(prompts), cache_len, cache_dtype),
+            out_shardings=KVCache(cache_sharding, cache_sharding, replicated),
+        )()
     else:
         cache = KVCache.init(model_config, len(prompts), cache_len, cache_dtype)
 
@@ -400,8 +413,9 @@ def _prepare(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], config: 
     return _Request(
         model=model,
         config=config,
-        static=_Static(graphdef, mode, return_logits, cache_sharding, min(cache_len, new_tokens_bucket(max_new)),
-                       chunk),
+        static=_Static(
+            graphdef, mode, return_logits, cache_sharding, min(cache_len, new_tokens_bucket(max_new)), chunk
+        ),
         state=state,
         input_ids=put(input_ids),
         host_ids=input_ids,
@@ -419,10 +433,10 @@ def _prepare(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], config: 
 def _context_hint(config: Qwen2Config) -> str:
     if config.rope_scaling.rope_type != "default":
         return ""
-    return ("; a longer context needs rope scaling, e.g. YaRN as Qwen documents for 128K: "
-            "load with rope_scaling='yarn:4' (command line: --rope-scaling yarn:4)")
-
-
+    return (
+        "; a longer context needs rope scaling, e.g. YaRN as Qwen documents for 128K: "
+        "load with rope_scaling='yarn:4' (command line: --rope-scaling yarn:4)"
+    )
 
 
 def _run_prefill(request: _Request, timing: Timing):
@@ -443,12 +457,23 @@ def _run_prefill(request: _Request, timing: Timing):
     cache, request.cache = request.cache, None  # donated
     compile_s = 0.0
     start = time.perf_counter()
-    with tqdm(total=int(lengths.sum()), unit="tok", desc="prefill", leave=False,
-              disable=None if chunks >= PROGRESS_MIN_CHUNKS else True) as bar:
+    with tqdm(
+        total=int(lengths.sum()),
+        unit="tok",
+        desc="prefill",
+        leave=False,
+        disable=None if chunks >= PROGRESS_MIN_CHUNKS else True,
+    ) as bar:
         for index in range(chunks):
             real = np.clip(lengths - index * chunk, 0, chunk).astype(np.int32)
-            args = (request.state, cache, request.put(request.host_ids[:, index * chunk:(index + 1) * chunk]),
-                    request.put(real), last, rope_length)
+            args = (
+                request.state,
+                cache,
+                request.put(request.host_ids[:, index * chunk : (index + 1) * chunk]),
+                request.put(real),
+                last,
+                rope_length,
+            )
             step, seconds = _executables.get(_jitted(_prefill_chunk), prefill_static, args)  # compiled once
             compile_s += seconds
             del cache
@@ -490,14 +515,32 @@ def generate_ids(
       on CPU, the whole prompt on a GPU/TPU); smaller bounds prefill memory tighter, larger runs
       bigger matrix products, and a prompt that fits one chunk skips reading the cache.
     """
-    config = _resolve_config(model, config, stop_token_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    config = _resolve_config(
+        model,
+        config,
+        stop_token_ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
     request = _prepare(model, prompts, config, return_logits, prefill_chunk)
     timing = Timing()
     first_token, cache, seen, first_logits = _run_prefill(request, timing)
 
-    args = (request.state, cache, first_token, seen, request.key, request.params,
-            request.put(np.int32(request.max_new_tokens)), request.stop_ids)
+    args = (
+        request.state,
+        cache,
+        first_token,
+        seen,
+        request.key,
+        request.params,
+        request.put(np.int32(request.max_new_tokens)),
+        request.stop_ids,
+    )
     executable, compile_s = _executables.get(_jitted(_decode_loop), request.static, args)
     del cache
     start = time.perf_counter()
@@ -542,8 +585,14 @@ class TokenStream(_Stream):
     After the iteration ends (or `close()`), `result` holds the `Generation` (timing included).
     """
 
-    def __init__(self, model: Qwen2ForCausalLM, prompt_ids: Sequence[int], config: GenerationConfig,
-                 return_logits: bool = False, prefill_chunk: int | None = None):
+    def __init__(
+        self,
+        model: Qwen2ForCausalLM,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig,
+        return_logits: bool = False,
+        prefill_chunk: int | None = None,
+    ):
         self._request = _prepare(model, [prompt_ids], config, return_logits, prefill_chunk)
         self._return_logits = return_logits
         super().__init__()
@@ -559,8 +608,7 @@ class TokenStream(_Stream):
             decode_start = executable = None
             for step in range(request.max_new_tokens):
                 if step > 0:
-                    args = (request.state, cache, token, seen, request.key, request.put(np.int32(step)),
-                            request.params)
+                    args = (request.state, cache, token, seen, request.key, request.put(np.int32(step)), request.params)
                     if executable is None:  # every step has the same signature: look it up once
                         executable, compile_s = _executables.get(_jitted(_decode_step), request.static, args)
                         timing.compile_s += compile_s
@@ -579,8 +627,9 @@ class TokenStream(_Stream):
                     finish = "stop"
                     break
         finally:
-            self.result = Generation([generated], [finish], request.prompt_lengths, timing,
-                                     logits=[np.stack(logits)] if logits else None)
+            self.result = Generation(
+                [generated], [finish], request.prompt_lengths, timing, logits=[np.stack(logits)] if logits else None
+            )
 
 
 def stream_ids(
@@ -600,10 +649,16 @@ def stream_ids(
     prefill_chunk: int | None = None,
 ) -> TokenStream:
     """Generate from one token-id prompt, yielding each id as soon as it is produced."""
-    config = _resolve_config(model, config, stop_token_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    config = _resolve_config(
+        model,
+        config,
+        stop_token_ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
     return TokenStream(model, prompt_ids, config, return_logits, prefill_chunk)
-
-
-
-

@@ -27,7 +27,7 @@ The model is split once per call (`nnx.split`); the jitted functions are pure fu
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from qwen_jax.tokenizer import StreamDecoder
 

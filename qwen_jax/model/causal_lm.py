@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from qwen_jax.config import Qwen2Config
 from qwen_jax.model.kv_cache import KVCache
 from qwen_jax.model.linear import _kernel_permutation
-from qwen_jax.model.modules import LMHead, Qwen2Model, AttentionContext
+from qwen_jax.model.modules import AttentionContext, LMHead, Qwen2Model
 from qwen_jax.model.quantize import (
     decoder_linears,
     default_out_major,
@@ -51,54 +51,6 @@ REMAT_POLICIES = {
 def default_dtype() -> jnp.dtype:
     """float32 on CPU (XLA's CPU bf16 matmuls are emulated and slow), bfloat16 on GPU/TPU."""
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 class Qwen2ForCausalLM(nnx.Module):
@@ -136,7 +88,8 @@ class Qwen2ForCausalLM(nnx.Module):
         self.attention = attention
         self.model = Qwen2Model(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, rngs=rngs)
         self.lm_head = (
-            None if config.tie_word_embeddings
+            None
+            if config.tie_word_embeddings
             else LMHead(config.vocab_size, config.hidden_size, param_dtype=param_dtype, rngs=rngs)
         )
 
@@ -149,12 +102,12 @@ class Qwen2ForCausalLM(nnx.Module):
 
     @attention.setter
     def attention(self, name: str) -> None:
-        check_backend(name, dtype=self.dtype, head_dim=self.config.head_dim,
-                                platform=platform_of(self.mesh))
+        check_backend(name, dtype=self.dtype, head_dim=self.config.head_dim, platform=platform_of(self.mesh))
         self._attention = name
 
-    def __call__(self, input_ids, positions=None, attention_mask=None, *, segment_ids=None, cache=None,
-                 logits_to_keep: int = 0):
+    def __call__(
+        self, input_ids, positions=None, attention_mask=None, *, segment_ids=None, cache=None, logits_to_keep: int = 0
+    ):
         """Logits `[B, T, V]` (float32); with `cache`, returns `(logits, new_cache)`.
 
         logits_to_keep: compute logits for the last n positions only (`[B, n, V]`; 0: all), as in
@@ -176,8 +129,14 @@ class Qwen2ForCausalLM(nnx.Module):
         if not 0 <= logits_to_keep <= input_ids.shape[1]:
             raise ValueError(f"logits_to_keep must be in [0, {input_ids.shape[1]}], got {logits_to_keep}")
         if _traced(input_ids) or _traced(self.model.embed_tokens.embedding.get_value()):
-            return self.forward(input_ids, positions, attention_mask, segment_ids=segment_ids, cache=cache,
-                                logits_to_keep=logits_to_keep)
+            return self.forward(
+                input_ids,
+                positions,
+                attention_mask,
+                segment_ids=segment_ids,
+                cache=cache,
+                logits_to_keep=logits_to_keep,
+            )
         state = nnx.state(self)
         fn = _jitted_forward(self, state, input_ids, cache is not None, segment_ids is not None, logits_to_keep)
         return fn(state, input_ids, positions, attention_mask, segment_ids, cache)
@@ -202,8 +161,17 @@ class Qwen2ForCausalLM(nnx.Module):
             raise ValueError(f"positions shape {positions.shape} != input_ids shape {(B, T)}")
         return positions, attention_mask
 
-    def hidden_states(self, input_ids, positions, attention_mask=None, *, segment_ids=None, cache=None,
-                      rope_length=None, empty_cache: bool = False):
+    def hidden_states(
+        self,
+        input_ids,
+        positions,
+        attention_mask=None,
+        *,
+        segment_ids=None,
+        cache=None,
+        rope_length=None,
+        empty_cache: bool = False,
+    ):
         """Final-norm hidden states `[B, T, D]` (and the new cache, or None).
 
         rope_length: the sequence length dynamic-NTK rope scales from (see `rope.rope_tables`).
@@ -234,8 +202,9 @@ class Qwen2ForCausalLM(nnx.Module):
             return constrain(h, ("batch", "seq", "act_embed"), mesh, rules), kv
 
         if self.remat != "none":
-            run_layer = jax.checkpoint(run_layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False,
-                                       static_argnums=(0,))
+            run_layer = jax.checkpoint(
+                run_layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False, static_argnums=(0,)
+            )
         uses_window = tuple(w > 0 for w in cfg.layer_windows)
         if isinstance(self.model.layers, nnx.List):
             # Unrolled: each layer reads its own weight arrays (no per-step slice of a stacked array).
@@ -262,10 +231,17 @@ class Qwen2ForCausalLM(nnx.Module):
     def cached_context(self, starts, q_len: int, max_len: int) -> AttentionContext:
         """The context of `q_len` new tokens per row read against a cache whose rows start at `starts`."""
         backend = select_backend(
-            self.attention, q_len=q_len, kv_len=max_len, cached=True, dtype=self.dtype, head_dim=self.config.head_dim,
-            platform=platform_of(self.mesh))
-        return AttentionContext(backend, AttentionMask.cached(starts), self._window(), starts, True, self.mesh,
-                                 self.rules)
+            self.attention,
+            q_len=q_len,
+            kv_len=max_len,
+            cached=True,
+            dtype=self.dtype,
+            head_dim=self.config.head_dim,
+            platform=platform_of(self.mesh),
+        )
+        return AttentionContext(
+            backend, AttentionMask.cached(starts), self._window(), starts, True, self.mesh, self.rules
+        )
 
     def _attention_context(self, shape, attention_mask, segment_ids, cache, empty_cache=False) -> AttentionContext:
         if cache is not None:
@@ -281,10 +257,17 @@ class Qwen2ForCausalLM(nnx.Module):
                 segment_ids = attention_mask if segment_ids is None else jnp.where(attention_mask > 0, segment_ids, -1)
             mask = AttentionMask.causal(segment_ids)
         backend = select_backend(
-            self.attention, q_len=shape[1], kv_len=shape[1], cached=False, dtype=self.dtype,
-            head_dim=self.config.head_dim, platform=platform_of(self.mesh))
-        return AttentionContext(backend, mask, self._window(), None if cache is None else cache.lengths, False,
-                                 self.mesh, self.rules)
+            self.attention,
+            q_len=shape[1],
+            kv_len=shape[1],
+            cached=False,
+            dtype=self.dtype,
+            head_dim=self.config.head_dim,
+            platform=platform_of(self.mesh),
+        )
+        return AttentionContext(
+            backend, mask, self._window(), None if cache is None else cache.lengths, False, self.mesh, self.rules
+        )
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Full-vocabulary float32 logits from final hidden states."""
@@ -298,12 +281,22 @@ class Qwen2ForCausalLM(nnx.Module):
             logits = jnp.einsum("BTD,VD->BTV", hidden, head, preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab"), self.mesh, self.rules)
 
-    def forward(self, input_ids, positions, attention_mask, *, segment_ids=None, cache=None, logits_to_keep: int = 0,
-                empty_cache: bool = False):
+    def forward(
+        self,
+        input_ids,
+        positions,
+        attention_mask,
+        *,
+        segment_ids=None,
+        cache=None,
+        logits_to_keep: int = 0,
+        empty_cache: bool = False,
+    ):
         """The traced computation behind `__call__` (explicit positions and mask); `empty_cache` as in
         `hidden_states`."""
-        hidden, new_cache = self.hidden_states(input_ids, positions, attention_mask, segment_ids=segment_ids, cache=cache,
-                                               empty_cache=empty_cache)
+        hidden, new_cache = self.hidden_states(
+            input_ids, positions, attention_mask, segment_ids=segment_ids, cache=cache, empty_cache=empty_cache
+        )
         logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return logits if cache is None else (logits, new_cache)
 
@@ -315,8 +308,9 @@ def _traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def _jitted_forward(model: "Qwen2ForCausalLM", state, input_ids, with_cache: bool, with_segments: bool,
-                    logits_to_keep: int):
+def _jitted_forward(
+    model: Qwen2ForCausalLM, state, input_ids, with_cache: bool, with_segments: bool, logits_to_keep: int
+):
     """A compiled forward for this model structure and these shardings (explicit on a mesh)."""
     graphdef = nnx.graphdef(model)
     mesh, rules = model.mesh, model.rules
@@ -335,8 +329,9 @@ def _jitted_forward(model: "Qwen2ForCausalLM", state, input_ids, with_cache: boo
 def _compile(graphdef, with_cache: bool, with_segments: bool, logits_to_keep: int, shardings):
     def fn(state, input_ids, positions, attention_mask, segment_ids, cache):
         model = nnx.merge(graphdef, state)
-        return model.forward(input_ids, positions, attention_mask, segment_ids=segment_ids, cache=cache,
-                             logits_to_keep=logits_to_keep)
+        return model.forward(
+            input_ids, positions, attention_mask, segment_ids=segment_ids, cache=cache, logits_to_keep=logits_to_keep
+        )
 
     donate = ("cache",) if with_cache else ()
     if shardings is None:
@@ -363,8 +358,16 @@ def create_model(
     """A randomly initialised model; on a mesh every parameter is created directly in its shards."""
 
     def build():
-        return Qwen2ForCausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed),
-                                mesh=mesh, rules=rules, remat=remat, attention=attention)
+        return Qwen2ForCausalLM(
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=nnx.Rngs(seed),
+            mesh=mesh,
+            rules=rules,
+            remat=remat,
+            attention=attention,
+        )
 
     if mesh is None:
         return build()
@@ -392,20 +395,36 @@ def unstack_layers(model: Qwen2ForCausalLM, *, out_major: bool | None = None) ->
     out_major = default_out_major(model) if out_major is None else out_major
 
     def build():
-        unrolled = with_quantized_structure(Qwen2ForCausalLM(
-            model.config, dtype=model.dtype, param_dtype=model.param_dtype, mesh=model.mesh, rules=model.rules,
-            remat=model.remat, scan_layers=False, attention=model.attention), model_quantization(model))
+        unrolled = with_quantized_structure(
+            Qwen2ForCausalLM(
+                model.config,
+                dtype=model.dtype,
+                param_dtype=model.param_dtype,
+                mesh=model.mesh,
+                rules=model.rules,
+                remat=model.remat,
+                scan_layers=False,
+                attention=model.attention,
+            ),
+            model_quantization(model),
+        )
         set_decoder_out_major(unrolled, out_major)
         return unrolled
 
     abstract = nnx.eval_shape(build)
     graphdef, abstract_state = nnx.split(abstract)
     target = dict(nnx.to_flat_state(abstract_state))
-    shardings = (None if model.mesh is None
-                 else dict(nnx.to_flat_state(state_shardings(abstract_state, model.mesh, model.rules))))
+    shardings = (
+        None
+        if model.mesh is None
+        else dict(nnx.to_flat_state(state_shardings(abstract_state, model.mesh, model.rules)))
+    )
     # Stacked kernel path (below `model.layers`) -> the permutation its layer slices take.
-    perms = {(*path[1:], "kernel"): _kernel_permutation(len(linear.kernel.shape), linear.contracted, True)
-             for path, linear in decoder_linears(abstract) if linear.out_major and path[0] == 0}
+    perms = {
+        (*path[1:], "kernel"): _kernel_permutation(len(linear.kernel.shape), linear.contracted, True)
+        for path, linear in decoder_linears(abstract)
+        if linear.out_major and path[0] == 0
+    }
     for path, variable in nnx.to_flat_state(nnx.state(model)):
         value = variable.get_value()
         if path[:2] != ("model", "layers"):

@@ -48,7 +48,7 @@ class KVCache:
     lengths: jax.Array  # int32 [batch]
 
     @classmethod
-    def init(cls, config: Qwen2Config, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+    def init(cls, config: Qwen2Config, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
         shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 
@@ -64,7 +64,7 @@ class KVCache:
     def batch(self) -> int:
         return self.k.shape[1]
 
-    def insert(self, other: "KVCache", slots) -> "KVCache":
+    def insert(self, other: KVCache, slots) -> KVCache:
         """This cache with every row of `other` copied into rows `slots` (int or int[other.batch]).
 
         `other` may be shorter (`other.max_len <= self.max_len`): slots past it keep stale values,

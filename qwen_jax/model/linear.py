@@ -17,10 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwen_jax.ops.quant import matmul
 from qwen_jax.errors import QuantizationError
 from qwen_jax.ops.cpu import release_freed_host_memory, rows_times_out_major
-from qwen_jax.ops.quant import QuantScheme
+from qwen_jax.ops.quant import QuantScheme, matmul
 
 
 def _param(rngs: nnx.Rngs | None, init, shape, axes, dtype, layers: int | None) -> nnx.Param:
@@ -42,12 +41,23 @@ _ones = jax.nn.initializers.ones
 class Linear(nnx.Module):
     """A projection in einsum layout (`kernel` axes name every dimension), optional bias."""
 
-    def __init__(self, equation: str, kernel_shape, kernel_axes, bias_shape=None, bias_axes=None, *,
-                 dtype, param_dtype, layers=None, rngs=None):
+    def __init__(
+        self,
+        equation: str,
+        kernel_shape,
+        kernel_axes,
+        bias_shape=None,
+        bias_axes=None,
+        *,
+        dtype,
+        param_dtype,
+        layers=None,
+        rngs=None,
+    ):
         self.equation = equation
         x_letters, kernel_letters = equation.split("->")[0].split(",")
         self.contracted = sum(c in kernel_letters for c in x_letters)  # x's trailing dims = kernel's leading
-        if x_letters[len(x_letters) - self.contracted:] != kernel_letters[: self.contracted]:
+        if x_letters[len(x_letters) - self.contracted :] != kernel_letters[: self.contracted]:
             raise ValueError(f"{equation!r}: x must end with the dims the kernel starts with")
         self.kernel = _param(rngs, _normal, kernel_shape, kernel_axes, param_dtype, layers)
         self.bias = _param(rngs, _zeros, bias_shape, bias_axes, param_dtype, layers) if bias_shape else None
@@ -88,8 +98,14 @@ class Linear(nnx.Module):
         rows = x.shape[: x.ndim - self.contracted]
         out = math.prod(out_shape)
         zero = None if self.kernel_zero is None else self.kernel_zero[...].reshape(out, -1)
-        y = matmul(x.reshape(math.prod(rows), -1), stored.reshape(out, *stored.shape[-2:]),
-                         self.kernel_scale[...].reshape(out, -1), zero, self.quantization, self.dtype)
+        y = matmul(
+            x.reshape(math.prod(rows), -1),
+            stored.reshape(out, *stored.shape[-2:]),
+            self.kernel_scale[...].reshape(out, -1),
+            zero,
+            self.quantization,
+            self.dtype,
+        )
         return y.reshape(*rows, *out_shape)
 
 
@@ -109,7 +125,7 @@ def _kernel_permutation(ndim: int, contracted: int, to_out_major: bool) -> tuple
     return (*range(first, ndim), *range(first))
 
 
-def set_out_major(linear: "Linear", out_major: bool) -> None:
+def set_out_major(linear: Linear, out_major: bool) -> None:
     """Store a float `Linear`'s kernel as `[*out, *in]` (True) or in the einsum layout (False), in place.
 
     Only for unstacked kernels; a quantized one is left as it is (its own layout is out-major).
@@ -129,7 +145,7 @@ def set_out_major(linear: "Linear", out_major: bool) -> None:
     release_freed_host_memory()
 
 
-def einsum_kernel(linear: "Linear", value: jax.Array) -> jax.Array:
+def einsum_kernel(linear: Linear, value: jax.Array) -> jax.Array:
     """A float kernel array of `linear` in the einsum layout `[*in, *out]`, however it is stored."""
     if not linear.out_major:
         return value

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -100,14 +100,18 @@ class LoRA(nnx.Module):
         self.down_equation = f"{x_letters},{contracted}{_RANK_LETTER}->{kept}{_RANK_LETTER}"
         self.up_equation = f"{kept}{_RANK_LETTER},{_RANK_LETTER}{produced}->{linear.equation.split('->')[1]}"
         layer_letter = "L" if stacked else ""
-        self.merge_equation = (f"{layer_letter}{contracted}{_RANK_LETTER},{layer_letter}{_RANK_LETTER}{produced}"
-                               f"->{layer_letter}{contracted}{produced}")
+        self.merge_equation = (
+            f"{layer_letter}{contracted}{_RANK_LETTER},{layer_letter}{_RANK_LETTER}{produced}"
+            f"->{layer_letter}{contracted}{produced}"
+        )
         self.scale = config.scale
         self.dropout = config.dropout
         self.deterministic = False  # True turns dropout off (evaluation)
         self.dtype = linear.dtype
         if config.dropout > 0:
-            self.dropout_key = LoRADropoutKey(jnp.zeros((*layer_shape, 2), jnp.uint32), logical_axes=(*layer_axes, None))
+            self.dropout_key = LoRADropoutKey(
+                jnp.zeros((*layer_shape, 2), jnp.uint32), logical_axes=(*layer_axes, None)
+            )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.dropout > 0 and not self.deterministic:
@@ -146,7 +150,9 @@ def apply_lora(model: Qwen2ForCausalLM, config: LoRAConfig, *, seed: int = 0) ->
         if model.mesh is not None:
             for variable in (lora.lora_a, lora.lora_b):
                 axes = variable.get_metadata()["logical_axes"]
-                variable.set_value(jax.device_put(variable[...], named_sharding(axes, variable.shape, model.mesh, model.rules)))
+                variable.set_value(
+                    jax.device_put(variable[...], named_sharding(axes, variable.shape, model.mesh, model.rules))
+                )
         linear.lora = nnx.data(lora)  # `lora` starts as static None in Linear
     return model
 

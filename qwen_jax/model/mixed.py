@@ -15,12 +15,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qwen_jax.model.kv_cache import write_rows
-from qwen_jax.model.modules import AttentionContext
-from qwen_jax.model.kv_cache import KVCache
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM
-from qwen_jax.sharding import constrain
+from qwen_jax.model.kv_cache import KVCache, write_rows
+from qwen_jax.model.modules import AttentionContext
 from qwen_jax.model.rope import rope_tables
+from qwen_jax.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +36,14 @@ class MixedContext:
     def write_and_attend(self, q, k, v, kv, layer, use_window):
         W = self.width
         (q_dec, q_chunk), (k_dec, k_chunk), (v_dec, v_chunk) = (
-            (x[0, :W, None], x[:, W:]) for x in (q, k, v))  # [W, 1, heads, H] and [1, C, heads, H]
+            (x[0, :W, None], x[:, W:]) for x in (q, k, v)
+        )  # [W, 1, heads, H] and [1, C, heads, H]
         # Decode rows first: an idle row (the chunk's own row among them) writes a slot the chunk then overwrites.
         kv = tuple(write_rows(cache, layer, new, self.decode.cache_starts) for cache, new in zip(kv, (k_dec, v_dec)))
-        kv = tuple(write_rows(cache, layer, new, self.chunk.cache_starts, self.row)
-                   for cache, new in zip(kv, (k_chunk, v_chunk)))
+        kv = tuple(
+            write_rows(cache, layer, new, self.chunk.cache_starts, self.row)
+            for cache, new in zip(kv, (k_chunk, v_chunk))
+        )
         out_dec = self.decode.attend(q_dec, *kv, layer, use_window)
         out_chunk = self.chunk.attend(q_chunk, *kv, layer, use_window, row_offset=self.row)
         return jnp.concatenate([out_dec[:, 0][None], out_chunk], axis=1), kv
@@ -69,9 +71,12 @@ def mixed_hidden_states(model: Qwen2ForCausalLM, tokens, active, chunk_ids, chun
     x = constrain(x, ("batch", "seq", "act_embed"), mesh, rules)
     tables = [rope_tables(cfg, p, model.dtype) for p in (decode_starts[None, :], chunk_positions)]
     cos, sin = (jnp.concatenate(parts, axis=1) for parts in zip(*tables))
-    context = MixedContext(model.cached_context(decode_starts, 1, cache.max_len),
-                            model.cached_context(row_start, C, cache.max_len), W, jnp.asarray(row, jnp.int32))
+    context = MixedContext(
+        model.cached_context(decode_starts, 1, cache.max_len),
+        model.cached_context(row_start, C, cache.max_len),
+        W,
+        jnp.asarray(row, jnp.int32),
+    )
     x, kv = model.run_layers(x, cos, sin, context, (cache.k, cache.v))
     lengths = cache.lengths.at[:W].add(active.astype(jnp.int32)).at[row].add(chunk_length)
     return x[0, :W], x[0, W:], KVCache(kv[0], kv[1], lengths)
-

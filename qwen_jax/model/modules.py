@@ -18,11 +18,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from qwen_jax.ops.attention import attend
-from qwen_jax.model.rope import apply_rope
 from qwen_jax.config import Qwen2Config
 from qwen_jax.model.kv_cache import write_rows
 from qwen_jax.model.linear import Linear, _normal, _ones, _param
+from qwen_jax.model.rope import apply_rope
+from qwen_jax.ops.attention import attend
 from qwen_jax.ops.attention.mask import AttentionMask
 from qwen_jax.sharding import ShardingRules
 
@@ -44,15 +44,18 @@ class Attention(nnx.Module):
     def __init__(self, config: Qwen2Config, *, dtype, param_dtype, layers=None, rngs=None):
         D, N, K, H = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, layers=layers, rngs=rngs)
-        self.q_proj = Linear("BTD,DNH->BTNH", (D, N, H), ("embed", "q_heads", "head_dim"),
-                             (N, H), ("q_heads", "head_dim"), **kw)
-        self.k_proj = Linear("BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"),
-                             (K, H), ("kv_heads", "head_dim"), **kw)
-        self.v_proj = Linear("BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"),
-                             (K, H), ("kv_heads", "head_dim"), **kw)
+        self.q_proj = Linear(
+            "BTD,DNH->BTNH", (D, N, H), ("embed", "q_heads", "head_dim"), (N, H), ("q_heads", "head_dim"), **kw
+        )
+        self.k_proj = Linear(
+            "BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"), (K, H), ("kv_heads", "head_dim"), **kw
+        )
+        self.v_proj = Linear(
+            "BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"), (K, H), ("kv_heads", "head_dim"), **kw
+        )
         self.o_proj = Linear("BTNH,NHD->BTD", (N, H, D), ("q_heads", "head_dim", "embed"), **kw)
 
-    def __call__(self, x, cos, sin, context: "AttentionContext", kv=None, layer=None, use_window=False):
+    def __call__(self, x, cos, sin, context: AttentionContext, kv=None, layer=None, use_window=False):
         """Self-attention of one layer; with `kv` (the stacked cache arrays `[L, B, S, K, H]`),
         this call's keys/values are written into layer `layer` first (each row at its own length)
         and attention reads that layer's filled blocks. Returns the output and the updated `kv`."""
@@ -87,8 +90,17 @@ class AttentionContext:
 
     def attend(self, q, k, v, layer, use_window, row_offset=0) -> jax.Array:
         def run(window):
-            return attend(q, k, v, self.mask.with_window(window), backend=self.backend, layer=layer,
-                                    row_offset=row_offset, mesh=self.mesh, rules=self.rules)
+            return attend(
+                q,
+                k,
+                v,
+                self.mask.with_window(window),
+                backend=self.backend,
+                layer=layer,
+                row_offset=row_offset,
+                mesh=self.mesh,
+                rules=self.rules,
+            )
 
         if isinstance(use_window, (bool, int, np.integer)):
             return run(self.window if use_window else 0)

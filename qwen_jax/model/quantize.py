@@ -31,7 +31,8 @@ weight instead of keeping a float copy of every kernel as a residual.
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -89,8 +90,9 @@ def dequantize_linear(linear, dtype) -> None:
     layout = kernel_layout(linear)
     zero = None if linear.kernel_zero is None else linear.kernel_zero.get_value()
     sharding = getattr(linear.kernel.get_value(), "sharding", None)
-    kernel = _dequantize_kernel(linear.kernel.get_value(), linear.kernel_scale.get_value(), zero, layout, scheme,
-                                jnp.dtype(dtype))
+    kernel = _dequantize_kernel(
+        linear.kernel.get_value(), linear.kernel_scale.get_value(), zero, layout, scheme, jnp.dtype(dtype)
+    )
     linear.kernel = nnx.Param(kernel, logical_axes=layout.float_axes())
     linear.kernel_scale = linear.kernel_zero = linear.kernel_layout = None
     linear.quantization = None
@@ -115,7 +117,7 @@ def decoder_linears(model) -> Iterator[tuple[tuple, Any]]:
             yield path, module
 
 
-def quantize_model(model, quantize: "str | QuantScheme"):
+def quantize_model(model, quantize: str | QuantScheme):
     """Quantize every decoder projection of `model` in place and return it.
 
     The embedding, the norms and the output head stay in the model's dtype. On a mesh, each
@@ -150,8 +152,13 @@ def with_quantized_structure(model, scheme: QuantScheme | None):
         layout = kernel_layout(linear)
         scheme.groups(layout.in_features, ".".join(map(str, path)))
         scale = jnp.zeros(layout.scale_shape(scheme), jnp.float32)
-        set_quantized(linear, scheme, jnp.zeros(layout.values_shape(scheme), jnp.int8), scale,
-                      jnp.zeros_like(scale) if scheme.zero_point else None)
+        set_quantized(
+            linear,
+            scheme,
+            jnp.zeros(layout.values_shape(scheme), jnp.int8),
+            scale,
+            jnp.zeros_like(scale) if scheme.zero_point else None,
+        )
     model.quantization = scheme
     return model
 

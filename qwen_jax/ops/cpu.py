@@ -17,7 +17,6 @@ import sys
 import jax
 import jax.numpy as jnp
 
-
 # Row counts for which an out-major product is computed as `(W @ x.T).T` (see `rows_times_out_major`).
 OUT_MAJOR_SWAP_ROWS = (2, 64)
 
@@ -80,7 +79,7 @@ def _reduce_rows(x, stored, scale, zero, *, packed: bool, dtype):
     xg = x.astype(jnp.float32).reshape(rows, groups, -1)
     if packed:  # low nibbles meet the first half of each group's inputs, high nibbles the second
         nibbles = ((stored << 4) >> 4, stored >> 4)  # signed: arithmetic shifts keep the sign
-        terms = [(part, xg[..., k * width:(k + 1) * width]) for k, part in enumerate(nibbles)]
+        terms = [(part, xg[..., k * width : (k + 1) * width]) for k, part in enumerate(nibbles)]
     else:
         terms = [(stored, xg)]
     if groups == 1:  # one group per channel: 2-D reductions (a unit group axis ran ~20x slower), scaled after

@@ -47,8 +47,6 @@ QUANTIZE_CHOICES = ("int8", "int4")
 _SCHEME_NAME = re.compile(r"int(4|8)(?:-g(\d+))?")
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class QuantScheme:
     """How a kernel is quantized.
@@ -69,14 +67,16 @@ class QuantScheme:
             raise QuantizationError(f"bad quantization group size {self.group_size}")
 
     @classmethod
-    def parse(cls, spec: "str | QuantScheme") -> "QuantScheme":
+    def parse(cls, spec: str | QuantScheme) -> QuantScheme:
         """'int8' (per output channel), 'int4' (groups of 128), 'int4-g32', 'int8-g128'; or a scheme."""
         if isinstance(spec, QuantScheme):
             return spec
         match = _SCHEME_NAME.fullmatch(str(spec).strip().lower())
         if not match:
-            raise QuantizationError(f"unknown quantization {spec!r}; choose from {', '.join(QUANTIZE_CHOICES)} "
-                                    "(or int4-gN / int8-gN for groups of N inputs)")
+            raise QuantizationError(
+                f"unknown quantization {spec!r}; choose from {', '.join(QUANTIZE_CHOICES)} "
+                "(or int4-gN / int8-gN for groups of N inputs)"
+            )
         bits = int(match.group(1))
         group = int(match.group(2)) if match.group(2) else (DEFAULT_GROUP_SIZE if bits == 4 else None)
         return cls(bits, group)
@@ -106,9 +106,11 @@ class QuantScheme:
         """Scales per output channel for `in_features` inputs; the group size must divide them."""
         group = self.group_size or in_features
         if in_features % group or (self.packed and group % 2):
-            raise QuantizationError(f"{what}: {in_features} inputs are not a multiple of the quantization group "
-                                    f"size {group}{' (an even number for int4)' if self.packed else ''}; choose a "
-                                    "group size that divides it (e.g. int4-g32)")
+            raise QuantizationError(
+                f"{what}: {in_features} inputs are not a multiple of the quantization group "
+                f"size {group}{' (an even number for int4)' if self.packed else ''}; choose a "
+                "group size that divides it (e.g. int4-g32)"
+            )
         return in_features // group
 
     def stored_shape(self, in_features: int) -> tuple[int, int]:
@@ -120,13 +122,11 @@ class QuantScheme:
         return {"bits": self.bits, "group_size": self.group_size, "zero_point": self.zero_point}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "QuantScheme":
+    def from_json(cls, data: dict[str, Any]) -> QuantScheme:
         try:
             return cls(int(data["bits"]), data.get("group_size"), bool(data.get("zero_point", False)))
         except (KeyError, TypeError, ValueError) as e:
             raise QuantizationError(f"unreadable quantization record {data!r} ({e})") from None
-
-
 
 
 # --------------------------------------------------------------------------- arrays
@@ -187,8 +187,9 @@ def _nibbles(stored):
     return (stored << 4) >> 4, stored >> 4
 
 
-def matmul(x: jax.Array, stored: jax.Array, scale: jax.Array, zero: jax.Array | None, scheme: QuantScheme,
-           dtype) -> jax.Array:
+def matmul(
+    x: jax.Array, stored: jax.Array, scale: jax.Array, zero: jax.Array | None, scheme: QuantScheme, dtype
+) -> jax.Array:
     """`x[rows, in] @ W.T` for a quantized `W` stored `[out, groups, group']`; returns `[rows, out]` in `dtype`.
 
     scale (and zero): `[out, groups]`.
@@ -213,8 +214,6 @@ def matmul(x: jax.Array, stored: jax.Array, scale: jax.Array, zero: jax.Array | 
 def _dequantize_dot(x, stored, scale, zero, *, scheme, dtype):
     w = dequantize_matrix(unpack(stored, scheme), scale, zero, scheme, dtype)
     return jax.lax.dot_general(x.astype(dtype), w, (((1,), (1,)), ((), ())))
-
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,33 +249,3 @@ def quantize_host(matrix: np.ndarray, scheme: QuantScheme, what: str = "kernel")
 
 _quantize_jit = jax.jit(quantize_matrix, static_argnums=1)
 _dequantize_jit = jax.jit(dequantize_matrix, static_argnums=3)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

@@ -14,7 +14,8 @@ import hmac
 import json
 import secrets
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -61,8 +62,9 @@ def create_app(engine, *, model_name: str, api_key: str | None = None) -> FastAP
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception):
-        return _error_response(RequestError(f"internal error: {type(exc).__name__}: {exc}", status=500,
-                                            type="server_error"))
+        return _error_response(
+            RequestError(f"internal error: {type(exc).__name__}: {exc}", status=500, type="server_error")
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -110,8 +112,9 @@ class _HttpMiddleware:
         counted = path if path in _KNOWN_PATHS else "other"
         if self.api_key is not None and path.startswith("/v1") and not self._authorized(scope):
             self.metrics.http_requests.labels(path=counted, status="401").inc()
-            error = RequestError("invalid or missing API key (send 'Authorization: Bearer <key>')", status=401,
-                                 code="invalid_api_key")
+            error = RequestError(
+                "invalid or missing API key (send 'Authorization: Bearer <key>')", status=401, code="invalid_api_key"
+            )
             return await _error_response(error)(scope, receive, send)
         status = []
 
@@ -164,8 +167,13 @@ class _Server:
         self.token_strings = TokenStrings(engine.tokenizer)
 
     def model_card(self) -> dict[str, Any]:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "qwen-jax",
-                "max_model_len": self.engine.max_len}
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "qwen-jax",
+            "max_model_len": self.engine.max_len,
+        }
 
     # ------------------------------------------------------------------ endpoints
     async def chat(self, body: ChatCompletionRequest, request: Request):
@@ -182,9 +190,15 @@ class _Server:
         prefix = forced_prefix(body.tool_choice) if use_tools else ""
         prompt_ids = self.tokenizer.encode(text + prefix)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        choices, queue = self._submit(body, prompt_ids, max_tokens=body.completion_limit(), logprobs=logprobs,
-                                      arrived=arrived, prompt_param="messages",
-                                      tool_prefix=prefix if use_tools else None)
+        choices, queue = self._submit(
+            body,
+            prompt_ids,
+            max_tokens=body.completion_limit(),
+            logprobs=logprobs,
+            arrived=arrived,
+            prompt_param="messages",
+            tool_prefix=prefix if use_tools else None,
+        )
         kind = _ChatFormat(self, body, use_tools)
         if body.stream:
             return _sse(self._stream(kind, body, request, choices, queue, len(prompt_ids)))
@@ -198,9 +212,17 @@ class _Server:
         choices, queue = [], None
         try:
             for ids in prompts:
-                batch, queue = self._submit(body, ids, max_tokens=body.max_tokens, logprobs=body.logprobs,
-                                            arrived=arrived, prompt_param="prompt", queue=queue,
-                                            first_index=len(choices), default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
+                batch, queue = self._submit(
+                    body,
+                    ids,
+                    max_tokens=body.max_tokens,
+                    logprobs=body.logprobs,
+                    arrived=arrived,
+                    prompt_param="prompt",
+                    queue=queue,
+                    first_index=len(choices),
+                    default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
+                )
                 choices += batch
         except BaseException:
             self._abort(choices)
@@ -215,12 +237,28 @@ class _Server:
     # ------------------------------------------------------------------ submission
     def _check_model(self, name: str) -> None:
         if name != self.model_name:
-            raise RequestError(f"the model {name!r} does not exist; this server serves {self.model_name!r}",
-                               status=404, param="model", code="model_not_found", type="not_found_error")
+            raise RequestError(
+                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                status=404,
+                param="model",
+                code="model_not_found",
+                type="not_found_error",
+            )
 
-    def _submit(self, body, prompt_ids: list[int], *, max_tokens: int | None, logprobs: int | None, arrived: float,
-                prompt_param: str, queue: asyncio.Queue | None = None, tool_prefix: str | None = None,
-                first_index: int = 0, default_max_tokens: int | None = None) -> tuple[list[_Choice], asyncio.Queue]:
+    def _submit(
+        self,
+        body,
+        prompt_ids: list[int],
+        *,
+        max_tokens: int | None,
+        logprobs: int | None,
+        arrived: float,
+        prompt_param: str,
+        queue: asyncio.Queue | None = None,
+        tool_prefix: str | None = None,
+        first_index: int = 0,
+        default_max_tokens: int | None = None,
+    ) -> tuple[list[_Choice], asyncio.Queue]:
         """Submit body.n engine requests for one prompt; returns their choices and the (shared) delta queue.
 
         Without max_tokens a choice may fill the context (chat), or gets `default_max_tokens` capped
@@ -230,9 +268,13 @@ class _Server:
         context = self.engine.max_len
         length = len(prompt_ids)
         if length >= context:
-            raise RequestError(f"This model's maximum context length is {context} tokens. However, your "
-                               f"{prompt_param} resulted in {length} tokens. Please reduce the length of the "
-                               f"{prompt_param}.", param=prompt_param, code="context_length_exceeded")
+            raise RequestError(
+                f"This model's maximum context length is {context} tokens. However, your "
+                f"{prompt_param} resulted in {length} tokens. Please reduce the length of the "
+                f"{prompt_param}.",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
         if max_tokens is None:
             max_tokens = min(default_max_tokens or context, context - length)
         elif length + max_tokens > context:
@@ -240,7 +282,9 @@ class _Server:
                 f"This model's maximum context length is {context} tokens. However, you requested "
                 f"{length + max_tokens} tokens ({length} in the {prompt_param}, {max_tokens} for the "
                 f"completion). Please reduce the length of the {prompt_param} or the completion.",
-                param="max_tokens", code="context_length_exceeded")
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         loop = asyncio.get_running_loop()
         if queue is None:
             queue = asyncio.Queue()
@@ -254,13 +298,30 @@ class _Server:
         try:
             for i in range(body.n):
                 handle = self.engine.submit(
-                    prompt_ids, max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k_value(),
-                    top_p=body.top_p, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
-                    presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                    prompt_ids,
+                    max_new_tokens=max_tokens,
+                    temperature=body.temperature,
+                    top_k=body.top_k_value(),
+                    top_p=body.top_p,
+                    min_p=body.min_p,
+                    repetition_penalty=body.repetition_penalty,
+                    presence_penalty=body.presence_penalty,
+                    frequency_penalty=body.frequency_penalty,
                     logit_bias=logit_bias,
-                    seed=(base_seed + i) % 2**64, stop=body.stop_strings(), logprobs=logprobs, on_delta=on_delta)
-                choices.append(_Choice(first_index + i, handle, RequestTimer(self.metrics, arrived),
-                                       None if tool_prefix is None else ToolCallStream(), tool_prefix or ""))
+                    seed=(base_seed + i) % 2**64,
+                    stop=body.stop_strings(),
+                    logprobs=logprobs,
+                    on_delta=on_delta,
+                )
+                choices.append(
+                    _Choice(
+                        first_index + i,
+                        handle,
+                        RequestTimer(self.metrics, arrived),
+                        None if tool_prefix is None else ToolCallStream(),
+                        tool_prefix or "",
+                    )
+                )
         except QueueFullError as e:
             self._abort(choices)
             raise RequestError(str(e), status=503, type="server_error", code="queue_full") from None
@@ -282,7 +343,9 @@ class _Server:
                 choice.handle.abort()
 
     # ------------------------------------------------------------------ responses
-    async def _deltas(self, request: Request, choices: list[_Choice], queue: asyncio.Queue) -> AsyncIterator[tuple[_Choice, Delta]]:
+    async def _deltas(
+        self, request: Request, choices: list[_Choice], queue: asyncio.Queue
+    ) -> AsyncIterator[tuple[_Choice, Delta]]:
         """(choice, delta) as the engine produces them, until every choice finished; aborts on disconnect."""
         by_id = {choice.handle.request_id: choice for choice in choices}
         remaining = len(choices)
@@ -321,13 +384,17 @@ class _Server:
             raise RequestError(errors[0], status=status, type="server_error")
         completion_tokens = sum(len(c.token_ids) for c in choices)
         return {
-            "id": kind.id, "object": kind.object, "created": kind.created, "model": self.model_name,
+            "id": kind.id,
+            "object": kind.object,
+            "created": kind.created,
+            "model": self.model_name,
             "choices": [kind.final_choice(c) for c in choices],
             "usage": _usage(prompt_tokens, completion_tokens),
         }
 
-    async def _stream(self, kind, body, request: Request, choices: list[_Choice], queue,
-                      prompt_tokens: int) -> AsyncIterator[str]:
+    async def _stream(
+        self, kind, body, request: Request, choices: list[_Choice], queue, prompt_tokens: int
+    ) -> AsyncIterator[str]:
         try:
             for choice in choices:
                 for chunk in kind.opening(choice):
@@ -360,8 +427,9 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 def _event(payload: dict[str, Any]) -> str:
@@ -369,8 +437,11 @@ def _event(payload: dict[str, Any]) -> str:
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def _finish_reason(choice: _Choice, tool_calls: bool) -> str:
@@ -391,12 +462,18 @@ class _ChatFormat:
         self.single_call = body.parallel_tool_calls is False
 
     def envelope(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.server.model_name}
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.server.model_name,
+        }
 
     def _chunk(self, choice: _Choice, delta: dict[str, Any], finish_reason=None, logprobs=None) -> dict[str, Any]:
-        return {**self.envelope(), "choices": [{"index": choice.index, "delta": delta, "logprobs": logprobs,
-                                                "finish_reason": finish_reason}]}
+        return {
+            **self.envelope(),
+            "choices": [{"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+        }
 
     def _logprobs(self, entries) -> dict[str, Any] | None:
         if not self.body.logprobs:
@@ -441,13 +518,20 @@ class _ChatFormat:
                 message["tool_calls"] = [_tool_call(call, i) for i, call in enumerate(calls)]
             else:
                 message["content"] = choice.prefix + choice.text
-        return {"index": choice.index, "message": message, "logprobs": self._logprobs(choice.logprobs),
-                "finish_reason": _finish_reason(choice, bool(calls))}
+        return {
+            "index": choice.index,
+            "message": message,
+            "logprobs": self._logprobs(choice.logprobs),
+            "finish_reason": _finish_reason(choice, bool(calls)),
+        }
 
 
 def _tool_call(call: dict[str, Any], index: int, streaming: bool = False) -> dict[str, Any]:
-    out = {"id": "call_" + secrets.token_hex(12), "type": "function",
-           "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+    out = {
+        "id": "call_" + secrets.token_hex(12),
+        "type": "function",
+        "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)},
+    }
     return {"index": index, **out} if streaming else out
 
 
@@ -474,8 +558,12 @@ class _CompletionFormat:
         choice.streamed = len(echo)
         if not echo:
             return []
-        return [{**self.envelope(), "choices": [{"index": choice.index, "text": echo, "logprobs": None,
-                                                 "finish_reason": None}]}]
+        return [
+            {
+                **self.envelope(),
+                "choices": [{"index": choice.index, "text": echo, "logprobs": None, "finish_reason": None}],
+            }
+        ]
 
     def chunks(self, choice: _Choice, delta: Delta) -> list[dict[str, Any]]:
         finish = _finish_reason(choice, False) if delta.finish_reason is not None else None
@@ -483,10 +571,18 @@ class _CompletionFormat:
             return []
         logprobs = self._logprobs(delta.logprobs, choice.streamed) if delta.logprobs or finish is None else None
         choice.streamed += len(delta.text)
-        return [{**self.envelope(), "choices": [{"index": choice.index, "text": delta.text, "logprobs": logprobs,
-                                                 "finish_reason": finish}]}]
+        return [
+            {
+                **self.envelope(),
+                "choices": [{"index": choice.index, "text": delta.text, "logprobs": logprobs, "finish_reason": finish}],
+            }
+        ]
 
     def final_choice(self, choice: _Choice) -> dict[str, Any]:
         echo = self.echo[choice.index]
-        return {"index": choice.index, "text": echo + choice.text,
-                "logprobs": self._logprobs(choice.logprobs, len(echo)), "finish_reason": _finish_reason(choice, False)}
+        return {
+            "index": choice.index,
+            "text": echo + choice.text,
+            "logprobs": self._logprobs(choice.logprobs, len(echo)),
+            "finish_reason": _finish_reason(choice, False),
+        }

@@ -25,27 +25,54 @@ def add_arguments(parser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
-    parser.add_argument("--max-len", type=int,
-                        help="tokens per request, prompt + completion (default: min(model context, 4096))")
-    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
-                        help=f"requests that may wait for a slot; beyond it the server answers 503 "
-                             f"(default {DEFAULT_MAX_QUEUE})")
-    parser.add_argument("--prefill-chunk", type=int, default=None,
-                        help="prompt tokens prefilled per step while other requests decode, fused with their decode "
-                             "step (default 256 on CPU, 512 on GPU/TPU; 0: prefill each prompt whole, pausing decoding)")
-    parser.add_argument("--api-key", default=os.environ.get("QWEN_JAX_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on /v1 (default: $QWEN_JAX_API_KEY, else none)")
+    parser.add_argument(
+        "--max-len", type=int, help="tokens per request, prompt + completion (default: min(model context, 4096))"
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=DEFAULT_MAX_QUEUE,
+        help=f"requests that may wait for a slot; beyond it the server answers 503 (default {DEFAULT_MAX_QUEUE})",
+    )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help="prompt tokens prefilled per step while other requests decode, fused with their decode "
+        "step (default 256 on CPU, 512 on GPU/TPU; 0: prefill each prompt whole, pausing decoding)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("QWEN_JAX_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $QWEN_JAX_API_KEY, else none)",
+    )
     parser.add_argument("--served-model-name", help="model id clients send and /v1/models lists (default: --model)")
-    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
-                        help="compile every program before listening (default: on)")
-    parser.add_argument("--prime", action=argparse.BooleanOptionalAction, default=False,
-                        help="after compiling, run every program once on scratch arrays before listening, so the "
-                             "first requests run at full speed (on CPU a program's first run is up to ~3x slower "
-                             "than later ones; 0.5B, 2 cores: 34-58 s more start-up, measured). Default: off")
-    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
-                        help="seconds running requests may take to finish after SIGTERM (default 30)")
-    parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
-                        help="uvicorn log level (default warning)")
+    parser.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compile every program before listening (default: on)",
+    )
+    parser.add_argument(
+        "--prime",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="after compiling, run every program once on scratch arrays before listening, so the "
+        "first requests run at full speed (on CPU a program's first run is up to ~3x slower "
+        "than later ones; 0.5B, 2 cores: 34-58 s more start-up, measured). Default: off",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds running requests may take to finish after SIGTERM (default 30)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn log level (default warning)",
+    )
 
 
 def run(args) -> int:
@@ -70,15 +97,24 @@ def run(args) -> int:
 
     model, tokenizer = load_for_cli(args)
     try:
-        engine = Engine(model, tokenizer, slots=args.slots, max_len=args.max_len, max_queue=args.max_queue,
-                        prefill_chunk=args.prefill_chunk)
+        engine = Engine(
+            model,
+            tokenizer,
+            slots=args.slots,
+            max_len=args.max_len,
+            max_queue=args.max_queue,
+            prefill_chunk=args.prefill_chunk,
+        )
     except EngineError as e:
         raise UsageError(str(e)) from None
     if args.warmup:
-        print(f"qwen-jax serve: compiling {len(engine.programs.buckets)} prefill buckets, decode and mixed steps "
-              f"({len(engine.programs.widths)} widths x {len(engine.programs.chunks)} chunk lengths) and samplers "
-              f"on {default_compile_workers()} threads...",
-              file=sys.stderr, flush=True)
+        print(
+            f"qwen-jax serve: compiling {len(engine.programs.buckets)} prefill buckets, decode and mixed steps "
+            f"({len(engine.programs.widths)} widths x {len(engine.programs.chunks)} chunk lengths) and samplers "
+            f"on {default_compile_workers()} threads...",
+            file=sys.stderr,
+            flush=True,
+        )
         seconds = engine.warmup()
         print(f"qwen-jax serve: compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
         if args.prime:
@@ -86,12 +122,21 @@ def run(args) -> int:
             print(f"qwen-jax serve: primed in {engine.programs.prime():.1f} s", file=sys.stderr, flush=True)
 
     app = create_app(engine, model_name=args.served_model_name or args.model, api_key=args.api_key)
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout + 5,
-                            lifespan="off", access_log=args.log_level in ("info", "debug"))
+    config = uvicorn.Config(
+        app,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.shutdown_timeout + 5,
+        lifespan="off",
+        access_log=args.log_level in ("info", "debug"),
+    )
     server = _graceful_server(config, engine, args.shutdown_timeout)
     host, port = listener.getsockname()[:2]
-    print(f"qwen-jax serve: listening on http://{_url_host(host)}:{port} (model {args.served_model_name or args.model},"
-          f" {args.slots} slots, max length {engine.max_len})", file=sys.stderr, flush=True)
+    print(
+        f"qwen-jax serve: listening on http://{_url_host(host)}:{port} (model {args.served_model_name or args.model},"
+        f" {args.slots} slots, max length {engine.max_len})",
+        file=sys.stderr,
+        flush=True,
+    )
     # uvicorn re-raises the signal that stopped it once its own handler is removed: make SIGTERM's
     # next handler a no-op so a graceful stop exits 0 (SIGINT ends as KeyboardInterrupt, caught below).
     previous = signal.signal(signal.SIGTERM, lambda *_: None)

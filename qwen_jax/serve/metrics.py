@@ -24,18 +24,30 @@ class ServerMetrics:
     def __init__(self, engine):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.http_requests = Counter("qwen_jax_http_requests", "HTTP requests by path and status code",
-                                     ["path", "status"], registry=r)
-        self.requests = Counter("qwen_jax_requests", "Generation requests (one per choice) by finish reason",
-                                ["finish_reason"], registry=r)
-        self.time_to_first_token = Histogram("qwen_jax_time_to_first_token_seconds",
-                                             "From request arrival to its first generated token",
-                                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.inter_token_latency = Histogram("qwen_jax_inter_token_latency_seconds",
-                                             "Between consecutive tokens of one request",
-                                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.request_latency = Histogram("qwen_jax_request_latency_seconds", "From request arrival to its last token",
-                                         buckets=_LATENCY_BUCKETS, registry=r)
+        self.http_requests = Counter(
+            "qwen_jax_http_requests", "HTTP requests by path and status code", ["path", "status"], registry=r
+        )
+        self.requests = Counter(
+            "qwen_jax_requests", "Generation requests (one per choice) by finish reason", ["finish_reason"], registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "qwen_jax_time_to_first_token_seconds",
+            "From request arrival to its first generated token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "qwen_jax_inter_token_latency_seconds",
+            "Between consecutive tokens of one request",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "qwen_jax_request_latency_seconds",
+            "From request arrival to its last token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         r.register(_EngineCollector(engine))
 
     def render(self) -> bytes:
@@ -58,13 +70,21 @@ class _EngineCollector:
         yield GaugeMetricFamily("qwen_jax_slots_in_use", "Decode slots holding a request", value=stats.running)
         yield GaugeMetricFamily("qwen_jax_slots", "Decode slots", value=stats.slots)
         yield CounterMetricFamily("qwen_jax_decode_steps", "Decode steps run", value=stats.decode_steps)
-        yield CounterMetricFamily("qwen_jax_decode_rows", "Rows computed by decode steps (a step runs the "
-                                  "narrowest compiled width covering its occupied slots)", value=stats.decode_rows)
-        yield CounterMetricFamily("qwen_jax_prefill_chunks", "Decode steps that also prefilled a chunk of a prompt "
-                                  "(chunked prefill fused with decoding)", value=stats.prefill_chunks)
-        yield GaugeMetricFamily("qwen_jax_generation_tokens_per_second",
-                                f"Tokens generated per second over the last {_TOKEN_RATE_WINDOW_S:.0f} s",
-                                value=self._rate(stats.generated_tokens))
+        yield CounterMetricFamily(
+            "qwen_jax_decode_rows",
+            "Rows computed by decode steps (a step runs the narrowest compiled width covering its occupied slots)",
+            value=stats.decode_rows,
+        )
+        yield CounterMetricFamily(
+            "qwen_jax_prefill_chunks",
+            "Decode steps that also prefilled a chunk of a prompt (chunked prefill fused with decoding)",
+            value=stats.prefill_chunks,
+        )
+        yield GaugeMetricFamily(
+            "qwen_jax_generation_tokens_per_second",
+            f"Tokens generated per second over the last {_TOKEN_RATE_WINDOW_S:.0f} s",
+            value=self._rate(stats.generated_tokens),
+        )
 
     def _rate(self, generated: int) -> float:
         """Tokens/s between the oldest scrape inside the window and now (0 before a second scrape)."""

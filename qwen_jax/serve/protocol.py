@@ -21,8 +21,15 @@ MAX_N = 16
 class RequestError(Exception):
     """A request the server rejects: rendered in OpenAI's error envelope."""
 
-    def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.message, self.status, self.param, self.code, self.type = message, status, param, code, type
 
@@ -135,8 +142,10 @@ class _SamplingFields(_Strict):
             except ValueError:
                 raise RequestError(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
             if not -100 <= value <= 100:
-                raise RequestError(f"logit_bias value for token {token_id} must be between -100 and 100, got {value}",
-                                   param="logit_bias")
+                raise RequestError(
+                    f"logit_bias value for token {token_id} must be between -100 and 100, got {value}",
+                    param="logit_bias",
+                )
             bias[token_id] = value
         return bias
 
@@ -159,22 +168,31 @@ class ChatCompletionRequest(_SamplingFields):
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
-        if self.max_tokens is not None and self.max_completion_tokens is not None \
-                and self.max_tokens != self.max_completion_tokens:
-            raise RequestError("max_tokens and max_completion_tokens are aliases; give one, or equal values",
-                               param="max_completion_tokens")
+        if (
+            self.max_tokens is not None
+            and self.max_completion_tokens is not None
+            and self.max_tokens != self.max_completion_tokens
+        ):
+            raise RequestError(
+                "max_tokens and max_completion_tokens are aliases; give one, or equal values",
+                param="max_completion_tokens",
+            )
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         if self.response_format is not None and self.response_format.type != "text":
-            raise RequestError(f"response_format {self.response_format.type!r} is not supported by qwen-jax "
-                               f"(only 'text')", param="response_format")
+            raise RequestError(
+                f"response_format {self.response_format.type!r} is not supported by qwen-jax (only 'text')",
+                param="response_format",
+            )
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
             raise RequestError("tool_choice needs tools", param="tool_choice")
         if isinstance(self.tool_choice, NamedToolChoice):
             names = [t.function.name for t in self.tools]
             if self.tool_choice.function.name not in names:
-                raise RequestError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools "
-                                   f"{names}", param="tool_choice")
+                raise RequestError(
+                    f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools {names}",
+                    param="tool_choice",
+                )
         for i, message in enumerate(self.messages):
             if isinstance(message.content, list) and not message.content:
                 raise RequestError("message content must not be an empty list", param=f"messages.{i}.content")
@@ -189,8 +207,10 @@ class ChatCompletionRequest(_SamplingFields):
             content = message.content
             if isinstance(content, list):
                 content = "".join(part.text for part in content)
-            entry: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
-                                     "content": content if content is not None else ""}
+            entry: dict[str, Any] = {
+                "role": "system" if message.role == "developer" else message.role,
+                "content": content if content is not None else "",
+            }
             if message.role == "assistant" and message.tool_calls:
                 entry["content"] = content
                 entry["tool_calls"] = [self._template_call(call, i, j) for j, call in enumerate(message.tool_calls)]
@@ -208,8 +228,10 @@ class ChatCompletionRequest(_SamplingFields):
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
             except json.JSONDecodeError:
-                raise RequestError("tool call arguments must be a JSON object",
-                                   param=f"messages.{message_index}.tool_calls.{call_index}.function.arguments") from None
+                raise RequestError(
+                    "tool call arguments must be a JSON object",
+                    param=f"messages.{message_index}.tool_calls.{call_index}.function.arguments",
+                ) from None
         return {"type": "function", "id": call.id, "function": {"name": call.function.name, "arguments": arguments}}
 
 
@@ -263,8 +285,10 @@ def validation_error(errors: list[dict[str, Any]]) -> RequestError:
     param = ".".join(str(part) for part in location) or None
     kind = error.get("type", "")
     if kind == "json_invalid":
-        return RequestError(f"the request body is not valid JSON: {error.get('ctx', {}).get('error', error.get('msg'))}",
-                            code="invalid_json")
+        return RequestError(
+            f"the request body is not valid JSON: {error.get('ctx', {}).get('error', error.get('msg'))}",
+            code="invalid_json",
+        )
     if kind == "extra_forbidden":
         return RequestError(f"unrecognized request argument supplied: {param}", param=param)
     if kind == "missing":

@@ -11,7 +11,9 @@ from qwen_jax.engine.requests import TokenLogprob
 @functools.lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: the printable character byte-level BPE uses for each byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     extra = 0
     for byte in range(256):
@@ -47,8 +49,10 @@ class TokenStrings:
 
     def chat_logprob(self, entry: TokenLogprob) -> dict[str, Any]:
         """An entry of `choices[].logprobs.content` (chat completions)."""
-        return {**self._one(entry.token_id, entry.logprob),
-                "top_logprobs": [self._one(token_id, logprob) for token_id, logprob in entry.top]}
+        return {
+            **self._one(entry.token_id, entry.logprob),
+            "top_logprobs": [self._one(token_id, logprob) for token_id, logprob in entry.top],
+        }
 
     def _one(self, token_id: int, logprob: float) -> dict[str, Any]:
         raw = self.token_bytes(token_id)

@@ -53,7 +53,7 @@ class ToolCallStream:
                 if end < 0:
                     return events
                 block = OPEN_TAG + self._buffer[:end] + CLOSE_TAG
-                self._buffer = self._buffer[end + len(CLOSE_TAG):]
+                self._buffer = self._buffer[end + len(CLOSE_TAG) :]
                 self._in_call = False
                 _, calls = parse_tool_calls(block)
                 if calls:
@@ -65,7 +65,7 @@ class ToolCallStream:
             start = self._buffer.find(OPEN_TAG)
             if start >= 0:
                 self._emit_content(events, self._buffer[:start])
-                self._buffer = self._buffer[start + len(OPEN_TAG):]
+                self._buffer = self._buffer[start + len(OPEN_TAG) :]
                 self._in_call = True
                 continue
             safe = len(self._buffer) - _partial_tag_length(self._buffer)

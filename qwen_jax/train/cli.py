@@ -43,8 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     launch.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
     launch.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
     launch.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
-    launch.add_argument("--local-device-ids", type=_device_ids, metavar="IDS",
-                        help="local accelerators this process uses, e.g. 0 (one GPU per process) or 0,1,2,3")
+    launch.add_argument(
+        "--local-device-ids",
+        type=_device_ids,
+        metavar="IDS",
+        help="local accelerators this process uses, e.g. 0 (one GPU per process) or 0,1,2,3",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,7 +20,6 @@ DTYPES = ("auto", "float32", "bfloat16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 
 
-
 def _field(default, help: str, *, choices=None, kind=None):
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "kind": kind})
 
@@ -28,13 +27,21 @@ def _field(default, help: str, *, choices=None, kind=None):
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # ---- what to train on, where to write
-    model: str = _field(None, "base model: HF, GPTQ or AWQ directory, or converted Orbax directory (required)", kind=str)
-    data: str = _field(None, "training data (required): JSONL or Parquet file, directory of Parquet files or of "
-                       "`datasets` save_to_disk, or a Hugging Face Hub dataset id", kind=str)
-    out: str = _field(None, "output directory: checkpoints/, model/, metrics.jsonl, loss_curve.png (required)",
-                      kind=str)
-    eval_data: str = _field(None, "optional evaluation data, any form --data takes (eval loss in the metrics)",
-                            kind=str)
+    model: str = _field(
+        None, "base model: HF, GPTQ or AWQ directory, or converted Orbax directory (required)", kind=str
+    )
+    data: str = _field(
+        None,
+        "training data (required): JSONL or Parquet file, directory of Parquet files or of "
+        "`datasets` save_to_disk, or a Hugging Face Hub dataset id",
+        kind=str,
+    )
+    out: str = _field(
+        None, "output directory: checkpoints/, model/, metrics.jsonl, loss_curve.png (required)", kind=str
+    )
+    eval_data: str = _field(
+        None, "optional evaluation data, any form --data takes (eval loss in the metrics)", kind=str
+    )
     tokenizer: str = _field(None, "tokenizer directory (default: the model directory)", kind=str)
     export_hf: str = _field(None, "also write the final model (LoRA merged) as HF safetensors here", kind=str)
     skip_bad_lines: bool = _field(False, "skip and count malformed data lines instead of stopping")
@@ -42,8 +49,9 @@ class TrainConfig:
     data_split: str = _field("train", "split of a Hub dataset id or of a `datasets` DatasetDict directory", kind=str)
     data_format: str = _field("auto", "example form (auto: per record, by which columns it has)", choices=FORMATS)
     messages_column: str = _field("messages", "column of the chat messages (role/content dicts)", kind=str)
-    prompt_column: str = _field("prompt", "prompt column(s); several (e.g. 'instruction,input') are joined by "
-                                "a blank line", kind=str)
+    prompt_column: str = _field(
+        "prompt", "prompt column(s); several (e.g. 'instruction,input') are joined by a blank line", kind=str
+    )
     completion_column: str = _field("completion", "completion column (alpaca: output)", kind=str)
     text_column: str = _field("text", "plain-text column", kind=str)
     seq_len: int = _field(512, "tokens per packed row; longer examples keep their first seq_len tokens")
@@ -66,24 +74,33 @@ class TrainConfig:
     lora_rank: int = _field(0, "LoRA rank; 0 trains all weights (full fine-tuning)")
     lora_alpha: float = _field(16.0, "LoRA alpha (adapter output is scaled by alpha / rank)")
     lora_dropout: float = _field(0.0, "dropout on the adapter inputs during training")
-    lora_targets: str = _field("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                               "comma-separated projections that get adapters")
-    quantize: str = _field("", "quantize the frozen base model's projections (int8 or int4) while loading: "
-                               "QLoRA-style, needs lora_rank > 0", kind=str)
+    lora_targets: str = _field(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "comma-separated projections that get adapters"
+    )
+    quantize: str = _field(
+        "",
+        "quantize the frozen base model's projections (int8 or int4) while loading: QLoRA-style, needs lora_rank > 0",
+        kind=str,
+    )
     # ---- numerics, memory, devices
-    compute_dtype: str = _field("auto", "activation dtype (auto: float32 on CPU, bfloat16 on GPU/TPU)",
-                                choices=DTYPES)
+    compute_dtype: str = _field("auto", "activation dtype (auto: float32 on CPU, bfloat16 on GPU/TPU)", choices=DTYPES)
     param_dtype: str = _field("float32", "master weight dtype (auto: same as compute)", choices=DTYPES)
     remat: str = _field("none", "rematerialisation policy of the decoder layers", choices=REMAT)
-    attention: str = _field("auto", "attention backend (auto: chunked flash attention on CPU past short "
-                            "sequences, cuDNN on GPU, splash on TPU)", choices=ATTENTION_BACKENDS)
+    attention: str = _field(
+        "auto",
+        "attention backend (auto: chunked flash attention on CPU past short sequences, cuDNN on GPU, splash on TPU)",
+        choices=ATTENTION_BACKENDS,
+    )
     mesh: str = _field("", "device mesh, e.g. 'data=2,fsdp=4,tensor=1' (default: all devices on fsdp)", kind=str)
     # ---- checkpoints, evaluation, logging
     save_every: int = _field(100, "save a train checkpoint every N steps (0: only at the end and on signals)")
     keep_checkpoints: int = _field(3, "train checkpoints to keep")
     resume: bool = _field(False, "continue from the latest train checkpoint in OUT/checkpoints, if any")
-    export_only: bool = _field(False, "train no further: write OUT/model (and export_hf) from the latest train "
-                                      "checkpoint, e.g. after a run whose final export failed")
+    export_only: bool = _field(
+        False,
+        "train no further: write OUT/model (and export_hf) from the latest train "
+        "checkpoint, e.g. after a run whose final export failed",
+    )
     eval_every: int = _field(0, "evaluate every N steps (0: only at the end); needs eval_data")
     peak_tflops: float = _field(0.0, "peak TFLOP/s per device for MFU (0: known accelerators only)")
     progress: bool = _field(True, "show a progress bar")
@@ -97,8 +114,16 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "warmup_steps", "save_every", "eval_every", "lora_rank", "weight_decay",
-                     "max_grad_norm", "peak_tflops"):
+        for name in (
+            "steps",
+            "warmup_steps",
+            "save_every",
+            "eval_every",
+            "lora_rank",
+            "weight_decay",
+            "max_grad_norm",
+            "peak_tflops",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
@@ -132,14 +157,15 @@ class TrainConfig:
     @property
     def column_mapping(self) -> ColumnMapping:
         prompt = tuple(c.strip() for c in self.prompt_column.split(",") if c.strip())
-        return ColumnMapping(self.data_format, self.messages_column, "tools", prompt, self.completion_column,
-                             self.text_column)
+        return ColumnMapping(
+            self.data_format, self.messages_column, "tools", prompt, self.completion_column, self.text_column
+        )
 
     @property
     def lora_target_list(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -204,8 +230,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata["choices"],
-                                metavar=None if f.metadata["choices"] else f.name.upper(), help=help_text)
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                type=kind,
+                default=None,
+                choices=f.metadata["choices"],
+                metavar=None if f.metadata["choices"] else f.name.upper(),
+                help=help_text,
+            )
 
 
 def from_args(args: argparse.Namespace) -> TrainConfig:

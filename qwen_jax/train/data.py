@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -37,15 +38,14 @@ from qwen_jax.errors import DataError
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 
-
-
 class TokenizerLike(Protocol):
     eos_token_id: int | None
 
     def encode(self, text: str) -> list[int]: ...
 
-    def apply_chat_template(self, messages, tools=None, add_generation_prompt: bool = True,
-                            tokenize: bool = False) -> str | list[int]: ...
+    def apply_chat_template(
+        self, messages, tools=None, add_generation_prompt: bool = True, tokenize: bool = False
+    ) -> str | list[int]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,16 +135,16 @@ class Tokenization:
         header = (self._im_start, *self._assistant)
         i = 0
         while i < len(tokens):
-            if tuple(tokens[i:i + len(header)]) != header:
+            if tuple(tokens[i : i + len(header)]) != header:
                 i += 1
                 continue
             start = i + len(header)
-            if tuple(tokens[start:start + len(self._newline)]) == self._newline:
+            if tuple(tokens[start : start + len(self._newline)]) == self._newline:
                 start += len(self._newline)  # the header's newline belongs to the prompt
             end = start
             while end < len(tokens) and tokens[end] != self._im_end:
                 end += 1
-            mask[start:end + 1] = True  # includes <|im_end|> (absent only if the text was cut)
+            mask[start : end + 1] = True  # includes <|im_end|> (absent only if the text was cut)
             i = end + 1
         return mask
 
@@ -154,8 +154,13 @@ def _single_id(tokenizer: TokenizerLike, token: str) -> int | None:
     return ids[0] if len(ids) == 1 else None
 
 
-def read_jsonl(path: str | os.PathLike, tokenizer: TokenizerLike, *, skip_bad_lines: bool = False,
-               stats: DatasetStats | None = None) -> list[Example]:
+def read_jsonl(
+    path: str | os.PathLike,
+    tokenizer: TokenizerLike,
+    *,
+    skip_bad_lines: bool = False,
+    stats: DatasetStats | None = None,
+) -> list[Example]:
     """Read and tokenise every line of a JSONL file into memory (blank lines are ignored).
 
     A malformed line raises DataError('FILE:LINE: reason'), or with `skip_bad_lines` is skipped
@@ -204,7 +209,7 @@ class PackedBatch:
     def rows(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, rows: slice | np.ndarray) -> "PackedBatch":
+    def select(self, rows: slice | np.ndarray) -> PackedBatch:
         return PackedBatch(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
 
 
@@ -255,8 +260,8 @@ def _fill_row(batch: PackedBatch, r: int, row: Sequence[Example]) -> None:
         batch.positions[r, span] = np.arange(n)
         batch.segment_ids[r, span] = segment
         # Position t predicts token t+1 of the same example.
-        batch.targets[r, offset:offset + n - 1] = example.tokens[1:]
-        batch.weights[r, offset:offset + n - 1] = example.loss_mask[1:]
+        batch.targets[r, offset : offset + n - 1] = example.tokens[1:]
+        batch.weights[r, offset : offset + n - 1] = example.loss_mask[1:]
         offset += n
 
 
@@ -267,8 +272,9 @@ def empty_rows(rows: int, seq_len: int) -> PackedBatch:
 
 
 def concat(batches: Sequence[PackedBatch]) -> PackedBatch:
-    return PackedBatch(*(np.concatenate([getattr(b, f.name) for b in batches])
-                         for f in dataclasses.fields(PackedBatch)))
+    return PackedBatch(
+        *(np.concatenate([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(PackedBatch))
+    )
 
 
 # --------------------------------------------------------------------------- loading
@@ -327,8 +333,15 @@ class DataLoader:
     same whichever process builds which rows.
     """
 
-    def __init__(self, examples: Sequence[Example] | ExampleStore, seq_len: int, batch_rows: int, *,
-                 seed: int = 0, shuffle: bool = True):
+    def __init__(
+        self,
+        examples: Sequence[Example] | ExampleStore,
+        seq_len: int,
+        batch_rows: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
         self.store = examples if hasattr(examples, "first_target") else InMemoryStore(examples)
         self.seq_len = seq_len
         self.batch_rows = batch_rows
@@ -346,8 +359,11 @@ class DataLoader:
 
     def plan(self, epoch: int) -> EpochPlan:
         if self._plan is None or self._plan[0] != epoch:
-            order = (self.kept[np.random.default_rng([self.seed, epoch]).permutation(len(self.kept))] if self.shuffle
-                     else self.kept)
+            order = (
+                self.kept[np.random.default_rng([self.seed, epoch]).permutation(len(self.kept))]
+                if self.shuffle
+                else self.kept
+            )
             lengths = np.minimum(self.store.lengths[order], self.seq_len)
             starts, used = [], self.seq_len
             for i, n in enumerate(lengths.tolist()):  # greedy: a new row when the example does not fit
@@ -372,7 +388,7 @@ class DataLoader:
         for r, row in enumerate(rows):
             global_row = index * self.batch_rows + int(row)
             if global_row < plan.real_rows:  # beyond: a padding row, left empty
-                members = plan.order[plan.row_starts[global_row]:plan.row_starts[global_row + 1]]
+                members = plan.order[plan.row_starts[global_row] : plan.row_starts[global_row + 1]]
                 _fill_row(batch, r, [self.store.example(int(i), self.seq_len) for i in members])
         return batch
 
@@ -380,7 +396,7 @@ class DataLoader:
         """Tokens (not padding) in a whole batch, from the plan alone."""
         plan = self.plan(epoch)
         first, last = (min(i * self.batch_rows, plan.real_rows) for i in (index, index + 1))
-        members = plan.order[plan.row_starts[first]:plan.row_starts[last]]
+        members = plan.order[plan.row_starts[first] : plan.row_starts[last]]
         return int(np.minimum(self.store.lengths[members], self.seq_len).sum())
 
     def advance(self) -> tuple[int, int]:

@@ -19,7 +19,7 @@ import contextlib
 import importlib.util
 import os
 import sys
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -37,8 +37,6 @@ ENV_LOCAL_DEVICE_IDS = "JAX_LOCAL_DEVICE_IDS"
 # exit normally. Any other exception in a multi-process run ends the process at once, because
 # the normal exit would wait at JAX's shutdown barrier for processes that are still training.
 RAISED_ON_ALL = "raised_on_all_processes"
-
-
 
 
 def _env_int(name: str) -> int | None:
@@ -68,8 +66,13 @@ def _detected_cluster() -> str | None:
     return None
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               local_device_ids: Sequence[int] | None = None, log: Callable[[str], None] | None = None) -> bool:
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: Sequence[int] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> bool:
     """Join a multi-process run if this process was launched as part of one; True if it did.
 
     Explicit settings (arguments, else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID /
@@ -84,7 +87,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         try:
             local_device_ids = [int(i) for i in os.environ[ENV_LOCAL_DEVICE_IDS].split(",")]
         except ValueError:
-            raise LaunchError(f"{ENV_LOCAL_DEVICE_IDS}={os.environ[ENV_LOCAL_DEVICE_IDS]!r}: expected e.g. 0,1,2,3") from None
+            raise LaunchError(
+                f"{ENV_LOCAL_DEVICE_IDS}={os.environ[ENV_LOCAL_DEVICE_IDS]!r}: expected e.g. 0,1,2,3"
+            ) from None
     explicit = (coordinator, num_processes, process_id)
     if jax.distributed.is_initialized():
         return True
@@ -94,8 +99,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         cluster = _detected_cluster()
         if cluster is None:
             if local_device_ids is not None:
-                raise LaunchError("local device ids apply to multi-process runs only (a single process on some "
-                                  "GPUs: CUDA_VISIBLE_DEVICES)")
+                raise LaunchError(
+                    "local device ids apply to multi-process runs only (a single process on some "
+                    "GPUs: CUDA_VISIBLE_DEVICES)"
+                )
             return False
         try:
             jax.distributed.initialize(local_device_ids=local_device_ids)
@@ -105,8 +112,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             raise LaunchError(f"could not join the {cluster} run: {e}") from None
     else:
         if None in explicit:
-            raise LaunchError("a multi-process run needs all of --coordinator HOST:PORT, --num-processes N and "
-                              "--process-id I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
+            raise LaunchError(
+                "a multi-process run needs all of --coordinator HOST:PORT, --num-processes N and "
+                "--process-id I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)"
+            )
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise LaunchError(f"process id must be in [0, {num_processes}), got {process_id}")
         if ":" not in coordinator:
@@ -115,11 +124,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             jax.distributed.initialize(coordinator, num_processes, process_id, local_device_ids=local_device_ids)
         except (RuntimeError, ValueError) as e:  # JAX's runtime errors (unreachable coordinator, timeout) included
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise LaunchError(f"could not join the run at {coordinator} as process {process_id} of "
-                              f"{num_processes}: {reason}") from None
+            raise LaunchError(
+                f"could not join the run at {coordinator} as process {process_id} of {num_processes}: {reason}"
+            ) from None
     if log is not None:
-        log(f"joined a {jax.process_count()}-process run as process {jax.process_index()} "
-            f"({jax.local_device_count()} of {jax.device_count()} devices are local)")
+        log(
+            f"joined a {jax.process_count()}-process run as process {jax.process_index()} "
+            f"({jax.local_device_count()} of {jax.device_count()} devices are local)"
+        )
     return True
 
 
@@ -184,8 +196,8 @@ def all_or_none(what: str) -> Iterator[None]:
     status = np.zeros(_MESSAGE_BYTES + 1, np.uint8)
     if error is not None:
         status[0] = _USER_ERROR if isinstance(error, user_error_types()) else _OTHER_ERROR
-        encoded = f"{error}".encode("utf-8")[:_MESSAGE_BYTES]
-        status[1:1 + len(encoded)] = np.frombuffer(encoded, np.uint8)
+        encoded = f"{error}".encode()[:_MESSAGE_BYTES]
+        status[1 : 1 + len(encoded)] = np.frombuffer(encoded, np.uint8)
     statuses = np.asarray(multihost_utils.process_allgather(status))
     failed = [i for i in range(len(statuses)) if statuses[i, 0] != _OK]
     if not failed:
@@ -216,8 +228,10 @@ def check_shared_directory(path: str) -> None:
     barrier("qwen_jax_shared_directory_written")
     with all_or_none("checking the output directory"):
         if not os.path.exists(probe):
-            raise LaunchError(f"{path} is not shared between the processes: --out must be on a filesystem that "
-                              "every host sees (NFS, Filestore, a gcsfuse-mounted bucket)")
+            raise LaunchError(
+                f"{path} is not shared between the processes: --out must be on a filesystem that "
+                "every host sees (NFS, Filestore, a gcsfuse-mounted bucket)"
+            )
     barrier("qwen_jax_shared_directory_checked")
     if is_primary():
         os.remove(probe)
@@ -258,7 +272,7 @@ class StopSignals:
         self.received: list[int] = []
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         signal = self._signal
 
         def note(signum, frame):
@@ -268,8 +282,11 @@ class StopSignals:
             self.received.append(signum)
             os.kill(os.getpid(), signal.SIGTERM)
 
-        handlers = ({signal.SIGINT: forward_to_preemption_service} if self.synchronized
-                    else {signal.SIGTERM: note, signal.SIGINT: note})
+        handlers = (
+            {signal.SIGINT: forward_to_preemption_service}
+            if self.synchronized
+            else {signal.SIGTERM: note, signal.SIGINT: note}
+        )
         for signum, handler in handlers.items():
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, handler)

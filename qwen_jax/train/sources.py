@@ -22,7 +22,8 @@ import glob
 import json
 import os
 import re
-from typing import Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 from qwen_jax.errors import DataError
 
@@ -31,8 +32,6 @@ _TABLE_BATCH = 1024
 # Local-looking paths never fall through to the Hub: a typo in `data/train.jsonl` is "not found".
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv", ".txt")
-
-
 
 
 class Source(Protocol):
@@ -87,8 +86,10 @@ class ColumnMapping:
             return "prompt-completion"
         if self.text in record:
             return "text"
-        raise ValueError(f"expected a {self.messages!r}, {'/'.join(self.prompt)!r}+{self.completion!r} or "
-                         f"{self.text!r} field, got keys {sorted(record)}")
+        raise ValueError(
+            f"expected a {self.messages!r}, {'/'.join(self.prompt)!r}+{self.completion!r} or "
+            f"{self.text!r} field, got keys {sorted(record)}"
+        )
 
     def _prompt(self, record: dict) -> Any:
         if len(self.prompt) == 1:
@@ -199,7 +200,7 @@ class DatasetsSource:
     def records(self, shard: int = 0, num_shards: int = 1) -> Iterator[tuple[str, Any]]:
         start, stop = _shard_range(len(self.dataset), shard, num_shards)
         for first in range(start, stop, _TABLE_BATCH):
-            columns = self.dataset[first:min(first + _TABLE_BATCH, stop)]
+            columns = self.dataset[first : min(first + _TABLE_BATCH, stop)]
             for i, values in enumerate(zip(*columns.values()), start=first):
                 yield f"{self.name}: row {i}", dict(zip(columns, values))
 
@@ -216,8 +217,9 @@ def _datasets_dir(path: str, split: str) -> DatasetsSource:
             raise DataError(f"{path}: no split {split!r} (splits: {', '.join(loaded)}); choose one with --data-split")
         loaded = loaded[split]
     files = sorted(glob.glob(os.path.join(path, "**", "*"), recursive=True))
-    return DatasetsSource(path, loaded, {"datasets_dir": _file_identity([f for f in files if os.path.isfile(f)]),
-                                         "split": split})
+    return DatasetsSource(
+        path, loaded, {"datasets_dir": _file_identity([f for f in files if os.path.isfile(f)]), "split": split}
+    )
 
 
 def _hub_dataset(repo_id: str, split: str) -> DatasetsSource:
@@ -226,11 +228,14 @@ def _hub_dataset(repo_id: str, split: str) -> DatasetsSource:
     try:
         dataset = datasets.load_dataset(repo_id, split=split)
     except Exception as e:  # not found, offline, unknown split: datasets raises many kinds
-        raise DataError(f"{repo_id}: could not load it as a Hugging Face Hub dataset, split {split!r} "
-                          f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        raise DataError(
+            f"{repo_id}: could not load it as a Hugging Face Hub dataset, split {split!r} "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+        ) from None
     # The fingerprint changes with the dataset's files (datasets' own cache key).
-    return DatasetsSource(f"{repo_id}[{split}]", dataset, {"hub": repo_id, "split": split,
-                                                            "fingerprint": dataset._fingerprint})
+    return DatasetsSource(
+        f"{repo_id}[{split}]", dataset, {"hub": repo_id, "split": split, "fingerprint": dataset._fingerprint}
+    )
 
 
 def open_source(spec: str, split: str = "train") -> Source:
@@ -240,12 +245,16 @@ def open_source(spec: str, split: str = "train") -> Source:
             return ParquetSource(spec)
         return JsonlSource(spec)
     if os.path.isdir(spec):
-        if any(os.path.exists(os.path.join(spec, marker)) for marker in
-               ("dataset_info.json", "state.json", "dataset_dict.json")):
+        if any(
+            os.path.exists(os.path.join(spec, marker))
+            for marker in ("dataset_info.json", "state.json", "dataset_dict.json")
+        ):
             return _datasets_dir(spec, split)
         if glob.glob(os.path.join(spec, "*.parquet")):
             return ParquetSource(spec)
-        raise DataError(f"{spec}: a directory, but neither a `datasets` save_to_disk directory nor one of *.parquet files")
+        raise DataError(
+            f"{spec}: a directory, but neither a `datasets` save_to_disk directory nor one of *.parquet files"
+        )
     if spec.startswith((".", "/", "~")) or spec.endswith(_LOCAL_SUFFIXES) or not _HUB_ID.match(spec):
         raise DataError(f"{spec}: data file not found")
     return _hub_dataset(spec, split)

@@ -32,7 +32,7 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -63,8 +63,13 @@ def tokenizer_digest(directory: str) -> str:
 
 
 def cache_key(tokenizer_dir: str, source: Source, mapping: ColumnMapping, skip_bad_lines: bool) -> str:
-    settings = {"version": CACHE_VERSION, "tokenizer": tokenizer_digest(tokenizer_dir), "source": source.identity(),
-                "mapping": dataclasses.asdict(mapping), "skip_bad_lines": skip_bad_lines}
+    settings = {
+        "version": CACHE_VERSION,
+        "tokenizer": tokenizer_digest(tokenizer_dir),
+        "source": source.identity(),
+        "mapping": dataclasses.asdict(mapping),
+        "skip_bad_lines": skip_bad_lines,
+    }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -112,8 +117,16 @@ def first_target(loss_mask: np.ndarray) -> int:
     return int(learned[0]) + 1 if len(learned) else -1
 
 
-def _write_part(directory: str, source: Source, tokenization: Tokenization, mapping: ColumnMapping,
-                skip_bad_lines: bool, shard: int, num_shards: int, progress: bool) -> DatasetStats:
+def _write_part(
+    directory: str,
+    source: Source,
+    tokenization: Tokenization,
+    mapping: ColumnMapping,
+    skip_bad_lines: bool,
+    shard: int,
+    num_shards: int,
+    progress: bool,
+) -> DatasetStats:
     """Tokenize shard `shard` of the source into `directory` (written under a temporary name, then renamed)."""
     from tqdm import tqdm
 
@@ -123,8 +136,11 @@ def _write_part(directory: str, source: Source, tokenization: Tokenization, mapp
     os.makedirs(temporary)
     offsets, firsts = [0], []
     pending_tokens, pending_masks = [], []
-    with open(os.path.join(temporary, "tokens.bin"), "wb") as tokens_file, \
-            open(os.path.join(temporary, "loss_mask.bin"), "wb") as mask_file:
+    with (
+        open(os.path.join(temporary, "tokens.bin"), "wb") as tokens_file,
+        open(os.path.join(temporary, "loss_mask.bin"), "wb") as mask_file,
+    ):
+
         def flush():
             if pending_tokens:
                 np.concatenate(pending_tokens).astype(np.int32).tofile(tokens_file)
@@ -133,8 +149,9 @@ def _write_part(directory: str, source: Source, tokenization: Tokenization, mapp
                 pending_masks.clear()
 
         records = source.records(shard, num_shards)
-        for location, record in tqdm(records, desc="tokenize", unit=" examples", disable=not progress,
-                                     dynamic_ncols=True):
+        for location, record in tqdm(
+            records, desc="tokenize", unit=" examples", disable=not progress, dynamic_ncols=True
+        ):
             try:
                 if isinstance(record, Exception):
                     raise record
@@ -161,9 +178,17 @@ def _write_part(directory: str, source: Source, tokenization: Tokenization, mapp
     return stats
 
 
-def load(source: Source, tokenization: Tokenization, mapping: ColumnMapping, cache_root: str, *,
-         tokenizer_dir: str, skip_bad_lines: bool = False, progress: bool = True,
-         log: Callable[[str], None] = print) -> tuple[TokenStore, DatasetStats]:
+def load(
+    source: Source,
+    tokenization: Tokenization,
+    mapping: ColumnMapping,
+    cache_root: str,
+    *,
+    tokenizer_dir: str,
+    skip_bad_lines: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[TokenStore, DatasetStats]:
     """The source's tokenized examples: from the cache when it holds them, else tokenized now
     (by every process, each its own part) and cached. Call on every process.
 
@@ -183,8 +208,16 @@ def load(source: Source, tokenization: Tokenization, mapping: ColumnMapping, cac
         shard, num_shards = jax.process_index(), jax.process_count()
         parts = [f"parts-of-{num_shards}/{p}" for p in range(num_shards)]
         with multihost.all_or_none(f"tokenizing {source.name}"):
-            _write_part(os.path.join(directory, parts[shard]), source, tokenization, mapping, skip_bad_lines,
-                        shard, num_shards, progress and multihost.is_primary())
+            _write_part(
+                os.path.join(directory, parts[shard]),
+                source,
+                tokenization,
+                mapping,
+                skip_bad_lines,
+                shard,
+                num_shards,
+                progress and multihost.is_primary(),
+            )
         with multihost.all_or_none("writing the token cache"):
             if multihost.is_primary():
                 _write_meta(directory, source, mapping, parts)
@@ -203,9 +236,15 @@ def _write_meta(directory: str, source: Source, mapping: ColumnMapping, parts: l
         with open(os.path.join(directory, part, "stats.json"), encoding="utf-8") as f:
             for name, value in json.load(f).items():
                 setattr(totals, name, getattr(totals, name) + value)
-    meta = {"version": CACHE_VERSION, "source": source.name, "identity": source.identity(),
-            "mapping": dataclasses.asdict(mapping), "parts": parts,
-            "examples": totals.examples, "skipped_lines": totals.skipped_lines}
+    meta = {
+        "version": CACHE_VERSION,
+        "source": source.name,
+        "identity": source.identity(),
+        "mapping": dataclasses.asdict(mapping),
+        "parts": parts,
+        "examples": totals.examples,
+        "skipped_lines": totals.skipped_lines,
+    }
     meta_path = os.path.join(directory, "meta.json")
     with open(meta_path + ".partial", "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1, default=str)

@@ -29,7 +29,7 @@ import shutil
 import signal
 import sys
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -67,14 +67,37 @@ EXIT_PREEMPTED = 128 + signal.SIGTERM  # 143
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130
 
 # Settings a resumed run must share with the run that wrote the checkpoint.
-_RESUME_KEYS = ("data", "data_split", "data_format", "messages_column", "prompt_column", "completion_column",
-                "text_column", "seq_len", "batch_size", "grad_accum", "seed", "lora_rank", "lora_alpha", "lora_dropout",
-                "lora_targets", "param_dtype", "quantize")
+_RESUME_KEYS = (
+    "data",
+    "data_split",
+    "data_format",
+    "messages_column",
+    "prompt_column",
+    "completion_column",
+    "text_column",
+    "seq_len",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+    "param_dtype",
+    "quantize",
+)
 
 # Dense bf16 peak FLOP/s per device, for MFU on known accelerators (matched on device_kind).
 PEAK_FLOPS = (
-    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
-    ("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12), ("TPU v4", 275e12),
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("TPU v6", 918e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
 )
 
 
@@ -123,6 +146,7 @@ def _path_names(path) -> list[str]:
 
 def decay_mask(params):
     """True where weight decay applies: not on norm weights or biases."""
+
     def decays(path, _):
         names = [n for n in _path_names(path) if n != "value"]
         return not (any("norm" in n for n in names) or names[-1] == "bias")
@@ -132,8 +156,14 @@ def decay_mask(params):
 
 def make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
     clip = optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm > 0 else optax.identity()
-    adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                        weight_decay=config.weight_decay, mask=decay_mask)
+    adamw = optax.adamw(
+        schedule,
+        b1=config.adam_b1,
+        b2=config.adam_b2,
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+        mask=decay_mask,
+    )
     return optax.chain(clip, adamw)
 
 
@@ -216,8 +246,14 @@ class Trainer:
     status (0 finished, EXIT_PREEMPTED / EXIT_INTERRUPTED after a signal-triggered checkpoint).
     """
 
-    def __init__(self, config: TrainConfig, *, model: Qwen2ForCausalLM | None = None, devices=None,
-                 log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        model: Qwen2ForCausalLM | None = None,
+        devices=None,
+        log: Callable[[str], None] | None = None,
+    ):
         """model: an already built model to train instead of loading `config.model` (it must live on
         the mesh that `config.mesh` describes; `config.tokenizer` then names the tokenizer).
 
@@ -239,14 +275,18 @@ class Trainer:
         self._load_data()  # before the model: bad data fails in seconds, not after loading 72B weights
         self.model = model if model is not None else self._load_model()
         if isinstance(self.model.model.layers, nnx.List):
-            raise ValueError("training runs the layers with a scan: pass a model loaded with scanned layers "
-                            "(qwen_jax.load_model(path), or qwen_jax.load(path, scan_layers=True))")
+            raise ValueError(
+                "training runs the layers with a scan: pass a model loaded with scanned layers "
+                "(qwen_jax.load_model(path), or qwen_jax.load(path, scan_layers=True))"
+            )
         self.model.remat = config.remat
         self.model.attention = config.attention
         self.lora = self.lora_config is not None
         if model_quantization(self.model) is not None and not self.lora:
-            raise ConfigError(f"the base model is quantized ({model_quantization(self.model).name}): its weights "
-                              "cannot be trained; train LoRA adapters on it (lora_rank > 0)")
+            raise ConfigError(
+                f"the base model is quantized ({model_quantization(self.model).name}): its weights "
+                "cannot be trained; train LoRA adapters on it (lora_rank > 0)"
+            )
         if self.lora:
             apply_lora(self.model, self.lora_config, seed=config.seed)
         self.total_steps = config.steps or sum(self.loader.batches_in_epoch(e) for e in range(config.epochs))
@@ -277,8 +317,13 @@ class Trainer:
         config = self.config
         dtype = None if config.compute_dtype == "auto" else config.compute_dtype
         param_dtype = None if config.param_dtype == "auto" else config.param_dtype
-        return load_model(config.model, dtype=dtype, param_dtype=param_dtype or dtype, mesh=self.mesh,
-                          quantize=config.quantize or None)
+        return load_model(
+            config.model,
+            dtype=dtype,
+            param_dtype=param_dtype or dtype,
+            mesh=self.mesh,
+            quantize=config.quantize or None,
+        )
 
     def _load_data(self) -> None:
         from qwen_jax.tokenizer import Tokenizer
@@ -291,27 +336,40 @@ class Trainer:
         self.loader, stats = self._loader(config.data, tokenization, tokenizer_dir, shuffle=True)
         self.data_stats = dataclasses.replace(stats, truncated=self.loader.truncated, dropped=self.loader.dropped)
         stats = self.data_stats
-        self.log(f"data: {stats.examples} examples from {config.data} ({stats.skipped_lines} bad records skipped, "
-                 f"{stats.truncated} truncated to {config.seq_len} tokens, {stats.dropped} dropped)")
+        self.log(
+            f"data: {stats.examples} examples from {config.data} ({stats.skipped_lines} bad records skipped, "
+            f"{stats.truncated} truncated to {config.seq_len} tokens, {stats.dropped} dropped)"
+        )
         self.eval_loader = None
         if config.eval_data:
             self.eval_loader, _ = self._loader(config.eval_data, tokenization, tokenizer_dir, shuffle=False)
 
-    def _loader(self, spec: str, tokenization: data_lib.Tokenization, tokenizer_dir: str,
-                shuffle: bool) -> tuple[data_lib.DataLoader, data_lib.DatasetStats]:
+    def _loader(
+        self, spec: str, tokenization: data_lib.Tokenization, tokenizer_dir: str, shuffle: bool
+    ) -> tuple[data_lib.DataLoader, data_lib.DatasetStats]:
         """Open a data source, tokenize it (or reuse OUT/data_cache), and load packed batches from it."""
         config = self.config
         with multihost.all_or_none(f"opening {spec}"):
             source = sources.open_source(spec, config.data_split)
         store, stats = token_cache.load(
-            source, tokenization, config.column_mapping, os.path.join(config.out, "data_cache"),
-            tokenizer_dir=tokenizer_dir, skip_bad_lines=config.skip_bad_lines, progress=config.progress, log=self.log)
+            source,
+            tokenization,
+            config.column_mapping,
+            os.path.join(config.out, "data_cache"),
+            tokenizer_dir=tokenizer_dir,
+            skip_bad_lines=config.skip_bad_lines,
+            progress=config.progress,
+            log=self.log,
+        )
         with multihost.all_or_none(f"packing {spec}"):
             try:
-                loader = data_lib.DataLoader(store, config.seq_len, config.batch_size, seed=config.seed, shuffle=shuffle)
+                loader = data_lib.DataLoader(
+                    store, config.seq_len, config.batch_size, seed=config.seed, shuffle=shuffle
+                )
             except ValueError:
                 raise data_lib.DataError(
-                    f"{spec}: no example has a target token within seq_len {config.seq_len}") from None
+                    f"{spec}: no example has a target token within seq_len {config.seq_len}"
+                ) from None
         return loader, stats
 
     def _build_state(self) -> None:
@@ -335,8 +393,12 @@ class Trainer:
             return replicated
 
         opt_sharding = jax.tree_util.tree_map_with_path(opt_leaf_sharding, opt_state)
-        self.state_sharding = {"params": param_sharding, "opt_state": opt_sharding, "step": replicated,
-                               "rng": replicated}
+        self.state_sharding = {
+            "params": param_sharding,
+            "opt_state": opt_sharding,
+            "step": replicated,
+            "rng": replicated,
+        }
         state = {
             "params": params,
             "opt_state": opt_state,
@@ -411,16 +473,18 @@ class Trainer:
             out_shardings=(self.state_sharding, metric_sharding),
             donate_argnums=0,
         )
-        self._eval_sharding = named_sharding(("batch", "seq"), (self.config.batch_size, self.config.seq_len),
-                                             self.mesh, DEFAULT_RULES)
+        self._eval_sharding = named_sharding(
+            ("batch", "seq"), (self.config.batch_size, self.config.seq_len), self.mesh, DEFAULT_RULES
+        )
         self._eval_step = jax.jit(
             eval_step,
             in_shardings=(self.state_sharding["params"], self.frozen_sharding, self._eval_sharding),
             out_shardings=(replicated, replicated),
         )
 
-    def _device_batch(self, build_rows: Callable[[np.ndarray], data_lib.PackedBatch], *,
-                      accumulate: bool = True) -> dict[str, jax.Array]:
+    def _device_batch(
+        self, build_rows: Callable[[np.ndarray], data_lib.PackedBatch], *, accumulate: bool = True
+    ) -> dict[str, jax.Array]:
         """A global batch on the mesh. `build_rows(rows)` returns the given rows of the batch: each
         process builds only the rows its devices hold, and `jax.make_array_from_process_local_data`
         joins them (every process builds every row when the batch axis is replicated).
@@ -449,8 +513,10 @@ class Trainer:
             if latest is None and self.config.export_only:
                 raise ConfigError(f"export_only: {self.config.out}/checkpoints holds no train checkpoint to export")
             if latest is not None and not (self.config.resume or self.config.export_only):
-                raise ConfigError(f"{self.config.out}/checkpoints already holds a run (step {latest}); "
-                                  "pass --resume to continue it or choose another --out")
+                raise ConfigError(
+                    f"{self.config.out}/checkpoints already holds a run (step {latest}); "
+                    "pass --resume to continue it or choose another --out"
+                )
         if latest is None:
             if self.primary and os.path.exists(self.metrics_path):
                 os.remove(self.metrics_path)  # a fresh run: no stale curve from an earlier one
@@ -465,7 +531,8 @@ class Trainer:
                 raise ConfigError(f"cannot resume with changed settings ({detail})")
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
         restored = self.checkpoints.restore(
-            latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(_nested(abstract))))["state"]
+            latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(_nested(abstract)))
+        )["state"]
         self.state = _from_nested(restored, self.state)
         self.loader.restore(meta["data_position"])
         if self.primary:
@@ -473,10 +540,15 @@ class Trainer:
         # The state is restored into this run's shardings and the data position counts global batches,
         # so a run may resume on another number of processes or devices.
         saved_processes = meta.get("process_count", 1)
-        moved = (f"; it was written by {saved_processes} process(es), this run has {jax.process_count()}"
-                 if saved_processes != jax.process_count() else "")
-        self.log(f"resumed from {self.config.out}/checkpoints/{latest} (epoch {self.loader.epoch}, "
-                 f"batch {self.loader.index}){moved}")
+        moved = (
+            f"; it was written by {saved_processes} process(es), this run has {jax.process_count()}"
+            if saved_processes != jax.process_count()
+            else ""
+        )
+        self.log(
+            f"resumed from {self.config.out}/checkpoints/{latest} (epoch {self.loader.epoch}, "
+            f"batch {self.loader.index}){moved}"
+        )
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics of steps after the restored checkpoint (they will be run again)."""
@@ -491,10 +563,18 @@ class Trainer:
         step = int(self.state["step"])
         if self.checkpoints.latest_step() == step:
             return
-        meta = {"config": self.config.to_dict(), "data_position": self.loader.position, "step": step,
-                "process_count": jax.process_count(), "device_count": jax.device_count()}
-        self.checkpoints.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_nested(self.state)), meta=ocp.args.JsonSave(meta)), force=True)
+        meta = {
+            "config": self.config.to_dict(),
+            "data_position": self.loader.position,
+            "step": step,
+            "process_count": jax.process_count(),
+            "device_count": jax.device_count(),
+        }
+        self.checkpoints.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(_nested(self.state)), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
 
     # ---------------------------------------------------------------- model access
     def current_model(self, *, deterministic: bool = True) -> Qwen2ForCausalLM:
@@ -514,7 +594,9 @@ class Trainer:
         return total / max(count, 1.0)
 
     # ---------------------------------------------------------------- the loop
-    def train_step(self, batch: data_lib.PackedBatch | Callable[[np.ndarray], data_lib.PackedBatch]) -> dict[str, float]:
+    def train_step(
+        self, batch: data_lib.PackedBatch | Callable[[np.ndarray], data_lib.PackedBatch]
+    ) -> dict[str, float]:
         """One optimizer step on a global batch of `batch_size` packed rows; returns its metrics.
 
         `batch`: the whole batch, or a function that builds the given rows of it (what the training
@@ -523,7 +605,7 @@ class Trainer:
         self.state, metrics = self._train_step(self.state, self.frozen, self._device_batch(build_rows))
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
-    def run(self, on_step_end: Callable[["Trainer", int], None] | None = None) -> int:
+    def run(self, on_step_end: Callable[[Trainer, int], None] | None = None) -> int:
         """Train to `total_steps`; returns 0, or EXIT_PREEMPTED / EXIT_INTERRUPTED after a signal.
 
         Every process of a multi-process run calls this; only the primary writes metrics.jsonl,
@@ -532,8 +614,10 @@ class Trainer:
 
         config = self.config
         if config.export_only:
-            self.log(f"export only: writing the outputs of train checkpoint {int(self.state['step'])} "
-                     f"(of {self.total_steps} steps)")
+            self.log(
+                f"export only: writing the outputs of train checkpoint {int(self.state['step'])} "
+                f"(of {self.total_steps} steps)"
+            )
             try:
                 self._write_outputs()
             finally:
@@ -549,14 +633,23 @@ class Trainer:
         flops = flops_per_token(self.model.config, config.seq_len, self.lora)
         peak = peak_flops_per_device(config.peak_tflops)
         step = int(self.state["step"])
-        self.log(f"training {'LoRA adapters' if self.lora else 'all weights'}: {self.num_trainable:,} parameters, "
-                 f"{self.total_steps} steps, mesh {dict(self.mesh.shape)}")
+        self.log(
+            f"training {'LoRA adapters' if self.lora else 'all weights'}: {self.num_trainable:,} parameters, "
+            f"{self.total_steps} steps, mesh {dict(self.mesh.shape)}"
+        )
         stopped = False
         try:
-            with multihost.StopSignals() as signals, \
-                    open(self.metrics_path if self.primary else os.devnull, "a", encoding="utf-8") as metrics_file, \
-                    tqdm(total=self.total_steps, initial=step, desc="train", dynamic_ncols=True,
-                         disable=None if config.progress and self.primary else True) as bar:
+            with (
+                multihost.StopSignals() as signals,
+                open(self.metrics_path if self.primary else os.devnull, "a", encoding="utf-8") as metrics_file,
+                tqdm(
+                    total=self.total_steps,
+                    initial=step,
+                    desc="train",
+                    dynamic_ncols=True,
+                    disable=None if config.progress and self.primary else True,
+                ) as bar,
+            ):
                 while step < self.total_steps and not stopped:
                     epoch, index = self.loader.advance()
                     tokens = self.loader.batch_tokens(epoch, index)
@@ -564,12 +657,21 @@ class Trainer:
                     metrics = self.train_step(functools.partial(self.loader.batch, epoch, index))
                     seconds = time.perf_counter() - start
                     step += 1
-                    record = {"step": step, **metrics, "tokens": tokens, "step_time": seconds,
-                              "tokens_per_s": tokens / seconds, "epoch": self.loader.epoch}
+                    record = {
+                        "step": step,
+                        **metrics,
+                        "tokens": tokens,
+                        "step_time": seconds,
+                        "tokens_per_s": tokens / seconds,
+                        "epoch": self.loader.epoch,
+                    }
                     if peak:
                         record["mfu"] = flops * tokens / seconds / (peak * self.mesh.size)
-                    if config.eval_every and step % config.eval_every == 0 or (step == self.total_steps and
-                                                                                self.eval_loader is not None):
+                    if (
+                        config.eval_every
+                        and step % config.eval_every == 0
+                        or (step == self.total_steps and self.eval_loader is not None)
+                    ):
                         record["eval_loss"] = self.evaluate()
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
@@ -610,7 +712,8 @@ class Trainer:
             raise OutputError(
                 f"writing the final model failed ({_one_line(e)}); the training is safe in {out}/checkpoints/{step}. "
                 f"After fixing the cause, write the outputs from it with: qwen-jax train --config "
-                f"{out}/train_config.yaml --export-only") from None
+                f"{out}/train_config.yaml --export-only"
+            ) from None
         plot = self.primary and plot_loss_curve(self.metrics_path, os.path.join(self.config.out, "loss_curve.png"))
         if plot:
             self.log(f"loss curve: {plot}")
@@ -623,9 +726,13 @@ class Trainer:
             merge_lora(model)
         model_dir = os.path.abspath(os.path.join(self.config.out, "model"))
         with self._model_staging_dir(model_dir) as staging:
-            save_model(model, staging, source="qwen-jax train",
-                              side_files_from=self.config.tokenizer or self.config.model,
-                              progress=False if not (self.config.progress and self.primary) else None)
+            save_model(
+                model,
+                staging,
+                source="qwen-jax train",
+                side_files_from=self.config.tokenizer or self.config.model,
+                progress=False if not (self.config.progress and self.primary) else None,
+            )
         self.log(f"final model: {model_dir}")
         if self.config.export_hf:
             with multihost.all_or_none("exporting to HF safetensors"):
@@ -700,4 +807,3 @@ def plot_loss_curve(metrics_path: str, png_path: str) -> str | None:
     figure.tight_layout()
     figure.savefig(png_path, dpi=100)
     return png_path
-

@@ -44,9 +44,13 @@ def test_cpu_smoke_writes_json_and_table(tmp_path, workdir, device_suite):
     # Every kind of step once (0.5B tied, 7B untied with the HF peer); the others run the same code
     # (prefill: in the test of the feature steps below).
     skip = ["decode-0.5B", "prefill-2K-0.5B", "prefill-2K-7B", "train-1.5B"]
-    child = subprocess.run([sys.executable, SUITE, "--cpu-smoke", "--out", str(tmp_path / "out"),
-                            "--workdir", workdir, "--skip", *skip],
-                           capture_output=True, text=True, timeout=600, env=_env())
+    child = subprocess.run(
+        [sys.executable, SUITE, "--cpu-smoke", "--out", str(tmp_path / "out"), "--workdir", workdir, "--skip", *skip],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+    )
     assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "device_suite.json").read_text())
     table = (tmp_path / "out" / "device_suite.md").read_text()
@@ -66,7 +70,9 @@ def test_cpu_smoke_writes_json_and_table(tmp_path, workdir, device_suite):
             assert f"| {step.name} | {device_suite.SKIPPED_FEATURE} |" in table
             continue
         assert record["status"] == "ok", record
-        assert record["rows"] and all(math.isfinite(row["value"]) and row["value"] > 0 for row in record["rows"]), record
+        assert record["rows"] and all(math.isfinite(row["value"]) and row["value"] > 0 for row in record["rows"]), (
+            record
+        )
 
     decode = {row["metric"]: row for row in records["decode-7B"]["rows"]}
     assert 0 < decode["decode tok/s, batch 1"]["percent"], decode
@@ -78,12 +84,14 @@ def test_cpu_smoke_writes_json_and_table(tmp_path, workdir, device_suite):
 
 
 def test_fails_fast_with_one_line(tmp_path):
-    without_accelerator = subprocess.run([sys.executable, SUITE, "--out", str(tmp_path)], capture_output=True,
-                                         text=True, timeout=120, env=_env())
+    without_accelerator = subprocess.run(
+        [sys.executable, SUITE, "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, env=_env()
+    )
     assert without_accelerator.returncode == 2
     assert without_accelerator.stderr.strip().splitlines() == [
-        'device_suite: error: no accelerator found: JAX runs on the CPU. Install the JAX backend for your machine '
-        '(pip install -e ".[cuda12]", ".[cuda13]" or ".[tpu]") or run the CPU smoke test with --cpu-smoke']
+        "device_suite: error: no accelerator found: JAX runs on the CPU. Install the JAX backend for your machine "
+        '(pip install -e ".[cuda12]", ".[cuda13]" or ".[tpu]") or run the CPU smoke test with --cpu-smoke'
+    ]
     assert not (tmp_path / "device_suite.json").exists()
 
 
@@ -103,13 +111,17 @@ def test_memory_and_step_checks(device_suite, tmp_path, monkeypatch):
 
     monkeypatch.setattr(device_suite.jax, "devices", lambda *args: [SixteenGiB()])
     device_suite.check_fits(plan, [steps["decode-0.5B"], steps["prefill-2K-0.5B"]], str(tmp_path))
-    with pytest.raises(device_suite.PreflightError, match=r"step decode-7B needs about 2\d\.\d GiB .* --skip decode-7B"):
+    with pytest.raises(
+        device_suite.PreflightError, match=r"step decode-7B needs about 2\d\.\d GiB .* --skip decode-7B"
+    ):
         device_suite.check_fits(plan, [steps["decode-0.5B"], steps["decode-7B"]], str(tmp_path))
     with pytest.raises(device_suite.PreflightError, match="unknown step.*decode-70B"):
         device_suite.select_steps(["decode-70B"], [])
     assert [s.name for s in device_suite.select_steps(None, ["train-1.5B"])][-1] == "train-0.5B"
     assert [s.name for s in device_suite.select_steps(["prefill-2K-0.5B", "decode-0.5B"], [])] == [
-        "decode-0.5B", "prefill-2K-0.5B"]  # suite order
+        "decode-0.5B",
+        "prefill-2K-0.5B",
+    ]  # suite order
     with pytest.raises(device_suite.PreflightError, match="unknown step.*decode-70B"):
         device_suite.select_steps(["decode-0.5B", "decode-70B"], [])
 

@@ -29,8 +29,10 @@ def test_serve_benchmark_keeps_the_fastest_pass_and_lists_all():
     import serve  # benchmarks/serve.py
 
     nan = float("nan")
-    rows = [dict(system="s", output_tokens_per_s=v, ttft_p50_s=i, failed=0, errors=[])
-            for i, v in enumerate([20.5, nan, 23.25, 19.0])]
+    rows = [
+        dict(system="s", output_tokens_per_s=v, ttft_p50_s=i, failed=0, errors=[])
+        for i, v in enumerate([20.5, nan, 23.25, 19.0])
+    ]
     rows[3].update(failed=2, errors=["APITimeoutError: timed out"])  # a slower pass had failures
     best = serve.best_pass(rows)
     assert best["output_tokens_per_s"] == 23.25 and best["ttft_p50_s"] == 2  # the whole row of that pass

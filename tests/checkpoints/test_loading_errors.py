@@ -8,10 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from qwen_jax.errors import ConfigError
-from qwen_jax.load import load_model
-from qwen_jax.errors import CheckpointError
 from qwen_jax.checkpoints.safetensors import SafetensorsFile, write_safetensors
+from qwen_jax.errors import CheckpointError, ConfigError
+from qwen_jax.load import load_model
 
 
 @pytest.fixture
@@ -41,7 +40,9 @@ def test_unexpected_tensor(checkpoint):
     tensors = _tensors(checkpoint)
     tensors["model.layers.0.self_attn.extra.weight"] = np.zeros((4,), np.float32)
     _rewrite(checkpoint, tensors)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor 'model\.layers\.0\.self_attn\.extra"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: unexpected tensor 'model\.layers\.0\.self_attn\.extra"
+    ):
         load_model(checkpoint)
 
 
@@ -49,8 +50,11 @@ def test_wrong_shape(checkpoint):
     tensors = _tensors(checkpoint)
     tensors["model.layers.2.self_attn.k_proj.weight"] = np.zeros((16, 64), np.float32)
     _rewrite(checkpoint, tensors)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.2\.self_attn\.k_proj\.weight' "
-                                              r"has shape \[16, 64\], config expects \[32, 64\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: tensor 'model\.layers\.2\.self_attn\.k_proj\.weight' "
+        r"has shape \[16, 64\], config expects \[32, 64\]",
+    ):
         load_model(checkpoint)
 
 

@@ -47,8 +47,16 @@ def test_two_processes_match_one(hf_checkpoint, tmp_path):
     out = tmp_path / "logits.npy"
     port = str(_free_port())
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(i), port, path, str(out)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(i), port, path, str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         outputs = [w.communicate(timeout=300)[0] for w in workers]
     finally:

@@ -16,21 +16,25 @@ import jax
 import numpy as np
 import pytest
 import torch
-
 from conftest import build_hf_model
 from quant_fixtures import (
-    CHAT_TEMPLATE, awq_quantize_pack, gptq_pack, gptq_quantize, write_quantized_checkpoint, write_tiny_gguf,
+    CHAT_TEMPLATE,
+    awq_quantize_pack,
+    gptq_pack,
+    gptq_quantize,
+    write_quantized_checkpoint,
+    write_tiny_gguf,
 )
+
 from qwen_jax import Qwen2Config
-from qwen_jax.ops.quant import QuantizedMatrix
-from qwen_jax.model.quantize import model_quantization
-from qwen_jax.cli import main as cli_main
-from qwen_jax.checkpoints.params import param_specs
-from qwen_jax.load import load, load_model
-from qwen_jax.ops.quant import QuantScheme
 from qwen_jax.checkpoints.gptq_awq import PrequantizedConfig, unpack_awq, unpack_gptq
-from qwen_jax.errors import CheckpointError
+from qwen_jax.checkpoints.params import param_specs
 from qwen_jax.checkpoints.safetensors import SafetensorsFile, write_safetensors
+from qwen_jax.cli import main as cli_main
+from qwen_jax.errors import CheckpointError
+from qwen_jax.load import load, load_model
+from qwen_jax.model.quantize import model_quantization
+from qwen_jax.ops.quant import QuantizedMatrix, QuantScheme
 from qwen_jax.sharding import logical_to_spec
 
 IDS = np.array([[3, 17, 250, 9, 42, 42, 0, 128, 77, 5, 64, 200]], dtype=np.int32)
@@ -42,16 +46,25 @@ def _torch_logits(model, ids=IDS) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- unpacking
-@pytest.mark.parametrize("bits,group,sym,act_order,v1", [
-    (4, 32, True, False, True), (8, 32, True, False, True), (4, 32, False, False, True),
-    (4, 32, True, True, True), (8, -1, False, False, False), (4, 64, False, True, False)])
+@pytest.mark.parametrize(
+    "bits,group,sym,act_order,v1",
+    [
+        (4, 32, True, False, True),
+        (8, 32, True, False, True),
+        (4, 32, False, False, True),
+        (4, 32, True, True, True),
+        (8, -1, False, False, False),
+        (4, 64, False, True, False),
+    ],
+)
 def test_gptq_unpacking_matches_the_reference_dequantization(bits, group, sym, act_order, v1):
     rng = np.random.default_rng(bits + group)
     w = rng.standard_normal((48, 128)).astype(np.float32)
     reference = gptq_quantize(w, bits, group, sym, act_order, rng)
     packed = gptq_pack(reference, bits, v1=v1)
-    config = PrequantizedConfig("gptq", bits, None if group == -1 else group, act_order, sym,
-                                "gptq" if v1 else "gptq_v2")
+    config = PrequantizedConfig(
+        "gptq", bits, None if group == -1 else group, act_order, sym, "gptq" if v1 else "gptq_v2"
+    )
     got = unpack_gptq(**packed, in_features=128, out_features=48, config=config)
     if act_order:  # groups are not runs of inputs: dequantized
         assert isinstance(got, np.ndarray)
@@ -80,9 +93,15 @@ CASES = {
     "awq": dict(method="awq"),
     "gptq4-padded-mlp": dict(method="gptq", bits=4, pad_intermediate_to=160),
 }
-NATIVE = {"gptq4-sym": QuantScheme(4, 32), "gptq8-sym": QuantScheme(8, 32), "gptq4-asym": QuantScheme(4, 32, True),
-          "gptq4-act-order": None, "gptq4-v2-asym": QuantScheme(4, 32, True), "awq": QuantScheme(4, 32, True),
-          "gptq4-padded-mlp": QuantScheme(4, 32)}
+NATIVE = {
+    "gptq4-sym": QuantScheme(4, 32),
+    "gptq8-sym": QuantScheme(8, 32),
+    "gptq4-asym": QuantScheme(4, 32, True),
+    "gptq4-act-order": None,
+    "gptq4-v2-asym": QuantScheme(4, 32, True),
+    "awq": QuantScheme(4, 32, True),
+    "gptq4-padded-mlp": QuantScheme(4, 32),
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -112,7 +131,8 @@ def test_quantized_checkpoint_through_convert_and_requantize(tmp_path, capsys):
     requantized = load_model(path, quantize="int8", progress=False)
     assert model_quantization(requantized) == QuantScheme(8, None)
     relative = np.linalg.norm(np.asarray(requantized(IDS)) - _torch_logits(torch_model)) / np.linalg.norm(
-        _torch_logits(torch_model))
+        _torch_logits(torch_model)
+    )
     assert relative < 0.02  # int8 of the dequantized weights: see test_quant's thresholds
 
 
@@ -139,20 +159,35 @@ def test_corrupted_or_unsupported_quantized_checkpoints_fail_with_one_clear_erro
     base = write_quantized_checkpoint(torch_model, tmp_path / "base", method="gptq", bits=4)
     module = "model.layers.1.mlp.down_proj"
     cases = {
-        "wrong packing shape": (lambda p: _rewrite(p, f"{module}.qweight", np.zeros((8, 64), np.int32)),
-                                "has shape [8, 64], 4-bit gptq with group size 32 and this config expects [16, 64]"),
-        "float packed tensor": (lambda p: _rewrite(p, f"{module}.qzeros", np.zeros((4, 8), np.float32)),
-                                "packed tensors are int32"),
+        "wrong packing shape": (
+            lambda p: _rewrite(p, f"{module}.qweight", np.zeros((8, 64), np.int32)),
+            "has shape [8, 64], 4-bit gptq with group size 32 and this config expects [16, 64]",
+        ),
+        "float packed tensor": (
+            lambda p: _rewrite(p, f"{module}.qzeros", np.zeros((4, 8), np.float32)),
+            "packed tensors are int32",
+        ),
         "unknown bits": (lambda p: _set_quantization_config(p, bits=3), "3-bit gptq is not supported"),
-        "unknown method": (lambda p: _set_quantization_config(p, quant_method="bitsandbytes"),
-                           "quant_method 'bitsandbytes' is not supported"),
-        "unknown format": (lambda p: _set_quantization_config(p, checkpoint_format="marlin"),
-                           "checkpoint_format 'marlin' is not supported"),
-        "awq gemv": (lambda p: _set_quantization_config(p, quant_method="awq", version="gemv"),
-                     "AWQ version 'gemv' is not supported"),
+        "unknown method": (
+            lambda p: _set_quantization_config(p, quant_method="bitsandbytes"),
+            "quant_method 'bitsandbytes' is not supported",
+        ),
+        "unknown format": (
+            lambda p: _set_quantization_config(p, checkpoint_format="marlin"),
+            "checkpoint_format 'marlin' is not supported",
+        ),
+        "awq gemv": (
+            lambda p: _set_quantization_config(p, quant_method="awq", version="gemv"),
+            "AWQ version 'gemv' is not supported",
+        ),
         "missing tensor": (lambda p: _rewrite(p, f"{module}.scales", None), f"missing tensor '{module}.scales'"),
-        "sym with zeros": (lambda p: _set_quantization_config(p, sym=True) or _rewrite(
-            p, f"{module}.qzeros", np.full((4, 8), 0x12345678, np.int32)), "although quantization_config says sym"),
+        "sym with zeros": (
+            lambda p: (
+                _set_quantization_config(p, sym=True)
+                or _rewrite(p, f"{module}.qzeros", np.full((4, 8), 0x12345678, np.int32))
+            ),
+            "although quantization_config says sym",
+        ),
     }
     for name, (corrupt, message) in cases.items():
         path = tmp_path / name.replace(" ", "_")
@@ -171,7 +206,10 @@ def test_72b_padding_arithmetic_without_allocating():
     P = jax.sharding.PartitionSpec
     mesh = type("Mesh", (), {"shape": {"data": 1, "fsdp": 1, "tensor": 8}})()
     scheme = QuantScheme(4, 128)
-    for intermediate, groups, scale_spec in ((29_696, 232, P(None, None, "tensor")), (29_568, 231, P(None, None, None))):
+    for intermediate, groups, scale_spec in (
+        (29_696, 232, P(None, None, "tensor")),
+        (29_568, 231, P(None, None, None)),
+    ):
         config = dataclasses.replace(Qwen2Config.preset("72B"), intermediate_size=intermediate)
         specs = {s.path: s for s in param_specs(config, scheme)}
         down = specs[("model", "layers", "mlp", "down_proj", "kernel")]
@@ -205,15 +243,22 @@ def test_gguf_config_tokenizer_and_logits_equal_transformers_gguf_loading(tiny_g
     hf_tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file="tiny.gguf")
     model, tokenizer = load(file, progress=False)
     config = model.config
-    assert (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
-            config.num_attention_heads, config.num_key_value_heads, config.tie_word_embeddings) == \
-        (info["vocab"], 256, 512, 2, 4, 2, False)
+    assert (
+        config.vocab_size,
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.tie_word_embeddings,
+    ) == (info["vocab"], 256, 512, 2, 4, 2, False)
     texts = ["the quick brown fox", "<|im_start|>user\nthe lazy dog<|im_end|>\n", "  sat on   the mat!! 42 <tool_call>"]
     for text in texts:
         assert tokenizer.encode(text) == hf_tokenizer(text)["input_ids"], text
     messages = [{"role": "user", "content": "hi"}]
-    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True) == \
-        hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True) == hf_tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
     assert model.generation_config.eos_token_ids[0] == info["tokens"].index("<|im_end|>")
     ids = np.asarray([tokenizer.encode(texts[1])], np.int32)
     reference = _torch_logits(hf, ids)
@@ -248,14 +293,17 @@ def test_bad_gguf_files_fail_with_one_clear_error(tiny_gguf, tmp_path):
     field = reader.tensors[0].field
     type_offset = field.offset + sum(part.nbytes for part in field.parts[:4])
     unknown = bytearray(data)
-    unknown[type_offset:type_offset + 4] = struct.pack("<I", 99)
+    unknown[type_offset : type_offset + 4] = struct.pack("<I", 99)
     (tmp_path / "unknown.gguf").write_bytes(bytes(unknown))
     llama = tmp_path / "llama.gguf"
     writer = gguf.GGUFWriter(str(llama), "llama")
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
-    for path, message in ((truncated, "truncated GGUF"), (tmp_path / "unknown.gguf", "unknown GGUF tensor type 99"),
-                          (llama, "GGUF architecture 'llama'; qwen-jax reads qwen2")):
+    for path, message in (
+        (truncated, "truncated GGUF"),
+        (tmp_path / "unknown.gguf", "unknown GGUF tensor type 99"),
+        (llama, "GGUF architecture 'llama'; qwen-jax reads qwen2"),
+    ):
         with pytest.raises(CheckpointError) as error:
             load_model(path, progress=False)
         assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
@@ -305,10 +353,16 @@ def test_hub_ids_reach_gguf_files_and_quantized_repos(tiny_gguf, tmp_path, monke
     torch_model = build_hf_model(seed=2, hidden_size=64, intermediate_size=128)
     gptq = write_quantized_checkpoint(torch_model, tmp_path / "gptq", method="gptq", bits=8)
     calls = []
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
-                        lambda repo, filename: calls.append((repo, filename)) or os.path.join(directory, "tiny.gguf"))
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda repo, allow_patterns: calls.append((repo, tuple(allow_patterns))) or gptq)
+    monkeypatch.setattr(
+        huggingface_hub,
+        "hf_hub_download",
+        lambda repo, filename: calls.append((repo, filename)) or os.path.join(directory, "tiny.gguf"),
+    )
+    monkeypatch.setattr(
+        huggingface_hub,
+        "snapshot_download",
+        lambda repo, allow_patterns: calls.append((repo, tuple(allow_patterns))) or gptq,
+    )
     model = load_model("Qwen/Qwen2.5-0.5B-Instruct-GGUF/qwen2.5-0.5b-instruct-q4_k_m.gguf", progress=False)
     assert calls[-1] == ("Qwen/Qwen2.5-0.5B-Instruct-GGUF", "qwen2.5-0.5b-instruct-q4_k_m.gguf")
     assert model.config.hidden_size == 256

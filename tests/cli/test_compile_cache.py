@@ -11,15 +11,10 @@ import jax
 import pytest
 from conftest import build_hf_model, save_hf_checkpoint
 
-from qwen_jax.compilation import ENV
-from qwen_jax.compilation import MAX_BYTES
-from qwen_jax.compilation import _OPTIONS
-from qwen_jax.cli.compile_cache import chosen_dir
-from qwen_jax.cli.compile_cache import configured
-from qwen_jax.compilation import default_dir
-from qwen_jax.cli.compile_cache import settings
-from qwen_jax.errors import UsageError
 from qwen_jax.cli import main
+from qwen_jax.cli.compile_cache import chosen_dir, configured, settings
+from qwen_jax.compilation import _OPTIONS, ENV, MAX_BYTES, default_dir
+from qwen_jax.errors import UsageError
 
 # Runs the real CLI entry point in a fresh process and prints, as its last stderr line, how many
 # executables it asked XLA for ("backend compile" events, which span the persistent-cache lookup),
@@ -60,8 +55,9 @@ def model_dir(tmp_path_factory) -> str:
 
 
 def _run_cli(*argv: str, env: dict) -> tuple[str, dict]:
-    child = subprocess.run([sys.executable, "-c", COUNTING_CLI, *argv], capture_output=True, text=True,
-                           timeout=300, env=env)
+    child = subprocess.run(
+        [sys.executable, "-c", COUNTING_CLI, *argv], capture_output=True, text=True, timeout=300, env=env
+    )
     assert child.returncode == 0, child.stderr[-3000:]
     counts_line = [line for line in child.stderr.splitlines() if line.startswith("COUNTS ")][-1]
     return child.stdout, json.loads(counts_line.split(" ", 1)[1])
@@ -74,8 +70,12 @@ def _entries(directory) -> set[str]:
 def test_second_generate_run_compiles_nothing(model_dir, tmp_path):
     cache = tmp_path / "jax-cache"
     argv = ["generate", "--model", model_dir, "--prompt", "the cat sat", "--greedy", "--max-new-tokens", "6"]
-    unset = (ENV, "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-             "JAX_COMPILATION_CACHE_MAX_SIZE")  # the test suite's "off", and any JAX settings
+    unset = (
+        ENV,
+        "JAX_COMPILATION_CACHE_DIR",
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+        "JAX_COMPILATION_CACHE_MAX_SIZE",
+    )  # the test suite's "off", and any JAX settings
     env = {k: v for k, v in os.environ.items() if k not in unset}
 
     first_text, first = _run_cli(*argv, "--compile-cache", str(cache), env=env)

@@ -21,18 +21,16 @@ import torch
 from flax import nnx
 
 from qwen_jax.checkpoints import params as checkpoint_params
-from qwen_jax.checkpoints.orbax import is_orbax_checkpoint
-from qwen_jax.checkpoints.params import param_groups
-from qwen_jax.checkpoints.orbax import read_manifest
+from qwen_jax.checkpoints.hf import HFCheckpoint
+from qwen_jax.checkpoints.orbax import is_orbax_checkpoint, read_manifest
+from qwen_jax.checkpoints.params import param_groups, param_specs
+from qwen_jax.checkpoints.safetensors import SafetensorsFile, write_safetensors
 from qwen_jax.cli import main as cli_main
 from qwen_jax.config import Qwen2Config
-from qwen_jax.convert.to_orbax import hf_to_orbax
 from qwen_jax.convert.to_hf import orbax_to_hf
-from qwen_jax.checkpoints.hf import HFCheckpoint
-from qwen_jax.checkpoints.params import param_specs
-from qwen_jax.load import load_model
+from qwen_jax.convert.to_orbax import hf_to_orbax
 from qwen_jax.errors import CheckpointError
-from qwen_jax.checkpoints.safetensors import SafetensorsFile, write_safetensors
+from qwen_jax.load import load_model
 from qwen_jax.sharding import make_mesh, state_shardings
 
 IDS = np.array([[3, 17, 250, 9, 42, 42, 0, 128, 77, 5, 64, 200]], dtype=np.int32)
@@ -105,8 +103,9 @@ def test_row_blocks_round_trip_and_restore_onto_a_mesh(hf_checkpoint, tmp_path, 
     embedding = sharded.model.embed_tokens.embedding.get_value()
     assert not embedding.sharding.is_fully_replicated
     np.testing.assert_array_equal(np.asarray(embedding), np.asarray(source.get("model.embed_tokens.weight")))
-    np.testing.assert_allclose(np.asarray(sharded(IDS)), np.asarray(load_model(src, dtype="float32")(IDS)),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(sharded(IDS)), np.asarray(load_model(src, dtype="float32")(IDS)), atol=1e-5, rtol=0
+    )
 
 
 def test_dtype_conversion_through_the_cli(hf_checkpoint, tmp_path, capsys):
@@ -193,30 +192,46 @@ def test_conversion_memory_stays_near_one_layer(tmp_path):
     `getrusage(...).ru_maxrss` cannot be used: Linux carries the parent's high-water mark across
     fork+exec, so the child would report pytest's own RSS.
     """
-    config = Qwen2Config(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=24,
-                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+    config = Qwen2Config(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=24,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     rng = np.random.default_rng(0)
-    tensors = [(name, rng.standard_normal(spec.hf_shape, dtype=np.float32))
-               for spec in param_specs(config) for name in spec.hf_names(config.num_hidden_layers)]
+    tensors = [
+        (name, rng.standard_normal(spec.hf_shape, dtype=np.float32))
+        for spec in param_specs(config)
+        for name in spec.hf_names(config.num_hidden_layers)
+    ]
     src = tmp_path / "src"
     src.mkdir()
     write_safetensors(src / "model.safetensors", tensors)
     (src / "config.json").write_text(json.dumps(config.to_hf()))
     size = sum(array.nbytes for _, array in tensors)
     del tensors
-    largest_group = max(sum(4 * int(np.prod(spec.hf_shape)) for spec in group.specs)
-                        for group in param_groups(config))
+    largest_group = max(sum(4 * int(np.prod(spec.hf_shape)) for spec in group.specs) for group in param_groups(config))
     bound = 64 * 2**20 + 4 * largest_group
     assert size > 300e6 and bound < 0.45 * size
 
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(src), str(tmp_path / "out")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _MEMORY_CHILD, str(src), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     growth = (report["peak_kib"] - report["baseline_kib"]) * 1024
-    print(f"conversion RSS: baseline {report['baseline_kib'] / 1024:.0f} MiB, growth {growth / 1e6:.0f} MB "
-          f"(bound {bound / 1e6:.0f} MB), checkpoint {size / 1e6:.0f} MB")
+    print(
+        f"conversion RSS: baseline {report['baseline_kib'] / 1024:.0f} MiB, growth {growth / 1e6:.0f} MB "
+        f"(bound {bound / 1e6:.0f} MB), checkpoint {size / 1e6:.0f} MB"
+    )
     assert growth < bound, f"conversion grew RSS by {growth / 1e6:.0f} MB for a {size / 1e6:.0f} MB checkpoint"
     assert read_manifest(tmp_path / "out")["parameters"] * 4 == size
 
@@ -273,6 +288,7 @@ def _edit_config(**changes):
         data.update(changes)
         with open(path, "w") as f:
             json.dump(data, f)
+
     return edit
 
 
@@ -283,8 +299,10 @@ BAD_SOURCES = {
     "missing-config": (_remove_config, "config.json not found"),
     "missing-tensor": (_drop_tensor, "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
     "wrong-shape": (_edit_config(intermediate_size=96), "config expects [96, 64]"),
-    "unsupported-architecture": (_edit_config(model_type="llama", architectures=["LlamaForCausalLM"]),
-                                 "unsupported architecture"),
+    "unsupported-architecture": (
+        _edit_config(model_type="llama", architectures=["LlamaForCausalLM"]),
+        "unsupported architecture",
+    ),
 }
 
 
@@ -376,4 +394,3 @@ def test_missing_group_is_reported_when_loading(hf_checkpoint, tmp_path):
     shutil.rmtree(tmp_path / "orbax" / "params" / "model.norm")
     with pytest.raises(CheckpointError, match="missing parameter group params/model.norm"):
         load_model(tmp_path / "orbax")
-

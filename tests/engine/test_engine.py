@@ -41,8 +41,9 @@ def test_greedy_alone_equals_generate_and_busy(engine, loaded):
     # Busy: long requests occupy all slots but one; a short one holds the last slot for `hold` tokens, then
     # the probe is inserted into the slot it vacates while the long ones are mid-way (a different step each time).
     for hold in (1, 4, 9):
-        handles = [engine.submit(OTHERS[i % 4], max_new_tokens=25, temperature=0.9 * (i % 2), seed=i)
-                   for i in range(SLOTS - 1)]
+        handles = [
+            engine.submit(OTHERS[i % 4], max_new_tokens=25, temperature=0.9 * (i % 2), seed=i) for i in range(SLOTS - 1)
+        ]
         handles.append(engine.submit(OTHERS[1], max_new_tokens=hold, temperature=0))
         probe = engine.submit(PROBE, max_new_tokens=24, temperature=0)
         assert probe.result(120).token_ids == alone.token_ids, f"probe inserted after {hold} tokens"
@@ -58,12 +59,17 @@ def test_batch_of_many_equals_each_alone(engine):
 
 
 def test_seeded_sampling_independent_of_batch(engine):
-    settings = [dict(temperature=0.8, top_k=20, seed=11), dict(temperature=1.1, top_p=0.9, seed=12),
-                dict(temperature=0.7, top_k=40, top_p=0.8, min_p=0.05, repetition_penalty=1.3, seed=13)]
+    settings = [
+        dict(temperature=0.8, top_k=20, seed=11),
+        dict(temperature=1.1, top_p=0.9, seed=12),
+        dict(temperature=0.7, top_k=40, top_p=0.8, min_p=0.05, repetition_penalty=1.3, seed=13),
+    ]
     for options in settings:
         alone = _tokens(engine, PROBE, max_new_tokens=20, **options).token_ids
-        busy = [engine.submit(p, max_new_tokens=20, temperature=t, seed=s)
-                for p, t, s in zip(OTHERS, (0, 1.0, 0.5), (1, 2, 3))]
+        busy = [
+            engine.submit(p, max_new_tokens=20, temperature=t, seed=s)
+            for p, t, s in zip(OTHERS, (0, 1.0, 0.5), (1, 2, 3))
+        ]
         probe = engine.submit(PROBE, max_new_tokens=20, **options)
         assert probe.result(120).token_ids == alone, options
         for handle in busy:
@@ -99,19 +105,29 @@ def test_presence_frequency_penalties_and_logit_bias(engine, loaded):
     biased = {ord("e"): 6.0, ord(" "): -2.5}  # the tiny model rarely repeats a token unless pushed to
     base = _tokens(engine, PROBE, max_new_tokens=20, temperature=0, logit_bias=biased).token_ids
     # (options, the tokens without the penalties): each setting must change the output
-    settings = [(dict(frequency_penalty=-2.0), plain), (dict(presence_penalty=-2.0, repetition_penalty=1.2), plain),
-                (dict(frequency_penalty=1.0, presence_penalty=0.5, logit_bias=biased), base)]
+    settings = [
+        (dict(frequency_penalty=-2.0), plain),
+        (dict(presence_penalty=-2.0, repetition_penalty=1.2), plain),
+        (dict(frequency_penalty=1.0, presence_penalty=0.5, logit_bias=biased), base),
+    ]
     assert base != plain
     for options, without in settings:
         alone = _tokens(engine, PROBE, max_new_tokens=20, temperature=0, **options)
-        reference = _reference_greedy(model, prompt_ids, len(alone.token_ids),
-                                      repetition=options.get("repetition_penalty", 1.0),
-                                      presence=options.get("presence_penalty", 0.0),
-                                      frequency=options.get("frequency_penalty", 0.0), bias=options.get("logit_bias"))
+        reference = _reference_greedy(
+            model,
+            prompt_ids,
+            len(alone.token_ids),
+            repetition=options.get("repetition_penalty", 1.0),
+            presence=options.get("presence_penalty", 0.0),
+            frequency=options.get("frequency_penalty", 0.0),
+            bias=options.get("logit_bias"),
+        )
         assert alone.token_ids == reference, options
-        assert alone.token_ids != without[:len(alone.token_ids)], options
-        busy = [engine.submit(p, max_new_tokens=20, temperature=t, seed=s, frequency_penalty=0.5 * s)
-                for p, t, s in zip(OTHERS, (0, 1.0, 0.5), (1, 2, 3))]
+        assert alone.token_ids != without[: len(alone.token_ids)], options
+        busy = [
+            engine.submit(p, max_new_tokens=20, temperature=t, seed=s, frequency_penalty=0.5 * s)
+            for p, t, s in zip(OTHERS, (0, 1.0, 0.5), (1, 2, 3))
+        ]
         probe = engine.submit(PROBE, max_new_tokens=20, temperature=0, **options)
         assert probe.result(120).token_ids == alone.token_ids, options
         for handle in busy:
@@ -127,7 +143,7 @@ def test_stop_strings_stop_ids_and_max_tokens(engine):
     free = _tokens(engine, OTHERS[0], max_new_tokens=30, temperature=0)
     assert free.finish_reason == "length" and len(free.token_ids) == 30
     text = free.text
-    stop = text[len(text) // 2: len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     cut = _tokens(engine, OTHERS[0], max_new_tokens=30, temperature=0, stop=[stop, "\x00never"])
     assert cut.finish_reason == "stop" and cut.stop_reason == stop
     assert cut.text == text[: text.index(stop)]
@@ -156,9 +172,11 @@ def test_gaps_are_closed_and_steps_run_only_the_rows_in_use(engine):
     """A short request between two long ones finishes; the long one above it moves down into its
     slot (cache row, last token, seed, token index and seen set with it) and the steps narrow to
     the rows in use: every request still gives exactly what it gives alone."""
-    settings = [dict(max_new_tokens=24, temperature=0),
-                dict(max_new_tokens=3, temperature=0),
-                dict(max_new_tokens=24, temperature=0.8, seed=5, repetition_penalty=1.3, top_k=20)]
+    settings = [
+        dict(max_new_tokens=24, temperature=0),
+        dict(max_new_tokens=3, temperature=0),
+        dict(max_new_tokens=24, temperature=0.8, seed=5, repetition_penalty=1.3, top_k=20),
+    ]
     prompts = [PROBE, OTHERS[1], OTHERS[2]]
     alone = [_tokens(engine, p, **o).token_ids for p, o in zip(prompts, settings)]
     before = engine.stats()
@@ -177,9 +195,11 @@ def test_prompts_go_in_chunk_by_chunk_while_others_decode(engine):
     request gives exactly what it gives alone (a multi-chunk prompt alone is prefilled whole)."""
     long_prompt = "Once upon a time in a land far away, a fox"  # 42 tokens: chunks of 16, 16 and 10
     assert len(long_prompt) > 2 * CHUNK
-    settings = [dict(max_new_tokens=20, temperature=0),
-                dict(max_new_tokens=20, temperature=0.9, top_p=0.9, seed=7, repetition_penalty=1.2),
-                dict(max_new_tokens=8, temperature=0)]
+    settings = [
+        dict(max_new_tokens=20, temperature=0),
+        dict(max_new_tokens=20, temperature=0.9, top_p=0.9, seed=7, repetition_penalty=1.2),
+        dict(max_new_tokens=8, temperature=0),
+    ]
     prompts = [PROBE, OTHERS[0], long_prompt]
     alone = [_tokens(engine, p, **o).token_ids for p, o in zip(prompts, settings)]
     before = engine.stats()
@@ -226,8 +246,9 @@ def test_bad_requests_and_queue_limit(loaded, engine):
     with pytest.raises(EngineError, match="logit_bias value for token 5 must be a number between -100 and 100"):
         engine.submit(PROBE, logit_bias={5: 200})
     model, tokenizer = loaded
-    small = qwen_jax.Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN, max_queue=1,
-                            prefill_chunk=CHUNK)  # shares the compiled programs
+    small = qwen_jax.Engine(
+        model, tokenizer, slots=SLOTS, max_len=MAX_LEN, max_queue=1, prefill_chunk=CHUNK
+    )  # shares the compiled programs
     try:
         admitted = [small.submit(PROBE, max_new_tokens=40) for _ in range(SLOTS + 1)]
         with pytest.raises(QueueFullError):
@@ -250,13 +271,21 @@ def test_no_compilation_after_warmup(engine):
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        mixed = [dict(temperature=0), dict(temperature=0.9, top_k=10, seed=1), dict(temperature=1.0, seed=2),
-                 dict(temperature=0.7, top_p=0.5, min_p=0.1, repetition_penalty=1.2, seed=3),
-                 dict(temperature=0, logprobs=5), dict(temperature=0.5, top_k=200, logprobs=0, seed=4)]
+        mixed = [
+            dict(temperature=0),
+            dict(temperature=0.9, top_k=10, seed=1),
+            dict(temperature=1.0, seed=2),
+            dict(temperature=0.7, top_p=0.5, min_p=0.1, repetition_penalty=1.2, seed=3),
+            dict(temperature=0, logprobs=5),
+            dict(temperature=0.5, top_k=200, logprobs=0, seed=4),
+        ]
         prompts = ["x" * n for n in (1, 15, 16, 17, 40, 62)]  # every prefill bucket, at its edges
-        handles = [engine.submit(p, max_new_tokens=MAX_LEN - len(p) if i == 5 else min(6, MAX_LEN - len(p)),
-                                 stop=["q"], **mixed[i % 6])
-                   for i, p in enumerate(prompts * 2)]
+        handles = [
+            engine.submit(
+                p, max_new_tokens=MAX_LEN - len(p) if i == 5 else min(6, MAX_LEN - len(p)), stop=["q"], **mixed[i % 6]
+            )
+            for i, p in enumerate(prompts * 2)
+        ]
         handles[3].abort()
         for handle in handles:
             handle.result(120)
@@ -288,7 +317,9 @@ def test_engine_on_a_mesh_equals_one_device(tmp_path, tiny_engine):
 
 def test_device_failure_fails_requests_and_refuses_new_ones(loaded, caplog):
     model, tokenizer = loaded
-    broken = qwen_jax.Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN, prefill_chunk=CHUNK)  # shares the compiled programs
+    broken = qwen_jax.Engine(
+        model, tokenizer, slots=SLOTS, max_len=MAX_LEN, prefill_chunk=CHUNK
+    )  # shares the compiled programs
 
     def decode_step(rows):
         raise RuntimeError("device lost")
@@ -342,6 +373,7 @@ def test_parallel_warmup_compiles_each_program_once(loaded, tiny_engine):
         def counted():
             builds[key] += 1
             return build()
+
         return executable(key, counted)
 
     engine.programs._executable = counting
@@ -375,10 +407,12 @@ def test_parallel_warmup_compiles_each_program_once(loaded, tiny_engine):
             jax.monitoring.unregister_event_duration_listener(listener)
         assert compiles == []
         assert [c.token_ids for c in greedy] == [
-            c.token_ids for c in tiny_engine.generate(prompts, temperature=0, progress=False, **options)]
+            c.token_ids for c in tiny_engine.generate(prompts, temperature=0, progress=False, **options)
+        ]
         assert [c.token_ids for c in seeded] == [
-            c.token_ids for c in tiny_engine.generate(prompts, temperature=0.8, top_k=20, seed=7, progress=False,
-                                                      **options)]
+            c.token_ids
+            for c in tiny_engine.generate(prompts, temperature=0.8, top_k=20, seed=7, progress=False, **options)
+        ]
     finally:
         engine.shutdown()
 

@@ -12,11 +12,11 @@ import torch
 from conftest import build_hf_model, save_hf_checkpoint
 
 from qwen_jax import make_mesh
-from qwen_jax.load import load_model
 from qwen_jax.config import GenerationConfig
 from qwen_jax.errors import GenerationError
 from qwen_jax.generation.api import generate, stream
 from qwen_jax.generation.static import generate_ids, stream_ids, trace_counts
+from qwen_jax.load import load_model
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 40))]  # different lengths, one bucket
 NEW_TOKENS = 36
@@ -36,10 +36,11 @@ def _hf_greedy(torch_model, prompts, new_tokens, pad_id=0, **kwargs):
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
-    out = torch_model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                               pad_token_id=pad_id, **kwargs)
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    out = torch_model.generate(
+        ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad_id, **kwargs
+    )
     return out[:, width:].tolist()
 
 
@@ -86,7 +87,7 @@ def test_cached_step_logits_equal_full_forward(untied):
         sequence = np.asarray([prompt + generated], np.int32)
         full = np.asarray(model(sequence))[0]
         # Step i's logits predict generated[i] from everything before it.
-        expected = full[len(prompt) - 1: len(prompt) - 1 + len(generated)]
+        expected = full[len(prompt) - 1 : len(prompt) - 1 + len(generated)]
         np.testing.assert_allclose(step_logits, expected, atol=1e-4, rtol=0)
 
 
@@ -106,8 +107,9 @@ SAMPLING = dict(temperature=0.9, top_k=40, top_p=0.9, min_p=0.02, repetition_pen
 
 def test_sampling_is_seeded(untied):
     _, model, _ = untied
-    runs = [generate_ids(model, PROMPTS, max_new_tokens=NEW_TOKENS, seed=seed, **SAMPLING).token_ids
-            for seed in (3, 3, 4)]
+    runs = [
+        generate_ids(model, PROMPTS, max_new_tokens=NEW_TOKENS, seed=seed, **SAMPLING).token_ids for seed in (3, 3, 4)
+    ]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
 
@@ -139,11 +141,26 @@ def test_generation_on_a_tensor_parallel_mesh_equals_one_device(untied):
 
 
 def test_generation_config_from_checkpoint_files():
-    reference = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "reference",
-                             "generation_config.instruct.json")
-    with open(reference) if os.path.exists(reference) else io.StringIO(json.dumps({
-        "do_sample": True, "eos_token_id": [151645, 151643], "pad_token_id": 151643, "repetition_penalty": 1.05,
-        "temperature": 0.7, "top_p": 0.8, "top_k": 20})) as f:
+    reference = os.path.join(
+        os.path.dirname(__file__), "..", "..", "..", "shared", "reference", "generation_config.instruct.json"
+    )
+    with (
+        open(reference)
+        if os.path.exists(reference)
+        else io.StringIO(
+            json.dumps(
+                {
+                    "do_sample": True,
+                    "eos_token_id": [151645, 151643],
+                    "pad_token_id": 151643,
+                    "repetition_penalty": 1.05,
+                    "temperature": 0.7,
+                    "top_p": 0.8,
+                    "top_k": 20,
+                }
+            )
+        ) as f
+    ):
         config = GenerationConfig.from_hf(json.load(f))
     assert config.eos_token_ids == (151645, 151643)
     assert (config.temperature, config.top_k, config.top_p, config.repetition_penalty) == (0.7, 20, 0.8, 1.05)
@@ -178,9 +195,16 @@ def _tokenizer_dir():
 def chat_checkpoint(tmp_path_factory):
     """A tiny random model over the real Qwen2.5 vocabulary, with the real tokenizer files beside it."""
     tokenizer_dir = _tokenizer_dir()
-    torch_model = build_hf_model(seed=2, vocab_size=151665, hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=2, max_position_embeddings=512,
-                                 bos_token_id=151643, eos_token_id=151645)
+    torch_model = build_hf_model(
+        seed=2,
+        vocab_size=151665,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    )
     path = save_hf_checkpoint(torch_model, tmp_path_factory.mktemp("chat"))
     for name in os.listdir(tokenizer_dir):
         shutil.copy(os.path.join(tokenizer_dir, name), path)
@@ -210,7 +234,7 @@ def test_text_generation_matches_hf_and_streaming(chat_checkpoint):
 def test_stop_strings_cut_batch_and_stream_alike(chat_checkpoint):
     _, model, tokenizer, _ = chat_checkpoint
     full = generate(model, tokenizer, "Once upon a time", max_new_tokens=24, temperature=0).texts[0]
-    stop = full[len(full) // 2: len(full) // 2 + 3]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
     assert len(stop) == 3, f"generated text too short to test stop strings: {full!r}"
     cut = generate(model, tokenizer, "Once upon a time", max_new_tokens=24, temperature=0, stop=[stop])
     assert cut.texts[0] == full[: full.index(stop)] and cut.finish_reasons == ["stop"]
@@ -222,16 +246,37 @@ def test_cli_generate_json(chat_checkpoint, capsys):
     from qwen_jax.cli import main
 
     _, model, tokenizer, path = chat_checkpoint
-    assert main(["generate", "--model", path, "--prompt", "Hello", "--chat", "--greedy",
-                 "--max-new-tokens", "16", "--json"]) == 0
+    assert (
+        main(
+            ["generate", "--model", path, "--prompt", "Hello", "--chat", "--greedy", "--max-new-tokens", "16", "--json"]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     expected = generate(model, tokenizer, [{"role": "user", "content": "Hello"}], max_new_tokens=16, temperature=0)
     assert out["token_ids"] == expected.token_ids[0] and out["text"] == expected.texts[0]
     assert out["prompt_tokens"] == expected.prompt_lengths[0]
     assert out["prefill_tokens_per_s"] > 0 and out["decode_tokens_per_s"] >= 0
     # --prefill-chunk: the prompt in calls of 4 tokens (every chunk after the first reads the cache).
-    assert main(["generate", "--model", path, "--prompt", "Hello", "--chat", "--greedy",
-                 "--max-new-tokens", "16", "--json", "--prefill-chunk", "4"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                path,
+                "--prompt",
+                "Hello",
+                "--chat",
+                "--greedy",
+                "--max-new-tokens",
+                "16",
+                "--json",
+                "--prefill-chunk",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["token_ids"] == expected.token_ids[0]
 
 
@@ -260,7 +305,12 @@ def test_cli_chat_session(chat_checkpoint, capsys, monkeypatch):
         return generate(model, tokenizer, history, max_new_tokens=10, temperature=0).texts[0]
 
     first = answer([{"role": "user", "content": "Hello there"}])
-    second = answer([{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": first},
-                     {"role": "user", "content": "And then?"}])
+    second = answer(
+        [
+            {"role": "user", "content": "Hello there"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "And then?"},
+        ]
+    )
     after_reset = answer([{"role": "user", "content": "And then?"}])
     assert out == f"{first}\n{second}\n{after_reset}\n"

@@ -7,27 +7,44 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwen_jax.generation.sampling import apply_repetition_penalty
-from qwen_jax.generation.sampling import process_logits
-from qwen_jax.generation.sampling import sampling_setup
-from qwen_jax.generation.sampler import History, RowParams, adjusted_logits, SamplerVariant, processed_logits, sample_rows, seed_key_data, variant_for
+from qwen_jax.generation.sampler import (
+    History,
+    RowParams,
+    SamplerVariant,
+    adjusted_logits,
+    processed_logits,
+    sample_rows,
+    seed_key_data,
+    variant_for,
+)
+from qwen_jax.generation.sampling import apply_repetition_penalty, process_logits, sampling_setup
 
 VOCAB = 512
 # (temperature, top_k, top_p, min_p, repetition_penalty): greedy, candidates, id order, sorted vocabulary
-ROWS = [(0.0, 0, 1.0, 0.0, 1.3), (0.7, 20, 0.8, 0.0, 1.05), (1.2, 0, 1.0, 0.05, 1.0), (0.9, 0, 0.9, 0.0, 1.2),
-        (1.0, 100, 1.0, 0.1, 1.0), (1.5, 64, 0.95, 0.02, 1.1)]
+ROWS = [
+    (0.0, 0, 1.0, 0.0, 1.3),
+    (0.7, 20, 0.8, 0.0, 1.05),
+    (1.2, 0, 1.0, 0.05, 1.0),
+    (0.9, 0, 0.9, 0.0, 1.2),
+    (1.0, 100, 1.0, 0.1, 1.0),
+    (1.5, 64, 0.95, 0.02, 1.1),
+]
 
 
 def _params(rows, seeds, token_index=0, presence=None, frequency=None) -> RowParams:
     columns = list(zip(*rows))
     zeros = np.zeros(len(rows), np.float32)
     return RowParams(
-        temperature=jnp.asarray(columns[0], jnp.float32), top_k=jnp.asarray(columns[1], jnp.int32),
-        top_p=jnp.asarray(columns[2], jnp.float32), min_p=jnp.asarray(columns[3], jnp.float32),
+        temperature=jnp.asarray(columns[0], jnp.float32),
+        top_k=jnp.asarray(columns[1], jnp.int32),
+        top_p=jnp.asarray(columns[2], jnp.float32),
+        min_p=jnp.asarray(columns[3], jnp.float32),
         repetition_penalty=jnp.asarray(columns[4], jnp.float32),
         presence_penalty=jnp.asarray(zeros if presence is None else presence, jnp.float32),
         frequency_penalty=jnp.asarray(zeros if frequency is None else frequency, jnp.float32),
-        key_data=jnp.stack([seed_key_data(s) for s in seeds]), token_index=jnp.full(len(rows), token_index, jnp.int32))
+        key_data=jnp.stack([seed_key_data(s) for s in seeds]),
+        token_index=jnp.full(len(rows), token_index, jnp.int32),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +61,8 @@ def test_filters_equal_hf_processors_per_row(batch):
     for row, (t, k, p, m, r) in enumerate(ROWS):
         if t == 0:
             continue
-        mode, params = sampling_setup(temperature=t, top_k=k, top_p=p, min_p=m, repetition_penalty=r,
-                                               vocab_size=VOCAB)
-        reference = reference_logits(logits[row:row + 1], seen.seen[row:row + 1], params, mode)[0]
+        mode, params = sampling_setup(temperature=t, top_k=k, top_p=p, min_p=m, repetition_penalty=r, vocab_size=VOCAB)
+        reference = reference_logits(logits[row : row + 1], seen.seen[row : row + 1], params, mode)[0]
         kept = np.isfinite(np.asarray(reference))
         np.testing.assert_array_equal(np.isfinite(np.asarray(processed[row])), kept)
         np.testing.assert_allclose(np.asarray(processed[row])[kept], np.asarray(reference)[kept], rtol=1e-6)
@@ -61,8 +77,9 @@ def test_draws_do_not_depend_on_batch_mates_or_variant(batch):
         for row, settings in enumerate(ROWS):
             one = slice(row, row + 1)
             variant = variant_for([settings[:3]])
-            alone = draw(logits[one], jax.tree.map(lambda x: x[one], seen), _params([settings], [seeds[row]], index),
-                         variant)
+            alone = draw(
+                logits[one], jax.tree.map(lambda x: x[one], seen), _params([settings], [seeds[row]], index), variant
+            )
             assert int(alone[0]) == together[row], (row, index, variant)
     assert variant_for([r[:3] for r in ROWS[:3]]) is SamplerVariant.CANDIDATES
     assert variant_for([(0.0, 0, 0.5)]) is SamplerVariant.GREEDY
@@ -73,9 +90,15 @@ def test_draws_follow_the_processed_distribution(batch):
     logits, seen = batch
     params = _params(ROWS, range(len(ROWS)))
     draws = 3000
-    tokens = np.asarray(jax.jit(jax.vmap(
-        lambda i: sample_rows(logits, seen, dataclasses.replace(params, token_index=jnp.full(len(ROWS), i)),
-                              SamplerVariant.FULL)))(jnp.arange(draws)))
+    tokens = np.asarray(
+        jax.jit(
+            jax.vmap(
+                lambda i: sample_rows(
+                    logits, seen, dataclasses.replace(params, token_index=jnp.full(len(ROWS), i)), SamplerVariant.FULL
+                )
+            )
+        )(jnp.arange(draws))
+    )
     probabilities = np.asarray(jax.nn.softmax(processed_logits(logits, seen, params), axis=-1))
     greedy = np.argmax(np.asarray(apply_repetition_penalty(logits[0], seen.seen[0], 1.3)))
     assert set(tokens[:, 0]) == {greedy}
@@ -120,8 +143,9 @@ def test_bias_and_penalties_follow_vllm_order_and_openai_formula():
     np.testing.assert_array_equal(got[0], np.where(seen[0], got[0], logits[0] + bias[0]))
 
     # A greedy row picks the argmax of the adjusted logits; `record` counts what was generated.
-    greedy = _params([(0.0, 0, 1.0, 0.0, float(r)) for r in repetition], range(rows), presence=presence,
-                     frequency=frequency)
+    greedy = _params(
+        [(0.0, 0, 1.0, 0.0, float(r)) for r in repetition], range(rows), presence=presence, frequency=frequency
+    )
     tokens = jax.jit(sample_rows, static_argnums=3)(jnp.asarray(logits), history, greedy, SamplerVariant.GREEDY)
     np.testing.assert_array_equal(np.asarray(tokens), got.argmax(-1))
     after = history.record(tokens)

@@ -14,10 +14,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from qwen_jax.generation.sampling import mark_seen
-from qwen_jax.generation.sampling import process_logits
-from qwen_jax.generation.sampling import sample
-from qwen_jax.generation.sampling import sampling_setup
+from qwen_jax.generation.sampling import mark_seen, process_logits, sample, sampling_setup
 
 VOCAB = 300
 
@@ -99,20 +96,31 @@ def test_samples_only_kept_tokens_and_follows_probabilities():
 
 def test_same_key_same_sample_and_greedy_is_argmax():
     logits = jnp.asarray(_fixed_logits(seed=4))
-    mode, params = sampling_setup(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
-                                           repetition_penalty=1.0, vocab_size=VOCAB)
+    mode, params = sampling_setup(
+        temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, vocab_size=VOCAB
+    )
     a = sample(jax.random.key(7), logits, None, params, mode)
     b = sample(jax.random.key(7), logits, None, params, mode)
     np.testing.assert_array_equal(a, b)
-    greedy_mode, greedy_params = sampling_setup(temperature=0.0, top_k=5, top_p=0.5, min_p=0.0,
-                                                         repetition_penalty=1.0, vocab_size=VOCAB)
+    greedy_mode, greedy_params = sampling_setup(
+        temperature=0.0, top_k=5, top_p=0.5, min_p=0.0, repetition_penalty=1.0, vocab_size=VOCAB
+    )
     assert greedy_mode.greedy and not greedy_mode.top_k_cap and not greedy_mode.top_p
     greedy = sample(jax.random.key(7), logits, None, greedy_params, greedy_mode)
     np.testing.assert_array_equal(greedy, np.argmax(np.asarray(logits), axis=-1))
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
-                                 dict(min_p=2.0), dict(repetition_penalty=0.0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=-1.0),
+        dict(top_k=-1),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(min_p=2.0),
+        dict(repetition_penalty=0.0),
+    ],
+)
 def test_invalid_settings_are_rejected(bad):
     settings = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, vocab_size=VOCAB)
     with pytest.raises(ValueError, match=next(iter(bad))):

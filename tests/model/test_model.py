@@ -31,8 +31,14 @@ CASES = {
     "mqa_untied": dict(num_key_value_heads=1, tie_word_embeddings=False),
     "gqa_8heads": dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2),
     "rope_linear": dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
-    "rope_yarn": dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
-                                       "rope_theta": 10000.0}),
+    "rope_yarn": dict(
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 32,
+            "rope_theta": 10000.0,
+        }
+    ),
     "sliding_window": dict(use_sliding_window=True, sliding_window=5, max_window_layers=1),
 }
 
@@ -72,8 +78,8 @@ def test_out_major_kernels_match_hf_in_every_product_regime(hf_checkpoint, rows)
     product, 2-64 rows `(W @ x.T).T`, more a matrix product with the kernel on the right; the
     lm_head the same. Each equals HF (the rows are decode-shaped: `rows` sequences of one token) and
     the einsum layout."""
-    from qwen_jax.ops.cpu import OUT_MAJOR_SWAP_ROWS
     from qwen_jax.model.linear import Linear
+    from qwen_jax.ops.cpu import OUT_MAJOR_SWAP_ROWS
 
     hf_model, path = hf_checkpoint(**CASES["gqa_untied"])
     model = load_model(path, dtype=jnp.float32, scan_layers=False)
@@ -112,10 +118,10 @@ def test_rows_times_out_major_in_every_regime_and_under_grad(rows):
 def test_out_major_models_save_quantize_and_unstack_without_it(hf_checkpoint, tmp_path):
     """Writers read out-major kernels back in the einsum layout; quantizing one starts from that
     layout; `out_major=False` keeps the einsum layout."""
-    from qwen_jax.model.linear import kernel_layout
-    from qwen_jax.model.quantize import quantize_model
     from qwen_jax.checkpoints.orbax import save_model
     from qwen_jax.model.causal_lm import unstack_layers
+    from qwen_jax.model.linear import kernel_layout
+    from qwen_jax.model.quantize import quantize_model
 
     _, path = hf_checkpoint(**CASES["gqa_untied"])
     ids = random_ids(2, 7)
@@ -150,8 +156,9 @@ def test_sliding_window_is_really_applied(hf_checkpoint):
 
 
 def test_dynamic_ntk_beyond_max_positions(hf_checkpoint):
-    hf_model, path = hf_checkpoint(max_position_embeddings=16,
-                                   rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    hf_model, path = hf_checkpoint(
+        max_position_embeddings=16, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    )
     ids = random_ids(1, 40)  # longer than max_position_embeddings: the base is recomputed
     ours = np.asarray(load_model(path, dtype=jnp.float32)(ids))
     ref = hf_logits(hf_model, ids)
@@ -227,13 +234,13 @@ def test_left_padded_batch_equals_rows_alone(hf_checkpoint):
     ids = np.zeros((len(rows), T), np.int32)
     mask = np.zeros((len(rows), T), np.int32)
     for i, row in enumerate(rows):
-        ids[i, T - len(row):] = row
-        mask[i, T - len(row):] = 1
+        ids[i, T - len(row) :] = row
+        mask[i, T - len(row) :] = 1
     batched = np.asarray(model(ids, attention_mask=mask))
     assert np.isfinite(batched).all()
     for i, row in enumerate(rows):
         alone = np.asarray(model(row[None, :]))[0]
-        np.testing.assert_allclose(batched[i, T - len(row):], alone, atol=1e-5)
+        np.testing.assert_allclose(batched[i, T - len(row) :], alone, atol=1e-5)
 
 
 def test_explicit_positions_and_hf_padding(hf_checkpoint):
@@ -305,8 +312,7 @@ def test_jit_is_reused_and_call_works_inside_jit(hf_checkpoint):
 def test_kv_cache_prefill_and_decode_equal_full_forward(hf_checkpoint, scan_layers):
     from qwen_jax.model.kv_cache import KVCache
 
-    _, path = hf_checkpoint(tie_word_embeddings=False, use_sliding_window=True, sliding_window=4,
-                            max_window_layers=1)
+    _, path = hf_checkpoint(tie_word_embeddings=False, use_sliding_window=True, sliding_window=4, max_window_layers=1)
     model = load_model(path, dtype=jnp.float32, scan_layers=scan_layers)
     ids = random_ids(2, 10)
     full = np.asarray(model(ids))
@@ -314,7 +320,7 @@ def test_kv_cache_prefill_and_decode_equal_full_forward(hf_checkpoint, scan_laye
     logits, cache = model(ids[:, :6], cache=cache)
     np.testing.assert_allclose(np.asarray(logits), full[:, :6], atol=1e-5)
     for t in range(6, 10):
-        step, cache = model(ids[:, t:t + 1], cache=cache)
+        step, cache = model(ids[:, t : t + 1], cache=cache)
         np.testing.assert_allclose(np.asarray(step)[:, 0], full[:, t], atol=1e-5)
     np.testing.assert_array_equal(np.asarray(cache.lengths), [10, 10])
 
@@ -333,12 +339,12 @@ def test_kv_cache_ragged_rows_and_insert(hf_checkpoint):
     ids = np.zeros((3, 8), np.int32)
     mask = np.zeros((3, 8), np.int32)
     for i, r in enumerate(rows):
-        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+        ids[i, : len(r)], mask[i, : len(r)] = r, 1
     cache = KVCache.init(model.config, batch=3, max_len=12, dtype=jnp.float32)
     logits, cache = model(ids, attention_mask=mask, cache=cache)
     np.testing.assert_array_equal(np.asarray(cache.lengths), [7, 3, 5])
     for i, r in enumerate(rows):
-        np.testing.assert_allclose(np.asarray(logits)[i, :len(r)], full[i][:len(r)], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(logits)[i, : len(r)], full[i][: len(r)], atol=1e-5)
     for t, token in enumerate((9, 8)):  # two ragged decode steps, each row at its own position
         step, cache = model(np.full((3, 1), token, np.int32), cache=cache)
         for i, r in enumerate(rows):

@@ -9,28 +9,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from qwen_jax.ops.attention.chunked import DIAGONAL_MIN_QUERIES
-from qwen_jax.ops.attention.chunked import LEAN_MIN_QUERIES
-from qwen_jax.ops.attention.scores import _decode_by_sums
-from qwen_jax.ops.attention import attend
-from qwen_jax.ops.attention.selection import check_backend
-from qwen_jax.ops.attention.cudnn import cudnn_arguments
-from qwen_jax.ops.attention.selection import select_backend
 from attention_fixtures import _qkv, _segments
+
 from qwen_jax.errors import AttentionBackendError
+from qwen_jax.ops.attention import attend
+from qwen_jax.ops.attention.chunked import DIAGONAL_MIN_QUERIES, LEAN_MIN_QUERIES
+from qwen_jax.ops.attention.cudnn import cudnn_arguments
 from qwen_jax.ops.attention.mask import AttentionMask
+from qwen_jax.ops.attention.scores import _decode_by_sums
+from qwen_jax.ops.attention.selection import check_backend, select_backend
 
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
-
-
-
-
 
 
 def _run(backend, mask, **kw):
     def fn(q, k, v):
         return attend(q, k, v, mask, backend=backend, **kw)
+
     return fn
 
 
@@ -81,9 +76,18 @@ def test_chunked_forward_and_gradients_equal_xla(case, shape):
         assert np.abs(np.asarray(got) - np.asarray(want)).max() <= GRAD_TOL
 
 
-@pytest.mark.parametrize("new_tokens,window,block_q,block_kv,cache", [
-    (1, 0, 4, 16, 163), (9, 0, 4, 16, 163), (9, 6, 4, 16, 163), (70, 0, 64, 16, 163), (70, 23, 64, 16, 163),
-    (300, 0, 128, 256, 701), (300, 57, 128, 256, 701)])
+@pytest.mark.parametrize(
+    "new_tokens,window,block_q,block_kv,cache",
+    [
+        (1, 0, 4, 16, 163),
+        (9, 0, 4, 16, 163),
+        (9, 6, 4, 16, 163),
+        (70, 0, 64, 16, 163),
+        (70, 23, 64, 16, 163),
+        (300, 0, 128, 256, 701),
+        (300, 57, 128, 256, 701),
+    ],
+)
 def test_chunked_reads_a_ragged_cache_like_xla(new_tokens, window, block_q, block_kv, cache):
     """Cached calls: rows at different lengths (one empty), the stacked cache read at a traced
     layer, cache lengths no block divides, a decode step (T = 1) and prefill chunks (70 tokens in
@@ -95,8 +99,10 @@ def test_chunked_reads_a_ragged_cache_like_xla(new_tokens, window, block_q, bloc
 
     @jax.jit
     def both(q, k, v, layer):
-        return (attend(q, k, v, mask, backend="xla", layer=layer),
-                attend(q, k, v, mask, backend="chunked", layer=layer, block_q=block_q, block_kv=block_kv))
+        return (
+            attend(q, k, v, mask, backend="xla", layer=layer),
+            attend(q, k, v, mask, backend="chunked", layer=layer, block_q=block_q, block_kv=block_kv),
+        )
 
     ref, out = both(q, k, v, jnp.int32(1))
     assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= FWD_TOL
@@ -134,8 +140,10 @@ def test_cached_read_at_a_row_offset_equals_those_rows_alone(backend):
 
     @jax.jit
     def both(q, k, v, layer, offset):
-        return (attend(q, k, v, mask, backend=backend, layer=layer, row_offset=offset, **kw),
-                attend(q, k[:, 3:5], v[:, 3:5], mask, backend=backend, layer=layer, **kw))
+        return (
+            attend(q, k, v, mask, backend=backend, layer=layer, row_offset=offset, **kw),
+            attend(q, k[:, 3:5], v[:, 3:5], mask, backend=backend, layer=layer, **kw),
+        )
 
     out, ref = both(q, k, v, jnp.int32(1), jnp.int32(3))
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
@@ -154,7 +162,7 @@ def _numpy_cached_attention(q, k, v, lengths, window=0):
             pos = int(lengths[b]) + t  # this query's slot; it sees slots <= pos (and within the window)
             lo = max(0, pos - window + 1) if window else 0
             for n in range(N):
-                kk, vv = k[b, lo:pos + 1, n // (N // K)], v[b, lo:pos + 1, n // (N // K)]
+                kk, vv = k[b, lo : pos + 1, n // (N // K)], v[b, lo : pos + 1, n // (N // K)]
                 s = kk @ q[b, t, n] / np.sqrt(H)
                 p = np.exp(s - s.max())
                 out[b, t, n] = (p / p.sum()) @ vv
@@ -175,16 +183,19 @@ def test_decode_rows_against_a_float64_reference(backend, window):
     for rows, offset in ((3, 2), (1, 4)):
         lengths = jnp.asarray([0, 57, 199][:rows] if rows == 3 else [120], jnp.int32)
         mask = AttentionMask.cached(lengths, window=window)
-        out = jax.jit(lambda q, k, v, layer, off: attend(
-            q, k, v, mask, backend=backend, layer=layer, row_offset=off, **kw))(q[:rows], k, v, jnp.int32(1), jnp.int32(offset))
-        ref = _numpy_cached_attention(q[:rows], k[1, offset:offset + rows], v[1, offset:offset + rows],
-                                      np.asarray(lengths), window)
+        out = jax.jit(
+            lambda q, k, v, layer, off: attend(q, k, v, mask, backend=backend, layer=layer, row_offset=off, **kw)
+        )(q[:rows], k, v, jnp.int32(1), jnp.int32(offset))
+        ref = _numpy_cached_attention(
+            q[:rows], k[1, offset : offset + rows], v[1, offset : offset + rows], np.asarray(lengths), window
+        )
         assert np.abs(np.asarray(out) - ref).max() <= FWD_TOL
     # bfloat16 operands: close to the float64 reference of the same (rounded) inputs.
     lengths = jnp.asarray([3, 57, 199], jnp.int32)
     qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q[:3], k[0, :3], v[0, :3]))
-    out = jax.jit(lambda q, k, v: attend(q, k, v, AttentionMask.cached(lengths, window=window),
-                                                   backend=backend, **kw))(qb, kb, vb)
+    out = jax.jit(lambda q, k, v: attend(q, k, v, AttentionMask.cached(lengths, window=window), backend=backend, **kw))(
+        qb, kb, vb
+    )
     assert out.dtype == jnp.bfloat16
     ref = _numpy_cached_attention(*(np.asarray(x, np.float32) for x in (qb, kb, vb)), np.asarray(lengths), window)
     assert np.abs(np.asarray(out, np.float32) - ref).max() <= 2e-2
@@ -244,8 +255,9 @@ def test_cudnn_arguments_express_the_mask(case):
 
 def test_auto_selection_per_platform_and_dtype():
     def pick(platform, dtype=jnp.float32, q_len=4096, kv_len=4096, cached=False, head_dim=64):
-        return select_backend("auto", q_len=q_len, kv_len=kv_len, cached=cached, dtype=dtype,
-                                        head_dim=head_dim, platform=platform)
+        return select_backend(
+            "auto", q_len=q_len, kv_len=kv_len, cached=cached, dtype=dtype, head_dim=head_dim, platform=platform
+        )
 
     assert pick("cpu", q_len=64, kv_len=64) == "xla"
     assert pick("cpu") == "chunked"
@@ -259,8 +271,10 @@ def test_auto_selection_per_platform_and_dtype():
     assert pick("tpu", jnp.bfloat16) == "splash"
     assert pick("tpu", jnp.bfloat16, q_len=1, cached=True) == "chunked"
     for name in ("xla", "chunked"):
-        assert select_backend(name, q_len=8, kv_len=8, cached=False, dtype=jnp.float32, head_dim=64,
-                                        platform="cpu") == name
+        assert (
+            select_backend(name, q_len=8, kv_len=8, cached=False, dtype=jnp.float32, head_dim=64, platform="cpu")
+            == name
+        )
 
 
 def test_backends_that_cannot_run_are_refused():

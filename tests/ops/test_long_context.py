@@ -10,8 +10,7 @@ import torch
 from conftest import build_hf_model
 
 import qwen_jax
-from qwen_jax.errors import AttentionBackendError
-from qwen_jax.errors import GenerationError
+from qwen_jax.errors import AttentionBackendError, GenerationError
 from qwen_jax.generation.static import generate_ids
 from qwen_jax.load import load_model
 from qwen_jax.model.mixed import mixed_hidden_states
@@ -27,8 +26,9 @@ def _ids(batch, length, seed=0, vocab=256):
 def test_chunked_model_logits_equal_xla(hf_checkpoint, scan_layers):
     """600 tokens (two 512-blocks, a ragged tail), GQA, full and sliding-window layers mixed (a
     traced per-layer choice inside the scan), a left-padded row: chunked equals the einsum."""
-    _, path = hf_checkpoint(use_sliding_window=True, sliding_window=100, max_window_layers=1,
-                            max_position_embeddings=1024)
+    _, path = hf_checkpoint(
+        use_sliding_window=True, sliding_window=100, max_window_layers=1, max_position_embeddings=1024
+    )
     model = load_model(path, dtype=jnp.float32, scan_layers=scan_layers, attention="chunked")
     ids = _ids(2, 600)
     mask = np.ones_like(ids)
@@ -53,8 +53,16 @@ def test_chunked_attention_on_a_mesh_equals_one_device(hf_checkpoint):
 def test_hf_parity_at_4k_tokens_with_yarn_override(hf_checkpoint):
     """A checkpoint without rope scaling, loaded with rope_scaling='yarn:4', matches HF running
     the same weights with Qwen's YaRN config, at 4,160 tokens (past the original 1,024)."""
-    hf_yarn = build_hf_model(seed=4, max_position_embeddings=1024, rope_parameters={
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "rope_theta": 10000.0})
+    hf_yarn = build_hf_model(
+        seed=4,
+        max_position_embeddings=1024,
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 1024,
+            "rope_theta": 10000.0,
+        },
+    )
     _, path = hf_checkpoint(seed=4, max_position_embeddings=1024)  # same weights, plain rope in config.json
     model = load_model(path, dtype=jnp.float32, rope_scaling="yarn:4")
     assert model.config.context_length == 4096 and model.config.rope_scaling.rope_type == "yarn"
@@ -73,10 +81,11 @@ def _hf_greedy(torch_model, prompts, new_tokens):
     ids = torch.zeros((len(prompts), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
-    out = torch_model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens, pad_token_id=0,
-                               eos_token_id=None)
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    out = torch_model.generate(
+        ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None
+    )
     return out[:, width:].tolist()
 
 
@@ -84,8 +93,13 @@ def test_chunked_prefill_ragged_batch_greedy_matches_hf(hf_checkpoint):
     """Prompts of 900 and 260 tokens prefilled 128 tokens per call (chunks past a row's end are
     padding), then decoded: the same greedy tokens as HF and as a one-shot prefill. Dynamic NTK
     rope (past 512 positions) checks that every chunk uses the full prompt's base, as HF does."""
-    torch_model, path = hf_checkpoint(seed=5, tie_word_embeddings=False, eos_token_id=None, max_position_embeddings=512,
-                                      rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    torch_model, path = hf_checkpoint(
+        seed=5,
+        tie_word_embeddings=False,
+        eos_token_id=None,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+    )
     model = load_model(path, dtype=jnp.float32, scan_layers=False)
     prompts = [_ids(1, 900, seed=6)[0].tolist(), _ids(1, 260, seed=7)[0].tolist()]
     expected = _hf_greedy(torch_model, prompts, 8)
@@ -102,8 +116,9 @@ def test_prefill_into_an_empty_cache_equals_reading_the_cache(hf_checkpoint, bac
     sliding-window and full layers, a cache longer than the call."""
     from qwen_jax.model.kv_cache import KVCache
 
-    _, path = hf_checkpoint(use_sliding_window=True, sliding_window=20, max_window_layers=1,
-                            max_position_embeddings=1024)
+    _, path = hf_checkpoint(
+        use_sliding_window=True, sliding_window=20, max_window_layers=1, max_position_embeddings=1024
+    )
     model = load_model(path, dtype=jnp.float32, attention=backend)
     ids = jnp.asarray(_ids(2, 96, seed=2))
     steps = jnp.arange(96, dtype=jnp.int32)[None, :]
@@ -131,8 +146,9 @@ def test_mixed_step_equals_a_decode_step_and_a_prefill_chunk(hf_checkpoint, back
     a chunk continuing a partly prefilled row with padding after its real tokens."""
     from qwen_jax.model.kv_cache import KVCache
 
-    _, path = hf_checkpoint(use_sliding_window=True, sliding_window=20, max_window_layers=1,
-                            max_position_embeddings=1024)
+    _, path = hf_checkpoint(
+        use_sliding_window=True, sliding_window=20, max_window_layers=1, max_position_embeddings=1024
+    )
     model = load_model(path, dtype=jnp.float32, attention=backend, scan_layers=scan_layers)
     rows, max_len, chunk, real = 4, 600, 48, 37
     cache = KVCache.init(model.config, rows, max_len, jnp.float32)
@@ -140,15 +156,17 @@ def test_mixed_step_equals_a_decode_step_and_a_prefill_chunk(hf_checkpoint, back
     for row, length in enumerate((530, 30, 9, 0)):  # row 2 is the one being prefilled (9 tokens in so far)
         if length:
             one = KVCache.init(model.config, 1, max_len, jnp.float32)
-            _, one = model(jnp.asarray(prompts[row:row + 1, :length]), cache=one)
+            _, one = model(jnp.asarray(prompts[row : row + 1, :length]), cache=one)
             cache = cache.insert(one, row)
     tokens = jnp.asarray(_ids(1, rows, seed=4)[0])
     active = jnp.asarray([True, True, False, False])
     chunk_ids = jnp.asarray(_ids(1, chunk, seed=5))
-    decoded, prefilled, mixed_cache = mixed_hidden_states(model, tokens, active, chunk_ids, jnp.int32(real),
-                                                                jnp.int32(2), cache)
-    step, step_cache = model.hidden_states(tokens[:, None], cache.lengths[:, None], active[:, None].astype(jnp.int32),
-                                           cache=cache)
+    decoded, prefilled, mixed_cache = mixed_hidden_states(
+        model, tokens, active, chunk_ids, jnp.int32(real), jnp.int32(2), cache
+    )
+    step, step_cache = model.hidden_states(
+        tokens[:, None], cache.lengths[:, None], active[:, None].astype(jnp.int32), cache=cache
+    )
     row_cache = KVCache(cache.k[:, 2:3], cache.v[:, 2:3], cache.lengths[2:3])
     positions = row_cache.lengths[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
     mask = (jnp.arange(chunk) < real)[None].astype(jnp.int32)
@@ -156,12 +174,14 @@ def test_mixed_step_equals_a_decode_step_and_a_prefill_chunk(hf_checkpoint, back
     np.testing.assert_array_equal(np.asarray(mixed_cache.lengths), [531, 31, 9 + real, 0])
     assert np.abs(np.asarray(decoded)[:2] - np.asarray(step)[:2, 0]).max() <= 1e-5
     assert np.abs(np.asarray(prefilled)[:real] - np.asarray(alone)[0, :real]).max() <= 1e-5
-    for got, decode_ref, chunk_ref in ((mixed_cache.k, step_cache.k, alone_cache.k),
-                                       (mixed_cache.v, step_cache.v, alone_cache.v)):
+    for got, decode_ref, chunk_ref in (
+        (mixed_cache.k, step_cache.k, alone_cache.k),
+        (mixed_cache.v, step_cache.v, alone_cache.v),
+    ):
         got, decode_ref, chunk_ref = np.asarray(got), np.asarray(decode_ref), np.asarray(chunk_ref)
         for row, filled in ((0, 531), (1, 31)):
             assert np.abs(got[:, row, :filled] - decode_ref[:, row, :filled]).max() <= 1e-5
-        assert np.abs(got[:, 2, :9 + real] - chunk_ref[:, 0, :9 + real]).max() <= 1e-5
+        assert np.abs(got[:, 2, : 9 + real] - chunk_ref[:, 0, : 9 + real]).max() <= 1e-5
 
 
 def test_prefill_memory_grows_linearly_with_length():
@@ -236,8 +256,13 @@ def test_info_plans_memory_at_a_context(capsys):
     assert main(["info", "7B", "--context", "131072", "--rope-scaling", "yarn:4", "--mesh", "tensor=8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["context_length"] == 131072
-    plan = plan_memory(qwen_jax.Qwen2Config.preset("7B").with_rope_scaling("yarn:4"), tensor=8, batch=1,
-                       max_len=131072, prefill_chunk=2048)
+    plan = plan_memory(
+        qwen_jax.Qwen2Config.preset("7B").with_rope_scaling("yarn:4"),
+        tensor=8,
+        batch=1,
+        max_len=131072,
+        prefill_chunk=2048,
+    )
     # 28 layers x 131,072 tokens x 4 KV heads (not divisible by 8: replicated) x 128 x 2 (k, v) x 2 bytes
     assert out["memory"]["kv_cache"] == plan.kv_cache == 28 * 131072 * 4 * 128 * 2 * 2
     assert 0 < out["memory"]["prefill_activations"] < plan.kv_cache / 10

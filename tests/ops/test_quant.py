@@ -13,27 +13,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import build_hf_model, save_hf_checkpoint
 from flax import nnx
 
-from conftest import build_hf_model, save_hf_checkpoint
 from qwen_jax import Qwen2Config
-from qwen_jax.model.linear import QuantizedKernel
-from qwen_jax.ops.quant import _dequantize_dot
-from qwen_jax.model.quantize import decoder_linears
-from qwen_jax.ops.quant import dequantize_matrix
-from qwen_jax.model.quantize import dequantize_model
-from qwen_jax.ops.quant import matmul
-from qwen_jax.model.quantize import model_quantization
-from qwen_jax.ops.quant import pack
-from qwen_jax.ops.quant import quantize_matrix
-from qwen_jax.model.quantize import quantize_model
-from qwen_jax.ops.quant import unpack
 from qwen_jax.cli import main as cli_main
+from qwen_jax.errors import QuantizationError
 from qwen_jax.generation.static import generate_ids
 from qwen_jax.load import load_model
 from qwen_jax.memory import measured_bytes_per_device, plan_memory
-from qwen_jax.errors import QuantizationError
-from qwen_jax.ops.quant import QuantScheme
+from qwen_jax.model.linear import QuantizedKernel
+from qwen_jax.model.quantize import decoder_linears, dequantize_model, model_quantization, quantize_model
+from qwen_jax.ops.quant import QuantScheme, _dequantize_dot, dequantize_matrix, matmul, pack, quantize_matrix, unpack
 from qwen_jax.sharding import make_mesh
 
 IDS = np.array([[3, 17, 250, 9, 42, 42, 0, 128, 77, 5, 64, 200]], dtype=np.int32)
@@ -68,8 +59,12 @@ def test_scheme_names_and_errors():
     assert QuantScheme.parse("int8") == QuantScheme(8, None)
     assert QuantScheme.parse("int4") == QuantScheme(4, 128)
     assert QuantScheme.parse("INT4-g32") == QuantScheme(4, 32)
-    assert [QuantScheme.parse(n).name for n in ("int8", "int4", "int4-g32", "int8-g128")] == \
-        ["int8", "int4", "int4-g32", "int8-g128"]
+    assert [QuantScheme.parse(n).name for n in ("int8", "int4", "int4-g32", "int8-g128")] == [
+        "int8",
+        "int4",
+        "int4-g32",
+        "int8-g128",
+    ]
     assert QuantScheme.from_json(QuantScheme(4, 64, True).to_json()) == QuantScheme(4, 64, True)
     for bad in ("int3", "fp8", "int4-g0"):
         with pytest.raises(QuantizationError):
@@ -105,8 +100,9 @@ def test_quantize_dequantize_round_trip(spec):
 
 
 @pytest.mark.parametrize("rows", [1, 3, 17])  # one row and a few take the CPU reduction, 17 the matmul
-@pytest.mark.parametrize("spec,zero_point", [("int8", False), ("int4", False), ("int4-g32", True),
-                                             ("int8-g64", True), ("int8", True)])
+@pytest.mark.parametrize(
+    "spec,zero_point", [("int8", False), ("int4", False), ("int4-g32", True), ("int8-g64", True), ("int8", True)]
+)
 def test_quantized_matmul_equals_float_on_dequantized_weights(rows, spec, zero_point):
     scheme = QuantScheme.parse(spec)
     scheme = QuantScheme(scheme.bits, scheme.group_size, zero_point)
@@ -186,8 +182,10 @@ def test_quantized_model_sharded_equals_unsharded(small_checkpoint):
     _, path = small_checkpoint
     single = np.asarray(load_model(path, quantize="int4", progress=False)(IDS))
     P = jax.sharding.PartitionSpec
-    for mesh, spec in ((make_mesh(data=4, tensor=2), P(None, None, "tensor")),
-                       (make_mesh(data=1, fsdp=4, tensor=2), P(None, "fsdp", "tensor"))):
+    for mesh, spec in (
+        (make_mesh(data=4, tensor=2), P(None, None, "tensor")),
+        (make_mesh(data=1, fsdp=4, tensor=2), P(None, "fsdp", "tensor")),
+    ):
         model = load_model(path, quantize="int4", mesh=mesh, progress=False)
         # down_proj [layers, embed, 2 groups (mlp), 64 bytes]: split by embed and mlp like the float kernel
         values = model.model.layers.mlp.down_proj.kernel.get_value()
@@ -252,31 +250,42 @@ def test_float_orbax_quantizes_on_loading_and_bad_scheme_is_a_clean_error(small_
     _, path = small_checkpoint
     assert cli_main(["convert", path, str(tmp_path / "float")]) == 0
     got = load_model(tmp_path / "float", quantize="int8", progress=False)
-    np.testing.assert_array_equal(np.asarray(got(IDS)), np.asarray(load_model(path, quantize="int8", progress=False)(IDS)))
+    np.testing.assert_array_equal(
+        np.asarray(got(IDS)), np.asarray(load_model(path, quantize="int8", progress=False)(IDS))
+    )
     assert cli_main(["convert", path, str(tmp_path / "bad"), "--quantize", "int5"]) == 2
     assert "unknown quantization 'int5'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
 def test_qlora_trains_adapters_on_a_quantized_base(small_checkpoint, tmp_path):
+    from train_fixtures import TRAIN_LINES
     from transformers import AutoModelForCausalLM
 
     from qwen_jax.errors import ConfigError
     from qwen_jax.train.config import TrainConfig
     from qwen_jax.train.trainer import Trainer
 
-    from train_fixtures import TRAIN_LINES
-
     _, path = small_checkpoint
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(line) + "\n" for line in TRAIN_LINES))
-    settings = dict(model=path, data=str(data), seq_len=32, batch_size=2, steps=3, learning_rate=5e-2, save_every=0,
-                    mesh="fsdp=2", progress=False)
+    settings = dict(
+        model=path,
+        data=str(data),
+        seq_len=32,
+        batch_size=2,
+        steps=3,
+        learning_rate=5e-2,
+        save_every=0,
+        mesh="fsdp=2",
+        progress=False,
+    )
     with pytest.raises(ConfigError, match="quantize needs LoRA"):
         TrainConfig(out=str(tmp_path / "full"), quantize="int8", **settings)
     out = tmp_path / "qlora"
-    trainer = Trainer(TrainConfig(out=str(out), quantize="int4", lora_rank=4, export_hf=str(tmp_path / "hf"),
-                                  **settings))
+    trainer = Trainer(
+        TrainConfig(out=str(out), quantize="int4", lora_rank=4, export_hf=str(tmp_path / "hf"), **settings)
+    )
     assert model_quantization(trainer.model) == QuantScheme(4, 128)
     frozen_before = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(trainer.frozen))]
     assert trainer.run() == 0
@@ -327,10 +336,14 @@ def test_decode_loop_keeps_kernels_quantized(small_checkpoint):
     model = load_model(path, quantize="int8", scan_layers=False, progress=False)
     generation._executables._entries.clear()
     generate_ids(model, [[5, 6, 7]], max_new_tokens=3, temperature=0)
-    loops = [exe for key, exe in generation._executables._entries.items()
-             if getattr(key[0], "__name__", "") == "_decode_loop"]
+    loops = [
+        exe
+        for key, exe in generation._executables._entries.items()
+        if getattr(key[0], "__name__", "") == "_decode_loop"
+    ]
     assert loops, "the decode loop executable was not found"
-    float_kernels = sum(4 * math.prod(linear.kernel_layout.values_shape(QuantScheme(8)))
-                        for _, linear in decoder_linears(model))
+    float_kernels = sum(
+        4 * math.prod(linear.kernel_layout.values_shape(QuantScheme(8))) for _, linear in decoder_linears(model)
+    )
     temp = loops[0].memory_analysis().temp_size_in_bytes
     assert temp < float_kernels / 4, (temp, float_kernels)

@@ -12,7 +12,7 @@ import time
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serving import (
+from serving import (  # noqa: F401 (fixtures)
     ENGINE_CHUNK,
     ENGINE_MAX_LEN,
     ENGINE_SLOTS,
@@ -21,8 +21,10 @@ from serving import (
     http,
     raw_connection,
     real_tokenizer_dir,
+    tiny_engine,
+    tiny_model,
+    wait_until,
 )
-from serving import tiny_engine, tiny_model, wait_until  # noqa: F401 (fixtures)
 
 from qwen_jax.engine.core import Engine
 
@@ -72,15 +74,24 @@ def test_chat_completion(server, client, tiny_engine):
     assert response.usage.prompt_tokens == expected.prompt_tokens
     assert response.usage.completion_tokens == len(expected.token_ids)
     assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
-    raw = _post(server, "/v1/chat/completions",
-                {"model": MODEL, "messages": MESSAGES, "max_completion_tokens": 12, "temperature": 0}).json()
+    raw = _post(
+        server,
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": MESSAGES, "max_completion_tokens": 12, "temperature": 0},
+    ).json()
     assert "tool_calls" not in raw["choices"][0]["message"]  # omitted when empty
     assert raw["choices"][0]["message"]["content"] == expected.text  # max_completion_tokens is max_tokens' alias
 
 
 def test_chat_streaming(client, tiny_engine):
-    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=40,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     expected = tiny_engine.generate([_chat_prompt(tiny_engine)], max_new_tokens=40, temperature=0, progress=False)[0]
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -111,10 +122,12 @@ def test_completions(client, tiny_engine):
 
 
 def test_logprobs(client, tiny_engine):
-    response = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
-                                              logprobs=True, top_logprobs=3)
-    expected = tiny_engine.generate([_chat_prompt(tiny_engine)], max_new_tokens=6, temperature=0, logprobs=3,
-                                    progress=False)[0]
+    response = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    expected = tiny_engine.generate(
+        [_chat_prompt(tiny_engine)], max_new_tokens=6, temperature=0, logprobs=3, progress=False
+    )[0]
     content = response.choices[0].logprobs.content
     assert len(content) == len(expected.token_ids)
     for entry, reference in zip(content, expected.logprobs):
@@ -127,8 +140,9 @@ def test_logprobs(client, tiny_engine):
     logprobs = completion.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 4
     assert all(len(top) == 2 for top in logprobs.top_logprobs) and logprobs.text_offset == sorted(logprobs.text_offset)
-    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
-                                            logprobs=True, stream=True)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, stream=True
+    )
     streamed = [e.logprob for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert streamed == pytest.approx([e.logprob for e in content], abs=1e-6)
 
@@ -155,25 +169,38 @@ def _post(server, path, body):
     return http("POST", server.url + path, body)
 
 
-@pytest.mark.parametrize("body, status, param, message", [
-    ({"model": MODEL, "messages": MESSAGES, "max_tokens": ENGINE_MAX_LEN}, 400, "max_tokens", "maximum context length is 64"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x" * 80}]}, 400, "messages", "resulted in"),
-    ('{"model": "test-model", "messages": [', 400, None, "not valid JSON"),
-    ({"model": MODEL, "messages": MESSAGES, "temperature": "hot"}, 400, "temperature", "invalid value"),
-    ({"model": MODEL, "messages": MESSAGES, "max_tokenz": 3}, 400, "max_tokenz", "unrecognized"),
-    ({"model": MODEL, "messages": MESSAGES, "temperature": 3}, 400, "temperature", "invalid value"),
-    ({"model": MODEL, "messages": MESSAGES, "n": 0}, 400, "n", "invalid value"),
-    ({"model": MODEL, "messages": []}, 400, "messages", "invalid value"),
-    ({"model": MODEL}, 400, "messages", "missing"),
-    ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role", "invalid value"),
-    ({"model": MODEL, "messages": MESSAGES, "presence_penalty": 3}, 400, "presence_penalty", "invalid value"),
-    ({"model": MODEL, "messages": MESSAGES, "logit_bias": {"q": 1}}, 400, "logit_bias", "must be token ids"),
-    ({"model": MODEL, "messages": MESSAGES, "logit_bias": {"5": 101}}, 400, "logit_bias", "between -100 and 100"),
-    ({"model": MODEL, "messages": MESSAGES, "logit_bias": {"999999": 1}}, 400, "logit_bias", "not in the vocabulary"),
-    ({"model": "gpt-4", "messages": MESSAGES}, 404, "model", "does not exist"),
-    ([1, 2], 400, None, "JSON object"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content", "invalid value"),
-])
+@pytest.mark.parametrize(
+    "body, status, param, message",
+    [
+        (
+            {"model": MODEL, "messages": MESSAGES, "max_tokens": ENGINE_MAX_LEN},
+            400,
+            "max_tokens",
+            "maximum context length is 64",
+        ),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x" * 80}]}, 400, "messages", "resulted in"),
+        ('{"model": "test-model", "messages": [', 400, None, "not valid JSON"),
+        ({"model": MODEL, "messages": MESSAGES, "temperature": "hot"}, 400, "temperature", "invalid value"),
+        ({"model": MODEL, "messages": MESSAGES, "max_tokenz": 3}, 400, "max_tokenz", "unrecognized"),
+        ({"model": MODEL, "messages": MESSAGES, "temperature": 3}, 400, "temperature", "invalid value"),
+        ({"model": MODEL, "messages": MESSAGES, "n": 0}, 400, "n", "invalid value"),
+        ({"model": MODEL, "messages": []}, 400, "messages", "invalid value"),
+        ({"model": MODEL}, 400, "messages", "missing"),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role", "invalid value"),
+        ({"model": MODEL, "messages": MESSAGES, "presence_penalty": 3}, 400, "presence_penalty", "invalid value"),
+        ({"model": MODEL, "messages": MESSAGES, "logit_bias": {"q": 1}}, 400, "logit_bias", "must be token ids"),
+        ({"model": MODEL, "messages": MESSAGES, "logit_bias": {"5": 101}}, 400, "logit_bias", "between -100 and 100"),
+        (
+            {"model": MODEL, "messages": MESSAGES, "logit_bias": {"999999": 1}},
+            400,
+            "logit_bias",
+            "not in the vocabulary",
+        ),
+        ({"model": "gpt-4", "messages": MESSAGES}, 404, "model", "does not exist"),
+        ([1, 2], 400, None, "JSON object"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content", "invalid value"),
+    ],
+)
 def test_errors_use_openai_envelope(server, body, status, param, message):
     response = _post(server, "/v1/chat/completions", body)
     assert response.status_code == status, response.text
@@ -185,16 +212,23 @@ def test_errors_use_openai_envelope(server, body, status, param, message):
 def test_logit_bias_and_penalties(client, tiny_engine, long_prompt):
     """OpenAI's logit_bias / presence_penalty / frequency_penalty reach the engine: the server's
     output equals the engine's own for the same settings, and a strong bias decides every token."""
-    forced = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=6, temperature=0,
-                                       logit_bias={str(ord("z")): 100})
+    forced = client.completions.create(
+        model=MODEL, prompt=long_prompt, max_tokens=6, temperature=0, logit_bias={str(ord("z")): 100}
+    )
     assert forced.choices[0].text == "z" * 6
     plain = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=30, temperature=0)
     options = dict(presence_penalty=1.5, frequency_penalty=2.0)
     penalised = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=30, temperature=0, **options)
     engine = tiny_engine.generate([long_prompt], max_new_tokens=30, temperature=0, progress=False, **options)[0]
     assert penalised.choices[0].text == engine.text != plain.choices[0].text
-    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0,
-                                          logit_bias={str(ord("k")): 100}, presence_penalty=0.5)
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=4,
+        temperature=0,
+        logit_bias={str(ord("k")): 100},
+        presence_penalty=0.5,
+    )
     assert chat.choices[0].message.content == "kkkk"
 
 
@@ -202,8 +236,12 @@ def test_bad_requests_do_not_disturb_running_ones(server, client, long_prompt):
     alone = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=40, temperature=0)
     stream = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=40, temperature=0, stream=True)
     pieces = [next(iter(stream)).choices[0].text]
-    for body in ('{"model": ', {"model": MODEL, "prompt": "x", "max_tokens": 1000}, {"model": MODEL, "prompt": []},
-                 {"model": MODEL, "prompt": "x", "top_p": 0}):
+    for body in (
+        '{"model": ',
+        {"model": MODEL, "prompt": "x", "max_tokens": 1000},
+        {"model": MODEL, "prompt": []},
+        {"model": MODEL, "prompt": "x", "top_p": 0},
+    ):
         assert _post(server, "/v1/completions", body).status_code == 400
     pieces += [c.choices[0].text for c in stream]
     assert "".join(pieces) == alone.choices[0].text
@@ -212,7 +250,9 @@ def test_bad_requests_do_not_disturb_running_ones(server, client, long_prompt):
 def test_context_error_states_both_numbers(server, client):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=MODEL, prompt="x" * 30, max_tokens=40)
-    assert "maximum context length is 64" in str(info.value) and "70 tokens (30 in the prompt, 40 for the completion)" in str(info.value)
+    assert "maximum context length is 64" in str(
+        info.value
+    ) and "70 tokens (30 in the prompt, 40 for the completion)" in str(info.value)
     assert _post(server, "/v1/nothing", {}).status_code == 404
     assert http("GET", server.url + "/v1/chat/completions").status_code == 405
 
@@ -227,23 +267,28 @@ def test_models_health_and_api_key(server, tiny_engine):
         response = http("POST", secured.url + "/v1/chat/completions", b"{broken")
         assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
         assert secured.client(api_key="sesame").chat.completions.create(
-            model=MODEL, messages=MESSAGES, max_tokens=2).choices[0].finish_reason in ("stop", "length")
+            model=MODEL, messages=MESSAGES, max_tokens=2
+        ).choices[0].finish_reason in ("stop", "length")
         assert http("GET", secured.url + "/health").status_code == 200  # health and metrics stay open
 
 
 def test_disconnect_aborts_and_frees_the_slot(server, tiny_engine, long_prompt):
     before = tiny_engine.stats().aborted_requests
     for number, stream in enumerate((True, False), 1):
-        payload = json.dumps({"model": MODEL, "prompt": long_prompt, "max_tokens": 50, "temperature": 0,
-                              "stream": stream})
+        payload = json.dumps(
+            {"model": MODEL, "prompt": long_prompt, "max_tokens": 50, "temperature": 0, "stream": stream}
+        )
         with raw_connection(server.port) as connection:
-            connection.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                                f"Content-Length: {len(payload)}\r\n\r\n{payload}").encode())
+            connection.sendall(
+                (
+                    f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(payload)}\r\n\r\n{payload}"
+                ).encode()
+            )
             if stream:
                 assert b"200 OK" in connection.recv(4096)  # the stream has started
             else:
-                assert wait_until(lambda: tiny_engine.stats().generated_tokens > 0 and
-                                  tiny_engine.stats().running >= 1)
+                assert wait_until(lambda: tiny_engine.stats().generated_tokens > 0 and tiny_engine.stats().running >= 1)
         # 50 tokens take far longer than noticing the closed connection: the request is aborted, not finished.
         assert wait_until(lambda: tiny_engine.stats().aborted_requests == before + number, timeout=30)
     assert wait_until(lambda: tiny_engine.stats().running == 0, timeout=30)
@@ -251,8 +296,9 @@ def test_disconnect_aborts_and_frees_the_slot(server, tiny_engine, long_prompt):
 
 def test_queue_full_gives_503(tiny_model, long_prompt):
     model, tokenizer = tiny_model
-    engine = Engine(model, tokenizer, slots=ENGINE_SLOTS, max_len=ENGINE_MAX_LEN, max_queue=0,
-                    prefill_chunk=ENGINE_CHUNK)  # shares programs
+    engine = Engine(
+        model, tokenizer, slots=ENGINE_SLOTS, max_len=ENGINE_MAX_LEN, max_queue=0, prefill_chunk=ENGINE_CHUNK
+    )  # shares programs
     try:
         with LiveServer(engine, MODEL) as live:
             client = live.client()
@@ -274,8 +320,9 @@ def test_shutdown_deadline_aborts_running_streams(tiny_model, long_prompt):
     engine = Engine(model, tokenizer, slots=ENGINE_SLOTS, max_len=ENGINE_MAX_LEN, prefill_chunk=ENGINE_CHUNK)
     try:
         with LiveServer(engine, MODEL) as live:
-            stream = live.client().completions.create(model=MODEL, prompt=long_prompt, max_tokens=50,
-                                                      temperature=0, stream=True)
+            stream = live.client().completions.create(
+                model=MODEL, prompt=long_prompt, max_tokens=50, temperature=0, stream=True
+            )
             next(iter(stream))
             engine.begin_shutdown(0.0)
             with pytest.raises(openai.APIError, match="shutting down"):
@@ -316,8 +363,9 @@ def test_load_64_streams_equal_served_alone(server, client, tiny_engine):
 
     def run(request):
         pieces, finish, usage = [], None, None
-        for chunk in client.completions.create(model=MODEL, stream=True, stream_options={"include_usage": True},
-                                               timeout=120, **request):
+        for chunk in client.completions.create(
+            model=MODEL, stream=True, stream_options={"include_usage": True}, timeout=120, **request
+        ):
             if chunk.choices:
                 pieces.append(chunk.choices[0].text)
                 finish = chunk.choices[0].finish_reason or finish
@@ -336,13 +384,25 @@ def test_load_64_streams_equal_served_alone(server, client, tiny_engine):
     for request, result in zip(requests, streamed):
         alone = client.completions.create(model=MODEL, **request)
         assert result == (alone.choices[0].text, alone.choices[0].finish_reason, alone.usage.completion_tokens)
-    assert http("GET", server.url + "/health").json() == {"status": "ok", "slots": ENGINE_SLOTS, "running": 0,
-                                                         "waiting": 0}
+    assert http("GET", server.url + "/health").json() == {
+        "status": "ok",
+        "slots": ENGINE_SLOTS,
+        "running": 0,
+        "waiting": 0,
+    }
 
 
 TOOL_ANSWER = 'Checking.<tool_call>{"name":"get_weather","arguments":{"days":3}}</tool_call><|im_end|>'
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather forecast",
-                                           "parameters": {"type": "object", "properties": {"days": {"type": "integer"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather forecast",
+            "parameters": {"type": "object", "properties": {"days": {"type": "integer"}}},
+        },
+    }
+]
 
 
 @pytest.mark.skipif(real_tokenizer_dir() is None, reason="QWEN_JAX_TOKENIZER_DIR not set")
@@ -362,8 +422,9 @@ def test_tool_calls_with_real_tokenizer(tmp_path):
             assert call.type == "function" and call.id.startswith("call_")
             assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"days": 3}
 
-            chunks = list(client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, temperature=0,
-                                                         stream=True))
+            chunks = list(
+                client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, temperature=0, stream=True)
+            )
             deltas = [c.choices[0].delta for c in chunks]
             assert "".join(d.content or "" for d in deltas) == "Checking."
             calls = [tc for d in deltas for tc in (d.tool_calls or [])]
@@ -371,11 +432,14 @@ def test_tool_calls_with_real_tokenizer(tmp_path):
             assert json.loads(calls[0].function.arguments) == {"days": 3}
             assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
-            plain = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="none",
-                                                   temperature=0)  # no parsing: the raw text comes back
+            plain = client.chat.completions.create(
+                model=MODEL, messages=messages, tools=TOOLS, tool_choice="none", temperature=0
+            )  # no parsing: the raw text comes back
             assert plain.choices[0].finish_reason == "stop" and "<tool_call>" in plain.choices[0].message.content
-            history = messages + [choice.message.model_dump(exclude_none=True),
-                                  {"role": "tool", "tool_call_id": call.id, "content": '{"forecast": "sun"}'}]
+            history = messages + [
+                choice.message.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": call.id, "content": '{"forecast": "sun"}'},
+            ]
             follow_up = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, temperature=0)
             assert follow_up.choices[0].message.tool_calls  # the round trip renders and generates
     finally:
@@ -386,8 +450,25 @@ def test_serve_cli_sigterm_finishes_running_requests_and_exits_0(tiny_engine, tm
     from serving import byte_checkpoint
 
     path = byte_checkpoint(tmp_path / "ckpt", tie_word_embeddings=False, initializer_range=0.3)
-    command = [sys.executable, "-m", "qwen_jax.cli", "serve", "--model", path, "--port", "0", "--slots", "2",
-               "--max-len", "64", "--no-warmup", "--served-model-name", MODEL, "--shutdown-timeout", "60"]
+    command = [
+        sys.executable,
+        "-m",
+        "qwen_jax.cli",
+        "serve",
+        "--model",
+        path,
+        "--port",
+        "0",
+        "--slots",
+        "2",
+        "--max-len",
+        "64",
+        "--no-warmup",
+        "--served-model-name",
+        MODEL,
+        "--shutdown-timeout",
+        "60",
+    ]
     env = {**os.environ, "XLA_FLAGS": ""}
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     try:

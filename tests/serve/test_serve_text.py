@@ -3,10 +3,10 @@
 import pytest
 from serving import real_tokenizer_dir, write_byte_tokenizer
 
-from qwen_jax.errors import EngineError
-from qwen_jax.generation.text import TextAssembler
-from qwen_jax.generation.options import resolve_options
 from qwen_jax.config import GenerationConfig
+from qwen_jax.errors import EngineError
+from qwen_jax.generation.options import resolve_options
+from qwen_jax.generation.text import TextAssembler
 from qwen_jax.serve.protocol import ChatCompletionRequest, CompletionRequest, RequestError
 from qwen_jax.serve.tokens import TokenStrings
 from qwen_jax.serve.tools import ToolCallStream, forced_prefix
@@ -49,14 +49,16 @@ def test_stop_string_spanning_tokens_earliest_wins(byte_tokenizer):
 
 
 def test_tool_call_stream_matches_batch_parser():
-    text = ('I will check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
-            '<tool_call>\n{"name": "get_time", "arguments": "{\\"tz\\": \\"CET\\"}"}\n</tool_call>')
+    text = (
+        'I will check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_time", "arguments": "{\\"tz\\": \\"CET\\"}"}\n</tool_call>'
+    )
     content, calls = parse_tool_calls(text)
     for step in (1, 3, 7, len(text)):
         stream = ToolCallStream()
         events = []
         for i in range(0, len(text), step):
-            events += stream.feed(text[i:i + step])
+            events += stream.feed(text[i : i + step])
         events += stream.finish()
         streamed_calls = [value for kind, value in events if kind == "tool_call"]
         streamed_content = "".join(value for kind, value in events if kind == "content")
@@ -67,16 +69,20 @@ def test_tool_call_stream_matches_batch_parser():
 
 def test_tool_call_stream_keeps_bad_or_unclosed_blocks():
     stream = ToolCallStream()
-    events = stream.feed("<tool_call>not json</tool_call> and <tool_") + stream.feed("call>{\"name\": ") + stream.finish()
+    events = stream.feed("<tool_call>not json</tool_call> and <tool_") + stream.feed('call>{"name": ') + stream.finish()
     assert [k for k, _ in events] == ["content", "content", "content"]
     assert "".join(v for _, v in events) == '<tool_call>not json</tool_call> and <tool_call>{"name": '
 
 
 def test_forced_tool_prefix():
-    body = ChatCompletionRequest.model_validate({
-        "model": "m", "messages": [{"role": "user", "content": "hi"}],
-        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-        "tool_choice": {"type": "function", "function": {"name": "f"}}})
+    body = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            "tool_choice": {"type": "function", "function": {"name": "f"}},
+        }
+    )
     prefix = forced_prefix(body.tool_choice)
     content, calls = parse_tool_calls(prefix + '{"x": 1}}\n</tool_call>')
     assert calls == [{"name": "f", "arguments": {"x": 1}}] and content == ""
@@ -85,26 +91,38 @@ def test_forced_tool_prefix():
 
 def test_request_checks():
     def chat(**fields):
-        body = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
-                                                     **fields})
+        body = ChatCompletionRequest.model_validate(
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], **fields}
+        )
         body.check_unsupported()
         return body
 
     assert chat(max_completion_tokens=5).completion_limit() == 5
     assert chat(logit_bias={"7": -100, "12": 2.5}, frequency_penalty=0.5).logit_bias_ids() == {7: -100, 12: 2.5}
-    for fields, param in [({"logit_bias": {"x1": 2}}, "logit_bias"), ({"logit_bias": {"1": -200}}, "logit_bias"),
-                          ({"top_logprobs": 2}, "top_logprobs"), ({"tool_choice": "required"}, "tool_choice"),
-                          ({"response_format": {"type": "json_object"}}, "response_format"),
-                          ({"max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens"),
-                          ({"stop": ["a", ""]}, "stop")]:
+    for fields, param in [
+        ({"logit_bias": {"x1": 2}}, "logit_bias"),
+        ({"logit_bias": {"1": -200}}, "logit_bias"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens"),
+        ({"stop": ["a", ""]}, "stop"),
+    ]:
         with pytest.raises(RequestError) as info:
             chat(**fields)
         assert info.value.param == param and info.value.status == 400
-    messages = chat(messages=[{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-                              {"role": "assistant", "content": None, "refusal": None,
-                               "tool_calls": [{"id": "c1", "type": "function",
-                                               "function": {"name": "f", "arguments": '{"a": 1}'}}]},
-                              {"role": "tool", "content": "42", "tool_call_id": "c1"}]).template_messages()
+    messages = chat(
+        messages=[
+            {"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "refusal": None,
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}],
+            },
+            {"role": "tool", "content": "42", "tool_call_id": "c1"},
+        ]
+    ).template_messages()
     assert messages[0] == {"role": "system", "content": "ab"}
     assert messages[1]["tool_calls"][0]["function"]["arguments"] == {"a": 1}
     completion = CompletionRequest.model_validate({"model": "m", "prompt": [[1, 2], [3]]})
@@ -120,8 +138,14 @@ def test_resolve_options_errors_name_the_numbers():
         resolve_options(config, prompt_length=10, max_len=64, vocab_size=300, max_new_tokens=60)
     with pytest.raises(EngineError, match="64 tokens, but the context is 64"):
         resolve_options(config, prompt_length=64, max_len=64, vocab_size=300)
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(logprobs=21), dict(seed=2**64), dict(stop=[""]),
-                dict(stop=[300])):
+    for bad in (
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(logprobs=21),
+        dict(seed=2**64),
+        dict(stop=[""]),
+        dict(stop=[300]),
+    ):
         with pytest.raises(EngineError):
             resolve_options(config, prompt_length=10, max_len=64, vocab_size=300, **bad)
     assert resolve_options(config, prompt_length=1, max_len=64, vocab_size=300, seed=-1).seed == 2**64 - 1

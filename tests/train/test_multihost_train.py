@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 import pytest
-
 from train_fixtures import TRAIN_LINES, _config, _metrics, compilation_cache, tiny_model_dir, train_file  # noqa: F401
+
 from qwen_jax.train import data as data_lib
 from qwen_jax.train import sources, token_cache
 from qwen_jax.train.trainer import EXIT_PREEMPTED, Trainer
@@ -64,8 +64,9 @@ def _flags(config) -> list[str]:
     return flags
 
 
-def _two_processes(config, env, signal_plan: str | None = None, timeout: float = 240,
-                   launch_by_env: bool = False) -> list[tuple[int, str]]:
+def _two_processes(
+    config, env, signal_plan: str | None = None, timeout: float = 240, launch_by_env: bool = False
+) -> list[tuple[int, str]]:
     """Run `qwen-jax train` as 2 processes x 4 devices; (exit status, stderr) of each. The launch
     settings are flags, or with `launch_by_env` the JAX_* environment variables."""
     port = _free_port()
@@ -77,10 +78,24 @@ def _two_processes(config, env, signal_plan: str | None = None, timeout: float =
         launch = ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)]
         process_env = env
         if launch_by_env:
-            launch, process_env = [], {**env, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
-                                       "JAX_PROCESS_ID": str(i)}
-        workers.append(subprocess.Popen([sys.executable, "-c", _CHILD, "train", *_flags(config), *launch],
-                                        env=process_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+            launch, process_env = (
+                [],
+                {
+                    **env,
+                    "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                    "JAX_NUM_PROCESSES": "2",
+                    "JAX_PROCESS_ID": str(i),
+                },
+            )
+        workers.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _CHILD, "train", *_flags(config), *launch],
+                env=process_env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     try:
         errors = [w.communicate(timeout=timeout)[1] for w in workers]
     finally:
@@ -191,8 +206,10 @@ ALPACA = [
 
 def _examples(source, tokenizer, mapping=sources.ColumnMapping()) -> list[tuple[list, list]]:
     tokenization = data_lib.Tokenization(tokenizer)
-    return [(e.tokens.tolist(), e.loss_mask.tolist()) for e in
-            (tokenization.example(mapping.canonical(record)) for _, record in source.records())]
+    return [
+        (e.tokens.tolist(), e.loss_mask.tolist())
+        for e in (tokenization.example(mapping.canonical(record)) for _, record in source.records())
+    ]
 
 
 def test_sources_give_the_examples_of_the_equivalent_jsonl(tiny_model_dir, train_file, tmp_path, monkeypatch):
@@ -206,8 +223,9 @@ def test_sources_give_the_examples_of_the_equivalent_jsonl(tiny_model_dir, train
     expected = [(e.tokens.tolist(), e.loss_mask.tolist()) for e in data_lib.read_jsonl(train_file, tokenizer)]
     # Parquet needs one schema: every row has all columns (None where a JSONL line has no key),
     # so the records are given an explicit format each, as users of such tables would.
-    table_rows = [{"prompt": r.get("prompt"), "completion": r.get("completion"), "text": r.get("text")}
-                  for r in TRAIN_LINES]
+    table_rows = [
+        {"prompt": r.get("prompt"), "completion": r.get("completion"), "text": r.get("text")} for r in TRAIN_LINES
+    ]
     pq.write_table(pa.Table.from_pylist(table_rows[:4]), tmp_path / "a.parquet", row_group_size=3)
     os.makedirs(tmp_path / "shards")
     pq.write_table(pa.Table.from_pylist(table_rows[:4]), tmp_path / "shards" / "00.parquet", row_group_size=3)
@@ -229,8 +247,11 @@ def test_sources_give_the_examples_of_the_equivalent_jsonl(tiny_model_dir, train
     # Every source splits into contiguous parts that concatenate to the whole, for any count
     # (JSONL parts are byte ranges: blank lines, multi-byte characters, no final newline).
     ragged = tmp_path / "ragged.jsonl"
-    ragged.write_bytes("\n".join([json.dumps({"text": "ünïcödé " * n}, ensure_ascii=False) if n % 3 else ""
-                                   for n in range(1, 12)]).encode())
+    ragged.write_bytes(
+        "\n".join(
+            [json.dumps({"text": "ünïcödé " * n}, ensure_ascii=False) if n % 3 else "" for n in range(1, 12)]
+        ).encode()
+    )
     assert [loc for loc, _ in sources.open_source(str(ragged)).records()][-1] == f"{ragged}:11"
     for spec in (train_file, ragged, tmp_path / "shards", tmp_path / "saved"):
         source = sources.open_source(str(spec))
@@ -248,8 +269,13 @@ def test_sources_give_the_examples_of_the_equivalent_jsonl(tiny_model_dir, train
     mapping = sources.ColumnMapping("prompt-completion", prompt=("instruction", "input"), completion="output")
     mapped = _examples(sources.open_source(str(alpaca)), tokenizer, mapping)
     plain = tmp_path / "plain.jsonl"
-    plain.write_text("".join(json.dumps({"prompt": "\n\n".join(filter(None, (r["instruction"], r["input"]))),
-                                         "completion": r["output"]}) + "\n" for r in ALPACA))
+    plain.write_text(
+        "".join(
+            json.dumps({"prompt": "\n\n".join(filter(None, (r["instruction"], r["input"]))), "completion": r["output"]})
+            + "\n"
+            for r in ALPACA
+        )
+    )
     assert mapped == _examples(sources.open_source(str(plain)), tokenizer)
 
     # A Hub id goes to datasets.load_dataset with the split (no Hub access here: a local dataset stands in).
@@ -272,9 +298,16 @@ def test_token_cache_is_reused_and_keyed_by_inputs(tiny_model_dir, train_file, t
     messages = []
 
     def load(path, skip_bad_lines=False):
-        return token_cache.load(sources.open_source(str(path)), tokenization, sources.ColumnMapping(),
-                                str(tmp_path / "cache"), tokenizer_dir=tiny_model_dir, skip_bad_lines=skip_bad_lines,
-                                progress=False, log=messages.append)
+        return token_cache.load(
+            sources.open_source(str(path)),
+            tokenization,
+            sources.ColumnMapping(),
+            str(tmp_path / "cache"),
+            tokenizer_dir=tiny_model_dir,
+            skip_bad_lines=skip_bad_lines,
+            progress=False,
+            log=messages.append,
+        )
 
     store, stats = load(train_file)
     in_memory = data_lib.read_jsonl(train_file, tokenizer)
@@ -310,7 +343,7 @@ def test_batches_built_from_row_subsets_equal_whole_batches(tiny_model_dir, trai
     plan = loader.plan(0)
     assert plan.rows % 3 == 0 and plan.real_rows < plan.rows  # 6 examples in 4 rows of 16, padded to 6
     last = loader.batch(0, loader.batches_in_epoch(0) - 1)
-    assert not last.weights[plan.real_rows - plan.rows:].any()
+    assert not last.weights[plan.real_rows - plan.rows :].any()
     # Truncation and dropping as fit_to_length does them.
     short = data_lib.DataLoader(examples, seq_len=4, batch_rows=2)
     stats = data_lib.DatasetStats()
@@ -322,8 +355,15 @@ def test_batches_built_from_row_subsets_equal_whole_batches(tiny_model_dir, trai
 def test_launch_settings_are_checked_and_clusters_detected(monkeypatch, tmp_path, capsys):
     from qwen_jax.train import multihost
 
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
-                 "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE"):
+    for name in (
+        "JAX_COORDINATOR_ADDRESS",
+        "JAX_NUM_PROCESSES",
+        "JAX_PROCESS_ID",
+        "SLURM_NTASKS",
+        "SLURM_STEP_NUM_TASKS",
+        "SLURM_PROCID",
+        "OMPI_COMM_WORLD_SIZE",
+    ):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(multihost.LaunchError, match="needs all of --coordinator"):
         multihost.initialize(coordinator="localhost:1234")
@@ -357,7 +397,23 @@ def test_launch_settings_are_checked_and_clusters_detected(monkeypatch, tmp_path
 
     from qwen_jax.cli import main
 
-    assert main(["train", "--model", str(tmp_path), "--data", "x.jsonl", "--out", str(tmp_path / "o"),
-                 "--coordinator", "localhost:1234", "--process-id", "0"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tmp_path),
+                "--data",
+                "x.jsonl",
+                "--out",
+                str(tmp_path / "o"),
+                "--coordinator",
+                "localhost:1234",
+                "--process-id",
+                "0",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs all of --coordinator HOST:PORT, --num-processes N and --process-id I" in err[0]

@@ -16,34 +16,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import build_hf_model, save_hf_checkpoint
 from train_fixtures import (  # noqa: F401 (fixtures)
-    QWEN_TOKENIZER, SPECIALS, TINY_MODEL, TRAIN_LINES, WORDS, _config, _host, _metrics, _write_word_tokenizer,
-    compilation_cache, tiny_model_dir, train_file,
+    QWEN_TOKENIZER,
+    SPECIALS,
+    TINY_MODEL,
+    TRAIN_LINES,
+    WORDS,
+    _config,
+    _host,
+    _metrics,
+    _write_word_tokenizer,
+    compilation_cache,
+    tiny_model_dir,
+    train_file,
 )
+
 from qwen_jax import Qwen2Config, create_model
 from qwen_jax.checkpoints import params as checkpoint_params
 from qwen_jax.errors import ConfigError
 from qwen_jax.train import data as data_lib
-from qwen_jax.train.config import TrainConfig, read_yaml
 from qwen_jax.train import trainer as trainer_module
+from qwen_jax.train.config import TrainConfig, read_yaml
 from qwen_jax.train.trainer import EXIT_PREEMPTED, Trainer, forward_losses
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # --------------------------------------------------------------------------- data
@@ -63,8 +58,11 @@ def test_chat_loss_mask_token_by_token():
     example = data_lib.Tokenization(tokenizer).example({"messages": messages})
     # The same conversation assembled from separately encoded pieces with the mask we expect.
     pieces = [
-        ("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
-         "<|im_start|>assistant\n", False),
+        (
+            "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+            "<|im_start|>assistant\n",
+            False,
+        ),
         ("4, of course.<|im_end|>", True),
         ("\n<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\n", False),
         ("6<|im_end|>", True),
@@ -77,8 +75,10 @@ def test_chat_loss_mask_token_by_token():
         mask += [learned] * len(ids)
     assert example.tokens.tolist() == tokens
     assert example.loss_mask.tolist() == mask
-    assert tokenizer.decode(example.tokens[example.loss_mask], skip_special_tokens=False) == \
-        "4, of course.<|im_end|>6<|im_end|>"
+    assert (
+        tokenizer.decode(example.tokens[example.loss_mask], skip_special_tokens=False)
+        == "4, of course.<|im_end|>6<|im_end|>"
+    )
 
 
 def test_prompt_completion_and_text_masks(tiny_model_dir):
@@ -107,7 +107,9 @@ def test_bad_data_lines(tiny_model_dir, tmp_path):
     examples = data_lib.read_jsonl(path, tokenizer, skip_bad_lines=True, stats=stats)
     assert (len(examples), stats.skipped_lines) == (2, 3)
     path.write_text('{"text": "the"}\n{"prompt": "the", "completion": 3}\n')
-    with pytest.raises(data_lib.DataError, match=rf"^{re.escape(str(path))}:2: 'prompt' and 'completion' must both be strings"):
+    with pytest.raises(
+        data_lib.DataError, match=rf"^{re.escape(str(path))}:2: 'prompt' and 'completion' must both be strings"
+    ):
         data_lib.read_jsonl(path, tokenizer)
     path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     with pytest.raises(data_lib.DataError, match=rf"^{re.escape(str(path))}:1: no assistant message"):
@@ -134,8 +136,22 @@ def test_bad_config(tmp_path, tiny_model_dir, train_file, capsys):
     assert len(err) == 1 and "unknown LoRA targets ['qq']" in err[0]
     assert main(["train", "--config", str(yaml_path)]) == 2
     assert "missing required setting(s): out" in capsys.readouterr().err
-    assert main(["train", "--model", tiny_model_dir, "--data", str(train_file), "--out", str(tmp_path / "s"),
-                 "--attention", "splash"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                tiny_model_dir,
+                "--data",
+                str(train_file),
+                "--out",
+                str(tmp_path / "s"),
+                "--attention",
+                "splash",
+            ]
+        )
+        == 2
+    )
     assert "attention='splash' needs a TPU" in capsys.readouterr().err and not (tmp_path / "s").exists()
     # An inference model (unrolled layers) is refused with the way out, not an AttributeError.
     from qwen_jax.load import load_model
@@ -172,8 +188,12 @@ def test_packed_batch_matches_unpacked_examples():
         row, segment = divmod(index, 2)
         in_segment = packed.segment_ids[row] == segment + 1
         n = len(example.tokens)
-        np.testing.assert_allclose(packed_losses[row][in_segment] * packed.weights[row][in_segment],
-                                   alone_losses[index][:n] * alone.weights[index][:n], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            packed_losses[row][in_segment] * packed.weights[row][in_segment],
+            alone_losses[index][:n] * alone.weights[index][:n],
+            rtol=1e-5,
+            atol=1e-5,
+        )
     # Without segment ids the second example would attend to the first: the check can fail.
     crossed = data_lib.concat([packed, data_lib.empty_rows(2, 16)])
     crossed = dataclasses.replace(crossed, segment_ids=np.ones_like(crossed.segment_ids))
@@ -246,8 +266,13 @@ Trainer(TrainConfig(**json.loads(sys.argv[1]))).run(on_step_end=kill_after)
 
 def test_exact_resume_after_sigkill(straight_run, tiny_model_dir, train_file, tmp_path, compilation_cache):
     killed = _config(tiny_model_dir, train_file, tmp_path / "killed", **_STRAIGHT)
-    child = subprocess.run([sys.executable, "-c", _KILL_CHILD, json.dumps(killed.to_dict()), "3"],
-                           capture_output=True, text=True, timeout=300, env=compilation_cache)
+    child = subprocess.run(
+        [sys.executable, "-c", _KILL_CHILD, json.dumps(killed.to_dict()), "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=compilation_cache,
+    )
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     assert [m["step"] for m in _metrics(killed.out)] == [1, 2, 3]
     resumed = Trainer(killed.replace(resume=True))
@@ -283,8 +308,13 @@ def test_sigterm_saves_checkpoint_and_exits_143(tiny_model_dir, train_file, tmp_
     yaml_path = tmp_path / "train.yaml"
     settings = _config(tiny_model_dir, train_file, out, **_STRAIGHT).to_dict()
     yaml_path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items() if v is not None))
-    child = subprocess.run([sys.executable, "-c", _TERM_CHILD, "train", "--config", str(yaml_path)],
-                           capture_output=True, text=True, timeout=300, env=compilation_cache)
+    child = subprocess.run(
+        [sys.executable, "-c", _TERM_CHILD, "train", "--config", str(yaml_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=compilation_cache,
+    )
     assert child.returncode == EXIT_PREEMPTED == 143, child.stderr[-2000:]
     assert [m["step"] for m in _metrics(out)] == [1, 2]
     assert sorted(os.listdir(out / "checkpoints")) == ["2"]
@@ -300,8 +330,20 @@ def test_lora_trains_adapters_only_and_merged_export_matches_hf(tiny_model_dir, 
     from qwen_jax.model.lora import LoRAParam
 
     out, export = tmp_path / "lora", tmp_path / "lora_hf"
-    trainer = Trainer(_config(tiny_model_dir, train_file, out, steps=8, save_every=0, learning_rate=5e-2,
-                              lora_rank=4, lora_alpha=16.0, lora_dropout=0.1, export_hf=str(export)))
+    trainer = Trainer(
+        _config(
+            tiny_model_dir,
+            train_file,
+            out,
+            steps=8,
+            save_every=0,
+            learning_rate=5e-2,
+            lora_rank=4,
+            lora_alpha=16.0,
+            lora_dropout=0.1,
+            export_hf=str(export),
+        )
+    )
     base_before = _host(trainer.frozen)
     assert trainer.run() == 0
     losses = [m["loss"] for m in _metrics(out)]
@@ -312,6 +354,7 @@ def test_lora_trains_adapters_only_and_merged_export_matches_hf(tiny_model_dir, 
 
     ids = np.asarray([[3, 4, 5, 6, 7, 8, 9, 10]])
     ours = np.asarray(trainer.current_model()(ids))
+
     def hf_logits(directory):
         hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
         with torch.no_grad():
@@ -362,13 +405,24 @@ def test_row_blocked_model_through_convert_train_and_export(lora_rank, tmp_path,
     assert summary.parameters == hf_params and summary.bytes_written == 4 * hf_params
 
     out, export = tmp_path / "run", tmp_path / "run_hf"
-    trainer = Trainer(_config(str(tmp_path / "orbax"), train_file, out, steps=2, save_every=0, learning_rate=5e-2,
-                              lora_rank=lora_rank, export_hf=str(export)))
+    trainer = Trainer(
+        _config(
+            str(tmp_path / "orbax"),
+            train_file,
+            out,
+            steps=2,
+            save_every=0,
+            learning_rate=5e-2,
+            lora_rank=lora_rank,
+            export_hf=str(export),
+        )
+    )
     assert trainer.run() == 0
     manifest = read_manifest(out / "model")
     blocks = [name for name in manifest["groups"] if ".rows" in name]
-    assert blocks == [f"{prefix}.rows{start}" for prefix in ("model.embed_tokens", "lm_head")
-                      for start in range(0, 64, 15)]
+    assert blocks == [
+        f"{prefix}.rows{start}" for prefix in ("model.embed_tokens", "lm_head") for start in range(0, 64, 15)
+    ]
     assert manifest["parameters"] == hf_params and manifest["row_block_elements"] == 1000
 
     ids = np.asarray([[3, 4, 5, 6, 7, 8, 9, 10]])
@@ -392,8 +446,9 @@ def test_failed_export_keeps_training_and_export_only_redoes_it(tiny_model_dir, 
     from qwen_jax.errors import OutputError
 
     out = tmp_path / "run"
-    config = _config(tiny_model_dir, train_file, out, steps=2, save_every=0, lora_rank=4,
-                     export_hf=str(tmp_path / "hf"))
+    config = _config(
+        tiny_model_dir, train_file, out, steps=2, save_every=0, lora_rank=4, export_hf=str(tmp_path / "hf")
+    )
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -416,8 +471,11 @@ def test_failed_export_keeps_training_and_export_only_redoes_it(tiny_model_dir, 
     ids = jnp.asarray([[3, 4, 5, 6, 7]])
     from qwen_jax.load import load_model
 
-    np.testing.assert_allclose(np.asarray(load_model(out / "model", dtype=jnp.float32)(ids)),
-                               np.asarray(resumed.current_model()(ids)), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(load_model(out / "model", dtype=jnp.float32)(ids)),
+        np.asarray(resumed.current_model()(ids)),
+        atol=1e-5,
+    )
     resumed.checkpoints.close()
     with pytest.raises(ConfigError, match="no train checkpoint to export"):
         Trainer(config.replace(out=str(tmp_path / "empty"), export_only=True))

@@ -49,9 +49,22 @@ from qwen_jax.ops.attention.xla import _cache_rows, _xla_attention
 
 
 # ----------------------------------------------------------------------------- entry point
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, backend: str = "xla",
-           scale: float | None = None, layer=None, row_offset=0, block_q: int | None = None,
-           block_kv: int | None = None, interpret: bool = False, mesh=None, rules=None) -> jax.Array:
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: AttentionMask,
+    *,
+    backend: str = "xla",
+    scale: float | None = None,
+    layer=None,
+    row_offset=0,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+    interpret: bool = False,
+    mesh=None,
+    rules=None,
+) -> jax.Array:
     """Attention output `[B, T, N, H]` in q's dtype.
 
     backend: a concrete backend ('xla', 'chunked', 'cudnn', 'splash'); resolve 'auto' with
@@ -74,14 +87,26 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, bac
     if layer is None and (not isinstance(row_offset, int) or row_offset or k.shape[0] != q.shape[0]):
         raise ValueError("row_offset and a cache with more rows than q need the stacked cache and `layer`")
     if backend == "xla":
-        k, v = (k, v) if layer is None else (_cache_rows(k, layer, row_offset, q.shape[0]),
-                                             _cache_rows(v, layer, row_offset, q.shape[0]))
+        k, v = (
+            (k, v)
+            if layer is None
+            else (_cache_rows(k, layer, row_offset, q.shape[0]), _cache_rows(v, layer, row_offset, q.shape[0]))
+        )
         return _xla_attention(q, k, v, mask, scale)
     if backend == "cudnn":
-        k, v = (k, v) if layer is None else (_cache_rows(k, layer, row_offset, q.shape[0]),
-                                             _cache_rows(v, layer, row_offset, q.shape[0]))
-        return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale,
-                                            implementation="cudnn", **cudnn_arguments(mask, q.shape[1], k.shape[1]))
+        k, v = (
+            (k, v)
+            if layer is None
+            else (_cache_rows(k, layer, row_offset, q.shape[0]), _cache_rows(v, layer, row_offset, q.shape[0]))
+        )
+        return jax.nn.dot_product_attention(
+            q,
+            k.astype(q.dtype),
+            v.astype(q.dtype),
+            scale=scale,
+            implementation="cudnn",
+            **cudnn_arguments(mask, q.shape[1], k.shape[1]),
+        )
     if backend == "splash" and not mask.is_cached:
         return _splash_sharded(q, k, v, mask, scale, interpret, mesh, rules)
     if backend not in ("chunked", "splash"):

@@ -182,9 +182,14 @@ def _flash_forward(q, k, v, layer, mask: AttentionMask, scale: float, blocks: tu
                 p_sum = jnp.sum(p, axis=-1)
                 safe = jnp.all(p_sum < LAZY_SUM_LIMIT)  # False for inf and NaN too
                 return jax.lax.cond(
-                    safe, lambda: (acc + jnp.einsum("BKGQS,BSKH->BKGQH", p, vb.astype(jnp.float32)),
-                                   row_max, row_sum + p_sum),
-                    lambda: exact(s, vb, acc, row_max, row_sum))
+                    safe,
+                    lambda: (
+                        acc + jnp.einsum("BKGQS,BSKH->BKGQH", p, vb.astype(jnp.float32)),
+                        row_max,
+                        row_sum + p_sum,
+                    ),
+                    lambda: exact(s, vb, acc, row_max, row_sum),
+                )
 
             started = jnp.all(row_max > MASKED / 2)  # every row has a reference from a visible key
             return jax.lax.cond(started, lazy, lambda: exact(s, vb, acc, row_max, row_sum))
@@ -203,15 +208,19 @@ def _flash_forward(q, k, v, layer, mask: AttentionMask, scale: float, blocks: tu
             kb, vb = _kv_slice(k, v, layer, start, size, row_offset, B)
             return update(scores(kb), vb, carry)
 
-        carry = (jnp.zeros((B, K, G, bq, H), jnp.float32), jnp.full((B, K, G, bq), MASKED, jnp.float32),
-                 jnp.zeros((B, K, G, bq), jnp.float32))
+        carry = (
+            jnp.zeros((B, K, G, bq, H), jnp.float32),
+            jnp.full((B, K, G, bq), MASKED, jnp.float32),
+            jnp.zeros((B, K, G, bq), jnp.float32),
+        )
         carry = jax.lax.fori_loop(lo, clean_lo, masked_step, carry)
         # The clean range [clean_lo * bm, clean_hi * bm): whole bk blocks, then bm blocks for the rest.
         whole = (clean_hi - clean_lo) * bm // bk
         carry = jax.lax.fori_loop(0, whole, lambda t, c: clean_block(clean_lo * bm + t * bk, bk, c), carry)
         if bm != bk:
-            carry = jax.lax.fori_loop(clean_lo + whole * (bk // bm), clean_hi,
-                                      lambda i, c: clean_block(i * bm, bm, c), carry)
+            carry = jax.lax.fori_loop(
+                clean_lo + whole * (bk // bm), clean_hi, lambda i, c: clean_block(i * bm, bm, c), carry
+            )
         acc, row_max, row_sum = jax.lax.fori_loop(clean_hi, hi, masked_step, carry)
         row_sum = jnp.maximum(row_sum, jnp.finfo(jnp.float32).tiny)
         return (acc / row_sum[..., None]).astype(q.dtype), row_max + jnp.log(row_sum)
@@ -268,8 +277,9 @@ def _flash_bwd(scale, blocks, residuals, d_out):
     def one_query_block(dkv, xs):
         j, qb, dob, lse_j, delta_j, q_segments = xs
         q_slots = jnp.broadcast_to(mask.q_slots(B, bq, j * bq), (B, bq))
-        lo, clean_lo, clean_hi, hi = _block_ranges(mask, q_slots[:, 0], q_slots[:, 0] + jnp.minimum(bq, T - j * bq) - 1,
-                                                   bk, nk, S)
+        lo, clean_lo, clean_hi, hi = _block_ranges(
+            mask, q_slots[:, 0], q_slots[:, 0] + jnp.minimum(bq, T - j * bq) - 1, bk, nk, S
+        )
 
         def step(masked):
             def body(i, carry):
@@ -287,10 +297,13 @@ def _flash_bwd(scale, blocks, residuals, d_out):
                 dv_block = jnp.einsum("BKGQS,BKGQH->BSKH", p, dob.astype(jnp.float32))
                 dk_block = jnp.einsum("BKGQS,BKGQH->BSKH", ds, qb.astype(jnp.float32))
                 dk = jax.lax.dynamic_update_slice_in_dim(
-                    dk, jax.lax.dynamic_slice_in_dim(dk, start, bk, axis=1) + dk_block, start, axis=1)
+                    dk, jax.lax.dynamic_slice_in_dim(dk, start, bk, axis=1) + dk_block, start, axis=1
+                )
                 dv = jax.lax.dynamic_update_slice_in_dim(
-                    dv, jax.lax.dynamic_slice_in_dim(dv, start, bk, axis=1) + dv_block, start, axis=1)
+                    dv, jax.lax.dynamic_slice_in_dim(dv, start, bk, axis=1) + dv_block, start, axis=1
+                )
                 return dq, dk, dv
+
             return body
 
         carry = (jnp.zeros(qb.shape, jnp.float32), *dkv)

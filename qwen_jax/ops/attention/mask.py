@@ -46,9 +46,11 @@ import jax.numpy as jnp
 MASKED = -1e30  # finite: a row that sees no key gets a uniform softmax, never NaN
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=("q_offset", "q_segment_ids", "kv_segment_ids"),
-                   meta_fields=("window",))
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=("q_offset", "q_segment_ids", "kv_segment_ids"),
+    meta_fields=("window",),
+)
 @dataclasses.dataclass(frozen=True)
 class AttentionMask:
     """Which keys each query sees, as slot arithmetic.
@@ -68,13 +70,13 @@ class AttentionMask:
     window: int = 0
 
     @classmethod
-    def causal(cls, segment_ids: jax.Array | None = None, window: int = 0) -> "AttentionMask":
+    def causal(cls, segment_ids: jax.Array | None = None, window: int = 0) -> AttentionMask:
         """Self-attention over one sequence per row; `segment_ids[B, T]` isolates packed segments
         (and padding, given its own id)."""
         return cls(q_segment_ids=segment_ids, kv_segment_ids=segment_ids, window=window)
 
     @classmethod
-    def cached(cls, lengths: jax.Array, window: int = 0) -> "AttentionMask":
+    def cached(cls, lengths: jax.Array, window: int = 0) -> AttentionMask:
         """New tokens of a KV cache call: row b's queries start at slot `lengths[b]` (its length
         before the call)."""
         return cls(q_offset=lengths, window=window)
@@ -83,7 +85,7 @@ class AttentionMask:
     def is_cached(self) -> bool:
         return self.q_offset is not None
 
-    def with_window(self, window: int) -> "AttentionMask":
+    def with_window(self, window: int) -> AttentionMask:
         return dataclasses.replace(self, window=int(window))
 
     def visible(self, q_slots: jax.Array, k_slots: jax.Array, q_segments=None, kv_segments=None) -> jax.Array:

@@ -50,8 +50,6 @@ from qwen_jax.ops.attention.chunked import BLOCK_KV
 CPU_CHUNKED_MIN_SCORES = 256 * 256
 
 
-
-
 # ----------------------------------------------------------------------------- selection
 def platform_of(mesh=None) -> str:
     """'cpu', 'gpu' or 'tpu': the platform of the mesh's devices, else of the default backend."""
@@ -72,15 +70,17 @@ def check_backend(name: str, *, dtype, head_dim: int | None, platform: str, inte
         if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
             raise AttentionBackendError(
                 f"attention='cudnn' needs bfloat16 or float16 compute, not {jnp.dtype(dtype).name} "
-                "(load with dtype='bfloat16', or use attention='chunked')")
+                "(load with dtype='bfloat16', or use attention='chunked')"
+            )
         if head_dim is not None and (head_dim % 8 or head_dim > 256):
             raise AttentionBackendError(f"attention='cudnn' needs head_dim a multiple of 8 and <= 256, not {head_dim}")
     if name == "splash" and platform != "tpu" and not interpret:
         raise AttentionBackendError(f"attention='splash' needs a TPU; this runs on {platform}")
 
 
-def select_backend(name: str, *, q_len: int, kv_len: int, cached: bool, dtype, head_dim: int, platform: str,
-                   interpret: bool = False) -> str:
+def select_backend(
+    name: str, *, q_len: int, kv_len: int, cached: bool, dtype, head_dim: int, platform: str, interpret: bool = False
+) -> str:
     """The backend that runs one call: `name` itself (checked), or what `auto` picks.
 
     auto: cached calls -> chunked (it reads only the filled cache) except on GPU with cuDNN;

@@ -61,14 +61,22 @@ def _splash_kernel(length: int, group: int, window: int, block: int, interpret: 
         head_mask = mask_lib.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
     else:
         head_mask = mask_lib.CausalMask((length, length))
-    sizes = kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                                  block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
-                                  block_kv_dq=block)
+    sizes = kernel_lib.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     # The kernel holds its block-mask tables as arrays: make them concrete, not tracers of
     # whichever trace first asked for the kernel (it is cached across traces).
     with jax.ensure_compile_time_eval():
-        return kernel_lib.make_splash_mqa_single_device(mask_lib.MultiHeadMask([head_mask] * group),
-                                                        block_sizes=sizes, interpret=interpret)
+        return kernel_lib.make_splash_mqa_single_device(
+            mask_lib.MultiHeadMask([head_mask] * group), block_sizes=sizes, interpret=interpret
+        )
 
 
 def _splash_sharded(q, k, v, mask: AttentionMask, scale: float, interpret: bool, mesh, rules) -> jax.Array:

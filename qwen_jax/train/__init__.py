@@ -1,1 +1,13 @@
-"""Fine-tuning (full and LoRA) from the command line: `qwen-jax train`."""
+"""Fine-tuning (full and LoRA): `qwen-jax train`, or `qwen_jax.train.loop.Trainer` from Python.
+
+    config.py     TrainConfig: every setting, a YAML key and a flag
+    data/         records -> token ids with loss masks -> packed, resumable batches
+    step.py       loss, optimizer and schedule, the train state, the jitted train and eval steps
+    loop.py       Trainer: setup, the run, train checkpoints, exact resume, SIGTERM / SIGINT
+    outputs.py    metrics.jsonl, TensorBoard, loss curve, the final model and its HF export
+    multihost.py  running as one of several processes
+    cli.py        `qwen-jax train`
+
+Nothing is imported here: `qwen-jax --help` imports `cli.py` alone, and the modules that need the
+`train` extra (`pip install 'qwen-jax[train]'`) are reached only from `cli.run()` or by name.
+"""

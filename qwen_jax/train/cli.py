@@ -26,7 +26,10 @@ import argparse
 import sys
 import traceback
 
+import jax
+
 from qwen_jax.train import config as config_lib
+from qwen_jax.train import multihost
 
 
 def _device_ids(value: str) -> list[int]:
@@ -37,6 +40,7 @@ def _device_ids(value: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `qwen-jax train`: one per `TrainConfig` setting, plus the multi-process launch."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     config_lib.add_arguments(parser)
     launch = parser.add_argument_group("multi-process launch (not saved with the run; also read from JAX_* variables)")
@@ -52,16 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax
-
-    from qwen_jax.train import multihost
+    """Train as `args` say; the exit status (0, 143 / 130 after a signal). Errors: see the module docstring."""
+    # The loop needs the train extra (optax, tensorboardX, ...); `qwen-jax --help` must not. Without
+    # the extra this raises MissingExtraError, which the CLI prints as one line naming the pip command.
+    from qwen_jax.train.loop import Trainer
 
     config = config_lib.from_args(args)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     multihost.initialize(args.coordinator, args.num_processes, args.process_id, args.local_device_ids, log=log)
     try:
-        from qwen_jax.train.trainer import Trainer
-
         return Trainer(config, log=log).run()
     except BaseException as e:
         if jax.process_count() == 1 or getattr(e, multihost.RAISED_ON_ALL, False):

@@ -12,8 +12,10 @@ import os
 from typing import Any
 
 from qwen_jax.config import ATTENTION_BACKENDS
-from qwen_jax.errors import ConfigError
-from qwen_jax.train.sources import FORMATS, ColumnMapping
+from qwen_jax.errors import ConfigError, QuantizationError
+from qwen_jax.extras import require
+from qwen_jax.ops.quant import QuantScheme
+from qwen_jax.train.data.sources import FORMATS, ColumnMapping
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -139,9 +141,6 @@ class TrainConfig:
         if self.eval_every and not self.eval_data:
             raise ConfigError("eval_every is set but there is no eval_data")
         if self.quantize:
-            from qwen_jax.errors import QuantizationError
-            from qwen_jax.ops.quant import QuantScheme
-
             try:
                 QuantScheme.parse(self.quantize)
             except QuantizationError as e:
@@ -201,8 +200,7 @@ def coerce(name: str, value: Any) -> Any:
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """The settings of a YAML file (a mapping of field names to values)."""
-    import yaml
-
+    yaml = require("yaml", extra="train", feature="reading a train config file")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)

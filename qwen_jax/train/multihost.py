@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Sharding
 
 from qwen_jax.errors import LaunchError, QwenJaxError, UsageError
@@ -158,8 +160,6 @@ def exit_now(status: int) -> None:
 
 def barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -191,8 +191,6 @@ def all_or_none(what: str) -> Iterator[None]:
         if error is not None:
             raise error
         return
-    from jax.experimental import multihost_utils
-
     status = np.zeros(_MESSAGE_BYTES + 1, np.uint8)
     if error is not None:
         status[0] = _USER_ERROR if isinstance(error, user_error_types()) else _OTHER_ERROR
@@ -218,8 +216,6 @@ def check_shared_directory(path: str) -> None:
     cache and the final model are written by all processes together into one place)."""
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     token = int(multihost_utils.broadcast_one_to_all(np.int64(np.random.default_rng().integers(1 << 62))))
     probe = os.path.join(path, f".shared-directory-check-{token}")
     if is_primary():
@@ -265,16 +261,11 @@ class StopSignals:
     """
 
     def __init__(self):
-        import signal
-
-        self._signal = signal
         self.synchronized = jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service
         self.received: list[int] = []
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
-        signal = self._signal
-
         def note(signum, frame):
             self.received.append(signum)
 
@@ -294,21 +285,19 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
-            self._signal.signal(signum, handler)
+            signal.signal(signum, handler)
 
     def stop_after(self, step: int) -> bool:
         """Whether to stop now that `step` steps are done (call after every step, on every process)."""
         if self.synchronized:
-            from jax.experimental import multihost_utils
-
             return multihost_utils.reached_preemption_sync_point(step)
         return bool(self.received)
 
     @property
     def exit_status(self) -> int:
         """128 + signal: SIGINT if this process got one, else SIGTERM (its own or another host's)."""
-        return 128 + (self._signal.SIGINT if self._signal.SIGINT in self.received else self._signal.SIGTERM)
+        return 128 + (signal.SIGINT if signal.SIGINT in self.received else signal.SIGTERM)
 
     @property
     def name(self) -> str:
-        return "SIGINT" if self._signal.SIGINT in self.received else "SIGTERM"
+        return "SIGINT" if signal.SIGINT in self.received else "SIGTERM"

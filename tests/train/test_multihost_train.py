@@ -1,4 +1,4 @@
-"""`qwen-jax train` across processes, and the data sources it reads.
+"""`qwen-jax train` across processes, and its launch settings.
 
 Multi-process runs are the real CLI in 2 local processes x 4 CPU devices joined by
 `jax.distributed` (gloo collectives), compared with 1 process x 8 devices in this process.
@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from train_fixtures import TRAIN_LINES, _config, _metrics, compilation_cache, tiny_model_dir, train_file  # noqa: F401
 
-from qwen_jax.train import data as data_lib
-from qwen_jax.train import sources, token_cache
-from qwen_jax.train.trainer import EXIT_PREEMPTED, Trainer
+from qwen_jax.cli import main
+from qwen_jax.errors import LaunchError
+from qwen_jax.train import multihost
+from qwen_jax.train.loop import EXIT_PREEMPTED, Trainer
 
 # The CLI; process P (* for every process) sends itself signal NAME after step S when
 # QWEN_JAX_TEST_SIGNAL=P:S:NAME. Before a SIGKILL it waits for the checkpoints being written.
@@ -26,9 +27,9 @@ _CHILD = """
 import os, signal, sys
 plan = os.environ.get("QWEN_JAX_TEST_SIGNAL")
 if plan:
-    from qwen_jax.train import trainer
+    from qwen_jax.train import loop
     process, at_step, name = plan.split(":")
-    run = trainer.Trainer.run
+    run = loop.Trainer.run
 
     def send(self, step):
         import jax
@@ -37,7 +38,7 @@ if plan:
                 self.checkpoints.wait_until_finished()
             os.kill(os.getpid(), getattr(signal, name))
 
-    trainer.Trainer.run = lambda self, on_step_end=None: run(self, on_step_end=send)
+    loop.Trainer.run = lambda self, on_step_end=None: run(self, on_step_end=send)
 from qwen_jax.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -196,165 +197,8 @@ def test_bad_record_on_process_1_ends_both_with_status_2(tiny_model_dir, tmp_pat
     assert not os.path.exists(os.path.join(config.out, "checkpoints"))
 
 
-# --------------------------------------------------------------------------- data sources
-ALPACA = [
-    {"instruction": "what color is the sky", "input": "", "output": "blue"},
-    {"instruction": "the dog ran to", "input": "the park", "output": "the park"},
-    {"instruction": "one two three", "input": "four", "output": "five six"},
-]
-
-
-def _examples(source, tokenizer, mapping=sources.ColumnMapping()) -> list[tuple[list, list]]:
-    tokenization = data_lib.Tokenization(tokenizer)
-    return [
-        (e.tokens.tolist(), e.loss_mask.tolist())
-        for e in (tokenization.example(mapping.canonical(record)) for _, record in source.records())
-    ]
-
-
-def test_sources_give_the_examples_of_the_equivalent_jsonl(tiny_model_dir, train_file, tmp_path, monkeypatch):
-    import datasets
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from qwen_jax.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.from_dir(tiny_model_dir)
-    expected = [(e.tokens.tolist(), e.loss_mask.tolist()) for e in data_lib.read_jsonl(train_file, tokenizer)]
-    # Parquet needs one schema: every row has all columns (None where a JSONL line has no key),
-    # so the records are given an explicit format each, as users of such tables would.
-    table_rows = [
-        {"prompt": r.get("prompt"), "completion": r.get("completion"), "text": r.get("text")} for r in TRAIN_LINES
-    ]
-    pq.write_table(pa.Table.from_pylist(table_rows[:4]), tmp_path / "a.parquet", row_group_size=3)
-    os.makedirs(tmp_path / "shards")
-    pq.write_table(pa.Table.from_pylist(table_rows[:4]), tmp_path / "shards" / "00.parquet", row_group_size=3)
-    pq.write_table(pa.Table.from_pylist(table_rows[4:]), tmp_path / "shards" / "01.parquet")
-    datasets.Dataset.from_list(table_rows).save_to_disk(str(tmp_path / "saved"))
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(table_rows)}).save_to_disk(str(tmp_path / "dict"))
-
-    def canonical(row):  # a table row as the JSONL line it came from
-        return {k: v for k, v in row.items() if v is not None}
-
-    class Rows(sources.ColumnMapping):
-        def canonical(self, record):
-            return super().canonical(canonical(record))
-
-    for spec in (tmp_path / "shards", tmp_path / "saved", tmp_path / "dict"):
-        source = sources.open_source(str(spec))
-        assert _examples(source, tokenizer, Rows()) == expected, spec
-    assert _examples(sources.open_source(str(tmp_path / "a.parquet")), tokenizer, Rows()) == expected[:4]
-    # Every source splits into contiguous parts that concatenate to the whole, for any count
-    # (JSONL parts are byte ranges: blank lines, multi-byte characters, no final newline).
-    ragged = tmp_path / "ragged.jsonl"
-    ragged.write_bytes(
-        "\n".join(
-            [json.dumps({"text": "ünïcödé " * n}, ensure_ascii=False) if n % 3 else "" for n in range(1, 12)]
-        ).encode()
-    )
-    assert [loc for loc, _ in sources.open_source(str(ragged)).records()][-1] == f"{ragged}:11"
-    for spec in (train_file, ragged, tmp_path / "shards", tmp_path / "saved"):
-        source = sources.open_source(str(spec))
-        whole = [location for location, _ in source.records()]
-        for parts in (2, 3, 5, 7):
-            assert [loc for p in range(parts) for loc, _ in source.records(p, parts)] == whole, (spec, parts)
-    with pytest.raises(sources.DataError, match="no split 'test'"):
-        sources.open_source(str(tmp_path / "dict"), split="test")
-    with pytest.raises(sources.DataError, match="data file not found"):
-        sources.open_source(str(tmp_path / "missing.jsonl"))
-
-    # Column mapping: alpaca's instruction + input -> prompt, output -> completion.
-    alpaca = tmp_path / "alpaca.jsonl"
-    alpaca.write_text("".join(json.dumps(r) + "\n" for r in ALPACA))
-    mapping = sources.ColumnMapping("prompt-completion", prompt=("instruction", "input"), completion="output")
-    mapped = _examples(sources.open_source(str(alpaca)), tokenizer, mapping)
-    plain = tmp_path / "plain.jsonl"
-    plain.write_text(
-        "".join(
-            json.dumps({"prompt": "\n\n".join(filter(None, (r["instruction"], r["input"]))), "completion": r["output"]})
-            + "\n"
-            for r in ALPACA
-        )
-    )
-    assert mapped == _examples(sources.open_source(str(plain)), tokenizer)
-
-    # A Hub id goes to datasets.load_dataset with the split (no Hub access here: a local dataset stands in).
-    calls = []
-
-    def load_dataset(repo_id, split):
-        calls.append((repo_id, split))
-        return datasets.Dataset.from_list(ALPACA)
-
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    hub = sources.open_source("tatsu-lab/alpaca", split="train")
-    assert calls == [("tatsu-lab/alpaca", "train")] and _examples(hub, tokenizer, mapping) == mapped
-
-
-def test_token_cache_is_reused_and_keyed_by_inputs(tiny_model_dir, train_file, tmp_path):
-    from qwen_jax.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.from_dir(tiny_model_dir)
-    tokenization = data_lib.Tokenization(tokenizer)
-    messages = []
-
-    def load(path, skip_bad_lines=False):
-        return token_cache.load(
-            sources.open_source(str(path)),
-            tokenization,
-            sources.ColumnMapping(),
-            str(tmp_path / "cache"),
-            tokenizer_dir=tiny_model_dir,
-            skip_bad_lines=skip_bad_lines,
-            progress=False,
-            log=messages.append,
-        )
-
-    store, stats = load(train_file)
-    in_memory = data_lib.read_jsonl(train_file, tokenizer)
-    assert stats.examples == len(store) == len(in_memory)
-    for i, example in enumerate(in_memory):
-        assert store.example(i).tokens.tolist() == example.tokens.tolist()
-        assert store.example(i).loss_mask.tolist() == example.loss_mask.tolist()
-    load(train_file)
-    assert "tokenized into" in messages[0] and "cached tokens" in messages[1]
-    load(train_file, skip_bad_lines=True)  # other settings: another cache
-    copy = tmp_path / "copy.jsonl"
-    copy.write_text(open(train_file).read() + json.dumps({"text": "a dog"}) + "\n")  # other data: another cache
-    assert len(load(copy)[0]) == len(store) + 1
-    assert len(os.listdir(tmp_path / "cache")) == 3
-
-
-def test_batches_built_from_row_subsets_equal_whole_batches(tiny_model_dir, train_file):
-    """Whatever rows each process builds, together they are the batch one process would build;
-    the last batch is padded with zero-weight rows, so every process runs the same steps."""
-    from qwen_jax.tokenizer import Tokenizer
-
-    examples = data_lib.read_jsonl(train_file, Tokenizer.from_dir(tiny_model_dir))
-    loader = data_lib.DataLoader(examples, seq_len=16, batch_rows=3, seed=1)
-    assert loader.truncated == 0 and loader.dropped == 0
-    for epoch in range(2):
-        for index in range(loader.batches_in_epoch(epoch)):
-            whole = loader.batch(epoch, index)
-            for rows in ([0, 1], [2], [0, 2], [1]):
-                part = loader.batch(epoch, index, rows=rows)
-                for name in ("input_ids", "positions", "segment_ids", "targets", "weights"):
-                    np.testing.assert_array_equal(getattr(part, name), getattr(whole, name)[rows])
-            assert loader.batch_tokens(epoch, index) == int(np.count_nonzero(whole.segment_ids))
-    plan = loader.plan(0)
-    assert plan.rows % 3 == 0 and plan.real_rows < plan.rows  # 6 examples in 4 rows of 16, padded to 6
-    last = loader.batch(0, loader.batches_in_epoch(0) - 1)
-    assert not last.weights[plan.real_rows - plan.rows :].any()
-    # Truncation and dropping as fit_to_length does them.
-    short = data_lib.DataLoader(examples, seq_len=4, batch_rows=2)
-    stats = data_lib.DatasetStats()
-    fitted = data_lib.fit_to_length(examples, 4, stats)
-    assert (short.truncated, short.dropped, len(short.kept)) == (stats.truncated, stats.dropped, len(fitted))
-
-
 # --------------------------------------------------------------------------- launch settings
 def test_launch_settings_are_checked_and_clusters_detected(monkeypatch, tmp_path, capsys):
-    from qwen_jax.train import multihost
-
     for name in (
         "JAX_COORDINATOR_ADDRESS",
         "JAX_NUM_PROCESSES",
@@ -365,22 +209,22 @@ def test_launch_settings_are_checked_and_clusters_detected(monkeypatch, tmp_path
         "OMPI_COMM_WORLD_SIZE",
     ):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(multihost.LaunchError, match="needs all of --coordinator"):
+    with pytest.raises(LaunchError, match="needs all of --coordinator"):
         multihost.initialize(coordinator="localhost:1234")
     monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
     monkeypatch.setenv("JAX_PROCESS_ID", "2")
-    with pytest.raises(multihost.LaunchError, match=r"process id must be in \[0, 2\), got 2"):
+    with pytest.raises(LaunchError, match=r"process id must be in \[0, 2\), got 2"):
         multihost.initialize(coordinator="localhost:1234")
     monkeypatch.setenv("JAX_PROCESS_ID", "one")
-    with pytest.raises(multihost.LaunchError, match="JAX_PROCESS_ID='one' is not an integer"):
+    with pytest.raises(LaunchError, match="JAX_PROCESS_ID='one' is not an integer"):
         multihost.initialize()
     monkeypatch.setenv("JAX_PROCESS_ID", "0")
-    with pytest.raises(multihost.LaunchError, match="expected HOST:PORT"):
+    with pytest.raises(LaunchError, match="expected HOST:PORT"):
         multihost.initialize(coordinator="localhost")
     monkeypatch.delenv("JAX_NUM_PROCESSES")
     monkeypatch.delenv("JAX_PROCESS_ID")
     if multihost._detected_cluster() is None:
-        with pytest.raises(multihost.LaunchError, match="multi-process runs only"):
+        with pytest.raises(LaunchError, match="multi-process runs only"):
             multihost.initialize(local_device_ids=[0])
 
     if multihost._detected_cluster() is None:  # not on a TPU VM (no libtpu)
@@ -394,8 +238,6 @@ def test_launch_settings_are_checked_and_clusters_detected(monkeypatch, tmp_path
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
     assert multihost._detected_cluster() == "Open MPI"
     monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
-
-    from qwen_jax.cli import main
 
     assert (
         main(

@@ -36,11 +36,13 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from qwen_jax.errors import DataError
 from qwen_jax.train import multihost
-from qwen_jax.train.data import DatasetStats, Example, Tokenization
-from qwen_jax.train.sources import ColumnMapping, Source
+from qwen_jax.train.data.examples import DatasetStats, Example, Tokenization
+from qwen_jax.train.data.sources import ColumnMapping, Source
 
 CACHE_VERSION = 1
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -74,7 +76,7 @@ def cache_key(tokenizer_dir: str, source: Source, mapping: ColumnMapping, skip_b
 
 
 class TokenStore:
-    """The tokenized examples of a cache directory, memory-mapped (the `data.ExampleStore` interface)."""
+    """The tokenized examples of a cache directory, memory-mapped (the `loader.ExampleStore` interface)."""
 
     def __init__(self, directory: str):
         with open(os.path.join(directory, "meta.json"), encoding="utf-8") as f:
@@ -128,8 +130,6 @@ def _write_part(
     progress: bool,
 ) -> DatasetStats:
     """Tokenize shard `shard` of the source into `directory` (written under a temporary name, then renamed)."""
-    from tqdm import tqdm
-
     stats = DatasetStats()
     temporary = directory + ".partial"
     shutil.rmtree(temporary, ignore_errors=True)
@@ -201,8 +201,6 @@ def load(
         meta_path = os.path.join(directory, "meta.json")
         cached = os.path.exists(meta_path)
     if jax.process_count() > 1:  # every process follows the primary's view of the cache
-        from jax.experimental import multihost_utils
-
         cached = bool(multihost_utils.broadcast_one_to_all(np.int32(cached)))
     if not cached:
         shard, num_shards = jax.process_index(), jax.process_count()

@@ -12,7 +12,7 @@ Every source yields `(location, record)` pairs in one fixed order, and can yield
 contiguous part `shard` of `num_shards` of them: concatenating the parts in shard order gives the
 whole sequence, whatever `num_shards` is, so each process of a run can tokenize its own part.
 Records are dicts; `ColumnMapping.canonical` turns one into the `messages` / `prompt`+`completion`
-/ `text` form that `data.Tokenization` reads. Tables are read in batches and never loaded whole.
+/ `text` form that `examples.Tokenization` reads. Tables are read in batches and never loaded whole.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 from qwen_jax.errors import DataError
+from qwen_jax.extras import require
 
 FORMATS = ("auto", "messages", "prompt-completion", "text")
 _TABLE_BATCH = 1024
@@ -157,8 +158,7 @@ class ParquetSource:
     """One Parquet file or a directory of them; read one row group batch at a time."""
 
     def __init__(self, path: str):
-        import pyarrow.parquet as pq
-
+        pq = require("pyarrow.parquet", extra="train", feature="reading Parquet data")
         self.name = path
         self.files = sorted(glob.glob(os.path.join(path, "*.parquet"))) if os.path.isdir(path) else [path]
         try:
@@ -206,7 +206,7 @@ class DatasetsSource:
 
 
 def _datasets_dir(path: str, split: str) -> DatasetsSource:
-    import datasets
+    datasets = require("datasets", extra="train", feature="reading a `datasets` directory")
 
     try:
         loaded = datasets.load_from_disk(path)
@@ -223,7 +223,7 @@ def _datasets_dir(path: str, split: str) -> DatasetsSource:
 
 
 def _hub_dataset(repo_id: str, split: str) -> DatasetsSource:
-    import datasets
+    datasets = require("datasets", extra="train", feature="reading a Hugging Face Hub dataset")
 
     try:
         dataset = datasets.load_dataset(repo_id, split=split)

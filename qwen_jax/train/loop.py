@@ -1,0 +1,437 @@
+"""The training loop: setup, the run, train checkpoints, exact resume, signals.
+
+`Trainer(config).run()` fine-tunes a model (all weights, or LoRA adapters) and writes everything
+to `config.out`. Setup, on every process of a run (an error on one is raised on all): the
+settings, the mesh, the data (before the model: bad data fails in seconds, not after loading 72B
+weights), the model, the train steps (`step.TrainSteps` with the SFT loss), the checkpoint
+manager, then a fresh start or an exact resume.
+
+Train checkpoints (`OUT/checkpoints/<step>/`, Orbax, asynchronous, the last `keep_checkpoints`)
+hold the train state, the data position and the settings. `--resume` restores the latest one
+into this run's shardings and continues with exactly the batches and dropout masks an
+uninterrupted run would have seen; the settings that decide those (`_RESUME_KEYS`) must not
+change, the number of processes and devices may.
+
+Signals: SIGTERM and SIGINT finish the current step, write a checkpoint, and the run returns
+`EXIT_PREEMPTED` (143) or `EXIT_INTERRUPTED` (130) so schedulers can tell an interrupted run
+from a finished one (0). Restart with `--resume` to continue exactly where it stopped.
+
+The loop runs what a training method provides: a loader of resumable batches (`advance`,
+`position` / `restore`, `batch(epoch, index, rows)`, `batch_tokens`, `batches_in_epoch`; built in
+`_load_data`) and `TrainSteps` built with the method's loss (`_build_steps`). Checkpoints,
+resume, signals and outputs (`outputs.py`) work on those alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from qwen_jax.errors import CheckpointError, ConfigError
+from qwen_jax.load import load_model
+from qwen_jax.model.causal_lm import Qwen2ForCausalLM, default_dtype
+from qwen_jax.model.lora import LoRAConfig, LoRAParam, apply_lora
+from qwen_jax.model.quantize import model_quantization
+from qwen_jax.ops.attention.selection import check_backend, platform_of
+from qwen_jax.sharding import make_mesh, parse_mesh_spec
+from qwen_jax.tokenizer import Tokenizer
+from qwen_jax.train import multihost, outputs
+from qwen_jax.train.config import TrainConfig
+from qwen_jax.train.data.examples import Tokenization
+from qwen_jax.train.data.loader import open_loader
+from qwen_jax.train.data.packing import PackedBatch
+from qwen_jax.train.step import (
+    BuildRows,
+    TrainSteps,
+    flops_per_token,
+    make_optimizer,
+    make_schedule,
+    path_names,
+    peak_flops_per_device,
+    sft_loss,
+)
+
+EXIT_PREEMPTED = 128 + signal.SIGTERM  # 143
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130
+
+# Settings a resumed run must share with the run that wrote the checkpoint.
+_RESUME_KEYS = (
+    "data",
+    "data_split",
+    "data_format",
+    "messages_column",
+    "prompt_column",
+    "completion_column",
+    "text_column",
+    "seq_len",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+    "param_dtype",
+    "quantize",
+)
+
+
+# --------------------------------------------------------------------------- setup pieces
+def resolve_mesh(spec: str, devices: list[jax.Device] | None = None) -> Mesh:
+    """`--mesh` value -> Mesh. Axes not named are 1, except fsdp, which takes the remaining
+    devices (so an empty spec puts every device on fsdp, the training default)."""
+    try:
+        sizes = parse_mesh_spec(spec) if spec else {}
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    sizes = {"data": 1, "tensor": 1, **sizes}
+    try:
+        return make_mesh(**sizes, devices=devices)
+    except ValueError as e:
+        raise ConfigError(f"mesh {spec!r}: {e}") from None
+
+
+def _check_attention(config: TrainConfig, mesh: Mesh) -> None:
+    """Refuse an attention backend that cannot run on this mesh's platform before anything is written."""
+    dtype = default_dtype() if config.compute_dtype == "auto" else jnp.dtype(config.compute_dtype)
+    try:
+        check_backend(config.attention, dtype=dtype, head_dim=None, platform=platform_of(mesh))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _nested(tree: Any) -> dict:
+    """A pytree as nested dicts keyed by its path names (what Orbax saves)."""
+    out: dict = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        node = out
+        names = path_names(path)
+        for name in names[:-1]:
+            node = node.setdefault(name, {})
+        node[names[-1]] = leaf
+    return out
+
+
+def _from_nested(nested: dict, like: Any) -> Any:
+    """Inverse of `_nested`: the leaves of `nested` in the structure of `like`."""
+    leaves = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(like)[0]:
+        node = nested
+        for name in path_names(path):
+            node = node[name]
+        leaves.append(node)
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+# --------------------------------------------------------------------------- trainer
+class Trainer:
+    """Full or LoRA fine-tuning of a Qwen2.5 model on JSONL data, as configured by `TrainConfig`.
+
+    `Trainer(config).run()` trains and writes everything to `config.out`; it returns the exit
+    status (0 finished, EXIT_PREEMPTED / EXIT_INTERRUPTED after a signal-triggered checkpoint).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        model: Qwen2ForCausalLM | None = None,
+        devices: list[jax.Device] | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        """model: an already built model to train instead of loading `config.model` (it must live on
+        the mesh that `config.mesh` describes; `config.tokenizer` then names the tokenizer).
+
+        In a multi-process run (`multihost.initialize` first) every process constructs the Trainer
+        with the same config; a setup error on any process is raised on all of them."""
+        self.config = config
+        say = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        self.log = lambda message: say(multihost.process_tag(message))
+        self.primary = multihost.is_primary()
+        with multihost.all_or_none("checking the settings"):
+            config.check_required()
+            self.mesh = resolve_mesh(config.mesh, devices)
+            _check_attention(config, self.mesh)
+            if model is None and not os.path.isdir(config.model):
+                raise CheckpointError(f"{config.model}: model directory not found")
+            self.lora_config = self._lora_config()
+            os.makedirs(config.out, exist_ok=True)
+        multihost.check_shared_directory(config.out)
+        self.metrics_path = outputs.metrics_path(config.out)
+        self._load_data()  # before the model: bad data fails in seconds, not after loading 72B weights
+        self.model = model if model is not None else self._load_model()
+        if isinstance(self.model.model.layers, nnx.List):
+            raise ConfigError(
+                "training runs the layers with a scan: pass a model loaded with scanned layers "
+                "(qwen_jax.load_model(path), or qwen_jax.load(path, scan_layers=True))"
+            )
+        self.model.remat = config.remat
+        self.model.attention = config.attention
+        self.lora = self.lora_config is not None
+        if model_quantization(self.model) is not None and not self.lora:
+            raise ConfigError(
+                f"the base model is quantized ({model_quantization(self.model).name}): its weights "
+                "cannot be trained; train LoRA adapters on it (lora_rank > 0)"
+            )
+        if self.lora:
+            apply_lora(self.model, self.lora_config, seed=config.seed)
+        self.total_steps = config.steps or sum(self.loader.batches_in_epoch(e) for e in range(config.epochs))
+        self._build_steps()
+        self.checkpoints = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(config.out, "checkpoints")),
+            options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True),
+            item_names=("state", "meta"),
+        )
+        self._restore_or_start()
+
+    # ---------------------------------------------------------------- setup
+    def _lora_config(self) -> LoRAConfig | None:
+        config = self.config
+        if config.lora_rank == 0:
+            return None
+        try:
+            return LoRAConfig(config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target_list)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def _load_model(self) -> Qwen2ForCausalLM:
+        config = self.config
+        dtype = None if config.compute_dtype == "auto" else config.compute_dtype
+        param_dtype = None if config.param_dtype == "auto" else config.param_dtype
+        return load_model(
+            config.model,
+            dtype=dtype,
+            param_dtype=param_dtype or dtype,
+            mesh=self.mesh,
+            quantize=config.quantize or None,
+        )
+
+    def _load_data(self) -> None:
+        """The tokenizer, the train loader and the optional eval loader (SFT: packed examples)."""
+        config = self.config
+        tokenizer_dir = config.tokenizer or config.model
+        with multihost.all_or_none("loading the tokenizer"):
+            self.tokenizer = Tokenizer.from_dir(tokenizer_dir)
+            tokenization = Tokenization(self.tokenizer)
+        self.loader, stats = open_loader(config.data, config, tokenization, tokenizer_dir, shuffle=True, log=self.log)
+        self.data_stats = dataclasses.replace(stats, truncated=self.loader.truncated, dropped=self.loader.dropped)
+        stats = self.data_stats
+        self.log(
+            f"data: {stats.examples} examples from {config.data} ({stats.skipped_lines} bad records skipped, "
+            f"{stats.truncated} truncated to {config.seq_len} tokens, {stats.dropped} dropped)"
+        )
+        self.eval_loader = None
+        if config.eval_data:
+            self.eval_loader, _ = open_loader(
+                config.eval_data, config, tokenization, tokenizer_dir, shuffle=False, log=self.log
+            )
+
+    def _build_steps(self) -> None:
+        """The optimizer, the SFT train and eval steps, and the train state at step 0."""
+        config = self.config
+        self.schedule = make_schedule(config, self.total_steps)
+        self.optimizer = make_optimizer(config, self.schedule)
+        self.steps = TrainSteps(
+            self.model,
+            loss=sft_loss,
+            optimizer=self.optimizer,
+            schedule=self.schedule,
+            trainable=LoRAParam if self.lora else nnx.Param,
+            mesh=self.mesh,
+            batch_size=config.batch_size,
+            grad_accum=config.grad_accum,
+            seq_len=config.seq_len,
+            dropout=self.lora and config.lora_dropout > 0,
+        )
+        self.state, self.frozen = self.steps.init(self.model, config.seed)
+        self.num_trainable = self.steps.num_trainable
+
+    # ---------------------------------------------------------------- checkpoints
+    def _restore_or_start(self) -> None:
+        with multihost.all_or_none("looking for a train checkpoint"):  # every process reads the same directory
+            latest = self.checkpoints.latest_step()
+            if latest is None and self.config.export_only:
+                raise ConfigError(f"export_only: {self.config.out}/checkpoints holds no train checkpoint to export")
+            if latest is not None and not (self.config.resume or self.config.export_only):
+                raise ConfigError(
+                    f"{self.config.out}/checkpoints already holds a run (step {latest}); "
+                    "pass --resume to continue it or choose another --out"
+                )
+        if latest is None:
+            if self.primary and os.path.exists(self.metrics_path):
+                os.remove(self.metrics_path)  # a fresh run: no stale curve from an earlier one
+            return
+        meta = self.checkpoints.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        with multihost.all_or_none("comparing the settings with the checkpoint's"):
+            saved = meta["config"]
+            defaults = TrainConfig()  # settings a checkpoint from an older qwen-jax does not record
+            changed = [k for k in _RESUME_KEYS if saved.get(k, getattr(defaults, k)) != getattr(self.config, k)]
+            if changed:
+                detail = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(self.config, k)!r}" for k in changed)
+                raise ConfigError(f"cannot resume with changed settings ({detail})")
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+        restored = self.checkpoints.restore(
+            latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(_nested(abstract)))
+        )["state"]
+        self.state = _from_nested(restored, self.state)
+        self.loader.restore(meta["data_position"])
+        if self.primary:
+            outputs.truncate_metrics(self.metrics_path, latest)
+        # The state is restored into this run's shardings and the data position counts global batches,
+        # so a run may resume on another number of processes or devices.
+        saved_processes = meta.get("process_count", 1)
+        moved = (
+            f"; it was written by {saved_processes} process(es), this run has {jax.process_count()}"
+            if saved_processes != jax.process_count()
+            else ""
+        )
+        self.log(
+            f"resumed from {self.config.out}/checkpoints/{latest} (epoch {self.loader.epoch}, "
+            f"batch {self.loader.index}){moved}"
+        )
+
+    def save_checkpoint(self) -> None:
+        """Start writing a train checkpoint of the current step (asynchronous; none if it exists)."""
+        step = int(self.state["step"])
+        if self.checkpoints.latest_step() == step:
+            return
+        meta = {
+            "config": self.config.to_dict(),
+            "data_position": self.loader.position,
+            "step": step,
+            "process_count": jax.process_count(),
+            "device_count": jax.device_count(),
+        }
+        self.checkpoints.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(_nested(self.state)), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
+
+    # ---------------------------------------------------------------- model access
+    def current_model(self, *, deterministic: bool = True) -> Qwen2ForCausalLM:
+        """The model with the current trained parameters (adapters attached in LoRA mode)."""
+        return self.steps.model(self.state["params"], self.frozen, deterministic=deterministic)
+
+    def evaluate(self) -> float | None:
+        """Mean loss over the eval data (None without eval data)."""
+        if self.eval_loader is None:
+            return None
+        total, count = 0.0, 0.0
+        for index in range(self.eval_loader.batches_in_epoch(0)):
+            loss, n = self.steps.evaluate(
+                self.state["params"], self.frozen, functools.partial(self.eval_loader.batch, 0, index)
+            )
+            total, count = total + float(loss), count + float(n)
+        return total / max(count, 1.0)
+
+    # ---------------------------------------------------------------- the loop
+    def train_step(self, batch: PackedBatch | BuildRows) -> dict[str, float]:
+        """One optimizer step on a global batch of `batch_size` packed rows; returns its metrics.
+
+        `batch`: the whole batch, or a function that builds the given rows of it (what the training
+        loop passes, so that each process builds only its own rows)."""
+        build_rows = batch if callable(batch) else batch.select
+        self.state, metrics = self.steps.train(self.state, self.frozen, build_rows)
+        return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    def run(self, on_step_end: Callable[[Trainer, int], None] | None = None) -> int:
+        """Train to `total_steps`; returns 0, or EXIT_PREEMPTED / EXIT_INTERRUPTED after a signal.
+
+        Every process of a multi-process run calls this; only the primary writes metrics.jsonl,
+        TensorBoard events, train_config.yaml and the progress bar."""
+        config = self.config
+        if config.export_only:
+            self.log(
+                f"export only: writing the outputs of train checkpoint {int(self.state['step'])} "
+                f"(of {self.total_steps} steps)"
+            )
+            try:
+                self._write_outputs()
+            finally:
+                self.checkpoints.close()
+            return 0
+        flops = flops_per_token(self.model.config, config.seq_len, self.lora)
+        peak = peak_flops_per_device(config.peak_tflops)
+        step = int(self.state["step"])
+        self.log(
+            f"training {'LoRA adapters' if self.lora else 'all weights'}: {self.num_trainable:,} parameters, "
+            f"{self.total_steps} steps, mesh {dict(self.mesh.shape)}"
+        )
+        stopped = False
+        try:
+            with (
+                multihost.StopSignals() as signals,
+                outputs.StepLog(config, primary=self.primary) as step_log,
+                tqdm(
+                    total=self.total_steps,
+                    initial=step,
+                    desc="train",
+                    dynamic_ncols=True,
+                    disable=None if config.progress and self.primary else True,
+                ) as bar,
+            ):
+                while step < self.total_steps and not stopped:
+                    epoch, index = self.loader.advance()
+                    tokens = self.loader.batch_tokens(epoch, index)
+                    start = time.perf_counter()
+                    metrics = self.train_step(functools.partial(self.loader.batch, epoch, index))
+                    seconds = time.perf_counter() - start
+                    step += 1
+                    record = {
+                        "step": step,
+                        **metrics,
+                        "tokens": tokens,
+                        "step_time": seconds,
+                        "tokens_per_s": tokens / seconds,
+                        "epoch": self.loader.epoch,
+                    }
+                    if peak:
+                        record["mfu"] = flops * tokens / seconds / (peak * self.mesh.size)
+                    if (
+                        config.eval_every
+                        and step % config.eval_every == 0
+                        or (step == self.total_steps and self.eval_loader is not None)
+                    ):
+                        record["eval_loss"] = self.evaluate()
+                    step_log.write(record)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                    bar.update(1)
+                    if config.save_every and step % config.save_every == 0:
+                        self.save_checkpoint()
+                    if on_step_end is not None:
+                        on_step_end(self, step)
+                    stopped = signals.stop_after(step)  # the same answer on every process
+            self.save_checkpoint()
+            self.checkpoints.wait_until_finished()
+            if stopped:
+                self.log(f"signal {signals.name}: checkpoint saved at step {step}; rerun with --resume to continue")
+                return signals.exit_status
+            self._write_outputs()
+            return 0
+        finally:
+            self.checkpoints.close()
+
+    def _write_outputs(self) -> None:
+        """OUT/model, the HF export and the loss curve from the current state (its checkpoint is complete)."""
+        outputs.write_final_outputs(
+            self.current_model(),
+            self.config,
+            step=int(self.state["step"]),
+            lora=self.lora,
+            primary=self.primary,
+            log=self.log,
+        )

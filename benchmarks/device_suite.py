@@ -212,7 +212,7 @@ def hf_peer_device() -> str | None:
 def peak_flops(dtype: str) -> tuple[float, str]:
     """Dense peak FLOP/s of one device: the published figure where known, else a measured matmul
     (float32 on the CPU, where bfloat16 products are emulated and would take minutes)."""
-    from qwen_jax.train.trainer import peak_flops_per_device
+    from qwen_jax.train.step import peak_flops_per_device
 
     published = peak_flops_per_device(0.0)
     if published is not None:
@@ -241,7 +241,7 @@ def kv_bytes_per_token(config, dtype) -> int:
 def prefill_flops(config, length: int) -> float:
     """Model FLOPs of one prefill: 2 per weight per token through the layers, the LM head for the
     last position only, and causal attention (QK and PV over half the square)."""
-    from qwen_jax.train.trainer import matmul_params
+    from qwen_jax.train.step import matmul_params
 
     head = config.vocab_size * config.hidden_size
     attention = 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * length**2
@@ -380,7 +380,7 @@ def run_prefill(suite: Suite, step: Step) -> list[dict]:
 
 
 def run_train(suite: Suite, step: Step) -> list[dict]:
-    from qwen_jax.train.trainer import flops_per_token
+    from qwen_jax.train.step import flops_per_token
 
     plan = suite.plan
     suite.release()
@@ -478,7 +478,7 @@ def check_backend(cpu_smoke: bool) -> None:
 
 def check_imports() -> None:
     missing = []
-    for module in ("qwen_jax.train.trainer", "qwen_jax.checkpoints.hf", "safetensors.numpy", "ml_dtypes", "tokenizers"):
+    for module in ("qwen_jax.train.loop", "qwen_jax.checkpoints.hf", "safetensors.numpy", "ml_dtypes", "tokenizers"):
         try:
             __import__(module)
         except ImportError as e:

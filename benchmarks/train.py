@@ -1,7 +1,8 @@
 """Training throughput: qwen-jax vs HF transformers/torch, full and LoRA, in the same run.
 
     python benchmarks/train.py [--preset 0.5B] [--seq-len 512] [--batch-size 1] [--steps 3]
-    python benchmarks/train.py --compare-processes --batch-size 8 --seq-len 128 [--devices 8] [--layers 2] [--vocab-size 8192]
+    python benchmarks/train.py --compare-processes --batch-size 8 --seq-len 128 [--devices 8] [--layers 2] \
+        [--vocab-size 8192]
 
 Random weights of the chosen preset, one packed batch of `batch_size` x `seq_len` tokens per
 step, AdamW. Reports tokens/s and MFU (model FLOPs: 6N per token for full fine-tuning, 4N for
@@ -51,7 +52,7 @@ def measured_matmul_flops(dtype, n: int = 2048) -> float:
 
 
 def random_batch(config, seq_len: int, rows: int, seed: int = 0):
-    from qwen_jax.train.data import PackedBatch
+    from qwen_jax.train.data.packing import PackedBatch
 
     rng = np.random.default_rng(seed)
     vocab = min(config.vocab_size, 151643) if config is not None else 151643
@@ -88,7 +89,7 @@ def bench_jax(
     from qwen_jax import Qwen2Config, create_model
     from qwen_jax.model.causal_lm import default_dtype
     from qwen_jax.train.config import TrainConfig
-    from qwen_jax.train.trainer import Trainer, resolve_mesh
+    from qwen_jax.train.loop import Trainer, resolve_mesh
 
     config = Qwen2Config.preset(preset) if isinstance(preset, str) else preset
     if layers:
@@ -193,7 +194,7 @@ def bench_torch(preset: str, seq_len: int, rows: int, steps: int, lora_rank: int
         loss = step()
     sync()
     seconds = (time.perf_counter() - start) / steps
-    del model, optimizer
+    model = optimizer = None  # `step` holds them too: release the model before the next run
     gc.collect()
     return {"step_s": seconds, "first_step_s": first, "loss": loss}
 
@@ -323,7 +324,7 @@ def main(argv=None) -> int:
 
     from qwen_jax import Qwen2Config
     from qwen_jax.model.causal_lm import default_dtype
-    from qwen_jax.train.trainer import flops_per_token, peak_flops_per_device
+    from qwen_jax.train.step import flops_per_token, peak_flops_per_device
 
     config = Qwen2Config.preset(args.preset)
     backend = jax.default_backend()
@@ -343,11 +344,18 @@ def main(argv=None) -> int:
         runs = [
             (
                 "qwen-jax",
-                lambda: bench_jax(args.preset, args.seq_len, args.batch_size, args.steps, rank, tempfile.mkdtemp()),
+                lambda rank=rank: bench_jax(
+                    args.preset, args.seq_len, args.batch_size, args.steps, rank, tempfile.mkdtemp()
+                ),
             )
         ]
         if not args.skip_torch:
-            runs.append(("hf-torch", lambda: bench_torch(args.preset, args.seq_len, args.batch_size, args.steps, rank)))
+            runs.append(
+                (
+                    "hf-torch",
+                    lambda rank=rank: bench_torch(args.preset, args.seq_len, args.batch_size, args.steps, rank),
+                )
+            )
         for name, fn in runs:
             result = fn()
             result.update(

@@ -35,10 +35,10 @@ from qwen_jax.model.lora import merge_lora
 from qwen_jax.train import multihost
 from qwen_jax.train.config import TrainConfig
 
-yaml = require("yaml", extra="train", feature="qwen-jax train")
-tensorboardX = require("tensorboardX", extra="train", feature="qwen-jax train")
+yaml = require("yaml", extra="train", feature="training")
+tensorboardX = require("tensorboardX", extra="train", feature="training")
 # A standalone Figure, no pyplot: the caller's (e.g. a notebook's) matplotlib backend is left alone.
-matplotlib_figure = require("matplotlib.figure", extra="train", feature="qwen-jax train")
+matplotlib_figure = require("matplotlib.figure", extra="train", feature="training")
 
 
 # --------------------------------------------------------------------------- metrics

@@ -38,7 +38,7 @@ from qwen_jax.sharding import DEFAULT_RULES, named_sharding, state_shardings
 from qwen_jax.train import multihost
 from qwen_jax.train.config import TrainConfig
 
-optax = require("optax", extra="train", feature="qwen-jax train")
+optax = require("optax", extra="train", feature="training")
 
 Loss = Callable[[Qwen2ForCausalLM, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
 """A training objective: `(model, micro-batch) -> (summed loss, count it averages over)`, float32 scalars."""

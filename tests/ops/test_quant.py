@@ -264,7 +264,7 @@ def test_qlora_trains_adapters_on_a_quantized_base(small_checkpoint, tmp_path):
 
     from qwen_jax.errors import ConfigError
     from qwen_jax.train.config import TrainConfig
-    from qwen_jax.train.trainer import Trainer
+    from qwen_jax.train.loop import Trainer
 
     _, path = small_checkpoint
     data = tmp_path / "train.jsonl"

@@ -17,7 +17,8 @@ other processes on Cloud TPU, and under SLURM / Open MPI with more than one task
 JAX_NUM_PROCESSES, JAX_PROCESS_ID). OUT must be a directory every host sees.
 
 Exit status: 0 finished, 143 after SIGTERM and 130 after SIGINT (a checkpoint was written
-first; rerun with --resume), 2 for bad input.
+first; rerun with --resume), 2 for bad input. Training needs the train extra:
+pip install 'qwen-jax[train]'.
 """
 
 from __future__ import annotations

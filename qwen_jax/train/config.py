@@ -28,6 +28,8 @@ def _field(default, help: str, *, choices=None, kind=None):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """Every setting of a training run (checked on construction; ConfigError names a bad one)."""
+
     # ---- what to train on, where to write
     model: str = _field(
         None, "base model: HF, GPTQ or AWQ directory, or converted Orbax directory (required)", kind=str
@@ -149,12 +151,14 @@ class TrainConfig:
                 raise ConfigError("quantize needs LoRA (lora_rank > 0): quantized base weights are frozen")
 
     def check_required(self) -> None:
+        """ConfigError unless model, data and out are set (a config may be built up before they are)."""
         missing = [name for name in ("model", "data", "out") if not getattr(self, name)]
         if missing:
             raise ConfigError(f"missing required setting(s): {', '.join(missing)} (flags or YAML keys)")
 
     @property
     def column_mapping(self) -> ColumnMapping:
+        """How the data's columns map onto the example forms (`data_format` and the *_column settings)."""
         prompt = tuple(c.strip() for c in self.prompt_column.split(",") if c.strip())
         return ColumnMapping(
             self.data_format, self.messages_column, "tools", prompt, self.completion_column, self.text_column
@@ -162,12 +166,15 @@ class TrainConfig:
 
     @property
     def lora_target_list(self) -> tuple[str, ...]:
+        """The projections that get LoRA adapters, from the comma-separated `lora_targets`."""
         return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
 
-    def replace(self, **changes) -> TrainConfig:
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with `changes` applied (and checked)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every setting by field name (what checkpoints and train_config.yaml record)."""
         return dataclasses.asdict(self)
 
 

@@ -159,6 +159,7 @@ def exit_now(status: int) -> None:
 
 
 def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier `name` (nothing to wait for alone)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
 
@@ -300,4 +301,5 @@ class StopSignals:
 
     @property
     def name(self) -> str:
+        """The signal that stopped the run, as `exit_status` counts it."""
         return "SIGINT" if signal.SIGINT in self.received else "SIGTERM"

@@ -27,13 +27,19 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 
 class TokenizerLike(Protocol):
+    """What tokenizing examples needs of a tokenizer (`qwen_jax.Tokenizer` has it)."""
+
     eos_token_id: int | None
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, no special tokens added."""
+        ...
 
     def apply_chat_template(
         self, messages, tools=None, add_generation_prompt: bool = True, tokenize: bool = False
-    ) -> str | list[int]: ...
+    ) -> str | list[int]:
+        """The chat rendered with the checkpoint's template (text when `tokenize` is False)."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +56,8 @@ class Example:
 
 @dataclasses.dataclass
 class DatasetStats:
+    """Counts of what reading and fitting the data did: examples kept, bad records skipped, truncated, dropped."""
+
     examples: int = 0
     skipped_lines: int = 0
     truncated: int = 0

@@ -35,7 +35,9 @@ class ExampleStore(Protocol):
 
     def __len__(self) -> int: ...
 
-    def example(self, index: int, max_tokens: int | None = None) -> Example: ...
+    def example(self, index: int, max_tokens: int | None = None) -> Example:
+        """Example `index`, cut to its first `max_tokens` tokens if given."""
+        ...
 
 
 class InMemoryStore:
@@ -51,6 +53,7 @@ class InMemoryStore:
         return len(self.examples)
 
     def example(self, index: int, max_tokens: int | None = None) -> Example:
+        """Example `index`, cut to its first `max_tokens` tokens if given."""
         example = self.examples[index]
         if max_tokens is not None and len(example.tokens) > max_tokens:
             return Example(example.tokens[:max_tokens], example.loss_mask[:max_tokens])
@@ -67,6 +70,7 @@ class EpochPlan:
 
     @property
     def real_rows(self) -> int:
+        """Rows that hold examples (the rest, up to `rows`, are padding)."""
         return len(self.row_starts) - 1
 
 
@@ -107,6 +111,7 @@ class DataLoader:
         self._plan: tuple[int, EpochPlan] | None = None
 
     def plan(self, epoch: int) -> EpochPlan:
+        """The packing plan of `epoch` (computed once per epoch, greedily in the epoch's order)."""
         if self._plan is None or self._plan[0] != epoch:
             order = (
                 self.kept[np.random.default_rng([self.seed, epoch]).permutation(len(self.kept))]
@@ -127,6 +132,7 @@ class DataLoader:
         return self._plan[1]
 
     def batches_in_epoch(self, epoch: int) -> int:
+        """Batches of `batch_rows` rows in `epoch` (the last one padded)."""
         return self.plan(epoch).rows // self.batch_rows
 
     def batch(self, epoch: int, index: int, rows: Sequence[int] | None = None) -> PackedBatch:
@@ -168,6 +174,7 @@ class DataLoader:
         return {"epoch": self.epoch, "index": self.index}
 
     def restore(self, position: dict[str, int]) -> None:
+        """Continue from a saved `position`."""
         self.epoch, self.index = int(position["epoch"]), int(position["index"])
 
 

@@ -34,9 +34,11 @@ class PackedBatch:
 
     @property
     def rows(self) -> int:
+        """Number of rows."""
         return self.input_ids.shape[0]
 
     def select(self, rows: slice | np.ndarray) -> PackedBatch:
+        """The given rows (a slice or indices, in that order)."""
         return PackedBatch(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
 
 

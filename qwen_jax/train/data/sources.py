@@ -36,6 +36,8 @@ _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv", ".txt")
 
 
 class Source(Protocol):
+    """Records in one fixed order, whole or in contiguous shards (see the module docstring)."""
+
     name: str
 
     def identity(self) -> dict[str, Any]:
@@ -118,9 +120,11 @@ class JsonlSource:
         self.path = self.name = path
 
     def identity(self) -> dict[str, Any]:
+        """The file with its size and modification time."""
         return {"jsonl": _file_identity([self.path])}
 
     def records(self, shard: int = 0, num_shards: int = 1) -> Iterator[tuple[str, Any]]:
+        """`("FILE:LINE", parsed JSON or a ValueError)` of the non-blank lines of the shard."""
         start, stop = _shard_range(os.path.getsize(self.path), shard, num_shards)
         with open(self.path, "rb") as f:
             if start > 0:
@@ -167,9 +171,11 @@ class ParquetSource:
             raise DataError(f"{path}: unreadable Parquet ({e})") from None
 
     def identity(self) -> dict[str, Any]:
+        """The files with their sizes and modification times."""
         return {"parquet": _file_identity(self.files)}
 
     def records(self, shard: int = 0, num_shards: int = 1) -> Iterator[tuple[str, Any]]:
+        """`("FILE: row N", row dict)` of the shard's rows, reading only the row groups it overlaps."""
         total = sum(f.metadata.num_rows for f in self._files)
         start, stop = _shard_range(total, shard, num_shards)
         file_start = 0  # global index of the current file's first row
@@ -195,9 +201,11 @@ class DatasetsSource:
         self.name, self.dataset, self._identity = name, dataset, identity
 
     def identity(self) -> dict[str, Any]:
+        """The directory's files, or the Hub dataset's id, split and fingerprint."""
         return self._identity
 
     def records(self, shard: int = 0, num_shards: int = 1) -> Iterator[tuple[str, Any]]:
+        """`("NAME: row N", row dict)` of the shard's rows, a batch of rows at a time."""
         start, stop = _shard_range(len(self.dataset), shard, num_shards)
         for first in range(start, stop, _TABLE_BATCH):
             columns = self.dataset[first : min(first + _TABLE_BATCH, stop)]

@@ -65,6 +65,7 @@ def tokenizer_digest(directory: str) -> str:
 
 
 def cache_key(tokenizer_dir: str, source: Source, mapping: ColumnMapping, skip_bad_lines: bool) -> str:
+    """The cache directory's name: a hash of everything that decides the tokens (see the module docstring)."""
     settings = {
         "version": CACHE_VERSION,
         "tokenizer": tokenizer_digest(tokenizer_dir),
@@ -100,6 +101,7 @@ class TokenStore:
         return int(self._part_starts[-1])
 
     def example(self, index: int, max_tokens: int | None = None) -> Example:
+        """Example `index`, cut to its first `max_tokens` tokens if given (read from the memory map)."""
         part = int(np.searchsorted(self._part_starts, index, side="right")) - 1
         local = index - self._part_starts[part]
         start, stop = self._offsets[part][local], self._offsets[part][local + 1]
@@ -115,6 +117,7 @@ def _memmap(path: str, dtype, count: int) -> np.ndarray:
 
 
 def first_target(loss_mask: np.ndarray) -> int:
+    """The first position >= 1 whose token is learned, or -1 (position 0 is never a target)."""
     learned = np.flatnonzero(loss_mask[1:])
     return int(learned[0]) + 1 if len(learned) else -1
 

@@ -198,8 +198,6 @@ class TrainSteps:
         dropout: bool = False,
     ):
         self.loss, self.optimizer, self.schedule, self.trainable = loss, optimizer, schedule, trainable
-        self.mesh = mesh
-        self.batch_size, self.grad_accum, self.seq_len = batch_size, grad_accum, seq_len
         self.graphdef, params, frozen = nnx.split(model, trainable, ...)
         set_lora_deterministic(model, True)
         self.eval_graphdef = nnx.graphdef(model)

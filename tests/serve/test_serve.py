@@ -500,7 +500,7 @@ def test_serve_cli_bad_arguments_exit_2(tmp_path, capsys):
     import socket
 
     from qwen_jax.cli import main
-    from qwen_jax.cli.generate import DEFAULT_MODEL
+    from qwen_jax.cli.arguments import DEFAULT_MODEL
 
     assert main(["serve", "--model", str(tmp_path), "--slots", "0"]) == 2
     assert "--slots must be >= 1" in capsys.readouterr().err

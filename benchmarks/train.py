@@ -1,7 +1,8 @@
 """Training throughput: qwen-jax vs HF transformers/torch, full and LoRA, in the same run.
 
     python benchmarks/train.py [--preset 0.5B] [--seq-len 512] [--batch-size 1] [--steps 3]
-    python benchmarks/train.py --compare-processes --batch-size 8 --seq-len 128 [--devices 8] [--layers 2] [--vocab-size 8192]
+    python benchmarks/train.py --compare-processes --batch-size 8 --seq-len 128 [--devices 8] [--layers 2] \\
+        [--vocab-size 8192]
 
 Random weights of the chosen preset, one packed batch of `batch_size` x `seq_len` tokens per
 step, AdamW. Reports tokens/s and MFU (model FLOPs: 6N per token for full fine-tuning, 4N for
@@ -193,7 +194,7 @@ def bench_torch(preset: str, seq_len: int, rows: int, steps: int, lora_rank: int
         loss = step()
     sync()
     seconds = (time.perf_counter() - start) / steps
-    del model, optimizer
+    model = optimizer = None  # release them (the step closure shares these variables) before collecting
     gc.collect()
     return {"step_s": seconds, "first_step_s": first, "loss": loss}
 
@@ -343,11 +344,18 @@ def main(argv=None) -> int:
         runs = [
             (
                 "qwen-jax",
-                lambda: bench_jax(args.preset, args.seq_len, args.batch_size, args.steps, rank, tempfile.mkdtemp()),
+                lambda rank=rank: bench_jax(
+                    args.preset, args.seq_len, args.batch_size, args.steps, rank, tempfile.mkdtemp()
+                ),
             )
         ]
         if not args.skip_torch:
-            runs.append(("hf-torch", lambda: bench_torch(args.preset, args.seq_len, args.batch_size, args.steps, rank)))
+            runs.append(
+                (
+                    "hf-torch",
+                    lambda rank=rank: bench_torch(args.preset, args.seq_len, args.batch_size, args.steps, rank),
+                )
+            )
         for name, fn in runs:
             result = fn()
             result.update(

@@ -302,9 +302,7 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def parse_rope_scaling(
-    spec: str | dict[str, Any] | RopeScaling, original_max_position_embeddings: int
-) -> RopeScaling:
+def parse_rope_scaling(spec: str | dict[str, Any] | RopeScaling, original_max_position_embeddings: int) -> RopeScaling:
     """A rope scaling from a command-line spec (`TYPE:FACTOR`, or 'none'), an HF dict or a RopeScaling.
 
     YaRN's original length defaults to `original_max_position_embeddings` (the checkpoint's).
@@ -395,9 +393,7 @@ class GenerationConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_hf(
-        cls, generation_config: Mapping[str, Any], model_config: Qwen2Config | None = None
-    ) -> GenerationConfig:
+    def from_hf(cls, generation_config: Mapping[str, Any], model_config: Qwen2Config | None = None) -> GenerationConfig:
         """From a generation_config.json dict; eos ids are the union of it and the model config's."""
         do_sample = bool(generation_config.get("do_sample", False))
         eos = _as_ids(generation_config.get("eos_token_id"))

@@ -290,7 +290,7 @@ def test_disconnect_aborts_and_frees_the_slot(server, tiny_engine, long_prompt):
             else:
                 assert wait_until(lambda: tiny_engine.stats().generated_tokens > 0 and tiny_engine.stats().running >= 1)
         # 50 tokens take far longer than noticing the closed connection: the request is aborted, not finished.
-        assert wait_until(lambda: tiny_engine.stats().aborted_requests == before + number, timeout=30)
+        assert wait_until(lambda number=number: tiny_engine.stats().aborted_requests == before + number, timeout=30)
     assert wait_until(lambda: tiny_engine.stats().running == 0, timeout=30)
 
 

@@ -18,7 +18,10 @@ from qwen_jax.errors import ConfigError
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("qwen2",)
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
-# Attention backends (`qwen_jax.attention`); here so command lines can list them without importing jax.
+# The sizes config.json must give (the other settings have Qwen2's defaults).
+_REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+# Attention backends (`qwen_jax.ops.attention`); here so command lines can list them without importing jax.
 ATTENTION_BACKENDS = ("auto", "xla", "chunked", "cudnn", "splash")
 
 
@@ -157,6 +160,11 @@ class Qwen2Config:
             )
         if config.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"unsupported hidden_act {config['hidden_act']!r}; Qwen2 uses 'silu'")
+        for key in _REQUIRED_SIZES + (("num_key_value_heads",) if config.get("num_key_value_heads") else ()):
+            value = config.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                given = "it is missing" if key not in config else f"got {value!r}"
+                raise ConfigError(f"config.json: {key} must be a positive integer; {given}")
         hidden, heads = config["hidden_size"], config["num_attention_heads"]
         if config.get("head_dim") not in (None, hidden // heads):
             raise ConfigError(f"head_dim {config['head_dim']} != hidden_size // num_attention_heads")

@@ -70,11 +70,21 @@ def test_sliding_window_fields():
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "unsupported rope_scaling type 'longrope'"),
         ({"num_key_value_heads": 3}, "not a multiple"),
+        ({"hidden_size": None}, "config.json: hidden_size must be a positive integer; got None"),
+        ({"num_hidden_layers": "24"}, "num_hidden_layers must be a positive integer; got '24'"),
+        ({"num_key_value_heads": -2}, "num_key_value_heads must be a positive integer; got -2"),
     ],
 )
 def test_bad_configs(change, message):
     with pytest.raises(ConfigError, match=message):
         Qwen2Config.from_hf({**Qwen2Config.preset("0.5B").to_hf(), **change})
+
+
+def test_config_without_a_size():
+    config = Qwen2Config.preset("0.5B").to_hf()
+    del config["intermediate_size"]
+    with pytest.raises(ConfigError, match="intermediate_size must be a positive integer; it is missing"):
+        Qwen2Config.from_hf(config)
 
 
 def test_unknown_preset():

@@ -300,13 +300,19 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
         path = os.path.join(path, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"{path}: config.json not found")
+    return _read_json_object(path)
+
+
+def _read_json_object(path: str) -> dict[str, Any]:
+    """A JSON file holding one object; what cannot be read is a ConfigError naming the file."""
+    name = os.path.basename(path)
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read config.json ({e})") from None
+        raise ConfigError(f"{path}: cannot read {name} ({e})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: config.json is not a JSON object")
+        raise ConfigError(f"{path}: {name} is not a JSON object")
     return data
 
 
@@ -431,8 +437,7 @@ class GenerationConfig:
         """generation_config.json of a checkpoint directory, or the model-config defaults without one."""
         file = os.path.join(os.fspath(path), GENERATION_CONFIG_FILE)
         if os.path.isfile(file):
-            with open(file) as f:
-                return cls.from_hf(json.load(f), model_config)
+            return cls.from_hf(_read_json_object(file), model_config)
         if model_config is None:
             return cls()
         return cls.from_model_config(model_config)

@@ -85,9 +85,19 @@ class Tokenizer:
         tokenizer_file = directory / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"no tokenizer.json in {directory}: qwen-jax needs a fast (tokenizers) tokenizer")
-        backend = BackendTokenizer.from_file(str(tokenizer_file))
+        try:
+            backend = BackendTokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+            raise CheckpointError(f"{tokenizer_file}: cannot read tokenizer.json ({e})") from None
         config_file = directory / "tokenizer_config.json"
-        config: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        config: dict[str, Any] = {}
+        if config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{config_file}: cannot read tokenizer_config.json ({e})") from None
+            if not isinstance(config, dict):
+                raise CheckpointError(f"{config_file}: tokenizer_config.json is not a JSON object")
 
         special_tokens = {name: _token_content(config.get(name)) for name in _NAMED_SPECIAL_TOKENS}
         # As in transformers: tokenizer_config.json's flags override tokenizer.json's, and tokens the

@@ -6,7 +6,7 @@ import pytest
 
 import qwen_jax
 from qwen_jax.checkpoints.assemble import abstract_model
-from qwen_jax.config import Qwen2Config
+from qwen_jax.config import GenerationConfig, Qwen2Config
 from qwen_jax.errors import ConfigError
 
 REFERENCE = "qwen2.5-configs.json"
@@ -85,6 +85,20 @@ def test_config_without_a_size():
     del config["intermediate_size"]
     with pytest.raises(ConfigError, match="intermediate_size must be a positive integer; it is missing"):
         Qwen2Config.from_hf(config)
+
+
+def test_unreadable_config_files(tmp_path):
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"config.json: cannot read config.json \(Expecting"):
+        Qwen2Config.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text("[1]")
+    with pytest.raises(ConfigError, match="config.json is not a JSON object"):
+        Qwen2Config.from_hf(tmp_path)
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.7,}')
+    with pytest.raises(ConfigError, match="cannot read generation_config.json"):
+        GenerationConfig.from_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.7}')
+    assert GenerationConfig.from_pretrained(tmp_path).temperature == 0.7
 
 
 def test_unknown_preset():

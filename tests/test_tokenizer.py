@@ -338,6 +338,19 @@ def test_tiny_raise_exception_and_errors(tiny, tiny_hf, tmp_path):
         Tokenizer.from_dir(tmp_path)
 
 
+def test_unreadable_tokenizer_files_are_checkpoint_errors(tiny_dir, tmp_path):
+    (tmp_path / "tokenizer.json").write_text("garbage")
+    with pytest.raises(CheckpointError, match="cannot read tokenizer.json"):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text((tiny_dir / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="cannot read tokenizer_config.json"):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="tokenizer_config.json is not a JSON object"):
+        Tokenizer.from_dir(tmp_path)
+
+
 def test_tiny_template_and_vocabulary_errors_are_qwen_jax_errors(tiny):
     """What a checkpoint's tokenizer lacks is a CheckpointError (a ValueError), one line at the CLI."""
     messages = [{"role": "user", "content": "x"}]

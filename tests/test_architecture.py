@@ -25,8 +25,6 @@ import dataclasses
 from collections import deque
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = ROOT / "qwen_jax"
 
@@ -183,7 +181,10 @@ def _collect() -> list[Import]:
 
 
 IMPORTS = _collect()
-INTERNAL = [i for i in IMPORTS if i.internal and i.target != i.importer]
+
+
+def _internal(imports: list[Import]) -> list[Import]:
+    return [i for i in imports if i.internal and i.target != i.importer]
 
 
 def is_cli(module: str) -> bool:
@@ -201,25 +202,9 @@ def unit_and_layer(module: str) -> tuple[str, int] | None:
     return None
 
 
-def _report(violations: list[str]) -> None:
-    assert not violations, f"{len(violations)} violation(s) of the package graph:\n" + "\n".join(violations)
-
-
-def test_every_module_has_a_layer():
-    assert len(SOURCES) > 50  # the scan found the package
-    _report(
-        [
-            f"{module} ({SOURCES[module].relative_to(ROOT)}) is in no layer: add it to LAYERS here and to "
-            "the package graph of docs/design.md"
-            for module in SOURCES
-            if unit_and_layer(module) is None
-        ]
-    )
-
-
-def test_imports_follow_the_layers():
+def layer_violations(imports: list[Import]) -> list[str]:
     violations = []
-    for i in INTERNAL:
+    for i in _internal(imports):
         if i.target not in SOURCES:
             violations.append(f"{i.where}, which is no module of qwen_jax")
             continue
@@ -239,11 +224,11 @@ def test_imports_follow_the_layers():
                 f"{i.where}: {unit} (layer {layer}) may import only its own package and layers below {layer}, "
                 f"and {target_unit} is layer {target_layer}"
             )
-    _report(violations)
+    return violations
 
 
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
-    """The strongly connected components with more than one module (Tarjan), each as a list of modules."""
+    """The strongly connected components with more than one module (Tarjan), each as a sorted list."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -294,23 +279,22 @@ def _path(edges: dict[str, set[str]], start: str, goal: str, within: set[str]) -
     return path[::-1]
 
 
-def test_no_import_cycles():
+def cycle_violations(imports: list[Import]) -> list[str]:
     edges: dict[str, set[str]] = {}
-    lines: dict[tuple[str, str], Import] = {}
-    for i in INTERNAL:
+    first_import: dict[tuple[str, str], Import] = {}
+    for i in _internal(imports):
         if i.target in SOURCES:
             edges.setdefault(i.importer, set()).add(i.target)
-            lines.setdefault((i.importer, i.target), i)
+            first_import.setdefault((i.importer, i.target), i)
     violations = []
     for component in _cycles(edges):
         members = set(component)
         first = component[0]
         # A cycle through `first`: to one of its successors in the component, and back.
-        successor = min(edges[first] & members)
-        cycle = [first] + _path(edges, successor, first, members)
-        steps = ", ".join(lines[a, b].where for a, b in zip(cycle, cycle[1:]))
+        cycle = [first] + _path(edges, min(edges[first] & members), first, members)
+        steps = ", ".join(first_import[a, b].where for a, b in zip(cycle, cycle[1:]))
         violations.append(f"import cycle {' -> '.join(cycle)} ({steps}); the component is {', '.join(component)}")
-    _report(violations)
+    return violations
 
 
 def _optional_extra(i: Import) -> str | None:
@@ -321,65 +305,28 @@ def _executed_at_import(i: Import) -> bool:
     return i.function is None and not i.type_only
 
 
-def _optional_modules() -> dict[str, str]:
+def optional_modules(imports: list[Import]) -> dict[str, str]:
     """Modules that cannot be imported without an extra: module -> why (the import that needs it)."""
     needs: dict[str, str] = {}
-    for i in IMPORTS:
+    for i in imports:
         extra = _optional_extra(i)
         if extra and _executed_at_import(i):
             needs.setdefault(i.importer, f"{i.where} (extra [{extra}])")
     changed = True
     while changed:  # importing a module that needs an extra needs it too
         changed = False
-        for i in INTERNAL:
+        for i in _internal(imports):
             if _executed_at_import(i) and i.target in needs and i.importer not in needs:
                 needs[i.importer] = f"{i.where}, and {needs[i.target]}"
                 changed = True
     return needs
 
 
-OPTIONAL_MODULES = _optional_modules()
-
-
-def _feature_package(cli_module: str) -> str | None:
-    """The package whose implementation a command-line module's run() may load: serve.cli -> qwen_jax.serve."""
-    if cli_module in CLI_MODULES:
-        return cli_module.rpartition(".")[0]
-    return None
-
-
-def test_imports_of_qwen_jax_modules_at_module_top():
-    violations = []
-    for i in INTERNAL:
-        if i.function is None:
-            continue
-        feature = _feature_package(i.importer)
-        if (
-            feature is not None
-            and i.function == "run"
-            and i.target.startswith(feature + ".")
-            and not i.via_require
-            and i.target in OPTIONAL_MODULES
-        ):
-            continue  # layering.md's exception (b): `qwen-jax --help` must work without the extra
-        if i.via_require:
-            rule = "qwen_jax modules are imported with import statements, not require()"
-        elif feature is not None and i.function == "run" and i.target.startswith(feature + "."):
-            rule = f"{i.target} needs no optional package, so it belongs at module top"
-        else:
-            rule = (
-                "imports go at module top; only a command-line module's run() may import its own feature's "
-                "implementation (one that needs an optional package)"
-            )
-        violations.append(f"{i.where}: {rule}")
-    _report(violations)
-
-
-def _core_closure() -> dict[str, str | None]:
+def core_closure(imports: list[Import]) -> dict[str, str | None]:
     """What `import qwen_jax` and `qwen-jax --help` load: module -> the module that imported it first."""
     entry_points = [TOP, CLI_PACKAGE, *sorted(m for m in SOURCES if is_cli(m))]
     edges: dict[str, set[str]] = {}
-    for i in INTERNAL:
+    for i in _internal(imports):
         if _executed_at_import(i) and i.target in SOURCES:
             edges.setdefault(i.importer, set()).add(i.target)
     for module in SOURCES:  # importing a.b.c runs a/__init__.py and a/b/__init__.py first
@@ -404,12 +351,45 @@ def _chain(reached: dict[str, str | None], module: str) -> str:
     return " -> ".join(reversed(chain))
 
 
-def test_optional_packages_only_through_require_or_their_feature():
-    reached = _core_closure()
+def _feature_package(cli_module: str) -> str | None:
+    """The package whose implementation a command-line module's run() may load: serve.cli -> qwen_jax.serve."""
+    return cli_module.rpartition(".")[0] if cli_module in CLI_MODULES else None
+
+
+def function_level_violations(imports: list[Import]) -> list[str]:
+    needs_extra = optional_modules(imports)
     violations = []
-    for i in IMPORTS:
+    for i in _internal(imports):
+        if i.function is None and not i.via_require:
+            continue
+        feature = _feature_package(i.importer)
+        own_run = feature is not None and i.function == "run" and i.target.startswith(feature + ".")
+        if i.via_require:
+            rule = "qwen_jax modules are imported with import statements, not require()"
+        elif own_run and i.target in needs_extra:
+            continue  # layering.md's exception (b): `qwen-jax --help` must work without the extra
+        elif own_run:
+            rule = f"{i.target} needs no optional package, so it belongs at module top"
+        else:
+            rule = (
+                "imports go at module top; only a command-line module's run() may import its own feature's "
+                "implementation (one that needs an optional package)"
+            )
+        violations.append(f"{i.where}: {rule}")
+    return violations
+
+
+def optional_package_violations(imports: list[Import]) -> list[str]:
+    reached = core_closure(imports)
+    violations = []
+    needs_extra: dict[str, Import] = {}  # module -> its first module-level import of an optional package
+    for i in imports:
         extra = _optional_extra(i)
-        if extra is None or i.via_require:
+        if extra is None:
+            continue
+        if _executed_at_import(i):
+            needs_extra.setdefault(i.importer, i)
+        if i.via_require:
             continue
         package = i.target.split(".")[0]
         feature = FEATURE_PACKAGES.get(extra)
@@ -419,19 +399,21 @@ def test_optional_packages_only_through_require_or_their_feature():
                 f"{i.where}: {package} belongs to the [{extra}] extra; outside {feature or 'a feature package'} "
                 f"{use_require}"
             )
-        elif i.importer in reached:
+        elif i.function is not None and i.importer in reached:
             violations.append(
                 f"{i.where}: {package} belongs to the [{extra}] extra, and `import qwen_jax` / `qwen-jax --help` "
                 f"load {i.importer} ({_chain(reached, i.importer)}), so without the extra this fails with a bare "
                 f"ModuleNotFoundError: {use_require}"
             )
-    for module, why in sorted(OPTIONAL_MODULES.items()):
+    # Where the core install meets an extra: a module that `import qwen_jax` / `qwen-jax --help` load imports an
+    # optional package at module level (the chain shows which import brought it in).
+    for module, i in sorted(needs_extra.items()):
         if module in reached:
             violations.append(
-                f"{module} cannot be imported without an extra ({why}), yet `import qwen_jax` / `qwen-jax --help` "
-                f"load it ({_chain(reached, module)}): the core install must be enough for those"
+                f"{i.where} (extra [{_optional_extra(i)}]) at module level, yet `import qwen_jax` / `qwen-jax --help` "
+                f"load {module} ({_chain(reached, module)}): the core install must be enough for those"
             )
-    _report(violations)
+    return violations
 
 
 def _exception_classes() -> list[tuple[str, ast.ClassDef]]:
@@ -456,6 +438,41 @@ def _exception_classes() -> list[tuple[str, ast.ClassDef]]:
                 found.append((module, node))
                 changed = True
     return found
+
+
+def _report(violations: list[str]) -> None:
+    assert not violations, f"{len(violations)} violation(s) of the package graph:\n" + "\n".join(violations)
+
+
+# --------------------------------------------------------------------------- the rules on qwen_jax
+
+
+def test_every_module_has_a_layer():
+    assert len(SOURCES) > 50  # the scan found the package
+    _report(
+        [
+            f"{module} ({SOURCES[module].relative_to(ROOT)}) is in no layer: add it to LAYERS here and to "
+            "the package graph of docs/design.md"
+            for module in SOURCES
+            if unit_and_layer(module) is None
+        ]
+    )
+
+
+def test_imports_follow_the_layers():
+    _report(layer_violations(IMPORTS))
+
+
+def test_no_import_cycles():
+    _report(cycle_violations(IMPORTS))
+
+
+def test_imports_of_qwen_jax_modules_at_module_top():
+    _report(function_level_violations(IMPORTS))
+
+
+def test_optional_packages_only_through_require_or_their_feature():
+    _report(optional_package_violations(IMPORTS))
 
 
 def test_error_classes_live_in_errors():
@@ -525,8 +542,84 @@ def test_cycle_finder_and_layers():
     assert unit_and_layer("qwen_jax.nowhere") is None
 
 
-@pytest.mark.parametrize("module", ["qwen_jax", "qwen_jax.cli.main", "qwen_jax.serve.cli", "qwen_jax.train.cli"])
-def test_core_closure_holds_the_entry_points(module):
-    reached = _core_closure()
-    assert module in reached
-    assert "qwen_jax.errors" in reached and "qwen_jax.serve" in reached  # packages of imported modules count
+def test_core_closure_holds_the_entry_points_and_their_packages():
+    reached = core_closure(IMPORTS)
+    for module in ("qwen_jax", "qwen_jax.cli.main", "qwen_jax.serve.cli", "qwen_jax.train.cli", "qwen_jax.load"):
+        assert module in reached
+    assert reached["qwen_jax.serve"] is not None  # imported as the package of qwen_jax.serve.cli
+    assert "qwen_jax.serve.app" not in reached  # loaded by serve's run() only
+
+
+def test_each_rule_reports_what_breaks_it():
+    """Synthetic imports between real modules, one per way to break a rule: each is caught and named."""
+
+    def imports(*extra: Import) -> list[Import]:
+        return IMPORTS + list(extra)
+
+    upward = Import("qwen_jax.model.linear", "qwen_jax.generation.api", 7, None)
+    [message] = set(layer_violations(imports(upward))) - set(layer_violations(IMPORTS))
+    assert message == (
+        "qwen_jax.model.linear:7 imports qwen_jax.generation.api: qwen_jax.model (layer 3) may import only its own "
+        "package and layers below 3, and qwen_jax.generation is layer 6"
+    )
+    sideways = Import("qwen_jax.convert.common", "qwen_jax.train.data", 3, None)
+    assert any("qwen_jax.convert (layer 8)" in v for v in layer_violations([sideways]))
+    assert not layer_violations([Import("qwen_jax.train.data", "qwen_jax.convert.to_hf", 3, None)])  # SIDEWAYS
+    to_cli = Import("qwen_jax.engine.core", "qwen_jax.cli.arguments", 9, "submit")
+    assert layer_violations([to_cli]) == [
+        "qwen_jax.engine.core:9 imports qwen_jax.cli.arguments inside submit(): "
+        "the library never imports a command-line module"
+    ]
+    to_top = Import("qwen_jax.load", "qwen_jax", 2, None)
+    assert "re-exports everything" in layer_violations([to_top])[0]
+
+    back = Import("qwen_jax.errors", "qwen_jax.config", 4, "explain", type_only=True)
+    forth = Import("qwen_jax.config", "qwen_jax.errors", 16, None)
+    assert cycle_violations([back, forth]) == [
+        "import cycle qwen_jax.config -> qwen_jax.errors -> qwen_jax.config (qwen_jax.config:16 imports "
+        "qwen_jax.errors, qwen_jax.errors:4 imports qwen_jax.config inside explain()); the component is "
+        "qwen_jax.config, qwen_jax.errors"
+    ]
+
+    lazy = Import("qwen_jax.load", "qwen_jax.tokenizer", 40, "load")
+    assert function_level_violations([lazy]) == [
+        "qwen_jax.load:40 imports qwen_jax.tokenizer inside load(): imports go at module top; only a command-line "
+        "module's run() may import its own feature's implementation (one that needs an optional package)"
+    ]
+    fastapi_app = Import("qwen_jax.serve.app", "fastapi", 20, None)
+    server = Import("qwen_jax.serve.cli", "qwen_jax.serve.app", 84, "run")
+    plain = Import("qwen_jax.serve.cli", "qwen_jax.serve.tools", 85, "run")
+    assert function_level_violations([fastapi_app, server, plain]) == [
+        "qwen_jax.serve.cli:85 imports qwen_jax.serve.tools inside run(): qwen_jax.serve.tools needs no optional "
+        "package, so it belongs at module top"
+    ]
+    hidden = Import("qwen_jax.load", "qwen_jax.checkpoints.hub", 41, None, via_require=True)
+    assert "not require()" in function_level_violations([hidden])[0]
+
+    bare_gguf = Import("qwen_jax.checkpoints.gguf", "gguf", 397, "_parse")
+    assert optional_package_violations([bare_gguf]) == [
+        "qwen_jax.checkpoints.gguf:397 imports gguf inside _parse(): gguf belongs to the [gguf] extra; outside a "
+        "feature package import it with qwen_jax.extras.require('gguf', extra='gguf')"
+    ]
+    assert not optional_package_violations(
+        [Import("qwen_jax.checkpoints.gguf", "gguf", 397, "_parse", via_require=True)]
+    )
+    eager = Import("qwen_jax.engine.core", "qwen_jax.serve.app", 12, None)
+    added = set(optional_package_violations(imports(eager))) - set(optional_package_violations(IMPORTS))
+    assert (
+        "qwen_jax.serve.app:20 imports fastapi (extra [serve]) at module level, yet `import qwen_jax` / "
+        "`qwen-jax --help` load qwen_jax.serve.app (qwen_jax -> qwen_jax.engine.core -> qwen_jax.serve.app): "
+        "the core install must be enough for those"
+    ) in added
+    assert len(added) == 3  # serve.app, serve.metrics (prometheus_client), serve.protocol (pydantic)
+    not_an_extra = Import("qwen_jax.tokenizer", "transformers", 3, None, via_require=True)
+    assert optional_package_violations(imports(not_an_extra)) == optional_package_violations(IMPORTS)
+    module_level_require = Import("qwen_jax.tokenizer", "gguf", 3, None, via_require=True)
+    added = set(optional_package_violations(imports(module_level_require))) - set(optional_package_violations(IMPORTS))
+    assert added == {
+        "qwen_jax.tokenizer:3 imports gguf through require() (extra [gguf]) at module level, yet `import qwen_jax` "
+        "/ `qwen-jax --help` load qwen_jax.tokenizer (qwen_jax -> qwen_jax.tokenizer): the core install must be "
+        "enough for those"
+    }
+    yaml_in_cli = Import("qwen_jax.train.cli", "yaml", 60, "run")
+    assert "bare ModuleNotFoundError" in optional_package_violations([yaml_in_cli])[0]

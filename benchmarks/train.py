@@ -1,7 +1,7 @@
 """Training throughput: qwen-jax vs HF transformers/torch, full and LoRA, in the same run.
 
     python benchmarks/train.py [--preset 0.5B] [--seq-len 512] [--batch-size 1] [--steps 3]
-    python benchmarks/train.py --compare-processes --batch-size 8 --seq-len 128 [--devices 8] [--layers 2] \\
+    python benchmarks/train.py --compare-processes --batch-size 8 --seq-len 128 [--devices 8] [--layers 2] \
         [--vocab-size 8192]
 
 Random weights of the chosen preset, one packed batch of `batch_size` x `seq_len` tokens per
@@ -194,7 +194,7 @@ def bench_torch(preset: str, seq_len: int, rows: int, steps: int, lora_rank: int
         loss = step()
     sync()
     seconds = (time.perf_counter() - start) / steps
-    model = optimizer = None  # release them (the step closure shares these variables) before collecting
+    model = optimizer = None  # `step` holds them too: release the model before the next run
     gc.collect()
     return {"step_s": seconds, "first_step_s": first, "loss": loss}
 

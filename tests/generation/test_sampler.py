@@ -78,10 +78,7 @@ def test_draws_do_not_depend_on_batch_mates_or_variant(batch):
             one = slice(row, row + 1)
             variant = variant_for([settings[:3]])
             alone = draw(
-                logits[one],
-                jax.tree.map(lambda x, one=one: x[one], seen),
-                _params([settings], [seeds[row]], index),
-                variant,
+                logits[one], jax.tree.map(lambda x: x[one], seen), _params([settings], [seeds[row]], index), variant
             )
             assert int(alone[0]) == together[row], (row, index, variant)
     assert variant_for([r[:3] for r in ROWS[:3]]) is SamplerVariant.CANDIDATES

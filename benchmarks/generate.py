@@ -197,7 +197,7 @@ def main(argv=None) -> None:
             del twin
         del model
 
-        def row(metric, ours, theirs, roofline=None):
+        def row(metric, ours, theirs, roofline=None, dtype=dtype):
             ratio = f"{ours / theirs:.2f}x" if theirs else "-"
             cells = [f"{args.size} {dtype}", metric, f"{ours:.1f}", f"{theirs:.1f}" if theirs else "-", ratio]
             cells.append(

@@ -234,7 +234,8 @@ def model_table(variants: tuple[str, ...]) -> list[list[str]]:
         error = np.linalg.norm(r["logits"] - reference["logits"]) / np.linalg.norm(reference["logits"])
         top1 = np.mean(r["logits"].argmax(-1) == reference["logits"].argmax(-1))
         greedy = np.mean(r["greedy"] == reference["greedy"])
-        ratio = lambda key: f" ({float(r[key]) / float(hf[key]):.2f}x HF)" if hf is not None and variant != "hf" else ""  # noqa: E731
+        compare = hf is not None and variant != "hf"
+        ratio = lambda key, r=r, compare=compare: f" ({float(r[key]) / float(hf[key]):.2f}x HF)" if compare else ""
         table.append(
             [
                 "HF transformers float32" if variant == "hf" else f"qwen-jax {variant}",

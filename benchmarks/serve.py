@@ -531,7 +531,8 @@ def main(argv=None) -> None:
         try:
             warm_pass(url, checkpoint, workloads[rates[0]], args.warm_pass)
             for rate in rates:
-                record(rate, "qwen-jax serve", lambda: asyncio.run(run_http(url, checkpoint, workloads[rate])))
+                jobs = workloads[rate]
+                record(rate, "qwen-jax serve", lambda jobs=jobs: asyncio.run(run_http(url, checkpoint, jobs)))
         finally:
             stop(process)
     if "transformers" in args.systems:
@@ -544,7 +545,7 @@ def main(argv=None) -> None:
                 record(
                     rate,
                     "transformers serve --continuous-batching",
-                    lambda: asyncio.run(run_http(url, checkpoint, workloads[rate])),
+                    lambda jobs=workloads[rate]: asyncio.run(run_http(url, checkpoint, jobs)),
                 )
         finally:
             stop(process)
@@ -558,12 +559,13 @@ def main(argv=None) -> None:
             run_static(model, tokenizer, all_at_once(workloads[rates[0]]), args.slots)
         for rate in rates:
             if "sequential" in args.systems:
-                record(rate, "sequential qwen_jax.stream", lambda: run_sequential(model, tokenizer, workloads[rate]))
+                jobs = workloads[rate]
+                record(rate, "sequential qwen_jax.stream", lambda jobs=jobs: run_sequential(model, tokenizer, jobs))
             if "static" in args.systems:
                 record(
                     rate,
                     f"static batches of {args.slots} (qwen_jax.generate)",
-                    lambda: run_static(model, tokenizer, workloads[rate], args.slots),
+                    lambda jobs=workloads[rate]: run_static(model, tokenizer, jobs, args.slots),
                 )
     for rate in rates:
         print_table(rate, measurements[rate], reference="sequential qwen_jax.stream")

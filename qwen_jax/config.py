@@ -18,7 +18,10 @@ from qwen_jax.errors import ConfigError
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("qwen2",)
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
-# Attention backends (`qwen_jax.attention`); here so command lines can list them without importing jax.
+# The sizes config.json must give (the other settings have Qwen2's defaults).
+_REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+# Attention backends (`qwen_jax.ops.attention`); here so command lines can list them without importing jax.
 ATTENTION_BACKENDS = ("auto", "xla", "chunked", "cudnn", "splash")
 
 
@@ -157,6 +160,11 @@ class Qwen2Config:
             )
         if config.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"unsupported hidden_act {config['hidden_act']!r}; Qwen2 uses 'silu'")
+        for key in _REQUIRED_SIZES + (("num_key_value_heads",) if config.get("num_key_value_heads") else ()):
+            value = config.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                given = "it is missing" if key not in config else f"got {value!r}"
+                raise ConfigError(f"config.json: {key} must be a positive integer; {given}")
         hidden, heads = config["hidden_size"], config["num_attention_heads"]
         if config.get("head_dim") not in (None, hidden // heads):
             raise ConfigError(f"head_dim {config['head_dim']} != hidden_size // num_attention_heads")
@@ -292,19 +300,23 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
         path = os.path.join(path, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"{path}: config.json not found")
+    return _read_json_object(path)
+
+
+def _read_json_object(path: str) -> dict[str, Any]:
+    """A JSON file holding one object; what cannot be read is a ConfigError naming the file."""
+    name = os.path.basename(path)
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read config.json ({e})") from None
+        raise ConfigError(f"{path}: cannot read {name} ({e})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: config.json is not a JSON object")
+        raise ConfigError(f"{path}: {name} is not a JSON object")
     return data
 
 
-def parse_rope_scaling(
-    spec: str | dict[str, Any] | RopeScaling, original_max_position_embeddings: int
-) -> RopeScaling:
+def parse_rope_scaling(spec: str | dict[str, Any] | RopeScaling, original_max_position_embeddings: int) -> RopeScaling:
     """A rope scaling from a command-line spec (`TYPE:FACTOR`, or 'none'), an HF dict or a RopeScaling.
 
     YaRN's original length defaults to `original_max_position_embeddings` (the checkpoint's).
@@ -395,9 +407,7 @@ class GenerationConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_hf(
-        cls, generation_config: Mapping[str, Any], model_config: Qwen2Config | None = None
-    ) -> GenerationConfig:
+    def from_hf(cls, generation_config: Mapping[str, Any], model_config: Qwen2Config | None = None) -> GenerationConfig:
         """From a generation_config.json dict; eos ids are the union of it and the model config's."""
         do_sample = bool(generation_config.get("do_sample", False))
         eos = _as_ids(generation_config.get("eos_token_id"))
@@ -427,8 +437,7 @@ class GenerationConfig:
         """generation_config.json of a checkpoint directory, or the model-config defaults without one."""
         file = os.path.join(os.fspath(path), GENERATION_CONFIG_FILE)
         if os.path.isfile(file):
-            with open(file) as f:
-                return cls.from_hf(json.load(f), model_config)
+            return cls.from_hf(_read_json_object(file), model_config)
         if model_config is None:
             return cls()
         return cls.from_model_config(model_config)

@@ -13,13 +13,14 @@
     ├── DataError                a training record or data source that cannot be read
     └── UsageError               an argument, option or environment that cannot work here
         ├── AttentionBackendError  an attention backend that cannot run on this platform / dtype
+        ├── MeshError            a device mesh that cannot be built here (bad spec, too few devices)
         ├── LaunchError          a multi-process launch that cannot start
         └── MissingExtraError    a feature whose optional dependencies are not installed
 
 Every message is one line naming the problem; the command line prints it as
 `qwen-jax COMMAND: error: MESSAGE` and exits with status 2. The classes that describe bad
-values also derive from `ValueError` (and the engine's availability errors from `RuntimeError`),
-so code written against the built-in exceptions keeps working.
+values also derive from `ValueError` (the engine's availability errors from `RuntimeError`,
+`MissingExtraError` from `ImportError`), so code written against the built-in exceptions keeps working.
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ class UsageError(QwenJaxError):
 
 class AttentionBackendError(UsageError, ValueError):
     """An attention backend that cannot run here (platform, dtype or head size)."""
+
+
+class MeshError(UsageError, ValueError):
+    """A device mesh that cannot be built here (a malformed spec, sizes the devices cannot hold)."""
 
 
 class LaunchError(UsageError):

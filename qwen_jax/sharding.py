@@ -18,7 +18,10 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qwen_jax.errors import MeshError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -65,31 +68,32 @@ def make_mesh(
 
     Unspecified sizes fill the remaining devices: with nothing given every device goes to
     `tensor` (inference default); `make_mesh(fsdp=None, data=1, tensor=1)` puts them all on fsdp.
-    Exactly one unspecified axis absorbs the rest; others default to 1.
+    Exactly one unspecified axis absorbs the rest; others default to 1. Sizes the devices cannot
+    hold raise `MeshError` (a `ValueError`).
     """
     devices = list(devices if devices is not None else jax.devices())
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     known = math.prod(v for v in sizes.values() if v is not None)
     unknown = [k for k, v in sizes.items() if v is None]
     if len(devices) % known:
-        raise ValueError(f"mesh sizes {sizes} do not divide the {len(devices)} available devices")
+        raise MeshError(f"mesh sizes {sizes} do not divide the {len(devices)} available devices")
     fill = unknown[-1] if unknown else None  # tensor absorbs the rest by default
     for name in unknown:
         sizes[name] = len(devices) // known if name == fill else 1
     total = math.prod(sizes.values())
     if total > len(devices):
-        raise ValueError(f"mesh {sizes} needs {total} devices, only {len(devices)} available")
+        raise MeshError(f"mesh {sizes} needs {total} devices, only {len(devices)} available")
     grid = np.asarray(devices[:total], dtype=object).reshape([sizes[a] for a in MESH_AXES])
     return Mesh(grid, MESH_AXES)
 
 
 def parse_mesh_spec(spec: str) -> dict[str, int]:
-    """'data=2,fsdp=4,tensor=1' -> {'data': 2, 'fsdp': 4, 'tensor': 1} (for CLIs)."""
+    """'data=2,fsdp=4,tensor=1' -> {'data': 2, 'fsdp': 4, 'tensor': 1} (for CLIs); `MeshError` if malformed."""
     out = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, sep, value = part.partition("=")
         if not sep or name not in MESH_AXES or not value.isdigit() or int(value) < 1:
-            raise ValueError(f"bad mesh spec {spec!r}: expected e.g. 'data=1,fsdp=4,tensor=2'")
+            raise MeshError(f"bad mesh spec {spec!r}: expected e.g. 'data=1,fsdp=4,tensor=2'")
         out[name] = int(value)
     return out
 
@@ -139,7 +143,6 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | Non
 
 def state_shardings(state, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
     """NamedSharding for every Variable in an nnx State (from its `logical_axes` metadata)."""
-    from flax import nnx
 
     def one(variable):
         axes = variable.get_metadata().get("logical_axes")

@@ -24,6 +24,8 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as BackendTokenizer
 
+from qwen_jax.errors import CheckpointError, GenerationError, UsageError
+
 # The named special tokens HF passes to every chat template as variables (`special_tokens_map`).
 _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _REPLACEMENT_CHARACTER = "\ufffd"
@@ -63,7 +65,7 @@ class Tokenizer:
         self.special_tokens = {name: token for name, token in (special_tokens or {}).items() if token is not None}
         for name, token in self.special_tokens.items():
             if backend.token_to_id(token) is None:
-                raise ValueError(f"{name} {token!r} is not in the tokenizer's vocabulary")
+                raise CheckpointError(f"{name} {token!r} is not in the tokenizer's vocabulary")
         if special_token_ids is None:
             special_token_ids = [i for i, added in backend.get_added_tokens_decoder().items() if added.special]
         self.special_token_ids = frozenset(int(i) for i in special_token_ids)
@@ -83,9 +85,19 @@ class Tokenizer:
         tokenizer_file = directory / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"no tokenizer.json in {directory}: qwen-jax needs a fast (tokenizers) tokenizer")
-        backend = BackendTokenizer.from_file(str(tokenizer_file))
+        try:
+            backend = BackendTokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+            raise CheckpointError(f"{tokenizer_file}: cannot read tokenizer.json ({e})") from None
         config_file = directory / "tokenizer_config.json"
-        config: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        config: dict[str, Any] = {}
+        if config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{config_file}: cannot read tokenizer_config.json ({e})") from None
+            if not isinstance(config, dict):
+                raise CheckpointError(f"{config_file}: tokenizer_config.json is not a JSON object")
 
         special_tokens = {name: _token_content(config.get(name)) for name in _NAMED_SPECIAL_TOKENS}
         # As in transformers: tokenizer_config.json's flags override tokenizer.json's, and tokens the
@@ -206,7 +218,7 @@ class Tokenizer:
             The rendered text, or its token ids when `tokenize` is True.
         """
         if not messages:
-            raise ValueError("cannot apply the chat template to an empty conversation")
+            raise GenerationError("cannot apply the chat template to an empty conversation")
         template = self._select_chat_template(chat_template, tools)
         conversation = []
         for message in messages:
@@ -229,11 +241,13 @@ class Tokenizer:
                 return templates["tool_use"]
             if "default" in templates:
                 return templates["default"]
-            raise ValueError(f"several chat templates and no default: pass chat_template= one of {sorted(templates)}")
+            raise CheckpointError(
+                f"several chat templates and no default: pass chat_template= one of {sorted(templates)}"
+            )
         if chat_template is not None:
             return chat_template
         if templates is None:
-            raise ValueError("the tokenizer has no chat template (tokenizer_config.json, chat_template.jinja)")
+            raise CheckpointError("the tokenizer has no chat template (tokenizer_config.json, chat_template.jinja)")
         return templates
 
     def __repr__(self) -> str:
@@ -464,6 +478,8 @@ def _tool_schema(tool: Mapping[str, Any] | Callable[..., Any]) -> Mapping[str, A
         try:
             from transformers.utils import get_json_schema
         except ImportError as e:
-            raise ValueError("tools given as Python functions need transformers; pass JSON-schema dicts") from e
+            raise UsageError(
+                "tools given as Python functions need transformers (pip install transformers); pass JSON-schema dicts"
+            ) from e
         return get_json_schema(tool)
     raise TypeError(f"a tool must be a JSON-schema dict or a Python function, got {tool!r}")

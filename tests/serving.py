@@ -126,7 +126,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model):
-    """An Engine (8 slots, 64 tokens, 16-token prefill chunks) over `tiny_model`, compiled once for the whole session."""
+    """An Engine (8 slots, 64 tokens, 16-token prefill chunks) over `tiny_model`, compiled once for the session."""
     from qwen_jax.engine.core import Engine
 
     model, tokenizer = tiny_model

@@ -6,7 +6,7 @@ import pytest
 
 import qwen_jax
 from qwen_jax.checkpoints.assemble import abstract_model
-from qwen_jax.config import Qwen2Config
+from qwen_jax.config import GenerationConfig, Qwen2Config
 from qwen_jax.errors import ConfigError
 
 REFERENCE = "qwen2.5-configs.json"
@@ -70,11 +70,35 @@ def test_sliding_window_fields():
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "unsupported rope_scaling type 'longrope'"),
         ({"num_key_value_heads": 3}, "not a multiple"),
+        ({"hidden_size": None}, "config.json: hidden_size must be a positive integer; got None"),
+        ({"num_hidden_layers": "24"}, "num_hidden_layers must be a positive integer; got '24'"),
+        ({"num_key_value_heads": -2}, "num_key_value_heads must be a positive integer; got -2"),
     ],
 )
 def test_bad_configs(change, message):
     with pytest.raises(ConfigError, match=message):
         Qwen2Config.from_hf({**Qwen2Config.preset("0.5B").to_hf(), **change})
+
+
+def test_config_without_a_size():
+    config = Qwen2Config.preset("0.5B").to_hf()
+    del config["intermediate_size"]
+    with pytest.raises(ConfigError, match="intermediate_size must be a positive integer; it is missing"):
+        Qwen2Config.from_hf(config)
+
+
+def test_unreadable_config_files(tmp_path):
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"config.json: cannot read config.json \(Expecting"):
+        Qwen2Config.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text("[1]")
+    with pytest.raises(ConfigError, match="config.json is not a JSON object"):
+        Qwen2Config.from_hf(tmp_path)
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.7,}')
+    with pytest.raises(ConfigError, match="cannot read generation_config.json"):
+        GenerationConfig.from_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.7}')
+    assert GenerationConfig.from_pretrained(tmp_path).temperature == 0.7
 
 
 def test_unknown_preset():

@@ -6,6 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import qwen_jax
+from qwen_jax.errors import MeshError
 from qwen_jax.load import load_model
 from qwen_jax.sharding import ShardingRules, logical_to_spec, parse_mesh_spec
 
@@ -64,8 +65,9 @@ def test_make_mesh_defaults_and_errors():
     assert dict(qwen_jax.make_mesh().shape) == {"data": 1, "fsdp": 1, "tensor": 8}
     assert dict(qwen_jax.make_mesh(data=1, tensor=1).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
     assert dict(qwen_jax.make_mesh(fsdp=4, tensor=2).shape) == {"data": 1, "fsdp": 4, "tensor": 2}
-    with pytest.raises(ValueError, match="do not divide"):
+    with pytest.raises(ValueError, match="do not divide") as raised:
         qwen_jax.make_mesh(tensor=3)
+    assert isinstance(raised.value, MeshError)
 
 
 def test_non_dividing_axes_replicate():
@@ -79,8 +81,10 @@ def test_non_dividing_axes_replicate():
 
 def test_parse_mesh_spec():
     assert parse_mesh_spec("data=2,fsdp=2,tensor=2") == {"data": 2, "fsdp": 2, "tensor": 2}
-    with pytest.raises(ValueError, match="bad mesh spec"):
-        parse_mesh_spec("pipeline=2")
+    for bad in ("pipeline=2", "tensor", "tensor=0", "tensor=x"):
+        with pytest.raises(ValueError, match="bad mesh spec") as raised:
+            parse_mesh_spec(bad)
+        assert isinstance(raised.value, MeshError)
 
 
 def test_create_model_places_params_in_shards():

@@ -19,6 +19,7 @@ import pytest
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
+from qwen_jax.errors import CheckpointError, GenerationError
 from qwen_jax.tokenizer import StreamDecoder, Tokenizer, parse_tool_calls
 
 transformers = pytest.importorskip("transformers")
@@ -335,6 +336,37 @@ def test_tiny_raise_exception_and_errors(tiny, tiny_hf, tmp_path):
         tiny.apply_chat_template([])
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_unreadable_tokenizer_files_are_checkpoint_errors(tiny_dir, tmp_path):
+    (tmp_path / "tokenizer.json").write_text("garbage")
+    with pytest.raises(CheckpointError, match="cannot read tokenizer.json"):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text((tiny_dir / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="cannot read tokenizer_config.json"):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="tokenizer_config.json is not a JSON object"):
+        Tokenizer.from_dir(tmp_path)
+
+
+def test_tiny_template_and_vocabulary_errors_are_qwen_jax_errors(tiny):
+    """What a checkpoint's tokenizer lacks is a CheckpointError (a ValueError), one line at the CLI."""
+    messages = [{"role": "user", "content": "x"}]
+    with pytest.raises(GenerationError, match="empty conversation"):
+        tiny.apply_chat_template([])
+    without_template = Tokenizer(tiny.backend, special_tokens=tiny.special_tokens)
+    with pytest.raises(CheckpointError, match="has no chat template"):
+        without_template.apply_chat_template(messages)
+    named = Tokenizer(tiny.backend, chat_template={"a": "A", "b": "B"})
+    with pytest.raises(CheckpointError, match=r"several chat templates and no default.*\['a', 'b'\]"):
+        named.apply_chat_template(messages)
+    assert named.apply_chat_template(messages, chat_template="b") == "B"
+    with pytest.raises(CheckpointError, match="eos_token '<nope>' is not in the tokenizer's vocabulary"):
+        Tokenizer(tiny.backend, special_tokens={"eos_token": "<nope>"})
+    with pytest.raises(TypeError, match="chat messages must be dicts"):
+        tiny.apply_chat_template(["x"])
 
 
 def test_template_sandbox_and_helpers(tiny):

@@ -6,19 +6,17 @@ Ctrl-C while an answer is streaming stops that answer only.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-from qwen_jax.cli.generate import (
-    add_model_arguments,
-    add_sampling_arguments,
-    load_for_cli,
-    sampling_overrides,
-)
+from qwen_jax.cli.arguments import add_model_arguments, add_sampling_arguments, load_for_cli, sampling_overrides
+from qwen_jax.errors import GenerationError
+from qwen_jax.generation.api import stream
 
 HELP = "commands: /reset (new conversation), /exit (quit); Ctrl-C stops the current answer"
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_sampling_arguments(parser)
     parser.add_argument("--stats", action="store_true", help="print the speed of each answer to stderr")
@@ -35,10 +33,7 @@ def _read_message(interactive: bool) -> str | None:
     return None if not line else line.rstrip("\n")
 
 
-def run(args) -> int:
-    from qwen_jax.errors import GenerationError, UsageError
-    from qwen_jax.generation.api import stream
-
+def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_cli(args)
     options = sampling_overrides(args)
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
@@ -65,8 +60,8 @@ def run(args) -> int:
             answer = stream(model, tokenizer, system + history, **options)
         except GenerationError as e:
             history.pop()
-            if not history:
-                raise UsageError(str(e)) from None
+            if not history:  # even a fresh conversation cannot be answered: the settings are at fault
+                raise
             print(f"error: {e} (use /reset to start over)", file=sys.stderr)
             continue
         try:

@@ -9,11 +9,27 @@ prefill, on the mesh given by --mesh (e.g. `qwen-jax info 7B --context 131072 --
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
+import jax.numpy as jnp
 
-def add_arguments(parser) -> None:
+from qwen_jax.checkpoints.assemble import abstract_model
+from qwen_jax.checkpoints.gguf import GGUFCheckpoint, is_gguf_file
+from qwen_jax.checkpoints.gptq_awq import read_prequantized_config
+from qwen_jax.checkpoints.orbax import PARAMS_DIR, is_orbax_checkpoint, manifest_quantization, read_manifest
+from qwen_jax.checkpoints.outdir import bytes_on_disk
+from qwen_jax.checkpoints.params import count_bytes, count_parameters, param_groups
+from qwen_jax.config import PRESET_NAMES, Qwen2Config, read_config_json
+from qwen_jax.errors import UsageError
+from qwen_jax.generation.static import default_prefill_chunk
+from qwen_jax.memory import plan_memory
+from qwen_jax.ops.attention.selection import platform_of
+from qwen_jax.sharding import parse_mesh_spec
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "path", help="checkpoint directory (HF, GPTQ, AWQ or converted Orbax), GGUF file, or a preset such as 0.5B"
     )
@@ -41,18 +57,6 @@ def add_arguments(parser) -> None:
 
 def stored_summary(path: str) -> dict | None:
     """What a qwen-jax Orbax directory stores (None for other directories)."""
-    import jax.numpy as jnp
-
-    from qwen_jax.checkpoints.orbax import (
-        PARAMS_DIR,
-        is_orbax_checkpoint,
-        manifest_quantization,
-        read_manifest,
-    )
-    from qwen_jax.checkpoints.outdir import bytes_on_disk
-    from qwen_jax.checkpoints.params import count_bytes, count_parameters, param_groups
-    from qwen_jax.config import Qwen2Config
-
     if not is_orbax_checkpoint(path):
         return None
     manifest = read_manifest(path)
@@ -82,10 +86,6 @@ def stored_summary(path: str) -> dict | None:
 
 def source_quantization(path: str) -> dict | None:
     """The quantization of a GPTQ/AWQ directory or a GGUF file (None for other checkpoints)."""
-    from qwen_jax.checkpoints.gguf import GGUFCheckpoint, is_gguf_file
-    from qwen_jax.checkpoints.gptq_awq import read_prequantized_config
-    from qwen_jax.config import read_config_json
-
     if is_gguf_file(path):
         return {"format": "gguf", "tensor_types": GGUFCheckpoint(path).type_counts()}
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
@@ -95,12 +95,7 @@ def source_quantization(path: str) -> dict | None:
     return None
 
 
-def run(args) -> int:
-    from qwen_jax.checkpoints.assemble import abstract_model
-    from qwen_jax.checkpoints.gguf import GGUFCheckpoint, is_gguf_file
-    from qwen_jax.config import PRESET_NAMES, Qwen2Config
-    from qwen_jax.errors import UsageError
-
+def run(args: argparse.Namespace) -> int:
     stored = source = None
     if is_gguf_file(args.path):
         config = Qwen2Config.from_hf(GGUFCheckpoint(args.path).config_json())
@@ -176,20 +171,11 @@ def run(args) -> int:
     return 0
 
 
-def _context_plan(config, args, quantize: str | None) -> dict:
+def _context_plan(config: Qwen2Config, args: argparse.Namespace, quantize: str | None) -> dict:
     """Per-device inference memory at `--context` tokens (see `qwen_jax.memory.plan_memory`)."""
-    from qwen_jax.errors import UsageError
-    from qwen_jax.generation.static import default_prefill_chunk
-    from qwen_jax.memory import plan_memory
-    from qwen_jax.ops.attention.selection import platform_of
-    from qwen_jax.sharding import parse_mesh_spec
-
     if args.context < 1 or args.batch < 1:
         raise UsageError("--context and --batch must be >= 1")
-    try:
-        mesh = parse_mesh_spec(args.mesh) if args.mesh else {}
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    mesh = parse_mesh_spec(args.mesh) if args.mesh else {}
     plan = plan_memory(
         config,
         **mesh,

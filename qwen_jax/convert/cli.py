@@ -9,13 +9,17 @@ tokenizer files and qwen_jax_manifest.json; `qwen-jax generate|chat|train` and
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
+from qwen_jax.checkpoints.orbax import PARAMS_DIR
+from qwen_jax.checkpoints.outdir import bytes_on_disk, quiet_orbax_logging
 from qwen_jax.convert.common import DTYPE_CHOICES
+from qwen_jax.convert.to_orbax import hf_to_orbax
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "src",
         help="HF/GPTQ/AWQ checkpoint directory, GGUF file, or a Hub id such as "
@@ -37,11 +41,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
 
-def run(args) -> int:
-    from qwen_jax.checkpoints.orbax import PARAMS_DIR
-    from qwen_jax.checkpoints.outdir import bytes_on_disk, quiet_orbax_logging
-    from qwen_jax.convert.to_orbax import hf_to_orbax
-
+def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with quiet_orbax_logging():
         summary = hf_to_orbax(args.src, args.out, dtype=args.dtype, force=args.force, quantize=args.quantize)

@@ -7,12 +7,15 @@ model.safetensors.index.json past --max-shard-size), config.json and the tokeniz
 
 from __future__ import annotations
 
+import argparse
 import time
 
+from qwen_jax.checkpoints.outdir import quiet_orbax_logging
 from qwen_jax.convert.common import DTYPE_CHOICES
+from qwen_jax.convert.to_hf import orbax_to_hf
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="directory written by `qwen-jax convert`")
     parser.add_argument("out", help="output directory (must not exist unless --force)")
     parser.add_argument(
@@ -26,10 +29,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
 
-def run(args) -> int:
-    from qwen_jax.checkpoints.outdir import quiet_orbax_logging
-    from qwen_jax.convert.to_hf import orbax_to_hf
-
+def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with quiet_orbax_logging():
         summary = orbax_to_hf(

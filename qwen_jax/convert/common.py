@@ -1,4 +1,4 @@
-"""What both conversion directions share: the error type and the output dtype."""
+"""What both conversion directions share: the output dtype (`--dtype`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Any checkpoint qwen-jax reads (HF, GPTQ, AWQ, GGUF, Orbax; local or Hub id) -> qwen-jax Orbax checkpoint, streaming."""
+"""Any checkpoint qwen-jax reads (HF, GPTQ, AWQ, GGUF, Orbax; local or Hub id) -> qwen-jax Orbax checkpoint,
+streaming."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import numpy as np
 from tqdm import tqdm
 
 from qwen_jax.checkpoints.assemble import target_quantization
+from qwen_jax.checkpoints.gguf import GGUFCheckpoint, is_gguf_file
 from qwen_jax.checkpoints.hub import resolve_source
 from qwen_jax.checkpoints.orbax import OrbaxWriter
 from qwen_jax.checkpoints.outdir import atomic_output_dir, write_error
 from qwen_jax.checkpoints.params import count_bytes
 from qwen_jax.config import read_config_json
 from qwen_jax.convert.common import resolve_dtype
+from qwen_jax.load import open_checkpoint
 from qwen_jax.ops.quant import QuantScheme
 
 
@@ -44,16 +47,13 @@ def hf_to_orbax(
     src: local HF, GPTQ or AWQ directory, GGUF file, qwen-jax Orbax directory, or Hub id
     (`Qwen/Qwen2.5-0.5B-Instruct`, `org/repo/file.gguf`). dtype: 'bfloat16', 'float32',
     'float16', or 'auto' (the checkpoint's own dtype) for the float parameters. quantize: 'int8'
-    or 'int4' stores the decoder projections quantized (`qwen_jax.quant`); GPTQ/AWQ checkpoints
+    or 'int4' stores the decoder projections quantized (`qwen_jax.ops.quant`); GPTQ/AWQ checkpoints
     keep their own quantization by default. The whole input is validated (config, every tensor's
     presence and shape) before anything is written; tensors are then read, converted and written
     one decoder layer at a time, so host memory stays near one layer. `out` appears complete or
     not at all; an existing `out` is replaced only with `force`.
     Raises CheckpointError/ConfigError (ConversionError for output problems) with a one-line message.
     """
-    from qwen_jax.checkpoints.gguf import GGUFCheckpoint, is_gguf_file
-    from qwen_jax.load import open_checkpoint
-
     source_label = os.fspath(src)
     src_path = resolve_source(src)
     reader = open_checkpoint(src_path)  # validates config and every tensor before anything is written

@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from qwen_jax.engine.core import Engine
 from qwen_jax.engine.requests import Delta
 from qwen_jax.errors import EngineClosedError, EngineError, QueueFullError
 from qwen_jax.serve.metrics import RequestTimer, ServerMetrics
@@ -33,11 +34,12 @@ from qwen_jax.serve.protocol import (
 )
 from qwen_jax.serve.tokens import TokenStrings
 from qwen_jax.serve.tools import ToolCallStream, forced_prefix
+from qwen_jax.tokenizer import parse_tool_calls
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
 
 
-def create_app(engine, *, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -> FastAPI:
     """The FastAPI application serving `engine` under the model id `model_name`.
 
     api_key: when set, every /v1 request must send `Authorization: Bearer <api_key>`.
@@ -509,8 +511,6 @@ class _ChatFormat:
         message: dict[str, Any] = {"role": "assistant", "content": choice.text}
         calls = []
         if self.use_tools:
-            from qwen_jax.tokenizer import parse_tool_calls
-
             content, calls = parse_tool_calls(choice.prefix + choice.text)
             if calls:
                 calls = calls[:1] if self.single_call else calls

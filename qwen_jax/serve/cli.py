@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import sys
 
-from qwen_jax.cli.generate import add_model_arguments, load_for_cli
+from qwen_jax.cli.arguments import add_model_arguments, load_for_cli
+from qwen_jax.engine.core import Engine
+from qwen_jax.engine.programs import default_compile_workers
+from qwen_jax.errors import UsageError
+from qwen_jax.extras import require_extra
 
 DEFAULT_MAX_QUEUE = 256
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -58,8 +61,8 @@ def add_arguments(parser) -> None:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="after compiling, run every program once on scratch arrays before listening, so the "
-        "first requests run at full speed (on CPU a program's first run is up to ~3x slower "
-        "than later ones; 0.5B, 2 cores: 34-58 s more start-up, measured). Default: off",
+        "first requests run at full speed (on CPU a program's first run is slower than later ones; "
+        "it costs start-up time: benchmarks/serve.py measures both). Default: off",
     )
     parser.add_argument(
         "--shutdown-timeout",
@@ -75,13 +78,11 @@ def add_arguments(parser) -> None:
     )
 
 
-def run(args) -> int:
-    import uvicorn
-
-    from qwen_jax.engine.core import Engine
-    from qwen_jax.engine.programs import default_compile_workers
-    from qwen_jax.errors import EngineError, UsageError
+def run(args: argparse.Namespace) -> int:
+    require_extra("serve", feature="the HTTP server")
+    # The server's modules import the serve extra's packages: loaded once they are known to be there.
     from qwen_jax.serve.app import create_app
+    from qwen_jax.serve.server import run_server
 
     for name in ("slots", "max_queue"):
         value = getattr(args, name)
@@ -96,17 +97,14 @@ def run(args) -> int:
     listener = _listen(args.host, args.port)  # before loading: a busy port fails in a second, not a minute
 
     model, tokenizer = load_for_cli(args)
-    try:
-        engine = Engine(
-            model,
-            tokenizer,
-            slots=args.slots,
-            max_len=args.max_len,
-            max_queue=args.max_queue,
-            prefill_chunk=args.prefill_chunk,
-        )
-    except EngineError as e:
-        raise UsageError(str(e)) from None
+    engine = Engine(
+        model,
+        tokenizer,
+        slots=args.slots,
+        max_len=args.max_len,
+        max_queue=args.max_queue,
+        prefill_chunk=args.prefill_chunk,
+    )
     if args.warmup:
         print(
             f"qwen-jax serve: compiling {len(engine.programs.buckets)} prefill buckets, decode and mixed steps "
@@ -122,14 +120,6 @@ def run(args) -> int:
             print(f"qwen-jax serve: primed in {engine.programs.prime():.1f} s", file=sys.stderr, flush=True)
 
     app = create_app(engine, model_name=args.served_model_name or args.model, api_key=args.api_key)
-    config = uvicorn.Config(
-        app,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=args.shutdown_timeout + 5,
-        lifespan="off",
-        access_log=args.log_level in ("info", "debug"),
-    )
-    server = _graceful_server(config, engine, args.shutdown_timeout)
     host, port = listener.getsockname()[:2]
     print(
         f"qwen-jax serve: listening on http://{_url_host(host)}:{port} (model {args.served_model_name or args.model},"
@@ -137,35 +127,12 @@ def run(args) -> int:
         file=sys.stderr,
         flush=True,
     )
-    # uvicorn re-raises the signal that stopped it once its own handler is removed: make SIGTERM's
-    # next handler a no-op so a graceful stop exits 0 (SIGINT ends as KeyboardInterrupt, caught below).
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        server.run(sockets=[listener])
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        engine.shutdown(0.0)
+    run_server(app, listener, engine, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
     print("qwen-jax serve: stopped", file=sys.stderr, flush=True)
     return 0
 
 
-def _graceful_server(config, engine, shutdown_timeout: float):
-    """A uvicorn.Server whose exit signal also stops the engine accepting and starts its shutdown deadline."""
-    import uvicorn
-
-    class GracefulServer(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            engine.begin_shutdown(shutdown_timeout)
-            super().handle_exit(sig, frame)
-
-    return GracefulServer(config)
-
-
 def _listen(host: str, port: int) -> socket.socket:
-    from qwen_jax.errors import UsageError
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -290,7 +290,7 @@ def test_disconnect_aborts_and_frees_the_slot(server, tiny_engine, long_prompt):
             else:
                 assert wait_until(lambda: tiny_engine.stats().generated_tokens > 0 and tiny_engine.stats().running >= 1)
         # 50 tokens take far longer than noticing the closed connection: the request is aborted, not finished.
-        assert wait_until(lambda: tiny_engine.stats().aborted_requests == before + number, timeout=30)
+        assert wait_until(lambda number=number: tiny_engine.stats().aborted_requests == before + number, timeout=30)
     assert wait_until(lambda: tiny_engine.stats().running == 0, timeout=30)
 
 
@@ -500,7 +500,7 @@ def test_serve_cli_bad_arguments_exit_2(tmp_path, capsys):
     import socket
 
     from qwen_jax.cli import main
-    from qwen_jax.cli.generate import DEFAULT_MODEL
+    from qwen_jax.cli.arguments import DEFAULT_MODEL
 
     assert main(["serve", "--model", str(tmp_path), "--slots", "0"]) == 2
     assert "--slots must be >= 1" in capsys.readouterr().err

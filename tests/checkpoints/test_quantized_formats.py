@@ -211,7 +211,7 @@ def test_72b_padding_arithmetic_without_allocating():
         (29_568, 231, P(None, None, None)),
     ):
         config = dataclasses.replace(Qwen2Config.preset("72B"), intermediate_size=intermediate)
-        specs = {s.path: s for s in param_specs(config, scheme)}
+        specs = {s.stored_path: s for s in param_specs(config, scheme)}
         down = specs[("model", "layers", "mlp", "down_proj", "kernel")]
         scale = specs[("model", "layers", "mlp", "down_proj", "kernel_scale")]
         assert down.shape == (8192, groups, 64) and down.hf_shape == (8192, intermediate)

@@ -281,6 +281,22 @@ def test_gguf_convert_requantize_and_info(tiny_gguf, tmp_path, capsys):
     assert tokenizer.chat_template == CHAT_TEMPLATE
 
 
+def test_gguf_without_the_gguf_package_names_the_extra(tiny_gguf, monkeypatch, capsys):
+    """`gguf` is an optional extra: reading a GGUF file without it is one error naming the pip command
+    (the package is simulated missing: an import of it fails)."""
+    import sys
+
+    from qwen_jax.errors import MissingExtraError
+
+    file = os.path.join(tiny_gguf[0], "tiny.gguf")
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(MissingExtraError, match=r"pip install 'qwen-jax\[gguf\]'") as error:
+        load_model(file, progress=False)
+    assert "\n" not in str(error.value)
+    assert cli_main(["info", file]) == 2
+    assert "pip install 'qwen-jax[gguf]'" in capsys.readouterr().err
+
+
 def test_bad_gguf_files_fail_with_one_clear_error(tiny_gguf, tmp_path):
     import gguf
 

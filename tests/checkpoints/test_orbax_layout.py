@@ -18,7 +18,7 @@ from qwen_jax.checkpoints.orbax import PARAMS_DIR, read_manifest, save_model
 from qwen_jax.checkpoints.params import param_specs
 from qwen_jax.config import Qwen2Config
 from qwen_jax.load import load_model
-from qwen_jax.model.causal_lm import create_model
+from qwen_jax.model.causal_lm import create_model, unstack_layers
 from qwen_jax.model.quantize import with_quantized_structure
 from qwen_jax.ops.quant import QuantScheme
 
@@ -89,6 +89,13 @@ def test_stored_keys_are_pinned_and_round_trip(tmp_path, scheme):
     # The specs say where each stored key lives in the model; the model has exactly those paths.
     state_paths = {path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert {spec.path for spec in param_specs(CONFIG, scheme)} == state_paths
+    # Unrolled layers (float kernels out-major on CPU) write the same checkpoint.
+    unrolled = unstack_layers(_model(scheme))
+    assert unrolled.quantization == scheme
+    save_model(unrolled, tmp_path / "unrolled", source="test")
+    for group in os.listdir(out / PARAMS_DIR):
+        a, b = (checkpointer.restore(os.path.abspath(d / PARAMS_DIR / group)) for d in (out, tmp_path / "unrolled"))
+        jax.tree.map(np.testing.assert_array_equal, a, b)
     restored = load_model(out, dtype=jnp.float32, progress=False)
     assert restored.quantization == scheme
     for (path_a, a), (path_b, b) in zip(

@@ -197,7 +197,6 @@ def _hf_model(spec: dict):
     from transformers import Qwen2Config as HFConfig
     from transformers import Qwen2ForCausalLM
 
-
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     config = HFConfig(**_config(spec).to_hf(), attn_implementation="sdpa")
@@ -409,7 +408,8 @@ def main(argv=None) -> None:
     print()
     accel = hf_device != "cpu"
     print(
-        "| prompt tokens | qwen-jax prefill tok/s | HF prefill tok/s | ratio | qwen-jax peak RSS GiB | HF peak RSS GiB |"
+        "| prompt tokens | qwen-jax prefill tok/s | HF prefill tok/s | ratio "
+        "| qwen-jax peak RSS GiB | HF peak RSS GiB |"
         + (" qwen-jax peak GPU memory GiB | HF peak GPU memory GiB |" if accel else "")
     )
     print("|---|---|---|---|---|---|" + ("---|---|" if accel else ""))

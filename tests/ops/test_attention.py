@@ -192,7 +192,9 @@ def test_decode_rows_against_a_float64_reference(backend, window, cpu_kernels):
         lengths = jnp.asarray([0, 57, 199][:rows] if rows == 3 else [120], jnp.int32)
         mask = AttentionMask.cached(lengths, window=window)
         out = jax.jit(
-            lambda q, k, v, layer, off: attend(q, k, v, mask, backend=backend, layer=layer, row_offset=off, **kw)
+            lambda q, k, v, layer, off, mask=mask: attend(
+                q, k, v, mask, backend=backend, layer=layer, row_offset=off, **kw
+            )
         )(q[:rows], k, v, jnp.int32(1), jnp.int32(offset))
         ref = _numpy_cached_attention(
             q[:rows], k[1, offset : offset + rows], v[1, offset : offset + rows], np.asarray(lengths), window

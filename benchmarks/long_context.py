@@ -90,7 +90,7 @@ def _our_model(spec: dict):
     extra = {} if spec.get("baseline") else {"attention": spec["attention"]}  # an older qwen-jax has no backends
     model = Qwen2ForCausalLM(config, dtype=jnp.dtype(spec["dtype"]), scan_layers=False, rngs=nnx.Rngs(0), **extra)
     if not spec.get("baseline"):  # the kernels as `unstack_layers` stores them (one transposed at a time)
-        from qwen_jax.model.quantize import default_out_major, set_decoder_out_major
+        from qwen_jax.model.causal_lm import default_out_major, set_decoder_out_major
 
         set_decoder_out_major(model, default_out_major(model))
     return model

@@ -16,9 +16,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwen_jax.config import Qwen2Config
+from qwen_jax.model.causal_lm import Qwen2ForCausalLM
 from qwen_jax.model.kv_cache import KVCache
-from qwen_jax.model.linear import QuantizedKernel
+from qwen_jax.model.linear import QuantizedParam
 from qwen_jax.model.quantize import with_quantized_structure
+from qwen_jax.ops.attention.chunked import BLOCK_KV, BLOCK_Q
 from qwen_jax.ops.quant import QuantScheme
 from qwen_jax.sharding import DEFAULT_RULES, ShardingRules, logical_to_spec
 
@@ -91,25 +93,24 @@ def plan_memory(
     float32 master copy when `master_weights` (bf16 compute with float32 masters). The KV cache is
     `batch` x `max_len` tokens (the context you plan for), sharded by the cache's logical axes.
     prefill_chunk: also estimate the activations of one prefill call of `batch` x `prefill_chunk`
-    tokens with chunked attention (generation's default, `qwen_jax.generation.default_prefill_chunk`:
-    2,048 on CPU, the whole prompt on a GPU/TPU); with chunked prefill they do not grow with the prompt. Training activations are not counted:
-    they depend on remat policy and sequence length more than on the mesh. quantize: 'int8' or
-    'int4' decoder projections (`qwen_jax.quant`): their integer values and float32 scales are
-    counted as stored (int4 two per byte); being frozen, they get no gradients or optimizer state.
+    tokens with chunked attention (generation's default chunk is 2,048 tokens on CPU, the whole
+    prompt on a GPU/TPU); with chunked prefill they do not grow with the prompt. Training
+    activations are not counted: they depend on remat policy and sequence length more than on the
+    mesh. quantize: 'int8' or 'int4' decoder projections (`qwen_jax.model.quantize`): their integer
+    values and float32 scales are counted as stored (int4 two per byte); being frozen
+    (`QuantizedParam`), they get no gradients or optimizer state.
     """
-    from qwen_jax.model.causal_lm import Qwen2ForCausalLM
-
     mesh = _mesh_of_sizes(data, fsdp, tensor)
     scheme = None if quantize is None else QuantScheme.parse(quantize)
     abstract = nnx.eval_shape(
         lambda: with_quantized_structure(Qwen2ForCausalLM(config, dtype=param_dtype, param_dtype=param_dtype), scheme)
     )
     params = trained_elements = 0
-    for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    for _, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         axes = variable.get_metadata()["logical_axes"]
         elements = _shard_elements(variable.shape, axes, mesh, rules)
         params += elements * jnp.dtype(variable.dtype).itemsize
-        if not (isinstance(variable, QuantizedKernel) or path[-1] in ("kernel_scale", "kernel_zero")):
+        if not isinstance(variable, QuantizedParam):
             trained_elements += elements
     o_bytes = jnp.dtype(optimizer_dtype).itemsize
     grads = trained_elements * jnp.dtype(param_dtype).itemsize if training else 0
@@ -128,11 +129,9 @@ def prefill_activation_bytes(config: Qwen2Config, batch: int, chunk: int, dtype,
     """Estimated peak activation bytes per device of one prefill call of `batch` x `chunk` tokens.
 
     Live at once: the residual stream (twice), then the larger of the attention phase (q/k/v, the
-    blocked queries, three float32 score blocks of `attention.BLOCK_Q` x `BLOCK_KV` per query head)
+    blocked queries, three float32 score blocks of `BLOCK_Q` x `BLOCK_KV` per query head)
     and the MLP phase (gate, up and their product), plus the last position's float32 logits.
     """
-    from qwen_jax.ops.attention.chunked import BLOCK_KV, BLOCK_Q
-
     size = jnp.dtype(dtype).itemsize
     D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
     N, K, H = config.num_attention_heads, config.num_key_value_heads, config.head_dim

@@ -87,6 +87,12 @@ def make_mesh(
     return Mesh(grid, MESH_AXES)
 
 
+def platform_of(mesh: Mesh | None = None) -> str:
+    """'cpu', 'gpu' or 'tpu': the platform of the mesh's devices, else (no mesh) of the default backend."""
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
+
+
 def parse_mesh_spec(spec: str) -> dict[str, int]:
     """'data=2,fsdp=4,tensor=1' -> {'data': 2, 'fsdp': 4, 'tensor': 1} (for CLIs); `MeshError` if malformed."""
     out = {}

@@ -1,31 +1,12 @@
-"""The parameter layout every reader and writer shares: specs, groups, placement, and the Orbax writer.
+"""Assembling a model from any checkpoint format, group by group, straight into its shards.
 
-One floor under all checkpoint formats:
-
-- `param_specs(config, quantization)`: every parameter of ours, its logical shape (per layer for
-  stacked parameters) and how it maps to HF tensor(s). With a `quantization` (`qwen_jax.quant`),
-  each decoder kernel is three specs, its stored integers, scales (and zero points), which
-  readers fill from a `QuantizedMatrix` or by quantizing a float tensor (`ParamGroup.read_hf_arrays`).
-- `param_groups(config)`: the units checkpoints are read and written in. A group is one decoder
-  layer (`model.layers.3`: that layer's slice of every stacked parameter), one small unstacked
-  parameter (`model.norm`), or a block of rows of a large one (`model.embed_tokens.rows0`,
-  `lm_head.rows18724`, at most `ROW_BLOCK_ELEMENTS` elements). `ParamGroup.part_shape` and
-  `ParamGroup.take` are the one definition of "the part of a parameter this group holds", used by
-  every reader, writer and counter (`count_parameters`).
-- `assemble_model(reader, ...)`: builds a model from any reader (HF safetensors, Orbax, ...) by
-  placing each group's arrays straight into their shards; the host never holds the model.
-- `OrbaxWriter`: the single writer of the qwen-jax Orbax layout (`qwen-jax convert`, the trainer's
-  final model). Layout of such a directory::
-
-      qwen_jax_manifest.json     format, source, dtype, parameter count, row block size, groups,
-                                 quantization (format version 2 when quantized)
-      config.json                HF config (what `Qwen2Config.from_hf` reads)
-      generation_config.json, tokenizer files
-      params/<group>/            one standard Orbax PyTree checkpoint per parameter group
-
-Readers (`qwen_jax.hf.HFReader`, `qwen_jax.checkpoint.OrbaxReader`, `qwen_jax.quantized_hf.PrequantizedReader`
-for GPTQ/AWQ, `qwen_jax.gguf_file.GGUFReader`) sit above this module and `qwen_jax.load.load_model`
-picks one; nothing here imports them.
+`CheckpointReader` is what a format provides (`qwen_jax.checkpoints.hf.HFReader`,
+`qwen_jax.checkpoints.orbax.OrbaxReader`, `qwen_jax.checkpoints.gptq_awq.PrequantizedReader`,
+`qwen_jax.checkpoints.gguf.GGUFReader`; `qwen_jax.load.open_checkpoint` picks one):
+the arrays of one parameter group (`qwen_jax.checkpoints.params.param_groups`) at a time.
+`assemble_model` builds the abstract model (`abstract_model`, quantized where asked), preallocates
+each stacked or row-blocked parameter in its shards and fills it group by group, so the host never
+holds the model and no device ever holds a second copy. Nothing here imports a reader.
 """
 
 from __future__ import annotations
@@ -39,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
 
 from qwen_jax.checkpoints.params import (
     Key,
@@ -169,8 +151,6 @@ def assemble_model(
     over bytes (None: only on a terminal). `quantize`: see `target_quantization`; float kernels
     are quantized one tensor at a time on the host, so no float copy of the model is ever placed.
     """
-    from tqdm import tqdm
-
     config = reader.config
     scheme = target_quantization(reader.quantization, quantize)
     model = abstract_model(config, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, quantization=scheme)

@@ -4,7 +4,8 @@ A GGUF carries no config.json and no tokenizer.json; both are rebuilt from its m
 `qwen2.*` keys give the architecture, `tokenizer.ggml.*` the byte-level BPE vocabulary, merges,
 token types and special ids, `tokenizer.chat_template` the chat template. Tensors use llama.cpp
 names (`blk.3.attn_q.weight` ...) and are stored `[out, in]` like HF's, each in its own type
-(K-quant files mix them), and are dequantized with the `gguf` package. llama.cpp does not permute
+(K-quant files mix them), and are dequantized with the `gguf` package (the optional extra
+`qwen-jax[gguf]`; opening a GGUF without it raises `MissingExtraError`). llama.cpp does not permute
 the Q/K projections of qwen2 models, so the HF layout applies unchanged.
 """
 
@@ -17,8 +18,13 @@ import struct
 from typing import Any
 
 import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from qwen_jax.checkpoints.outdir import write_json
+from qwen_jax.checkpoints.params import param_specs
+from qwen_jax.config import Qwen2Config
 from qwen_jax.errors import CheckpointError
+from qwen_jax.extras import require
 
 GGUF_MAGIC = b"GGUF"
 _LAYER_NAMES = {  # HF name inside model.layers.{i} -> llama.cpp name inside blk.{i}
@@ -71,8 +77,8 @@ class GGUFTensor:
 class GGUFCheckpoint:
     """One GGUF file, opened memory-mapped; tensors are dequantized one at a time on request.
 
-    The header is parsed here rather than by `gguf.GGUFReader`, which took 15 s on the real
-    Qwen2.5 vocabulary (it builds a numpy view per string); tensors are dequantized with
+    The header is parsed here rather than by `gguf.GGUFReader`, which builds a numpy view per
+    string and so takes long to open Qwen2.5's 151k-token vocabulary; tensors are dequantized with
     `gguf.quants.dequantize`.
     """
 
@@ -178,8 +184,6 @@ class GGUFCheckpoint:
 
     def write_side_files(self, directory: str) -> list[str]:
         """Write tokenizer.json, tokenizer_config.json and generation_config.json into `directory`."""
-        from qwen_jax.checkpoints.outdir import write_json
-
         files = self.tokenizer_files()
         for name, contents in files.items():
             write_json(os.path.join(directory, name), contents)
@@ -198,12 +202,11 @@ class GGUFCheckpoint:
 
     def get(self, hf_name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """The tensor (or `rows` of a matrix) dequantized to float32, in HF layout."""
-        from gguf import quants
-
+        gguf = _gguf()
         tensor = self.tensors[gguf_name(hf_name)]
         data = tensor.data if rows is None else tensor.data[rows[0] : rows[1]]
         try:
-            array = quants.dequantize(data, tensor.tensor_type)
+            array = gguf.quants.dequantize(data, tensor.tensor_type)
         except NotImplementedError:
             raise CheckpointError(
                 f"{self.path}: tensor {tensor.name!r} has GGUF type {tensor.tensor_type.name}, "
@@ -239,24 +242,13 @@ def _eos_ids(checkpoint: GGUFCheckpoint, tokens: list[str]) -> int | list[int]:
     return ids[0] if len(ids) == 1 else ids
 
 
-def build_bpe_tokenizer(tokens: list[str], merges: list[str], token_types: list[int]):
+def build_bpe_tokenizer(tokens: list[str], merges: list[str], token_types: list[int]) -> Tokenizer:
     """A `tokenizers.Tokenizer` equal to Qwen2's tokenizer.json from GGUF vocabulary metadata.
 
     Normal tokens form the BPE vocabulary; control tokens become special added tokens and
     user-defined ones (e.g. `<tool_call>`) non-special added tokens; unused padding entries
     (`[PAD151665]` ...) are not tokens at all.
     """
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-    )
-
     vocab = {token: i for i, (token, kind) in enumerate(zip(tokens, token_types)) if kind == TOKEN_NORMAL}
     pairs = []
     for merge in merges:
@@ -297,7 +289,7 @@ def build_bpe_tokenizer(tokens: list[str], merges: list[str], token_types: list[
 
 
 class GGUFReader:
-    """Reads a GGUF file group by group (see `qwen_jax.layout.CheckpointReader`).
+    """Reads a GGUF file group by group (see `qwen_jax.checkpoints.assemble.CheckpointReader`).
 
     Every tensor arrives dequantized to float32 (quantized on loading when asked); row blocks of
     the embedding and lm_head dequantize only their own rows (GGUF quantizes each row on its own).
@@ -309,9 +301,6 @@ class GGUFReader:
     dtypes = {np.dtype(np.float32)}
 
     def __init__(self, path: str | os.PathLike):
-        from qwen_jax.checkpoints.params import param_specs
-        from qwen_jax.config import Qwen2Config
-
         self.source = os.fspath(path)
         self.file = GGUFCheckpoint(self.source)
         self.config_json = self.file.config_json()
@@ -393,9 +382,13 @@ class _Cursor:
         return [self.value(item) for _ in range(count)]
 
 
-def _parse(path: str) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
-    import gguf
+def _gguf():
+    """The optional `gguf` package (tensor types, block sizes, dequantization)."""
+    return require("gguf", extra="gguf", feature="reading GGUF files")
 
+
+def _parse(path: str) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
+    gguf = _gguf()
     buffer = np.memmap(path, np.uint8, mode="r")
     cursor = _Cursor(buffer, path)
     cursor.take("<I")  # magic, checked by the caller

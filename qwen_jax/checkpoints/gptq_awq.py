@@ -36,6 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from qwen_jax.checkpoints.hf import HFCheckpoint, validate_checkpoint
+from qwen_jax.checkpoints.params import param_specs
+from qwen_jax.config import Qwen2Config, read_config_json
 from qwen_jax.errors import CheckpointError
 from qwen_jax.ops.quant import QuantizedMatrix, QuantScheme
 
@@ -258,8 +261,6 @@ def _to_matrix(
 # --------------------------------------------------------------------------- the reader
 def _quantized_modules(config, num_layers: int) -> dict[str, tuple[int, int]]:
     """HF module name -> (in_features, out_features) of every decoder projection."""
-    from qwen_jax.checkpoints.params import param_specs
-
     modules = {}
     for spec in param_specs(config):
         if spec.path[-1] == "kernel":
@@ -270,7 +271,7 @@ def _quantized_modules(config, num_layers: int) -> dict[str, tuple[int, int]]:
 
 
 class PrequantizedReader:
-    """Reads a GPTQ or AWQ checkpoint directory (see `qwen_jax.layout.CheckpointReader`).
+    """Reads a GPTQ or AWQ checkpoint directory (see `qwen_jax.checkpoints.assemble.CheckpointReader`).
 
     Kernels come as `QuantizedMatrix` (our layout, no dequantization) where the groups are runs of
     inputs, else dequantized (GPTQ act-order): `quantization` says which. Everything else (the
@@ -281,9 +282,6 @@ class PrequantizedReader:
     row_block_elements = None
 
     def __init__(self, directory: str | os.PathLike):
-        from qwen_jax.checkpoints.hf import HFCheckpoint
-        from qwen_jax.config import Qwen2Config, read_config_json
-
         self.source = os.fspath(directory)
         config_json = read_config_json(self.source)
         self.prequantized = read_prequantized_config(config_json, self.source)
@@ -318,8 +316,6 @@ class PrequantizedReader:
         }
 
     def _validate(self) -> None:
-        from qwen_jax.checkpoints.hf import validate_checkpoint
-
         ckpt, pq = self.checkpoint, self.prequantized
         per_word = 32 // pq.bits
         expected_packed = {}

@@ -2,8 +2,8 @@
 
 `HFReader(path)` reads a local HF directory (config.json + `model.safetensors`, or sharded
 `model-*.safetensors` with `model.safetensors.index.json`) for `qwen_jax.load_model`, which places
-every tensor straight into its shards (see `qwen_jax.layout.assemble_model`). The key map between
-HF names and our parameters lives in `qwen_jax.layout.param_specs`.
+every tensor straight into its shards (see `qwen_jax.checkpoints.assemble.assemble_model`). The key map
+between HF names and our parameters lives in `qwen_jax.checkpoints.params.param_specs`.
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def validate_checkpoint(ckpt: HFCheckpoint, config: Qwen2Config) -> list[ParamSp
             shape = ckpt.shape(name)
             if shape != spec.hf_shape:
                 raise CheckpointError(
-                    f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(shape)}, config expects {list(spec.hf_shape)}"
+                    f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(shape)}, "
+                    f"config expects {list(spec.hf_shape)}"
                 )
     for name in sorted(ckpt.names() - expected):
         if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -126,7 +127,7 @@ def validate_checkpoint(ckpt: HFCheckpoint, config: Qwen2Config) -> list[ParamSp
 
 # --------------------------------------------------------------------------- the reader
 class HFReader:
-    """Reads an HF safetensors checkpoint group by group (see `qwen_jax.layout.CheckpointReader`).
+    """Reads an HF safetensors checkpoint group by group (see `qwen_jax.checkpoints.assemble.CheckpointReader`).
 
     The whole checkpoint (config, every tensor's presence and shape) is validated on opening.
     """

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import re
 
+import huggingface_hub
+
+from qwen_jax.checkpoints.gguf import is_gguf_file
 from qwen_jax.checkpoints.hf import INDEX_FILE
 from qwen_jax.checkpoints.outdir import SIDE_FILES
 from qwen_jax.errors import CheckpointError
@@ -19,8 +22,6 @@ _HUB_GGUF = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)/(?P<file>[\w./-]+\
 def resolve_source(src: str | os.PathLike) -> str:
     """A local checkpoint for `src`: itself (a directory or GGUF file), a Hub snapshot for an
     `org/name` id, or the downloaded file for `org/name/file.gguf`."""
-    from qwen_jax.checkpoints.gguf import is_gguf_file
-
     src = os.fspath(src)
     if os.path.isdir(src) or is_gguf_file(src):
         return src
@@ -29,10 +30,6 @@ def resolve_source(src: str | os.PathLike) -> str:
     gguf = _HUB_GGUF.fullmatch(src)
     if not gguf and not _HUB_ID.fullmatch(src):
         raise CheckpointError(f"{src}: checkpoint directory not found")
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise CheckpointError(f"{src}: not a local directory; install huggingface_hub to download Hub ids") from None
     try:
         if gguf:
             return huggingface_hub.hf_hub_download(gguf.group("repo"), gguf.group("file"))

@@ -27,12 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from tqdm import tqdm
 
 from qwen_jax.checkpoints import params
 from qwen_jax.checkpoints.outdir import copy_side_files, write_error, write_json
 from qwen_jax.checkpoints.params import (
     Key,
     ParamGroup,
+    ParamSpec,
     count_bytes,
     count_parameters,
     hf_tensors,
@@ -40,8 +42,7 @@ from qwen_jax.checkpoints.params import (
 )
 from qwen_jax.config import Qwen2Config
 from qwen_jax.errors import CheckpointError
-from qwen_jax.model.causal_lm import Qwen2ForCausalLM
-from qwen_jax.model.quantize import decoder_linears, model_quantization
+from qwen_jax.model.causal_lm import Qwen2ForCausalLM, decoder_linears
 from qwen_jax.ops.quant import QuantScheme
 from qwen_jax.version import __version__
 
@@ -54,7 +55,7 @@ FORMAT = "qwen-jax-orbax"
 FORMAT_VERSION = 1
 
 
-# Quantized checkpoints (integer kernels with scales, see `qwen_jax.quant`) are version 2, so a
+# Quantized checkpoints (integer kernels with scales, see `qwen_jax.ops.quant`) are version 2, so a
 # qwen-jax that predates them refuses them instead of misreading them.
 QUANTIZED_FORMAT_VERSION = 2
 
@@ -130,7 +131,8 @@ class OrbaxWriter:
     are written by Orbax shard by shard (in a multi-process run every process writes its own).
     `finish` writes config.json, the side files and the manifest, which makes the directory
     loadable (on process 0 only: in a multi-process run every process calls `write_group` and
-    `finish` with the same arguments, on one shared directory). The caller owns the directory (e.g. `qwen_jax.outdir.atomic_output_dir`).
+    `finish` with the same arguments, on one shared directory). The caller owns the directory (e.g.
+    `qwen_jax.checkpoints.outdir.atomic_output_dir`).
     """
 
     def __init__(
@@ -245,23 +247,26 @@ def model_groups(
     model: Qwen2ForCausalLM, row_block_elements: int | None = None
 ) -> Iterator[tuple[ParamGroup, dict[Key, jax.Array]]]:
     """(group, its arrays) of a model's parameters, as device arrays (scanned or unrolled layers)."""
-    from qwen_jax.model.linear import einsum_kernel
-
     flat = {path: variable.get_value() for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     # Unrolled kernels stored [*out, *in] (`unstack_layers` on CPU) are written in the einsum layout.
     out_major = {
         ("model", "layers", *path, "kernel"): linear for path, linear in decoder_linears(model) if linear.out_major
     }
-    for group in param_groups(model.config, row_block_elements, model_quantization(model)):
+    for group in param_groups(model.config, row_block_elements, model.quantization):
         arrays = {}
         for spec in group.specs:
             if spec.path in flat:
                 arrays[group.key(spec)] = group.take(spec, flat[spec.path])
             else:  # unrolled layers (scan_layers=False): each layer has its own arrays
-                path = (*spec.path[:2], group.layer, *spec.path[2:])
+                path = _layer_path(spec, group.layer)
                 value = flat[path]
-                arrays[group.key(spec)] = einsum_kernel(out_major[path], value) if path in out_major else value
+                arrays[group.key(spec)] = out_major[path].einsum_kernel(value) if path in out_major else value
         yield group, arrays
+
+
+def _layer_path(spec: ParamSpec, layer: int) -> Key:
+    """The model path of one layer's array of a stacked parameter in an unrolled model."""
+    return (*spec.path[:2], layer, *spec.path[2:])
 
 
 def save_model(
@@ -277,13 +282,14 @@ def save_model(
     One group at a time goes through Orbax, shard by shard from the devices. The caller owns the
     directory (wrap it in `atomic_output_dir` for an all-or-nothing output).
     """
-    from tqdm import tqdm
-
-    writer = OrbaxWriter(directory, model.config, quantization=model_quantization(model))
+    writer = OrbaxWriter(directory, model.config, quantization=model.quantization)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    total = count_bytes(
-        writer.groups, lambda spec: flat[spec.path].get_value().dtype if spec.path in flat else model.param_dtype
-    )
+
+    def dtype(spec: ParamSpec):
+        variable = flat[spec.path] if spec.path in flat else flat[_layer_path(spec, 0)]
+        return variable.get_value().dtype
+
+    total = count_bytes(writer.groups, dtype)
     with tqdm(
         total=total,
         unit="B",
@@ -333,7 +339,7 @@ def _first_line(error: BaseException) -> str:
 
 
 class OrbaxReader:
-    """Reads a qwen-jax Orbax directory group by group (see `qwen_jax.layout.CheckpointReader`)."""
+    """Reads a qwen-jax Orbax directory group by group (see `qwen_jax.checkpoints.assemble.CheckpointReader`)."""
 
     def __init__(self, directory: str | os.PathLike):
         self.source = os.fspath(directory)

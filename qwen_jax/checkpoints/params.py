@@ -1,31 +1,21 @@
-"""The parameter layout every reader and writer shares: specs, groups, placement, and the Orbax writer.
-
-One floor under all checkpoint formats:
+"""The parameter layout every checkpoint reader and writer shares: parameter specs and groups.
 
 - `param_specs(config, quantization)`: every parameter of ours, its logical shape (per layer for
-  stacked parameters) and how it maps to HF tensor(s). With a `quantization` (`qwen_jax.quant`),
-  each decoder kernel is three specs, its stored integers, scales (and zero points), which
-  readers fill from a `QuantizedMatrix` or by quantizing a float tensor (`ParamGroup.read_hf_arrays`).
+  stacked parameters), how it maps to HF tensor(s), where it sits in the model (`ParamSpec.path`)
+  and what checkpoints call it (`ParamSpec.stored_path`). With a `quantization`
+  (`qwen_jax.ops.quant`), each decoder kernel is the specs of its stored parts (integers, scales
+  and zero points), which readers fill from a `QuantizedMatrix` or by quantizing a float tensor
+  (`ParamGroup.read_hf_arrays`).
 - `param_groups(config)`: the units checkpoints are read and written in. A group is one decoder
   layer (`model.layers.3`: that layer's slice of every stacked parameter), one small unstacked
   parameter (`model.norm`), or a block of rows of a large one (`model.embed_tokens.rows0`,
   `lm_head.rows18724`, at most `ROW_BLOCK_ELEMENTS` elements). `ParamGroup.part_shape` and
   `ParamGroup.take` are the one definition of "the part of a parameter this group holds", used by
   every reader, writer and counter (`count_parameters`).
-- `assemble_model(reader, ...)`: builds a model from any reader (HF safetensors, Orbax, ...) by
-  placing each group's arrays straight into their shards; the host never holds the model.
-- `OrbaxWriter`: the single writer of the qwen-jax Orbax layout (`qwen-jax convert`, the trainer's
-  final model). Layout of such a directory::
 
-      qwen_jax_manifest.json     format, source, dtype, parameter count, row block size, groups,
-                                 quantization (format version 2 when quantized)
-      config.json                HF config (what `Qwen2Config.from_hf` reads)
-      generation_config.json, tokenizer files
-      params/<group>/            one standard Orbax PyTree checkpoint per parameter group
-
-Readers (`qwen_jax.hf.HFReader`, `qwen_jax.checkpoint.OrbaxReader`, `qwen_jax.quantized_hf.PrequantizedReader`
-for GPTQ/AWQ, `qwen_jax.gguf_file.GGUFReader`) sit above this module and `qwen_jax.load.load_model`
-picks one; nothing here imports them.
+`qwen_jax.checkpoints.assemble` places groups into a model's shards, `qwen_jax.checkpoints.orbax`
+writes and reads the qwen-jax Orbax layout; the format readers (`hf`, `gptq_awq`, `gguf`, `orbax`)
+sit above this module, which imports none of them.
 """
 
 from __future__ import annotations
@@ -54,11 +44,16 @@ Key = tuple[str, ...]
 class ParamSpec:
     """One parameter of ours and how it maps to HF tensor(s).
 
-    `shape` is our shape of one layer's slice for stacked parameters (the model adds a leading
-    `layers` axis), of the whole parameter otherwise. `hf_name` contains `{i}` for stacked layer
-    parameters (one HF tensor per layer). `from_hf`/`to_hf` convert one (per-layer) tensor between
-    HF layout `hf_shape` and ours; unstacked parameters keep the HF layout (identity), so a row
-    block of ours is a row block of the HF tensor.
+    `path` is where the parameter sits in the model's state (stacked layers); `stored_path`, where
+    it differs, is its key in qwen-jax Orbax checkpoints, which keep the names the parts of a
+    quantized kernel had before the kernel was one value (`.../kernel`, `.../kernel_scale`,
+    `.../kernel_zero` for the model's `.../kernel/values`, `/scale`, `/zero`), so checkpoints
+    written by any qwen-jax version stay readable. `shape` is our shape of one layer's slice for
+    stacked parameters (the model adds a leading `layers` axis), of the whole parameter otherwise.
+    `hf_name` contains `{i}` for stacked layer parameters (one HF tensor per layer).
+    `from_hf`/`to_hf` convert one (per-layer) tensor between HF layout `hf_shape` and ours;
+    unstacked parameters keep the HF layout (identity), so a row block of ours is a row block of
+    the HF tensor.
     """
 
     path: Key
@@ -67,11 +62,16 @@ class ParamSpec:
     hf_shape: tuple[int, ...]
     from_hf: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
-    # A part of a quantized kernel (see `qwen_jax.quant`): "values" (the integers, out-major; its
+    # A part of a quantized kernel (`qwen_jax.model.linear.QuantizedKernel`): "values" (the integers, out-major; its
     # HF tensor is the float weight `hf_name`), "scale" or "zero" (which belong to that same HF
     # tensor and are read and written with it). None for a float parameter.
     quant_part: str | None = None
     scheme: QuantScheme | None = None
+    stored_path: Key | None = None  # None: the same as `path`
+
+    def __post_init__(self):
+        if self.stored_path is None:
+            object.__setattr__(self, "stored_path", self.path)
 
     @property
     def stacked(self) -> bool:
@@ -146,10 +146,16 @@ def param_specs(config: Qwen2Config, quantization: QuantScheme | None = None) ->
     return specs
 
 
+# Where the parts of a quantized kernel sit in the model (`QuantizedKernel` attributes, below the
+# kernel's path) and in checkpoints (beside the kernel, named as before the kernel was one value).
+QUANTIZED_PARTS = {"values": ("values", "kernel"), "scale": ("scale", "kernel_scale"), "zero": ("zero", "kernel_zero")}
+
+
 def quantized_kernel_specs(
     path: Key, hf_name: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...], scheme: QuantScheme
 ) -> list[ParamSpec]:
-    """The specs of a quantized kernel: stored values `[*out, groups, group']`, scales (and zero points).
+    """The specs of a quantized kernel at model path `path`: stored values `[*out, groups, group']`,
+    scales (and zero points) (`QUANTIZED_PARTS`).
 
     Their HF-side form is a `QuantizedMatrix`'s (`[out, in]` int8 values, `[out, groups]` scales):
     HF's weight `[out, in]` is the out-major matrix flattened, so converting is reshaping (and
@@ -167,18 +173,36 @@ def quantized_kernel_specs(
         lambda v: pack(v.reshape(out, inputs), scheme).reshape(values_shape),
         lambda s: unpack(s.reshape(out, *values_shape[-2:]), scheme).reshape(out, inputs),
     )
-    specs = [ParamSpec(path, hf_name, values_shape, (out, inputs), *values, quant_part="values", scheme=scheme)]
-    for part, name in (("scale", "kernel_scale"), ("zero", "kernel_zero")):
+
+    def where(part: str) -> dict[str, Key]:
+        attribute, stored_name = QUANTIZED_PARTS[part]
+        return {"path": (*path, attribute), "stored_path": (*path[:-1], stored_name)}
+
+    specs = [
+        ParamSpec(
+            hf_name=hf_name,
+            shape=values_shape,
+            hf_shape=(out, inputs),
+            from_hf=values[0],
+            to_hf=values[1],
+            quant_part="values",
+            scheme=scheme,
+            **where("values"),
+        )
+    ]
+    for part in ("scale", "zero"):
         if part == "scale" or scheme.zero_point:
+            from_hf, to_hf = reshaping((*out_shape, groups), (out, groups))
             specs.append(
                 ParamSpec(
-                    (*path[:-1], name),
-                    hf_name,
-                    (*out_shape, groups),
-                    (out, groups),
-                    *reshaping((*out_shape, groups), (out, groups)),
+                    hf_name=hf_name,
+                    shape=(*out_shape, groups),
+                    hf_shape=(out, groups),
+                    from_hf=from_hf,
+                    to_hf=to_hf,
                     quant_part=part,
                     scheme=scheme,
+                    **where(part),
                 )
             )
     return specs
@@ -200,8 +224,8 @@ class ParamGroup:
     rows: tuple[int, int] | None = None
 
     def key(self, spec: ParamSpec) -> Key:
-        """Where a parameter sits inside the group's tree (its model path minus the group prefix)."""
-        return spec.path[2:] if self.layer is not None else spec.path[-1:]
+        """Where a parameter sits inside the group's tree (its stored path minus the group prefix)."""
+        return spec.stored_path[2:] if self.layer is not None else spec.stored_path[-1:]
 
     def part_shape(self, spec: ParamSpec) -> tuple[int, ...]:
         """Shape of the part of `spec` this group holds, in our layout."""

@@ -1,42 +1,41 @@
-"""Qwen2.5 in Flax NNX, mirroring HF transformers' `Qwen2ForCausalLM` module for module.
+"""`Qwen2ForCausalLM`: Qwen2.5 in Flax NNX, mirroring HF transformers' model of that name.
 
 Layout (einsum letters): B batch, T query length, S key length, D embed, N query heads,
 K kv heads, G query heads per kv head, H head_dim, F mlp, V vocab, L layers.
 
 Decoder layers are stored stacked on a leading `layers` axis and run with `jax.lax.scan`, so
-compile time does not grow with depth. Every parameter carries `logical_axes` metadata that
-`qwen_jax.sharding` maps onto a mesh.
+compile time does not grow with depth; `unstack_layers` gives the same model with one module per
+layer, which memory-bound decode reads faster. Every parameter carries `logical_axes` metadata
+that `qwen_jax.sharding` maps onto a mesh. `create_model` builds a random model straight into its
+shards. The layers are in `qwen_jax.model.modules`, the projections in `qwen_jax.model.linear`.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from qwen_jax.config import Qwen2Config
+from qwen_jax.config import GenerationConfig, Qwen2Config
+from qwen_jax.errors import QuantizationError
 from qwen_jax.model.kv_cache import KVCache
-from qwen_jax.model.linear import _kernel_permutation
+from qwen_jax.model.linear import Linear
 from qwen_jax.model.modules import AttentionContext, LMHead, Qwen2Model
-from qwen_jax.model.quantize import (
-    decoder_linears,
-    default_out_major,
-    model_quantization,
-    set_decoder_out_major,
-    with_quantized_structure,
-)
 from qwen_jax.model.rope import rope_tables
+from qwen_jax.ops import cpu
 from qwen_jax.ops.attention.mask import AttentionMask
-from qwen_jax.ops.attention.selection import check_backend, platform_of, select_backend
-from qwen_jax.ops.cpu import rows_times_out_major
+from qwen_jax.ops.attention.selection import check_backend, select_backend
+from qwen_jax.ops.quant import QuantScheme
 from qwen_jax.sharding import (
     DEFAULT_RULES,
     ShardingRules,
     constrain,
     named_sharding,
+    platform_of,
     state_shardings,
 )
 
@@ -59,6 +58,13 @@ class Qwen2ForCausalLM(nnx.Module):
     `model(input_ids)` with `int32[B, T]` returns float32 logits `[B, T, vocab_size]`.
     Outside a trace the call runs through a cached `jax.jit` with explicit shardings; inside a
     traced function (a train step, a generation loop) it is inlined.
+
+    Besides its layers the model holds: `config`, `dtype` (compute), `param_dtype`, `mesh` and
+    `rules` (where its parameters live), `remat` (the training remat policy), `attention` (the
+    backend), `cpu_kernels` (whether the XLA:CPU specialisations of `qwen_jax.ops.cpu` apply,
+    decided from the mesh's platform when the model is built) and `generation_config` (the
+    checkpoint's sampling defaults, set by `qwen_jax.load`; None: greedy, the config's eos ids).
+    `quantization` is computed from its kernels.
     """
 
     def __init__(
@@ -73,7 +79,10 @@ class Qwen2ForCausalLM(nnx.Module):
         remat: str = "none",
         scan_layers: bool = True,
         attention: str = "auto",
+        cpu_kernels: bool | None = None,
     ):
+        """cpu_kernels: whether the XLA:CPU specialisations apply; None (default):
+        `qwen_jax.ops.cpu.applies(mesh)` (CPU devices, not turned off by `QWEN_JAX_CPU_KERNELS=0`)."""
         dtype = jnp.dtype(dtype or default_dtype())
         param_dtype = jnp.dtype(param_dtype or dtype)
         if remat not in REMAT_POLICIES:
@@ -86,7 +95,16 @@ class Qwen2ForCausalLM(nnx.Module):
         self.rules = rules
         self.remat = remat
         self.attention = attention
-        self.model = Qwen2Model(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, rngs=rngs)
+        self.cpu_kernels = cpu.applies(mesh) if cpu_kernels is None else bool(cpu_kernels)
+        self.generation_config: GenerationConfig | None = None
+        self.model = Qwen2Model(
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            scan_layers=scan_layers,
+            cpu_kernels=self.cpu_kernels,
+            rngs=rngs,
+        )
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -97,7 +115,7 @@ class Qwen2ForCausalLM(nnx.Module):
     @property
     def attention(self) -> str:
         """Attention backend: 'auto' (default), 'xla', 'chunked', 'cudnn' or 'splash' (see
-        `qwen_jax.attention`). Setting one that cannot run here raises `AttentionBackendError`."""
+        `qwen_jax.ops.attention`). Setting one that cannot run here raises `AttentionBackendError`."""
         return self._attention
 
     @attention.setter
@@ -140,6 +158,16 @@ class Qwen2ForCausalLM(nnx.Module):
         state = nnx.state(self)
         fn = _jitted_forward(self, state, input_ids, cache is not None, segment_ids is not None, logits_to_keep)
         return fn(state, input_ids, positions, attention_mask, segment_ids, cache)
+
+    @property
+    def quantization(self) -> QuantScheme | None:
+        """The quantization of the decoder projections (None: float kernels); the embedding, norms
+        and lm_head are always float. `qwen_jax.model.quantize` converts a model either way."""
+        schemes = {linear.quantization for _, linear in decoder_linears(self)}
+        if len(schemes) > 1:
+            names = sorted("float" if s is None else s.name for s in schemes)
+            raise QuantizationError(f"the decoder projections mix kernels ({', '.join(names)})")
+        return schemes.pop()
 
     def _defaults(self, input_ids, positions, attention_mask, cache):
         B, T = input_ids.shape
@@ -240,7 +268,7 @@ class Qwen2ForCausalLM(nnx.Module):
             platform=platform_of(self.mesh),
         )
         return AttentionContext(
-            backend, AttentionMask.cached(starts), self._window(), starts, True, self.mesh, self.rules
+            backend, AttentionMask.cached(starts), self._window(), starts, True, self.mesh, self.rules, self.cpu_kernels
         )
 
     def _attention_context(self, shape, attention_mask, segment_ids, cache, empty_cache=False) -> AttentionContext:
@@ -265,17 +293,16 @@ class Qwen2ForCausalLM(nnx.Module):
             head_dim=self.config.head_dim,
             platform=platform_of(self.mesh),
         )
-        return AttentionContext(
-            backend, mask, self._window(), None if cache is None else cache.lengths, False, self.mesh, self.rules
-        )
+        starts = None if cache is None else cache.lengths
+        return AttentionContext(backend, mask, self._window(), starts, False, self.mesh, self.rules, self.cpu_kernels)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Full-vocabulary float32 logits from final hidden states."""
         head = self.model.embed_tokens.embedding if self.lm_head is None else self.lm_head.weight
         head = head[...].astype(self.dtype)
-        if platform_of(self.mesh) == "cpu":  # the head is stored out-major, [vocab, embed]
+        if self.cpu_kernels:  # the head is stored [vocab, embed]: an out-major kernel
             rows = hidden.shape[:-1]
-            flat = rows_times_out_major(hidden.reshape(-1, hidden.shape[-1]), head, jnp.float32)
+            flat = cpu.rows_times_out_major(hidden.reshape(-1, hidden.shape[-1]), head, jnp.float32)
             logits = flat.reshape(*rows, head.shape[0])
         else:
             logits = jnp.einsum("BTD,VD->BTV", hidden, head, preferred_element_type=jnp.float32)
@@ -377,6 +404,29 @@ def create_model(
     return nnx.merge(graphdef, state)
 
 
+def decoder_linears(model: Qwen2ForCausalLM) -> Iterator[tuple[tuple, Linear]]:
+    """(path below `model.model.layers`, Linear) for every projection of the decoder layers.
+
+    Stacked layers give one Linear per projection (`('self_attn', 'q_proj')`), unrolled ones one per
+    layer and projection (`(0, 'self_attn', 'q_proj')`).
+    """
+    for path, module in nnx.iter_modules(model.model.layers):
+        if isinstance(module, Linear):
+            yield path, module
+
+
+def default_out_major(model: Qwen2ForCausalLM) -> bool:
+    """Whether `unstack_layers` stores the float decoder kernels out-major by default: when the
+    model's XLA:CPU specialisations apply (`qwen_jax.ops.cpu`) and its kernels are float."""
+    return model.cpu_kernels and model.quantization is None
+
+
+def set_decoder_out_major(model: Qwen2ForCausalLM, out_major: bool) -> None:
+    """`Linear.set_out_major` on every decoder projection of an unrolled model, in place."""
+    for _, linear in decoder_linears(model):
+        linear.set_out_major(out_major)
+
+
 def unstack_layers(model: Qwen2ForCausalLM, *, out_major: bool | None = None) -> Qwen2ForCausalLM:
     """The same model with one weight array per layer (`scan_layers=False`).
 
@@ -384,31 +434,34 @@ def unstack_layers(model: Qwen2ForCausalLM, *, out_major: bool | None = None) ->
     them; unrolled layers read their own arrays, which matters for memory-bound batch-1 decode
     (see benchmarks/generate.py). Compile time then grows with depth. `model` is consumed: each
     stacked array is deleted once split, so peak memory is the model plus its largest parameter.
+    Quantized kernels and LoRA adapters are unstacked with the rest (an adapted model stays an
+    ordinary model for inference, adapters unmerged).
 
-    out_major: store the float decoder kernels `[*out, *in]` (`set_out_major`), which XLA:CPU's
-    decode products read faster (0.5B float32 decode step measured 19 % faster with 1 row, 25 %
-    with 8). None (default): on CPU, for a float model. Writers (`save_model`, HF export) read
-    the kernels back in the einsum layout, so checkpoints do not depend on it.
+    out_major: store the float decoder kernels `[*out, *in]` (`Linear.set_out_major`), which
+    XLA:CPU's decode products read faster (`qwen_jax.ops.cpu`; see benchmarks/generate.py).
+    None (default): `default_out_major`. Writers (`save_model`, HF export) read the kernels back
+    in the einsum layout, so checkpoints do not depend on it.
     """
     if isinstance(model.model.layers, nnx.List):
         return model
     out_major = default_out_major(model) if out_major is None else out_major
+    stacked = dict(decoder_linears(model))
 
     def build():
-        unrolled = with_quantized_structure(
-            Qwen2ForCausalLM(
-                model.config,
-                dtype=model.dtype,
-                param_dtype=model.param_dtype,
-                mesh=model.mesh,
-                rules=model.rules,
-                remat=model.remat,
-                scan_layers=False,
-                attention=model.attention,
-            ),
-            model_quantization(model),
+        unrolled = Qwen2ForCausalLM(
+            model.config,
+            dtype=model.dtype,
+            param_dtype=model.param_dtype,
+            mesh=model.mesh,
+            rules=model.rules,
+            remat=model.remat,
+            scan_layers=False,
+            attention=model.attention,
+            cpu_kernels=model.cpu_kernels,
         )
-        set_decoder_out_major(unrolled, out_major)
+        for path, linear in decoder_linears(unrolled):
+            linear.take_structure(stacked[path[1:]])
+            linear.set_out_major(out_major)
         return unrolled
 
     abstract = nnx.eval_shape(build)
@@ -421,7 +474,7 @@ def unstack_layers(model: Qwen2ForCausalLM, *, out_major: bool | None = None) ->
     )
     # Stacked kernel path (below `model.layers`) -> the permutation its layer slices take.
     perms = {
-        (*path[1:], "kernel"): _kernel_permutation(len(linear.kernel.shape), linear.contracted, True)
+        (*path[1:], "kernel"): cpu.out_major_permutation(len(linear.kernel.shape), linear.contracted, True)
         for path, linear in decoder_linears(abstract)
         if linear.out_major and path[0] == 0
     }
@@ -435,7 +488,9 @@ def unstack_layers(model: Qwen2ForCausalLM, *, out_major: bool | None = None) ->
             sharding = None if shardings is None else shardings[layer_path].get_value()
             target[layer_path].set_value(_take_layer(value, i, sharding, perms.get(path[2:])))
         value.delete()
-    return nnx.merge(graphdef, nnx.from_flat_state(target))
+    unrolled = nnx.merge(graphdef, nnx.from_flat_state(target))
+    unrolled.generation_config = model.generation_config
+    return unrolled
 
 
 def _take_layer(stacked: jax.Array, i: int, sharding, perm=None) -> jax.Array:

@@ -1,12 +1,5 @@
-"""Qwen2.5 in Flax NNX, mirroring HF transformers' `Qwen2ForCausalLM` module for module.
-
-Layout (einsum letters): B batch, T query length, S key length, D embed, N query heads,
-K kv heads, G query heads per kv head, H head_dim, F mlp, V vocab, L layers.
-
-Decoder layers are stored stacked on a leading `layers` axis and run with `jax.lax.scan`, so
-compile time does not grow with depth. Every parameter carries `logical_axes` metadata that
-`qwen_jax.sharding` maps onto a mesh.
-"""
+"""`KVCache`: the preallocated key/value cache and the contract every caller of the model relies on
+(see its docstring); `write_rows` writes each row's new keys at that row's own length."""
 
 from __future__ import annotations
 

@@ -1,11 +1,16 @@
 """LoRA adapters for the model's einsum `Linear` projections.
 
-`apply_lora(model, LoRAConfig(...))` attaches a `LoRA` module to each target projection
-(`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`); `Linear` adds its
-output `(alpha / rank) * B(A(dropout(x)))` to the frozen projection. The adapter weights are
-`LoRAParam`s (a subclass of `nnx.Param`, so an optimizer can be restricted to them), stacked on
-the leading `layers` axis like the kernels they adapt and carrying `logical_axes` so they shard on
-the same mesh rules. `merge_lora(model)` folds the adapters into the kernels for export.
+`apply_lora(model, LoRAConfig(...))` attaches a `LoRA` module (declared with `Linear` in
+`qwen_jax.model.linear`) to each target projection (`q_proj`, `k_proj`, `v_proj`, `o_proj`,
+`gate_proj`, `up_proj`, `down_proj`); `Linear` adds its output `(alpha / rank) * B(A(dropout(x)))`
+to the frozen projection's. The adapter weights are `LoRAParam`s (a subclass of `nnx.Param`, so an
+optimizer can be restricted to them), stacked on the leading `layers` axis like the kernels they
+adapt and carrying `logical_axes` so they shard on the same mesh rules. `merge_lora(model)` folds
+the adapters into the kernels for export.
+
+An adapted model is an ordinary model: it runs forward, generates and unrolls
+(`qwen_jax.model.unstack_layers`) with its adapters unmerged, on float or quantized (QLoRA) bases.
+Every function here works on stacked and unrolled layers alike.
 
 A is initialised from N(0, 1/fan_in) and B with zeros, so an adapted model starts out computing
 exactly what the base model computes.
@@ -23,11 +28,25 @@ import numpy as np
 from flax import nnx
 
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM
-from qwen_jax.model.linear import Linear, kernel_layout
+from qwen_jax.model.linear import Linear, LoRA, LoRADropoutKey, LoRAParam
 from qwen_jax.model.quantize import dequantize_model
 from qwen_jax.sharding import named_sharding
 
-# Target name -> path from the stacked decoder layer to the projection.
+__all__ = [
+    "TARGET_PATHS",
+    "LoRA",
+    "LoRAConfig",
+    "LoRADropoutKey",
+    "LoRAParam",
+    "apply_lora",
+    "lora_modules",
+    "merge_lora",
+    "set_lora_deterministic",
+    "set_lora_dropout_keys",
+    "target_linears",
+]
+
+# Target name -> path from a decoder layer to the projection.
 TARGET_PATHS = {
     "q_proj": ("self_attn", "q_proj"),
     "k_proj": ("self_attn", "k_proj"),
@@ -37,19 +56,12 @@ TARGET_PATHS = {
     "up_proj": ("mlp", "up_proj"),
     "down_proj": ("mlp", "down_proj"),
 }
-_RANK_LETTER = "R"  # einsum letter of the adapter rank; unused by the model's equations
-
-
-class LoRAParam(nnx.Param):
-    """A trainable adapter weight (the only parameters that train in LoRA mode)."""
-
-
-class LoRADropoutKey(nnx.Variable):
-    """Raw PRNG key data `[layers, 2]` for adapter dropout, rewritten every train step."""
 
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
+    """Adapters of `rank` on the `targets` projections, output scaled by `alpha / rank`, `dropout` on their inputs."""
+
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -69,95 +81,68 @@ class LoRAConfig:
         return self.alpha / self.rank
 
 
-def _split_equation(equation: str) -> tuple[str, str, str, str]:
-    """'BTD,DNH->BTNH' -> (x letters, contracted letters, kept x letters, kernel output letters)."""
-    lhs, out = equation.split("->")
-    x_letters, kernel_letters = lhs.split(",")
-    contracted = "".join(c for c in kernel_letters if c in x_letters)
-    produced = "".join(c for c in kernel_letters if c not in x_letters)
-    if kernel_letters != contracted + produced or _RANK_LETTER in equation:
-        raise ValueError(f"cannot attach LoRA to einsum {equation!r}")
-    kept = "".join(c for c in x_letters if c not in contracted)
-    return x_letters, contracted, kept, produced
+def _layers(model: Qwen2ForCausalLM) -> list[nnx.Module]:
+    """The decoder layer modules: the one stacked module, or each unrolled layer."""
+    layers = model.model.layers
+    return list(layers) if isinstance(layers, nnx.List) else [layers]
 
 
-class LoRA(nnx.Module):
-    """The low-rank update of one (layer-stacked) `Linear`: x -> scale * (x A) B."""
-
-    def __init__(self, linear: Linear, config: LoRAConfig, rng: np.random.Generator, *, param_dtype):
-        x_letters, contracted, kept, produced = _split_equation(linear.equation)
-        layout = kernel_layout(linear)  # float or quantized (QLoRA) kernel
-        stacked = bool(layout.layers)
-        in_shape, out_shape = layout.in_shape, layout.out_shape
-        layer_shape, layer_axes = (layout.layers, ("layers",)) if stacked else ((), ())
-        rank = config.rank
-        # Drawn on the host: an eager jax.random call would compile once per adapter shape.
-        a = rng.standard_normal((*layer_shape, *in_shape, rank), dtype=np.float32) / math.sqrt(math.prod(in_shape))
-        a = jnp.asarray(a, param_dtype)
-        b = jnp.zeros((*layer_shape, rank, *out_shape), param_dtype)
-        self.lora_a = LoRAParam(a, logical_axes=(*layer_axes, *layout.in_axes, None))
-        self.lora_b = LoRAParam(b, logical_axes=(*layer_axes, None, *layout.out_axes))
-        self.down_equation = f"{x_letters},{contracted}{_RANK_LETTER}->{kept}{_RANK_LETTER}"
-        self.up_equation = f"{kept}{_RANK_LETTER},{_RANK_LETTER}{produced}->{linear.equation.split('->')[1]}"
-        layer_letter = "L" if stacked else ""
-        self.merge_equation = (
-            f"{layer_letter}{contracted}{_RANK_LETTER},{layer_letter}{_RANK_LETTER}{produced}"
-            f"->{layer_letter}{contracted}{produced}"
-        )
-        self.scale = config.scale
-        self.dropout = config.dropout
-        self.deterministic = False  # True turns dropout off (evaluation)
-        self.dtype = linear.dtype
-        if config.dropout > 0:
-            self.dropout_key = LoRADropoutKey(
-                jnp.zeros((*layer_shape, 2), jnp.uint32), logical_axes=(*layer_axes, None)
-            )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if self.dropout > 0 and not self.deterministic:
-            key = jax.random.wrap_key_data(self.dropout_key[...])
-            keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
-        h = jnp.einsum(self.down_equation, x, self.lora_a[...].astype(self.dtype))
-        y = jnp.einsum(self.up_equation, h, self.lora_b[...].astype(self.dtype))
-        return (y * self.scale).astype(self.dtype)
-
-    def delta_kernel(self) -> jax.Array:
-        """scale * A B in the kernel's layout, float32."""
-        a, b = self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32)
-        return self.scale * jnp.einsum(self.merge_equation, a, b)
+def _linear_at(layer: nnx.Module, name: str) -> Linear:
+    module = layer
+    for attr in TARGET_PATHS[name]:
+        module = getattr(module, attr)
+    return module
 
 
 def target_linears(model: Qwen2ForCausalLM, targets=tuple(TARGET_PATHS)) -> Iterator[tuple[str, Linear]]:
-    """(target name, stacked Linear) for each target projection of the decoder layers."""
-    for name in targets:
-        module = model.model.layers
-        for attr in TARGET_PATHS[name]:
-            module = getattr(module, attr)
-        yield name, module
+    """(target name, Linear) for each target projection of the decoder layers: one stacked Linear
+    per target, or, for unrolled layers, one per target and layer (layer by layer)."""
+    for layer in _layers(model):
+        for name in targets:
+            yield name, _linear_at(layer, name)
 
 
 def apply_lora(model: Qwen2ForCausalLM, config: LoRAConfig, *, seed: int = 0) -> Qwen2ForCausalLM:
     """Attach fresh adapters to the target projections (in place); returns the model.
 
-    On a mesh, each adapter weight is placed by its logical axes (A shards like the kernel's
-    input axes, B like its output axes).
+    Each target's A is drawn for all layers at once, so stacked and unrolled models get the same
+    adapters for the same seed. On a mesh, each adapter weight is placed by its logical axes (A
+    shards like the kernel's input axes, B like its output axes).
     """
-    for index, (name, linear) in enumerate(target_linears(model, config.targets)):
-        if linear.lora is not None:
+    layers = _layers(model)
+    for index, name in enumerate(config.targets):
+        linears = [_linear_at(layer, name) for layer in layers]
+        layouts = [linear.layout for linear in linears]  # float or quantized (QLoRA) kernels
+        if any(linear.lora is not None for linear in linears):
             raise ValueError(f"{name} already has a LoRA adapter")
-        lora = LoRA(linear, config, np.random.default_rng([seed, index]), param_dtype=model.param_dtype)
-        if model.mesh is not None:
-            for variable in (lora.lora_a, lora.lora_b):
-                axes = variable.get_metadata()["logical_axes"]
-                variable.set_value(
-                    jax.device_put(variable[...], named_sharding(axes, variable.shape, model.mesh, model.rules))
-                )
-        linear.lora = nnx.data(lora)  # `lora` starts as static None in Linear
+        depth = layouts[0].layers if len(linears) == 1 else (len(linears),)
+        shape = (*depth, *layouts[0].in_shape, config.rank)
+        # Drawn on the host: an eager jax.random call would compile once per adapter shape.
+        rng = np.random.default_rng([seed, index])
+        a = rng.standard_normal(shape, dtype=np.float32) / math.sqrt(layouts[0].in_features)
+        for i, (linear, layout) in enumerate(zip(linears, layouts)):
+            lora = LoRA(
+                linear.equation,
+                layout,
+                rank=config.rank,
+                scale=config.scale,
+                dropout=config.dropout,
+                dtype=linear.dtype,
+                param_dtype=model.param_dtype,
+                a=a if len(linears) == 1 else a[i],
+            )
+            if model.mesh is not None:
+                for variable in (lora.lora_a, lora.lora_b):
+                    axes = variable.get_metadata()["logical_axes"]
+                    variable.set_value(
+                        jax.device_put(variable[...], named_sharding(axes, variable.shape, model.mesh, model.rules))
+                    )
+            linear.lora = lora
     return model
 
 
 def lora_modules(model: Qwen2ForCausalLM) -> list[LoRA]:
+    """Every adapter of the model (stacked: one per target; unrolled: one per target and layer)."""
     return [linear.lora for _, linear in target_linears(model) if linear.lora is not None]
 
 
@@ -188,7 +173,7 @@ def merge_lora(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
         dequantize_model(model)  # every projection, so the model has one kind of kernel
     for linear in adapted:
         kernel = linear.kernel[...]
-        merged = kernel.astype(jnp.float32) + linear.lora.delta_kernel()
-        linear.kernel.set_value(merged.astype(kernel.dtype))
+        merged = linear.einsum_kernel(kernel).astype(jnp.float32) + linear.lora.delta_kernel()
+        linear.kernel.set_value(linear.stored_kernel(merged.astype(kernel.dtype)))
         linear.lora = None
     return model

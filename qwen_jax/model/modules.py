@@ -1,11 +1,9 @@
-"""Qwen2.5 in Flax NNX, mirroring HF transformers' `Qwen2ForCausalLM` module for module.
+"""The layers of Qwen2.5, mirroring HF transformers' `Qwen2Model` module for module.
 
-Layout (einsum letters): B batch, T query length, S key length, D embed, N query heads,
-K kv heads, G query heads per kv head, H head_dim, F mlp, V vocab, L layers.
-
-Decoder layers are stored stacked on a leading `layers` axis and run with `jax.lax.scan`, so
-compile time does not grow with depth. Every parameter carries `logical_axes` metadata that
-`qwen_jax.sharding` maps onto a mesh.
+`RMSNorm`, `Attention` (q/k/v/o `Linear`s, rope, and the call into `qwen_jax.ops.attention`
+through an `AttentionContext`), `MLP` (SwiGLU), `DecoderLayer`, `Embedding`, `Qwen2Model` (the
+embedding, the decoder layers stacked on a leading `layers` axis or one module per layer, the final
+norm) and the untied `LMHead`. Einsum letters as in `qwen_jax.model.causal_lm`.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ from jax.sharding import Mesh
 
 from qwen_jax.config import Qwen2Config
 from qwen_jax.model.kv_cache import write_rows
-from qwen_jax.model.linear import Linear, _normal, _ones, _param
+from qwen_jax.model.linear import Linear, new_param, normal_init, ones_init
 from qwen_jax.model.rope import apply_rope
 from qwen_jax.ops.attention import attend
 from qwen_jax.ops.attention.mask import AttentionMask
@@ -29,7 +27,7 @@ from qwen_jax.sharding import ShardingRules
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, dtype, param_dtype, layers=None, rngs=None):
-        self.weight = _param(rngs, _ones, (dim,), ("embed",), param_dtype, layers)
+        self.weight = new_param(rngs, ones_init, (dim,), ("embed",), param_dtype, layers)
         self.eps = eps
         self.dtype = dtype
 
@@ -41,9 +39,9 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: Qwen2Config, *, dtype, param_dtype, layers=None, rngs=None):
+    def __init__(self, config: Qwen2Config, *, dtype, param_dtype, layers=None, cpu_kernels=False, rngs=None):
         D, N, K, H = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        kw = dict(dtype=dtype, param_dtype=param_dtype, layers=layers, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, layers=layers, cpu_kernels=cpu_kernels, rngs=rngs)
         self.q_proj = Linear(
             "BTD,DNH->BTNH", (D, N, H), ("embed", "q_heads", "head_dim"), (N, H), ("q_heads", "head_dim"), **kw
         )
@@ -77,6 +75,7 @@ class AttentionContext:
     reads_cache: bool  # False without a cache, or when the caller says the cache is empty
     mesh: Mesh | None
     rules: ShardingRules
+    cpu_kernels: bool  # the model's `qwen_jax.ops.cpu.applies` decision
 
     def write_and_attend(self, q, k, v, kv, layer, use_window):
         """Write this call's keys and values into layer `layer` of the cache arrays `kv` (each row
@@ -100,6 +99,7 @@ class AttentionContext:
                 row_offset=row_offset,
                 mesh=self.mesh,
                 rules=self.rules,
+                cpu_kernels=self.cpu_kernels,
             )
 
         if isinstance(use_window, (bool, int, np.integer)):
@@ -109,9 +109,9 @@ class AttentionContext:
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: Qwen2Config, *, dtype, param_dtype, layers=None, rngs=None):
+    def __init__(self, config: Qwen2Config, *, dtype, param_dtype, layers=None, cpu_kernels=False, rngs=None):
         D, F = config.hidden_size, config.intermediate_size
-        kw = dict(dtype=dtype, param_dtype=param_dtype, layers=layers, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, layers=layers, cpu_kernels=cpu_kernels, rngs=rngs)
         self.gate_proj = Linear("BTD,DF->BTF", (D, F), ("embed", "mlp"), **kw)
         self.up_proj = Linear("BTD,DF->BTF", (D, F), ("embed", "mlp"), **kw)
         self.down_proj = Linear("BTF,FD->BTD", (F, D), ("mlp", "embed"), **kw)
@@ -123,12 +123,12 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """One decoder layer; constructed with `layers=L` its parameters are stacked L deep."""
 
-    def __init__(self, config: Qwen2Config, *, dtype, param_dtype, layers=None, rngs=None):
+    def __init__(self, config: Qwen2Config, *, dtype, param_dtype, layers=None, cpu_kernels=False, rngs=None):
         kw = dict(dtype=dtype, param_dtype=param_dtype, layers=layers, rngs=rngs)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
-        self.self_attn = Attention(config, **kw)
+        self.self_attn = Attention(config, cpu_kernels=cpu_kernels, **kw)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
-        self.mlp = MLP(config, **kw)
+        self.mlp = MLP(config, cpu_kernels=cpu_kernels, **kw)
 
     def __call__(self, x, cos, sin, context, kv=None, layer=None, use_window=False):
         attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, context, kv, layer, use_window)
@@ -139,7 +139,7 @@ class DecoderLayer(nnx.Module):
 
 class Embedding(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, dtype, param_dtype, rngs=None):
-        self.embedding = _param(rngs, _normal, (vocab, dim), ("vocab", "embed"), param_dtype, None)
+        self.embedding = new_param(rngs, normal_init, (vocab, dim), ("vocab", "embed"), param_dtype, None)
         self.dtype = dtype
 
     def __call__(self, ids):
@@ -147,13 +147,17 @@ class Embedding(nnx.Module):
 
 
 class Qwen2Model(nnx.Module):
-    def __init__(self, config: Qwen2Config, *, dtype, param_dtype, scan_layers: bool = True, rngs=None):
+    def __init__(
+        self, config: Qwen2Config, *, dtype, param_dtype, scan_layers: bool = True, cpu_kernels=False, rngs=None
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, **kw)
         if scan_layers:  # one module, parameters stacked on a leading `layers` axis
-            self.layers = DecoderLayer(config, layers=config.num_hidden_layers, **kw)
+            self.layers = DecoderLayer(config, layers=config.num_hidden_layers, cpu_kernels=cpu_kernels, **kw)
         else:  # one module per layer (see `unstack_layers`)
-            self.layers = nnx.List([DecoderLayer(config, **kw) for _ in range(config.num_hidden_layers)])
+            self.layers = nnx.List(
+                [DecoderLayer(config, cpu_kernels=cpu_kernels, **kw) for _ in range(config.num_hidden_layers)]
+            )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
 
 
@@ -161,4 +165,4 @@ class LMHead(nnx.Module):
     """Untied output projection, stored `[vocab, embed]` like the embedding (and HF)."""
 
     def __init__(self, vocab: int, dim: int, *, param_dtype, rngs=None):
-        self.weight = _param(rngs, _normal, (vocab, dim), ("vocab", "embed"), param_dtype, None)
+        self.weight = new_param(rngs, normal_init, (vocab, dim), ("vocab", "embed"), param_dtype, None)

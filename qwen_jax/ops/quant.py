@@ -1,31 +1,24 @@
-"""Weight-only quantization of the decoder projections: int8 per output channel, int4 in groups.
+"""Weight-only quantization arithmetic: schemes, (de)quantizing and packing arrays, the quantized product.
 
-A quantized `Linear` keeps its parameter name `kernel`, now holding integers, plus a float32
-`kernel_scale` (and, for asymmetric imports such as GPTQ-asym and AWQ, a `kernel_zero`)::
+`QuantScheme`: int8 per output channel (or in groups), int4 in groups (of 128 by default),
+symmetric, or with zero points (GPTQ-asym and AWQ imports). A weight is
 
-    W[o, i] = kernel_scale[o, g] * (q[o, i] - kernel_zero[o, g]),   g = i // group_size
+    W[o, i] = scale[o, g] * (q[o, i] - zero[o, g]),   g = i // group_size
 
-Storage is **out-major and split into groups**: `kernel[*out, groups, group]` (`[*out, 1, in]`
-per output channel), the transpose of the float einsum layout and, flattened, HF's own
-`[out_features, in_features]`. Groups run along the flattened input, as in GPTQ and AWQ. Every
-dimension keeps a logical axis name (the output axes', and the leading input axis' on the
-group axis, or on the input axis per channel), so the sharding rules place a quantized kernel the
-way they place the float one, each shard holding whole groups when the groups divide. int4
-values are packed two per int8 byte: in each group the low nibble holds input k and the high
-nibble input k + group/2 (signed, [-8, 7]). `jnp.int4` arrays would pack too, but XLA:CPU gives
-them a layout that ahead-of-time compiled executables reject, and converting them was slower.
+with groups along the (flattened) input, as in GPTQ and AWQ. Stored values are split into groups,
+`[..., out, groups, group']` (`pack`): int8 one per byte, int4 two per int8 byte (in each group the
+low nibble holds input k and the high nibble input k + group/2, signed, [-8, 7]). `jnp.int4`
+arrays would pack too, but XLA:CPU gives them a layout that ahead-of-time compiled executables
+reject, and converting them was slower. How a model holds such a kernel (its axes and sharding) is
+`qwen_jax.model.linear.QuantizedKernel`.
 
-How the product runs depends on the backend (`matmul`), as measured on our 2-core CPU box
-(benchmarks/quantized.py):
-- CPU, few rows (decode): an elementwise multiply-and-reduce over each group's row. XLA fuses
-  the int -> float conversion (and the nibble unpacking) into one reduction, so each weight is
-  read once as one (or half a) byte: int8 runs at float32's speed. `x @ dequantized(w)` converts
-  the whole matrix to float first and ran ~5x slower than float32; a group split made in the
-  graph instead of stored ran ~6x slower.
-- CPU with many rows (prefill, training) and GPU/TPU: dequantize, then one matmul. The conversion
-  is amortised over the rows on CPU; GPU and TPU compilers fuse it into the matmul.
-The product is wrapped in `jax.checkpoint`, so a backward pass (QLoRA) recomputes the dequantized
-weight instead of keeping a float copy of every kernel as a residual.
+`matmul` multiplies rows by a quantized matrix: on CPU, for a few rows (decode), by the fused
+multiply-and-reduce of `qwen_jax.ops.cpu.reduce_quantized_rows`; otherwise (prefill, training,
+GPU and TPU) by dequantizing and running one matrix product, whose conversion GPU and TPU compilers
+fuse and CPU amortises over the rows (see benchmarks/quantized.py). The product is wrapped in
+`jax.checkpoint`, so a backward pass (QLoRA) recomputes the dequantized weight instead of keeping a
+float copy of every kernel as a residual. `QuantizedMatrix` is how checkpoint readers hand over one
+projection's quantized weight.
 """
 
 from __future__ import annotations
@@ -40,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_jax.errors import QuantizationError
-from qwen_jax.ops.cpu import CPU_REDUCTION_MAX_ROWS, _reduce_rows
+from qwen_jax.ops import cpu
 
 DEFAULT_GROUP_SIZE = 128
 QUANTIZE_CHOICES = ("int8", "int4")
@@ -188,30 +181,38 @@ def _nibbles(stored):
 
 
 def matmul(
-    x: jax.Array, stored: jax.Array, scale: jax.Array, zero: jax.Array | None, scheme: QuantScheme, dtype
+    x: jax.Array,
+    stored: jax.Array,
+    scale: jax.Array,
+    zero: jax.Array | None,
+    scheme: QuantScheme,
+    dtype,
+    *,
+    cpu_kernels: bool | None = None,
 ) -> jax.Array:
     """`x[rows, in] @ W.T` for a quantized `W` stored `[out, groups, group']`; returns `[rows, out]` in `dtype`.
 
-    scale (and zero): `[out, groups]`.
+    scale (and zero): `[out, groups]`. cpu_kernels: whether the XLA:CPU specialisations apply
+    (`qwen_jax.ops.cpu`; a model passes its own decision); None: `qwen_jax.ops.cpu.applies()`.
     """
     dtype = jnp.dtype(dtype)
-    # Tie x and the kernel together. Inside a decode loop XLA otherwise hoists the loop-invariant
-    # int -> float conversion of every kernel out of the loop: a float copy of the weights, read
-    # every step (measured: int8 decode no faster than float32). And on CPU, projections sharing
-    # an input (gate/up, k/v) would share its broadcast, which XLA then writes out in full
-    # ([out, rows, in] floats) instead of fusing it: batch-8 decode ran 7x slower than float32.
+    cpu_kernels = cpu.applies() if cpu_kernels is None else cpu_kernels
+    # Tie x and the kernel together, on every backend: inside a decode loop XLA otherwise hoists the
+    # loop-invariant int -> float conversion of every kernel out of the loop, which leaves a float
+    # copy of the weights alive and read every step (tests/ops/test_quant.py checks the loop's
+    # memory). On CPU it also keeps projections that share an input (gate/up, k/v) from sharing its
+    # broadcast in `reduce_quantized_rows`, which XLA would write out in full instead of fusing.
     x, stored = jax.lax.optimization_barrier((x, stored))
-    dot = functools.partial(_dequantize_dot, scheme=scheme, dtype=dtype)
-    if x.shape[0] > CPU_REDUCTION_MAX_ROWS:
-        fn = dot
+    if cpu_kernels and x.shape[0] <= cpu.QUANTIZED_REDUCTION_MAX_ROWS:
+        fn = functools.partial(cpu.reduce_quantized_rows, packed=scheme.packed, dtype=dtype)
     else:
-        reduce = functools.partial(_reduce_rows, packed=scheme.packed, dtype=dtype)
-        fn = lambda *args: jax.lax.platform_dependent(*args, cpu=reduce, default=dot)  # noqa: E731
+        fn = functools.partial(dequantize_dot, scheme=scheme, dtype=dtype)
     # Recompute the dequantized weight in a backward pass instead of saving it (QLoRA memory).
     return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)(x, stored, scale, zero)
 
 
-def _dequantize_dot(x, stored, scale, zero, *, scheme, dtype):
+def dequantize_dot(x, stored, scale, zero, *, scheme: QuantScheme, dtype) -> jax.Array:
+    """`x[rows, in] @ W.T` by dequantizing `W` (stored `[out, groups, group']`) and one matrix product."""
     w = dequantize_matrix(unpack(stored, scheme), scale, zero, scheme, dtype)
     return jax.lax.dot_general(x.astype(dtype), w, (((1,), (1,)), ((), ())))
 

@@ -211,7 +211,7 @@ def test_72b_padding_arithmetic_without_allocating():
         (29_568, 231, P(None, None, None)),
     ):
         config = dataclasses.replace(Qwen2Config.preset("72B"), intermediate_size=intermediate)
-        specs = {s.path: s for s in param_specs(config, scheme)}
+        specs = {s.stored_path: s for s in param_specs(config, scheme)}
         down = specs[("model", "layers", "mlp", "down_proj", "kernel")]
         scale = specs[("model", "layers", "mlp", "down_proj", "kernel_scale")]
         assert down.shape == (8192, groups, 64) and down.hf_shape == (8192, intermediate)
@@ -279,6 +279,22 @@ def test_gguf_convert_requantize_and_info(tiny_gguf, tmp_path, capsys):
     ids = np.asarray([tokenizer.encode("the cat sat on the mat")], np.int32)
     np.testing.assert_array_equal(np.asarray(converted(ids)), np.asarray(direct(ids)))
     assert tokenizer.chat_template == CHAT_TEMPLATE
+
+
+def test_gguf_without_the_gguf_package_names_the_extra(tiny_gguf, monkeypatch, capsys):
+    """`gguf` is an optional extra: reading a GGUF file without it is one error naming the pip command
+    (the package is simulated missing: an import of it fails)."""
+    import sys
+
+    from qwen_jax.errors import MissingExtraError
+
+    file = os.path.join(tiny_gguf[0], "tiny.gguf")
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(MissingExtraError, match=r"pip install 'qwen-jax\[gguf\]'") as error:
+        load_model(file, progress=False)
+    assert "\n" not in str(error.value)
+    assert cli_main(["info", file]) == 2
+    assert "pip install 'qwen-jax[gguf]'" in capsys.readouterr().err
 
 
 def test_bad_gguf_files_fail_with_one_clear_error(tiny_gguf, tmp_path):

@@ -120,7 +120,6 @@ def test_out_major_models_save_quantize_and_unstack_without_it(hf_checkpoint, tm
     layout; `out_major=False` keeps the einsum layout."""
     from qwen_jax.checkpoints.orbax import save_model
     from qwen_jax.model.causal_lm import unstack_layers
-    from qwen_jax.model.linear import kernel_layout
     from qwen_jax.model.quantize import quantize_model
 
     _, path = hf_checkpoint(**CASES["gqa_untied"])
@@ -136,8 +135,8 @@ def test_out_major_models_save_quantize_and_unstack_without_it(hf_checkpoint, tm
     assert plain.model.layers[0].self_attn.o_proj.kernel.shape == (4, 16, 64)  # einsum [heads, head_dim, hidden]
     np.testing.assert_allclose(np.asarray(plain(ids)), reference, atol=1e-5)
 
-    layout = kernel_layout(model.model.layers[0].self_attn.o_proj)
-    assert layout == kernel_layout(plain.model.layers[0].self_attn.o_proj)
+    layout = model.model.layers[0].self_attn.o_proj.layout
+    assert layout == plain.model.layers[0].self_attn.o_proj.layout
     quantize_model(model, "int8")
     expected = load_model(path, dtype=jnp.float32, scan_layers=False, quantize="int8")
     assert not expected.model.layers[0].self_attn.o_proj.out_major  # quantized before unstacking

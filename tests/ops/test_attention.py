@@ -12,11 +12,11 @@ import pytest
 from attention_fixtures import _qkv, _segments
 
 from qwen_jax.errors import AttentionBackendError
+from qwen_jax.ops import cpu
 from qwen_jax.ops.attention import attend
 from qwen_jax.ops.attention.chunked import DIAGONAL_MIN_QUERIES, LEAN_MIN_QUERIES
 from qwen_jax.ops.attention.cudnn import cudnn_arguments
 from qwen_jax.ops.attention.mask import AttentionMask
-from qwen_jax.ops.attention.scores import _decode_by_sums
 from qwen_jax.ops.attention.selection import check_backend, select_backend
 
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
@@ -171,20 +171,30 @@ def _numpy_cached_attention(q, k, v, lengths, window=0):
 
 @pytest.mark.parametrize("backend", ["xla", "chunked"])
 @pytest.mark.parametrize("window", [0, 29])
-def test_decode_rows_against_a_float64_reference(backend, window):
-    """One query per row and several rows (a batch decode step): on CPU q.k and p.v are summed
-    broadcast products that read the cache in place (`_decode_by_sums`), not batched matrix
-    products; against an independent float64 reference, rows at different lengths, the stacked
-    cache read at a traced layer and row offset. One row keeps the matrix product; same check."""
-    assert _decode_by_sums(3, 1) and not _decode_by_sums(1, 1)
-    assert not _decode_by_sums(3, 2)
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_decode_rows_against_a_float64_reference(backend, window, cpu_kernels):
+    """One query per row and several rows (a batch decode step): with the CPU kernels q.k and p.v
+    are summed broadcast products that read the cache in place (`cpu.decode_by_sums`), without them
+    batched matrix products; against an independent float64 reference, rows at different lengths,
+    the stacked cache read at a traced layer and row offset. One row keeps the matrix product; same
+    check."""
+    assert cpu.decode_by_sums(3, 1) and not cpu.decode_by_sums(1, 1)
+    assert not cpu.decode_by_sums(3, 2)
     q, k, v = _qkv(5, 1, 200, heads=6, kv_heads=2, head_dim=32, layers=2)
     kw = dict(block_kv=64) if backend == "chunked" else {}
+    kw["cpu_kernels"] = cpu_kernels
+    # The switch decides the formulation: summed products have no dot_general in the program.
+    decode = jax.make_jaxpr(
+        lambda q, k, v: attend(q, k, v, AttentionMask.cached(jnp.zeros(3, jnp.int32)), backend=backend, **kw)
+    )
+    assert ("dot_general" in str(decode(q[:3], k[0, :3], v[0, :3]))) != cpu_kernels
     for rows, offset in ((3, 2), (1, 4)):
         lengths = jnp.asarray([0, 57, 199][:rows] if rows == 3 else [120], jnp.int32)
         mask = AttentionMask.cached(lengths, window=window)
-        out = jax.jit(  # traced at once, so the loop's current mask is the one it sees
-            lambda q, k, v, layer, off: attend(q, k, v, mask, backend=backend, layer=layer, row_offset=off, **kw)  # noqa: B023
+        out = jax.jit(
+            lambda q, k, v, layer, off, mask=mask: attend(
+                q, k, v, mask, backend=backend, layer=layer, row_offset=off, **kw
+            )
         )(q[:rows], k, v, jnp.int32(1), jnp.int32(offset))
         ref = _numpy_cached_attention(
             q[:rows], k[1, offset : offset + rows], v[1, offset : offset + rows], np.asarray(lengths), window

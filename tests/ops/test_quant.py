@@ -22,9 +22,10 @@ from qwen_jax.errors import QuantizationError
 from qwen_jax.generation.static import generate_ids
 from qwen_jax.load import load_model
 from qwen_jax.memory import measured_bytes_per_device, plan_memory
-from qwen_jax.model.linear import QuantizedKernel
-from qwen_jax.model.quantize import decoder_linears, dequantize_model, model_quantization, quantize_model
-from qwen_jax.ops.quant import QuantScheme, _dequantize_dot, dequantize_matrix, matmul, pack, quantize_matrix, unpack
+from qwen_jax.model.causal_lm import decoder_linears
+from qwen_jax.model.linear import QuantizedKernel, QuantizedParam, QuantizedValues
+from qwen_jax.model.quantize import dequantize_model, model_quantization, quantize_model
+from qwen_jax.ops.quant import QuantScheme, dequantize_dot, dequantize_matrix, matmul, pack, quantize_matrix, unpack
 from qwen_jax.sharding import make_mesh
 
 IDS = np.array([[3, 17, 250, 9, 42, 42, 0, 128, 77, 5, 64, 200]], dtype=np.int32)
@@ -118,7 +119,7 @@ def test_quantized_matmul_equals_float_on_dequantized_weights(rows, spec, zero_p
     got = jax.jit(matmul, static_argnums=(4, 5))(x, stored, scale, zero, scheme, jnp.float32)
     np.testing.assert_allclose(np.asarray(got), reference, atol=1e-5, rtol=1e-5)
     # The GPU/TPU formulation (dequantize, then one matmul) agrees too.
-    other = _dequantize_dot(x, stored, scale, zero, scheme=scheme, dtype=jnp.float32)
+    other = dequantize_dot(x, stored, scale, zero, scheme=scheme, dtype=jnp.float32)
     np.testing.assert_allclose(np.asarray(other), reference, atol=1e-5, rtol=1e-5)
 
 
@@ -129,12 +130,16 @@ def test_quantized_model_equals_float_model_of_dequantized_weights(small_checkpo
     model = load_model(path, quantize=spec, progress=False)
     assert model_quantization(model) == QuantScheme.parse(spec)
     kernel = model.model.layers.self_attn.o_proj.kernel
-    assert isinstance(kernel, QuantizedKernel) and kernel.get_value().dtype == jnp.int8
+    assert isinstance(kernel, QuantizedKernel) and kernel.scheme == QuantScheme.parse(spec)
+    assert isinstance(kernel.scale, QuantizedParam) and kernel.zero is None
+    values = kernel.values
+    assert isinstance(values, QuantizedValues) and values.get_value().dtype == jnp.int8
     # o_proj [layers, embed (out), groups, group']: the input's axis name (q_heads) goes to the
     # group axis, or with one group (per channel, or int4 over o_proj's 128 inputs) to the input axis.
     one_group = QuantScheme.parse(spec).groups(128) == 1
     expected_axes = (None, "q_heads") if one_group else ("q_heads", None)
-    assert kernel.get_metadata()["logical_axes"] == ("layers", "embed", *expected_axes)
+    assert values.get_metadata()["logical_axes"] == ("layers", "embed", *expected_axes)
+    assert kernel.scale.get_metadata()["logical_axes"] == ("layers", "embed", expected_axes[0])
     reference = _dequantized_float_model(path, spec)
     assert model_quantization(reference) is None
     np.testing.assert_allclose(np.asarray(model(IDS)), np.asarray(reference(IDS)), atol=1e-5)
@@ -188,7 +193,7 @@ def test_quantized_model_sharded_equals_unsharded(small_checkpoint):
     ):
         model = load_model(path, quantize="int4", mesh=mesh, progress=False)
         # down_proj [layers, embed, 2 groups (mlp), 64 bytes]: split by embed and mlp like the float kernel
-        values = model.model.layers.mlp.down_proj.kernel.get_value()
+        values = model.model.layers.mlp.down_proj.kernel.values.get_value()
         assert values.sharding.spec == spec
         np.testing.assert_allclose(np.asarray(model(IDS)), single, atol=1e-5)
 
@@ -237,7 +242,7 @@ def test_convert_quantized_loads_exports_and_reports(small_checkpoint, tmp_path,
     assert cli_main(["info", str(out), "--json"]) == 0
     stored = json.loads(capsys.readouterr().out)["stored"]
     weights = load_model(path, progress=False).num_params()
-    kernel_weights = 2 * sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(direct, QuantizedKernel)))
+    kernel_weights = 2 * sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(direct, QuantizedValues)))
     assert stored["quantization"] == "int4" and stored["parameters"] == weights
     assert stored["bytes"] == kernel_weights // 2 + kernel_weights // 128 * 4 + (weights - kernel_weights) * 4
     # export-hf writes dequantized float weights that transformers loads and agrees with.
@@ -308,7 +313,7 @@ def test_real_size_int4_mlp_matrices_of_the_0_5b_configuration():
     from qwen_jax.checkpoints.params import param_specs
 
     config = Qwen2Config.preset("0.5B")
-    specs = {spec.path[-2:]: spec for spec in param_specs(config, QuantScheme.parse("int4"))}
+    specs = {spec.stored_path[-2:]: spec for spec in param_specs(config, QuantScheme.parse("int4"))}
     assert specs[("gate_proj", "kernel")].shape == (4864, 7, 64)
     assert specs[("down_proj", "kernel")].shape == (896, 38, 64)
     assert specs[("o_proj", "kernel_scale")].shape == (896, 7)  # 14 heads x 64 = 896 inputs
@@ -343,7 +348,7 @@ def test_decode_loop_keeps_kernels_quantized(small_checkpoint):
     ]
     assert loops, "the decode loop executable was not found"
     float_kernels = sum(
-        4 * math.prod(linear.kernel_layout.values_shape(QuantScheme(8))) for _, linear in decoder_linears(model)
+        4 * math.prod(linear.layout.values_shape(QuantScheme(8))) for _, linear in decoder_linears(model)
     )
     temp = loops[0].memory_analysis().temp_size_in_bytes
     assert temp < float_kernels / 4, (temp, float_kernels)

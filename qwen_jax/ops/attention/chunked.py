@@ -1,38 +1,12 @@
-"""Attention backends: one entry point, `attend`, for every way the model attends.
+"""The `chunked` attention backend: pure-JAX flash attention, for every platform.
 
-Shapes (einsum letters as in `qwen_jax.model`): queries `q[B, T, N, H]`; keys and values
-`k, v[B, S, K, H]`, or the stacked KV cache `[L, B, S, K, H]` together with `layer` (a cached
-call reads its layer's blocks straight from the cache, never copying the whole layer). Query head
-n reads key/value head `n // (N // K)` (GQA; MQA and MHA are the cases K = 1 and K = N).
-
-Which keys a query sees is described by an `AttentionMask` of slots, never by a `[T, S]` array
-(see its docstring): causal, per-row lengths of a KV cache, a sliding window, segment ids of
-packed sequences or padding.
-
-Backends (`BACKENDS`):
-
-- `xla`: the reference: one float32 score tensor `[B, K, G, T, S]` and a dense mask. Memory and
-  time grow with T * S; a cached call reads every slot of the cache. Short sequences only.
-- `chunked`: pure JAX flash attention, runs everywhere. Query blocks x key blocks with an online
-  softmax (float32 running max, sum and accumulator); each KV head's G query heads are folded into
-  the query rows (one matrix product per KV head); only blocks on the causal diagonal, the window
-  edge or with segment ids are masked, blocks above the diagonal, past a row's length or outside
-  the window are never visited. A decode step therefore reads only the filled part of the cache.
-  Memory O(T * block); gradients by a custom VJP that recomputes each block (FlashAttention-2).
-- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` (NVIDIA GPU, bfloat16/float16,
-  head_dim a multiple of 8). Uncached calls use cuDNN's causal mask and window; segment ids and
-  cached calls (whose causal diagonal is bottom-right, not cuDNN's top-left) pass an explicit
-  mask plus `key_value_seq_lengths`. See `cudnn_arguments`.
-- `splash`: TPU splash attention (Pallas), one MQA kernel per KV head, vmapped over the batch,
-  with segment ids and a local mask for sliding windows; sequences are padded to a multiple of 128.
-  It serves uncached calls (training, full forward passes); cached calls (prefill chunks and
-  decode steps) run the `chunked` kernel, which reads only the filled cache.
-- `auto`: `select_backend`: splash on TPU, cudnn on GPU for bfloat16/float16, otherwise chunked,
-  except xla for short sequences on CPU (below `CPU_CHUNKED_MIN_SCORES` scores, and for cached
-  calls a cache of at most `BLOCK_KV` slots), where one einsum is faster than a loop.
-
-Asking for `cudnn` or `splash` where it cannot run raises `AttentionBackendError`; nothing falls
-back silently.
+Query blocks x key blocks with an online softmax (float32 running max, sum and accumulator); each
+KV head's G query heads are folded into the query rows (one matrix product per KV head); only
+blocks on the causal diagonal, the window edge or with segment ids are masked, and blocks above the
+diagonal, past a row's length or outside the window are never visited, so a decode step reads only
+the filled part of the cache. Memory O(T * block); gradients (uncached calls, `flash`) by a custom
+VJP that recomputes each block (FlashAttention-2). Cached calls run `flash_forward` directly on the
+stacked cache.
 """
 
 from __future__ import annotations
@@ -44,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_jax.ops.attention.mask import MASKED, AttentionMask
-from qwen_jax.ops.attention.scores import _pv, _qk
+from qwen_jax.ops.attention.scores import pv, qk
 
 # float32 chunked attention keeps a row's softmax reference (`row_max`) while a key block's
 # probabilities, taken against it, sum to less than this per row (no overflow is near: float32
@@ -53,7 +27,7 @@ LAZY_SUM_LIMIT = 1e20
 
 
 # Query blocks of fewer rows (decode steps, short chunks) take the plain float32 path: for them the
-# shortcuts below cost more than they save (measured: 8 rows decoding against 8K-slot caches, 12 %).
+# shortcuts below cost more than they save (see benchmarks/long_context.py).
 LEAN_MIN_QUERIES = 64
 
 
@@ -62,8 +36,8 @@ LEAN_MIN_QUERIES = 64
 DIAGONAL_MIN_QUERIES = 128
 
 
-# Block sizes of the chunked kernel: 256 x 512 measured best on CPU, forward and backward (one 0.5B
-# layer, 2 cores: 2K and 8K causal, 4K with gradients; 128-1,024 tried; see the README, Long context).
+# Block sizes of the chunked kernel: 256 x 512 was the best of 128-1,024 on CPU, forward and backward
+# (see benchmarks/long_context.py).
 BLOCK_Q = 256
 
 
@@ -119,15 +93,26 @@ def _block_visible(mask: AttentionMask, q_slots, q_segments, k_slots, i, bk: int
     return mask.visible(q_slots, k_slots, q_segments, kv_segments) & fresh[None, None, :]
 
 
-def _scores(qb, kb, scale):
-    return _qk(qb, kb) * scale
+def _scores(qb, kb, scale, cpu_kernels: bool):
+    return qk(qb, kb, cpu_kernels=cpu_kernels) * scale
 
 
-def _flash_forward(q, k, v, layer, mask: AttentionMask, scale: float, blocks: tuple[int, int], row_offset=0):
+def flash_forward(
+    q,
+    k,
+    v,
+    layer,
+    mask: AttentionMask,
+    scale: float,
+    blocks: tuple[int, int],
+    row_offset=0,
+    *,
+    cpu_kernels: bool,
+):
     """Forward of the chunked kernel: (out `[B, T, N, H]`, lse `[nq, B, K, G, bq]` float32).
 
     k/v: `[L, B', S, K, H]` (a plain `[B, S, K, H]` is passed as `k[None]` with layer 0); query row
-    b reads row `row_offset + b`.
+    b reads row `row_offset + b`. cpu_kernels: `qwen_jax.ops.cpu.applies` for this computation.
     """
     if k.ndim == 4:
         k, v, layer = k[None], v[None], 0
@@ -138,14 +123,13 @@ def _flash_forward(q, k, v, layer, mask: AttentionMask, scale: float, blocks: tu
     # Masked blocks (the causal diagonal, window edges, ragged rows) are `bm` keys wide, clean ones
     # `bk`: with query blocks of `DIAGONAL_MIN_QUERIES` rows or more that divide bk, a query block's
     # diagonal is bq keys wide, not bk, so less of the block above the diagonal is computed and
-    # thrown away (one 0.5B layer, 8K causal, 2 CPU cores, 256 x 512 blocks: 856 ms without, 816-839
-    # ms with, in separate runs).
+    # thrown away (see benchmarks/long_context.py).
     bm = bq if DIAGONAL_MIN_QUERIES <= bq < bk and bk % bq == 0 else bk
     nq, nm = _ceil_div(T, bq), _ceil_div(S, bm)
     q_blocks, segment_blocks = _query_blocks(q, mask, nq * bq, bq, K)
 
-    # float32 (the CPU default) query blocks of `LEAN_MIN_QUERIES` rows or more take two shortcuts
-    # (measured on 2 CPU cores, one 0.5B layer, 8K-token causal attention):
+    # float32 (the CPU default) query blocks of `LEAN_MIN_QUERIES` rows or more take two shortcuts,
+    # each a pass over the scores saved (see benchmarks/long_context.py):
     # - the scale is folded into each query block (one pass over it, not one over every score block);
     # - lazy rescaling: after a row's first block, probabilities are taken against the row's
     #   reference maximum without computing the block's maximum (a pass over the scores); a block
@@ -169,8 +153,8 @@ def _flash_forward(q, k, v, layer, mask: AttentionMask, scale: float, blocks: tu
             correction = jnp.exp(row_max - new_max)
             p = jnp.exp(s - new_max[..., None])
             row_sum = row_sum * correction + jnp.sum(p, axis=-1)
-            pv = _pv(p.astype(qb.dtype), vb, preferred_element_type=jnp.float32)
-            return acc * correction[..., None] + pv, new_max, row_sum
+            values = pv(p.astype(qb.dtype), vb, preferred_element_type=jnp.float32, cpu_kernels=cpu_kernels)
+            return acc * correction[..., None] + values, new_max, row_sum
 
         def update(s, vb, carry):
             acc, row_max, row_sum = carry
@@ -197,7 +181,7 @@ def _flash_forward(q, k, v, layer, mask: AttentionMask, scale: float, blocks: tu
         def scores(kb):
             if lean:
                 return jnp.einsum("BKGQH,BSKH->BKGQS", q_scaled, kb.astype(jnp.float32))
-            return _scores(qb, kb, scale)
+            return _scores(qb, kb, scale, cpu_kernels)
 
         def masked_step(i, carry):  # block i of bm keys, masked
             kb, vb, k_slots = _kv_block(k, v, layer, i, bm, row_offset, B)
@@ -248,18 +232,18 @@ def _query_blocks(x, mask: AttentionMask, padded: int, bq: int, K: int):
     return blocks, segments
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _flash(q, k, v, mask: AttentionMask, scale: float, blocks: tuple[int, int]):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def flash(q, k, v, mask: AttentionMask, scale: float, blocks: tuple[int, int], cpu_kernels: bool):
     """Uncached chunked attention with a memory-lean gradient (k, v: `[B, S, K, H]`)."""
-    return _flash_forward(q, k, v, 0, mask, scale, blocks)[0]
+    return flash_forward(q, k, v, 0, mask, scale, blocks, cpu_kernels=cpu_kernels)[0]
 
 
-def _flash_fwd(q, k, v, mask, scale, blocks):
-    out, lse = _flash_forward(q, k, v, 0, mask, scale, blocks)
+def _flash_fwd(q, k, v, mask, scale, blocks, cpu_kernels):
+    out, lse = flash_forward(q, k, v, 0, mask, scale, blocks, cpu_kernels=cpu_kernels)
     return out, (q, k, v, mask, out, lse)
 
 
-def _flash_bwd(scale, blocks, residuals, d_out):
+def _flash_bwd(scale, blocks, cpu_kernels, residuals, d_out):
     """FlashAttention-2 backward: per query block, recompute each visited block's probabilities
     from the saved log-sum-exp; dq accumulates per query block, dk/dv in float32 `[B, S, K, H]`."""
     q, k, v, mask, out, lse = residuals
@@ -285,7 +269,7 @@ def _flash_bwd(scale, blocks, residuals, d_out):
             def body(i, carry):
                 dq, dk, dv = carry
                 kb, vb, k_slots = _kv_block(k5, v5, 0, i, bk)
-                s = _scores(qb, kb, scale)
+                s = _scores(qb, kb, scale, cpu_kernels)
                 if masked:
                     seen = _block_visible(mask, q_slots, q_segments, k_slots, i, bk)
                     s = jnp.where(seen[:, None, None], s, MASKED)
@@ -320,4 +304,4 @@ def _flash_bwd(scale, blocks, residuals, d_out):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), mask_cotangent
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+flash.defvjp(_flash_fwd, _flash_bwd)

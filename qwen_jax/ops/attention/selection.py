@@ -1,60 +1,21 @@
-"""Attention backends: one entry point, `attend`, for every way the model attends.
-
-Shapes (einsum letters as in `qwen_jax.model`): queries `q[B, T, N, H]`; keys and values
-`k, v[B, S, K, H]`, or the stacked KV cache `[L, B, S, K, H]` together with `layer` (a cached
-call reads its layer's blocks straight from the cache, never copying the whole layer). Query head
-n reads key/value head `n // (N // K)` (GQA; MQA and MHA are the cases K = 1 and K = N).
-
-Which keys a query sees is described by an `AttentionMask` of slots, never by a `[T, S]` array
-(see its docstring): causal, per-row lengths of a KV cache, a sliding window, segment ids of
-packed sequences or padding.
-
-Backends (`BACKENDS`):
-
-- `xla`: the reference: one float32 score tensor `[B, K, G, T, S]` and a dense mask. Memory and
-  time grow with T * S; a cached call reads every slot of the cache. Short sequences only.
-- `chunked`: pure JAX flash attention, runs everywhere. Query blocks x key blocks with an online
-  softmax (float32 running max, sum and accumulator); each KV head's G query heads are folded into
-  the query rows (one matrix product per KV head); only blocks on the causal diagonal, the window
-  edge or with segment ids are masked, blocks above the diagonal, past a row's length or outside
-  the window are never visited. A decode step therefore reads only the filled part of the cache.
-  Memory O(T * block); gradients by a custom VJP that recomputes each block (FlashAttention-2).
-- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` (NVIDIA GPU, bfloat16/float16,
-  head_dim a multiple of 8). Uncached calls use cuDNN's causal mask and window; segment ids and
-  cached calls (whose causal diagonal is bottom-right, not cuDNN's top-left) pass an explicit
-  mask plus `key_value_seq_lengths`. See `cudnn_arguments`.
-- `splash`: TPU splash attention (Pallas), one MQA kernel per KV head, vmapped over the batch,
-  with segment ids and a local mask for sliding windows; sequences are padded to a multiple of 128.
-  It serves uncached calls (training, full forward passes); cached calls (prefill chunks and
-  decode steps) run the `chunked` kernel, which reads only the filled cache.
-- `auto`: `select_backend`: splash on TPU, cudnn on GPU for bfloat16/float16, otherwise chunked,
-  except xla for short sequences on CPU (below `CPU_CHUNKED_MIN_SCORES` scores, and for cached
-  calls a cache of at most `BLOCK_KV` slots), where one einsum is faster than a loop.
-
-Asking for `cudnn` or `splash` where it cannot run raises `AttentionBackendError`; nothing falls
-back silently.
-"""
+"""Which attention backend runs a call: `check_backend` refuses one that cannot run here,
+`select_backend` resolves `auto` from the platform, dtype, head size and sequence lengths."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from qwen_jax.config import ATTENTION_BACKENDS as BACKENDS
 from qwen_jax.errors import AttentionBackendError
 from qwen_jax.ops.attention.chunked import BLOCK_KV
+from qwen_jax.sharding import platform_of
+
+__all__ = ["CPU_CHUNKED_MIN_SCORES", "check_backend", "platform_of", "select_backend"]
 
 # On CPU an uncached call with fewer scores per (batch row, head) than this runs the xla einsum:
-# there it costs about what chunked costs (measured on 2 cores: chunked is faster from ~64 tokens
-# up, 6x at 1,024) and rounds bfloat16 probabilities exactly where HF does.
+# below it the einsum costs about what the chunked loop costs (see benchmarks/long_context.py) and
+# rounds bfloat16 probabilities exactly where HF does.
 CPU_CHUNKED_MIN_SCORES = 256 * 256
-
-
-# ----------------------------------------------------------------------------- selection
-def platform_of(mesh=None) -> str:
-    """'cpu', 'gpu' or 'tpu': the platform of the mesh's devices, else of the default backend."""
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-    return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
 
 
 def check_backend(name: str, *, dtype, head_dim: int | None, platform: str, interpret: bool = False) -> None:

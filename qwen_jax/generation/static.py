@@ -1,4 +1,5 @@
-"""Text generation with a preallocated KV cache: batched (one jitted loop) and streaming (one jitted step per token).
+"""Generation from token ids with a preallocated KV cache: a static batch (one jitted loop) and streaming
+(one jitted step per token); `qwen_jax.generate` / `stream` (`api`) add text on top.
 
 How a call runs:
 

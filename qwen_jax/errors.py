@@ -51,18 +51,19 @@ class QuantizationError(QwenJaxError, ValueError):
 
 
 class GenerationError(QwenJaxError, ValueError):
-    """A request that cannot be generated (empty prompt, prompt or output beyond the context, bad settings)."""
+    """A request that cannot be generated (empty prompt, prompt or output beyond the context, bad settings).
 
-
-class EngineError(GenerationError):
-    """A request the engine cannot serve (bad parameters, prompt + max tokens beyond the context).
-
-    `param`: the request field at fault, where one is (the server reports it in OpenAI's envelope).
+    `param`: the setting at fault, where one is (e.g. "temperature"; the server reports it in
+    OpenAI's error envelope).
     """
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class EngineError(GenerationError):
+    """A request the engine cannot serve (bad parameters, prompt + max tokens beyond the context)."""
 
 
 class QueueFullError(GenerationError, RuntimeError):

@@ -24,6 +24,10 @@ All device work goes through `EnginePrograms`: a fixed set of ahead-of-time comp
 (prefill per bucket, insert, decode step per width, mixed step per width and chunk length, row
 start, samplers, logprobs, row move). `warmup()` compiles all of them; afterwards nothing
 compiles while serving.
+
+Requests take the sampling keyword arguments of every generation call (`SamplingKwargs`) and draw
+with the same sampler as `qwen_jax.generate` (`qwen_jax.generation.sampler`), so a request gives
+the tokens `qwen_jax.generate` gives for the same prompt, seed and settings.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
+from typing_extensions import Unpack
 
 from qwen_jax.config import GenerationConfig
 from qwen_jax.engine.programs import EnginePrograms, StepOutputs, default_mixed_chunk
@@ -47,14 +53,12 @@ from qwen_jax.engine.requests import (
     Request,
     RequestHandle,
     TokenLogprob,
+    check_top_logprobs,
     new_request_id,
+    resolve_request,
 )
-from qwen_jax.errors import EngineClosedError, EngineError, QueueFullError
-from qwen_jax.generation.options import (
-    Prompt,
-    default_generation_config,
-    resolve_options,
-)
+from qwen_jax.errors import EngineClosedError, EngineError, GenerationError, QueueFullError
+from qwen_jax.generation.options import Prompt, SamplingKwargs, generation_defaults, row_seeds
 from qwen_jax.ops.attention.selection import platform_of
 
 DEFAULT_MAX_LEN = 4096
@@ -133,17 +137,14 @@ class Engine:
         self.slots = int(slots)
         self.max_len = max_len
         self.max_queue = max_queue
-        config = config or default_generation_config(model)
-        eos = tokenizer.eos_token_id
-        if eos is not None and eos not in config.eos_token_ids:
-            config = config.replace(eos_token_ids=(*config.eos_token_ids, eos))
+        config = generation_defaults(model, tokenizer, config)
         self.config = config
         self.programs = EnginePrograms(
             model,
             slots=self.slots,
             max_len=max_len,
             buckets=prefill_buckets,
-            pad_id=config.pad_token_id or tokenizer.pad_token_id or 0,
+            pad_id=config.pad_token_id or 0,
             prefill_chunk=prefill_chunk,
         )
 
@@ -170,10 +171,10 @@ class Engine:
 
         `workers` threads compile different programs at once (default: one per CPU core, at most 8).
         `prime` then runs each program once on zeros (`EnginePrograms.prime`), so that the first
-        requests run at the steady-state speed: on CPU the first run of each program costs 0.4-0.8 s
-        more than later ones (0.5B), which made a first pass of 16 requests 15 % slower. Priming
-        costs more than it saves there (34 s to save ~6 s), so it is off by default: use it to time
-        the engine from its first request. It needs memory for a second KV cache while it runs.
+        requests run at the steady-state speed: on CPU the first run of each program costs more
+        than later ones. Priming takes longer than the first requests save (benchmarks/serve.py),
+        so it is off by default: use it to time the engine from its first request. It needs memory
+        for a second KV cache while it runs.
         Safe to call while serving: each program is compiled once, under its own lock, and priming
         leaves the engine's cache and slots alone.
         """
@@ -186,59 +187,42 @@ class Engine:
         self,
         prompt: Prompt | Sequence[int],
         *,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        repetition_penalty: float | None = None,
-        presence_penalty: float | None = None,
-        frequency_penalty: float | None = None,
-        logit_bias: Mapping[int, float] | None = None,
-        seed: int | None = None,
-        stop: str | int | Sequence[str | int] | None = None,
         logprobs: int | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         request_id: str | None = None,
         on_delta: Callable[[Delta], None] | None = None,
+        **sampling: Unpack[SamplingKwargs],
     ) -> RequestHandle:
         """Queue a request; returns at once. Raises EngineError (bad request), QueueFullError, EngineClosedError.
 
-        prompt: text, a chat conversation (list of messages, rendered with the chat template and
-          `tools`), or token ids. `stop` adds stop strings and stop token ids. `logprobs=k` returns
-          each generated token's log-probability and the k most likely alternatives (0 <= k <= 20).
-          `seed`: the token at index i is drawn with `fold_in(key(seed), i)`, so a seeded request
-          gives the same tokens whatever else is running. `on_delta` is called on the engine thread
-          with each `Delta` (keep it short); without it, iterate the handle.
-          `presence_penalty` / `frequency_penalty` (OpenAI's, in [-2, 2]) lower the logits of ids
-          already generated (once / per occurrence); `logit_bias` adds {token id: value in [-100, 100]}.
+        Args:
+            prompt: text, a chat conversation (list of messages, rendered with the chat template and
+                `tools`), or token ids.
+            logprobs: `k` returns each generated token's log-probability and the k most likely
+                alternatives (0 <= k <= 20).
+            request_id: the id of the request (default: a fresh one).
+            on_delta: called on the engine thread with each `Delta` (keep it short); without it,
+                iterate the handle.
+            **sampling: the sampling options of every generation call
+                (`qwen_jax.generation.options.SamplingKwargs`). `seed`: the token at index i is drawn
+                with `fold_in(key(seed), i)`, so a seeded request gives the same tokens whatever else
+                is running, and the tokens `qwen_jax.generate` gives. `max_new_tokens` unset fills
+                what the context leaves, up to the config's default.
         """
-        request = self._make_request(
-            prompt,
-            tools,
-            request_id,
-            on_delta,
-            dict(
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                min_p=min_p,
-                repetition_penalty=repetition_penalty,
-                presence_penalty=presence_penalty,
-                frequency_penalty=frequency_penalty,
-                logit_bias=logit_bias,
-                seed=seed,
-                stop=stop,
-                logprobs=logprobs,
-            ),
-        )
+        request = self._make_request(prompt, tools, request_id, on_delta, logprobs, sampling)
         self._enqueue(request, enforce_queue_limit=True)
         return request.handle
 
-    def stream(self, prompt: Prompt | Sequence[int], **options) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: Prompt | Sequence[int],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        request_id: str | None = None,
+        **sampling: Unpack[SamplingKwargs],
+    ) -> Iterator[str]:
         """Submit one request and yield its text as it is generated; closing the iterator aborts it."""
-        handle = self.submit(prompt, **options)
+        handle = self.submit(prompt, tools=tools, request_id=request_id, **sampling)
         try:
             for delta in handle:
                 if delta.error:
@@ -260,23 +244,34 @@ class Engine:
         return True
 
     def generate(
-        self, prompts: Sequence[Prompt | Sequence[int]], *, progress: bool = True, **options
+        self,
+        prompts: Sequence[Prompt | Sequence[int]],
+        *,
+        progress: bool = True,
+        logprobs: int | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        **sampling: Unpack[SamplingKwargs],
     ) -> list[Completion]:
         """Run many prompts through the engine; one Completion per prompt, in input order.
 
-        `options` are those of `submit` (the same for every prompt). Every prompt is validated
-        before any is queued; the queue limit does not apply. Raises EngineError if a request fails.
+        The options are those of `submit`, the same for every prompt, except `seed`: one for every
+        prompt, or one per prompt. Every prompt is validated before any is queued; the queue limit
+        does not apply. Raises EngineError if a request fails.
         """
-        from tqdm.auto import tqdm
-
-        tools = options.pop("tools", None)
         finished: queue.SimpleQueue = queue.SimpleQueue()
 
         def on_delta(delta: Delta) -> None:
             if delta.finish_reason is not None:
                 finished.put(delta.request_id)
 
-        requests = [self._make_request(p, tools, None, on_delta, options) for p in prompts]
+        try:
+            seeds = row_seeds(sampling.pop("seed", None), len(prompts))
+        except GenerationError as e:
+            raise EngineError(str(e), param=e.param) from None
+        requests = [
+            self._make_request(prompt, tools, None, on_delta, logprobs, {**sampling, "seed": seed})
+            for prompt, seed in zip(prompts, seeds)
+        ]
         for request in requests:
             self._enqueue(request, enforce_queue_limit=False)
         try:
@@ -333,19 +328,20 @@ class Engine:
         self.shutdown()
 
     # ------------------------------------------------------------------ caller-side helpers
-    def _make_request(self, prompt, tools, request_id, on_delta, options: dict) -> Request:
+    def _make_request(self, prompt, tools, request_id, on_delta, logprobs, sampling: dict) -> Request:
         """Encode and validate (raises EngineError) in the caller's thread."""
         prompt_ids = self._encode(prompt, tools)
         vocab = self.model.config.vocab_size
-        resolved = resolve_options(
-            self.config, prompt_length=len(prompt_ids), max_len=self.max_len, vocab_size=vocab, **options
+        options = resolve_request(
+            self.config, prompt_length=len(prompt_ids), max_len=self.max_len, vocab_size=vocab, **sampling
         )
+        check_top_logprobs(logprobs)
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise EngineError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         request_id = request_id or new_request_id()
         handle = RequestHandle(request_id, self.abort, buffered=on_delta is None)
-        return Request(request_id, prompt_ids, resolved, self.tokenizer, handle, on_delta)
+        return Request(request_id, prompt_ids, options, logprobs, self.tokenizer, handle, on_delta)
 
     def _enqueue(self, request: Request, enforce_queue_limit: bool) -> None:
         with self._lock:  # enqueued under the lock: a shutdown command can never overtake an accepted request
@@ -369,7 +365,7 @@ class Engine:
             return self.tokenizer.encode(prompt)
         items = list(prompt)
         if not items:
-            return []  # refused by resolve_options with a clear message
+            return []  # refused by resolve_request with a clear message
         if all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in items):
             return [int(t) for t in items]
         if all(isinstance(m, Mapping) for m in items):
@@ -483,9 +479,7 @@ class Engine:
         ]
 
     def _prefill_whole(self, request: Request) -> None:
-        self._pending.append(
-            self.programs.prefill_into_slot(request.prompt_ids, request.options, request.slot, request)
-        )
+        self._pending.append(self.programs.prefill_into_slot(request.prompt_ids, request.slot, request))
         request.prefilled, request.dispatched = len(request.prompt_ids), 1
         self._prefilling.remove(request)
 
@@ -532,9 +526,9 @@ class Engine:
             if request is None or request.finished:
                 continue  # an empty slot, or a request that ended while this step was in flight
             logprob = None
-            if request.options.logprobs is not None:
+            if request.top_logprobs is not None:
                 chosen, top_ids, top_values = logprobs
-                k = request.options.logprobs
+                k = request.top_logprobs
                 logprob = TokenLogprob(
                     int(tokens[row]),
                     float(chosen[row]),

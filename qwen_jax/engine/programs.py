@@ -4,8 +4,9 @@ Programs (pure functions of the model state, compiled ahead of time; after `comp
 compiles while serving):
 - `prefill[bucket]`: one prompt, right-padded to `bucket`, into a fresh one-row `KVCache`; returns
   that cache, the logits of its last real token and the prompt's token set (repetition penalty).
-- `sample[variant]`: per-row sampling (`qwen_jax.engine.sampler`) of a prefilled prompt's first
-  token into its one-row state (last token, penalty history, token index).
+- `sample[variant]`: per-row sampling (`qwen_jax.generation.sampler`, the sampler `qwen_jax.generate`
+  uses too) of a prefilled prompt's first token into its one-row state (last token, penalty
+  history, token index).
 - `insert[bucket]`: `KVCache.insert` of a prefilled one-row cache, and its row state, into a slot.
 - `start`: a request's row state into a slot whose cache row is emptied (before chunked prefill).
 - `mixed[width, chunk]`: a decode step of the first `width` slots fused with the next chunk (up to
@@ -23,6 +24,10 @@ compiles while serving):
 
 The batch cache has per-row lengths and every row's keys start at slot 0, so a request's cache
 layout, positions and logits do not depend on its batch-mates or on the slot it sits in.
+
+Programs are compiled into the shared executable cache (`qwen_jax.compilation.EXECUTABLES`, names
+"engine.prefill", "engine.decode", ...), so engines with the same model structure, shardings and
+sizes share them; each engine also keeps its own programs in a map looked up by a short key.
 """
 
 from __future__ import annotations
@@ -42,16 +47,19 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qwen_jax.generation.options import MAX_TOP_LOGPROBS, RequestOptions
+from qwen_jax.compilation import EXECUTABLES
+from qwen_jax.engine.requests import MAX_TOP_LOGPROBS
+from qwen_jax.generation.options import SamplingOptions, initial_history, row_params
 from qwen_jax.generation.sampler import (
+    ENGINE_VARIANTS,
     History,
     RowParams,
     SamplerVariant,
+    covering_variant,
+    mark_seen,
     sample_rows,
-    seed_key_data,
     variant_for,
 )
-from qwen_jax.generation.sampling import mark_seen
 from qwen_jax.generation.static import prompt_bucket
 from qwen_jax.model.kv_cache import KVCache
 from qwen_jax.model.mixed import mixed_hidden_states
@@ -85,9 +93,9 @@ class StepOutputs:
 def prefill_buckets(max_len: int, buckets=None) -> tuple[int, ...]:
     """Padded prompt lengths: powers of two from 16, and max_len - 1 (the longest prompt) last.
 
-    (Midpoints 1.5x between them were tried: a 130-token prompt's prefill drops from 868 to 679 ms
-    on the 2-core CPU, but end-to-end serving throughput did not measurably improve, and they
-    nearly double the programs compiled at warm-up.)"""
+    (Midpoints 1.5x between them were tried: they shorten the prefill of a prompt just past a
+    power of two, but did not measurably improve end-to-end serving throughput in
+    benchmarks/serve.py, and they nearly double the programs compiled at warm-up.)"""
     if buckets is not None:
         chosen = tuple(sorted({int(b) for b in buckets}))
         if not chosen or chosen[0] < 1 or chosen[-1] > max_len - 1:
@@ -103,12 +111,12 @@ def prefill_buckets(max_len: int, buckets=None) -> tuple[int, ...]:
 def default_mixed_chunk(platform: str) -> int:
     """Prompt tokens a mixed step prefills at most: 256 on CPU, 512 on GPU/TPU.
 
-    Measured on the 2-core CPU (0.5B, float32, 8 slots; README "Serving"): a mixed step of 8 decode
-    rows and 64 prompt tokens costs 377 ms against 218 + 290 ms for the two apart; with 256-token
-    chunks a prompt of up to 256 tokens still goes in in one step (time to first token as a whole
-    prefill) while the running rows advance, where 64-token chunks raised time to first token by
-    ~40 % for no more throughput. Accelerators reach full use of their matrix units only at hundreds
-    of rows, where a decode step alone is memory-bound."""
+    A mixed step costs less than a decode step and a prefill chunk apart (the decode rows ride on
+    the chunk's matrix products). With 256-token chunks on CPU a prompt of up to 256 tokens still
+    goes in in one step (time to first token as a whole prefill) while the running rows advance;
+    smaller chunks raised time to first token for no more throughput (benchmarks/serve.py).
+    Accelerators reach full use of their matrix units only at hundreds of rows, where a decode step
+    alone is memory-bound."""
     return 256 if platform == "cpu" else 512
 
 
@@ -123,12 +131,17 @@ def chunk_buckets(prefill_chunk: int) -> tuple[int, ...]:
     return (*out, prefill_chunk)
 
 
-# Compiled programs, shared by every engine with the same model structure, shardings and sizes.
-_EXECUTABLES: dict[tuple, Any] = {}
-_COMPILE_LOCK = threading.Lock()  # guards the two dicts
-_KEY_LOCKS: dict[tuple, threading.Lock] = {}  # one per program: a program is compiled once, different ones at once
 MAX_COMPILE_WORKERS = 8
-_PRIMED: set[tuple] = set()  # programs already run once (see `EnginePrograms.prime`)
+_PRIME_LOCK = threading.Lock()  # guards `_Program.primed` (engines may prime from several threads)
+
+
+@dataclasses.dataclass
+class _Program:
+    """A compiled program, as the shared executable cache holds it (one per model structure,
+    shardings, sizes and program key, whichever engine compiled it)."""
+
+    executable: Any
+    primed: bool = False  # run once on zeros (see `EnginePrograms.prime`)
 
 
 def default_compile_workers() -> int:
@@ -170,10 +183,12 @@ class EnginePrograms:
         self.dtype = model.dtype
         self.graphdef, self.state = nnx.split(model)
         self.mesh, self.rules = model.mesh, model.rules
-        self.compile_seconds = 0.0
+        self.compile_seconds = 0.0  # seconds this engine spent compiling (`compile_all` runs threads)
+        self._compile_lock = threading.Lock()
         self.prime_seconds = 0.0
-        # This engine's programs: key without the signature -> (full key, executable).
-        self._programs: dict[tuple, tuple[tuple, Any]] = {}
+        # This engine's programs by their short key (the full key adds `_signature`); it also keeps
+        # them alive when the shared cache evicts them, so nothing compiles again after warm-up.
+        self._programs: dict[tuple, _Program] = {}
         state_signature = tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(self.state))
         self._signature = (self.graphdef, state_signature, slots, max_len, self.dtype, self.mesh, self.rules)
         cache = KVCache.init(self.config, slots, max_len, self.dtype)
@@ -238,35 +253,26 @@ class EnginePrograms:
     # ------------------------------------------------------------------ compilation
     def _executable(self, key: tuple, build: Callable[[], Any]):
         # Looked up on every step: in this engine's own programs first, by the short key, since
-        # hashing the full key (the model's graph definition) took ~4 ms a lookup for the unrolled
-        # 0.5B, 2-3 lookups a step.
+        # hashing the full key (the model's graph definition, large for an unrolled model) on every
+        # lookup, a few lookups a step, would cost the step time (see benchmarks/serve.py).
         known = self._programs.get(key)
         if known is not None:
-            return known[1]
-        short_key, key = key, (*key, self._signature)
-        executable = _EXECUTABLES.get(key)
-        if executable is None:
-            with _COMPILE_LOCK:
-                lock = _KEY_LOCKS.setdefault(key, threading.Lock())
-            with lock:
-                executable = _EXECUTABLES.get(key)
-                if executable is None:
-                    start = time.perf_counter()
-                    executable = build()
-                    with _COMPILE_LOCK:
-                        self.compile_seconds += time.perf_counter() - start
-                        _EXECUTABLES[key] = executable
-        self._programs[short_key] = (key, executable)
-        return executable
+            return known.executable
+        name = f"engine.{key[0]}"
+        program, seconds = EXECUTABLES.get(name, (name, *key, self._signature), lambda: _Program(build()))
+        if seconds:
+            with self._compile_lock:
+                self.compile_seconds += seconds
+        self._programs[key] = program
+        return program.executable
 
     def prime(self) -> float:
         """Run each of this engine's compiled programs once on zeros (the model's own weights, a
         scratch cache and slot state; the engine's are not touched); returns the seconds it took.
 
-        On CPU the first run of an XLA executable costs more than the next ones (0.4-0.8 s for the
-        0.5B mixed steps, measured), so without this the first requests after warm-up pay it step by
-        step. A program is primed once per process, whichever engine runs it. Needs memory for a
-        second KV cache while it runs."""
+        On CPU the first run of an XLA executable costs more than the next ones, so without this
+        the first requests after warm-up pay it step by step. A program is primed once per process,
+        whichever engine runs it. Needs memory for a second KV cache while it runs."""
 
         def zeros(info, sharding):
             array = np.zeros(info.shape, info.dtype)
@@ -274,11 +280,12 @@ class EnginePrograms:
 
         state_structure = jax.tree.structure(self.state)
         start = time.perf_counter()
-        for key, executable in list(self._programs.values()):
-            with _COMPILE_LOCK:
-                if key in _PRIMED:
+        for program in list(self._programs.values()):
+            with _PRIME_LOCK:
+                if program.primed:
                     continue
-                _PRIMED.add(key)
+                program.primed = True
+            executable = program.executable
             (args_info, _), (shardings, _) = executable.args_info, executable.input_shardings
             # An argument shaped like the model's state is the state (never donated); the rest are zeros.
             args = [
@@ -307,11 +314,11 @@ class EnginePrograms:
         jobs += [functools.partial(self._prefill_executable, bucket) for bucket in reversed(self.buckets)]
         jobs += [functools.partial(self._decode_executable, width) for width in reversed(self.widths)]
         jobs += [functools.partial(self._insert_executable, bucket) for bucket in self.buckets]
-        jobs += [functools.partial(self._sample_executable, variant) for variant in SamplerVariant]
+        jobs += [functools.partial(self._sample_executable, variant) for variant in ENGINE_VARIANTS]
         jobs += [
             functools.partial(self._step_sample_executable, width, variant)
             for width in self.widths
-            for variant in SamplerVariant
+            for variant in ENGINE_VARIANTS
         ]
         jobs += [functools.partial(self._logprobs_executable, rows) for rows in sorted({1, *self.widths})]
         jobs.append(self._move_executable)
@@ -561,8 +568,9 @@ class EnginePrograms:
         return self._executable(("move",), build)
 
     # ------------------------------------------------------------------ running
-    def prefill_into_slot(self, prompt_ids: list[int], options: RequestOptions, slot: int, request) -> StepOutputs:
+    def prefill_into_slot(self, prompt_ids: list[int], slot: int, request) -> StepOutputs:
         """Prefill one prompt, sample its first token and insert both into `slot` (dispatched, not awaited)."""
+        options = request.options
         length = len(prompt_ids)
         bucket = next(b for b in self.buckets if b >= length)
         ids = np.full((1, bucket), self.pad_id, np.int32)
@@ -572,9 +580,8 @@ class EnginePrograms:
         )
         row_cache, logits, seen = self._prefill_executable(bucket)(self.state, ids, length_arg)
         row_state = dataclasses.replace(row_state, history=dataclasses.replace(row_state.history, seen=seen))
-        variant = variant_for([(options.temperature, options.top_k, options.top_p)])
-        row_state, tokens = self._sample_executable(variant)(logits, row_state)
-        logprobs = self._logprobs_executable(1)(logits, tokens) if options.logprobs is not None else None
+        row_state, tokens = self._sample_executable(_engine_variant([options]))(logits, row_state)
+        logprobs = self._logprobs_executable(1)(logits, tokens) if request.top_logprobs is not None else None
         insert = self._insert_executable(bucket)
         self.cache, self.slot_state = insert(self.cache, self.slot_state, row_cache, row_state, slot_arg)
         return StepOutputs([request], tokens, logprobs)
@@ -587,7 +594,7 @@ class EnginePrograms:
         logits, self.cache = self._decode_executable(width)(self.state, self.cache, self.slot_state.tokens, active)
         return self._sample_step(rows, logits, active)
 
-    def start_row(self, options: RequestOptions, slot: int) -> None:
+    def start_row(self, options: SamplingOptions, slot: int) -> None:
         """Empty `slot`'s cache row and give it the request's sampling state (before `mixed_step`)."""
         row_state, slot_arg = self._put((_row_state(options, self.vocab), np.int32(slot)))
         self.cache, self.slot_state = self._start_executable()(self.cache, self.slot_state, row_state, slot_arg)
@@ -617,11 +624,9 @@ class EnginePrograms:
         if not any(rows):  # a chunk of a prompt, nothing decoding: no token this step
             return StepOutputs(list(rows), None, None)
         width = len(rows)
-        variant = variant_for(
-            [(r.options.temperature, r.options.top_k, r.options.top_p) for r in rows if r is not None]
-        )
+        variant = _engine_variant([r.options for r in rows if r is not None])
         self.slot_state, tokens = self._step_sample_executable(width, variant)(logits, self.slot_state, take)
-        wants_logprobs = any(r is not None and r.options.logprobs is not None for r in rows)
+        wants_logprobs = any(r is not None and r.top_logprobs is not None for r in rows)
         logprobs = self._logprobs_executable(width)(logits, tokens) if wants_logprobs else None
         return StepOutputs(list(rows), tokens, logprobs)
 
@@ -637,23 +642,11 @@ def _sample(logits, slot_state: SlotState, variant: SamplerVariant):
     return SlotState(tokens, params, slot_state.history.record(tokens)), tokens
 
 
-def _row_state(options: RequestOptions, vocab: int) -> SlotState:
-    """A request's one-row state on the host: its settings, an empty history with its logit bias."""
-    history = History.empty(1, vocab, np)
-    for token_id, value in options.logit_bias:
-        history.bias[0, token_id] = value
-    return SlotState(np.zeros(1, np.int32), _row_params(options), history)
+def _engine_variant(options: list[SamplingOptions]) -> SamplerVariant:
+    """The compiled sampler variant (one of `ENGINE_VARIANTS`) that draws every row of `options`."""
+    return covering_variant(variant_for(o.draw_settings for o in options), ENGINE_VARIANTS)
 
 
-def _row_params(options: RequestOptions) -> RowParams:
-    return RowParams(
-        temperature=np.asarray([options.temperature], np.float32),
-        top_k=np.asarray([options.top_k], np.int32),
-        top_p=np.asarray([options.top_p], np.float32),
-        min_p=np.asarray([options.min_p], np.float32),
-        repetition_penalty=np.asarray([options.repetition_penalty], np.float32),
-        presence_penalty=np.asarray([options.presence_penalty], np.float32),
-        frequency_penalty=np.asarray([options.frequency_penalty], np.float32),
-        key_data=seed_key_data(options.seed)[None],
-        token_index=np.zeros(1, np.int32),
-    )
+def _row_state(options: SamplingOptions, vocab: int) -> SlotState:
+    """A request's one-row state on the host: its settings and seed, an empty history with its logit bias."""
+    return SlotState(np.zeros(1, np.int32), row_params(options, [options.seed]), initial_history(options, vocab, [[]]))

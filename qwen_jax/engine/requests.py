@@ -1,8 +1,10 @@
-"""Host-side request state: validated options, incremental text with stop strings, outputs.
+"""Host-side request state: options resolved for a request, incremental text with stop strings, outputs.
 
 Everything here runs on the host (the engine thread or the caller's thread); nothing touches a
-device. A request's text is assembled token by token with `StreamDecoder` (UTF-8 safe), cut
-before the first stop string, and text that could still become a stop string is held back.
+device. A request's options are the generation calls' `SamplingOptions`, fitted to the engine's
+context (`resolve_request`). Its text is assembled token by token by the one text assembler
+(`qwen_jax.generation.text.TextAssembler`: UTF-8 safe, cut before the first stop string, text
+that could still become a stop string held back).
 """
 
 from __future__ import annotations
@@ -14,9 +16,55 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
-from qwen_jax.generation.options import RequestOptions
+from qwen_jax.config import GenerationConfig
+from qwen_jax.errors import EngineError, GenerationError
+from qwen_jax.generation.options import SamplingOptions, resolve
 from qwen_jax.generation.text import TextAssembler
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI: top_logprobs is 0..20
+
+
+def resolve_request(
+    config: GenerationConfig, *, prompt_length: int, max_len: int, vocab_size: int, **sampling: Any
+) -> SamplingOptions:
+    """`qwen_jax.generation.options.resolve` for one engine request of `prompt_length` tokens in
+    slots of `max_len` tokens; raises EngineError naming the problem (and the setting, `param`).
+
+    `max_new_tokens` unset takes the config's default, capped to what the context leaves; an
+    explicit value that overflows the context is an error that states both numbers.
+    """
+    if prompt_length < 1:
+        raise EngineError("the prompt is empty: at least one token is needed to generate from")
+    if prompt_length >= max_len:
+        raise EngineError(
+            f"the prompt has {prompt_length} tokens, but the context is {max_len} tokens "
+            f"(at least one new token must fit)"
+        )
+    room = max_len - prompt_length
+    if sampling.get("max_new_tokens") is None:
+        sampling = {**sampling, "max_new_tokens": min(config.max_new_tokens, room)}
+    try:
+        options = resolve(config, vocab_size=vocab_size, **sampling)
+    except GenerationError as e:
+        raise EngineError(str(e), param=e.param) from None
+    if options.max_new_tokens > room:
+        raise EngineError(
+            f"the prompt ({prompt_length} tokens) plus max_new_tokens ({options.max_new_tokens}) is "
+            f"{prompt_length + options.max_new_tokens} tokens, more than the context of {max_len} tokens "
+            f"(at most {room} new tokens for this prompt)",
+            param="max_new_tokens",
+        )
+    return options
+
+
+def check_top_logprobs(logprobs: int | None) -> None:
+    """`logprobs=k`: the chosen token's log-probability and the k most likely, 0 <= k <= MAX_TOP_LOGPROBS."""
+    if logprobs is None:
+        return
+    if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise EngineError(f"top logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {logprobs!r}", param="logprobs")
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -129,7 +177,8 @@ class Request:
         self,
         request_id: str,
         prompt_ids: list[int],
-        options: RequestOptions,
+        options: SamplingOptions,
+        top_logprobs: int | None,
         tokenizer,
         handle: RequestHandle,
         on_delta: Callable[[Delta], None] | None,
@@ -137,11 +186,12 @@ class Request:
         self.id = request_id
         self.prompt_ids = prompt_ids
         self.options = options
+        self.top_logprobs = top_logprobs  # None: no logprobs; k: the chosen token's and the k most likely
         self.handle = handle
         self.on_delta = on_delta
         self.text = TextAssembler(tokenizer, options.stop_strings)
         self.token_ids: list[int] = []
-        self.logprobs: list[TokenLogprob] | None = [] if options.logprobs is not None else None
+        self.logprobs: list[TokenLogprob] | None = [] if top_logprobs is not None else None
         self.slot: int | None = None
         self.dispatched = 0  # tokens whose computation has been dispatched to the device
         self.prefilled = 0  # prompt tokens whose prefill has been dispatched

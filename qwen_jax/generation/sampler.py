@@ -1,4 +1,8 @@
-"""Per-row sampling for batches whose rows belong to different requests.
+"""The one sampler: next tokens for a batch whose rows may each have their own settings and seed.
+
+`qwen_jax.generate` / `stream` (the static-batch programs of `qwen_jax.generation.static`) and the
+engine (`qwen_jax.engine.programs`) both draw through `sample_rows`, so the same seed and settings
+give the same tokens from all of them.
 
 Each row carries its own settings (`RowParams`): temperature (0 = greedy), top-k, top-p, min-p,
 repetition penalty, OpenAI's presence and frequency penalties, and a key with a token index; a
@@ -6,46 +10,86 @@ row's `History` holds what those penalties read (the ids seen in prompt and outp
 generated ids) and its logit bias. The logits are adjusted in vLLM's order: logit bias, repetition
 penalty (prompt and output ids), then `logits -= frequency * count + presence * (count > 0)` over
 the generated ids (OpenAI's definition); the filters that follow are HF's logits processors in
-HF's order (as `qwen_jax.sampling`). Everything is applied row by row with traced values, so any
-mix of requests runs through one compiled program.
+HF's order (`TemperatureLogitsWarper`, `TopKLogitsWarper`, `TopPLogitsWarper`, `MinPLogitsWarper`,
+with HF's semantics: top-k keeps ties with the k-th logit, top-p keeps the top token). Settings are
+traced values, so a new temperature or top-p does not recompile, and any mix of requests runs
+through one compiled program.
 
 A row's token depends only on its own logits, settings, seed and token index -- never on its
 batch-mates -- which is what lets a request give the same tokens alone or in a busy batch.
-Greedy rows take the argmax of the adjusted logits. Sampling rows draw by inverse
-CDF with one uniform number `u = uniform(fold_in(key(seed), token_index))` over their kept tokens,
-in an order fixed by the row's own settings:
+Greedy rows take the argmax of the adjusted logits. Sampling rows draw by inverse CDF with one
+uniform number `u = uniform(fold_in(key(seed), token_index))` over their kept tokens, in an order
+fixed by the row's own settings:
 - 0 < top_k <= CANDIDATES: the `CANDIDATES` largest logits (`lax.top_k`), in descending order;
 - no top-k and no top-p (temperature and min-p only): the vocabulary in id order (no sort needed);
 - otherwise (top-p without a small top-k, or a large top-k): the whole vocabulary sorted in
-  descending order -- exact, but a full sort, which is slow on CPU (~0.5 s for 8 x 151,936).
-The program variant (`SamplerVariant`) only decides which of these paths are computed for a batch.
+  descending order -- exact, but a full sort of the vocabulary, the costly path (see
+  benchmarks/generate.py and benchmarks/serve.py).
+The program variant (`SamplerVariant`, static) only decides which of these paths are computed for
+a batch, and whether the bias and penalties are compiled in: a greedy batch without penalties
+compiles to the argmax alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_jax.generation.sampling import (
-    _min_p_keep,
-    _top_p_keep,
-    apply_repetition_penalty,
-    mark_seen,
+CANDIDATES = 64  # the candidate set of rows whose top_k fits in it
+_REMOVED = -jnp.inf  # HF's filter_value
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerVariant:
+    """What one compiled sampler computes (static). A row's token never depends on the variant,
+    only on its own settings; the variant must cover every row's draw (`variant_for`)."""
+
+    candidates: bool = False  # draws over the top-CANDIDATES logits (rows with 0 < top_k <= CANDIDATES)
+    id_order: bool = False  # draws over the vocabulary in id order (rows without top-k and top-p)
+    sorted_vocabulary: bool = False  # draws over the sorted vocabulary (top-p without a small top-k, large top-k)
+    adjustments: bool = True  # the logit bias and the repetition, presence and frequency penalties
+
+    @property
+    def greedy(self) -> bool:
+        """No draw compiled in: every row takes the argmax."""
+        return not (self.candidates or self.id_order or self.sorted_vocabulary)
+
+    def covers(self, other: SamplerVariant) -> bool:
+        """Whether this variant computes everything `other` does."""
+        return all(getattr(self, f.name) or not getattr(other, f.name) for f in dataclasses.fields(self))
+
+
+# The engine compiles these three for every step width (its rows always carry bias and penalties):
+# a greedy batch, a batch without sorted-vocabulary rows, and any batch.
+ENGINE_VARIANTS = (
+    SamplerVariant(),
+    SamplerVariant(candidates=True, id_order=True),
+    SamplerVariant(candidates=True, id_order=True, sorted_vocabulary=True),
 )
 
-CANDIDATES = 64  # the candidate set of rows whose top_k fits in it
+
+def variant_for(rows: Iterable[tuple[float, int, float]], adjustments: bool = True) -> SamplerVariant:
+    """The cheapest variant that draws every (temperature, top_k, top_p) row of `rows` (host side)."""
+    candidates = id_order = sorted_vocabulary = False
+    for temperature, top_k, top_p in rows:
+        if temperature <= 0:
+            continue
+        if 0 < top_k <= CANDIDATES:
+            candidates = True
+        elif top_p < 1 or top_k > CANDIDATES:
+            sorted_vocabulary = True
+        else:
+            id_order = True
+    return SamplerVariant(candidates, id_order, sorted_vocabulary, adjustments)
 
 
-class SamplerVariant(enum.Enum):
-    """Which sampling paths one compiled sampler computes (static)."""
-
-    GREEDY = "greedy"  # every row greedy: argmax only
-    CANDIDATES = "candidates"  # no row needs the sorted vocabulary: top-k candidates and id-order draws
-    FULL = "full"  # some row needs the whole vocabulary sorted (every path computed)
+def covering_variant(variant: SamplerVariant, choices: Iterable[SamplerVariant]) -> SamplerVariant:
+    """The first of `choices` that covers `variant` (the engine rounds up to `ENGINE_VARIANTS`)."""
+    return next(choice for choice in choices if choice.covers(variant))
 
 
 @jax.tree_util.register_dataclass
@@ -62,6 +106,10 @@ class RowParams:
     frequency_penalty: jax.Array  # float32; 0 = off
     key_data: jax.Array  # uint32 [rows, 2]: threefry key of the request's seed
     token_index: jax.Array  # int32: index of the token being drawn (0 = first generated token)
+
+    def at_token(self, index: jax.Array) -> RowParams:
+        """The same settings drawing token `index` in every row."""
+        return dataclasses.replace(self, token_index=jnp.full_like(self.token_index, index))
 
 
 @jax.tree_util.register_dataclass
@@ -85,6 +133,31 @@ class History:
         return History(mark_seen(self.seen, tokens), self.counts.at[rows, tokens].add(1), self.bias)
 
 
+def seed_key_data(seed: int) -> np.ndarray:
+    """Threefry key data of a 64-bit seed, as `jax.random.key(seed)` builds it ([high word, low word])."""
+    seed %= 2**64
+    return np.asarray([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+
+
+def mark_seen(seen: jax.Array, token_ids: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """Set seen[b, token_ids[b, ...]] = True (where `valid`); token_ids `[B]` or `[B, T]`."""
+    if token_ids.ndim == 1:
+        token_ids = token_ids[:, None]
+        valid = None if valid is None else valid[:, None]
+    if valid is not None:
+        token_ids = jnp.where(valid, token_ids, seen.shape[-1])  # out of range: dropped
+    rows = jnp.arange(seen.shape[0])[:, None]
+    return seen.at[rows, token_ids].set(True, mode="drop")
+
+
+# ----------------------------------------------------------------------------- adjustments and HF's filters
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
+    """HF's `RepetitionPenaltyLogitsProcessor`: for tokens already in the sequence (`seen`), divide
+    positive logits by the penalty and multiply negative ones."""
+    penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalised, logits)
+
+
 def adjusted_logits(logits: jax.Array, history: History, params: RowParams) -> jax.Array:
     """float32 logits after the logit bias and the repetition, frequency and presence penalties."""
     logits = logits.astype(jnp.float32) + history.bias
@@ -97,12 +170,41 @@ def adjusted_logits(logits: jax.Array, history: History, params: RowParams) -> j
     )
 
 
-def seed_key_data(seed: int) -> np.ndarray:
-    """Threefry key data of a 64-bit seed, as `jax.random.key(seed)` builds it ([high word, low word])."""
-    seed %= 2**64
-    return np.asarray([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+def _top_p_keep(sorted_logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """HF's `TopPLogitsWarper` on descending logits: drop the smallest tokens whose cumulative
+    probability is <= 1 - top_p, always keep the top one. Computed in ascending order exactly like
+    HF, so borderline tokens round the same."""
+    ascending = sorted_logits[..., ::-1]
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    remove = (cumulative <= 1 - top_p).at[..., -1].set(False)
+    return ~remove[..., ::-1]
 
 
+def _min_p_keep(logits: jax.Array, min_p: jax.Array) -> jax.Array:
+    """HF's `MinPLogitsWarper`: drop tokens whose probability is below min_p times the top token's."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    top = jnp.max(probs, axis=-1, keepdims=True)
+    return probs >= min_p * top
+
+
+def _filter_keep(values: jax.Array, params: RowParams) -> jax.Array:
+    """HF's TopK, TopP, MinP warpers on descending candidates `[rows, C]` (True = keep)."""
+    candidates = values.shape[-1]
+    k = jnp.clip(params.top_k, 1, candidates)[:, None]
+    kth = jnp.take_along_axis(values, k - 1, axis=-1)
+    keep = (values >= kth) | (params.top_k[:, None] <= 0)  # ties with the k-th are kept, as HF does
+    values = jnp.where(keep, values, _REMOVED)
+    keep = keep & _top_p_keep(values, params.top_p[:, None])
+    values = jnp.where(keep, values, _REMOVED)
+    return keep & _min_p_keep(values, params.min_p[:, None])
+
+
+def _scaled(logits: jax.Array, params: RowParams) -> jax.Array:
+    """HF's `TemperatureLogitsWarper` (greedy rows, temperature 0, are left unscaled)."""
+    return logits / jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
+
+
+# ----------------------------------------------------------------------------- drawing
 def _uses_candidates(top_k):
     return (top_k > 0) & (top_k <= CANDIDATES)
 
@@ -112,35 +214,26 @@ def _needs_sort(top_k, top_p):
     return ~_uses_candidates(top_k) & ((top_p < 1) | (top_k > CANDIDATES))
 
 
-def variant_for(rows: list[tuple[float, int, float]]) -> SamplerVariant:
-    """The cheapest variant that serves every (temperature, top_k, top_p) in `rows` (host-side `_needs_sort`)."""
-    sampling_rows = [(k, p) for t, k, p in rows if t > 0]
-    if not sampling_rows:
-        return SamplerVariant.GREEDY
-    if any(not 0 < k <= CANDIDATES and (p < 1 or k > CANDIDATES) for k, p in sampling_rows):
-        return SamplerVariant.FULL
-    return SamplerVariant.CANDIDATES
-
-
-def sample_rows(logits: jax.Array, history: History, params: RowParams, variant: SamplerVariant) -> jax.Array:
-    """Next token per row, int32 `[rows]`, from float32 logits `[rows, vocab]` and each row's `history`."""
-    logits = adjusted_logits(logits, history, params)
+def sample_rows(logits: jax.Array, history: History | None, params: RowParams, variant: SamplerVariant) -> jax.Array:
+    """Next token per row, int32 `[rows]`, from logits `[rows, vocab]` and each row's `history`
+    (None when `variant.adjustments` is off: no bias or penalty in any row)."""
+    logits = adjusted_logits(logits, history, params) if variant.adjustments else logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if variant is SamplerVariant.GREEDY:
+    if variant.greedy:
         return greedy
     vocab = logits.shape[-1]
-    temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
-    scaled = logits / temperature
+    scaled = _scaled(logits, params)
     uniform = jax.vmap(_uniform)(params.key_data, params.token_index)
-    sampled = jnp.where(
-        _uses_candidates(params.top_k),
-        _draw_sorted(scaled, params, uniform, min(CANDIDATES, vocab)),
-        _draw_in_id_order(scaled, params, uniform),
-    )
-    if variant is SamplerVariant.FULL:
-        sampled = jnp.where(
-            _needs_sort(params.top_k, params.top_p), _draw_sorted(scaled, params, uniform, vocab), sampled
-        )
+    draws = []  # (rows that take this draw, the draw); the rows of the paths compiled in cover every sampling row
+    if variant.candidates:
+        draws.append((_uses_candidates(params.top_k), _draw_sorted(scaled, params, uniform, min(CANDIDATES, vocab))))
+    if variant.sorted_vocabulary:
+        draws.append((_needs_sort(params.top_k, params.top_p), _draw_sorted(scaled, params, uniform, vocab)))
+    if variant.id_order:
+        draws.append((None, _draw_in_id_order(scaled, params, uniform)))
+    sampled = draws[-1][1]
+    for rows, draw in reversed(draws[:-1]):
+        sampled = jnp.where(rows, draw, sampled)
     return jnp.where(params.temperature > 0, sampled, greedy)
 
 
@@ -160,34 +253,23 @@ def _inverse_cdf(values: jax.Array, uniform: jax.Array) -> jax.Array:
 def _draw_sorted(scaled: jax.Array, params: RowParams, uniform: jax.Array, candidates: int) -> jax.Array:
     """Draw over the `candidates` largest scaled logits (descending) after top-k, top-p and min-p."""
     values, token_ids = jax.lax.top_k(scaled, candidates)  # ties: lower id first
-    values = jnp.where(_filter_keep(values, params), values, -jnp.inf)
+    values = jnp.where(_filter_keep(values, params), values, _REMOVED)
     index = _inverse_cdf(values, uniform)
     return jnp.take_along_axis(token_ids, index[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 def _draw_in_id_order(scaled: jax.Array, params: RowParams, uniform: jax.Array) -> jax.Array:
     """Draw over the whole vocabulary in id order after min-p (rows without top-k and top-p)."""
-    values = jnp.where(_min_p_keep(scaled, params.min_p[:, None]), scaled, -jnp.inf)
+    values = jnp.where(_min_p_keep(scaled, params.min_p[:, None]), scaled, _REMOVED)
     return _inverse_cdf(values, uniform).astype(jnp.int32)
 
 
-def _filter_keep(values: jax.Array, params: RowParams) -> jax.Array:
-    """HF's TopK, TopP, MinP warpers on descending candidates `[rows, C]` (True = keep)."""
-    candidates = values.shape[-1]
-    k = jnp.clip(params.top_k, 1, candidates)[:, None]
-    kth = jnp.take_along_axis(values, k - 1, axis=-1)
-    keep = (values >= kth) | (params.top_k[:, None] <= 0)
-    values = jnp.where(keep, values, -jnp.inf)
-    keep = keep & _top_p_keep(values, params.top_p[:, None])
-    values = jnp.where(keep, values, -jnp.inf)
-    return keep & _min_p_keep(values, params.min_p[:, None])
-
-
 def processed_logits(logits: jax.Array, history: History, params: RowParams) -> jax.Array:
-    """The full-vocabulary logits each sampling row draws from (-inf where filtered), for tests and tools."""
+    """The full-vocabulary logits each row picks from, as HF's logits processors give them: a
+    sampling row's distribution (-inf where filtered), a greedy row's adjusted logits (for tests and tools)."""
     logits = adjusted_logits(logits, history, params)
-    temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
-    values, token_ids = jax.lax.top_k(logits / temperature, logits.shape[-1])
-    values = jnp.where(_filter_keep(values, params), values, -jnp.inf)
+    values, token_ids = jax.lax.top_k(_scaled(logits, params), logits.shape[-1])
+    values = jnp.where(_filter_keep(values, params), values, _REMOVED)
     rows = jnp.arange(logits.shape[0])[:, None]
-    return jnp.full_like(logits, -jnp.inf).at[rows, token_ids].set(values)
+    filtered = jnp.full_like(logits, _REMOVED).at[rows, token_ids].set(values)
+    return jnp.where((params.temperature > 0)[:, None], filtered, logits)

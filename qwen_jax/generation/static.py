@@ -1,4 +1,5 @@
-"""Text generation with a preallocated KV cache: batched (one jitted loop) and streaming (one jitted step per token).
+"""Generation from token ids with a preallocated KV cache: a static batch (one jitted loop) and streaming
+(one jitted step per token); `qwen_jax.generate` / `stream` (`api`) add text on top.
 
 How a call runs:
 
@@ -17,17 +18,20 @@ How a call runs:
    its own keys (`empty_cache`): the fused kernels' causal path, without reading the cache.
 3. Decode: `generate_ids` runs every remaining step inside one jitted `lax.while_loop` that stops
    when all rows have hit a stop token or `max_new_tokens`; `stream_ids` runs one jitted step per
-   token so text can be shown as it is produced. Both draw step `i`'s token with
-   `fold_in(PRNGKey(seed), i)`, so they give the same tokens.
+   token so text can be shown as it is produced. Both draw with the one sampler
+   (`qwen_jax.generation.sampler`): row r's token i with `fold_in(key(seed_r), i)`, so they give
+   the same tokens, and the same as the engine for the same seed and settings.
 
 The model is split once per call (`nnx.split`); the jitted functions are pure functions of
-(graphdef, state), compiled ahead of time and cached by argument shapes and shardings, which lets
-`Timing` report compile time apart from prefill and decode time. The cache is donated to every call.
+(graphdef, state), compiled ahead of time into the shared executable cache
+(`qwen_jax.compilation.EXECUTABLES`, names "generation.prefill", "generation.first_token",
+"generation.decode_loop", "generation.decode_step") keyed by argument shapes and shardings, which
+lets `Timing` report compile time apart from prefill and decode time. The cache is donated to
+every call.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import time
@@ -39,20 +43,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+from typing_extensions import Unpack
 
+from qwen_jax.compilation import EXECUTABLES, argument_signature
 from qwen_jax.config import GenerationConfig, Qwen2Config
 from qwen_jax.errors import GenerationError
-from qwen_jax.generation.options import _resolve_config
-from qwen_jax.generation.sampling import (
-    SamplingMode,
-    SamplingParams,
-    mark_seen,
-    next_power_of_two,
-    sample,
-    sampling_setup,
+from qwen_jax.generation.options import (
+    SamplingKwargs,
+    SamplingOptions,
+    generation_defaults,
+    initial_history,
+    resolve_batch,
+    row_params,
 )
+from qwen_jax.generation.sampler import History, RowParams, SamplerVariant, sample_rows, variant_for
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM
 from qwen_jax.model.kv_cache import KVCache
+from qwen_jax.ops.attention.selection import platform_of
 from qwen_jax.sharding import named_sharding
 
 MIN_PROMPT_BUCKET = 16
@@ -116,42 +124,10 @@ class Generation:
 
 
 # ----------------------------------------------------------------------------- compilation
-_trace_counts: collections.Counter = collections.Counter()
-
-
-def trace_counts() -> dict[str, int]:
-    """How often each jitted generation function ("prefill" (a chunk step), "first_token",
-    "decode_loop", "decode_step") was traced.
-
-    Every trace is a compile; a new prompt length inside a bucket must not add one.
-    """
-    return dict(_trace_counts)
-
-
-class _Executables:
-    """Ahead-of-time compiled executables keyed by function, static settings and argument signature."""
-
-    def __init__(self, max_entries: int = 32):
-        self._entries: collections.OrderedDict = collections.OrderedDict()
-        self._max_entries = max_entries
-
-    def get(self, jitted, static: _Static, args: tuple) -> tuple[Any, float]:
-        """(executable taking `args`, seconds spent compiling it now: 0 when it was cached)."""
-        leaves, treedef = jax.tree.flatten(args)
-        signature = tuple((leaf.shape, leaf.dtype, leaf.sharding) for leaf in leaves)
-        key = (jitted, static, treedef, signature)
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            return self._entries[key], 0.0
-        start = time.perf_counter()
-        executable = jitted.lower(static, *args).compile()
-        self._entries[key] = executable
-        if len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
-        return executable, time.perf_counter() - start
-
-
-_executables = _Executables()
+def _compiled(name: str, jitted, static: _Static, args: tuple) -> tuple[Any, float]:
+    """(the executable of `jitted` for `static` and these arguments, seconds spent compiling it now)."""
+    key = (name, static, argument_signature(args))
+    return EXECUTABLES.get(f"generation.{name}", key, lambda: jitted.lower(static, *args).compile())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +135,7 @@ class _Static:
     """Everything the traced functions specialise on besides array shapes."""
 
     graphdef: Any
-    mode: SamplingMode
+    variant: SamplerVariant | None  # None: no sampling (a prefill chunk)
     return_logits: bool
     cache_sharding: Any  # NamedSharding of the cache arrays, or None off a mesh
     capacity: int  # length of the decode loop's token buffer (>= max_new_tokens)
@@ -175,10 +151,6 @@ def _constrain_cache(cache: KVCache, static: _Static) -> KVCache:
     return KVCache(k, v, cache.lengths)
 
 
-def _step_key(key: jax.Array, step) -> jax.Array:
-    return jax.random.fold_in(key, step)
-
-
 def _prefill_chunk(static: _Static, state, cache, chunk_ids, chunk_lengths, last, rope_length):
     """One chunk of the (right-padded) prompts: write its tokens into the cache and keep, per row,
     the hidden state of the latest prompt token seen (a row's first new token comes from its last).
@@ -186,7 +158,6 @@ def _prefill_chunk(static: _Static, state, cache, chunk_ids, chunk_lengths, last
     chunk_lengths: int32 [B], the prompt tokens of each row in this chunk (0 once a row's prompt
     has ended). rope_length: the longest prompt, from which dynamic-NTK rope scales in every chunk.
     """
-    _trace_counts["prefill"] += 1
     model = nnx.merge(static.graphdef, state)
     steps = jnp.arange(chunk_ids.shape[1], dtype=jnp.int32)
     mask = (steps[None, :] < chunk_lengths[:, None]).astype(jnp.int32)
@@ -199,42 +170,37 @@ def _prefill_chunk(static: _Static, state, cache, chunk_ids, chunk_lengths, last
     return _constrain_cache(cache, static), last
 
 
-def _first_token(static: _Static, state, last, input_ids, prompt_lengths, key, params):
+def _sample(static: _Static, logits, history, params: RowParams, index):
+    """Token `index` of every row from `logits`, and the history that includes it."""
+    tokens = sample_rows(logits, history, params.at_token(index), static.variant)
+    return tokens, None if history is None else history.record(tokens)
+
+
+def _first_token(static: _Static, state, last, history, params):
     """Each row's first new token from the hidden state of its last prompt token."""
-    _trace_counts["first_token"] += 1
     model = nnx.merge(static.graphdef, state)
     logits = model.logits(last[:, None])[:, 0]
-    seen = None
-    if static.mode.repetition_penalty:
-        seen = jnp.zeros(logits.shape, bool)
-        prompt_mask = jnp.arange(input_ids.shape[1])[None, :] < prompt_lengths[:, None]
-        seen = mark_seen(seen, input_ids, prompt_mask)
-    token = sample(_step_key(key, 0), logits, seen, params, static.mode)
-    if seen is not None:
-        seen = mark_seen(seen, token)
-    return token, seen, logits if static.return_logits else None
+    token, history = _sample(static, logits, history, params, 0)
+    return token, history, logits if static.return_logits else None
 
 
-def _decode_token(static: _Static, model, cache, token, seen, key, step, params):
+def _decode_token(static: _Static, model, cache, token, history, params, step):
     """One cached forward of `token` (each row at its own cache length), then the next token.
 
     Shared by the loop and the stream.
     """
     logits, cache = model.forward(token[:, None], cache.lengths[:, None], None, cache=cache)
     logits = logits[:, 0]
-    next_token = sample(_step_key(key, step), logits, seen, params, static.mode)
-    if seen is not None:
-        seen = mark_seen(seen, next_token)
-    return next_token, _constrain_cache(cache, static), seen, logits
+    next_token, history = _sample(static, logits, history, params, step)
+    return next_token, _constrain_cache(cache, static), history, logits
 
 
-def _decode_loop(static: _Static, state, cache, first_token, seen, key, params, max_new_tokens, stop_ids):
+def _decode_loop(static: _Static, state, cache, first_token, history, params, max_new_tokens, stop_ids):
     """All remaining decode steps in one `lax.while_loop`.
 
     Returns tokens `[B, static.capacity]` (pad after each row's end), the number of tokens each
     row produced, the cache, and (with return_logits) the logits of every step.
     """
-    _trace_counts["decode_loop"] += 1
     model = nnx.merge(static.graphdef, state)
     batch = first_token.shape[0]
     tokens = jnp.zeros((batch, static.capacity), jnp.int32).at[:, 0].set(first_token)
@@ -248,37 +214,41 @@ def _decode_loop(static: _Static, state, cache, first_token, seen, key, params, 
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        step, done, lengths, tokens, cache, seen, all_logits = carry
+        step, done, lengths, tokens, cache, history, all_logits = carry
         previous = tokens[:, step - 1]
-        next_token, cache, seen, logits = _decode_token(static, model, cache, previous, seen, key, step, params)
+        next_token, cache, history, logits = _decode_token(static, model, cache, previous, history, params, step)
         next_token = jnp.where(done, 0, next_token)
         tokens = tokens.at[:, step].set(next_token)
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(next_token, stop_ids)
         if all_logits is not None:
             all_logits = all_logits.at[:, step].set(logits)
-        return step + 1, done, lengths, tokens, cache, seen, all_logits
+        return step + 1, done, lengths, tokens, cache, history, all_logits
 
-    carry = (jnp.asarray(1, jnp.int32), done, lengths, tokens, cache, seen, all_logits)
+    carry = (jnp.asarray(1, jnp.int32), done, lengths, tokens, cache, history, all_logits)
     _, _, lengths, tokens, cache, _, all_logits = jax.lax.while_loop(cond, body, carry)
     return tokens, lengths, cache, all_logits
 
 
-def _decode_step(static: _Static, state, cache, token, seen, key, step, params):
+def _decode_step(static: _Static, state, cache, token, history, params, step):
     """One decode step for streaming."""
-    _trace_counts["decode_step"] += 1
     model = nnx.merge(static.graphdef, state)
-    next_token, cache, seen, logits = _decode_token(static, model, cache, token, seen, key, step, params)
-    return next_token, cache, seen, logits if static.return_logits else None
+    next_token, cache, history, logits = _decode_token(static, model, cache, token, history, params, step)
+    return next_token, cache, history, logits if static.return_logits else None
 
 
-@functools.cache
-def _jitted(fn, donate: bool = True):
-    # `static` is hashable (graphdef, frozen mode); the cache (argument 2) is donated.
-    return jax.jit(fn, static_argnums=0, donate_argnums=2 if donate else ())
+# `static` (argument 0) is hashable (graphdef, frozen settings); the cache (argument 2) is donated.
+_PREFILL = jax.jit(_prefill_chunk, static_argnums=0, donate_argnums=2)
+_FIRST_TOKEN = jax.jit(_first_token, static_argnums=0)
+_DECODE_LOOP = jax.jit(_decode_loop, static_argnums=0, donate_argnums=2)
+_DECODE_STEP = jax.jit(_decode_step, static_argnums=0, donate_argnums=2)
 
 
 # ----------------------------------------------------------------------------- request preparation
+def next_power_of_two(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 def prompt_bucket(length: int) -> int:
     """Padded prompt length: the next power of two (at least MIN_PROMPT_BUCKET) up to
     LONG_PROMPT_BUCKET, then the next multiple of it (a 40K prompt pads to 40,960, not 65,536)."""
@@ -305,16 +275,14 @@ class _Request:
     """A validated batch: padded arrays on device plus everything the loops need."""
 
     model: Qwen2ForCausalLM
-    config: GenerationConfig
+    options: SamplingOptions
     static: _Static
     state: Any
-    input_ids: jax.Array
-    host_ids: np.ndarray  # the same ids on the host, sliced into prefill chunks
-    lengths: jax.Array  # int32 [B]: each row's prompt length
+    host_ids: np.ndarray  # the padded prompts on the host, sliced into prefill chunks
     prompt_lengths: list[int]
     cache: KVCache
-    key: jax.Array
-    params: SamplingParams
+    params: RowParams  # each row's sampling settings and seed
+    history: History | None  # each row's prompt ids and logit bias (None: no bias or penalty)
     stop_ids: jax.Array
     max_new_tokens: int
     replicated: NamedSharding | None  # where small inputs go on a mesh (None: the default device)
@@ -330,7 +298,9 @@ def _put(x, sharding: NamedSharding | None) -> jax.Array:
 def _prepare(
     model: Qwen2ForCausalLM,
     prompts: Sequence[Sequence[int]],
-    config: GenerationConfig,
+    options: SamplingOptions,
+    seeds: Sequence[int],
+    pad_id: int | None,
     return_logits: bool,
     prefill_chunk: int | None = None,
 ) -> _Request:
@@ -339,18 +309,14 @@ def _prepare(
     model_config = model.config
     context = model_config.context_length
     if prefill_chunk is None:
-        from qwen_jax.ops.attention.selection import platform_of
-
         prefill_chunk = default_prefill_chunk(platform_of(model.mesh), context)
     prefill_chunk = int(prefill_chunk)
     if prefill_chunk < 1:
-        raise GenerationError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        raise GenerationError(f"prefill_chunk must be >= 1, got {prefill_chunk}", param="prefill_chunk")
     prompts = [[int(t) for t in p] for p in prompts]
     if not prompts:
         raise GenerationError("no prompts given")
-    max_new = int(config.max_new_tokens)
-    if max_new < 1:
-        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new}")
+    max_new = options.max_new_tokens
     for i, ids in enumerate(prompts):
         if not ids:
             raise GenerationError(f"prompt {i} is empty: at least one token is needed to generate from")
@@ -362,20 +328,13 @@ def _prepare(
         if len(ids) + max_new > context:
             raise GenerationError(
                 f"max_new_tokens={max_new} overflows the context: prompt {i} has {len(ids)} tokens and the "
-                f"model's context is {context} (at most {context - len(ids)} new tokens){_context_hint(model_config)}"
+                f"model's context is {context} (at most {context - len(ids)} new tokens){_context_hint(model_config)}",
+                param="max_new_tokens",
             )
         if min(ids) < 0 or max(ids) >= model_config.vocab_size:
             raise GenerationError(f"prompt {i} has token ids outside the vocabulary [0, {model_config.vocab_size})")
 
-    mode, params = sampling_setup(
-        temperature=config.temperature,
-        top_k=config.top_k,
-        top_p=config.top_p,
-        min_p=config.min_p,
-        repetition_penalty=config.repetition_penalty,
-        vocab_size=model_config.vocab_size,
-    )
-    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    pad_id = pad_id if pad_id is not None else 0
     bucket = prompt_bucket(max(len(p) for p in prompts))
     chunk = min(prefill_chunk, bucket)
     bucket = -(-bucket // chunk) * chunk  # whole chunks
@@ -408,22 +367,22 @@ def _prepare(
         cache = KVCache.init(model_config, len(prompts), cache_len, cache_dtype)
 
     graphdef, state = nnx.split(model)
-    eos = config.eos_token_ids or (-1,)  # -1 never matches: no stop token
+    eos = sorted(options.stop_token_ids) or [-1]  # -1 never matches: no stop token
     put = functools.partial(_put, sharding=replicated)
+    variant = variant_for([options.draw_settings], adjustments=options.adjusts_logits)
+    history = initial_history(options, model_config.vocab_size, prompts) if variant.adjustments else None
     return _Request(
         model=model,
-        config=config,
+        options=options,
         static=_Static(
-            graphdef, mode, return_logits, cache_sharding, min(cache_len, new_tokens_bucket(max_new)), chunk
+            graphdef, variant, return_logits, cache_sharding, min(cache_len, new_tokens_bucket(max_new)), chunk
         ),
         state=state,
-        input_ids=put(input_ids),
         host_ids=input_ids,
-        lengths=put(np.asarray([len(p) for p in prompts], np.int32)),
         prompt_lengths=[len(p) for p in prompts],
         cache=cache,
-        key=put(jax.random.key_data(jax.random.key(int(config.seed)))),
-        params=jax.tree.map(put, params),
+        params=jax.tree.map(put, row_params(options, seeds)),
+        history=None if history is None else jax.tree.map(put, history),
         stop_ids=put(np.asarray(eos, np.int32)),
         max_new_tokens=max_new,
         replicated=replicated,
@@ -442,16 +401,14 @@ def _context_hint(config: Qwen2Config) -> str:
 def _run_prefill(request: _Request, timing: Timing):
     """Prefill chunk by chunk (one compiled chunk step, called up to the longest prompt), with a
     progress bar on a terminal when the prompt spans several chunks; then the first tokens."""
-    from tqdm import tqdm
-
     chunk = request.static.prefill_chunk
-    # Keyed only on what each function uses: another max_new_tokens or sampling mode reuses them.
+    # Keyed only on what each function uses: another max_new_tokens or sampler variant reuses them.
     lengths = np.asarray(request.prompt_lengths, np.int32)
     chunks = -(-int(lengths.max()) // chunk)
     first_static = dataclasses.replace(request.static, capacity=0)
     # One chunk: attention over its own keys. Several: every chunk reads the cache, so one compiled
     # step serves them all (an empty-cache first chunk would be a second compilation).
-    prefill_static = dataclasses.replace(first_static, mode=None, return_logits=False, empty_cache=chunks == 1)
+    prefill_static = dataclasses.replace(first_static, variant=None, return_logits=False, empty_cache=chunks == 1)
     last = request.put(np.zeros((len(lengths), request.model.config.hidden_size), request.model.dtype))
     rope_length = request.put(np.int32(lengths.max()))
     cache, request.cache = request.cache, None  # donated
@@ -474,20 +431,20 @@ def _run_prefill(request: _Request, timing: Timing):
                 last,
                 rope_length,
             )
-            step, seconds = _executables.get(_jitted(_prefill_chunk), prefill_static, args)  # compiled once
+            step, seconds = _compiled("prefill", _PREFILL, prefill_static, args)  # compiled once
             compile_s += seconds
             del cache
             cache, last = step(*args)
             bar.update(int(real.sum()))
-        args = (request.state, last, request.input_ids, request.lengths, request.key, request.params)
-        first, seconds = _executables.get(_jitted(_first_token, donate=False), first_static, args)
+        args = (request.state, last, request.history, request.params)
+        first, seconds = _compiled("first_token", _FIRST_TOKEN, first_static, args)
         compile_s += seconds
-        token, seen, logits = first(*args)
+        token, history, logits = first(*args)
         token.block_until_ready()
     timing.compile_s += compile_s
     timing.prefill_s = time.perf_counter() - start - compile_s
     timing.prompt_tokens = sum(request.prompt_lengths)
-    return token, cache, seen, logits
+    return token, cache, history, logits
 
 
 # ----------------------------------------------------------------------------- public API
@@ -495,53 +452,68 @@ def generate_ids(
     model: Qwen2ForCausalLM,
     prompts: Sequence[Sequence[int]],
     *,
-    max_new_tokens: int | None = None,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float | None = None,
-    seed: int | None = None,
     stop_token_ids: Sequence[int] = (),
     config: GenerationConfig | None = None,
     return_logits: bool = False,
     prefill_chunk: int | None = None,
+    **sampling: Unpack[SamplingKwargs],
 ) -> Generation:
     """Generate from a batch of token-id prompts: prefill, then one jitted decode loop.
 
-    Unset arguments come from `config` (default: `default_generation_config(model)`).
-    Generation of a row stops at any of the config's eos ids or `stop_token_ids`.
-    prefill_chunk: prompt tokens per model call during prefill (default `default_prefill_chunk`: 2,048
-      on CPU, the whole prompt on a GPU/TPU); smaller bounds prefill memory tighter, larger runs
-      bigger matrix products, and a prompt that fits one chunk skips reading the cache.
+    Args:
+        model: a loaded `Qwen2ForCausalLM`.
+        prompts: token-id prompts (any lengths; each row's result is independent of the others).
+        stop_token_ids: more ids that end a row (besides the config's eos ids and `stop`'s ids).
+        config: the sampling defaults (default: the model's, from the checkpoint's generation_config.json).
+        return_logits: also return the raw logits of every generated step (`Generation.logits`).
+        prefill_chunk: prompt tokens per model call during prefill (default `default_prefill_chunk`:
+            2,048 on CPU, the whole prompt on a GPU/TPU); smaller bounds prefill memory tighter,
+            larger runs bigger matrix products, and a prompt that fits one chunk skips reading the cache.
+        **sampling: the sampling options (`qwen_jax.generation.options.SamplingKwargs`), e.g.
+            `temperature=0.7, top_p=0.9, seed=1`; `seed` may give one seed per prompt. `stop` may
+            hold token ids only here (stop strings need the text: `qwen_jax.generate`).
     """
-    config = _resolve_config(
-        model,
-        config,
-        stop_token_ids,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
+    config = generation_defaults(model, config=config)
+    options, seeds = resolve_batch(
+        config, len(prompts), vocab_size=model.config.vocab_size, stop_token_ids=stop_token_ids, **sampling
     )
-    request = _prepare(model, prompts, config, return_logits, prefill_chunk)
+    _refuse_stop_strings(options)
+    return generate_batch(model, prompts, options, seeds, config.pad_token_id, return_logits, prefill_chunk)
+
+
+def _refuse_stop_strings(options: SamplingOptions) -> None:
+    if options.stop_strings:
+        raise GenerationError(
+            "stop strings need the text: use qwen_jax.generate or qwen_jax.stream "
+            "(generate_ids and stream_ids stop on token ids)",
+            param="stop",
+        )
+
+
+def generate_batch(
+    model: Qwen2ForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    options: SamplingOptions,
+    seeds: Sequence[int],
+    pad_id: int | None = None,
+    return_logits: bool = False,
+    prefill_chunk: int | None = None,
+) -> Generation:
+    """`generate_ids` with resolved options: row r of `prompts` seeded with `seeds[r]`."""
+    request = _prepare(model, prompts, options, seeds, pad_id, return_logits, prefill_chunk)
     timing = Timing()
-    first_token, cache, seen, first_logits = _run_prefill(request, timing)
+    first_token, cache, history, first_logits = _run_prefill(request, timing)
 
     args = (
         request.state,
         cache,
         first_token,
-        seen,
-        request.key,
+        history,
         request.params,
         request.put(np.int32(request.max_new_tokens)),
         request.stop_ids,
     )
-    executable, compile_s = _executables.get(_jitted(_decode_loop), request.static, args)
+    executable, compile_s = _compiled("decode_loop", _DECODE_LOOP, request.static, args)
     del cache
     start = time.perf_counter()
     tokens, lengths, _, step_logits = executable(*args)
@@ -550,9 +522,8 @@ def generate_ids(
     timing.decode_s = time.perf_counter() - start
     timing.decode_tokens = int(lengths.sum()) - len(lengths)
 
-    stop_ids = set(config.eos_token_ids)
     token_ids = [tokens[row, :n].tolist() for row, n in enumerate(lengths)]
-    reasons = ["stop" if ids[-1] in stop_ids else "length" for ids in token_ids]
+    reasons = ["stop" if ids[-1] in options.stop_token_ids else "length" for ids in token_ids]
     logits = None
     if return_logits:
         step_logits = np.array(step_logits)  # writable copy
@@ -589,11 +560,12 @@ class TokenStream(_Stream):
         self,
         model: Qwen2ForCausalLM,
         prompt_ids: Sequence[int],
-        config: GenerationConfig,
+        options: SamplingOptions,
+        pad_id: int | None = None,
         return_logits: bool = False,
         prefill_chunk: int | None = None,
     ):
-        self._request = _prepare(model, [prompt_ids], config, return_logits, prefill_chunk)
+        self._request = _prepare(model, [prompt_ids], options, [options.seed], pad_id, return_logits, prefill_chunk)
         self._return_logits = return_logits
         super().__init__()
 
@@ -601,20 +573,20 @@ class TokenStream(_Stream):
         request, timing = self._request, Timing()
         generated: list[int] = []
         logits: list[np.ndarray] = []
-        stop_ids = set(request.config.eos_token_ids)
+        stop_ids = request.options.stop_token_ids
         finish = "length"
         try:
-            token, cache, seen, step_logits = _run_prefill(request, timing)
+            token, cache, history, step_logits = _run_prefill(request, timing)
             decode_start = executable = None
             for step in range(request.max_new_tokens):
                 if step > 0:
-                    args = (request.state, cache, token, seen, request.key, request.put(np.int32(step)), request.params)
+                    args = (request.state, cache, token, history, request.params, request.put(np.int32(step)))
                     if executable is None:  # every step has the same signature: look it up once
-                        executable, compile_s = _executables.get(_jitted(_decode_step), request.static, args)
+                        executable, compile_s = _compiled("decode_step", _DECODE_STEP, request.static, args)
                         timing.compile_s += compile_s
                         decode_start = time.perf_counter()
                     del cache
-                    token, cache, seen, step_logits = executable(*args)
+                    token, cache, history, step_logits = executable(*args)
                 token_id = int(token[0])
                 generated.append(token_id)
                 if self._return_logits:
@@ -636,29 +608,21 @@ def stream_ids(
     model: Qwen2ForCausalLM,
     prompt_ids: Sequence[int],
     *,
-    max_new_tokens: int | None = None,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float | None = None,
-    seed: int | None = None,
     stop_token_ids: Sequence[int] = (),
     config: GenerationConfig | None = None,
     return_logits: bool = False,
     prefill_chunk: int | None = None,
+    **sampling: Unpack[SamplingKwargs],
 ) -> TokenStream:
-    """Generate from one token-id prompt, yielding each id as soon as it is produced."""
-    config = _resolve_config(
-        model,
-        config,
-        stop_token_ids,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
+    """Generate from one token-id prompt, yielding each id as soon as it is produced.
+
+    Arguments as for `generate_ids` (one prompt, one seed): the ids are those `generate_ids` gives.
+    """
+    config = generation_defaults(model, config=config)
+    options, seeds = resolve_batch(
+        config, 1, vocab_size=model.config.vocab_size, stop_token_ids=stop_token_ids, **sampling
     )
-    return TokenStream(model, prompt_ids, config, return_logits, prefill_chunk)
+    _refuse_stop_strings(options)
+    return TokenStream(
+        model, prompt_ids, options.replace(seed=seeds[0]), config.pad_token_id, return_logits, prefill_chunk
+    )

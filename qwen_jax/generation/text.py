@@ -1,28 +1,9 @@
-"""Text generation with a preallocated KV cache: batched (one jitted loop) and streaming (one jitted step per token).
+"""Generated ids to text, cut before the first stop string: the one text assembler.
 
-How a call runs:
-
-1. Prompts are right-padded to a bucket (powers of two from `MIN_PROMPT_BUCKET`, multiples of
-   `LONG_PROMPT_BUCKET` past it), so a new prompt length inside a bucket reuses the compiled code.
-   The cache length (`prompt bucket + max_new_tokens`, capped at the context) is bucketed too.
-   Every row's tokens start at cache slot 0 and the cache keeps one length per row
-   (`KVCache.lengths`), so a row's result never depends on its batch-mates. A prompt plus
-   `max_new_tokens` beyond the model's context (`Qwen2Config.context_length`) is an error before
-   anything is compiled.
-2. Prefill: the prompts go through the model in chunks (`default_prefill_chunk`: `PREFILL_CHUNK`
-   tokens on CPU, the whole prompt on a GPU/TPU), one call of a single compiled chunk step per
-   chunk up to the longest prompt, each writing the cache, so prefill memory is bounded by the
-   chunk (a progress bar shows on a terminal for long prompts); each row's first new token comes
-   from its last prompt token. A prompt that fits one chunk is plain causal self-attention over
-   its own keys (`empty_cache`): the fused kernels' causal path, without reading the cache.
-3. Decode: `generate_ids` runs every remaining step inside one jitted `lax.while_loop` that stops
-   when all rows have hit a stop token or `max_new_tokens`; `stream_ids` runs one jitted step per
-   token so text can be shown as it is produced. Both draw step `i`'s token with
-   `fold_in(PRNGKey(seed), i)`, so they give the same tokens.
-
-The model is split once per call (`nnx.split`); the jitted functions are pure functions of
-(graphdef, state), compiled ahead of time and cached by argument shapes and shardings, which lets
-`Timing` report compile time apart from prefill and decode time. The cache is donated to every call.
+`TextAssembler` turns ids into text token by token (`StreamDecoder`: only complete UTF-8
+characters), cuts it before the first stop string, and holds back text that could still become
+one. `qwen_jax.generate` (`cut_at_stop_strings`, per row of a batch), `qwen_jax.stream`
+(`TextStream`) and the engine (`qwen_jax.engine.requests`) all assemble their text with it.
 """
 
 from __future__ import annotations
@@ -30,27 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from qwen_jax.tokenizer import StreamDecoder
-
-
-def _truncate_at_stop_string(tokenizer, token_ids: list[int], stop_strings: list[str]) -> tuple[str, list[int], bool]:
-    """Text cut before the first stop string, and the fewest ids whose text reaches that stop string."""
-    from qwen_jax.tokenizer import StreamDecoder
-
-    decoder = StreamDecoder(tokenizer)
-    text = ""
-    for n, token_id in enumerate(token_ids, 1):
-        text += decoder.push(token_id)
-        cut = _find_stop(text, stop_strings)
-        if cut is not None:
-            return text[:cut], token_ids[:n], True
-    text += decoder.flush()
-    cut = _find_stop(text, stop_strings)
-    return (text, token_ids, False) if cut is None else (text[:cut], token_ids, True)
-
-
-def _find_stop(text: str, stop_strings: list[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
-    return min(hits) if hits else None
 
 
 def held_back_length(text: str, stop_strings: Sequence[str]) -> int:
@@ -64,13 +24,13 @@ def held_back_length(text: str, stop_strings: Sequence[str]) -> int:
     return longest
 
 
-# ----------------------------------------------------------------------------- text with stop strings
 class TextAssembler:
     """Generated ids -> text, cut before the first stop string.
 
     `push(id)` returns the text that is now safe to show: complete characters that cannot be
-    the start of a stop string. `stopped` tells whether a stop string was found; `finish()`
-    releases what was held back.
+    the start of a stop string. `stop_string` is the stop string found (None before one is);
+    `finish()` releases what was held back. `text` is everything assembled so far, `emitted` how
+    much of it `push` and `finish` have returned.
     """
 
     def __init__(self, tokenizer, stop_strings: Sequence[str]):
@@ -114,3 +74,19 @@ class TextAssembler:
         out = self.text[self.emitted : safe]
         self.emitted = safe
         return out
+
+
+def cut_at_stop_strings(
+    tokenizer, token_ids: Sequence[int], stop_strings: Sequence[str]
+) -> tuple[str, list[int], bool]:
+    """(the text of `token_ids` cut before the first stop string, the fewest ids whose text reaches
+    that stop string (all of them when none occurs), whether a stop string occurred)."""
+    assembler = TextAssembler(tokenizer, stop_strings)
+    ids = list(token_ids)
+    for count, token_id in enumerate(ids, 1):
+        assembler.push(token_id)
+        if assembler.stop_string is not None:
+            ids = ids[:count]
+            break
+    assembler.finish()
+    return assembler.text, ids, assembler.stop_string is not None

@@ -12,7 +12,6 @@ shards. The layers are in `qwen_jax.model.modules`, the projections in `qwen_jax
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 
 import jax
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from qwen_jax.compilation import EXECUTABLES, argument_signature
 from qwen_jax.config import GenerationConfig, Qwen2Config
 from qwen_jax.errors import QuantizationError
 from qwen_jax.model.kv_cache import KVCache
@@ -338,22 +338,34 @@ def _traced(x) -> bool:
 def _jitted_forward(
     model: Qwen2ForCausalLM, state, input_ids, with_cache: bool, with_segments: bool, logits_to_keep: int
 ):
-    """A compiled forward for this model structure and these shardings (explicit on a mesh)."""
+    """The compiled forward for this model structure, these arguments' shapes and these shardings
+    (explicit on a mesh), from the shared executable cache (`qwen_jax.compilation.EXECUTABLES`)."""
     graphdef = nnx.graphdef(model)
     mesh, rules = model.mesh, model.rules
     static = (graphdef, with_cache, with_segments, logits_to_keep)
-    if mesh is None:
-        return _compile(*static, None)
-    leaves, treedef = jax.tree.flatten(state)
-    state_sh = tuple(leaf.sharding for leaf in leaves)
-    tokens = named_sharding(("batch", "seq"), input_ids.shape, mesh, rules)
-    kept = logits_to_keep or input_ids.shape[1]
-    logits = named_sharding(("batch", "seq", "vocab"), (input_ids.shape[0], kept, model.config.vocab_size), mesh, rules)
-    return _compile(*static, (treedef, state_sh, tokens, logits))
+    shardings = None
+    if mesh is not None:
+        leaves, treedef = jax.tree.flatten(state)
+        state_sh = tuple(leaf.sharding for leaf in leaves)
+        tokens = named_sharding(("batch", "seq"), input_ids.shape, mesh, rules)
+        kept = logits_to_keep or input_ids.shape[1]
+        logits_shape = (input_ids.shape[0], kept, model.config.vocab_size)
+        logits = named_sharding(("batch", "seq", "vocab"), logits_shape, mesh, rules)
+        shardings = (treedef, state_sh, tokens, logits)
+
+    def compiled(*args):
+        key = ("model.forward", static, shardings, argument_signature(args))
+        executable, _ = EXECUTABLES.get(
+            "model.forward", key, lambda: _compile(*static, shardings).lower(*args).compile()
+        )
+        return executable(*args)
+
+    return compiled
 
 
-@functools.lru_cache(maxsize=64)
 def _compile(graphdef, with_cache: bool, with_segments: bool, logits_to_keep: int, shardings):
+    """The jitted forward that `_jitted_forward` lowers and compiles ahead of time."""
+
     def fn(state, input_ids, positions, attention_mask, segment_ids, cache):
         model = nnx.merge(graphdef, state)
         return model.forward(

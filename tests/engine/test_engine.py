@@ -79,6 +79,57 @@ def test_seeded_sampling_independent_of_batch(engine):
     assert a != b  # the seed matters
 
 
+# Greedy and sampled settings that take every path of the sampler: greedy with and without the
+# penalties, id order (temperature, min-p), the top-k candidates, the sorted vocabulary (top-p, a
+# top-k past the candidates), and OpenAI's penalties and bias.
+SAME_TOKENS = [
+    dict(temperature=0),
+    dict(temperature=0, repetition_penalty=1.3),
+    dict(temperature=0.8, seed=3),
+    dict(temperature=0.7, min_p=0.1, seed=6),
+    dict(temperature=0.9, top_k=20, seed=4),
+    dict(temperature=1.1, top_p=0.9, seed=5),
+    dict(temperature=1.0, top_k=100, seed=8),
+    dict(temperature=0.7, top_k=40, top_p=0.8, min_p=0.05, repetition_penalty=1.3, seed=7),
+    dict(temperature=0.9, frequency_penalty=0.5, presence_penalty=0.3, logit_bias={ord("e"): 3.0}, seed=9),
+]
+
+
+@pytest.mark.parametrize("options", SAME_TOKENS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_same_seed_and_settings_same_tokens_from_generate_stream_and_engine(engine, loaded, options):
+    """One sampler: `qwen_jax.generate` (a batch), `qwen_jax.stream` and the engine (alone and in a busy
+    batch, whose other rows run other settings) give the same tokens for the same seed and settings."""
+    model, tokenizer = loaded
+    batch = qwen_jax.generate(model, tokenizer, [PROBE, OTHERS[0]], max_new_tokens=16, **options)
+    streamed = qwen_jax.stream(model, tokenizer, PROBE, max_new_tokens=16, **options)
+    assert "".join(streamed) == batch.texts[0] and streamed.result.token_ids[0] == batch.token_ids[0]
+    alone = _tokens(engine, PROBE, max_new_tokens=16, **options)
+    assert alone.token_ids == batch.token_ids[0] and alone.text == batch.texts[0]
+    assert alone.finish_reason == batch.finish_reasons[0]
+    busy = [
+        engine.submit(p, max_new_tokens=20, temperature=t, top_p=0.9, seed=s)
+        for p, t, s in zip(OTHERS[1:], (0, 1.0, 0.5), (1, 2, 3))
+    ]
+    handles = [engine.submit(p, max_new_tokens=16, **options) for p in (PROBE, OTHERS[0])]
+    assert [h.result(120).token_ids for h in handles] == batch.token_ids
+    assert [h.result().finish_reason for h in handles] == batch.finish_reasons
+    for handle in busy:
+        handle.result(120)
+
+
+def test_engine_generate_takes_one_seed_or_one_per_prompt(engine):
+    settings = dict(max_new_tokens=12, temperature=0.9, top_k=30, progress=False)
+    prompts = [PROBE, PROBE, OTHERS[0]]
+    shared = engine.generate(prompts, seed=4, **settings)
+    assert shared[0].token_ids == shared[1].token_ids  # one seed: every prompt draws with it
+    per_prompt = engine.generate(prompts, seed=[4, 5, 4], **settings)
+    assert per_prompt[0].token_ids == shared[0].token_ids and per_prompt[2].token_ids == shared[2].token_ids
+    assert per_prompt[1].token_ids != shared[1].token_ids
+    with pytest.raises(EngineError, match="2 seeds for 3 prompts") as info:
+        engine.generate(prompts, seed=[1, 2], **settings)
+    assert info.value.param == "seed"
+
+
 def _reference_greedy(model, prompt_ids, steps, *, repetition=1.0, presence=0.0, frequency=0.0, bias=None):
     """Greedy decoding on the host from full forwards: logit bias, repetition penalty over prompt +
     output ids, then OpenAI's presence/frequency penalties over the generated ids."""
@@ -245,6 +296,13 @@ def test_bad_requests_and_queue_limit(loaded, engine):
         engine.submit(PROBE, logit_bias={10_000: 1.0})
     with pytest.raises(EngineError, match="logit_bias value for token 5 must be a number between -100 and 100"):
         engine.submit(PROBE, logit_bias={5: 200})
+    with pytest.raises(EngineError, match="top logprobs must be between 0 and 20"):
+        engine.submit(PROBE, logprobs=21)
+    with pytest.raises(EngineError, match="stop strings must not be empty") as info:
+        engine.submit(PROBE, stop=["x", ""])
+    assert info.value.param == "stop"
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'"):
+        engine.submit(PROBE, temprature=0.5)
     model, tokenizer = loaded
     small = qwen_jax.Engine(
         model, tokenizer, slots=SLOTS, max_len=MAX_LEN, max_queue=1, prefill_chunk=CHUNK
@@ -361,8 +419,6 @@ def test_parallel_warmup_compiles_each_program_once(loaded, tiny_engine):
     workload after them compiles nothing and gives the tokens of an engine warmed up one program at a time."""
     import collections
 
-    from qwen_jax.engine import programs as programs_module
-
     model, tokenizer = loaded
     # 4 slots: a structure of its own, so its programs are compiled here rather than taken from `tiny_engine`'s.
     engine = qwen_jax.Engine(model, tokenizer, slots=4, max_len=MAX_LEN, prefill_chunk=CHUNK)
@@ -397,7 +453,7 @@ def test_parallel_warmup_compiles_each_program_once(loaded, tiny_engine):
             # Priming runs every program once on scratch arrays: nothing compiles, the engine's state stays empty.
             engine.warmup(prime=True)
             assert engine.programs.prime_seconds > 0
-            assert {key for key, _ in engine.programs._programs.values()} <= programs_module._PRIMED
+            assert all(program.primed for program in engine.programs._programs.values())
             assert not np.asarray(engine.programs.cache.lengths).any()
             prompts = [PROBE, *OTHERS, "x" * 40]
             options = dict(max_new_tokens=10, stop=["q"])
@@ -433,3 +489,30 @@ def test_a_step_finds_its_program_without_hashing_the_model(engine):
         assert programs._decode_executable(width) is first
     finally:
         programs._signature = signature
+
+
+def test_evicting_the_shared_cache_recompiles_nothing_the_engine_holds(engine):
+    """The shared executable cache is LRU-bounded; an engine keeps its own programs, so when they are
+    evicted from the shared cache it still serves without compiling (runs last: it empties the cache)."""
+    from qwen_jax.compilation import EXECUTABLES
+
+    compiles = []
+
+    def listener(name, duration, **_):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    bound = EXECUTABLES.max_entries
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        EXECUTABLES.max_entries = 1
+        assert len(EXECUTABLES) <= 1
+        handles = [
+            engine.submit(p, max_new_tokens=8, temperature=t, top_p=0.9, seed=i)
+            for i, (p, t) in enumerate(zip([PROBE, *OTHERS], (0, 0.8, 1.0, 0, 0.5)))
+        ]
+        assert all(h.result(120).finish_reason in ("stop", "length") for h in handles)
+    finally:
+        EXECUTABLES.max_entries = bound
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []

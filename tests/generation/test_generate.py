@@ -12,10 +12,11 @@ import torch
 from conftest import build_hf_model, save_hf_checkpoint
 
 from qwen_jax import make_mesh
+from qwen_jax.compilation import compile_counts
 from qwen_jax.config import GenerationConfig
 from qwen_jax.errors import GenerationError
 from qwen_jax.generation.api import generate, stream
-from qwen_jax.generation.static import generate_ids, stream_ids, trace_counts
+from qwen_jax.generation.static import generate_ids, stream_ids
 from qwen_jax.load import load_model
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 40))]  # different lengths, one bucket
@@ -94,12 +95,12 @@ def test_cached_step_logits_equal_full_forward(untied):
 def test_prompt_lengths_in_one_bucket_compile_once(untied):
     _, model, _ = untied
     generate_ids(model, [[1, 2, 3]], max_new_tokens=8, temperature=0)
-    before = trace_counts()
+    before = compile_counts()
     for length in (5, 9, 16):
         generate_ids(model, [list(range(3, 3 + length))], max_new_tokens=8, temperature=0)
-    assert trace_counts() == before
+    assert compile_counts() == before
     generate_ids(model, [list(range(3, 20))], max_new_tokens=8, temperature=0)  # 17 tokens: the next bucket
-    assert trace_counts()["prefill"] == before["prefill"] + 1
+    assert compile_counts()["generation.prefill"] == before["generation.prefill"] + 1
 
 
 SAMPLING = dict(temperature=0.9, top_k=40, top_p=0.9, min_p=0.02, repetition_penalty=1.1)
@@ -114,10 +115,44 @@ def test_sampling_is_seeded(untied):
     assert runs[0] != runs[2]
 
 
+def test_one_seed_for_every_row_or_one_per_prompt(untied):
+    """A row's tokens depend only on its own prompt, settings and seed: in a batch with one seed every
+    row draws as it would alone with that seed; a list gives each prompt its own."""
+    _, model, _ = untied
+    alone = {
+        (row, seed): generate_ids(model, [PROMPTS[row]], max_new_tokens=NEW_TOKENS, seed=seed, **SAMPLING).token_ids[0]
+        for row in range(len(PROMPTS))
+        for seed in (3, 4)
+    }
+    shared = generate_ids(model, PROMPTS, max_new_tokens=NEW_TOKENS, seed=3, **SAMPLING).token_ids
+    assert shared == [alone[row, 3] for row in range(len(PROMPTS))]
+    per_prompt = generate_ids(model, PROMPTS, max_new_tokens=NEW_TOKENS, seed=[4, 3, 4], **SAMPLING).token_ids
+    assert per_prompt == [alone[0, 4], alone[1, 3], alone[2, 4]]
+    assert alone[0, 3] != alone[0, 4]  # the seed matters
+    with pytest.raises(GenerationError, match="2 seeds for 3 prompts"):
+        generate_ids(model, PROMPTS, max_new_tokens=4, seed=[1, 2], **SAMPLING)
+
+
+def test_options_are_checked_before_anything_runs(untied):
+    _, model, _ = untied
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'"):
+        generate_ids(model, PROMPTS, max_new_tokens=4, temprature=0.5)
+    with pytest.raises(GenerationError, match="stop strings need the text") as info:
+        generate_ids(model, PROMPTS, max_new_tokens=4, stop=["the end"])
+    assert info.value.param == "stop"
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        stream_ids(model, PROMPTS[0], max_new_tokens=4, stop=[10_000])
+    eos = generate_ids(model, PROMPTS[:1], max_new_tokens=8, temperature=0).token_ids[0][3]
+    by_stop = generate_ids(model, PROMPTS[:1], max_new_tokens=8, temperature=0, stop=eos)  # ids are fine
+    assert by_stop.token_ids[0][-1] == eos and by_stop.finish_reasons == ["stop"]
+
+
 def test_temperature_to_zero_is_greedy(untied):
     _, model, _ = untied
     greedy = generate_ids(model, PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0).token_ids
-    cold = generate_ids(model, PROMPTS, max_new_tokens=NEW_TOKENS, temperature=1e-4, seed=5).token_ids
+    # Far below the gap between the top two logits (as small as 5e-5 at some steps of this tiny model, where
+    # 1e-4 would make it a coin flip): the draw must then be the argmax.
+    cold = generate_ids(model, PROMPTS, max_new_tokens=NEW_TOKENS, temperature=1e-6, seed=5).token_ids
     assert cold == greedy
     filtered = generate_ids(model, PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0, top_k=3, top_p=0.5)
     assert filtered.token_ids == greedy

@@ -216,14 +216,14 @@ def test_prefill_memory_grows_linearly_with_length():
 def test_context_errors_and_rope_scaling_override(hf_checkpoint, capsys):
     """Prompt + max_new_tokens past the context fails before any compile, naming the way out;
     rope_scaling='yarn:4' at load quadruples the context."""
-    from qwen_jax.generation.static import trace_counts
+    from qwen_jax.compilation import compile_counts
 
     _, path = hf_checkpoint(max_position_embeddings=64)
     model = load_model(path, dtype=jnp.float32, scan_layers=False)
-    before = trace_counts()
+    before = compile_counts()
     with pytest.raises(GenerationError, match=r"overflows the context.*rope_scaling='yarn:4'"):
         generate_ids(model, [[1] * 60], max_new_tokens=8)
-    assert trace_counts() == before
+    assert compile_counts() == before
     scaled = load_model(path, dtype=jnp.float32, scan_layers=False, rope_scaling="yarn:4")
     assert scaled.config.context_length == 256
     assert len(generate_ids(scaled, [[1] * 60], max_new_tokens=8, temperature=0).token_ids[0]) == 8

@@ -335,17 +335,13 @@ def test_decode_loop_keeps_kernels_quantized(small_checkpoint):
     """XLA hoists loop-invariant work out of the decode loop; unless the kernel is tied to the
     step's input (`quant.matmul`), that included converting every kernel to float once: a float
     copy of the weights alive for the whole generation (measured: 114 MiB for two 0.5B layers)."""
-    from qwen_jax.generation import static as generation
+    from qwen_jax.compilation import EXECUTABLES
 
     _, path = small_checkpoint
     model = load_model(path, quantize="int8", scan_layers=False, progress=False)
-    generation._executables._entries.clear()
+    EXECUTABLES.clear()
     generate_ids(model, [[5, 6, 7]], max_new_tokens=3, temperature=0)
-    loops = [
-        exe
-        for key, exe in generation._executables._entries.items()
-        if getattr(key[0], "__name__", "") == "_decode_loop"
-    ]
+    loops = EXECUTABLES.executables("generation.decode_loop")
     assert loops, "the decode loop executable was not found"
     float_kernels = sum(
         4 * math.prod(linear.layout.values_shape(QuantScheme(8))) for _, linear in decoder_linears(model)

@@ -4,9 +4,9 @@ import pytest
 from serving import real_tokenizer_dir, write_byte_tokenizer
 
 from qwen_jax.config import GenerationConfig
+from qwen_jax.engine.requests import check_top_logprobs, resolve_request
 from qwen_jax.errors import EngineError
-from qwen_jax.generation.options import resolve_options
-from qwen_jax.generation.text import TextAssembler
+from qwen_jax.generation.text import TextAssembler, cut_at_stop_strings
 from qwen_jax.serve.protocol import ChatCompletionRequest, CompletionRequest, RequestError
 from qwen_jax.serve.tokens import TokenStrings
 from qwen_jax.serve.tools import ToolCallStream, forced_prefix
@@ -46,6 +46,19 @@ def test_stop_strings_cut_and_hold_back(byte_tokenizer):
 def test_stop_string_spanning_tokens_earliest_wins(byte_tokenizer):
     pieces, assembler = _assemble(byte_tokenizer, "xx abcdef", ["cdef", "bc"])
     assert assembler.text == "xx a" and assembler.stop_string == "bc"
+
+
+def test_batch_text_cut_by_the_same_assembler(byte_tokenizer):
+    """`qwen_jax.generate` cuts each row with the assembler the engine and `stream` use: the text before
+    the first stop string and the fewest ids that reach it."""
+    ids = byte_tokenizer.encode("Hello wor\u00e9ld END more")
+    text, kept, stopped = cut_at_stop_strings(byte_tokenizer, ids, ["END", "xyz"])
+    assert (text, stopped) == ("Hello wor\u00e9ld ", True)
+    assert kept == ids[: len(byte_tokenizer.encode("Hello wor\u00e9ld END"))]
+    text, kept, stopped = cut_at_stop_strings(byte_tokenizer, ids, ["nowhere"])
+    assert (text, kept, stopped) == ("Hello wor\u00e9ld END more", ids, False)
+    pieces, _ = _assemble(byte_tokenizer, "Hello wor\u00e9ld END more", ["END", "xyz"])
+    assert "".join(pieces) == cut_at_stop_strings(byte_tokenizer, ids, ["END", "xyz"])[0]
 
 
 def test_tool_call_stream_matches_batch_parser():
@@ -130,25 +143,29 @@ def test_request_checks():
     assert CompletionRequest.model_validate({"model": "m", "prompt": [1, 2]}).prompts() == [[1, 2]]
 
 
-def test_resolve_options_errors_name_the_numbers():
+def test_resolve_request_errors_name_the_numbers():
     config = GenerationConfig(max_new_tokens=100, eos_token_ids=(2,))
-    options = resolve_options(config, prompt_length=10, max_len=64, vocab_size=300)
+    options = resolve_request(config, prompt_length=10, max_len=64, vocab_size=300)
     assert options.max_new_tokens == 54 and options.stop_token_ids == {2}  # the default is capped to the context
-    with pytest.raises(EngineError, match=r"prompt \(10 tokens\) plus max_new_tokens \(60\).*context of 64"):
-        resolve_options(config, prompt_length=10, max_len=64, vocab_size=300, max_new_tokens=60)
+    with pytest.raises(EngineError, match=r"prompt \(10 tokens\) plus max_new_tokens \(60\).*context of 64") as info:
+        resolve_request(config, prompt_length=10, max_len=64, vocab_size=300, max_new_tokens=60)
+    assert info.value.param == "max_new_tokens"
     with pytest.raises(EngineError, match="64 tokens, but the context is 64"):
-        resolve_options(config, prompt_length=64, max_len=64, vocab_size=300)
+        resolve_request(config, prompt_length=64, max_len=64, vocab_size=300)
     for bad in (
         dict(temperature=-1),
         dict(top_p=0),
-        dict(logprobs=21),
         dict(seed=2**64),
         dict(stop=[""]),
         dict(stop=[300]),
     ):
-        with pytest.raises(EngineError):
-            resolve_options(config, prompt_length=10, max_len=64, vocab_size=300, **bad)
-    assert resolve_options(config, prompt_length=1, max_len=64, vocab_size=300, seed=-1).seed == 2**64 - 1
+        with pytest.raises(EngineError) as info:
+            resolve_request(config, prompt_length=10, max_len=64, vocab_size=300, **bad)
+        assert info.value.param == next(iter(bad))  # the server reports it in OpenAI's envelope
+    with pytest.raises(EngineError, match="top logprobs"):
+        check_top_logprobs(21)
+    check_top_logprobs(20)
+    assert resolve_request(config, prompt_length=1, max_len=64, vocab_size=300, seed=-1).seed == 2**64 - 1
 
 
 def test_token_bytes_byte_level(byte_tokenizer):

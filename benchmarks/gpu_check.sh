@@ -9,7 +9,7 @@
 #     BUDGET runs out before serve, the last)
 # qwen-jax must be importable (pip install -e ".[test]" with a CUDA extra, or offline:
 # pip install --no-deps --no-build-isolation -e .). Steps that do not fit the remaining BUDGET
-# seconds are skipped and say so. This is what produced the README's H200 figures (2026-11-27).
+# seconds are skipped and say so. This is what produced the H200 figures in benchmarks/RESULTS.md.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check-results}

@@ -3,7 +3,7 @@
 Two parts, both on the Qwen2.5-0.5B configuration with random weights:
 
   kernels  the decode-sized product of the 0.5B MLP matrices (24 layers of gate 896->4864 and
-           down 4864->896, 1 and 8 rows): float32, qwen-jax int8/int4 (`qwen_jax.quant.matmul`)
+           down 4864->896, 1 and 8 rows): float32, qwen-jax int8/int4 (`qwen_jax.ops.quant.matmul`)
            and qwix int8/int4 (`qwix.quantize` + `qwix.dot_general`, what a qwix PTQ rule runs for
            a weight-only quantized dot), interleaved and repeated in one process.
   model    one child process per variant (float32, int8, int4, HF transformers float32) on the same

@@ -3,8 +3,8 @@
 One workload (prompt and output lengths drawn at random, Poisson arrivals at each rate; `inf` sends
 everything at once) goes through four systems in the same run, on the same random weights:
   * qwen-jax serve (continuous batching, `--slots` decode slots), over HTTP;
-  * sequential: `qwen_jax.stream_ids`, one request at a time in arrival order (in process);
-  * static batches: `qwen_jax.generate_ids` on groups of `--slots` requests in arrival order, each group
+  * sequential: `qwen_jax.generation.stream_ids`, one request at a time in arrival order (in process);
+  * static batches: `qwen_jax.generation.generate_ids` on groups of `--slots` requests in arrival order, each group
     waiting for its last member and decoding until its longest request is done (in process, no streaming);
     both in-process baselines are timed without their compile time (warmed up, or subtracted);
   * HF transformers' own OpenAI server, `transformers serve --continuous-batching`, over HTTP.
@@ -23,7 +23,7 @@ noise only slows a pass down.
     python benchmarks/serve.py --requests 8 --rates inf --systems qwen-jax sequential   # a quick look
     python benchmarks/serve.py --requests 16 --rates inf          # on a GPU: bfloat16, transformers on cuda
     python benchmarks/serve.py --requests 16 --rates inf --output-tokens 32,256 --repeat 2   # longer outputs
-    python benchmarks/serve.py --requests 64 --rates inf --repeat 2   # README's 64-request figures: ~47 min here
+    python benchmarks/serve.py --requests 64 --rates inf --repeat 2   # RESULTS.md's 64-request figures
 
 Needs the Qwen2.5 tokenizer files (`QWEN_JAX_TOKENIZER_DIR`); builds a random checkpoint of the chosen
 size once (`--checkpoint-dir` keeps it between runs).

@@ -5,7 +5,7 @@ engine's policy (lowest free slot, compaction, a step width covering the occupie
 prefill when nothing decodes, otherwise mixed steps of decode rows + one prompt chunk) with step
 costs measured on the machine, and prints the predicted makespan and output tokens/s per
 `--prefill-chunk`, with the bound of a perfect packing. Costs are in milliseconds; the defaults are
-the 0.5B float32 figures measured on the 2-core CPU (README "Serving").
+the 0.5B float32 figures measured on the 2-core CPU (benchmarks/RESULTS.md, "Serving").
 
     QWEN_JAX_TOKENIZER_DIR=... python benchmarks/serve_model.py --checkpoint /path/with/tokenizer
 """

@@ -27,9 +27,9 @@ from qwen_jax.checkpoints.orbax import OrbaxReader, is_orbax_checkpoint
 from qwen_jax.config import GenerationConfig, read_config_json
 from qwen_jax.errors import CheckpointError
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM, default_dtype, unstack_layers
-from qwen_jax.ops.attention.selection import check_backend, platform_of
+from qwen_jax.ops.attention.selection import check_backend
 from qwen_jax.ops.quant import QuantScheme
-from qwen_jax.sharding import DEFAULT_RULES, ShardingRules
+from qwen_jax.sharding import DEFAULT_RULES, ShardingRules, platform_of
 from qwen_jax.tokenizer import Tokenizer
 
 

@@ -2,7 +2,7 @@
 model on it (prefill, cached decode, left padding) against the einsum path and HF.
 
 Skipped where JAX has no GPU (CI has none; tests/ops/test_attention.py checks cuDNN's arguments through
-jax's xla implementation there). On a GPU: `pytest tests/test_gpu.py`. The README's long-context
+jax's xla implementation there). On a GPU: `pytest tests/test_gpu.py`. benchmarks/RESULTS.md (GPU tests)
 section says when and on which card this last ran.
 
 Tolerances: cuDNN computes in bfloat16 with float32 softmax statistics; the reference is the xla
@@ -23,7 +23,8 @@ from qwen_jax.load import load_model
 from qwen_jax.model.mixed import mixed_hidden_states
 from qwen_jax.ops.attention import attend
 from qwen_jax.ops.attention.mask import AttentionMask
-from qwen_jax.ops.attention.selection import platform_of, select_backend
+from qwen_jax.ops.attention.selection import select_backend
+from qwen_jax.sharding import platform_of
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "gpu", reason="needs an NVIDIA GPU (cuDNN attention); CI has none"

@@ -25,8 +25,7 @@ from qwen_jax.config import PRESET_NAMES, Qwen2Config, read_config_json
 from qwen_jax.errors import UsageError
 from qwen_jax.generation.static import default_prefill_chunk
 from qwen_jax.memory import plan_memory
-from qwen_jax.ops.attention.selection import platform_of
-from qwen_jax.sharding import parse_mesh_spec
+from qwen_jax.sharding import parse_mesh_spec, platform_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

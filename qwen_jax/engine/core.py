@@ -59,7 +59,7 @@ from qwen_jax.engine.requests import (
 )
 from qwen_jax.errors import EngineClosedError, EngineError, GenerationError, QueueFullError
 from qwen_jax.generation.options import Prompt, SamplingKwargs, generation_defaults, row_seeds
-from qwen_jax.ops.attention.selection import platform_of
+from qwen_jax.sharding import platform_of
 
 DEFAULT_MAX_LEN = 4096
 logger = logging.getLogger(__name__)

@@ -246,8 +246,7 @@ def generation_defaults(
     greedy with the model config's eos ids; plus the tokenizer's eos id (it always stops) and its
     pad id where the config has none."""
     if config is None:
-        # getattr until Qwen2ForCausalLM declares `generation_config` (then: plain attribute access).
-        config = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
+        config = model.generation_config or GenerationConfig.from_model_config(model.config)
     if tokenizer is None:
         return config
     eos = tokenizer.eos_token_id

@@ -60,8 +60,7 @@ from qwen_jax.generation.options import (
 from qwen_jax.generation.sampler import History, RowParams, SamplerVariant, sample_rows, variant_for
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM
 from qwen_jax.model.kv_cache import KVCache
-from qwen_jax.ops.attention.selection import platform_of
-from qwen_jax.sharding import named_sharding
+from qwen_jax.sharding import named_sharding, platform_of
 
 MIN_PROMPT_BUCKET = 16
 PREFILL_CHUNK = 2048  # prompt tokens per model call on CPU: bounds prefill activations, keeps matmuls large

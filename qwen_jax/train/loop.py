@@ -45,8 +45,8 @@ from qwen_jax.load import load_model
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM, default_dtype
 from qwen_jax.model.lora import LoRAConfig, LoRAParam, apply_lora
 from qwen_jax.model.quantize import model_quantization
-from qwen_jax.ops.attention.selection import check_backend, platform_of
-from qwen_jax.sharding import make_mesh, parse_mesh_spec
+from qwen_jax.ops.attention.selection import check_backend
+from qwen_jax.sharding import make_mesh, parse_mesh_spec, platform_of
 from qwen_jax.tokenizer import Tokenizer
 from qwen_jax.train import multihost, outputs
 from qwen_jax.train.config import TrainConfig

@@ -48,7 +48,6 @@ from qwen_jax.ops.attention.mask import AttentionMask
 from qwen_jax.ops.attention.selection import check_backend, select_backend
 from qwen_jax.ops.attention.splash import splash_sharded
 from qwen_jax.ops.attention.xla import cache_rows, xla_attention
-from qwen_jax.sharding import platform_of
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -117,4 +116,4 @@ def attend(
     return out
 
 
-__all__ = ["BACKENDS", "AttentionMask", "attend", "check_backend", "platform_of", "select_backend"]
+__all__ = ["BACKENDS", "AttentionMask", "attend", "check_backend", "select_backend"]

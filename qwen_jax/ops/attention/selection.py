@@ -8,9 +8,8 @@ import jax.numpy as jnp
 from qwen_jax.config import ATTENTION_BACKENDS as BACKENDS
 from qwen_jax.errors import AttentionBackendError
 from qwen_jax.ops.attention.chunked import BLOCK_KV
-from qwen_jax.sharding import platform_of
 
-__all__ = ["CPU_CHUNKED_MIN_SCORES", "check_backend", "platform_of", "select_backend"]
+__all__ = ["CPU_CHUNKED_MIN_SCORES", "check_backend", "select_backend"]
 
 # On CPU an uncached call with fewer scores per (batch row, head) than this runs the xla einsum:
 # below it the einsum costs about what the chunked loop costs (see benchmarks/long_context.py) and

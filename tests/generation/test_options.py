@@ -148,7 +148,10 @@ class _Tokenizer:
 
 
 class _Model:
+    """What `generation_defaults` reads of a `Qwen2ForCausalLM`: its config and its declared generation config."""
+
     config = dataclasses.make_dataclass("C", [("eos_token_ids", tuple), ("pad_token_id", object)])((3,), None)
+    generation_config = None
 
 
 def test_generation_defaults_add_the_tokenizer_eos():

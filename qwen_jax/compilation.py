@@ -161,11 +161,13 @@ class ExecutableCache:
             start = time.perf_counter()
             try:
                 value = build()
-            finally:
-                seconds = time.perf_counter() - start
+            except BaseException:
                 with self._lock:
-                    self._building.pop(key, None)
-            with self._lock:
+                    self._building.pop(key, None)  # a failed build is not cached: the next get tries again
+                raise
+            seconds = time.perf_counter() - start
+            with self._lock:  # entry in and build lock out at once: no thread can start a second build
+                self._building.pop(key, None)
                 self._entries[key] = (name, value)
                 self._compiles[name] += 1
                 self._seconds[name] += seconds

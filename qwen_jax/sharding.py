@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import numpy as np
@@ -145,6 +145,15 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | Non
     if mesh is None or mesh.size == 1:
         return x
     return jax.lax.with_sharding_constraint(x, named_sharding(logical_axes, x.shape, mesh, rules))
+
+
+def place_variables(variables: Iterable[nnx.Variable], mesh: Mesh | None, rules: ShardingRules = DEFAULT_RULES) -> None:
+    """Put each variable's value into its shards on `mesh` by its `logical_axes` (nothing without a mesh)."""
+    if mesh is None:
+        return
+    for variable in variables:
+        axes = variable.get_metadata()["logical_axes"]
+        variable.set_value(jax.device_put(variable.get_value(), named_sharding(axes, variable.shape, mesh, rules)))
 
 
 def state_shardings(state, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):

@@ -46,7 +46,7 @@ from jax.sharding import Mesh
 from qwen_jax.errors import QuantizationError
 from qwen_jax.ops import cpu
 from qwen_jax.ops.quant import QuantScheme, dequantize_matrix, matmul, pack, quantize_matrix, unpack
-from qwen_jax.sharding import DEFAULT_RULES, ShardingRules, named_sharding
+from qwen_jax.sharding import DEFAULT_RULES, ShardingRules, place_variables
 
 normal_init = jax.nn.initializers.normal(0.02)
 
@@ -219,15 +219,6 @@ def _dequantize_kernel(stored, scale, zero, layout: KernelLayout, scheme: QuantS
     values = unpack(stored.reshape(*layout.layers, layout.out_features, *stored.shape[-2:]), scheme)
     zero = None if zero is None else zero.reshape(rows)
     return from_out_major(dequantize_matrix(values, scale.reshape(rows), zero, scheme, dtype), layout)
-
-
-def _place(variables, mesh: Mesh | None, rules: ShardingRules) -> None:
-    """Put each variable into its shards on `mesh` by its logical axes (nothing without a mesh)."""
-    if mesh is None:
-        return
-    for variable in variables:
-        axes = variable.get_metadata()["logical_axes"]
-        variable.set_value(jax.device_put(variable.get_value(), named_sharding(axes, variable.shape, mesh, rules)))
 
 
 # --------------------------------------------------------------------------- LoRA
@@ -410,7 +401,7 @@ class Linear(nnx.Module):
         layout = self.layout
         scheme.groups(layout.in_features, f"{self.equation} kernel")
         self.kernel = QuantizedKernel.quantize(self.kernel.get_value(), layout, scheme)
-        _place(self.kernel.parts(), mesh, rules)
+        place_variables(self.kernel.parts(), mesh, rules)
 
     def dequantize(self, dtype, *, mesh: Mesh | None = None, rules: ShardingRules = DEFAULT_RULES) -> None:
         """Replace a quantized kernel by the float one it stands for (einsum layout, `dtype`); a float one stays."""
@@ -418,7 +409,7 @@ class Linear(nnx.Module):
             return
         layout = self.kernel.layout
         self.kernel = nnx.Param(self.kernel.dequantize(dtype), logical_axes=layout.float_axes())
-        _place((self.kernel,), mesh, rules)
+        place_variables((self.kernel,), mesh, rules)
 
     def set_out_major(self, out_major: bool) -> None:
         """Store a float kernel `[*out, *in]` (True) or in the einsum layout (False).

@@ -30,7 +30,7 @@ from flax import nnx
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM
 from qwen_jax.model.linear import Linear, LoRA, LoRADropoutKey, LoRAParam
 from qwen_jax.model.quantize import dequantize_model
-from qwen_jax.sharding import named_sharding
+from qwen_jax.sharding import place_variables
 
 __all__ = [
     "TARGET_PATHS",
@@ -131,12 +131,7 @@ def apply_lora(model: Qwen2ForCausalLM, config: LoRAConfig, *, seed: int = 0) ->
                 param_dtype=model.param_dtype,
                 a=a if len(linears) == 1 else a[i],
             )
-            if model.mesh is not None:
-                for variable in (lora.lora_a, lora.lora_b):
-                    axes = variable.get_metadata()["logical_axes"]
-                    variable.set_value(
-                        jax.device_put(variable[...], named_sharding(axes, variable.shape, model.mesh, model.rules))
-                    )
+            place_variables((lora.lora_a, lora.lora_b), model.mesh, model.rules)
             linear.lora = lora
     return model
 

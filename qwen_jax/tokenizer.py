@@ -13,6 +13,7 @@ import inspect
 import json
 import os
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -70,6 +71,8 @@ class Tokenizer:
             special_token_ids = [i for i, added in backend.get_added_tokens_decoder().items() if added.special]
         self.special_token_ids = frozenset(int(i) for i in special_token_ids)
         self._clean_up_spaces = clean_up_tokenization_spaces and type(backend.model).__name__ != "BPE"
+        self._text_only_backend: BackendTokenizer | None = None  # built on first use of split_special_tokens
+        self._text_only_lock = threading.Lock()
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
@@ -158,12 +161,26 @@ class Tokenizer:
 
     # --- encode / decode ----------------------------------------------------------------------
 
-    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+    def encode(self, text: str, *, add_special_tokens: bool = False, split_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; special-token strings in it (e.g. `<|im_start|>`) become their ids.
 
         `add_special_tokens` runs the tokenizer's post-processor (a no-op for Qwen, which adds no BOS).
+        `split_special_tokens` (as in transformers) encodes the text of tokens flagged special as plain
+        text instead, so `"<|im_start|>"` becomes the ids of `<`, `|`, `im`, ... (added tokens not
+        flagged special, such as `<tool_call>`, keep their ids).
         """
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        backend = self._text_only() if split_special_tokens else self.backend
+        return backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def _text_only(self) -> BackendTokenizer:
+        """A copy of the backend that does not match special tokens (a separate object: the flag is
+        per tokenizer, and flipping it on the shared one would race with other threads' encodes)."""
+        with self._text_only_lock:
+            if self._text_only_backend is None:
+                backend = BackendTokenizer.from_str(self.backend.to_str())
+                backend.encode_special_tokens = True
+                self._text_only_backend = backend
+            return self._text_only_backend
 
     def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = False) -> list[list[int]]:
         """`encode` for many texts at once (parallel in the Rust backend)."""

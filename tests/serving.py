@@ -52,19 +52,22 @@ def real_tokenizer_dir() -> str | None:
 class LiveServer:
     """`create_app(engine)` served by uvicorn on 127.0.0.1 (ephemeral port) in a background thread."""
 
-    def __init__(self, engine, model_name: str = "test-model", api_key: str | None = None):
+    def __init__(
+        self, engine, model_name: str = "test-model", api_key: str | None = None, app_options=None, **server_options
+    ):
+        """app_options: more keywords of `create_app`; server_options: keywords of `server_config`."""
         import uvicorn
 
         from qwen_jax.serve.app import create_app
+        from qwen_jax.serve.server import server_config
 
         self.engine = engine
-        self.app = create_app(engine, model_name=model_name, api_key=api_key)
+        self.app = create_app(engine, model_name=model_name, api_key=api_key, **(app_options or {}))
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off")
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(server_config(self.app, **server_options))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self) -> LiveServer:

@@ -25,11 +25,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qwen_jax.engine.core import Engine
 from qwen_jax.engine.requests import Delta
 from qwen_jax.errors import EngineClosedError, EngineError, QueueFullError
+from qwen_jax.serve.limits import DEFAULT_MAX_REQUEST_BYTES, RequestBodyLimit
 from qwen_jax.serve.metrics import RequestTimer, ServerMetrics
+from qwen_jax.serve.prompts import PromptEncoder
 from qwen_jax.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     RequestError,
+    check_text,
     validation_error,
 )
 from qwen_jax.serve.tokens import TokenStrings
@@ -39,14 +42,26 @@ from qwen_jax.tokenizer import parse_tool_calls
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
 
 
-def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(
+    engine: Engine,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    allow_special_tokens_in_content: bool = False,
+) -> FastAPI:
     """The FastAPI application serving `engine` under the model id `model_name`.
 
     api_key: when set, every /v1 request must send `Authorization: Bearer <api_key>`.
+    max_request_bytes: larger request bodies are refused (413) before they are parsed.
+    allow_special_tokens_in_content: encode special-token text in chat messages and tool
+        definitions as those tokens, as HF's `apply_chat_template` does (by default it is plain
+        text: a client cannot open a turn of its own; `qwen_jax.serve.prompts`).
     """
     app = FastAPI(title="qwen-jax", docs_url=None, redoc_url=None, openapi_url=None)
-    server = _Server(engine, model_name)
+    server = _Server(engine, model_name, allow_special_tokens_in_content)
     app.state.server = server
+    app.add_middleware(RequestBodyLimit, max_bytes=max_request_bytes)  # inside the API-key check: counted
     app.add_middleware(_HttpMiddleware, metrics=server.metrics, api_key=api_key)
 
     @app.exception_handler(RequestValidationError)
@@ -160,13 +175,18 @@ class _Choice:
 
 
 class _Server:
-    def __init__(self, engine, model_name: str):
+    def __init__(self, engine, model_name: str, allow_special_tokens_in_content: bool):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.created = int(time.time())
         self.metrics = ServerMetrics(engine)
         self.token_strings = TokenStrings(engine.tokenizer)
+        self.prompts = PromptEncoder(
+            engine.tokenizer,
+            self.token_strings.longest_token_bytes(),
+            allow_special_tokens_in_content=allow_special_tokens_in_content,
+        )
 
     def model_card(self) -> dict[str, Any]:
         return {
@@ -182,15 +202,13 @@ class _Server:
         arrived = time.perf_counter()
         self._check_model(body.model)
         body.check_unsupported()
+        check_text(body)
         use_tools = bool(body.tools) and body.tool_choice != "none"
         tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if use_tools else None
         messages = body.template_messages()
-        try:
-            text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
-        except Exception as e:  # jinja errors raised by the checkpoint's template
-            raise RequestError(f"cannot apply the chat template to these messages: {e}", param="messages") from None
         prefix = forced_prefix(body.tool_choice) if use_tools else ""
-        prompt_ids = self.tokenizer.encode(text + prefix)
+        # Rendering and tokenizing a long conversation would stall every other request on the event loop.
+        prompt_ids = await asyncio.to_thread(self.prompts.chat, messages, tools, prefix, self.engine.max_len)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         choices, queue = self._submit(
             body,
@@ -210,7 +228,8 @@ class _Server:
         arrived = time.perf_counter()
         self._check_model(body.model)
         body.check_unsupported()
-        prompts = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in body.prompts()]
+        check_text(body)
+        prompts = await asyncio.to_thread(self._encode_prompts, body.prompts())
         choices, queue = [], None
         try:
             for ids in prompts:
@@ -237,6 +256,9 @@ class _Server:
         return await self._respond(kind, request, choices, queue, prompt_tokens)
 
     # ------------------------------------------------------------------ submission
+    def _encode_prompts(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        return [p if isinstance(p, list) else self.prompts.completion(p, self.engine.max_len) for p in prompts]
+
     def _check_model(self, name: str) -> None:
         if name != self.model_name:
             raise RequestError(
@@ -373,6 +395,10 @@ class _Server:
         finally:
             disconnect.cancel()
             self._abort(choices)
+            for choice in choices:  # disconnected or cut short: counted by /metrics all the same
+                if choice.finish_reason is None:
+                    choice.finish_reason = "abort"
+                    choice.timer.finished("abort")
 
     async def _respond(self, kind, request: Request, choices: list[_Choice], queue, prompt_tokens: int):
         try:

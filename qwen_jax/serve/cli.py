@@ -19,6 +19,12 @@ from qwen_jax.engine.core import Engine
 from qwen_jax.engine.programs import default_compile_workers
 from qwen_jax.errors import UsageError
 from qwen_jax.extras import require_extra
+from qwen_jax.serve.limits import (
+    DEFAULT_KEEP_ALIVE_TIMEOUT,
+    DEFAULT_LIMIT_CONCURRENCY,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_READ_TIMEOUT,
+)
 
 DEFAULT_MAX_QUEUE = 256
 
@@ -71,6 +77,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds running requests may take to finish after SIGTERM (default 30)",
     )
     parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help=f"larger request bodies are refused with 413 before they are read (default {DEFAULT_MAX_REQUEST_BYTES})",
+    )
+    parser.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=DEFAULT_LIMIT_CONCURRENCY,
+        help="open connections plus running HTTP requests beyond which new requests get 503 "
+        f"(default {DEFAULT_LIMIT_CONCURRENCY})",
+    )
+    parser.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=DEFAULT_KEEP_ALIVE_TIMEOUT,
+        help=f"seconds an idle keep-alive connection stays open (default {DEFAULT_KEEP_ALIVE_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--read-timeout",
+        type=float,
+        default=DEFAULT_READ_TIMEOUT,
+        help="seconds a connection may take to send a whole request, headers and body, before it is closed "
+        f"(default {DEFAULT_READ_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--allow-special-tokens-in-content",
+        action="store_true",
+        help="encode special-token text (e.g. '<|im_start|>') in chat messages and tool definitions as those "
+        "tokens, as HF's apply_chat_template does; by default it is plain text, so a client cannot open a turn",
+    )
+    parser.add_argument(
         "--log-level",
         default="warning",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -90,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be {'>= 1' if name == 'slots' else '>= 0'}, got {value}")
     if args.shutdown_timeout < 0:
         raise UsageError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    for name in ("max_request_bytes", "limit_concurrency", "keep_alive_timeout", "read_timeout"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.prime and not args.warmup:
         raise UsageError("--prime runs the compiled programs once: it needs --warmup")
     if not 0 <= args.port < 65536:
@@ -119,7 +160,13 @@ def run(args: argparse.Namespace) -> int:
             print("qwen-jax serve: running each program once (--prime)...", file=sys.stderr, flush=True)
             print(f"qwen-jax serve: primed in {engine.programs.prime():.1f} s", file=sys.stderr, flush=True)
 
-    app = create_app(engine, model_name=args.served_model_name or args.model, api_key=args.api_key)
+    app = create_app(
+        engine,
+        model_name=args.served_model_name or args.model,
+        api_key=args.api_key,
+        max_request_bytes=args.max_request_bytes,
+        allow_special_tokens_in_content=args.allow_special_tokens_in_content,
+    )
     host, port = listener.getsockname()[:2]
     print(
         f"qwen-jax serve: listening on http://{_url_host(host)}:{port} (model {args.served_model_name or args.model},"
@@ -127,7 +174,16 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    run_server(app, listener, engine, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+    run_server(
+        app,
+        listener,
+        engine,
+        shutdown_timeout=args.shutdown_timeout,
+        log_level=args.log_level,
+        limit_concurrency=args.limit_concurrency,
+        keep_alive_timeout=args.keep_alive_timeout,
+        read_timeout=args.read_timeout,
+    )
     print("qwen-jax serve: stopped", file=sys.stderr, flush=True)
     return 0
 

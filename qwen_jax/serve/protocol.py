@@ -11,11 +11,19 @@ send assistant messages back exactly as they received them (`refusal`, `annotati
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
+
+from qwen_jax.serve.limits import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 
 MAX_N = 16
+
+# Numbers and flags are strict: "5" or true where an integer is expected is a 400, not a 5 or a 1
+# (an int is still a valid float).
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
 
 
 class RequestError(Exception):
@@ -104,20 +112,20 @@ class _SamplingFields(_Strict):
     """Fields shared by both endpoints (OpenAI's, plus the common top_k / min_p / repetition_penalty)."""
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)  # 0 and -1 switch it off
-    min_p: float | None = Field(default=None, ge=0, le=1)
-    repetition_penalty: float | None = Field(default=None, gt=0)
+    max_tokens: Int | None = Field(default=None, ge=1)
+    temperature: Float | None = Field(default=None, ge=0, le=2)
+    top_p: Float | None = Field(default=None, gt=0, le=1)
+    top_k: Int | None = Field(default=None, ge=-1)  # 0 and -1 switch it off
+    min_p: Float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: Float | None = Field(default=None, gt=0)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
-    n: int = Field(default=1, ge=1, le=MAX_N)
-    stream: bool = False
+    seed: Int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    n: Int = Field(default=1, ge=1, le=MAX_N)
+    stream: Bool = False
     stream_options: StreamOptions | None = None
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    frequency_penalty: Float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: Float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, Float] | None = None
     user: str | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
@@ -128,6 +136,10 @@ class _SamplingFields(_Strict):
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if any(not s for s in stops):
             raise RequestError("stop strings must not be empty", param="stop")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", param="stop")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in stops):
+            raise RequestError(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters long", param="stop")
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed when stream is true", param="stream_options")
 
@@ -158,9 +170,9 @@ class _SamplingFields(_Strict):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    logprobs: Bool = False
+    top_logprobs: Int | None = Field(default=None, ge=0, le=20)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -236,11 +248,11 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = False
+    prompt: str | list[str] | list[Int] | list[list[Int]]
+    logprobs: Int | None = Field(default=None, ge=0, le=20)
+    echo: Bool = False
     suffix: str | None = None
-    best_of: int | None = Field(default=None, ge=1)
+    best_of: Int | None = Field(default=None, ge=1)
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
@@ -292,7 +304,43 @@ def validation_error(errors: list[dict[str, Any]]) -> RequestError:
     if kind == "extra_forbidden":
         return RequestError(f"unrecognized request argument supplied: {param}", param=param)
     if kind == "missing":
+        if not location:
+            return RequestError("the request body is empty: send a JSON object", code="empty_body")
         return RequestError(f"missing required parameter: {param}", param=param)
     if not location:
         return RequestError(f"the request body must be a JSON object ({error.get('msg', 'invalid')})")
     return RequestError(f"invalid value for {param}: {error.get('msg', 'invalid')}", param=param)
+
+
+def check_text(body: BaseModel) -> None:
+    """A 400 naming the first field whose text is not valid Unicode (a lone surrogate such as
+    `"\\ud800"`, which JSON can carry but UTF-8 cannot encode, so the tokenizer could not take it)."""
+    field = _invalid_text_field(body.model_dump(exclude_none=True), [])
+    if field is not None:
+        raise RequestError(f"{field} is not valid Unicode text (it holds a lone surrogate)", param=field)
+
+
+def _invalid_text_field(value: Any, path: list[str]) -> str | None:
+    if isinstance(value, str):
+        return None if _is_valid_unicode(value) else ".".join(path) or "body"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and not _is_valid_unicode(key):
+                return ".".join(path) or "body"
+            found = _invalid_text_field(item, [*path, str(key)])
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _invalid_text_field(item, [*path, str(i)])
+            if found is not None:
+                return found
+    return None
+
+
+def _is_valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

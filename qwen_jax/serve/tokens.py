@@ -44,6 +44,10 @@ class TokenStrings:
             return piece.encode("utf-8")
         return self.tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
+    def longest_token_bytes(self) -> int:
+        """The most UTF-8 bytes any one token of the vocabulary stands for."""
+        return max((len(self._token_bytes(i)) for i in range(self.tokenizer.vocab_size)), default=1)
+
     def token_text(self, token_id: int) -> str:
         return self.token_bytes(token_id).decode("utf-8", errors="replace")
 

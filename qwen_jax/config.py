@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +21,8 @@ SUPPORTED_MODEL_TYPES = ("qwen2",)
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 # The sizes config.json must give (the other settings have Qwen2's defaults).
 _REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# Sizes a model cannot be built with unless they are >= 1 (checked when a config is constructed).
+_POSITIVE_SIZES = (*_REQUIRED_SIZES, "num_key_value_heads", "max_position_embeddings")
 
 # Attention backends (`qwen_jax.ops.attention`); here so command lines can list them without importing jax.
 ATTENTION_BACKENDS = ("auto", "xla", "chunked", "cudnn", "splash")
@@ -75,6 +78,10 @@ class Qwen2Config:
     torch_dtype: str = "bfloat16"
 
     def __post_init__(self):
+        for name in _POSITIVE_SIZES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"

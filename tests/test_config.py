@@ -104,3 +104,21 @@ def test_unreadable_config_files(tmp_path):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown preset"):
         Qwen2Config.preset("9B")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+        ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer, got 0"),
+        ({"num_attention_heads": -2}, "num_attention_heads must be a positive integer, got -2"),
+        ({"hidden_size": 0}, "hidden_size must be a positive integer, got 0"),
+        ({"num_hidden_layers": True}, "num_hidden_layers must be a positive integer, got True"),
+        ({"num_attention_heads": 5}, "hidden_size 896 is not divisible by num_attention_heads 5"),
+        ({"num_key_value_heads": 3}, "num_attention_heads 14 is not a multiple of num_key_value_heads 3"),
+    ],
+)
+def test_impossible_configs_are_refused_when_constructed(change, message):
+    """Built directly (GGUF metadata, presets, code), not only from config.json: a ConfigError naming the field."""
+    with pytest.raises(ConfigError, match=message):
+        Qwen2Config.preset("0.5B").replace(**change)

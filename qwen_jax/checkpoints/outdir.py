@@ -54,12 +54,16 @@ def bytes_on_disk(directory: str | os.PathLike) -> int:
 
 def write_error(out: str, error: BaseException) -> OutputError:
     """A one-line OutputError for a failed write (OSError, or tensorstore's ValueError)."""
+    return OutputError(f"{out}: cannot write the output ({write_failure_reason(error)})")
+
+
+def write_failure_reason(error: BaseException) -> str:
+    """Why a write failed, in a few words: the OS's message (e.g. "No space left on device"), also
+    when tensorstore reports it inside a long ValueError as `os_error_code=28`."""
     if isinstance(error, OSError):
-        reason = error.strerror or str(error)
-    else:
-        match = _OS_ERROR_CODE.search(str(error))
-        reason = os.strerror(int(match.group(1))) if match else (str(error).strip().splitlines() or ["?"])[0]
-    return OutputError(f"{out}: cannot write the output ({reason})")
+        return error.strerror or str(error)
+    match = _OS_ERROR_CODE.search(str(error))
+    return os.strerror(int(match.group(1))) if match else (str(error).strip().splitlines() or ["?"])[0]
 
 
 @contextlib.contextmanager

@@ -2,10 +2,11 @@
 
 Each subcommand module defines `add_arguments(parser)` and `run(args) -> int`. Every
 `qwen_jax.errors.QwenJaxError` (and `FileNotFoundError`) a subcommand raises is reported as one
-line, `qwen-jax COMMAND: error: MESSAGE`, with exit status 2. Every subcommand that compiles (all
-but those in `WITHOUT_COMPILATION`) takes `--compile-cache DIR` / `--no-compile-cache` and runs
-with JAX's persistent compilation cache (`qwen_jax.cli.compile_cache`), so a second run skips XLA
-compilation. The subcommand modules import no optional package at their top, so `--help` works
+line, `qwen-jax COMMAND: error: MESSAGE`, with exit status 2, and so is an OSError saying a path
+cannot be written (read-only file system, permission denied, disk full), with what to do. Every
+subcommand that compiles (all but those in `WITHOUT_COMPILATION`) takes `--compile-cache DIR` /
+`--no-compile-cache` and runs with JAX's persistent compilation cache (`qwen_jax.cli.compile_cache`),
+so a second run skips XLA compilation. The subcommand modules import no optional package at their top, so `--help` works
 with the core install; `serve` and `train` load their implementation in `run()`.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import sys
 from types import ModuleType
 
@@ -33,6 +35,15 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "chat": (chat, "interactive multi-turn chat"),
     "train": (train_cli, "fine-tune (full or LoRA) on JSONL data"),
     "serve": (serve_cli, "serve a model over an OpenAI-compatible HTTP API"),
+}
+
+# What to do about an OSError that stops an output from being written, by errno.
+_WRITE_FAILURES = {
+    errno.ENOSPC: "free some space there, or choose another location",
+    errno.EDQUOT: "free some space there (disk quota), or choose another location",
+    errno.EROFS: "choose a location on a writable file system",
+    errno.EACCES: "check the permissions of this path, or choose another location",
+    errno.EPERM: "check the permissions of this path, or choose another location",
 }
 
 # Subcommands that run no XLA compilation worth caching; every other one (new ones too) gets the cache.
@@ -65,6 +76,12 @@ def one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
+def describe_write_failure(error: OSError) -> str:
+    """`PATH: REASON (what to do)` for an OSError whose errno is a known write failure."""
+    where = error.filename if error.filename is not None else "an output"
+    return f"{where}: {error.strerror or error} ({_WRITE_FAILURES[error.errno]})"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `qwen-jax ARGV` (default: the process's arguments); the exit status."""
     parser, modules = build_parser()
@@ -78,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
             return int(modules[args.command].run(args) or 0)
     except (QwenJaxError, FileNotFoundError) as e:
         print(f"qwen-jax {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _WRITE_FAILURES:
+            raise
+        print(f"qwen-jax {args.command}: error: {describe_write_failure(e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and friends
         sys.stderr.close()

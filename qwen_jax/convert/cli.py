@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 from qwen_jax.checkpoints.orbax import PARAMS_DIR
@@ -39,12 +40,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "own quantization unless this asks for another",
     )
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a checkpoint with NaN or infinite weights (default: convert it and warn)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with quiet_orbax_logging():
-        summary = hf_to_orbax(args.src, args.out, dtype=args.dtype, force=args.force, quantize=args.quantize)
+        summary = hf_to_orbax(
+            args.src, args.out, dtype=args.dtype, force=args.force, quantize=args.quantize, strict=args.strict
+        )
+    if summary.non_finite:
+        shown = ", ".join(summary.non_finite[:5]) + (", ..." if len(summary.non_finite) > 5 else "")
+        print(
+            f"qwen-jax convert: warning: {len(summary.non_finite)} tensor(s) hold NaN or infinite values ({shown}): "
+            "the model will produce NaN; --strict refuses such checkpoints",
+            file=sys.stderr,
+        )
     on_disk = bytes_on_disk(os.path.join(summary.out, PARAMS_DIR))
     stored = summary.dtype if summary.quantization is None else f"{summary.quantization} kernels, {summary.dtype}"
     print(

@@ -17,6 +17,7 @@ from qwen_jax.checkpoints.outdir import atomic_output_dir, write_error
 from qwen_jax.checkpoints.params import count_bytes
 from qwen_jax.config import read_config_json
 from qwen_jax.convert.common import resolve_dtype
+from qwen_jax.errors import ConversionError
 from qwen_jax.load import open_checkpoint
 from qwen_jax.ops.quant import QuantScheme
 
@@ -31,6 +32,7 @@ class ConversionSummary:
     parameters: int
     bytes_written: int
     quantization: str | None = None
+    non_finite: tuple[str, ...] = ()  # tensors holding NaN or infinite values (HF names), as written
 
 
 def hf_to_orbax(
@@ -41,6 +43,7 @@ def hf_to_orbax(
     force: bool = False,
     progress: bool = True,
     quantize: str | QuantScheme | None = None,
+    strict: bool = False,
 ) -> ConversionSummary:
     """Convert a checkpoint to a qwen-jax Orbax checkpoint in `out`.
 
@@ -52,6 +55,9 @@ def hf_to_orbax(
     presence and shape) before anything is written; tensors are then read, converted and written
     one decoder layer at a time, so host memory stays near one layer. `out` appears complete or
     not at all; an existing `out` is replaced only with `force`.
+    Float tensors holding NaN or infinite values (in the checkpoint, or after the cast to `dtype`)
+    are listed in the summary's `non_finite`; with `strict` the first one is a ConversionError and
+    nothing is written.
     Raises CheckpointError/ConfigError (ConversionError for output problems) with a one-line message.
     """
     source_label = os.fspath(src)
@@ -73,20 +79,32 @@ def hf_to_orbax(
                 out_dtype if spec.quant_part is None else (np.int8 if spec.quant_part == "values" else np.float32)
             ),
         )
+        non_finite: list[str] = []
         try:
             with tqdm(
                 total=total, unit="B", unit_scale=True, desc="convert", disable=None if progress else True
             ) as bar:
                 for group in writer.groups:
                     arrays = reader.read_group(group, None)
-                    arrays = {
-                        group.key(spec): np.ascontiguousarray(
-                            np.asarray(arrays[group.key(spec)]).astype(
-                                out_dtype if spec.quant_part is None else arrays[group.key(spec)].dtype, copy=False
+                    with np.errstate(over="ignore"):  # a value the cast overflows is reported below, by name
+                        arrays = {
+                            group.key(spec): np.ascontiguousarray(
+                                np.asarray(arrays[group.key(spec)]).astype(
+                                    out_dtype if spec.quant_part is None else arrays[group.key(spec)].dtype,
+                                    copy=False,
+                                )
                             )
-                        )
-                        for spec in group.specs
-                    }
+                            for spec in group.specs
+                        }
+                    for spec in group.specs:
+                        if not _all_finite(arrays[group.key(spec)]):
+                            name = spec.hf_name.format(i=group.layer) if spec.stacked else spec.hf_name
+                            if strict:
+                                raise ConversionError(
+                                    f"{name} holds NaN or infinite values (in {source_label}, or after the "
+                                    f"cast to {np.dtype(out_dtype).name}); nothing was written"
+                                )
+                            non_finite.append(name)
                     bar.update(writer.write_group(group, arrays))
                     del arrays  # release this group before reading the next one
             if gguf:
@@ -103,4 +121,12 @@ def hf_to_orbax(
         manifest["parameters"],
         manifest["bytes"],
         None if scheme is None else scheme.name,
+        tuple(dict.fromkeys(non_finite)),
     )
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """No NaN or infinity in a float array (bfloat16 included); integer arrays are always finite."""
+    if array.dtype.kind in "iub":
+        return True
+    return bool(np.isfinite(array).all())

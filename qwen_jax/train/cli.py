@@ -29,6 +29,7 @@ import traceback
 
 import jax
 
+from qwen_jax.checkpoints.outdir import quiet_orbax_logging
 from qwen_jax.train import config as config_lib
 from qwen_jax.train import multihost
 
@@ -66,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     multihost.initialize(args.coordinator, args.num_processes, args.process_id, args.local_device_ids, log=log)
     try:
-        return Trainer(config, log=log).run()
+        # A failed checkpoint write is reported once, as one line: not also by Orbax's writer threads.
+        with quiet_orbax_logging():
+            return Trainer(config, log=log).run()
     except BaseException as e:
         if jax.process_count() == 1 or getattr(e, multihost.RAISED_ON_ALL, False):
             raise  # raised on every process: the normal exit (through JAX's shutdown barrier) does not wait

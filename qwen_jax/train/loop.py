@@ -24,13 +24,14 @@ resume, signals and outputs (`outputs.py`) work on those alone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -40,7 +41,8 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from qwen_jax.errors import CheckpointError, ConfigError
+from qwen_jax.checkpoints.outdir import write_failure_reason
+from qwen_jax.errors import CheckpointError, ConfigError, OutputError
 from qwen_jax.load import load_model
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM, default_dtype
 from qwen_jax.model.lora import LoRAConfig, LoRAParam, apply_lora
@@ -362,7 +364,8 @@ class Trainer:
             try:
                 self._write_outputs()
             finally:
-                self.checkpoints.close()
+                with self._writing_checkpoints():
+                    self.checkpoints.close()
             return 0
         flops = flops_per_token(self.model.config, config.seq_len, self.lora)
         peak = peak_flops_per_device(config.peak_tflops)
@@ -411,19 +414,47 @@ class Trainer:
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                     bar.update(1)
                     if config.save_every and step % config.save_every == 0:
-                        self.save_checkpoint()
+                        with self._writing_checkpoints():
+                            self.save_checkpoint()
                     if on_step_end is not None:
                         on_step_end(self, step)
                     stopped = signals.stop_after(step)  # the same answer on every process
-            self.save_checkpoint()
-            self.checkpoints.wait_until_finished()
+            with self._writing_checkpoints():
+                self.save_checkpoint()
+                self.checkpoints.wait_until_finished()
             if stopped:
                 self.log(f"signal {signals.name}: checkpoint saved at step {step}; rerun with --resume to continue")
                 return signals.exit_status
             self._write_outputs()
             return 0
         finally:
-            self.checkpoints.close()
+            with self._writing_checkpoints():
+                self.checkpoints.close()
+
+    @contextlib.contextmanager
+    def _writing_checkpoints(self) -> Iterator[None]:
+        """Turn a failed checkpoint write (disk full, read-only, permissions: an OSError, or the
+        ValueError tensorstore raises from Orbax's writer threads) into one OutputError saying which
+        checkpoint is complete and how to go on. Orbax writes each checkpoint under a temporary name
+        and renames it when complete, so a failed write leaves the previous checkpoints intact."""
+        try:
+            yield
+        except (OSError, ValueError) as e:
+            if isinstance(e, ValueError) and "os_error_code" not in str(e):
+                raise
+            directory = os.path.abspath(os.path.join(self.config.out, "checkpoints"))
+            reason = write_failure_reason(e)
+            # An earlier checkpoint may still be in flight: let it complete (or fail) before saying which is kept.
+            with contextlib.suppress(Exception):
+                self.checkpoints.wait_until_finished()
+            complete = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
+            kept = (
+                f"the last complete one is {directory}/{complete[-1]}: after fixing the cause, continue from it "
+                "with the same command and --resume"
+                if complete
+                else "none is complete yet"
+            )
+            raise OutputError(f"writing a train checkpoint in {directory} failed ({reason}); {kept}") from None
 
     def _write_outputs(self) -> None:
         """OUT/model, the HF export and the loss curve from the current state (its checkpoint is complete)."""

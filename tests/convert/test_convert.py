@@ -121,6 +121,27 @@ def test_dtype_conversion_through_the_cli(hf_checkpoint, tmp_path, capsys):
         assert _tensor_bytes(exported, name) == _tensor_bytes(source, name), name
 
 
+def test_non_finite_weights_warn_or_refuse_with_strict(hf_checkpoint, tmp_path, capsys):
+    """A NaN in the checkpoint, and a float32 value that overflows float16 in the cast: reported
+    by name (the conversion still writes), refused with --strict (nothing written)."""
+    model, src = hf_checkpoint(seed=4)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = 1e6
+    model.save_pretrained(src)
+    capsys.readouterr()  # transformers' progress bars
+    assert cli_main(["convert", src, str(tmp_path / "warned")]) == 0
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("qwen-jax convert: warning: 1 tensor(s) hold NaN"), warning
+    assert "model.layers.1.mlp.up_proj.weight" in warning[0] and is_orbax_checkpoint(tmp_path / "warned")
+    assert cli_main(["convert", src, str(tmp_path / "half"), "--dtype", "float16"]) == 0
+    assert "model.layers.0.self_attn.q_proj.weight" in capsys.readouterr().err  # inf after the cast
+    assert cli_main(["convert", src, str(tmp_path / "strict"), "--strict"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("qwen-jax convert: error: model.layers.1.mlp.up_proj.weight holds NaN or infinite")
+    assert not (tmp_path / "strict").exists() and not glob.glob(str(tmp_path / ".strict*"))
+
+
 # --------------------------------------------------------------------------- loading
 def test_orbax_logits_equal_hf_directory_logits(hf_checkpoint, tmp_path):
     torch_model, src = hf_checkpoint(seed=3, tie_word_embeddings=False)

@@ -81,6 +81,11 @@ class Tokenization:
         """Tokenise one parsed JSON line; raises ValueError naming what is wrong."""
         if not isinstance(record, dict):
             raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        field = _invalid_text_field(record, "")
+        if field is not None:
+            raise ValueError(
+                f"{field} is not valid Unicode text (it holds a lone surrogate such as \\ud800)"
+            )
         if "messages" in record:
             return self._chat(record["messages"], record.get("tools"))
         if "prompt" in record or "completion" in record:
@@ -182,3 +187,22 @@ def read_jsonl(
         raise DataError(f"{path}: no usable examples")
     stats.examples += len(examples)
     return examples
+
+
+def _invalid_text_field(value: Any, path: str) -> str | None:
+    """The path (`messages[0].content`) of the first string in `value` that UTF-8 cannot encode, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        inner = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and _invalid_text_field(key, path) is not None:
+            return f"a key of {path or 'the record'}"
+        found = _invalid_text_field(item, inner)
+        if found is not None:
+            return found
+    return None

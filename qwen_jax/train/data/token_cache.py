@@ -133,8 +133,34 @@ def _write_part(
     progress: bool,
 ) -> DatasetStats:
     """Tokenize shard `shard` of the source into `directory` (written under a temporary name, then renamed)."""
-    stats = DatasetStats()
     temporary = directory + ".partial"
+    try:
+        return _write_part_into(
+            temporary, directory, source, tokenization, mapping, skip_bad_lines, shard, num_shards, progress
+        )
+    except BaseException:
+        # A failed preparation leaves no trace: its temporary part and the directories made for it.
+        shutil.rmtree(temporary, ignore_errors=True)
+        for parent in (os.path.dirname(directory), os.path.dirname(os.path.dirname(directory))):
+            try:
+                os.rmdir(parent)  # only when empty: another process's part or a complete cache stays
+            except OSError:
+                break
+        raise
+
+
+def _write_part_into(
+    temporary: str,
+    directory: str,
+    source: Source,
+    tokenization: Tokenization,
+    mapping: ColumnMapping,
+    skip_bad_lines: bool,
+    shard: int,
+    num_shards: int,
+    progress: bool,
+) -> DatasetStats:
+    stats = DatasetStats()
     shutil.rmtree(temporary, ignore_errors=True)
     os.makedirs(temporary)
     offsets, firsts = [0], []

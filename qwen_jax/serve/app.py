@@ -362,9 +362,12 @@ class _Server:
 
     @staticmethod
     def _abort(choices: list[_Choice]) -> None:
+        """Abort the unfinished choices; each is counted in /metrics with finish reason "abort"."""
         for choice in choices:
             if choice.finish_reason is None:
                 choice.handle.abort()
+                choice.finish_reason = "abort"
+                choice.timer.finished("abort")
 
     # ------------------------------------------------------------------ responses
     async def _deltas(
@@ -395,10 +398,6 @@ class _Server:
         finally:
             disconnect.cancel()
             self._abort(choices)
-            for choice in choices:  # disconnected or cut short: counted by /metrics all the same
-                if choice.finish_reason is None:
-                    choice.finish_reason = "abort"
-                    choice.timer.finished("abort")
 
     async def _respond(self, kind, request: Request, choices: list[_Choice], queue, prompt_tokens: int):
         try:

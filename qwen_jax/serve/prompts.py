@@ -31,6 +31,9 @@ class PromptEncoder:
     """Encodes server prompts for `tokenizer` (see the module docstring)."""
 
     def __init__(self, tokenizer: Tokenizer, max_token_bytes: int, *, allow_special_tokens_in_content: bool = False):
+        """max_token_bytes: the most UTF-8 bytes one token of the vocabulary stands for
+        (`qwen_jax.serve.tokens.TokenStrings.longest_token_bytes`), which bounds a text's token count
+        from below. allow_special_tokens_in_content: HF's encoding of client text (see the module)."""
         self.tokenizer = tokenizer
         self.max_token_bytes = max(1, max_token_bytes)
         self.allow_special_tokens_in_content = allow_special_tokens_in_content

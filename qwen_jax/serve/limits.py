@@ -24,9 +24,10 @@ _JSON_METHODS = {"POST", "PUT", "PATCH"}
 class RequestBodyLimit:
     """Pure ASGI middleware: reads a request's body up to `max_bytes` before the application sees it.
 
-    A body declared (Content-Length) or found larger than `max_bytes` is a 413, answered before the
-    rest is read; on /v1 a POST whose Content-Type is not JSON is a 415 and an empty one a 400, so
-    those get a message saying what is wrong instead of a schema error.
+    A body declared (Content-Length) or found larger than `max_bytes` is a 413: the rest is read and
+    dropped, never kept, so memory stays bounded and the client gets the answer. On /v1 a POST whose
+    Content-Type is not JSON is a 415 and an empty one a 400, so those get a message saying what is
+    wrong instead of a schema error.
     """
 
     def __init__(self, app, max_bytes: int):
@@ -38,7 +39,7 @@ class RequestBodyLimit:
         headers = dict(scope.get("headers", ()))
         declared = headers.get(b"content-length", b"").strip()
         if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._too_large(send)
+            return await self._too_large(receive, send, more_body=True)
         on_api = scope["path"].startswith("/v1")
         content_type = headers.get(b"content-type", b"").decode("latin-1")
         if on_api and content_type and not _is_json(content_type):
@@ -56,7 +57,7 @@ class RequestBodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                return await self._too_large(send)
+                return await self._too_large(receive, send, more_body=message.get("more_body", False))
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -74,7 +75,15 @@ class RequestBodyLimit:
 
         return await self.app(scope, replay, send)
 
-    async def _too_large(self, send) -> None:
+    async def _too_large(self, receive, send, *, more_body: bool) -> None:
+        # Read the rest of the body, keeping none of it, before answering: a client still sending
+        # would otherwise see its connection reset instead of the 413. The server's read timeout
+        # bounds how long this may take.
+        while more_body:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            more_body = message.get("more_body", False)
         await _reject(
             send,
             413,

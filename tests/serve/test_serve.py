@@ -504,6 +504,9 @@ def test_serve_cli_bad_arguments_exit_2(tmp_path, capsys):
 
     assert main(["serve", "--model", str(tmp_path), "--slots", "0"]) == 2
     assert "--slots must be >= 1" in capsys.readouterr().err
+    for flag in ("--max-request-bytes", "--limit-concurrency", "--read-timeout", "--keep-alive-timeout"):
+        assert main(["serve", "--model", str(tmp_path), flag, "0"]) == 2
+        assert f"{flag} must be > 0, got 0" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path), "--prime", "--no-warmup"]) == 2
     assert "--prime runs the compiled programs once: it needs --warmup" in capsys.readouterr().err
     with socket.socket() as busy:

@@ -66,6 +66,8 @@ def test_request_body_limit(server):
             connection.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
         connection.sendall(b"0\r\n\r\n")
         assert connection.recv(4096).startswith(b"HTTP/1.1 413")
+    # A client still sending a body far larger than the socket buffers gets the 413, not a reset.
+    assert _error(_post(server, "/v1/completions", b"x" * 4_000_000), 413)["code"] == "request_too_large"
     small = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
     assert _post(server, "/v1/chat/completions", small).status_code == 200
 

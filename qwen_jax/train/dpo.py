@@ -24,14 +24,24 @@ no second copy), or, for full fine-tuning, a frozen copy of the starting paramet
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM
 from qwen_jax.model.lora import adapters_disabled
-from qwen_jax.train.step import token_losses
+from qwen_jax.train import multihost
+from qwen_jax.train.config import TrainConfig
+from qwen_jax.train.data.preference import PreferenceLoader
+from qwen_jax.train.step import TrainSteps, token_losses
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 METRICS = (
@@ -42,37 +52,6 @@ METRICS = (
     "logps/chosen",
     "logps/rejected",
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class PreferenceBatch:
-    """Preference pairs, one row per pair, all `[pairs, seq_len]`: the prompt followed by the chosen
-    (`chosen_*`) or the rejected (`rejected_*`) completion, right-padded with token 0.
-
-    `*_targets[p, t]` is the token after position t, `*_weights[p, t]` is 1 where that token is a
-    completion token (its log-probability counts), else 0. A padding pair has zero weights.
-    `ref_*_logps`: the reference's log-probability of each target (precomputed), or None.
-    """
-
-    chosen_ids: np.ndarray  # int32
-    chosen_targets: np.ndarray  # int32
-    chosen_weights: np.ndarray  # float32
-    rejected_ids: np.ndarray
-    rejected_targets: np.ndarray
-    rejected_weights: np.ndarray
-    ref_chosen_logps: np.ndarray | None = None  # float32
-    ref_rejected_logps: np.ndarray | None = None
-
-    @property
-    def rows(self) -> int:
-        """Number of pairs."""
-        return self.chosen_ids.shape[0]
-
-    def select(self, rows: slice | np.ndarray) -> PreferenceBatch:
-        """The given pairs (a slice or indices, in that order)."""
-        return PreferenceBatch(
-            *(None if getattr(self, f.name) is None else getattr(self, f.name)[rows] for f in dataclasses.fields(self))
-        )
 
 
 def token_logps(model: Qwen2ForCausalLM, ids: jax.Array, targets: jax.Array) -> jax.Array:
@@ -198,3 +177,64 @@ class DPOLoss:
                 * batch[f"{side}_weights"]
                 for side in ("chosen", "rejected")
             }
+
+
+# --------------------------------------------------------------------------- precomputed reference
+def reference_digest(config: TrainConfig) -> str:
+    """What decides the reference log-probabilities besides the tokens: the starting model (its
+    directory's files with sizes and modification times) and the numerics settings."""
+    files = []
+    if config.model and os.path.isdir(config.model):
+        for name in sorted(os.listdir(config.model)):
+            path = os.path.join(config.model, name)
+            if os.path.isfile(path):
+                files.append([name, os.path.getsize(path), os.stat(path).st_mtime_ns])
+    settings = {
+        "model": os.path.abspath(config.model) if config.model else None,
+        "files": files,
+        **{k: getattr(config, k) for k in ("seq_len", "quantize", "compute_dtype", "param_dtype", "attention")},
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def precompute_reference(
+    steps: TrainSteps,
+    params: nnx.State,
+    frozen: nnx.State,
+    loader: PreferenceLoader,
+    path: str,
+    *,
+    log: Callable[[str], None],
+) -> Callable[[int, int], np.ndarray]:
+    """The reference's per-target log-probabilities of every example of `loader`'s data, computed
+    with the model of `params` (the starting parameters; adapters off) and cached at `path` (float32,
+    each example's first `min(length, seq_len) - 1` targets end to end); reused when it exists.
+    Returns `reference(example, n)`, the first n of an example. Call on every process."""
+    lengths = np.maximum(np.minimum(loader.store.lengths, loader.seq_len) - 1, 0)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    with multihost.all_or_none("looking up the precomputed reference log-probabilities"):
+        exists = os.path.exists(path)
+    if not exists:
+        values = np.zeros(int(offsets[-1]), np.float32)
+        every_pair = PreferenceLoader(loader.store, loader.seq_len, loader.batch_rows, shuffle=False)
+        program = jax.jit(
+            lambda params, frozen, batch: steps.loss.reference_logps(steps.model(params, frozen), batch),
+            out_shardings=NamedSharding(steps.train_batch_sharding.mesh, PartitionSpec()),
+        )
+        for index in range(every_pair.batches_in_epoch(0)):
+            batch = steps.device_batch(functools.partial(every_pair.batch, 0, index), accumulate=False)
+            result = jax.device_get(program(params, frozen, batch))
+            for row, pair in enumerate(every_pair.pair_indices(0, index)):
+                if pair is None:
+                    continue
+                for offset, side in ((0, "chosen"), (1, "rejected")):
+                    example = 2 * pair + offset
+                    n = lengths[example]
+                    values[offsets[example] : offsets[example] + n] = result[f"ref_{side}_logps"][row, :n]
+        with multihost.all_or_none("writing the precomputed reference log-probabilities"):
+            if multihost.is_primary():
+                values.tofile(path + ".partial")
+                os.replace(path + ".partial", path)
+        log(f"reference log-probabilities of {len(every_pair.kept)} pairs cached in {path}")
+    stored = np.memmap(path, dtype=np.float32, mode="r", shape=(int(offsets[-1]),)) if offsets[-1] else np.zeros(0)
+    return lambda example, n: np.asarray(stored[offsets[example] : offsets[example] + n])

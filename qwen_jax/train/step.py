@@ -175,10 +175,13 @@ def peak_flops_per_device(config_peak_tflops: float) -> float | None:
 
 # --------------------------------------------------------------------------- steps
 def batch_arrays(batch: Any, grad_accum: int) -> dict[str, np.ndarray]:
-    """The fields of a batch dataclass as host arrays `[grad_accum, rows / grad_accum, ...]`."""
+    """The fields of a batch dataclass as host arrays `[grad_accum, rows / grad_accum, ...]` (fields
+    that are None are left out)."""
     out = {}
     for f in dataclasses.fields(batch):
         value = getattr(batch, f.name)
+        if value is None:
+            continue
         out[f.name] = value.reshape(grad_accum, value.shape[0] // grad_accum, *value.shape[1:])
     return out
 

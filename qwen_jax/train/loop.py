@@ -286,7 +286,7 @@ class Trainer:
         self.state, self.frozen = self.steps.init(self.model, config.seed)
         self.num_trainable = self.steps.num_trainable
         self.reference = self.steps.reference_of(self.state) if frozen_copy else None
-        if is_dpo and config.precompute_ref_logprobs:
+        if is_dpo and config.precompute_ref_logprobs and not config.export_only:
             for loader in filter(None, (self.loader, self.eval_loader)):
                 path = os.path.join(loader.store.directory, f"ref_logps-{dpo.reference_digest(config)}.bin")
                 loader.set_reference(

@@ -26,6 +26,7 @@ processes and devices.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -160,6 +161,11 @@ class PreferenceTokenization:
                 raise ValueError(f"{name!r} must be a list of messages with a 'role' (the pair is conversational)")
             if name != "prompt" and not value:
                 raise ValueError(f"{name!r} holds no message")
+        if isinstance(tools, str):  # tables often keep the tool schemas as JSON text (TRL reads it too)
+            try:
+                tools = json.loads(tools)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"'tools' is not valid JSON ({e.msg})") from None
         if tools is not None and not isinstance(tools, list):
             raise ValueError("'tools' must be a list")
         render = self.tokenizer.apply_chat_template

@@ -160,3 +160,35 @@ def test_train_cli_lora_step_and_hf_export_at_real_size(real_checkpoint, tmp_pat
     with torch.no_grad():
         base_logits = base(torch.as_tensor(IDS)).logits.numpy()
     assert np.abs(base_logits - theirs).max() > 1e-4  # the export carries the (merged) adapters
+
+
+def test_train_cli_dpo_lora_steps_at_real_size(real_checkpoint, tmp_path):
+    """Issue 31: `qwen-jax train --method dpo` (LoRA, two steps, conversational pairs) on the real
+    configuration: the reference is the base with the adapters off, so step 1's loss is log 2, and
+    the TRL-named metrics are written."""
+    src, _ = real_checkpoint
+    pairs = [
+        {
+            "prompt": [{"role": "user", "content": "What is the capital of France?"}],
+            "chosen": [{"role": "assistant", "content": "Paris."}],
+            "rejected": [{"role": "assistant", "content": "Rome, I think."}],
+        },
+        {
+            "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}],
+        },
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in pairs))
+    out = tmp_path / "dpo"
+    command = [sys.executable, "-m", "qwen_jax.cli", "train", "--method", "dpo", "--model", src]
+    command += ["--tokenizer", str(TOKENIZER), "--data", str(data), "--out", str(out), "--seq-len", "64"]
+    command += ["--batch-size", "1", "--steps", "2", "--lora-rank", "4", "--learning-rate", "1e-2"]
+    command += ["--save-every", "0", "--no-progress"]
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["pairs"] == 1 for r in records)
+    assert abs(records[0]["loss"] - np.log(2)) < 1e-4 and abs(records[0]["rewards/margins"]) < 1e-4
+    assert all(np.isfinite(r[name]) and r[name] < 0 for r in records for name in ("logps/chosen", "logps/rejected"))

@@ -287,6 +287,7 @@ class LoRA(nnx.Module):
         self.scale = scale
         self.dropout = dropout
         self.deterministic = False  # True turns dropout off (evaluation)
+        self.enabled = True  # False: the projection computes the base model's output (a DPO/GRPO reference)
         self.dtype = dtype
         self.dropout_key = (
             LoRADropoutKey(jnp.zeros((*layout.layers, 2), jnp.uint32), logical_axes=(*layer_axes, None))
@@ -375,7 +376,7 @@ class Linear(nnx.Module):
             y = (flat @ kernel.reshape(math.prod(in_shape), math.prod(out_shape))).reshape(*flat.shape[:-1], *out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        if self.lora is not None:
+        if self.lora is not None and self.lora.enabled:
             y = y + self.lora(x)
         return y
 

@@ -18,6 +18,7 @@ exactly what the base model computes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ __all__ = [
     "LoRAConfig",
     "LoRADropoutKey",
     "LoRAParam",
+    "adapters_disabled",
     "apply_lora",
     "lora_modules",
     "merge_lora",
@@ -155,6 +157,22 @@ def set_lora_deterministic(model: Qwen2ForCausalLM, deterministic: bool) -> None
     """Turn adapter dropout off (evaluation) or on (training)."""
     for lora in lora_modules(model):
         lora.deterministic = deterministic
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: Qwen2ForCausalLM) -> Iterator[Qwen2ForCausalLM]:
+    """Within the block the model computes what its base model computes (every adapter switched off,
+    nothing copied): the reference policy of preference and RL training with LoRA. Works inside a
+    traced function too (the switch is a static attribute read when the forward is traced)."""
+    adapters = lora_modules(model)
+    saved = [lora.enabled for lora in adapters]
+    for lora in adapters:
+        lora.enabled = False
+    try:
+        yield model
+    finally:
+        for lora, enabled in zip(adapters, saved):
+            lora.enabled = enabled
 
 
 def merge_lora(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:

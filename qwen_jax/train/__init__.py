@@ -1,8 +1,9 @@
-"""Fine-tuning (full and LoRA): `qwen-jax train`, or `qwen_jax.train.loop.Trainer` from Python.
+"""Fine-tuning (full and LoRA; supervised or DPO): `qwen-jax train`, or `qwen_jax.train.loop.Trainer` from Python.
 
     config.py     TrainConfig: every setting, a YAML key and a flag
     data/         records -> token ids with loss masks -> packed, resumable batches
     step.py       loss, optimizer and schedule, the train state, the jitted train and eval steps
+    dpo.py        the DPO loss, its metrics and reference log-probabilities (`--method dpo`)
     loop.py       Trainer: setup, the run, train checkpoints, exact resume, SIGTERM / SIGINT
     outputs.py    metrics.jsonl, TensorBoard, loss curve, the final model and its HF export
     multihost.py  running as one of several processes

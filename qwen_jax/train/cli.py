@@ -1,4 +1,4 @@
-"""Fine-tune a Qwen2.5 model (full or LoRA).
+"""Fine-tune a Qwen2.5 model (full or LoRA; supervised or DPO).
 
   qwen-jax train --model PATH --data DATA --out runs/sft [--config train.yaml] [flags]
 
@@ -10,6 +10,13 @@ or a Hugging Face Hub dataset id (--data-split picks the split). Records are {"m
 OUT/data_cache. Every setting is a flag below and a YAML key (the flag name with underscores);
 flags override the YAML file. --lora-rank R > 0 trains LoRA adapters only. --resume continues
 from the latest checkpoint in OUT/checkpoints.
+
+--method picks the objective: sft (default), or dpo on preference pairs, TRL's formats:
+{"prompt", "chosen", "rejected"} as strings or as messages, or {"chosen", "rejected"} full
+conversations sharing their prompt. DPO flags: --beta (0.1), --loss-type sigmoid|ipo|hinge|robust,
+--label-smoothing (robust), --precompute-ref-logprobs. The reference model is the base with the
+LoRA adapters off, or (full fine-tuning) a frozen copy of the starting weights. Metrics use TRL's
+names (rewards/chosen, rewards/accuracies, ...; eval_ on --eval-data).
 
 Several processes (TPU pod hosts, GPU nodes): run the same command on every host. JAX finds the
 other processes on Cloud TPU, and under SLURM / Open MPI with more than one task; elsewhere give

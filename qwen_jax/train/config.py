@@ -18,6 +18,9 @@ from qwen_jax.ops.quant import QuantScheme
 from qwen_jax.train.data.sources import FORMATS, ColumnMapping
 
 SCHEDULES = ("cosine", "linear", "constant")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+# What `beta` and `loss_type` mean when left unset (None), per method.
+METHOD_DEFAULTS = {"dpo": {"beta": 0.1, "loss_type": "sigmoid"}}
 DTYPES = ("auto", "float32", "bfloat16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 
@@ -49,6 +52,20 @@ class TrainConfig:
     tokenizer: str = _field(None, "tokenizer directory (default: the model directory)", kind=str)
     export_hf: str = _field(None, "also write the final model (LoRA merged) as HF safetensors here", kind=str)
     skip_bad_lines: bool = _field(False, "skip and count malformed data lines instead of stopping")
+    method: str = _field(
+        "sft",
+        "training objective: supervised (sft), preference (dpo) or RL with rewards (grpo)",
+        choices=("sft", "dpo", "grpo"),
+    )
+    beta: float = _field(
+        None,
+        "dpo: inverse temperature of the implicit reward (default 0.1); "
+        "grpo: KL weight against the reference (default 0.0)",
+        kind=float,
+    )
+    loss_type: str = _field(
+        None, "dpo: sigmoid|ipo|hinge|robust (default sigmoid); grpo: grpo|dr_grpo|dapo|bnpo (default dapo)", kind=str
+    )
     # ---- data
     data_split: str = _field("train", "split of a Hub dataset id or of a `datasets` DatasetDict directory", kind=str)
     data_format: str = _field("auto", "example form (auto: per record, by which columns it has)", choices=FORMATS)
@@ -85,6 +102,15 @@ class TrainConfig:
         "",
         "quantize the frozen base model's projections (int8 or int4) while loading: QLoRA-style, needs lora_rank > 0",
         kind=str,
+    )
+    # ---- DPO
+    label_smoothing: float = _field(
+        0.0, "dpo, robust loss: probability that a preference label is flipped, in [0, 0.5) (as TRL)"
+    )
+    precompute_ref_logprobs: bool = _field(
+        False,
+        "dpo: compute the reference log-probabilities once before training and cache them with the "
+        "token cache (full fine-tuning then keeps no frozen copy of the model)",
     )
     # ---- numerics, memory, devices
     compute_dtype: str = _field("auto", "activation dtype (auto: float32 on CPU, bfloat16 on GPU/TPU)", choices=DTYPES)
@@ -149,6 +175,32 @@ class TrainConfig:
                 raise ConfigError(f"quantize: {e}") from None
             if not self.lora_rank:
                 raise ConfigError("quantize needs LoRA (lora_rank > 0): quantized base weights are frozen")
+        self._check_method()
+
+    def _check_method(self) -> None:
+        """The settings of the training method (`method`) are valid for it."""
+        if self.method == "dpo":
+            if self.setting("beta") <= 0:
+                raise ConfigError(f"beta must be > 0 for dpo, got {self.beta}")
+            if self.setting("loss_type") not in DPO_LOSS_TYPES:
+                raise ConfigError(f"loss_type: {self.loss_type!r} is not one of {', '.join(DPO_LOSS_TYPES)} (dpo)")
+            if not 0.0 <= self.label_smoothing < 0.5:
+                raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+            if self.label_smoothing and self.setting("loss_type") != "robust":
+                raise ConfigError("label_smoothing applies to the robust loss only (as in TRL): add --loss-type robust")
+        elif self.method == "sft":
+            given = [name for name in ("beta", "loss_type") if getattr(self, name) is not None]
+            given += ["label_smoothing"] * bool(self.label_smoothing)
+            given += ["precompute_ref_logprobs"] * self.precompute_ref_logprobs
+            if given:
+                raise ConfigError(f"{', '.join(given)}: not a setting of method sft (choose --method dpo or grpo)")
+        if self.method != "dpo" and self.precompute_ref_logprobs:
+            raise ConfigError("precompute_ref_logprobs is a setting of method dpo")
+
+    def setting(self, name: str) -> Any:
+        """A method setting (`beta`, `loss_type`) as given, or the method's default when unset."""
+        value = getattr(self, name)
+        return METHOD_DEFAULTS.get(self.method, {}).get(name) if value is None else value
 
     def check_required(self) -> None:
         """ConfigError unless model, data and out are set (a config may be built up before they are)."""

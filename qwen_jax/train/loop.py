@@ -1,9 +1,10 @@
 """The training loop: setup, the run, train checkpoints, exact resume, signals.
 
-`Trainer(config).run()` fine-tunes a model (all weights, or LoRA adapters) and writes everything
+`Trainer(config).run()` fine-tunes a model (all weights, or LoRA adapters) with the method
+`config.method` names (sft: supervised; dpo: preference pairs, `dpo.py`) and writes everything
 to `config.out`. Setup, on every process of a run (an error on one is raised on all): the
 settings, the mesh, the data (before the model: bad data fails in seconds, not after loading 72B
-weights), the model, the train steps (`step.TrainSteps` with the SFT loss), the checkpoint
+weights), the model, the train steps (`step.TrainSteps` with the method's loss), the checkpoint
 manager, then a fresh start or an exact resume.
 
 Train checkpoints (`OUT/checkpoints/<step>/`, Orbax, asynchronous, the last `keep_checkpoints`)
@@ -50,17 +51,19 @@ from qwen_jax.model.quantize import model_quantization
 from qwen_jax.ops.attention.selection import check_backend
 from qwen_jax.sharding import make_mesh, parse_mesh_spec, platform_of
 from qwen_jax.tokenizer import Tokenizer
-from qwen_jax.train import multihost, outputs
+from qwen_jax.train import dpo, multihost, outputs
 from qwen_jax.train.config import TrainConfig
 from qwen_jax.train.data.examples import Tokenization
 from qwen_jax.train.data.loader import open_loader
 from qwen_jax.train.data.packing import PackedBatch
+from qwen_jax.train.data.preference import PreferenceBatch, PreferenceTokenization, open_preference_loader
 from qwen_jax.train.step import (
     BuildRows,
     TrainSteps,
     flops_per_token,
     make_optimizer,
     make_schedule,
+    matmul_params,
     path_names,
     peak_flops_per_device,
     sft_loss,
@@ -71,6 +74,7 @@ EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130
 
 # Settings a resumed run must share with the run that wrote the checkpoint.
 _RESUME_KEYS = (
+    "method",
     "data",
     "data_split",
     "data_format",
@@ -165,6 +169,8 @@ class Trainer:
         self.primary = multihost.is_primary()
         with multihost.all_or_none("checking the settings"):
             config.check_required()
+            if config.method == "grpo":
+                raise ConfigError("method grpo is not available in this version of qwen-jax train")
             self.mesh = resolve_mesh(config.mesh, devices)
             _check_attention(config, self.mesh)
             if model is None and not os.path.isdir(config.model):
@@ -222,33 +228,52 @@ class Trainer:
         )
 
     def _load_data(self) -> None:
-        """The tokenizer, the train loader and the optional eval loader (SFT: packed examples)."""
+        """The tokenizer, the train loader and the optional eval loader (SFT: packed examples;
+        DPO: preference pairs)."""
         config = self.config
         tokenizer_dir = config.tokenizer or config.model
         with multihost.all_or_none("loading the tokenizer"):
             self.tokenizer = Tokenizer.from_dir(tokenizer_dir)
-            tokenization = Tokenization(self.tokenizer)
-        self.loader, stats = open_loader(config.data, config, tokenization, tokenizer_dir, shuffle=True, log=self.log)
+            if config.method == "dpo":
+                tokenization, open_data, unit = PreferenceTokenization(self.tokenizer), open_preference_loader, "pairs"
+            else:
+                tokenization, open_data, unit = Tokenization(self.tokenizer), open_loader, "examples"
+        self.loader, stats = open_data(config.data, config, tokenization, tokenizer_dir, shuffle=True, log=self.log)
         self.data_stats = dataclasses.replace(stats, truncated=self.loader.truncated, dropped=self.loader.dropped)
         stats = self.data_stats
         self.log(
-            f"data: {stats.examples} examples from {config.data} ({stats.skipped_lines} bad records skipped, "
+            f"data: {stats.examples} {unit} from {config.data} ({stats.skipped_lines} bad records skipped, "
             f"{stats.truncated} truncated to {config.seq_len} tokens, {stats.dropped} dropped)"
         )
         self.eval_loader = None
         if config.eval_data:
-            self.eval_loader, _ = open_loader(
+            self.eval_loader, _ = open_data(
                 config.eval_data, config, tokenization, tokenizer_dir, shuffle=False, log=self.log
             )
 
     def _build_steps(self) -> None:
-        """The optimizer, the SFT train and eval steps, and the train state at step 0."""
+        """The optimizer, the method's train and eval steps, and the train state at step 0 (DPO: and
+        the reference, a frozen copy of the starting parameters or precomputed log-probabilities)."""
         config = self.config
         self.schedule = make_schedule(config, self.total_steps)
         self.optimizer = make_optimizer(config, self.schedule)
+        is_dpo = config.method == "dpo"
+        # DPO's reference: with LoRA the model with adapters off; for full fine-tuning a frozen copy,
+        # unless its log-probabilities are computed once before training.
+        frozen_copy = is_dpo and not self.lora and not config.precompute_ref_logprobs
+        loss = (
+            dpo.DPOLoss(
+                config.setting("beta"),
+                config.setting("loss_type"),
+                config.label_smoothing,
+                precomputed=config.precompute_ref_logprobs,
+            )
+            if is_dpo
+            else sft_loss
+        )
         self.steps = TrainSteps(
             self.model,
-            loss=sft_loss,
+            loss=loss,
             optimizer=self.optimizer,
             schedule=self.schedule,
             trainable=LoRAParam if self.lora else nnx.Param,
@@ -257,9 +282,18 @@ class Trainer:
             grad_accum=config.grad_accum,
             seq_len=config.seq_len,
             dropout=self.lora and config.lora_dropout > 0,
+            count_name="pairs" if is_dpo else "target_tokens",
+            reference=frozen_copy,
         )
         self.state, self.frozen = self.steps.init(self.model, config.seed)
         self.num_trainable = self.steps.num_trainable
+        self.reference = self.steps.reference_of(self.state) if frozen_copy else None
+        if is_dpo and config.precompute_ref_logprobs and not config.export_only:
+            for loader in filter(None, (self.loader, self.eval_loader)):
+                path = os.path.join(loader.store.directory, f"ref_logps-{dpo.reference_digest(config)}.bin")
+                loader.set_reference(
+                    dpo.precompute_reference(self.steps, self.state["params"], self.frozen, loader, path, log=self.log)
+                )
 
     # ---------------------------------------------------------------- checkpoints
     def _restore_or_start(self) -> None:
@@ -330,24 +364,32 @@ class Trainer:
 
     def evaluate(self) -> float | None:
         """Mean loss over the eval data (None without eval data)."""
+        return self.evaluate_metrics().get("eval_loss")
+
+    def evaluate_metrics(self) -> dict[str, float]:
+        """`eval_loss` and the method's own metrics (DPO: `eval_rewards/chosen`, ...) over the eval
+        data, each the mean over the whole eval set (empty without eval data)."""
         if self.eval_loader is None:
-            return None
-        total, count = 0.0, 0.0
+            return {}
+        total, count, sums = 0.0, 0.0, {}
         for index in range(self.eval_loader.batches_in_epoch(0)):
-            loss, n = self.steps.evaluate(
-                self.state["params"], self.frozen, functools.partial(self.eval_loader.batch, 0, index)
+            loss, n, statistics = self.steps.evaluate_statistics(
+                self.state["params"], self.frozen, functools.partial(self.eval_loader.batch, 0, index), self.reference
             )
             total, count = total + float(loss), count + float(n)
-        return total / max(count, 1.0)
+            for name, value in jax.device_get(statistics).items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+        count = max(count, 1.0)
+        return {"eval_loss": total / count, **{f"eval_{name}": value / count for name, value in sums.items()}}
 
     # ---------------------------------------------------------------- the loop
-    def train_step(self, batch: PackedBatch | BuildRows) -> dict[str, float]:
-        """One optimizer step on a global batch of `batch_size` packed rows; returns its metrics.
+    def train_step(self, batch: PackedBatch | PreferenceBatch | BuildRows) -> dict[str, float]:
+        """One optimizer step on a global batch of `batch_size` packed rows (DPO: pairs); returns its metrics.
 
         `batch`: the whole batch, or a function that builds the given rows of it (what the training
         loop passes, so that each process builds only its own rows)."""
         build_rows = batch if callable(batch) else batch.select
-        self.state, metrics = self.steps.train(self.state, self.frozen, build_rows)
+        self.state, metrics = self.steps.train(self.state, self.frozen, build_rows, self.reference)
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
     def run(self, on_step_end: Callable[[Trainer, int], None] | None = None) -> int:
@@ -368,6 +410,8 @@ class Trainer:
                     self.checkpoints.close()
             return 0
         flops = flops_per_token(self.model.config, config.seq_len, self.lora)
+        if config.method == "dpo" and not config.precompute_ref_logprobs:
+            flops += 2 * matmul_params(self.model.config)  # the reference's forward
         peak = peak_flops_per_device(config.peak_tflops)
         step = int(self.state["step"])
         self.log(
@@ -409,7 +453,7 @@ class Trainer:
                         and step % config.eval_every == 0
                         or (step == self.total_steps and self.eval_loader is not None)
                     ):
-                        record["eval_loss"] = self.evaluate()
+                        record.update(self.evaluate_metrics())
                     step_log.write(record)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                     bar.update(1)

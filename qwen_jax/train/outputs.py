@@ -1,7 +1,8 @@
 """What a training run writes besides its train checkpoints, all in OUT/:
 
-    metrics.jsonl      one JSON record per step: the step's metrics (loss, grad_norm, lr, target_tokens),
-                       tokens, step_time, tokens_per_s, epoch, mfu (known peak only), eval_loss (when evaluated)
+    metrics.jsonl      one JSON record per step: the step's metrics (loss, grad_norm, lr, target_tokens;
+                       DPO: pairs and rewards/..., logps/...), tokens, step_time, tokens_per_s, epoch,
+                       mfu (known peak only), eval_loss and the method's eval_ metrics (when evaluated)
     tensorboard/       the same scalars as TensorBoard event files (tensorboardX), under train/
     train_config.yaml  the run's settings: `qwen-jax train --config` reads it back (e.g. with --export-only)
     loss_curve.png     train (and eval) loss against step

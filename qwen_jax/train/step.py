@@ -14,8 +14,15 @@ Batches: the fields of a batch dataclass (`data.packing.PackedBatch` for SFT), e
 `[grad_accum, batch_size / grad_accum, seq_len]` and runs one micro-batch after another.
 
 A loss returns the summed loss of a micro-batch and the count it averages over (target tokens
-for SFT); the step divides the sums over all micro-batches by the whole batch's count, so
-gradient accumulation gives exactly the gradient of the whole batch.
+for SFT, preference pairs for DPO); the step divides the sums over all micro-batches by the whole
+batch's count, so gradient accumulation gives exactly the gradient of the whole batch. A loss may
+also return a dict of summed statistics (its own metrics, e.g. DPO's `rewards/chosen`): they are
+summed over the micro-batches and reported divided by the same count, under their own names.
+
+A method that compares the policy with a reference (DPO with full fine-tuning) asks for
+`reference=True`: the train and eval steps then also take the reference's trainable variables
+(a frozen copy of the starting ones, never updated) and call the loss with `reference=` the
+reference model.
 """
 
 from __future__ import annotations
@@ -40,14 +47,23 @@ from qwen_jax.train.config import TrainConfig
 
 optax = require("optax", extra="train", feature="training")
 
-Loss = Callable[[Qwen2ForCausalLM, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
-"""A training objective: `(model, micro-batch) -> (summed loss, count it averages over)`, float32 scalars."""
+Loss = Callable[..., tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+"""A training objective: `(model, micro-batch) -> (summed loss, count it averages over)`, float32
+scalars, optionally followed by a dict of summed statistics (reported as their mean over the count);
+with `TrainSteps(reference=True)` it is also called with `reference=` the reference model."""
 
 TrainState = dict[str, Any]
 """`{"params", "opt_state", "step", "rng"}` (see the module docstring)."""
 
-# What the train step reports for every step (metrics.jsonl has these and the loop's own).
+# What the train step reports for every step (metrics.jsonl has these, the loss's own statistics and
+# the loop's own); "target_tokens" is the loss's count, under the name `TrainSteps(count_name=)` gives.
 STEP_METRICS = ("loss", "grad_norm", "lr", "target_tokens")
+
+
+def _with_statistics(result: tuple) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """A loss's result as (summed loss, count, summed statistics), the statistics empty if it has none."""
+    return (*result, {}) if len(result) == 2 else result
+
 
 # Dense bf16 peak FLOP/s per device, for MFU on known accelerators (matched on device_kind).
 PEAK_FLOPS = (
@@ -159,10 +175,13 @@ def peak_flops_per_device(config_peak_tflops: float) -> float | None:
 
 # --------------------------------------------------------------------------- steps
 def batch_arrays(batch: Any, grad_accum: int) -> dict[str, np.ndarray]:
-    """The fields of a batch dataclass as host arrays `[grad_accum, rows / grad_accum, ...]`."""
+    """The fields of a batch dataclass as host arrays `[grad_accum, rows / grad_accum, ...]` (fields
+    that are None are left out)."""
     out = {}
     for f in dataclasses.fields(batch):
         value = getattr(batch, f.name)
+        if value is None:
+            continue
         out[f.name] = value.reshape(grad_accum, value.shape[0] // grad_accum, *value.shape[1:])
     return out
 
@@ -181,6 +200,8 @@ class TrainSteps:
 
     dropout: the model has LoRA dropout to drive (a fresh key per step and micro-batch, derived
     from the state's rng, so a resumed run draws the same masks).
+    count_name: the name the loss's count is reported under (SFT: target tokens).
+    reference: the steps take a reference's trainable variables (see the module docstring).
     """
 
     def __init__(
@@ -196,8 +217,11 @@ class TrainSteps:
         grad_accum: int,
         seq_len: int,
         dropout: bool = False,
+        count_name: str = "target_tokens",
+        reference: bool = False,
     ):
         self.loss, self.optimizer, self.schedule, self.trainable = loss, optimizer, schedule, trainable
+        self.count_name, self.uses_reference = count_name, reference
         self.graphdef, params, frozen = nnx.split(model, trainable, ...)
         set_lora_deterministic(model, True)
         self.eval_graphdef = nnx.graphdef(model)
@@ -229,16 +253,17 @@ class TrainSteps:
         self.train_batch_sharding = named_sharding((None, "batch", "seq"), self.train_batch_shape, mesh, DEFAULT_RULES)
         self.eval_batch_shape = (batch_size, seq_len)
         self.eval_batch_sharding = named_sharding(("batch", "seq"), self.eval_batch_shape, mesh, DEFAULT_RULES)
+        reference_sharding = param_sharding if reference else {}
         self._train = jax.jit(
             self._train_step(dropout),
-            in_shardings=(self.state_sharding, self.frozen_sharding, self.train_batch_sharding),
-            out_shardings=(self.state_sharding, {k: replicated for k in STEP_METRICS}),
+            in_shardings=(self.state_sharding, self.frozen_sharding, reference_sharding, self.train_batch_sharding),
+            out_shardings=(self.state_sharding, replicated),
             donate_argnums=0,
         )
         self._evaluate = jax.jit(
             self._eval_step(),
-            in_shardings=(self.state_sharding["params"], self.frozen_sharding, self.eval_batch_sharding),
-            out_shardings=(replicated, replicated),
+            in_shardings=(param_sharding, self.frozen_sharding, reference_sharding, self.eval_batch_sharding),
+            out_shardings=replicated,
         )
 
     def init(self, model: Qwen2ForCausalLM, seed: int) -> tuple[TrainState, nnx.State]:
@@ -253,16 +278,37 @@ class TrainSteps:
         }
         return jax.device_put(state, self.state_sharding), jax.device_put(frozen, self.frozen_sharding)
 
+    def reference_of(self, state: TrainState) -> nnx.State:
+        """A copy of the state's trainable variables to keep as the reference (with `reference=True`);
+        call at step 0, before the optimizer changes them."""
+        return jax.jit(lambda params: jax.tree.map(jnp.copy, params))(state["params"])
+
     def train(
-        self, state: TrainState, frozen: nnx.State, build_rows: BuildRows
+        self, state: TrainState, frozen: nnx.State, build_rows: BuildRows, reference: nnx.State | None = None
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer step on the global batch `build_rows` builds (each process builds only its
-        own rows); `state` is donated. Returns the new state and the step's `STEP_METRICS`."""
-        return self._train(state, frozen, self.device_batch(build_rows))
+        own rows); `state` is donated. Returns the new state and the step's metrics: `STEP_METRICS`
+        (the count under `count_name`) and the loss's own statistics."""
+        return self._train(state, frozen, self._reference(reference), self.device_batch(build_rows))
 
-    def evaluate(self, params: nnx.State, frozen: nnx.State, build_rows: BuildRows) -> tuple[jax.Array, jax.Array]:
+    def evaluate(
+        self, params: nnx.State, frozen: nnx.State, build_rows: BuildRows, reference: nnx.State | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """The loss's (sum, count) over one eval batch, without dropout."""
-        return self._evaluate(params, frozen, self.device_batch(build_rows, accumulate=False))
+        total, count, _ = self.evaluate_statistics(params, frozen, build_rows, reference)
+        return total, count
+
+    def evaluate_statistics(
+        self, params: nnx.State, frozen: nnx.State, build_rows: BuildRows, reference: nnx.State | None = None
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        """The loss's (sum, count, summed statistics) over one eval batch, without dropout."""
+        batch = self.device_batch(build_rows, accumulate=False)
+        return self._evaluate(params, frozen, self._reference(reference), batch)
+
+    def _reference(self, reference: nnx.State | None) -> nnx.State | dict:
+        if self.uses_reference and reference is None:
+            raise ValueError("these steps compare with a reference: pass its variables (reference_of)")
+        return reference if self.uses_reference else {}
 
     def model(self, params: nnx.State, frozen: nnx.State, *, deterministic: bool = True) -> Qwen2ForCausalLM:
         """The model with these parameters (a copy; adapters attached in LoRA mode)."""
@@ -288,33 +334,52 @@ class TrainSteps:
         return {name: multihost.global_array(sharding, shape, value) for name, value in arrays.items()}
 
     # ---------------------------------------------------------------- the traced functions
-    def _train_step(self, dropout: bool):
-        graphdef, loss_fn, optimizer, schedule = self.graphdef, self.loss, self.optimizer, self.schedule
+    def _call_loss(self, model: Qwen2ForCausalLM, micro, frozen, reference):
+        """The loss on `model`, with the reference model when the steps use one; (sum, count, statistics)."""
+        if not self.uses_reference:
+            return _with_statistics(self.loss(model, micro))
+        reference_model = nnx.merge(self.eval_graphdef, reference, frozen, copy=True)
+        return _with_statistics(self.loss(model, micro, reference=reference_model))
 
-        def loss_and_count(params, frozen, micro, key):
+    def _train_step(self, dropout: bool):
+        graphdef, optimizer, schedule, call_loss = self.graphdef, self.optimizer, self.schedule, self._call_loss
+        count_name = self.count_name
+
+        def loss_and_count(params, frozen, reference, micro, key):
             model = nnx.merge(graphdef, params, frozen, copy=True)
             if dropout:
                 set_lora_dropout_keys(model, key)
-            return loss_fn(model, micro)
+            loss, count, statistics = call_loss(model, micro, frozen, reference)
+            return loss, (count, statistics)
 
-        def train_step(state, frozen, batch):
+        def train_step(state, frozen, reference, batch):
             params = state["params"]
             step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
             grad_fn = jax.value_and_grad(loss_and_count, has_aux=True)
 
             def micro_step(carry, xs):
-                grads_sum, loss_sum, count_sum = carry
+                grads_sum, loss_sum, count_sum, statistics_sum = carry
                 micro, index = xs
-                (loss, count), grads = grad_fn(params, frozen, micro, jax.random.fold_in(step_key, index))
-                return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, count_sum + count), None
+                (loss, (count, statistics)), grads = grad_fn(
+                    params, frozen, reference, micro, jax.random.fold_in(step_key, index)
+                )
+                return (
+                    jax.tree.map(jnp.add, grads_sum, grads),
+                    loss_sum + loss,
+                    count_sum + count,
+                    jax.tree.map(jnp.add, statistics_sum, statistics),
+                ), None
 
-            accum = batch["input_ids"].shape[0]
+            accum = jax.tree.leaves(batch)[0].shape[0]
+            first = jax.tree.map(lambda x: x[0], batch)
             if accum == 1:  # no accumulation loop: a smaller program that compiles faster
-                (loss_sum, count), grads = grad_fn(params, frozen, jax.tree.map(lambda x: x[0], batch), step_key)
+                (loss_sum, (count, statistics)), grads = grad_fn(params, frozen, reference, first, step_key)
             else:
                 zeros = jax.tree.map(jnp.zeros_like, params)
-                init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-                (grads, loss_sum, count), _ = jax.lax.scan(micro_step, init, (batch, jnp.arange(accum)))
+                shapes = jax.eval_shape(loss_and_count, params, frozen, reference, first, step_key)[1][1]
+                no_statistics = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+                init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), no_statistics)
+                (grads, loss_sum, count, statistics), _ = jax.lax.scan(micro_step, init, (batch, jnp.arange(accum)))
             denominator = jnp.maximum(count, 1.0)
             grads = jax.tree.map(lambda g: g / denominator, grads)
             updates, opt_state = optimizer.update(grads, state["opt_state"], params)
@@ -328,16 +393,17 @@ class TrainSteps:
                 "loss": loss_sum / denominator,
                 "grad_norm": optax.tree.norm(grads),
                 "lr": schedule(state["step"]),
-                "target_tokens": count,
+                count_name: count,
+                **{name: value / denominator for name, value in statistics.items()},
             }
             return new_state, metrics
 
         return train_step
 
     def _eval_step(self):
-        eval_graphdef, loss_fn = self.eval_graphdef, self.loss
+        eval_graphdef, call_loss = self.eval_graphdef, self._call_loss
 
-        def eval_step(params, frozen, batch):
-            return loss_fn(nnx.merge(eval_graphdef, params, frozen, copy=True), batch)
+        def eval_step(params, frozen, reference, batch):
+            return call_loss(nnx.merge(eval_graphdef, params, frozen, copy=True), batch, frozen, reference)
 
         return eval_step

@@ -13,7 +13,14 @@ from qwen_jax.generation.static import generate_ids
 from qwen_jax.load import load_model
 from qwen_jax.model.causal_lm import decoder_linears, unstack_layers
 from qwen_jax.model.linear import LoRA, QuantizedKernel
-from qwen_jax.model.lora import LoRAConfig, apply_lora, lora_modules, merge_lora, set_lora_deterministic
+from qwen_jax.model.lora import (
+    LoRAConfig,
+    adapters_disabled,
+    apply_lora,
+    lora_modules,
+    merge_lora,
+    set_lora_deterministic,
+)
 from qwen_jax.model.quantize import quantize_model
 
 # hidden 128 and intermediate 256 take the default int4 groups of 128.
@@ -107,3 +114,28 @@ def test_adapted_model_runs_inside_jit_from_its_state(hf_checkpoint):
     assert any("lora_a" in map(str, path) for path, _ in nnx.to_flat_state(state))
     logits = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))(state, IDS)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(model(IDS)), atol=1e-6)
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"], ids=["lora", "qlora"])
+def test_adapters_disabled_computes_the_base_model(hf_checkpoint, quantize):
+    """Within `adapters_disabled` (eagerly or inside a traced function, as a DPO reference forward)
+    the adapted model computes its base model's logits; after it, the adapted ones again."""
+    _, path = hf_checkpoint(**SMALL)
+    base = np.asarray(load_model(path, quantize=quantize, progress=False)(IDS))
+    model = _adapted(path, quantize=quantize)
+    adapted = np.asarray(model(IDS))
+    assert np.abs(adapted - base).max() > 1e-3
+    with adapters_disabled(model):
+        np.testing.assert_allclose(np.asarray(model(IDS)), base, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(model(IDS)), adapted, atol=1e-6)
+    graphdef, state = nnx.split(model)
+
+    def both(state, ids):
+        model = nnx.merge(graphdef, state)
+        with adapters_disabled(model):
+            reference = model(ids)
+        return model(ids), reference
+
+    policy, reference = jax.jit(both)(state, IDS)
+    np.testing.assert_allclose(np.asarray(reference), base, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(policy), adapted, atol=1e-6)

@@ -5,4 +5,5 @@ examples.py     records -> token ids with a loss mask (chat, prompt-completion, 
 token_cache.py  a source tokenized once into memory-mapped files under OUT/data_cache
 packing.py      examples -> fixed-length rows with segment ids (`PackedBatch`)
 loader.py       seeded, resumable batches of packed rows (`DataLoader`, `open_loader`)
+preference.py   DPO: preference pairs (TRL's three formats) -> token cache -> batches of pairs
 """

@@ -99,6 +99,10 @@ class Tokenization:
             return self._pieces([(record["text"], True)])
         raise ValueError(f"expected a 'messages', 'prompt'/'completion' or 'text' field, got keys {sorted(record)}")
 
+    def examples(self, record: Any) -> tuple[Example]:
+        """The one example of a record (the token cache's interface; see `example`)."""
+        return (self.example(record),)
+
     def _pieces(self, pieces: Sequence[tuple[str, bool]]) -> Example:
         if self.eos is None:
             raise ValueError("the tokenizer has no EOS token to end examples with")

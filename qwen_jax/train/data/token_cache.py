@@ -32,7 +32,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -41,10 +42,30 @@ from tqdm import tqdm
 
 from qwen_jax.errors import DataError
 from qwen_jax.train import multihost
-from qwen_jax.train.data.examples import DatasetStats, Example, Tokenization
-from qwen_jax.train.data.sources import ColumnMapping, Source
+from qwen_jax.train.data.examples import DatasetStats, Example
+from qwen_jax.train.data.sources import Source
 
 CACHE_VERSION = 1
+
+
+class RecordMapping(Protocol):
+    """Maps a source record onto the canonical form a tokenization reads (a dataclass: its fields
+    are part of the cache key); `sources.ColumnMapping` for SFT, `preference.PreferenceColumns`."""
+
+    def canonical(self, record: Any) -> dict[str, Any]:
+        """The record in canonical form; ValueError if it is unusable."""
+        ...
+
+
+class RecordTokenization(Protocol):
+    """Tokenizes a canonical record into the examples it stores, in order (SFT: one; DPO: the
+    chosen and the rejected sequence of a pair)."""
+
+    def examples(self, record: dict[str, Any]) -> Sequence[Example]:
+        """The record's examples; ValueError naming what is wrong."""
+        ...
+
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 _FLUSH_TOKENS = 1 << 20
 
@@ -64,7 +85,7 @@ def tokenizer_digest(directory: str) -> str:
     return digest.hexdigest()
 
 
-def cache_key(tokenizer_dir: str, source: Source, mapping: ColumnMapping, skip_bad_lines: bool) -> str:
+def cache_key(tokenizer_dir: str, source: Source, mapping: RecordMapping, skip_bad_lines: bool) -> str:
     """The cache directory's name: a hash of everything that decides the tokens (see the module docstring)."""
     settings = {
         "version": CACHE_VERSION,
@@ -125,8 +146,8 @@ def first_target(loss_mask: np.ndarray) -> int:
 def _write_part(
     directory: str,
     source: Source,
-    tokenization: Tokenization,
-    mapping: ColumnMapping,
+    tokenization: RecordTokenization,
+    mapping: RecordMapping,
     skip_bad_lines: bool,
     shard: int,
     num_shards: int,
@@ -184,16 +205,17 @@ def _write_part_into(
             try:
                 if isinstance(record, Exception):
                     raise record
-                example = tokenization.example(mapping.canonical(record))
+                examples = tokenization.examples(mapping.canonical(record))
             except (ValueError, TypeError) as e:
                 if not skip_bad_lines:
                     raise DataError(f"{location}: {e} (use --skip-bad-lines to skip such records)") from None
                 stats.skipped_lines += 1
                 continue
-            pending_tokens.append(example.tokens)
-            pending_masks.append(example.loss_mask)
-            offsets.append(offsets[-1] + len(example.tokens))
-            firsts.append(first_target(example.loss_mask))
+            for example in examples:
+                pending_tokens.append(example.tokens)
+                pending_masks.append(example.loss_mask)
+                offsets.append(offsets[-1] + len(example.tokens))
+                firsts.append(first_target(example.loss_mask))
             if offsets[-1] - offsets[-1 - len(pending_tokens)] >= _FLUSH_TOKENS:
                 flush()
         flush()
@@ -209,8 +231,8 @@ def _write_part_into(
 
 def load(
     source: Source,
-    tokenization: Tokenization,
-    mapping: ColumnMapping,
+    tokenization: RecordTokenization,
+    mapping: RecordMapping,
     cache_root: str,
     *,
     tokenizer_dir: str,
@@ -256,7 +278,7 @@ def load(
     return store, DatasetStats(examples=store.meta["examples"], skipped_lines=store.meta["skipped_lines"])
 
 
-def _write_meta(directory: str, source: Source, mapping: ColumnMapping, parts: list[str]) -> None:
+def _write_meta(directory: str, source: Source, mapping: RecordMapping, parts: list[str]) -> None:
     """The cache's table of contents, written last (atomically): its presence means the cache is complete."""
     totals = DatasetStats()
     for part in parts:

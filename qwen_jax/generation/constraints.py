@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import re
 import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,6 +44,7 @@ from qwen_jax.errors import GenerationError
 from qwen_jax.extras import require
 
 KINDS = ("json_schema", "regex", "choice", "grammar")
+MAX_REASON = 500  # characters of the library's error kept in ours
 CACHE_SIZE = 256  # compiled grammars kept per tokenizer (least recently used dropped first)
 # One-line JSON as `json.dumps` writes it; see the module docstring.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -135,32 +137,45 @@ def constraint_from(
 
 
 # ----------------------------------------------------------------------------- tool calls
-def tool_call_grammar(tools: Sequence[Mapping[str, Any]], *, required: bool, token_ids: Mapping[str, int]) -> str:
-    """A Lark grammar for Qwen2.5's tool calls to `tools` (OpenAI function tools), each one
-    `<tool_call>\\n{"name": "NAME", "arguments": ARGUMENTS}\\n</tool_call>`, several separated by a
-    newline, ARGUMENTS matching the function's `parameters` schema. `required`: the output is
-    tool calls only (OpenAI's tool_choice "required" or a named function); else it is either free
-    text or tool calls. `token_ids`: the ids of "<tool_call>" and "</tool_call>" (single tokens
-    of the Qwen2.5 vocabulary; the grammar names them by id, as the model generates them)."""
+def tool_call_grammar(
+    tools: Sequence[Mapping[str, Any]],
+    *,
+    required: bool,
+    single: bool = False,
+    token_ids: Mapping[str, int] | None = None,
+) -> str:
+    """A Lark grammar for Qwen2.5's tool calls, each one
+    `<tool_call>\\n{"name": NAME, "arguments": ARGUMENTS}\\n</tool_call>`, several separated by a
+    newline (one with `single`).
+
+    tools: `{"name": ..., "parameters": schema}`, one per function that may be called; ARGUMENTS
+        match `parameters`, or are any JSON object where it is None.
+    required: the output is tool calls only (OpenAI's tool_choice "required" or a named function);
+        else it is free text or tool calls.
+    token_ids: the ids of "<tool_call>" and "</tool_call>" when they are single tokens of the
+        vocabulary (Qwen2.5's): the grammar then names them by id, as the model generates them;
+        None: the tags are plain text.
+    """
     if not tools:
         raise GenerationError("tool calls need at least one tool", param="tools")
-    open_id, close_id = token_ids["<tool_call>"], token_ids["</tool_call>"]
-    alternatives = []
-    lines = []
+    if token_ids is not None:
+        open_tag, close_tag = f"<[{token_ids['<tool_call>']}]>", f"<[{token_ids['</tool_call>']}]>"
+    else:
+        open_tag, close_tag = json.dumps("<tool_call>"), json.dumps("</tool_call>")
+    rules = []
     for index, tool in enumerate(tools):
-        function = tool.get("function", tool)
-        name = function.get("name")
+        name = tool.get("name")
         if not isinstance(name, str) or not name:
             raise GenerationError("every tool needs a function name", param="tools")
-        schema = json_schema_of(function.get("parameters") or {"type": "object"})
+        schema = json_schema_of(tool.get("parameters") or ANY_JSON_OBJECT)
         schema = {**schema, "x-guidance": JSON_OPTIONS}
         head = json.dumps(f'\n{{"name": {json.dumps(name)}, "arguments": ')  # a Lark string literal
-        lines.append(f"call_{index}: <[{open_id}]> {head} args_{index} {json.dumps(TOOL_CALL_END)} <[{close_id}]>")
-        lines.append(f"args_{index}: %json {json.dumps(schema)}")
-        alternatives.append(f"call_{index}")
-    calls = f"calls: call ({json.dumps(chr(10))} call)*\ncall: {' | '.join(alternatives)}"
+        rules.append(f"call_{index}: {open_tag} {head} args_{index} {json.dumps(TOOL_CALL_END)} {close_tag}")
+        rules.append(f"args_{index}: %json {json.dumps(schema)}")
+    calls = "calls: call" if single else f"calls: call ({json.dumps(chr(10))} call)*"
+    call = f"call: {' | '.join(f'call_{index}' for index in range(len(tools)))}"
     start = "start: calls" if required else "start: calls | TEXT\nTEXT: /(?s:.+)/"
-    return "\n".join([start, calls, *lines]) + "\n"
+    return "\n".join([start, calls, call, *rules]) + "\n"
 
 
 # ----------------------------------------------------------------------------- compilation and matching
@@ -244,7 +259,7 @@ class GrammarCompiler:
         llguidance = _llguidance()
         matcher = llguidance.LLMatcher(self._tokenizer, constraint.grammar(), log_level=0)
         if matcher.is_error():
-            reason = _first_line(matcher.get_error())
+            reason = _reason(matcher.get_error())
             raise GenerationError(f"unsupported {constraint.kind}: {reason}", param=constraint.kind)
         return matcher
 
@@ -255,8 +270,16 @@ class GrammarCompiler:
             return len(self._compiled)
 
 
-def _first_line(message: str) -> str:
-    return next((line.strip() for line in message.splitlines() if line.strip()), message)
+_GRAMMAR_ECHO = re.compile(r"^\s*(\d+ \|.*|[\s^]*)$")  # llguidance's excerpt of the grammar and its carets
+
+
+def _reason(message: str) -> str:
+    """llguidance's error as one line: its messages, without the grammar excerpts it quotes."""
+    lines = []
+    for line in message.split("<state>")[0].splitlines():
+        if not _GRAMMAR_ECHO.match(line):
+            lines.append(line.strip())
+    return " ".join(lines)[:MAX_REASON] or message.strip()
 
 
 _COMPILERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -5,12 +5,19 @@ GET /v1/models, GET /health, GET /metrics. The engine runs on its own thread; ea
 an `asyncio.Queue` that the engine thread feeds with `loop.call_soon_threadsafe`, so the event
 loop never blocks on the model. A client that disconnects aborts its requests (their slots are
 freed at once). Errors use OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`.
+
+Structured output (`qwen_jax.generation.constraints`): `response_format` / `structured_outputs`
+constrain a request's text; tool calls are constrained (`tool_call_grammar`) for
+`tool_choice: "required"` or a named function, and for `"auto"` when a tool is `strict` (then
+the answer is free text or calls, a strict tool's arguments matching its `parameters`). A
+constraint the library cannot enforce is a 400 naming the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.util
 import json
 import secrets
 import time
@@ -24,7 +31,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen_jax.engine.core import Engine
 from qwen_jax.engine.requests import Delta
-from qwen_jax.errors import EngineClosedError, EngineError, QueueFullError
+from qwen_jax.errors import EngineClosedError, EngineError, GenerationError, MissingExtraError, QueueFullError
+from qwen_jax.generation.constraints import KINDS, tool_call_grammar
 from qwen_jax.serve.metrics import RequestTimer, ServerMetrics
 from qwen_jax.serve.protocol import (
     ChatCompletionRequest,
@@ -33,7 +41,7 @@ from qwen_jax.serve.protocol import (
     validation_error,
 )
 from qwen_jax.serve.tokens import TokenStrings
-from qwen_jax.serve.tools import ToolCallStream, forced_prefix
+from qwen_jax.serve.tools import CLOSE_TAG, OPEN_TAG, ToolCallStream, forced_prefix
 from qwen_jax.tokenizer import parse_tool_calls
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
@@ -189,7 +197,18 @@ class _Server:
             text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
         except Exception as e:  # jinja errors raised by the checkpoint's template
             raise RequestError(f"cannot apply the chat template to these messages: {e}", param="messages") from None
-        prefix = forced_prefix(body.tool_choice) if use_tools else ""
+        constraint, constraint_param = body.constraint()
+        tool_grammar = self._tool_grammar(body) if use_tools else None
+        if tool_grammar is not None:
+            if constraint:
+                raise RequestError(
+                    f"{constraint_param} cannot be combined with constrained tool calls "
+                    "(tool_choice 'required', a named function, or strict tools)",
+                    param=constraint_param,
+                )
+            constraint, constraint_param = {"grammar": tool_grammar}, "tools"
+        # The forced tool-call prefix is for an unconstrained model (no structured-output extra).
+        prefix = forced_prefix(body.tool_choice) if use_tools and tool_grammar is None else ""
         prompt_ids = self.tokenizer.encode(text + prefix)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         choices, queue = self._submit(
@@ -200,6 +219,8 @@ class _Server:
             arrived=arrived,
             prompt_param="messages",
             tool_prefix=prefix if use_tools else None,
+            constraint=constraint,
+            constraint_param=constraint_param,
         )
         kind = _ChatFormat(self, body, use_tools)
         if body.stream:
@@ -211,6 +232,7 @@ class _Server:
         self._check_model(body.model)
         body.check_unsupported()
         prompts = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in body.prompts()]
+        constraint, constraint_param = body.constraint()
         choices, queue = [], None
         try:
             for ids in prompts:
@@ -224,6 +246,8 @@ class _Server:
                     queue=queue,
                     first_index=len(choices),
                     default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
+                    constraint=constraint,
+                    constraint_param=constraint_param,
                 )
                 choices += batch
         except BaseException:
@@ -237,6 +261,32 @@ class _Server:
         return await self._respond(kind, request, choices, queue, prompt_tokens)
 
     # ------------------------------------------------------------------ submission
+    def _tool_grammar(self, body: ChatCompletionRequest) -> str | None:
+        """The grammar constraining this request's tool calls, or None when they are not constrained:
+        tool_choice "auto" without strict tools, or "required" / a named function without the
+        structured-output extra (then a forced prefix starts the call, as before)."""
+        choice = body.tool_choice
+        named = choice is not None and not isinstance(choice, str)
+        required = choice == "required" or named
+        strict = any(tool.function.strict for tool in body.tools)
+        if not strict and (not required or importlib.util.find_spec("llguidance") is None):
+            return None
+        tools = [t for t in body.tools if not named or t.function.name == choice.function.name]
+        calls = [
+            {"name": t.function.name, "parameters": t.function.parameters if (required or t.function.strict) else None}
+            for t in tools
+        ]
+        tags = {tag: self.tokenizer.token_to_id(tag) for tag in (OPEN_TAG, CLOSE_TAG)}
+        try:
+            return tool_call_grammar(
+                calls,
+                required=required,
+                single=body.parallel_tool_calls is False,
+                token_ids=tags if all(i is not None for i in tags.values()) else None,
+            )
+        except GenerationError as e:
+            raise RequestError(str(e), param="tools") from None
+
     def _check_model(self, name: str) -> None:
         if name != self.model_name:
             raise RequestError(
@@ -260,12 +310,15 @@ class _Server:
         tool_prefix: str | None = None,
         first_index: int = 0,
         default_max_tokens: int | None = None,
+        constraint: dict[str, Any] | None = None,
+        constraint_param: str | None = None,
     ) -> tuple[list[_Choice], asyncio.Queue]:
         """Submit body.n engine requests for one prompt; returns their choices and the (shared) delta queue.
 
         Without max_tokens a choice may fill the context (chat), or gets `default_max_tokens` capped
         to the context (completions). tool_prefix: None without tool parsing, else the forced
-        tool-call text already appended to the prompt ("" for none).
+        tool-call text already appended to the prompt ("" for none). constraint: the structured-output
+        keyword of `Engine.submit` (e.g. {"json_schema": ...}), from the request field `constraint_param`.
         """
         context = self.engine.max_len
         length = len(prompt_ids)
@@ -314,6 +367,7 @@ class _Server:
                     stop=body.stop_strings(),
                     logprobs=logprobs,
                     on_delta=on_delta,
+                    **(constraint or {}),
                 )
                 choices.append(
                     _Choice(
@@ -332,7 +386,10 @@ class _Server:
             raise RequestError(str(e), status=503, type="server_error", code="shutting_down") from None
         except EngineError as e:
             self._abort(choices)
-            raise RequestError(str(e), param=e.param) from None
+            raise RequestError(str(e), param=constraint_param if e.param in KINDS else e.param) from None
+        except MissingExtraError as e:  # structured output on a server installed without its extra
+            self._abort(choices)
+            raise RequestError(str(e), param=constraint_param) from None
         if tool_prefix:
             for choice in choices:  # the forced prefix opens a block: the parser must see it
                 choice.tool_stream.feed(tool_prefix)

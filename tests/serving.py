@@ -216,7 +216,7 @@ def http(
         return HttpResult(e.code, e.read())
 
 
-STRUCTURED_MAX_LEN = 192
+STRUCTURED_MAX_LEN = 512
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import importlib.util
 import json
 import re
 import threading
@@ -53,6 +54,11 @@ TOOL_CALL_END = "}\n"  # closes a tool call's JSON before </tool_call>
 
 
 _FEATURE = "structured output (json_schema, regex, choice, grammar)"
+
+
+def available() -> bool:
+    """Whether the structured-output extra (llguidance) is installed."""
+    return importlib.util.find_spec("llguidance") is not None
 
 
 def _llguidance():

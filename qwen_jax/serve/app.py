@@ -5,19 +5,12 @@ GET /v1/models, GET /health, GET /metrics. The engine runs on its own thread; ea
 an `asyncio.Queue` that the engine thread feeds with `loop.call_soon_threadsafe`, so the event
 loop never blocks on the model. A client that disconnects aborts its requests (their slots are
 freed at once). Errors use OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`.
-
-Structured output (`qwen_jax.generation.constraints`): `response_format` / `structured_outputs`
-constrain a request's text; tool calls are constrained (`tool_call_grammar`) for
-`tool_choice: "required"` or a named function, and for `"auto"` when a tool is `strict` (then
-the answer is free text or calls, a strict tool's arguments matching its `parameters`). A
-constraint the library cannot enforce is a 400 naming the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import importlib.util
 import json
 import secrets
 import time
@@ -32,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qwen_jax.engine.core import Engine
 from qwen_jax.engine.requests import Delta
 from qwen_jax.errors import EngineClosedError, EngineError, GenerationError, MissingExtraError, QueueFullError
-from qwen_jax.generation.constraints import KINDS, tool_call_grammar
+from qwen_jax.generation.constraints import KINDS, available, tool_call_grammar
 from qwen_jax.serve.metrics import RequestTimer, ServerMetrics
 from qwen_jax.serve.protocol import (
     ChatCompletionRequest,
@@ -262,14 +255,17 @@ class _Server:
 
     # ------------------------------------------------------------------ submission
     def _tool_grammar(self, body: ChatCompletionRequest) -> str | None:
-        """The grammar constraining this request's tool calls, or None when they are not constrained:
-        tool_choice "auto" without strict tools, or "required" / a named function without the
-        structured-output extra (then a forced prefix starts the call, as before)."""
+        """The grammar constraining this request's tool calls (structured output,
+        `qwen_jax.generation.constraints`): for tool_choice "required" or a named function, tool
+        calls only, their arguments matching `parameters`; for "auto" with a `strict` tool, free
+        text or calls, a strict tool's arguments matching its `parameters`. None when the calls are
+        not constrained: "auto" without strict tools, or "required" / a named function without the
+        structured-output extra (then a forced prefix starts the call)."""
         choice = body.tool_choice
         named = choice is not None and not isinstance(choice, str)
         required = choice == "required" or named
         strict = any(tool.function.strict for tool in body.tools)
-        if not strict and (not required or importlib.util.find_spec("llguidance") is None):
+        if not strict and (not required or not available()):
             return None
         tools = [t for t in body.tools if not named or t.function.name == choice.function.name]
         calls = [

@@ -217,3 +217,40 @@ def http(
             return HttpResult(response.status, response.read())
     except urllib.error.HTTPError as e:
         return HttpResult(e.code, e.read())
+
+
+STRUCTURED_MAX_LEN = 512
+
+
+@pytest.fixture(scope="session")
+def structured_model():
+    """(model, tokenizer): a tiny random model (float32) over the real Qwen2.5 vocabulary with the real
+    tokenizer, for structured output (random weights: unconstrained text is never valid JSON)."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "reference" / "qwen2.5-tokenizer"
+    directory = real_tokenizer_dir() or (str(shared) if (shared / "tokenizer.json").is_file() else None)
+    if directory is None:
+        pytest.skip("QWEN_JAX_TOKENIZER_DIR is not set and ../shared/reference/qwen2.5-tokenizer does not exist")
+    pytest.importorskip("llguidance")
+    from qwen_jax import Qwen2Config, create_model
+    from qwen_jax.tokenizer import Tokenizer
+
+    config = Qwen2Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=STRUCTURED_MAX_LEN,
+    )
+    return create_model(config, dtype="float32", param_dtype="float32", seed=0), Tokenizer.from_dir(directory)
+
+
+@pytest.fixture(scope="session")
+def structured_engine(structured_model):
+    """An Engine (4 slots, 16-token prefill chunks) over `structured_model`, shared by the engine and server tests."""
+    from qwen_jax.engine.core import Engine
+
+    model, tokenizer = structured_model
+    engine = Engine(model, tokenizer, slots=4, max_len=STRUCTURED_MAX_LEN, prefill_chunk=16)
+    yield engine
+    engine.shutdown()

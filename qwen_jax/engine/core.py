@@ -25,6 +25,13 @@ All device work goes through `EnginePrograms`: a fixed set of ahead-of-time comp
 start, samplers, logprobs, row move). `warmup()` compiles all of them; afterwards nothing
 compiles while serving.
 
+Structured output (`json_schema=`, `regex=`, `choice=`, `grammar=`): a constrained request's
+grammar is compiled (once per schema, cached) in the caller's thread by `submit`, and its matcher
+lives on the request. Its next allowed tokens depend on the token just drawn, so for a step with a
+constrained row the engine dispatches the step's forward first, then reads back the earlier steps'
+tokens and computes every constrained row's bitmask on the host while the device runs that
+forward, then dispatches the sampling with the bitmask (free rows: all ones, same program).
+
 Requests take the sampling keyword arguments of every generation call (`SamplingKwargs`) and draw
 with the same sampler as `qwen_jax.generate` (`qwen_jax.generation.sampler`), so a request gives
 the tokens `qwen_jax.generate` gives for the same prompt, seed and settings.
@@ -58,6 +65,7 @@ from qwen_jax.engine.requests import (
     resolve_request,
 )
 from qwen_jax.errors import EngineClosedError, EngineError, GenerationError, QueueFullError
+from qwen_jax.generation.constraints import GrammarCompiler, fill_bitmask, grammar_compiler
 from qwen_jax.generation.options import Prompt, SamplingKwargs, generation_defaults, row_seeds
 from qwen_jax.sharding import platform_of
 
@@ -158,6 +166,8 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._slot_owner: list[Request | None] = [None] * self.slots
         self._pending: collections.deque[StepOutputs] = collections.deque()
+        self._processed_early = 0  # earlier steps read back inside this iteration's dispatch (bitmasks)
+        self._grammars: GrammarCompiler | None = None  # built on the first constrained request
         self._shutdown_deadline: float | None = None
         self._error: BaseException | None = None
         if warmup:
@@ -207,7 +217,9 @@ class Engine:
                 (`qwen_jax.generation.options.SamplingKwargs`). `seed`: the token at index i is drawn
                 with `fold_in(key(seed), i)`, so a seeded request gives the same tokens whatever else
                 is running, and the tokens `qwen_jax.generate` gives. `max_new_tokens` unset fills
-                what the context leaves, up to the config's default.
+                what the context leaves, up to the config's default. `json_schema`, `regex`,
+                `choice`, `grammar`: structured output (`qwen_jax.generation.constraints`); a
+                constraint the library cannot enforce raises EngineError naming the reason.
         """
         request = self._make_request(prompt, tools, request_id, on_delta, logprobs, sampling)
         self._enqueue(request, enforce_queue_limit=True)
@@ -339,9 +351,20 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise EngineError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        grammar = None
+        if options.constraint is not None:
+            try:
+                grammar = self._grammar_compiler().matcher(options.constraint)
+            except GenerationError as e:
+                raise EngineError(str(e), param=e.param) from None
         request_id = request_id or new_request_id()
         handle = RequestHandle(request_id, self.abort, buffered=on_delta is None)
-        return Request(request_id, prompt_ids, options, logprobs, self.tokenizer, handle, on_delta)
+        return Request(request_id, prompt_ids, options, logprobs, self.tokenizer, handle, on_delta, grammar)
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        if self._grammars is None:  # two threads may both build it: the same compiler (`grammar_compiler` caches)
+            self._grammars = grammar_compiler(self.tokenizer, self.model.config.vocab_size, self.config.eos_token_ids)
+        return self._grammars
 
     def _enqueue(self, request: Request, enforce_queue_limit: bool) -> None:
         with self._lock:  # enqueued under the lock: a shutdown command can never overtake an accepted request
@@ -383,10 +406,11 @@ class Engine:
                 if not self._read_inbox():
                     break
                 dispatched_before = len(self._pending)
+                self._processed_early = 0
                 self._admit()
                 self._dispatch()
                 # Read back everything dispatched in earlier iterations; this iteration's work runs meanwhile.
-                in_flight_now = len(self._pending) - dispatched_before
+                in_flight_now = len(self._pending) - (dispatched_before - self._processed_early)
                 keep = in_flight_now if self._has_running() else 0
                 while len(self._pending) > keep:
                     self._process(self._pending.popleft())
@@ -479,7 +503,8 @@ class Engine:
         ]
 
     def _prefill_whole(self, request: Request) -> None:
-        self._pending.append(self.programs.prefill_into_slot(request.prompt_ids, request.slot, request))
+        bitmask = None if request.grammar is None else self._bitmask([request])
+        self._pending.append(self.programs.prefill_into_slot(request.prompt_ids, request.slot, request, bitmask))
         request.prefilled, request.dispatched = len(request.prompt_ids), 1
         self._prefilling.remove(request)
 
@@ -500,7 +525,7 @@ class Engine:
             used = max(used, chunk_owner.slot + 1)
         rows = rows[: self.programs.width_for(used)]
         if chunk_owner is None:
-            self._pending.append(self.programs.decode_step(rows))
+            self._pending.append(self.programs.decode_step(rows, self._step_bitmask))
         else:
             if chunk_owner.prefilled == 0:
                 self.programs.start_row(chunk_owner.options, chunk_owner.slot)
@@ -508,7 +533,9 @@ class Engine:
             chunk = chunk_owner.prompt_ids[start : start + self.programs.chunks[-1]]
             chunk_owner.prefilled += len(chunk)
             final = chunk_owner.prefilled == len(chunk_owner.prompt_ids)
-            self._pending.append(self.programs.mixed_step(rows, chunk, chunk_owner.slot, chunk_owner, final))
+            self._pending.append(
+                self.programs.mixed_step(rows, chunk, chunk_owner.slot, chunk_owner, final, self._step_bitmask)
+            )
             if final:
                 chunk_owner.dispatched = 1
                 self._prefilling.popleft()
@@ -519,6 +546,22 @@ class Engine:
             self._stats["decode_steps"] += 1
             self._stats["decode_rows"] += len(rows)
             self._stats["prefill_chunks"] += chunk_owner is not None
+
+    def _step_bitmask(self, rows: list[Request | None]):
+        """The allowed tokens of a step's rows (None when no row is constrained), called by the
+        programs once the step's forward is dispatched. A constrained row's bitmask needs every
+        token drawn before this step: the earlier steps are read back here, while the forward runs."""
+        if not any(r is not None and r.grammar is not None for r in rows):
+            return None
+        while self._pending:
+            self._process(self._pending.popleft())
+            self._processed_early += 1
+        return self._bitmask(rows)
+
+    def _bitmask(self, rows: list[Request | None]):
+        # A request that ended meanwhile still has its row computed (the token is dropped): no constraint.
+        matchers = [r.grammar if r is not None and not r.finished else None for r in rows]
+        return fill_bitmask(matchers, self.model.config.vocab_size)
 
     def _process(self, outputs: StepOutputs) -> None:
         tokens, logprobs = outputs.fetch()

@@ -19,6 +19,10 @@ compiles while serving):
   contract); idle rows keep their length. The engine keeps its requests in the lowest slots, so a
   step costs what its occupied rows cost, not what `slots` rows cost.
 - `step_sample[width, variant]`: sampling of the rows a step produced a token for into the slot state.
+  The samplers take each row's allowed tokens as a packed bitmask (structured output,
+  `qwen_jax.generation.constraints`): the engine computes it on the host after the step's forward
+  is dispatched (`decode_step` / `mixed_step` take a function that gives it); rows without a
+  constraint, and steps without one, use an all-ones bitmask kept on the device.
 - `logprobs[rows]`: log-softmax of the raw logits: the chosen token's and the 20 most likely.
 - `move`: copy one slot's cache row and state into another (the engine closes gaps with it).
 
@@ -49,6 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen_jax.compilation import EXECUTABLES
 from qwen_jax.engine.requests import MAX_TOP_LOGPROBS
+from qwen_jax.generation.constraints import bitmask_words
 from qwen_jax.generation.options import SamplingOptions, initial_history, row_params
 from qwen_jax.generation.sampler import (
     ENGINE_VARIANTS,
@@ -64,6 +69,9 @@ from qwen_jax.generation.static import prompt_bucket
 from qwen_jax.model.kv_cache import KVCache
 from qwen_jax.model.mixed import mixed_hidden_states
 from qwen_jax.sharding import named_sharding
+
+# Given a step's rows (Requests, None for idle rows), their allowed tokens on the host (None: every token).
+BitmaskFunction = Callable[[list], "np.ndarray | None"]
 
 
 @jax.tree_util.register_dataclass
@@ -194,6 +202,8 @@ class EnginePrograms:
         cache = KVCache.init(self.config, slots, max_len, self.dtype)
         self.cache = cache if self.mesh is None else jax.device_put(cache, self._cache_sharding(slots, max_len))
         self.slot_state = self._put(self._empty_state(slots))
+        self.bitmask_words = bitmask_words(self.vocab)
+        self._free_bitmasks: dict[int, jax.Array] = {}  # rows -> an all-ones bitmask on the device
 
     # ------------------------------------------------------------------ placement
     def _replicated(self) -> NamedSharding | None:
@@ -396,6 +406,18 @@ class EnginePrograms:
 
         return self._executable(("insert", bucket), build)
 
+    def _bitmask_spec(self, rows: int) -> jax.ShapeDtypeStruct:
+        return self._scalar_spec((rows, self.bitmask_words), jnp.int32)
+
+    def _bitmask(self, host: np.ndarray | None, rows: int) -> jax.Array:
+        """`host` (allowed tokens of `rows` rows) on the device; None: every token, kept there once."""
+        if host is not None:
+            return self._put(host)
+        free = self._free_bitmasks.get(rows)
+        if free is None:
+            free = self._free_bitmasks[rows] = self._put(np.full((rows, self.bitmask_words), -1, np.int32))
+        return free
+
     def _sample_executable(self, variant: SamplerVariant):
         """A prefilled prompt's first token, into its one-row state."""
 
@@ -403,7 +425,7 @@ class EnginePrograms:
             logits = _spec((1, self.vocab), jnp.float32, self._logits_sharding(1))
             return (
                 jax.jit(functools.partial(_sample, variant=variant), donate_argnums=1, out_shardings=self._replicated())
-                .lower(logits, self._slot_state_spec(1))
+                .lower(logits, self._slot_state_spec(1), self._bitmask_spec(1))
                 .compile()
             )
 
@@ -413,9 +435,9 @@ class EnginePrograms:
         """A step's tokens for the first `width` slots, sampled into the slot state of the rows
         `take` marks (the others keep their state: idle slots, a prompt still being prefilled)."""
 
-        def step_sample(logits, slot_state: SlotState, take):
+        def step_sample(logits, slot_state: SlotState, take, bitmask):
             rows = jax.tree.map(lambda x: x[:width], slot_state)
-            sampled, tokens = _sample(logits, rows, variant)
+            sampled, tokens = _sample(logits, rows, bitmask, variant)
             rows = jax.tree.map(
                 lambda new, old: jnp.where(take.reshape(-1, *(1,) * (new.ndim - 1)), new, old), sampled, rows
             )
@@ -425,7 +447,12 @@ class EnginePrograms:
             logits = _spec((width, self.vocab), jnp.float32, self._logits_sharding(width))
             return (
                 jax.jit(step_sample, donate_argnums=1, out_shardings=self._replicated())
-                .lower(logits, self._slot_state_spec(self.slots), self._scalar_spec((width,), jnp.bool_))
+                .lower(
+                    logits,
+                    self._slot_state_spec(self.slots),
+                    self._scalar_spec((width,), jnp.bool_),
+                    self._bitmask_spec(width),
+                )
                 .compile()
             )
 
@@ -568,8 +595,11 @@ class EnginePrograms:
         return self._executable(("move",), build)
 
     # ------------------------------------------------------------------ running
-    def prefill_into_slot(self, prompt_ids: list[int], slot: int, request) -> StepOutputs:
-        """Prefill one prompt, sample its first token and insert both into `slot` (dispatched, not awaited)."""
+    def prefill_into_slot(
+        self, prompt_ids: list[int], slot: int, request, bitmask: np.ndarray | None = None
+    ) -> StepOutputs:
+        """Prefill one prompt, sample its first token and insert both into `slot` (dispatched, not
+        awaited); `bitmask`: the first token's allowed tokens `[1, bitmask_words]` (None: every token)."""
         options = request.options
         length = len(prompt_ids)
         bucket = next(b for b in self.buckets if b >= length)
@@ -580,29 +610,41 @@ class EnginePrograms:
         )
         row_cache, logits, seen = self._prefill_executable(bucket)(self.state, ids, length_arg)
         row_state = dataclasses.replace(row_state, history=dataclasses.replace(row_state.history, seen=seen))
-        row_state, tokens = self._sample_executable(_engine_variant([options]))(logits, row_state)
+        row_state, tokens = self._sample_executable(_engine_variant([options]))(
+            logits, row_state, self._bitmask(bitmask, 1)
+        )
         logprobs = self._logprobs_executable(1)(logits, tokens) if request.top_logprobs is not None else None
         insert = self._insert_executable(bucket)
         self.cache, self.slot_state = insert(self.cache, self.slot_state, row_cache, row_state, slot_arg)
         return StepOutputs([request], tokens, logprobs)
 
-    def decode_step(self, rows: list) -> StepOutputs:
+    def decode_step(self, rows: list, bitmask: BitmaskFunction | None = None) -> StepOutputs:
         """One token for each of the first `len(rows)` slots whose entry is a Request (None: the slot
-        idles); `len(rows)` must be one of `widths`."""
+        idles); `len(rows)` must be one of `widths`. `bitmask(rows)`, called once the forward is
+        dispatched, gives the rows' allowed tokens (`[len(rows), bitmask_words]`, or None: every token)."""
         width = len(rows)
         active = self._put(np.asarray([r is not None for r in rows]))
         logits, self.cache = self._decode_executable(width)(self.state, self.cache, self.slot_state.tokens, active)
-        return self._sample_step(rows, logits, active)
+        return self._sample_step(rows, logits, active, bitmask)
 
     def start_row(self, options: SamplingOptions, slot: int) -> None:
         """Empty `slot`'s cache row and give it the request's sampling state (before `mixed_step`)."""
         row_state, slot_arg = self._put((_row_state(options, self.vocab), np.int32(slot)))
         self.cache, self.slot_state = self._start_executable()(self.cache, self.slot_state, row_state, slot_arg)
 
-    def mixed_step(self, rows: list, chunk_ids: list[int], slot: int, request, final: bool) -> StepOutputs:
+    def mixed_step(
+        self,
+        rows: list,
+        chunk_ids: list[int],
+        slot: int,
+        request,
+        final: bool,
+        bitmask: BitmaskFunction | None = None,
+    ) -> StepOutputs:
         """A decode step of `rows` (as in `decode_step`; `rows[slot]` is None) fused with the prompt
         tokens `chunk_ids` of the request prefilling `slot`. With `final` (the prompt's last chunk),
-        the request's first token is sampled too and it decodes from the next step on."""
+        the request's first token is sampled too and it decodes from the next step on (`bitmask`
+        as in `decode_step`, its rows including that request's)."""
         width, length = len(rows), len(chunk_ids)
         if not slot < width or rows[slot] is not None:
             raise ValueError(f"slot {slot} must be an idle row of the {width} decoded")
@@ -618,14 +660,15 @@ class EnginePrograms:
         if final:
             rows[slot] = request
         take = self._put(np.asarray([r is not None for r in rows])) if final else active_arg
-        return self._sample_step(rows, logits, take)
+        return self._sample_step(rows, logits, take, bitmask)
 
-    def _sample_step(self, rows: list, logits, take) -> StepOutputs:
+    def _sample_step(self, rows: list, logits, take, bitmask: BitmaskFunction | None) -> StepOutputs:
         if not any(rows):  # a chunk of a prompt, nothing decoding: no token this step
             return StepOutputs(list(rows), None, None)
         width = len(rows)
         variant = _engine_variant([r.options for r in rows if r is not None])
-        self.slot_state, tokens = self._step_sample_executable(width, variant)(logits, self.slot_state, take)
+        allowed = self._bitmask(None if bitmask is None else bitmask(list(rows)), width)
+        self.slot_state, tokens = self._step_sample_executable(width, variant)(logits, self.slot_state, take, allowed)
         wants_logprobs = any(r is not None and r.top_logprobs is not None for r in rows)
         logprobs = self._logprobs_executable(width)(logits, tokens) if wants_logprobs else None
         return StepOutputs(list(rows), tokens, logprobs)
@@ -636,8 +679,8 @@ class EnginePrograms:
         self.cache, self.slot_state = self._move_executable()(self.cache, self.slot_state, source, target)
 
 
-def _sample(logits, slot_state: SlotState, variant: SamplerVariant):
-    tokens = sample_rows(logits, slot_state.history, slot_state.params, variant)
+def _sample(logits, slot_state: SlotState, bitmask, variant: SamplerVariant):
+    tokens = sample_rows(logits, slot_state.history, slot_state.params, variant, bitmask)
     params = dataclasses.replace(slot_state.params, token_index=slot_state.params.token_index + 1)
     return SlotState(tokens, params, slot_state.history.record(tokens)), tokens
 

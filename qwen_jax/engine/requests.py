@@ -20,6 +20,7 @@ from typing import Any
 
 from qwen_jax.config import GenerationConfig
 from qwen_jax.errors import EngineError, GenerationError
+from qwen_jax.generation.constraints import GrammarMatcher
 from qwen_jax.generation.options import SamplingOptions, resolve
 from qwen_jax.generation.text import TextAssembler
 
@@ -182,6 +183,7 @@ class Request:
         tokenizer,
         handle: RequestHandle,
         on_delta: Callable[[Delta], None] | None,
+        grammar: GrammarMatcher | None = None,
     ):
         self.id = request_id
         self.prompt_ids = prompt_ids
@@ -200,6 +202,7 @@ class Request:
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
+        self.grammar = grammar  # structured output: the matcher of the request's constraint
 
     @property
     def finished(self) -> bool:
@@ -215,7 +218,12 @@ class Request:
         if self.logprobs is not None and logprob is not None:
             self.logprobs.append(logprob)
         text = self.text.push(token_id)
-        if self.text.stop_string is not None:
+        error = None
+        if self.grammar is not None and not self.grammar.advance(token_id):
+            # Cannot happen for a token drawn under the grammar's own bitmask; kept as a clear failure.
+            error = f"the generated token {token_id} does not match the request's {self.grammar.constraint.kind}"
+            self.finish_reason = "error"
+        elif self.text.stop_string is not None:
             self.finish_reason, self.stop_reason = "stop", self.text.stop_string
         elif token_id in self.options.stop_token_ids:
             self.finish_reason, self.stop_reason = "stop", token_id
@@ -230,6 +238,7 @@ class Request:
             None if logprob is None else [logprob],
             self.finish_reason,
             self.stop_reason,
+            error=error,
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.token_ids),
         )

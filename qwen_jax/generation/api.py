@@ -4,7 +4,8 @@ Prompts are text or chat conversations (rendered with the tokenizer's chat templ
 sampling keyword arguments are those of every generation call (`SamplingKwargs`, resolved once
 into `SamplingOptions` against the checkpoint's defaults); the ids come from
 `qwen_jax.generation.static`, the text from the one text assembler (`qwen_jax.generation.text`),
-which cuts it before the first stop string.
+which cuts it before the first stop string. Structured output (`json_schema=`, `regex=`,
+`choice=`, `grammar=`) is compiled here with the tokenizer (`qwen_jax.generation.constraints`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from typing import Any
 from typing_extensions import Unpack
 
 from qwen_jax.config import GenerationConfig
+from qwen_jax.generation.constraints import GrammarMatcher, grammar_compiler
 from qwen_jax.generation.options import (
     Prompt,
     SamplingKwargs,
+    SamplingOptions,
     generation_defaults,
     resolve_batch,
 )
@@ -30,6 +33,14 @@ def _encode_prompt(tokenizer, prompt: Prompt, tools=None) -> list[int]:
     if isinstance(prompt, str):
         return tokenizer.encode(prompt)
     return tokenizer.encode(tokenizer.apply_chat_template(list(prompt), tools=tools, add_generation_prompt=True))
+
+
+def _grammars(model, tokenizer, config: GenerationConfig, options: SamplingOptions, rows: int):
+    """Each row's matcher of the options' constraint (None without one); GenerationError if unsupported."""
+    if options.constraint is None:
+        return None
+    compiler = grammar_compiler(tokenizer, model.config.vocab_size, config.eos_token_ids)
+    return [compiler.matcher(options.constraint) for _ in range(rows)]
 
 
 def generate(
@@ -53,7 +64,9 @@ def generate(
         **sampling: the sampling options (`qwen_jax.generation.options.SamplingKwargs`), e.g.
             `temperature=0.7, top_p=0.9, seed=1`: `stop` adds stop token ids (ints) and stop
             strings (the text is cut before the first one); `seed` is one seed for every prompt
-            or one per prompt.
+            or one per prompt; `json_schema`, `regex`, `choice` or `grammar` constrain the output
+            (structured output, `qwen_jax.generation.constraints`; a constraint the library cannot
+            enforce raises GenerationError, a ValueError, naming the reason).
     """
     single = isinstance(prompts_or_conversations, str) or (
         bool(prompts_or_conversations) and isinstance(prompts_or_conversations[0], Mapping)
@@ -61,8 +74,11 @@ def generate(
     prompts = [prompts_or_conversations] if single else list(prompts_or_conversations)
     config = generation_defaults(model, tokenizer, config)
     options, seeds = resolve_batch(config, len(prompts), vocab_size=model.config.vocab_size, **sampling)
+    grammars = _grammars(model, tokenizer, config, options, len(prompts))
     prompt_ids = [_encode_prompt(tokenizer, p, tools) for p in prompts]
-    result = generate_batch(model, prompt_ids, options, seeds, config.pad_token_id, prefill_chunk=prefill_chunk)
+    result = generate_batch(
+        model, prompt_ids, options, seeds, config.pad_token_id, prefill_chunk=prefill_chunk, grammars=grammars
+    )
     texts = []
     for row, ids in enumerate(result.token_ids):
         text, ids, stopped = cut_at_stop_strings(tokenizer, ids, options.stop_strings)
@@ -124,6 +140,9 @@ def stream(
     """
     config = generation_defaults(model, tokenizer, config)
     options, seeds = resolve_batch(config, 1, vocab_size=model.config.vocab_size, **sampling)
+    grammar: GrammarMatcher | None = (_grammars(model, tokenizer, config, options, 1) or [None])[0]
     prompt_ids = _encode_prompt(tokenizer, prompt_or_conversation, tools)
-    tokens = TokenStream(model, prompt_ids, options.replace(seed=seeds[0]), config.pad_token_id, False, prefill_chunk)
+    tokens = TokenStream(
+        model, prompt_ids, options.replace(seed=seeds[0]), config.pad_token_id, False, prefill_chunk, grammar
+    )
     return TextStream(tokens, tokenizer, options.stop_strings)

@@ -8,6 +8,10 @@ generation_config.json, `generation_defaults`) into a frozen, validated `Samplin
 validator checks every value and raises `GenerationError` naming the setting (`param`); the engine
 reports the same errors as `EngineError`, which the server maps to OpenAI's error envelope.
 
+Structured output (`json_schema`, `regex`, `choice`, `grammar`: at most one) resolves to a
+`qwen_jax.generation.constraints.Constraint`; it is compiled against the tokenizer by the call
+that runs the request (a schema the library cannot enforce is a `GenerationError` then).
+
 Stop conditions are parsed here too, with one set of rules (`parse_stop`): `stop` holds strings
 (the text is cut before the first one) and token ids; empty strings and other types are refused.
 """
@@ -23,6 +27,7 @@ import numpy as np
 
 from qwen_jax.config import GenerationConfig
 from qwen_jax.errors import GenerationError
+from qwen_jax.generation.constraints import Constraint, constraint_from
 from qwen_jax.generation.sampler import History, RowParams, seed_key_data
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM
 
@@ -54,6 +59,12 @@ class SamplingKwargs(TypedDict, total=False):
             depend only on its own prompt, settings and seed. Batch calls (`generate`,
             `generate_ids`, `Engine.generate`) take one seed for every row or one per prompt.
         stop: stop strings (the text is cut before the first one) and stop token ids, one or a list.
+        json_schema: the output is JSON matching this schema (a dict, its JSON text, or a Pydantic
+            model class); `{"type": "object"}` asks for any JSON object. Structured output: see
+            `qwen_jax.generation.constraints` (at most one of json_schema, regex, choice, grammar).
+        regex: the output matches this regular expression (Rust `regex` syntax, no look-around).
+        choice: the output is exactly one of these strings.
+        grammar: the output matches this Lark (or GBNF) grammar.
     """
 
     max_new_tokens: int | None
@@ -67,6 +78,10 @@ class SamplingKwargs(TypedDict, total=False):
     logit_bias: Mapping[int, float] | None
     seed: int | Sequence[int] | None
     stop: Stop | None
+    json_schema: Mapping[str, Any] | str | type | None
+    regex: str | None
+    choice: Sequence[str] | None
+    grammar: str | None
 
 
 SAMPLING_KEYS = frozenset(SamplingKwargs.__annotations__)
@@ -92,6 +107,7 @@ class SamplingOptions:
     seed: int = 0  # in [0, 2**64)
     stop_token_ids: frozenset[int] = frozenset()  # the config's eos ids and the caller's stop ids
     stop_strings: tuple[str, ...] = ()
+    constraint: Constraint | None = None  # structured output (json_schema, regex, choice or grammar)
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, low=1)
@@ -183,6 +199,12 @@ def resolve(
         seed=seed % SEED_MODULUS,
         stop_token_ids=frozenset(stop_ids) | frozenset(config.eos_token_ids),
         stop_strings=tuple(stop_strings),
+        constraint=constraint_from(
+            json_schema=given.get("json_schema"),
+            regex=given.get("regex"),
+            choice=given.get("choice"),
+            grammar=given.get("grammar"),
+        ),
     )
 
 

@@ -4,6 +4,13 @@
 engine (`qwen_jax.engine.programs`) both draw through `sample_rows`, so the same seed and settings
 give the same tokens from all of them.
 
+A row may be constrained to a set of allowed tokens (structured output,
+`qwen_jax.generation.constraints`): a packed int32 bitmask `[rows, ceil(vocab / 32)]` (bit
+`t % 32` of word `t // 32` set = token t allowed; all ones = a free row). It is applied first, to
+the raw logits, as vLLM applies its grammar bitmask before the sampling parameters: every
+disallowed token gets -inf, which the bias, the penalties and the filters that follow keep at
+-inf, so the filters act on the allowed tokens only.
+
 Each row carries its own settings (`RowParams`): temperature (0 = greedy), top-k, top-p, min-p,
 repetition penalty, OpenAI's presence and frequency penalties, and a key with a token index; a
 row's `History` holds what those penalties read (the ids seen in prompt and output, the counts of
@@ -214,10 +221,26 @@ def _needs_sort(top_k, top_p):
     return ~_uses_candidates(top_k) & ((top_p < 1) | (top_k > CANDIDATES))
 
 
-def sample_rows(logits: jax.Array, history: History | None, params: RowParams, variant: SamplerVariant) -> jax.Array:
+def allowed_tokens(bitmask: jax.Array, vocab: int) -> jax.Array:
+    """bool `[rows, vocab]` from a packed int32 bitmask `[rows, ceil(vocab / 32)]` (see the module docstring)."""
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab].astype(bool)
+
+
+def sample_rows(
+    logits: jax.Array,
+    history: History | None,
+    params: RowParams,
+    variant: SamplerVariant,
+    bitmask: jax.Array | None = None,
+) -> jax.Array:
     """Next token per row, int32 `[rows]`, from logits `[rows, vocab]` and each row's `history`
-    (None when `variant.adjustments` is off: no bias or penalty in any row)."""
-    logits = adjusted_logits(logits, history, params) if variant.adjustments else logits.astype(jnp.float32)
+    (None when `variant.adjustments` is off: no bias or penalty in any row); `bitmask`: each row's
+    allowed tokens (packed int32 `[rows, ceil(vocab / 32)]`; None: every token)."""
+    logits = logits.astype(jnp.float32)
+    if bitmask is not None:
+        logits = jnp.where(allowed_tokens(bitmask, logits.shape[-1]), logits, _REMOVED)
+    logits = adjusted_logits(logits, history, params) if variant.adjustments else logits
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if variant.greedy:
         return greedy

@@ -22,6 +22,11 @@ How a call runs:
    (`qwen_jax.generation.sampler`): row r's token i with `fold_in(key(seed_r), i)`, so they give
    the same tokens, and the same as the engine for the same seed and settings.
 
+Structured output (`grammars`: one `GrammarMatcher` per row, from `qwen_jax.generate` / `stream`,
+which compile the request's constraint with the tokenizer): each row's allowed tokens depend on
+the token drawn before, so a constrained batch decodes one jitted step per token (the stream's
+step, over the whole batch), the host filling the rows' bitmask between steps.
+
 The model is split once per call (`nnx.split`); the jitted functions are pure functions of
 (graphdef, state), compiled ahead of time into the shared executable cache
 (`qwen_jax.compilation.EXECUTABLES`, names "generation.prefill", "generation.first_token",
@@ -49,6 +54,7 @@ from typing_extensions import Unpack
 from qwen_jax.compilation import EXECUTABLES, argument_signature
 from qwen_jax.config import GenerationConfig, Qwen2Config
 from qwen_jax.errors import GenerationError
+from qwen_jax.generation.constraints import GrammarMatcher, fill_bitmask
 from qwen_jax.generation.options import (
     SamplingKwargs,
     SamplingOptions,
@@ -169,28 +175,28 @@ def _prefill_chunk(static: _Static, state, cache, chunk_ids, chunk_lengths, last
     return _constrain_cache(cache, static), last
 
 
-def _sample(static: _Static, logits, history, params: RowParams, index):
-    """Token `index` of every row from `logits`, and the history that includes it."""
-    tokens = sample_rows(logits, history, params.at_token(index), static.variant)
+def _sample(static: _Static, logits, history, params: RowParams, index, bitmask=None):
+    """Token `index` of every row from `logits` (allowed by `bitmask`, None: any), and the history that includes it."""
+    tokens = sample_rows(logits, history, params.at_token(index), static.variant, bitmask)
     return tokens, None if history is None else history.record(tokens)
 
 
-def _first_token(static: _Static, state, last, history, params):
+def _first_token(static: _Static, state, last, history, params, bitmask):
     """Each row's first new token from the hidden state of its last prompt token."""
     model = nnx.merge(static.graphdef, state)
     logits = model.logits(last[:, None])[:, 0]
-    token, history = _sample(static, logits, history, params, 0)
+    token, history = _sample(static, logits, history, params, 0, bitmask)
     return token, history, logits if static.return_logits else None
 
 
-def _decode_token(static: _Static, model, cache, token, history, params, step):
+def _decode_token(static: _Static, model, cache, token, history, params, step, bitmask=None):
     """One cached forward of `token` (each row at its own cache length), then the next token.
 
     Shared by the loop and the stream.
     """
     logits, cache = model.forward(token[:, None], cache.lengths[:, None], None, cache=cache)
     logits = logits[:, 0]
-    next_token, history = _sample(static, logits, history, params, step)
+    next_token, history = _sample(static, logits, history, params, step, bitmask)
     return next_token, _constrain_cache(cache, static), history, logits
 
 
@@ -229,10 +235,10 @@ def _decode_loop(static: _Static, state, cache, first_token, history, params, ma
     return tokens, lengths, cache, all_logits
 
 
-def _decode_step(static: _Static, state, cache, token, history, params, step):
-    """One decode step for streaming."""
+def _decode_step(static: _Static, state, cache, token, history, params, step, bitmask):
+    """One decode step for streaming and for constrained batches (`bitmask`: None, or each row's allowed tokens)."""
     model = nnx.merge(static.graphdef, state)
-    next_token, cache, history, logits = _decode_token(static, model, cache, token, history, params, step)
+    next_token, cache, history, logits = _decode_token(static, model, cache, token, history, params, step, bitmask)
     return next_token, cache, history, logits if static.return_logits else None
 
 
@@ -285,9 +291,17 @@ class _Request:
     stop_ids: jax.Array
     max_new_tokens: int
     replicated: NamedSharding | None  # where small inputs go on a mesh (None: the default device)
+    grammars: list[GrammarMatcher | None] | None = None  # structured output: each row's matcher
 
     def put(self, x) -> jax.Array:
         return _put(x, self.replicated)
+
+    def bitmask(self, done: Sequence[bool] = ()) -> jax.Array | None:
+        """The rows' allowed next tokens on the device (None without grammars); rows `done` are free."""
+        if self.grammars is None:
+            return None
+        matchers = [None if row < len(done) and done[row] else g for row, g in enumerate(self.grammars)]
+        return self.put(fill_bitmask(matchers, self.model.config.vocab_size))
 
 
 def _put(x, sharding: NamedSharding | None) -> jax.Array:
@@ -302,6 +316,7 @@ def _prepare(
     pad_id: int | None,
     return_logits: bool,
     prefill_chunk: int | None = None,
+    grammars: Sequence[GrammarMatcher | None] | None = None,
 ) -> _Request:
     if not isinstance(model, Qwen2ForCausalLM):
         raise TypeError(f"expected a Qwen2ForCausalLM, got {type(model).__name__}")
@@ -385,6 +400,7 @@ def _prepare(
         stop_ids=put(np.asarray(eos, np.int32)),
         max_new_tokens=max_new,
         replicated=replicated,
+        grammars=None if grammars is None or not any(grammars) else list(grammars),
     )
 
 
@@ -435,7 +451,7 @@ def _run_prefill(request: _Request, timing: Timing):
             del cache
             cache, last = step(*args)
             bar.update(int(real.sum()))
-        args = (request.state, last, request.history, request.params)
+        args = (request.state, last, request.history, request.params, request.bitmask())
         first, seconds = _compiled("first_token", _FIRST_TOKEN, first_static, args)
         compile_s += seconds
         token, history, logits = first(*args)
@@ -476,11 +492,17 @@ def generate_ids(
     options, seeds = resolve_batch(
         config, len(prompts), vocab_size=model.config.vocab_size, stop_token_ids=stop_token_ids, **sampling
     )
-    _refuse_stop_strings(options)
+    _refuse_text_options(options)
     return generate_batch(model, prompts, options, seeds, config.pad_token_id, return_logits, prefill_chunk)
 
 
-def _refuse_stop_strings(options: SamplingOptions) -> None:
+def _refuse_text_options(options: SamplingOptions) -> None:
+    if options.constraint is not None:
+        raise GenerationError(
+            f"structured output ({options.constraint.kind}) needs the tokenizer: use qwen_jax.generate, "
+            "qwen_jax.stream or the Engine",
+            param=options.constraint.kind,
+        )
     if options.stop_strings:
         raise GenerationError(
             "stop strings need the text: use qwen_jax.generate or qwen_jax.stream "
@@ -497,11 +519,17 @@ def generate_batch(
     pad_id: int | None = None,
     return_logits: bool = False,
     prefill_chunk: int | None = None,
+    grammars: Sequence[GrammarMatcher | None] | None = None,
 ) -> Generation:
-    """`generate_ids` with resolved options: row r of `prompts` seeded with `seeds[r]`."""
-    request = _prepare(model, prompts, options, seeds, pad_id, return_logits, prefill_chunk)
+    """`generate_ids` with resolved options: row r of `prompts` seeded with `seeds[r]`, constrained
+    by `grammars[r]` where given (structured output: decoded step by step)."""
+    if grammars is not None and len(grammars) != len(prompts):
+        raise ValueError(f"{len(grammars)} grammars for {len(prompts)} prompts")
+    request = _prepare(model, prompts, options, seeds, pad_id, return_logits, prefill_chunk, grammars)
     timing = Timing()
     first_token, cache, history, first_logits = _run_prefill(request, timing)
+    if request.grammars is not None:
+        return _decode_constrained(request, first_token, cache, history, first_logits, timing)
 
     args = (
         request.state,
@@ -529,6 +557,52 @@ def generate_batch(
         step_logits[:, 0] = np.asarray(first_logits)
         logits = [step_logits[row, :n] for row, n in enumerate(lengths)]
     return Generation(token_ids, reasons, request.prompt_lengths, timing, logits=logits)
+
+
+def _advance(request: _Request, row: int, token_id: int) -> None:
+    """Feed a drawn token to row `row`'s grammar."""
+    grammar = request.grammars[row] if request.grammars is not None else None
+    if grammar is not None and not grammar.advance(token_id):
+        # Cannot happen for a token drawn under the grammar's own bitmask; kept as a clear failure.
+        raise GenerationError(f"the generated token {token_id} does not match the {grammar.constraint.kind}")
+
+
+def _decode_constrained(request: _Request, first_token, cache, history, first_logits, timing: Timing) -> Generation:
+    """The decode of a batch with grammars: one jitted step per token, the bitmask filled on the host."""
+    stop_ids = request.options.stop_token_ids
+    rows = len(request.prompt_lengths)
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    logits: list[list[np.ndarray]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    token, step_logits, executable, start = first_token, first_logits, None, None
+    for step in range(request.max_new_tokens):
+        if step > 0:
+            args = (request.state, cache, token, history, request.params, request.put(np.int32(step)))
+            args = (*args, request.bitmask(done))
+            if executable is None:  # every step has the same signature: look it up once
+                executable, compile_s = _compiled("decode_step", _DECODE_STEP, request.static, args)
+                timing.compile_s += compile_s
+                start = time.perf_counter()
+            del cache
+            token, cache, history, step_logits = executable(*args)
+        host = np.asarray(token)
+        for row in range(rows):
+            if done[row]:
+                continue
+            token_id = int(host[row])
+            generated[row].append(token_id)
+            if step_logits is not None:
+                logits[row].append(np.asarray(step_logits[row]))
+            _advance(request, row, token_id)
+            done[row] = token_id in stop_ids
+        if all(done):
+            break
+    if start is not None:
+        timing.decode_s = time.perf_counter() - start
+    timing.decode_tokens = sum(len(ids) for ids in generated) - rows
+    reasons = ["stop" if ids[-1] in stop_ids else "length" for ids in generated]
+    stacked = [np.stack(row_logits) for row_logits in logits] if first_logits is not None else None
+    return Generation(generated, reasons, request.prompt_lengths, timing, logits=stacked)
 
 
 class _Stream:
@@ -563,8 +637,11 @@ class TokenStream(_Stream):
         pad_id: int | None = None,
         return_logits: bool = False,
         prefill_chunk: int | None = None,
+        grammar: GrammarMatcher | None = None,
     ):
-        self._request = _prepare(model, [prompt_ids], options, [options.seed], pad_id, return_logits, prefill_chunk)
+        self._request = _prepare(
+            model, [prompt_ids], options, [options.seed], pad_id, return_logits, prefill_chunk, [grammar]
+        )
         self._return_logits = return_logits
         super().__init__()
 
@@ -580,6 +657,7 @@ class TokenStream(_Stream):
             for step in range(request.max_new_tokens):
                 if step > 0:
                     args = (request.state, cache, token, history, request.params, request.put(np.int32(step)))
+                    args = (*args, request.bitmask())
                     if executable is None:  # every step has the same signature: look it up once
                         executable, compile_s = _compiled("decode_step", _DECODE_STEP, request.static, args)
                         timing.compile_s += compile_s
@@ -588,6 +666,7 @@ class TokenStream(_Stream):
                     token, cache, history, step_logits = executable(*args)
                 token_id = int(token[0])
                 generated.append(token_id)
+                _advance(request, 0, token_id)
                 if self._return_logits:
                     logits.append(np.asarray(step_logits[0]))
                 if step > 0:
@@ -621,7 +700,7 @@ def stream_ids(
     options, seeds = resolve_batch(
         config, 1, vocab_size=model.config.vocab_size, stop_token_ids=stop_token_ids, **sampling
     )
-    _refuse_stop_strings(options)
+    _refuse_text_options(options)
     return TokenStream(
         model, prompt_ids, options.replace(seed=seeds[0]), config.pad_token_id, return_logits, prefill_chunk
     )

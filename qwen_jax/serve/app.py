@@ -24,7 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen_jax.engine.core import Engine
 from qwen_jax.engine.requests import Delta
-from qwen_jax.errors import EngineClosedError, EngineError, QueueFullError
+from qwen_jax.errors import EngineClosedError, EngineError, GenerationError, MissingExtraError, QueueFullError
+from qwen_jax.generation.constraints import KINDS, available, tool_call_grammar
 from qwen_jax.serve.limits import DEFAULT_MAX_REQUEST_BYTES, RequestBodyLimit
 from qwen_jax.serve.metrics import RequestTimer, ServerMetrics
 from qwen_jax.serve.prompts import PromptEncoder
@@ -36,7 +37,7 @@ from qwen_jax.serve.protocol import (
     validation_error,
 )
 from qwen_jax.serve.tokens import TokenStrings
-from qwen_jax.serve.tools import ToolCallStream, forced_prefix
+from qwen_jax.serve.tools import CLOSE_TAG, OPEN_TAG, ToolCallStream, forced_prefix
 from qwen_jax.tokenizer import parse_tool_calls
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
@@ -206,7 +207,18 @@ class _Server:
         use_tools = bool(body.tools) and body.tool_choice != "none"
         tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if use_tools else None
         messages = body.template_messages()
-        prefix = forced_prefix(body.tool_choice) if use_tools else ""
+        constraint, constraint_param = body.constraint()
+        tool_grammar = self._tool_grammar(body) if use_tools else None
+        if tool_grammar is not None:
+            if constraint:
+                raise RequestError(
+                    f"{constraint_param} cannot be combined with constrained tool calls "
+                    "(tool_choice 'required', a named function, or strict tools)",
+                    param=constraint_param,
+                )
+            constraint, constraint_param = {"grammar": tool_grammar}, "tools"
+        # The forced tool-call prefix is for an unconstrained model (no structured-output extra).
+        prefix = forced_prefix(body.tool_choice) if use_tools and tool_grammar is None else ""
         # Rendering and tokenizing a long conversation would stall every other request on the event loop.
         prompt_ids = await asyncio.to_thread(self.prompts.chat, messages, tools, prefix, self.engine.max_len)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -218,6 +230,8 @@ class _Server:
             arrived=arrived,
             prompt_param="messages",
             tool_prefix=prefix if use_tools else None,
+            constraint=constraint,
+            constraint_param=constraint_param,
         )
         kind = _ChatFormat(self, body, use_tools)
         if body.stream:
@@ -230,6 +244,7 @@ class _Server:
         body.check_unsupported()
         check_text(body)
         prompts = await asyncio.to_thread(self._encode_prompts, body.prompts())
+        constraint, constraint_param = body.constraint()
         choices, queue = [], None
         try:
             for ids in prompts:
@@ -243,6 +258,8 @@ class _Server:
                     queue=queue,
                     first_index=len(choices),
                     default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
+                    constraint=constraint,
+                    constraint_param=constraint_param,
                 )
                 choices += batch
         except BaseException:
@@ -258,6 +275,35 @@ class _Server:
     # ------------------------------------------------------------------ submission
     def _encode_prompts(self, prompts: list[str | list[int]]) -> list[list[int]]:
         return [p if isinstance(p, list) else self.prompts.completion(p, self.engine.max_len) for p in prompts]
+
+    def _tool_grammar(self, body: ChatCompletionRequest) -> str | None:
+        """The grammar constraining this request's tool calls (structured output,
+        `qwen_jax.generation.constraints`): for tool_choice "required" or a named function, tool
+        calls only, their arguments matching `parameters`; for "auto" with a `strict` tool, free
+        text or calls, a strict tool's arguments matching its `parameters`. None when the calls are
+        not constrained: "auto" without strict tools, or "required" / a named function without the
+        structured-output extra (then a forced prefix starts the call)."""
+        choice = body.tool_choice
+        named = choice is not None and not isinstance(choice, str)
+        required = choice == "required" or named
+        strict = any(tool.function.strict for tool in body.tools)
+        if not strict and (not required or not available()):
+            return None
+        tools = [t for t in body.tools if not named or t.function.name == choice.function.name]
+        calls = [
+            {"name": t.function.name, "parameters": t.function.parameters if (required or t.function.strict) else None}
+            for t in tools
+        ]
+        tags = {tag: self.tokenizer.token_to_id(tag) for tag in (OPEN_TAG, CLOSE_TAG)}
+        try:
+            return tool_call_grammar(
+                calls,
+                required=required,
+                single=body.parallel_tool_calls is False,
+                token_ids=tags if all(i is not None for i in tags.values()) else None,
+            )
+        except GenerationError as e:
+            raise RequestError(str(e), param="tools") from None
 
     def _check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -282,12 +328,15 @@ class _Server:
         tool_prefix: str | None = None,
         first_index: int = 0,
         default_max_tokens: int | None = None,
+        constraint: dict[str, Any] | None = None,
+        constraint_param: str | None = None,
     ) -> tuple[list[_Choice], asyncio.Queue]:
         """Submit body.n engine requests for one prompt; returns their choices and the (shared) delta queue.
 
         Without max_tokens a choice may fill the context (chat), or gets `default_max_tokens` capped
         to the context (completions). tool_prefix: None without tool parsing, else the forced
-        tool-call text already appended to the prompt ("" for none).
+        tool-call text already appended to the prompt ("" for none). constraint: the structured-output
+        keyword of `Engine.submit` (e.g. {"json_schema": ...}), from the request field `constraint_param`.
         """
         context = self.engine.max_len
         length = len(prompt_ids)
@@ -336,6 +385,7 @@ class _Server:
                     stop=body.stop_strings(),
                     logprobs=logprobs,
                     on_delta=on_delta,
+                    **(constraint or {}),
                 )
                 choices.append(
                     _Choice(
@@ -354,7 +404,10 @@ class _Server:
             raise RequestError(str(e), status=503, type="server_error", code="shutting_down") from None
         except EngineError as e:
             self._abort(choices)
-            raise RequestError(str(e), param=e.param) from None
+            raise RequestError(str(e), param=constraint_param if e.param in KINDS else e.param) from None
+        except MissingExtraError as e:  # structured output on a server installed without its extra
+            self._abort(choices)
+            raise RequestError(str(e), param=constraint_param) from None
         if tool_prefix:
             for choice in choices:  # the forced prefix opens a block: the parser must see it
                 choice.tool_stream.feed(tool_prefix)

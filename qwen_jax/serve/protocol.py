@@ -3,8 +3,10 @@
 Top-level request fields are strict: an unknown field is a 400 naming it (as OpenAI does), so a
 typo such as `max_token` is not silently ignored. Fields OpenAI defines that do not change the
 output (`user`, `metadata`, `store`, `service_tier`, ...) are accepted; fields that would change
-it and that qwen-jax does not implement (JSON modes, `suffix`, ...) are a 400 when set to a
-non-neutral value. Messages are lenient (extra keys ignored), because clients
+it and that qwen-jax does not implement (`suffix`, ...) are a 400 when set to a non-neutral
+value. Structured output: `response_format` (OpenAI's `json_object` and `json_schema`) and vLLM's
+extension `structured_outputs` (`json`, `regex`, `choice`, `grammar`), on both endpoints
+(`constraint`). Messages are lenient (extra keys ignored), because clients
 send assistant messages back exactly as they received them (`refusal`, `annotations`, ...).
 """
 
@@ -103,8 +105,25 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Lenient):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Lenient):
-    type: str
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's extension: exactly one of these constrains the output."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 # ----------------------------------------------------------------------------- requests
@@ -130,9 +149,41 @@ class _SamplingFields(_Strict):
     metadata: dict[str, Any] | None = None
     store: bool | None = None
     service_tier: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    def constraint(self) -> tuple[dict[str, Any], str | None]:
+        """(the engine's structured-output keyword argument, e.g. {"json_schema": {...}}, or {};
+        the request field it comes from, for error messages)."""
+        given = []
+        response_format = self.response_format
+        if response_format is not None and response_format.type == "json_object":
+            given.append(({"json_schema": {"type": "object"}}, "response_format"))
+        elif response_format is not None and response_format.type == "json_schema":
+            schema = None if response_format.json_schema is None else response_format.json_schema.schema_
+            if schema is None:
+                raise RequestError(
+                    "response_format json_schema needs json_schema.schema", param="response_format.json_schema"
+                )
+            given.append(({"json_schema": schema}, "response_format"))
+        outputs = self.structured_outputs
+        if outputs is not None:
+            fields = {"json_schema": outputs.json_, "regex": outputs.regex, "choice": outputs.choice}
+            fields["grammar"] = outputs.grammar
+            fields = {name: value for name, value in fields.items() if value is not None}
+            if len(fields) != 1:
+                raise RequestError(
+                    "structured_outputs takes exactly one of json, regex, choice and grammar",
+                    param="structured_outputs",
+                )
+            given.append((fields, "structured_outputs"))
+        if len(given) > 1:
+            raise RequestError("give response_format or structured_outputs, not both", param="structured_outputs")
+        return given[0] if given else ({}, None)
 
     def check_unsupported(self) -> None:
         self.logit_bias_ids()
+        self.constraint()
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if any(not s for s in stops):
             raise RequestError("stop strings must not be empty", param="stop")
@@ -176,7 +227,6 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
@@ -191,11 +241,6 @@ class ChatCompletionRequest(_SamplingFields):
             )
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise RequestError(
-                f"response_format {self.response_format.type!r} is not supported by qwen-jax (only 'text')",
-                param="response_format",
-            )
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
             raise RequestError("tool_choice needs tools", param="tool_choice")
         if isinstance(self.tool_choice, NamedToolChoice):

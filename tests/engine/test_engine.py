@@ -379,7 +379,7 @@ def test_device_failure_fails_requests_and_refuses_new_ones(loaded, caplog):
         model, tokenizer, slots=SLOTS, max_len=MAX_LEN, prefill_chunk=CHUNK
     )  # shares the compiled programs
 
-    def decode_step(rows):
+    def decode_step(rows, bitmask=None):
         raise RuntimeError("device lost")
 
     broken.programs.decode_step = decode_step  # fault injection: the next decode step fails

@@ -70,6 +70,10 @@ def test_the_keyword_set_is_defined_once():
         "logit_bias",
         "seed",
         "stop",
+        "json_schema",
+        "regex",
+        "choice",
+        "grammar",
     }
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'tempreature' \(sampling options: "):
         resolve(CONFIG, vocab_size=VOCAB, tempreature=0.5)

@@ -21,6 +21,8 @@ from qwen_jax.generation.options import (
     generation_defaults,
     resolve_batch,
 )
+from qwen_jax.generation.speculative import SpeculativeOptions, SpeculativeTokenStream, resolve_speculative
+from qwen_jax.generation.speculative import generate_batch as speculative_generate_batch
 from qwen_jax.generation.static import Generation, TokenStream, _Stream, generate_batch
 from qwen_jax.generation.text import TextAssembler, cut_at_stop_strings
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM
@@ -40,6 +42,7 @@ def generate(
     tools: Sequence[Mapping[str, Any]] | None = None,
     config: GenerationConfig | None = None,
     prefill_chunk: int | None = None,
+    speculative: str | SpeculativeOptions | None = None,
     **sampling: Unpack[SamplingKwargs],
 ) -> Generation:
     """Generate continuations for a batch of prompts (strings) or conversations (lists of messages).
@@ -50,6 +53,10 @@ def generate(
     `prefill_chunk` as in `generate_ids`.
 
     Args:
+        speculative: speculative decoding (`qwen_jax.generation.speculative`): "ngram" (prompt
+            lookup, K=4) or `SpeculativeOptions` (method, K, n-gram sizes, draft model). Greedy
+            output is that of plain decoding, sampled output follows the same distribution;
+            `Generation.speculation` holds the acceptance statistics.
         **sampling: the sampling options (`qwen_jax.generation.options.SamplingKwargs`), e.g.
             `temperature=0.7, top_p=0.9, seed=1`: `stop` adds stop token ids (ints) and stop
             strings (the text is cut before the first one); `seed` is one seed for every prompt
@@ -62,7 +69,13 @@ def generate(
     config = generation_defaults(model, tokenizer, config)
     options, seeds = resolve_batch(config, len(prompts), vocab_size=model.config.vocab_size, **sampling)
     prompt_ids = [_encode_prompt(tokenizer, p, tools) for p in prompts]
-    result = generate_batch(model, prompt_ids, options, seeds, config.pad_token_id, prefill_chunk=prefill_chunk)
+    spec = resolve_speculative(speculative, model, tokenizer.vocab_size)
+    if spec is None:
+        result = generate_batch(model, prompt_ids, options, seeds, config.pad_token_id, prefill_chunk=prefill_chunk)
+    else:
+        result = speculative_generate_batch(
+            model, prompt_ids, options, seeds, spec, config.pad_token_id, prefill_chunk=prefill_chunk
+        )
     texts = []
     for row, ids in enumerate(result.token_ids):
         text, ids, stopped = cut_at_stop_strings(tokenizer, ids, options.stop_strings)
@@ -80,7 +93,7 @@ class TextStream(_Stream):
     Text that could be the start of a stop string is held back until it is known not to be one.
     """
 
-    def __init__(self, tokens: TokenStream, tokenizer, stop_strings: Sequence[str]):
+    def __init__(self, tokens: TokenStream | SpeculativeTokenStream, tokenizer, stop_strings: Sequence[str]):
         self._tokens = tokens
         self._text = TextAssembler(tokenizer, stop_strings)
         super().__init__()
@@ -115,15 +128,21 @@ def stream(
     tools: Sequence[Mapping[str, Any]] | None = None,
     config: GenerationConfig | None = None,
     prefill_chunk: int | None = None,
+    speculative: str | SpeculativeOptions | None = None,
     **sampling: Unpack[SamplingKwargs],
 ) -> TextStream:
     """Streaming `generate` for one prompt or conversation: iterate to get text as it is decoded.
 
     `for piece in stream(...)` yields strings; their concatenation is the batch path's text (and
-    the ids are those of `generate` with the same seed and settings).
+    the ids are those of `generate` with the same seed and settings, `speculative` included).
     """
     config = generation_defaults(model, tokenizer, config)
     options, seeds = resolve_batch(config, 1, vocab_size=model.config.vocab_size, **sampling)
     prompt_ids = _encode_prompt(tokenizer, prompt_or_conversation, tools)
-    tokens = TokenStream(model, prompt_ids, options.replace(seed=seeds[0]), config.pad_token_id, False, prefill_chunk)
+    spec = resolve_speculative(speculative, model, tokenizer.vocab_size)
+    options = options.replace(seed=seeds[0])
+    if spec is None:
+        tokens = TokenStream(model, prompt_ids, options, config.pad_token_id, False, prefill_chunk)
+    else:
+        tokens = SpeculativeTokenStream(model, prompt_ids, options, spec, config.pad_token_id, False, prefill_chunk)
     return TextStream(tokens, tokenizer, options.stop_strings)

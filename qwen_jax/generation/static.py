@@ -105,6 +105,38 @@ class Timing:
 
 
 @dataclasses.dataclass
+class SpeculationStats:
+    """Acceptance of a speculative generation call (`qwen_jax.generation.speculative`), over all rows.
+
+    steps: target verification steps, counted per row (a batch step of 3 active rows counts 3).
+    proposed_tokens / accepted_tokens: proposals made and accepted by the target.
+    generated_tokens: tokens those steps produced (accepted proposals plus the target's own, after
+    truncation at a stop token or max_new_tokens).
+    """
+
+    steps: int = 0
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
+    generated_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted over proposed tokens (0 when nothing was proposed)."""
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens produced per target step of a row (1 without speculation)."""
+        return self.generated_tokens / self.steps if self.steps else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"speculation: {self.accepted_tokens}/{self.proposed_tokens} proposals accepted "
+            f"({self.acceptance_rate:.0%}), {self.tokens_per_step:.2f} tokens per step"
+        )
+
+
+@dataclasses.dataclass
 class Generation:
     """Result of a generation call, one entry per prompt.
 
@@ -112,6 +144,7 @@ class Generation:
     finish_reasons: "stop" (a stop token or stop string) or "length" (max_new_tokens).
     texts: the decoded continuation without special tokens (None from the id-level API).
     logits: with `return_logits`, the raw model logits of each generated step `[steps, vocab]`.
+    speculation: with `speculative=`, the acceptance statistics (None without speculation).
     """
 
     token_ids: list[list[int]]
@@ -120,6 +153,7 @@ class Generation:
     timing: Timing
     texts: list[str] | None = None
     logits: list[np.ndarray] | None = None
+    speculation: SpeculationStats | None = None
 
 
 # ----------------------------------------------------------------------------- compilation
@@ -302,7 +336,10 @@ def _prepare(
     pad_id: int | None,
     return_logits: bool,
     prefill_chunk: int | None = None,
+    cache_slack: int = 0,
 ) -> _Request:
+    """A validated batch; `cache_slack` more cache slots past prompt + max_new_tokens (speculative
+    verification writes a few proposals past a row's length)."""
     if not isinstance(model, Qwen2ForCausalLM):
         raise TypeError(f"expected a Qwen2ForCausalLM, got {type(model).__name__}")
     model_config = model.config
@@ -344,7 +381,7 @@ def _prepare(
     mesh = model.mesh
     # Derived from the bucket (a new prompt length inside it reuses the compiled code), never past
     # the context's bucket (prompt + max_new_tokens fit the context, checked above).
-    cache_len = min(cache_bucket(bucket + max_new), cache_bucket(context))
+    cache_len = min(cache_bucket(bucket + max_new + cache_slack), cache_bucket(context + cache_slack))
     cache_dtype = model.dtype
     cache_sharding = None
     replicated = None

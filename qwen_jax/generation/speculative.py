@@ -159,14 +159,24 @@ def check_draft_vocabulary(target: Qwen2ForCausalLM, draft: Qwen2ForCausalLM, re
 # ----------------------------------------------------------------------------- proposals (host)
 def ngram_proposals(tokens: Sequence[int], k: int, ngram_min: int, ngram_max: int) -> list[int]:
     """Prompt lookup: the (up to) k tokens that followed the latest earlier occurrence of the last n
-    tokens of `tokens`, for the largest n in [ngram_min, ngram_max] that occurs; [] when none does."""
+    tokens of `tokens`, for the largest n in [ngram_min, ngram_max] that occurs; [] when none does.
+
+    The latest occurrence followed by k tokens wins over a later one followed by fewer (inside a
+    repeated run the latest occurrence overlaps the suffix and is followed by only one token)."""
     length = len(tokens)
     for n in range(min(ngram_max, length - 1), ngram_min - 1, -1):
         suffix = list(tokens[length - n :])
         first = suffix[0]
+        best: list[int] = []
         for start in range(length - n - 1, -1, -1):  # latest first; the suffix itself is excluded
             if tokens[start] == first and list(tokens[start : start + n]) == suffix:
-                return list(tokens[start + n : start + n + k])
+                following = list(tokens[start + n : start + n + k])
+                if len(following) == k:
+                    return following
+                if len(following) > len(best):
+                    best = following
+        if best:
+            return best
     return []
 
 
@@ -281,7 +291,9 @@ def _verify(static: _SpecStatic, model, cache, pending, proposals, num_proposed,
                 )
                 accept = jnp.where(sampling, u * q_j[rows, proposal] < p_proposal, accept)
                 residual = jnp.maximum(p - q_j, 0.0)
-                residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p)
+                # A position past the row's proposals (a short n-gram match) draws from p itself.
+                usable = (jnp.sum(residual, axis=-1, keepdims=True) > 0) & (j < num_proposed)[:, None]
+                residual = jnp.where(usable, residual, p)
                 own = jnp.where(sampling, _draw(_row_keys(params, count + j, _RESIDUAL), residual), greedy)
             accepts.append(accept & (j < num_proposed))
             step_history = _record(step_history, proposal)

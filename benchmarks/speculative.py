@@ -60,7 +60,8 @@ TASK = "Rewrite this function so that `threshold` defaults to 0.75; change nothi
 
 def first_layers(model, layers: int):
     """A model of the target's first `layers` decoder layers (same embeddings, norm and head)."""
-    draft = create_model(dataclasses.replace(model.config, num_hidden_layers=layers), dtype=model.dtype, seed=1)
+    config = dataclasses.replace(model.config, num_hidden_layers=layers, layer_types=model.config.layer_types[:layers])
+    draft = create_model(config, dtype=model.dtype, seed=1)
     state = jax.tree.map(
         lambda mine, target: target[:layers] if mine.shape != target.shape else target,
         nnx.state(draft),

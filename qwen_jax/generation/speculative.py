@@ -191,6 +191,17 @@ class _SpecStatic:
     sampled: bool  # some row samples: compile the rejection sampler (else argmax acceptance only)
     adjustments: bool  # logit bias and penalties compiled in (a history is carried)
     return_logits: bool
+    cache_sharding: Any = None  # NamedSharding of the target's cache arrays, or None off a mesh
+    draft_cache_sharding: Any = None
+
+
+def _rolled_back(cache: KVCache, lengths: jax.Array, sharding) -> KVCache:
+    """`cache` with `lengths`, its arrays kept in `sharding` (so every step has the same signature)."""
+    k, v = cache.k, cache.v
+    if sharding is not None:
+        k = jax.lax.with_sharding_constraint(k, sharding)
+        v = jax.lax.with_sharding_constraint(v, sharding)
+    return KVCache(k, v, lengths)
 
 
 def _row_keys(params: RowParams, index: jax.Array, purpose: int) -> jax.Array:
@@ -307,7 +318,7 @@ def _verify(static: _SpecStatic, model, cache, pending, proposals, num_proposed,
     tokens = jnp.where(steps < accepted[:, None], padded, jnp.where(steps == accepted[:, None], own[:, None], 0))
     for j in range(k + 1):
         history = _record(history, tokens[:, j], (j <= accepted) & active)
-    cache = KVCache(cache.k, cache.v, lengths + jnp.where(active, accepted + 1, 0))
+    cache = _rolled_back(cache, lengths + jnp.where(active, accepted + 1, 0), static.cache_sharding)
     return tokens, accepted, cache, history, logits if static.return_logits else None
 
 
@@ -327,7 +338,7 @@ def _draft_step(static: _SpecStatic, state, draft_state, cache, draft_cache, pen
     tokens, accepted, cache, history, logits = _verify(
         static, model, cache, pending, proposals, num_proposed, q, history, params, count, active
     )
-    draft_cache = KVCache(draft_cache.k, draft_cache.v, lengths + jnp.where(active, accepted + 1, 0))
+    draft_cache = _rolled_back(draft_cache, lengths + jnp.where(active, accepted + 1, 0), static.draft_cache_sharding)
     return tokens, accepted, cache, draft_cache, history, logits
 
 
@@ -373,6 +384,8 @@ class _Run:
             sampled=not variant.greedy,
             adjustments=variant.adjustments,
             return_logits=return_logits,
+            cache_sharding=self.request.static.cache_sharding,
+            draft_cache_sharding=None if self.draft_request is None else self.draft_request.static.cache_sharding,
         )
         self.prompts = [list(map(int, p)) for p in prompts]
         self.timing = Timing()

@@ -6,12 +6,14 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from conftest import build_hf_model, save_hf_checkpoint
 from flax import nnx
 from scipy import stats as scipy_stats
 
+from qwen_jax import make_mesh
 from qwen_jax.cli import main
 from qwen_jax.config import GenerationConfig, Qwen2Config
 from qwen_jax.errors import GenerationError
@@ -133,6 +135,14 @@ def test_draft_greedy_equals_plain_decoding(models, same_weights):
         assert got.speculation.acceptance_rate == 1.0
     else:
         assert got.speculation.acceptance_rate < 1.0
+
+
+def test_on_a_tensor_parallel_mesh(models):
+    mesh = make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])
+    sharded = create_model(_config(), dtype="float32", seed=3, mesh=mesh)
+    expected = generate_ids(sharded, PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0).token_ids
+    for spec in (SpeculativeOptions(num_speculative_tokens=3), SpeculativeOptions("draft", draft_model=sharded)):
+        assert _speculate(sharded, PROMPTS, spec, max_new_tokens=NEW_TOKENS, temperature=0).token_ids == expected
 
 
 # ----------------------------------------------------------------------------- the target distribution

@@ -8,6 +8,8 @@ import argparse
 from typing import Any
 
 from qwen_jax.config import ATTENTION_BACKENDS
+from qwen_jax.errors import UsageError
+from qwen_jax.generation.speculative import METHODS, SpeculativeOptions
 from qwen_jax.load import load
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM
 from qwen_jax.sharding import make_mesh, parse_mesh_spec
@@ -88,6 +90,71 @@ def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
         prefill_chunk=args.prefill_chunk,
+    )
+
+
+def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
+    """--speculative, --num-speculative-tokens, --ngram-min/--ngram-max, --draft-model (`generate`, `chat`)."""
+    defaults = SpeculativeOptions()
+    parser.add_argument(
+        "--speculative",
+        choices=METHODS,
+        help="speculative decoding: 'ngram' proposes the tokens that followed the latest earlier match of the "
+        "last tokens (prompt lookup: helps when the output copies the input), 'draft' a smaller model "
+        "(--draft-model); greedy output is unchanged, sampled output keeps its distribution",
+    )
+    parser.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        metavar="K",
+        default=defaults.num_speculative_tokens,
+        help=f"tokens proposed per step (default {defaults.num_speculative_tokens})",
+    )
+    parser.add_argument(
+        "--ngram-min",
+        type=int,
+        default=defaults.ngram_min,
+        help=f"shortest n-gram looked up (default {defaults.ngram_min})",
+    )
+    parser.add_argument(
+        "--ngram-max",
+        type=int,
+        default=defaults.ngram_max,
+        help=f"longest n-gram looked up (default {defaults.ngram_max})",
+    )
+    parser.add_argument(
+        "--draft-model",
+        metavar="PATH|HUB_ID",
+        help="draft model for --speculative draft: a smaller Qwen2.5 with the same tokenizer, loaded like --model",
+    )
+
+
+def speculative_for_cli(args: argparse.Namespace, model: Qwen2ForCausalLM) -> SpeculativeOptions | None:
+    """The `speculative=` argument from the speculative options (loading the draft model on the target's mesh)."""
+    if args.speculative is None:
+        if args.draft_model is not None:
+            raise UsageError("--draft-model needs --speculative draft")
+        return None
+    draft = None
+    if args.speculative == "draft":
+        if args.draft_model is None:
+            raise UsageError("--speculative draft needs --draft-model PATH|HUB_ID")
+        draft, _ = load(
+            args.draft_model,
+            dtype=args.dtype,
+            mesh=model.mesh,
+            scan_layers=args.scan_layers,
+            quantize=args.quantize,
+            attention=args.attention,
+        )
+    elif args.draft_model is not None:
+        raise UsageError("--draft-model is only used with --speculative draft")
+    return SpeculativeOptions(
+        method=args.speculative,
+        num_speculative_tokens=args.num_speculative_tokens,
+        ngram_min=args.ngram_min,
+        ngram_max=args.ngram_max,
+        draft_model=draft,
     )
 
 

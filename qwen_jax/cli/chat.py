@@ -9,7 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qwen_jax.cli.arguments import add_model_arguments, add_sampling_arguments, load_for_cli, sampling_overrides
+from qwen_jax.cli.arguments import (
+    add_model_arguments,
+    add_sampling_arguments,
+    add_speculative_arguments,
+    load_for_cli,
+    sampling_overrides,
+    speculative_for_cli,
+)
 from qwen_jax.errors import GenerationError
 from qwen_jax.generation.api import stream
 
@@ -19,6 +26,7 @@ HELP = "commands: /reset (new conversation), /exit (quit); Ctrl-C stops the curr
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_sampling_arguments(parser)
+    add_speculative_arguments(parser)
     parser.add_argument("--stats", action="store_true", help="print the speed of each answer to stderr")
 
 
@@ -36,6 +44,7 @@ def _read_message(interactive: bool) -> str | None:
 def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_cli(args)
     options = sampling_overrides(args)
+    options["speculative"] = speculative_for_cli(args, model)
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
     history: list[dict] = []
     interactive = sys.stdin.isatty()
@@ -78,3 +87,5 @@ def run(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": said})
         if args.stats and answer.result is not None:
             print(answer.result.timing.summary(), file=sys.stderr)
+            if answer.result.speculation is not None:
+                print(answer.result.speculation.summary(), file=sys.stderr)

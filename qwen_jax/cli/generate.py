@@ -6,7 +6,14 @@ import argparse
 import json
 import sys
 
-from qwen_jax.cli.arguments import add_model_arguments, add_sampling_arguments, load_for_cli, sampling_overrides
+from qwen_jax.cli.arguments import (
+    add_model_arguments,
+    add_sampling_arguments,
+    add_speculative_arguments,
+    load_for_cli,
+    sampling_overrides,
+    speculative_for_cli,
+)
 from qwen_jax.errors import UsageError
 from qwen_jax.generation.api import generate, stream
 
@@ -18,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompt-file", help="file with the prompt text ('-' for stdin)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
     add_sampling_arguments(parser)
+    add_speculative_arguments(parser)
     parser.add_argument(
         "--json",
         action="store_true",
@@ -46,22 +54,28 @@ def run(args: argparse.Namespace) -> int:
         prompt = messages + [{"role": "user", "content": prompt}]
     model, tokenizer = load_for_cli(args)
     options = sampling_overrides(args)
+    options["speculative"] = speculative_for_cli(args, model)
     if args.json:
         result = generate(model, tokenizer, [prompt], **options)
         timing = result.timing
-        print(
-            json.dumps(
-                {
-                    "text": result.texts[0],
-                    "token_ids": result.token_ids[0],
-                    "prompt_tokens": result.prompt_lengths[0],
-                    "finish_reason": result.finish_reasons[0],
-                    "prefill_tokens_per_s": timing.prefill_tokens_per_s,
-                    "decode_tokens_per_s": timing.decode_tokens_per_s,
-                },
-                ensure_ascii=False,
-            )
-        )
+        report = {
+            "text": result.texts[0],
+            "token_ids": result.token_ids[0],
+            "prompt_tokens": result.prompt_lengths[0],
+            "finish_reason": result.finish_reasons[0],
+            "prefill_tokens_per_s": timing.prefill_tokens_per_s,
+            "decode_tokens_per_s": timing.decode_tokens_per_s,
+        }
+        if result.speculation is not None:
+            stats = result.speculation
+            report["speculation"] = {
+                "steps": stats.steps,
+                "proposed_tokens": stats.proposed_tokens,
+                "accepted_tokens": stats.accepted_tokens,
+                "acceptance_rate": stats.acceptance_rate,
+                "tokens_per_step": stats.tokens_per_step,
+            }
+        print(json.dumps(report, ensure_ascii=False))
         return 0
     pieces = stream(model, tokenizer, prompt, **options)
     for piece in pieces:
@@ -69,4 +83,6 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     print(pieces.result.timing.summary(), file=sys.stderr)
+    if pieces.result.speculation is not None:
+        print(pieces.result.speculation.summary(), file=sys.stderr)
     return 0

@@ -16,6 +16,7 @@ from typing import Any
 from typing_extensions import Unpack
 
 from qwen_jax.config import GenerationConfig
+from qwen_jax.errors import GenerationError
 from qwen_jax.generation.constraints import GrammarMatcher, grammar_compiler
 from qwen_jax.generation.options import (
     Prompt,
@@ -24,6 +25,8 @@ from qwen_jax.generation.options import (
     generation_defaults,
     resolve_batch,
 )
+from qwen_jax.generation.speculative import SpeculativeOptions, SpeculativeTokenStream, resolve_speculative
+from qwen_jax.generation.speculative import generate_batch as speculative_generate_batch
 from qwen_jax.generation.static import Generation, TokenStream, _Stream, generate_batch
 from qwen_jax.generation.text import TextAssembler, cut_at_stop_strings
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM
@@ -43,6 +46,15 @@ def _grammars(model, tokenizer, config: GenerationConfig, options: SamplingOptio
     return [compiler.matcher(options.constraint) for _ in range(rows)]
 
 
+def _refuse_constrained_speculation(grammars) -> None:
+    """Speculative verification does not consult a grammar, so the two cannot be combined."""
+    if grammars and any(g is not None for g in grammars):
+        raise GenerationError(
+            "speculative decoding cannot be combined with structured output (json_schema, regex, choice, grammar)",
+            param="speculative",
+        )
+
+
 def generate(
     model: Qwen2ForCausalLM,
     tokenizer,
@@ -51,6 +63,7 @@ def generate(
     tools: Sequence[Mapping[str, Any]] | None = None,
     config: GenerationConfig | None = None,
     prefill_chunk: int | None = None,
+    speculative: str | SpeculativeOptions | None = None,
     **sampling: Unpack[SamplingKwargs],
 ) -> Generation:
     """Generate continuations for a batch of prompts (strings) or conversations (lists of messages).
@@ -61,6 +74,10 @@ def generate(
     `prefill_chunk` as in `generate_ids`.
 
     Args:
+        speculative: speculative decoding (`qwen_jax.generation.speculative`): "ngram" (prompt
+            lookup, K=4) or `SpeculativeOptions` (method, K, n-gram sizes, draft model). Greedy
+            output is that of plain decoding, sampled output follows the same distribution;
+            `Generation.speculation` holds the acceptance statistics.
         **sampling: the sampling options (`qwen_jax.generation.options.SamplingKwargs`), e.g.
             `temperature=0.7, top_p=0.9, seed=1`: `stop` adds stop token ids (ints) and stop
             strings (the text is cut before the first one); `seed` is one seed for every prompt
@@ -76,9 +93,16 @@ def generate(
     options, seeds = resolve_batch(config, len(prompts), vocab_size=model.config.vocab_size, **sampling)
     grammars = _grammars(model, tokenizer, config, options, len(prompts))
     prompt_ids = [_encode_prompt(tokenizer, p, tools) for p in prompts]
-    result = generate_batch(
-        model, prompt_ids, options, seeds, config.pad_token_id, prefill_chunk=prefill_chunk, grammars=grammars
-    )
+    spec = resolve_speculative(speculative, model, tokenizer.vocab_size)
+    if spec is None:
+        result = generate_batch(
+            model, prompt_ids, options, seeds, config.pad_token_id, prefill_chunk=prefill_chunk, grammars=grammars
+        )
+    else:
+        _refuse_constrained_speculation(grammars)
+        result = speculative_generate_batch(
+            model, prompt_ids, options, seeds, spec, config.pad_token_id, prefill_chunk=prefill_chunk
+        )
     texts = []
     for row, ids in enumerate(result.token_ids):
         text, ids, stopped = cut_at_stop_strings(tokenizer, ids, options.stop_strings)
@@ -96,7 +120,7 @@ class TextStream(_Stream):
     Text that could be the start of a stop string is held back until it is known not to be one.
     """
 
-    def __init__(self, tokens: TokenStream, tokenizer, stop_strings: Sequence[str]):
+    def __init__(self, tokens: TokenStream | SpeculativeTokenStream, tokenizer, stop_strings: Sequence[str]):
         self._tokens = tokens
         self._text = TextAssembler(tokenizer, stop_strings)
         super().__init__()
@@ -131,18 +155,23 @@ def stream(
     tools: Sequence[Mapping[str, Any]] | None = None,
     config: GenerationConfig | None = None,
     prefill_chunk: int | None = None,
+    speculative: str | SpeculativeOptions | None = None,
     **sampling: Unpack[SamplingKwargs],
 ) -> TextStream:
     """Streaming `generate` for one prompt or conversation: iterate to get text as it is decoded.
 
     `for piece in stream(...)` yields strings; their concatenation is the batch path's text (and
-    the ids are those of `generate` with the same seed and settings).
+    the ids are those of `generate` with the same seed and settings, `speculative` included).
     """
     config = generation_defaults(model, tokenizer, config)
     options, seeds = resolve_batch(config, 1, vocab_size=model.config.vocab_size, **sampling)
     grammar: GrammarMatcher | None = (_grammars(model, tokenizer, config, options, 1) or [None])[0]
     prompt_ids = _encode_prompt(tokenizer, prompt_or_conversation, tools)
-    tokens = TokenStream(
-        model, prompt_ids, options.replace(seed=seeds[0]), config.pad_token_id, False, prefill_chunk, grammar
-    )
+    spec = resolve_speculative(speculative, model, tokenizer.vocab_size)
+    options = options.replace(seed=seeds[0])
+    if spec is None:
+        tokens = TokenStream(model, prompt_ids, options, config.pad_token_id, False, prefill_chunk, grammar)
+    else:
+        _refuse_constrained_speculation([grammar])
+        tokens = SpeculativeTokenStream(model, prompt_ids, options, spec, config.pad_token_id, False, prefill_chunk)
     return TextStream(tokens, tokenizer, options.stop_strings)

@@ -111,6 +111,38 @@ class Timing:
 
 
 @dataclasses.dataclass
+class SpeculationStats:
+    """Acceptance of a speculative generation call (`qwen_jax.generation.speculative`), over all rows.
+
+    steps: target verification steps, counted per row (a batch step of 3 active rows counts 3).
+    proposed_tokens / accepted_tokens: proposals made and accepted by the target.
+    generated_tokens: tokens those steps produced (accepted proposals plus the target's own, after
+    truncation at a stop token or max_new_tokens).
+    """
+
+    steps: int = 0
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
+    generated_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted over proposed tokens (0 when nothing was proposed)."""
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens produced per target step of a row (1 without speculation)."""
+        return self.generated_tokens / self.steps if self.steps else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"speculation: {self.accepted_tokens}/{self.proposed_tokens} proposals accepted "
+            f"({self.acceptance_rate:.0%}), {self.tokens_per_step:.2f} tokens per step"
+        )
+
+
+@dataclasses.dataclass
 class Generation:
     """Result of a generation call, one entry per prompt.
 
@@ -118,6 +150,7 @@ class Generation:
     finish_reasons: "stop" (a stop token or stop string) or "length" (max_new_tokens).
     texts: the decoded continuation without special tokens (None from the id-level API).
     logits: with `return_logits`, the raw model logits of each generated step `[steps, vocab]`.
+    speculation: with `speculative=`, the acceptance statistics (None without speculation).
     """
 
     token_ids: list[list[int]]
@@ -126,6 +159,7 @@ class Generation:
     timing: Timing
     texts: list[str] | None = None
     logits: list[np.ndarray] | None = None
+    speculation: SpeculationStats | None = None
 
 
 # ----------------------------------------------------------------------------- compilation
@@ -316,8 +350,12 @@ def _prepare(
     pad_id: int | None,
     return_logits: bool,
     prefill_chunk: int | None = None,
+    *,
     grammars: Sequence[GrammarMatcher | None] | None = None,
+    cache_slack: int = 0,
 ) -> _Request:
+    """A validated batch; `cache_slack` more cache slots past prompt + max_new_tokens (speculative
+    verification writes a few proposals past a row's length)."""
     if not isinstance(model, Qwen2ForCausalLM):
         raise TypeError(f"expected a Qwen2ForCausalLM, got {type(model).__name__}")
     model_config = model.config
@@ -359,7 +397,7 @@ def _prepare(
     mesh = model.mesh
     # Derived from the bucket (a new prompt length inside it reuses the compiled code), never past
     # the context's bucket (prompt + max_new_tokens fit the context, checked above).
-    cache_len = min(cache_bucket(bucket + max_new), cache_bucket(context))
+    cache_len = min(cache_bucket(bucket + max_new + cache_slack), cache_bucket(context + cache_slack))
     cache_dtype = model.dtype
     cache_sharding = None
     replicated = None
@@ -525,7 +563,7 @@ def generate_batch(
     by `grammars[r]` where given (structured output: decoded step by step)."""
     if grammars is not None and len(grammars) != len(prompts):
         raise ValueError(f"{len(grammars)} grammars for {len(prompts)} prompts")
-    request = _prepare(model, prompts, options, seeds, pad_id, return_logits, prefill_chunk, grammars)
+    request = _prepare(model, prompts, options, seeds, pad_id, return_logits, prefill_chunk, grammars=grammars)
     timing = Timing()
     first_token, cache, history, first_logits = _run_prefill(request, timing)
     if request.grammars is not None:
@@ -640,7 +678,7 @@ class TokenStream(_Stream):
         grammar: GrammarMatcher | None = None,
     ):
         self._request = _prepare(
-            model, [prompt_ids], options, [options.seed], pad_id, return_logits, prefill_chunk, [grammar]
+            model, [prompt_ids], options, [options.seed], pad_id, return_logits, prefill_chunk, grammars=[grammar]
         )
         self._return_logits = return_logits
         super().__init__()

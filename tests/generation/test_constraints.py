@@ -244,3 +244,13 @@ def test_regex_choice_stream_and_length(structured_model):
     assert cut.finish_reasons == ["length"] and len(cut.token_ids[0]) == 3
     with pytest.raises(GenerationError, match="needs the tokenizer"):
         generate_ids(model, [[1, 2]], max_new_tokens=2, regex="a")
+
+
+def test_speculation_with_a_constraint_is_refused(structured_model):
+    model, tokenizer = structured_model
+    for call in (qwen_jax.generate, qwen_jax.stream):
+        with pytest.raises(GenerationError, match="cannot be combined with structured output") as error:
+            call(model, tokenizer, "x", max_new_tokens=4, regex="[0-9]+", speculative="ngram")
+        assert error.value.param == "speculative"
+    # Without a constraint the same call runs (the refusal is about the combination only).
+    assert len(qwen_jax.generate(model, tokenizer, "x", max_new_tokens=4, speculative="ngram").token_ids[0]) <= 4

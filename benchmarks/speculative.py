@@ -1,0 +1,163 @@
+"""Speculative decoding vs plain decoding: batch-1 greedy decode tokens/s with identical output.
+
+On a Qwen2.5 configuration with random weights (default 0.5B, float32):
+
+  * `ngram` K on an input-grounded task (rewrite a given 60-line function with one change). Random
+    weights do not copy their input, so this shows the cost of speculation when little is accepted;
+  * tokens/s against the acceptance rate, with the very verification program `ngram` runs, fed by
+    an oracle proposer that knows plain decoding's output and proposes c of its next tokens
+    correctly, then a wrong one (acceptance c/(c+1), c = K-1 .. 0), or all K correctly;
+  * a draft model: the same weights (everything accepted) and the target's first layers.
+
+Every speculative run's tokens are compared with plain decoding's (greedy).
+
+    QWEN_JAX_TOKENIZER_DIR=... python benchmarks/speculative.py                 # 0.5B, CPU
+    python benchmarks/speculative.py --size 1.5B --draft-layers 4 12 --new-tokens 128   # e.g. on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+
+import jax
+from flax import nnx
+
+import qwen_jax.generation.speculative as speculative
+from qwen_jax import Qwen2Config, create_model
+from qwen_jax.config import GenerationConfig
+from qwen_jax.generation.options import resolve_batch
+from qwen_jax.generation.speculative import SpeculativeOptions
+from qwen_jax.generation.static import generate_batch
+from qwen_jax.model.causal_lm import unstack_layers
+from qwen_jax.tokenizer import Tokenizer
+
+SIZES = {
+    "0.5B": Qwen2Config(),
+    "1.5B": Qwen2Config(
+        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2
+    ),
+}
+
+FUNCTION = "\n".join(
+    ["def summarize(records, threshold=0.5):", '    """Aggregate per-user statistics from a list of records."""']
+    + [
+        line
+        for i in range(14)
+        for line in (
+            f"    value_{i} = [r['field_{i}'] for r in records if r.get('field_{i}') is not None]",
+            f"    mean_{i} = sum(value_{i}) / len(value_{i}) if value_{i} else 0.0",
+            f"    above_{i} = [v for v in value_{i} if v > threshold * mean_{i}]",
+            f"    result['field_{i}'] = (mean_{i}, len(above_{i}))",
+        )
+    ]
+    + ["    return result", ""]
+)
+TASK = "Rewrite this function so that `threshold` defaults to 0.75; change nothing else.\n\n```python\n"
+
+
+def first_layers(model, layers: int):
+    """A model of the target's first `layers` decoder layers (same embeddings, norm and head)."""
+    config = dataclasses.replace(model.config, num_hidden_layers=layers, layer_types=model.config.layer_types[:layers])
+    draft = create_model(config, dtype=model.dtype, seed=1)
+    state = jax.tree.map(
+        lambda mine, target: target[:layers] if mine.shape != target.shape else target,
+        nnx.state(draft),
+        nnx.state(model),
+    )
+    nnx.update(draft, state)
+    return draft
+
+
+def run(model, prompt, new_tokens, spec=None):
+    options, seeds = resolve_batch(
+        GenerationConfig(), 1, vocab_size=model.config.vocab_size, max_new_tokens=new_tokens, temperature=0
+    )
+    if spec is None:
+        return generate_batch(model, [prompt], options, seeds)
+    return speculative.generate_batch(model, [prompt], options, seeds, spec)
+
+
+def best_of(repeats, fn):
+    """The run with the highest decode tokens/s of `repeats` (after a first, compiling run)."""
+    fn()
+    return max((fn() for _ in range(repeats)), key=lambda r: r.timing.decode_tokens_per_s)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="0.5B")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("-k", type=int, default=4, help="proposed tokens per step")
+    parser.add_argument("--draft-layers", type=int, nargs="*", default=[6], help="draft = the target's first N layers")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per setting (best kept)")
+    args = parser.parse_args()
+
+    device = jax.devices()[0]
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} "
+        f"on {device.device_kind}; load average {os.getloadavg()[0]:.1f}; {args.size} {args.dtype}, random weights",
+        flush=True,
+    )
+    tokenizer = Tokenizer.from_dir(os.environ["QWEN_JAX_TOKENIZER_DIR"])
+    conversation = [{"role": "user", "content": TASK + FUNCTION + "```"}]
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(conversation, add_generation_prompt=True))
+    config = SIZES[args.size]
+    target = create_model(config, dtype=args.dtype, seed=0)
+    drafts = {layers: unstack_layers(first_layers(target, layers)) for layers in args.draft_layers}
+    target = unstack_layers(target)
+    print(f"prompt {len(prompt)} tokens, {args.new_tokens} new tokens, K={args.k}", flush=True)
+
+    plain = best_of(args.repeats, lambda: run(target, prompt, args.new_tokens))
+    base = plain.timing.decode_tokens_per_s
+    reference = plain.token_ids[0]
+    print(f"| plain decoding | - | 1.00 | {base:.2f} | 1.00x | - |", flush=True)
+
+    def report(label, result):
+        stats = result.speculation
+        same = "yes" if result.token_ids[0] == reference else "NO"
+        speed = result.timing.decode_tokens_per_s
+        print(
+            f"| {label} | {stats.acceptance_rate:.2f} | {stats.tokens_per_step:.2f} | {speed:.2f} | "
+            f"{speed / base:.2f}x | {same} |",
+            flush=True,
+        )
+
+    ngram = SpeculativeOptions(num_speculative_tokens=args.k)
+    report(f"ngram K={args.k} (task)", best_of(args.repeats, lambda: run(target, prompt, args.new_tokens, ngram)))
+
+    lookup = speculative.ngram_proposals
+    for correct in range(args.k, -1, -1):
+
+        def oracle(tokens, k, ngram_min, ngram_max, correct=correct):
+            done = len(tokens) - len(prompt)
+            upcoming = reference[done : done + k]
+            wrong = [(t + 1) % config.vocab_size for t in upcoming[correct : correct + 1]]
+            return upcoming[:correct] + wrong
+
+        speculative.ngram_proposals = oracle
+        try:
+            result = best_of(args.repeats, lambda: run(target, prompt, args.new_tokens, ngram))
+        finally:
+            speculative.ngram_proposals = lookup
+        label = f"{args.k} right" if correct == args.k else f"{correct} right, then a wrong one"
+        report(f"oracle proposals: {label}", result)
+
+    same = SpeculativeOptions("draft", num_speculative_tokens=args.k, draft_model=target)
+    report(
+        f"draft = same weights, K={args.k}", best_of(args.repeats, lambda: run(target, prompt, args.new_tokens, same))
+    )
+    for layers, draft in drafts.items():
+        spec = SpeculativeOptions("draft", num_speculative_tokens=args.k, draft_model=draft)
+        result = best_of(args.repeats, lambda spec=spec: run(target, prompt, args.new_tokens, spec))
+        report(f"draft = first {layers} of {config.num_hidden_layers} layers, K={args.k}", result)
+    # Plain decoding again: on a shared machine the load moves during the run.
+    again = best_of(args.repeats, lambda: run(target, prompt, args.new_tokens)).timing.decode_tokens_per_s
+    print(f"| plain decoding, again at the end | - | 1.00 | {again:.2f} | {again / base:.2f}x | - |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -484,41 +484,62 @@ class Engine:
         self._prefilling.remove(request)
 
     def _dispatch(self) -> None:
-        """Dispatch this iteration's step: prompts prefilled whole when nothing decodes (or chunking
-        is off), then a mixed step (decode + the next prompt chunk) or a plain decode step."""
+        """Dispatch this iteration's step: a lone prompt prefilled whole when nothing decodes (every
+        prompt, when chunking is off), then a mixed step (decode + the next chunks of the prompts
+        going in, within the token budget) or a plain decode step."""
         if not self.programs.chunks:
             for request in list(self._prefilling):
                 self._prefill_whole(request)
-        elif self._prefilling and self._prefilling[0].prefilled == 0 and not any(self._decode_rows()):
+        elif len(self._prefilling) == 1 and self._prefilling[0].prefilled == 0 and not any(self._decode_rows()):
             self._prefill_whole(self._prefilling[0])
         rows = self._decode_rows()
-        chunk_owner = self._prefilling[0] if self._prefilling else None
-        if chunk_owner is None and not any(rows):
+        shape, chunks = self._plan_chunks()
+        if not chunks and not any(rows):
             return
         used = max((i for i, r in enumerate(rows) if r is not None), default=-1) + 1
-        if chunk_owner is not None:
-            used = max(used, chunk_owner.slot + 1)
+        used = max(used, *(request.slot + 1 for request, _, _ in chunks)) if chunks else used
         rows = rows[: self.programs.width_for(used)]
-        if chunk_owner is None:
+        if not chunks:
             self._pending.append(self.programs.decode_step(rows))
         else:
-            if chunk_owner.prefilled == 0:
-                self.programs.start_row(chunk_owner.options, chunk_owner.slot)
-            start = chunk_owner.prefilled
-            chunk = chunk_owner.prompt_ids[start : start + self.programs.chunks[-1]]
-            chunk_owner.prefilled += len(chunk)
-            final = chunk_owner.prefilled == len(chunk_owner.prompt_ids)
-            self._pending.append(self.programs.mixed_step(rows, chunk, chunk_owner.slot, chunk_owner, final))
-            if final:
-                chunk_owner.dispatched = 1
-                self._prefilling.popleft()
+            for request, _, _ in chunks:
+                if not request.row_started:
+                    self.programs.start_row(request.options, request.slot)
+                    request.row_started = True
+            self._pending.append(self.programs.mixed_step(rows, chunks, shape))
+            for request, ids, final in chunks:
+                request.prefilled += len(ids)
+                if final:
+                    request.dispatched = 1
+                    self._prefilling.remove(request)
         for r in rows:
             if r is not None:
                 r.dispatched += 1
         with self._lock:
             self._stats["decode_steps"] += 1
             self._stats["decode_rows"] += len(rows)
-            self._stats["prefill_chunks"] += chunk_owner is not None
+            self._stats["prefill_chunks"] += len(chunks)
+
+    def _plan_chunks(self) -> tuple[tuple[int, int] | None, list[tuple[Request, list[int], bool]]]:
+        """The prompt chunks of this step: of the compiled (count, chunk) shapes, the one that puts
+        the most prompt tokens in (first come, first served: the first `count` prompts going in),
+        then the least padding, then the fewest prompts (the earliest finishes first).
+        Returns the shape and (request, token ids, final) per chunk."""
+        remaining = [len(r.prompt_ids) - r.prefilled for r in self._prefilling]
+        if not remaining or not self.programs.chunks:
+            return None, []
+        best, best_key = None, None
+        for count, chunk in self.programs.chunk_shapes:
+            tokens = sum(min(left, chunk) for left in remaining[:count])
+            key = (-tokens, count * chunk, count)
+            if best_key is None or key < best_key:
+                best, best_key = (count, chunk), key
+        count, chunk = best
+        chunks = []
+        for request, left in zip(list(self._prefilling)[:count], remaining):
+            start = request.prefilled
+            chunks.append((request, request.prompt_ids[start : start + chunk], left <= chunk))
+        return best, chunks
 
     def _process(self, outputs: StepOutputs) -> None:
         tokens, logprobs = outputs.fetch()

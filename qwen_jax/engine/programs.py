@@ -9,11 +9,13 @@ compiles while serving):
   history, token index).
 - `insert[bucket]`: `KVCache.insert` of a prefilled one-row cache, and its row state, into a slot.
 - `start`: a request's row state into a slot whose cache row is emptied (before chunked prefill).
-- `mixed[width, chunk]`: a decode step of the first `width` slots fused with the next chunk (up to
-  `chunk` tokens) of one slot's prompt, written into that slot's cache row (chunked prefill,
-  `qwen_jax.model.mixed.mixed_hidden_states`): the decode rows ride on the chunk's matrix products
-  instead of waiting for a separate prefill. The chunk's row is one of the `width` rows (idle in
-  the decode part); its logits are those of the chunk's last real token.
+- `mixed[width, count, chunk]`: a decode step of the first `width` slots fused with the next
+  chunks (up to `chunk` tokens each) of the prompts of up to `count` slots, each written into its
+  slot's cache row (chunked prefill, `qwen_jax.model.mixed.mixed_hidden_states`): the decode rows
+  ride on the chunks' matrix products instead of waiting for a separate prefill. `chunk_shapes`
+  lists the (count, chunk) pairs: one chunk of any compiled length, or several short ones within
+  the token budget (`prefill_chunk`). A chunk's row is one of the `width` rows (idle in the
+  decode part); its logits are those of the chunk's last real token.
 - `decode[width]`: one token for each of the first `width` slots (`decode_widths`: 1, 2, 4, ...,
   slots); each row attends to its own filled cache and advances its own length (`KVCache`
   contract); idle rows keep their length. The engine keeps its requests in the lowest slots, so a
@@ -131,6 +133,14 @@ def chunk_buckets(prefill_chunk: int) -> tuple[int, ...]:
     return (*out, prefill_chunk)
 
 
+def chunk_shapes(chunks: tuple[int, ...], widths: tuple[int, ...], budget: int) -> tuple[tuple[int, int], ...]:
+    """The (count, chunk) shapes of the mixed step's prompt chunks: one chunk of every compiled
+    length, and `count` chunks (a decode width) of a length whose total fits the token budget
+    `budget`, so that a burst of short prompts goes in together in one step."""
+    one = [(1, chunk) for chunk in chunks]
+    return (*one, *((count, chunk) for count in widths[1:] for chunk in chunks if count * chunk <= budget))
+
+
 MAX_COMPILE_WORKERS = 8
 _PRIME_LOCK = threading.Lock()  # guards `_Program.primed` (engines may prime from several threads)
 
@@ -179,6 +189,7 @@ class EnginePrograms:
         self.widths = decode_widths(slots)
         # Chunked prefill fused with decoding (0: off, every prompt is prefilled alone).
         self.chunks = chunk_buckets(min(prefill_chunk, max_len - 1)) if prefill_chunk else ()
+        self.chunk_shapes = chunk_shapes(self.chunks, self.widths, prefill_chunk)
         self.pad_id = int(pad_id)
         self.dtype = model.dtype
         self.graphdef, self.state = nnx.split(model)
@@ -276,7 +287,8 @@ class EnginePrograms:
 
         def zeros(info, sharding):
             array = np.zeros(info.shape, info.dtype)
-            return jax.device_put(array, sharding) if sharding is not None else jnp.asarray(array)
+            # device_put, not jnp.asarray: the latter compiles a small program per new shape.
+            return jax.device_put(array, sharding) if sharding is not None else jax.device_put(array)
 
         state_structure = jax.tree.structure(self.state)
         start = time.perf_counter()
@@ -307,9 +319,10 @@ class EnginePrograms:
         own compile times, so it can exceed the wall clock."""
         start = time.perf_counter()
         jobs = [
-            functools.partial(self._mixed_executable, width, chunk)
-            for chunk in reversed(self.chunks)
+            functools.partial(self._mixed_executable, width, count, chunk)
+            for count, chunk in reversed(self.chunk_shapes)
             for width in reversed(self.widths)
+            if count <= width
         ]
         jobs += [functools.partial(self._prefill_executable, bucket) for bucket in reversed(self.buckets)]
         jobs += [functools.partial(self._decode_executable, width) for width in reversed(self.widths)]
@@ -504,19 +517,20 @@ class EnginePrograms:
 
         return self._executable(("start",), build)
 
-    def _mixed_executable(self, width: int, chunk: int):
-        def mixed(state, cache: KVCache, slot_state: SlotState, active, chunk_ids, chunk_length, slot):
+    def _mixed_executable(self, width: int, count: int, chunk: int):
+        def mixed(state, cache: KVCache, slot_state: SlotState, active, chunk_ids, chunk_lengths, chunk_rows):
             model = nnx.merge(self.graphdef, state)
             decoded, prefilled, cache = mixed_hidden_states(
-                model, slot_state.tokens[:width], active, chunk_ids, chunk_length, slot, cache
+                model, slot_state.tokens[:width], active, chunk_ids, chunk_lengths, chunk_rows, cache
             )
-            last = jax.lax.dynamic_index_in_dim(prefilled, chunk_length - 1, 0)  # [1, D]
-            hidden = jax.lax.dynamic_update_slice_in_dim(decoded, last, slot, 0)  # the chunk's row: its last token
+            last = prefilled[jnp.arange(count), jnp.maximum(chunk_lengths - 1, 0)]  # [count, D]
+            # Each chunk's row gets the hidden state of its last token (a padding chunk's row is out of range).
+            hidden = decoded.at[chunk_rows].set(last, mode="drop")
             logits = model.logits(hidden[:, None])[:, 0]
-            valid = jnp.arange(chunk, dtype=jnp.int32)[None, :] < chunk_length
+            valid = jnp.arange(chunk, dtype=jnp.int32)[None, :] < chunk_lengths[:, None]
             history = slot_state.history
-            row_seen = mark_seen(jax.lax.dynamic_index_in_dim(history.seen, slot, 0), chunk_ids, valid)
-            seen = jax.lax.dynamic_update_index_in_dim(history.seen, row_seen[0], slot, 0)
+            rows_seen = mark_seen(history.seen.at[chunk_rows].get(mode="fill", fill_value=False), chunk_ids, valid)
+            seen = history.seen.at[chunk_rows].set(rows_seen, mode="drop")
             return logits, cache, dataclasses.replace(slot_state, history=dataclasses.replace(history, seen=seen))
 
         def build():
@@ -532,14 +546,14 @@ class EnginePrograms:
                     self._cache_spec(self.slots, self.max_len),
                     self._slot_state_spec(self.slots),
                     self._scalar_spec((width,), jnp.bool_),
-                    self._scalar_spec((1, chunk)),
-                    self._scalar_spec(),
-                    self._scalar_spec(),
+                    self._scalar_spec((count, chunk)),
+                    self._scalar_spec((count,)),
+                    self._scalar_spec((count,)),
                 )
                 .compile()
             )
 
-        return self._executable(("mixed", width, chunk), build)
+        return self._executable(("mixed", width, count, chunk), build)
 
     def _move_executable(self):
         def move(cache: KVCache, slot_state: SlotState, source, target):
@@ -599,25 +613,32 @@ class EnginePrograms:
         row_state, slot_arg = self._put((_row_state(options, self.vocab), np.int32(slot)))
         self.cache, self.slot_state = self._start_executable()(self.cache, self.slot_state, row_state, slot_arg)
 
-    def mixed_step(self, rows: list, chunk_ids: list[int], slot: int, request, final: bool) -> StepOutputs:
-        """A decode step of `rows` (as in `decode_step`; `rows[slot]` is None) fused with the prompt
-        tokens `chunk_ids` of the request prefilling `slot`. With `final` (the prompt's last chunk),
-        the request's first token is sampled too and it decodes from the next step on."""
-        width, length = len(rows), len(chunk_ids)
-        if not slot < width or rows[slot] is not None:
-            raise ValueError(f"slot {slot} must be an idle row of the {width} decoded")
-        chunk = self.chunk_for(length)
-        ids = np.full((1, chunk), self.pad_id, np.int32)
-        ids[0, :length] = chunk_ids
-        active = np.asarray([r is not None for r in rows])
-        active_arg, ids, length_arg, slot_arg = self._put((active, ids, np.int32(length), np.int32(slot)))
-        logits, self.cache, self.slot_state = self._mixed_executable(width, chunk)(
-            self.state, self.cache, self.slot_state, active_arg, ids, length_arg, slot_arg
-        )
+    def mixed_step(self, rows: list, chunks: list[tuple[Any, list[int], bool]], shape: tuple[int, int]) -> StepOutputs:
+        """A decode step of `rows` (as in `decode_step`) fused with prompt chunks: `chunks` holds
+        (request, prompt token ids, final) per request prefilling; `rows[request.slot]` must be None.
+        `shape` = (count, chunk) is one of `chunk_shapes`, with count >= len(chunks) and every chunk
+        at most `chunk` tokens (the unused entries are padding chunks). A `final` chunk (the
+        prompt's last) also samples the request's first token; it decodes from the next step on."""
+        width, (count, chunk) = len(rows), shape
+        if not 1 <= len(chunks) <= count or any(len(ids) > chunk for _, ids, _ in chunks):
+            raise ValueError(f"{len(chunks)} chunks do not fit the chunk shape {shape}")
+        ids = np.full((count, chunk), self.pad_id, np.int32)
+        lengths = np.zeros(count, np.int32)
+        chunk_rows = np.full(count, self.slots, np.int32)  # out of range: a padding chunk
         rows = list(rows)
-        if final:
-            rows[slot] = request
-        take = self._put(np.asarray([r is not None for r in rows])) if final else active_arg
+        for i, (request, chunk_ids, _) in enumerate(chunks):
+            if not request.slot < width or rows[request.slot] is not None:
+                raise ValueError(f"slot {request.slot} must be an idle row of the {width} decoded")
+            ids[i, : len(chunk_ids)], lengths[i], chunk_rows[i] = chunk_ids, len(chunk_ids), request.slot
+        active = np.asarray([r is not None for r in rows])
+        active_arg, ids, lengths, chunk_rows = self._put((active, ids, lengths, chunk_rows))
+        logits, self.cache, self.slot_state = self._mixed_executable(width, count, chunk)(
+            self.state, self.cache, self.slot_state, active_arg, ids, lengths, chunk_rows
+        )
+        finals = [request for request, _, final in chunks if final]
+        for request in finals:
+            rows[request.slot] = request
+        take = self._put(np.asarray([r is not None for r in rows])) if finals else active_arg
         return self._sample_step(rows, logits, take)
 
     def _sample_step(self, rows: list, logits, take) -> StepOutputs:

@@ -195,6 +195,7 @@ class Request:
         self.slot: int | None = None
         self.dispatched = 0  # tokens whose computation has been dispatched to the device
         self.prefilled = 0  # prompt tokens whose prefill has been dispatched
+        self.row_started = False  # its slot's cache row and sampling state are set up for chunked prefill
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.submitted_at = time.perf_counter()

@@ -169,6 +169,11 @@ def decode_widths(slots: int) -> tuple[int, ...]:
     return (*widths, slots)
 
 
+def block_counts(most: int) -> tuple[int, ...]:
+    """Block counts the prefix cache's copies are compiled for: powers of two below `most`, and `most`."""
+    return decode_widths(most)
+
+
 def _spec(shape, dtype, sharding=None) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
 
@@ -180,7 +185,18 @@ class EnginePrograms:
     may be called from any thread.
     """
 
-    def __init__(self, model, *, slots: int, max_len: int, buckets=None, pad_id: int = 0, prefill_chunk: int = 64):
+    def __init__(
+        self,
+        model,
+        *,
+        slots: int,
+        max_len: int,
+        buckets=None,
+        pad_id: int = 0,
+        prefill_chunk: int = 64,
+        prefix_blocks: int = 0,
+        block_tokens: int = 16,
+    ):
         self.config = model.config
         self.vocab = model.config.vocab_size
         self.slots = slots
@@ -205,6 +221,15 @@ class EnginePrograms:
         cache = KVCache.init(self.config, slots, max_len, self.dtype)
         self.cache = cache if self.mesh is None else jax.device_put(cache, self._cache_sharding(slots, max_len))
         self.slot_state = self._put(self._empty_state(slots))
+        # The prefix cache's pool of KV blocks: (keys, values), each [layers, blocks, block_tokens, kv_heads, head_dim].
+        self.block_tokens = int(block_tokens)
+        self.prefix_blocks = int(prefix_blocks)
+        self.copy_counts = block_counts(max(1, max_len // self.block_tokens)) if prefix_blocks else ()
+        self.pool = None
+        if prefix_blocks:
+            shape = self._pool_shape()
+            pool = (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+            self.pool = pool if self.mesh is None else jax.device_put(pool, self._pool_sharding())
 
     # ------------------------------------------------------------------ placement
     def _replicated(self) -> NamedSharding | None:
@@ -217,6 +242,21 @@ class EnginePrograms:
         shape = (self.config.num_hidden_layers, batch, length, self.config.num_key_value_heads, self.config.head_dim)
         kv = named_sharding(KVCache.logical_axes(), shape, self.mesh, self.rules)
         return KVCache(kv, kv, self._replicated())
+
+    def _pool_shape(self) -> tuple[int, ...]:
+        c = self.config
+        return (c.num_hidden_layers, self.prefix_blocks, self.block_tokens, c.num_key_value_heads, c.head_dim)
+
+    def _pool_sharding(self) -> tuple[NamedSharding, NamedSharding] | None:
+        if self.mesh is None:
+            return None
+        axes = ("layers", None, None, "kv_heads", "head_dim")
+        sharding = named_sharding(axes, self._pool_shape(), self.mesh, self.rules)
+        return sharding, sharding
+
+    def _pool_spec(self):
+        shardings = self._pool_sharding() or (None, None)
+        return tuple(_spec(self._pool_shape(), self.dtype, s) for s in shardings)
 
     def _logits_sharding(self, rows: int) -> NamedSharding | None:
         if self.mesh is None:
@@ -337,6 +377,8 @@ class EnginePrograms:
         jobs.append(self._move_executable)
         if self.chunks:
             jobs.append(self._start_executable)
+        jobs += [functools.partial(self._copy_in_executable, count) for count in self.copy_counts]
+        jobs += [functools.partial(self._copy_out_executable, count) for count in self.copy_counts]
         workers = default_compile_workers() if workers is None else int(workers)
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -581,6 +623,77 @@ class EnginePrograms:
 
         return self._executable(("move",), build)
 
+    def _copy_in_executable(self, count: int):
+        """Up to `count` pool blocks into the first slots of a cache row, which then holds `length`
+        tokens, with the request's row state (as `start`)."""
+        size = self.block_tokens
+
+        def copy_in(cache: KVCache, slot_state, pool, blocks, used, slot, row_state):
+            index = jnp.arange(count, dtype=jnp.int32)
+            positions = jnp.where(index < used, index, self.max_len)[:, None] * size + jnp.arange(size)[None, :]
+            positions = positions.reshape(-1)  # past max_len (unused entries): dropped
+
+            def put(whole, blocks_kv):
+                rows = blocks_kv.at[:, blocks].get(mode="fill", fill_value=0)  # [L, count, size, K, H]
+                rows = rows.reshape(rows.shape[0], count * size, *rows.shape[3:])
+                return whole.at[:, slot, positions].set(rows, mode="drop")
+
+            slot_state = jax.tree.map(
+                lambda whole, row: jax.lax.dynamic_update_index_in_dim(whole, row[0], slot, 0), slot_state, row_state
+            )
+            lengths = cache.lengths.at[slot].set(used * size)
+            return KVCache(put(cache.k, pool[0]), put(cache.v, pool[1]), lengths), slot_state
+
+        def build():
+            out_shardings = (
+                None if self.mesh is None else (self._cache_sharding(self.slots, self.max_len), self._replicated())
+            )
+            return (
+                jax.jit(copy_in, donate_argnums=(0, 1), out_shardings=out_shardings)
+                .lower(
+                    self._cache_spec(self.slots, self.max_len),
+                    self._slot_state_spec(self.slots),
+                    self._pool_spec(),
+                    self._scalar_spec((count,)),
+                    self._scalar_spec(),
+                    self._scalar_spec(),
+                    self._slot_state_spec(1),
+                )
+                .compile()
+            )
+
+        return self._executable(("copy_in", count, self.prefix_blocks), build)  # the pool size is in the shapes
+
+    def _copy_out_executable(self, count: int):
+        """Up to `count` blocks of a cache row into pool blocks (an out-of-range pool block: skipped)."""
+        size = self.block_tokens
+
+        def copy_out(pool, cache: KVCache, slot, row_blocks, blocks):
+            positions = (row_blocks[:, None] * size + jnp.arange(size)[None, :]).reshape(-1)
+
+            def take(whole, blocks_kv):
+                row = jax.lax.dynamic_index_in_dim(whole, slot, 1, keepdims=False)  # [L, S, K, H]
+                rows = row.at[:, positions].get(mode="fill", fill_value=0)
+                rows = rows.reshape(rows.shape[0], count, size, *rows.shape[2:])
+                return blocks_kv.at[:, blocks].set(rows, mode="drop")
+
+            return take(cache.k, pool[0]), take(cache.v, pool[1])
+
+        def build():
+            return (
+                jax.jit(copy_out, donate_argnums=0, out_shardings=self._pool_sharding())
+                .lower(
+                    self._pool_spec(),
+                    self._cache_spec(self.slots, self.max_len),
+                    self._scalar_spec(),
+                    self._scalar_spec((count,)),
+                    self._scalar_spec((count,)),
+                )
+                .compile()
+            )
+
+        return self._executable(("copy_out", count, self.prefix_blocks), build)
+
     # ------------------------------------------------------------------ running
     def prefill_into_slot(self, prompt_ids: list[int], slot: int, request) -> StepOutputs:
         """Prefill one prompt, sample its first token and insert both into `slot` (dispatched, not awaited)."""
@@ -651,6 +764,25 @@ class EnginePrograms:
         logprobs = self._logprobs_executable(width)(logits, tokens) if wants_logprobs else None
         return StepOutputs(list(rows), tokens, logprobs)
 
+    def copy_in(self, slot: int, blocks: list[int], options: SamplingOptions, prefix_ids: list[int]) -> None:
+        """Fill `slot`'s cache row with the pool `blocks` (a cached prefix `prefix_ids`) and give it
+        the request's sampling state, its prefix seen (dispatched, not awaited; before `mixed_step`)."""
+        count = next(c for c in self.copy_counts if c >= len(blocks))
+        padded = np.full(count, self.prefix_blocks, np.int32)
+        padded[: len(blocks)] = blocks
+        args = self._put((padded, np.int32(len(blocks)), np.int32(slot), _row_state(options, self.vocab, prefix_ids)))
+        self.cache, self.slot_state = self._copy_in_executable(count)(self.cache, self.slot_state, self.pool, *args)
+
+    def copy_out(self, slot: int, copies: list[tuple[int, int]]) -> None:
+        """Copy blocks of `slot`'s cache row into the pool: (block index in the row, pool block) pairs."""
+        for start in range(0, len(copies), self.copy_counts[-1]):
+            part = copies[start : start + self.copy_counts[-1]]
+            count = next(c for c in self.copy_counts if c >= len(part))
+            row_blocks, blocks = np.zeros(count, np.int32), np.full(count, self.prefix_blocks, np.int32)
+            row_blocks[: len(part)], blocks[: len(part)] = zip(*part)
+            args = self._put((np.int32(slot), row_blocks, blocks))
+            self.pool = self._copy_out_executable(count)(self.pool, self.cache, *args)
+
     def move(self, source: int, target: int) -> None:
         """Copy slot `source`'s cache row and state into slot `target` (dispatched, not awaited)."""
         source, target = self._put((np.int32(source), np.int32(target)))
@@ -668,6 +800,9 @@ def _engine_variant(options: list[SamplingOptions]) -> SamplerVariant:
     return covering_variant(variant_for(o.draw_settings for o in options), ENGINE_VARIANTS)
 
 
-def _row_state(options: SamplingOptions, vocab: int) -> SlotState:
-    """A request's one-row state on the host: its settings and seed, an empty history with its logit bias."""
-    return SlotState(np.zeros(1, np.int32), row_params(options, [options.seed]), initial_history(options, vocab, [[]]))
+def _row_state(options: SamplingOptions, vocab: int, seen: list[int] | tuple = ()) -> SlotState:
+    """A request's one-row state on the host: its settings and seed, a history with its logit bias
+    and the prompt tokens `seen` so far (a cached prefix), nothing generated."""
+    return SlotState(
+        np.zeros(1, np.int32), row_params(options, [options.seed]), initial_history(options, vocab, [list(seen)])
+    )

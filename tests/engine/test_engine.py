@@ -8,7 +8,7 @@ import pytest
 from serving import ENGINE_CHUNK as CHUNK
 from serving import ENGINE_MAX_LEN as MAX_LEN
 from serving import ENGINE_SLOTS as SLOTS
-from serving import tiny_engine, tiny_model, wait_until  # noqa: F401 (fixtures)
+from serving import tiny_engine, tiny_engine_uncached, tiny_model, wait_until  # noqa: F401 (fixtures)
 
 import qwen_jax
 from qwen_jax.errors import EngineClosedError, EngineError, QueueFullError
@@ -240,10 +240,12 @@ def test_gaps_are_closed_and_steps_run_only_the_rows_in_use(engine):
     assert steps >= 23 and rows <= 4 * 4 + 2 * (steps - 4), (steps, rows)  # width 4 while 3 run, then 2
 
 
-def test_prompts_go_in_chunk_by_chunk_while_others_decode(engine):
+def test_prompts_go_in_chunk_by_chunk_while_others_decode(tiny_engine_uncached):
     """A long prompt admitted while requests decode is prefilled over several mixed steps (each
     also decoding the running rows); the running requests keep generating meanwhile, and every
-    request gives exactly what it gives alone (a multi-chunk prompt alone is prefilled whole)."""
+    request gives exactly what it gives alone (a multi-chunk prompt alone is prefilled whole).
+    Without a prefix cache, so that the prompts, just run alone, are prefilled again."""
+    engine = tiny_engine_uncached
     long_prompt = "Once upon a time in a land far away, a fox"  # 42 tokens: chunks of 16, 16 and 10
     assert len(long_prompt) > 2 * CHUNK
     settings = [

@@ -135,10 +135,18 @@ def chunk_buckets(prefill_chunk: int) -> tuple[int, ...]:
 
 def chunk_shapes(chunks: tuple[int, ...], widths: tuple[int, ...], budget: int) -> tuple[tuple[int, int], ...]:
     """The (count, chunk) shapes of the mixed step's prompt chunks: one chunk of every compiled
-    length, and `count` chunks (a decode width) of a length whose total fits the token budget
-    `budget`, so that a burst of short prompts goes in together in one step."""
+    length, and for each `count` of several (a decode width) the longest compiled chunk length
+    whose total fits the token budget `budget`, so that a burst of short prompts goes in together
+    in one step. One length per count: a mixed step of several chunks runs one attention call per
+    chunk in every layer, so these programs are the slowest to compile, and shorter lengths would
+    save only padding of prompts that fit anyway."""
     one = [(1, chunk) for chunk in chunks]
-    return (*one, *((count, chunk) for count in widths[1:] for chunk in chunks if count * chunk <= budget))
+    several = []
+    for count in widths[1:]:
+        fitting = [chunk for chunk in chunks if count * chunk <= budget]
+        if fitting:
+            several.append((count, fitting[-1]))
+    return (*one, *several)
 
 
 MAX_COMPILE_WORKERS = 8

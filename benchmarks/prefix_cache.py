@@ -7,8 +7,10 @@ with it off (in process; the two engines share their compiled programs):
     answer. Reported: time to first token (TTFT) of every turn.
   * shared prefix: `--requests` requests at once, each the same `--shared-tokens` system prompt and
     its own short question, on `--slots` slots. Reported: makespan, output tokens/s, TTFT p50.
-Each workload runs once untimed first (with another system prompt, so the timed pass hits nothing
-from it) so that every program it needs is compiled and has run once. Also reported: the time of
+Both engines compile every program first (`Engine.warmup`; they share them), and each workload runs
+once untimed (with another system prompt, so the timed pass hits nothing from it) so that the
+programs it needs have run once: a program compiled or first run inside a timed pass would
+dominate it. Also reported: the time of
 the copy a hit costs (a `--shared-tokens` prefix copied from the pool into a slot) next to a
 prefill of the same tokens.
 
@@ -116,6 +118,8 @@ def main(argv=None) -> None:
         for cache in (True, False)
     }
     try:
+        for engine in engines.values():
+            print(f"  compiled in {engine.warmup():.0f} s", file=sys.stderr, flush=True)
         turns = {}
         shared = {}
         for cache, engine in engines.items():

@@ -7,10 +7,10 @@ with it off (in process; the two engines share their compiled programs):
     answer. Reported: time to first token (TTFT) of every turn.
   * shared prefix: `--requests` requests at once, each the same `--shared-tokens` system prompt and
     its own short question, on `--slots` slots. Reported: makespan, output tokens/s, TTFT p50.
-Both engines compile every program first (`Engine.warmup`; they share them), and each workload runs
-once untimed (with another system prompt, so the timed pass hits nothing from it) so that the
-programs it needs have run once: a program compiled or first run inside a timed pass would
-dominate it. Also reported: the time of
+Both engines compile every program first (`Engine.warmup`; they share them; `--no-warmup` leaves
+the compiling to the untimed passes), and each workload runs once untimed on the first engine
+(with another system prompt, so the timed passes hit nothing from it) so that the programs it
+needs have run once: a program compiled or first run inside a timed pass would dominate it. Also reported: the time of
 the copy a hit costs (a `--shared-tokens` prefix copied from the pool into a slot) next to a
 prefill of the same tokens.
 
@@ -100,6 +100,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-len", type=int, default=2048)
     parser.add_argument("--checkpoint-dir", help="where the random checkpoint is built (kept); default: a temp dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--workloads", nargs="+", default=["multi-turn", "shared"], choices=["multi-turn", "shared"])
     args = parser.parse_args(argv)
     tokenizer_dir = os.environ.get("QWEN_JAX_TOKENIZER_DIR")
     if not tokenizer_dir:
@@ -118,18 +120,29 @@ def main(argv=None) -> None:
         for cache in (True, False)
     }
     try:
-        for engine in engines.values():
-            print(f"  compiled in {engine.warmup():.0f} s", file=sys.stderr, flush=True)
+        if args.warmup:
+            print(f"  compiled in {engines[True].warmup():.0f} s", file=sys.stderr, flush=True)
         turns = {}
         shared = {}
+        warm = np.random.default_rng(args.seed + 100)
+        if "multi-turn" in args.workloads:
+            multi_turn(engines[True], tokenizer, warm, args.system_tokens, args.turns, args.answer_tokens)
+        if "shared" in args.workloads:
+            shared_prefix(engines[True], tokenizer, warm, args.shared_tokens, args.requests, args.answer_tokens)
         for cache, engine in engines.items():
             label = "cache on " if cache else "cache off"
-            multi_turn(engine, tokenizer, np.random.default_rng(args.seed + 100), args.system_tokens, args.turns, 8)
-            turns[cache] = multi_turn(
-                engine, tokenizer, np.random.default_rng(args.seed), args.system_tokens, args.turns, args.answer_tokens
-            )
-            print(f"  multi-turn, {label}: {turns[cache]}", file=sys.stderr, flush=True)
-            shared_prefix(engine, tokenizer, np.random.default_rng(args.seed + 100), args.shared_tokens, 4, 4)
+            if "multi-turn" in args.workloads:
+                turns[cache] = multi_turn(
+                    engine,
+                    tokenizer,
+                    np.random.default_rng(args.seed),
+                    args.system_tokens,
+                    args.turns,
+                    args.answer_tokens,
+                )
+                print(f"  multi-turn, {label}: {turns[cache]}", file=sys.stderr, flush=True)
+            if "shared" not in args.workloads:
+                continue
             shared[cache] = shared_prefix(
                 engine,
                 tokenizer,
@@ -142,7 +155,7 @@ def main(argv=None) -> None:
         print(f"\nmulti-turn chat: {args.system_tokens}-token system prompt, {args.turns} turns, greedy answers")
         print("| turn | prompt tokens | cached tokens | TTFT cache off (s) | TTFT cache on (s) | on / off |")
         print("|---|---|---|---|---|---|")
-        for i, (on, off) in enumerate(zip(turns[True], turns[False])):
+        for i, (on, off) in enumerate(zip(turns.get(True, []), turns.get(False, []))):
             print(
                 f"| {i + 1} | {on['prompt']} | {on['cached']} | {off['ttft']:.2f} | {on['ttft']:.2f} | "
                 f"{on['ttft'] / off['ttft']:.2f} |"
@@ -154,14 +167,15 @@ def main(argv=None) -> None:
         )
         print("| prefix cache | makespan (s) | output tok/s | TTFT p50 (s) | cached / prompt tokens |")
         print("|---|---|---|---|---|")
-        for cache in (False, True):
+        for cache in shared:
             row = shared[cache]
             print(
                 f"| {'on' if cache else 'off'} | {row['seconds']:.1f} | {row['tokens_per_s']:.1f} | "
                 f"{row['ttft_p50']:.2f} | {row['cached']} / {row['prompt']} |"
             )
+        if shared:
+            print(f"\nthroughput on / off: {shared[True]['tokens_per_s'] / shared[False]['tokens_per_s']:.2f}x")
         print(
-            f"\nthroughput on / off: {shared[True]['tokens_per_s'] / shared[False]['tokens_per_s']:.2f}x; "
             f"copy of a {args.shared_tokens // 16 * 16}-token hit into a slot: "
             f"{copy_seconds(engines[True], args.shared_tokens) * 1000:.1f} ms"
         )

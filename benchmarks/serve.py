@@ -24,6 +24,10 @@ noise only slows a pass down.
     python benchmarks/serve.py --requests 16 --rates inf          # on a GPU: bfloat16, transformers on cuda
     python benchmarks/serve.py --requests 16 --rates inf --output-tokens 32,256 --repeat 2   # longer outputs
     python benchmarks/serve.py --requests 64 --rates inf --repeat 2   # RESULTS.md's 64-request figures
+    python benchmarks/serve.py --burst --systems qwen-jax transformers --repeat 3   # 8 streamed chats x 64 tokens
+
+`--burst` is the burst of short prompts: 8 concurrent streamed greedy chat requests (`/v1/chat/completions`,
+one user message of 16-32 tokens) x 64 new tokens, all at once, on a warm server.
 
 Needs the Qwen2.5 tokenizer files (`QWEN_JAX_TOKENIZER_DIR`); builds a random checkpoint of the chosen
 size once (`--checkpoint-dir` keeps it between runs).
@@ -178,7 +182,7 @@ def best_pass(rows: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------- HTTP systems
-async def run_http(base_url: str, model_name: str, jobs: list[Job]) -> tuple[list[Result], float]:
+async def run_http(base_url: str, model_name: str, jobs: list[Job], chat: bool = False) -> tuple[list[Result], float]:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=7200)
@@ -190,16 +194,20 @@ async def run_http(base_url: str, model_name: str, jobs: list[Job]) -> tuple[lis
         first = last = None
         tokens = 0
         try:
-            stream = await client.completions.create(
+            options = dict(
                 model=model_name,
-                prompt=job.prompt,
                 max_tokens=job.max_tokens,
                 temperature=0,
                 stream=True,
                 stream_options={"include_usage": True},
             )
+            if chat:
+                messages = [{"role": "user", "content": job.prompt}]
+                stream = await client.chat.completions.create(messages=messages, **options)
+            else:
+                stream = await client.completions.create(prompt=job.prompt, **options)
             async for chunk in stream:
-                if chunk.choices and chunk.choices[0].text:
+                if chunk.choices and (chunk.choices[0].delta.content if chat else chunk.choices[0].text):
                     last = time.perf_counter()
                     first = first or last
                 if chunk.usage is not None:
@@ -218,11 +226,11 @@ def all_at_once(jobs: list[Job]) -> list[Job]:
     return [dataclasses.replace(job, arrival=0.0) for job in jobs]
 
 
-def warm_pass(url: str, model_name: str, jobs: list[Job], whole: bool) -> None:
+def warm_pass(url: str, model_name: str, jobs: list[Job], whole: bool, chat: bool = False) -> None:
     """An untimed pass before the timed ones: the whole workload sent at once (`whole`), so each
     server has run every program the workload needs once (on CPU a compiled XLA program's first run
     is much slower than later ones, and torch warms up too), or only two requests (first contact)."""
-    asyncio.run(run_http(url, model_name, all_at_once(jobs) if whole else jobs[:2]))
+    asyncio.run(run_http(url, model_name, all_at_once(jobs) if whole else jobs[:2], chat))
 
 
 def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
@@ -468,8 +476,16 @@ def main(argv=None) -> None:
         default="auto",
         help="where transformers serve runs: auto = cuda when JAX runs on a GPU and torch sees one",
     )
+    parser.add_argument(
+        "--burst",
+        action="store_true",
+        help="the burst workload: 8 streamed greedy chat requests x 64 new tokens, all at once "
+        "(sets --requests 8 --rates inf --prompt-tokens 16,32 --output-tokens 64,64 and uses the chat endpoint)",
+    )
     parser.add_argument("--json-out", help="write all measurements to this JSON file")
     args = parser.parse_args(argv)
+    if args.burst:
+        args.requests, args.rates, args.prompt_tokens, args.output_tokens = 8, "inf", "16,32", "64,64"
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     # This process keeps a JAX client open while the servers run: on a GPU it must not take the
@@ -529,10 +545,12 @@ def main(argv=None) -> None:
             checkpoint, args.slots, args.max_len, args.port, args.prefill_chunk, dtype, args.prime
         )
         try:
-            warm_pass(url, checkpoint, workloads[rates[0]], args.warm_pass)
+            warm_pass(url, checkpoint, workloads[rates[0]], args.warm_pass, args.burst)
             for rate in rates:
                 jobs = workloads[rate]
-                record(rate, "qwen-jax serve", lambda jobs=jobs: asyncio.run(run_http(url, checkpoint, jobs)))
+                record(
+                    rate, "qwen-jax serve", lambda jobs=jobs: asyncio.run(run_http(url, checkpoint, jobs, args.burst))
+                )
         finally:
             stop(process)
     if "transformers" in args.systems:
@@ -540,12 +558,12 @@ def main(argv=None) -> None:
         process, url = start_transformers(checkpoint, args.port + 1, log_path, hf_device, dtype)
         print(f"  transformers serve log: {log_path}", file=sys.stderr, flush=True)
         try:
-            warm_pass(url, checkpoint, workloads[rates[0]], args.warm_pass)  # also loads the model, starts CB
+            warm_pass(url, checkpoint, workloads[rates[0]], args.warm_pass, args.burst)  # loads the model, starts CB
             for rate in rates:
                 record(
                     rate,
                     "transformers serve --continuous-batching",
-                    lambda jobs=workloads[rate]: asyncio.run(run_http(url, checkpoint, jobs)),
+                    lambda jobs=workloads[rate]: asyncio.run(run_http(url, checkpoint, jobs, args.burst)),
                 )
         finally:
             stop(process)

@@ -140,6 +140,19 @@ def tiny_engine(tiny_model):
     engine.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tiny_engine_uncached(tiny_model, tiny_engine):
+    """`tiny_engine` without a prefix cache (it shares `tiny_engine`'s compiled programs)."""
+    from qwen_jax.engine.core import Engine
+
+    model, tokenizer = tiny_model
+    engine = Engine(
+        model, tokenizer, slots=ENGINE_SLOTS, max_len=ENGINE_MAX_LEN, prefill_chunk=ENGINE_CHUNK, prefix_cache=False
+    )
+    yield engine
+    engine.shutdown()
+
+
 def bigram_checkpoint(directory: Path, tokenizer_dir: str, answer: str) -> str:
     """A tiny checkpoint on the real Qwen2.5 vocabulary whose greedy answer to any chat prompt is `answer`.
 

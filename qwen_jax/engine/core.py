@@ -1,14 +1,21 @@
 """`Engine`: continuous batching over a fixed number of decode slots, on its own thread.
 
 How it runs. Requests wait in a FIFO queue and take the lowest free slot as one frees up. Each
-engine iteration dispatches one step. While requests are decoding, a request that has just taken a
-slot is prefilled in chunks (`prefill_chunk` tokens, default 256 on CPU and 512 on GPU/TPU), each
-chunk fused with the decode step of the running requests (`mixed` programs: the decode rows ride
-on the chunk's matrix products, so the running requests keep generating while a prompt goes in,
-and one step costs less than a prefill and a decode step apart); the chunk that ends the prompt
-also samples its first token. When nothing is decoding, the next prompt is prefilled whole in one
-call (padded to a bucket, `prefill_buckets`: the fastest way to a first token) and inserted into
-its slot. Otherwise one decode step advances every decoding slot by a token. Each slot keeps its
+engine iteration dispatches one step. The prompts of requests that have taken a slot go in by
+chunks fused with the decode step of the running requests (`mixed` programs: the decode rows ride
+on the chunks' matrix products, so the running requests keep generating while prompts go in, and
+one step costs less than a prefill and a decode step apart). The prompts share a token budget per
+step (`prefill_chunk` tokens, default 256 on CPU and 512 on GPU/TPU): one long prompt takes it
+whole, or several short ones a chunk each, so a burst of requests gets its first tokens after one
+step (`_plan_chunks`); a chunk that ends its prompt also samples its first token. When one prompt
+goes in and nothing is decoding, it is prefilled whole in one call (padded to a bucket,
+`prefill_buckets`: the fastest way to a first token) and inserted into its slot. Otherwise one
+decode step advances every decoding slot by a token.
+
+Prefix caching (`prefix_cache=True`, the default): a request that takes a slot first copies the
+longest cached prefix of its prompt (whole blocks of 16 tokens) from the pool into its cache row
+and prefills only the rest; its prompt's blocks, and at its end its prompt + output, are copied out
+into the pool (`qwen_jax.engine.prefix_cache`). Each slot keeps its
 own cache length and positions, so what a request generates never depends on which requests share
 the batch or when it joined. A request that finishes (stop token, stop string, max tokens) or is
 aborted frees its slot at once; a gap it leaves below running requests is closed by moving the
@@ -53,6 +60,7 @@ from tqdm.auto import tqdm
 from typing_extensions import Unpack
 
 from qwen_jax.config import GenerationConfig
+from qwen_jax.engine.prefix_cache import DEFAULT_BLOCK_TOKENS, PrefixIndex
 from qwen_jax.engine.programs import EnginePrograms, StepOutputs, default_mixed_chunk
 from qwen_jax.engine.requests import (
     Completion,
@@ -90,6 +98,11 @@ class EngineStats:
     slot_moves: int  # requests moved to a lower slot to close a gap
     healthy: bool
     accepting: bool
+    prefix_cache_blocks: int = 0  # capacity of the prefix cache (0: off)
+    prefix_cache_blocks_used: int = 0
+    prefix_cache_blocks_evicted: int = 0  # totals since start
+    prefix_cache_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hit_tokens: int = 0  # prompt tokens found there (copied, not prefilled)
 
 
 class Engine:
@@ -113,6 +126,12 @@ class Engine:
         prefill_chunk: prompt tokens per mixed step while other requests decode (default 256 on
             CPU, 512 on GPU/TPU); 0 prefills every prompt whole, pausing the running requests.
         warmup: compile every program now instead of on first use (see `warmup()`).
+        prefix_cache: keep the KV of prompts (and of finished requests' prompt + output) in a pool
+            of blocks of 16 tokens, so that a request starting with a cached prefix (a shared system
+            prompt, the earlier turns of a chat) prefills only the rest (`qwen_jax.engine.prefix_cache`).
+            Needs chunked prefill (`prefill_chunk` > 0). Tokens are the same with and without it.
+        prefix_cache_blocks: the pool's size in blocks (default: as many tokens as the batch cache,
+            `slots * max_len`); or give `prefix_cache_gb` (GiB of keys and values).
     """
 
     def __init__(
@@ -127,6 +146,9 @@ class Engine:
         prefill_buckets: Sequence[int] | None = None,
         prefill_chunk: int | None = None,
         warmup: bool = False,
+        prefix_cache: bool = True,
+        prefix_cache_blocks: int | None = None,
+        prefix_cache_gb: float | None = None,
     ):
         context = model.config.max_position_embeddings
         max_len = min(context, DEFAULT_MAX_LEN) if max_len is None else int(max_len)
@@ -147,6 +169,11 @@ class Engine:
         self.max_queue = max_queue
         config = generation_defaults(model, tokenizer, config)
         self.config = config
+        blocks = (
+            _prefix_cache_blocks(model, self.slots, max_len, prefix_cache_blocks, prefix_cache_gb)
+            if prefix_cache and prefill_chunk
+            else 0
+        )
         self.programs = EnginePrograms(
             model,
             slots=self.slots,
@@ -154,7 +181,10 @@ class Engine:
             buckets=prefill_buckets,
             pad_id=config.pad_token_id or 0,
             prefill_chunk=prefill_chunk,
+            prefix_blocks=blocks,
+            block_tokens=DEFAULT_BLOCK_TOKENS,
         )
+        self._prefix = PrefixIndex(blocks, DEFAULT_BLOCK_TOKENS) if blocks else None
 
         self._lock = threading.Lock()  # guards the counters below, read by other threads
         self._live_ids: set[str] = set()  # submitted and not finished
@@ -318,6 +348,11 @@ class Engine:
                 slot_moves=counts.get("slot_moves", 0),
                 healthy=self._error is None and (self._thread.is_alive() or not self._accepting),
                 accepting=self._accepting,
+                prefix_cache_blocks=self.programs.prefix_blocks,
+                prefix_cache_blocks_used=counts.get("prefix_blocks_used", 0),
+                prefix_cache_blocks_evicted=counts.get("prefix_blocks_evicted", 0),
+                prefix_cache_queried_tokens=counts.get("prefix_queried_tokens", 0),
+                prefix_cache_hit_tokens=counts.get("prefix_hit_tokens", 0),
             )
 
     def begin_shutdown(self, timeout: float) -> None:
@@ -461,6 +496,7 @@ class Engine:
         """Give waiting requests the lowest free slots (FIFO; their prompts go in from `_dispatch`),
         then close the gaps that finished requests left below occupied slots, so the requests fill
         slots 0..n-1 and a step runs only as many rows as are in use."""
+        admitted = []
         for slot in range(self.slots):
             if not self._waiting:
                 break
@@ -470,9 +506,40 @@ class Engine:
             request.slot = slot
             self._slot_owner[slot] = request
             self._prefilling.append(request)
+            admitted.append(request)
             with self._lock:
                 self._stats["prompt_tokens"] += len(request.prompt_ids)
         self._compact()
+        for request in admitted:
+            self._reuse_prefix(request)
+
+    def _reuse_prefix(self, request: Request) -> None:
+        """Copy the longest cached prefix of a request's prompt into its slot (it then prefills the rest)."""
+        if self._prefix is None:
+            return
+        blocks = self._prefix.lookup(request.prompt_ids)
+        if not blocks:
+            return
+        hit = len(blocks) * self._prefix.block_tokens
+        self.programs.copy_in(request.slot, blocks, request.options, request.prompt_ids[:hit])
+        request.prefilled = request.cached_tokens = hit
+        request.row_started = True
+
+    def _cache_prefix(self, request: Request) -> None:
+        """Copy the blocks of a request's computed tokens that are not cached yet out of its slot into
+        the prefix cache: its prompt (or the part prefilled so far) and what it generated, less the
+        last token (whose keys no step has computed yet)."""
+        if self._prefix is None or self._error is not None:
+            return
+        if request.slot is None or self._slot_owner[request.slot] is not request:
+            return
+        if request.prefilled < len(request.prompt_ids):
+            tokens = request.prompt_ids[: request.prefilled]
+        else:
+            tokens = request.prompt_ids + request.token_ids[:-1]
+        copies = self._prefix.store(tokens)
+        if copies:
+            self.programs.copy_out(request.slot, copies)
 
     def _compact(self) -> None:
         """Move the highest occupied slot into the lowest free one until no gap is left. A step
@@ -507,45 +574,66 @@ class Engine:
         self._pending.append(self.programs.prefill_into_slot(request.prompt_ids, request.slot, request, bitmask))
         request.prefilled, request.dispatched = len(request.prompt_ids), 1
         self._prefilling.remove(request)
+        self._cache_prefix(request)
 
     def _dispatch(self) -> None:
-        """Dispatch this iteration's step: prompts prefilled whole when nothing decodes (or chunking
-        is off), then a mixed step (decode + the next prompt chunk) or a plain decode step."""
+        """Dispatch this iteration's step: a lone prompt prefilled whole when nothing decodes (every
+        prompt, when chunking is off), then a mixed step (decode + the next chunks of the prompts
+        going in, within the token budget) or a plain decode step."""
         if not self.programs.chunks:
             for request in list(self._prefilling):
                 self._prefill_whole(request)
-        elif self._prefilling and self._prefilling[0].prefilled == 0 and not any(self._decode_rows()):
+        elif len(self._prefilling) == 1 and self._prefilling[0].prefilled == 0 and not any(self._decode_rows()):
             self._prefill_whole(self._prefilling[0])
         rows = self._decode_rows()
-        chunk_owner = self._prefilling[0] if self._prefilling else None
-        if chunk_owner is None and not any(rows):
+        shape, chunks = self._plan_chunks()
+        if not chunks and not any(rows):
             return
         used = max((i for i, r in enumerate(rows) if r is not None), default=-1) + 1
-        if chunk_owner is not None:
-            used = max(used, chunk_owner.slot + 1)
+        used = max(used, *(request.slot + 1 for request, _, _ in chunks)) if chunks else used
         rows = rows[: self.programs.width_for(used)]
-        if chunk_owner is None:
+        if not chunks:
             self._pending.append(self.programs.decode_step(rows, self._step_bitmask))
         else:
-            if chunk_owner.prefilled == 0:
-                self.programs.start_row(chunk_owner.options, chunk_owner.slot)
-            start = chunk_owner.prefilled
-            chunk = chunk_owner.prompt_ids[start : start + self.programs.chunks[-1]]
-            chunk_owner.prefilled += len(chunk)
-            final = chunk_owner.prefilled == len(chunk_owner.prompt_ids)
-            self._pending.append(
-                self.programs.mixed_step(rows, chunk, chunk_owner.slot, chunk_owner, final, self._step_bitmask)
-            )
-            if final:
-                chunk_owner.dispatched = 1
-                self._prefilling.popleft()
+            for request, _, _ in chunks:
+                if not request.row_started:
+                    self.programs.start_row(request.options, request.slot)
+                    request.row_started = True
+            self._pending.append(self.programs.mixed_step(rows, chunks, shape, self._step_bitmask))
+            for request, ids, final in chunks:
+                request.prefilled += len(ids)
+                if final:
+                    request.dispatched = 1
+                    self._prefilling.remove(request)
+                    self._cache_prefix(request)
         for r in rows:
             if r is not None:
                 r.dispatched += 1
         with self._lock:
             self._stats["decode_steps"] += 1
             self._stats["decode_rows"] += len(rows)
-            self._stats["prefill_chunks"] += chunk_owner is not None
+            self._stats["prefill_chunks"] += len(chunks)
+
+    def _plan_chunks(self) -> tuple[tuple[int, int] | None, list[tuple[Request, list[int], bool]]]:
+        """The prompt chunks of this step: of the compiled (count, chunk) shapes, the one that puts
+        the most prompt tokens in (first come, first served: the first `count` prompts going in),
+        then the least padding, then the fewest prompts (the earliest finishes first).
+        Returns the shape and (request, token ids, final) per chunk."""
+        remaining = [len(r.prompt_ids) - r.prefilled for r in self._prefilling]
+        if not remaining or not self.programs.chunks:
+            return None, []
+        best, best_key = None, None
+        for count, chunk in self.programs.chunk_shapes:
+            tokens = sum(min(left, chunk) for left in remaining[:count])
+            key = (-tokens, count * chunk, count)
+            if best_key is None or key < best_key:
+                best, best_key = (count, chunk), key
+        count, chunk = best
+        chunks = []
+        for request, left in zip(list(self._prefilling)[:count], remaining):
+            start = request.prefilled
+            chunks.append((request, request.prompt_ids[start : start + chunk], left <= chunk))
+        return best, chunks
 
     def _step_bitmask(self, rows: list[Request | None]):
         """The allowed tokens of a step's rows (None when no row is constrained), called by the
@@ -597,6 +685,7 @@ class Engine:
                 self._inbox.put(("abort", request.id))
 
     def _finish(self, request: Request, delta: Delta) -> None:
+        self._cache_prefix(request)
         if request.slot is not None and self._slot_owner[request.slot] is request:
             self._slot_owner[request.slot] = None
         if request in self._prefilling:
@@ -619,9 +708,15 @@ class Engine:
                 self._finish(request, request.end("abort", error="the server is shutting down"))
 
     def _publish_counts(self) -> None:
+        prefix = None if self._prefix is None else self._prefix.stats()
         with self._lock:
             self._stats["waiting"] = len(self._waiting)
             self._stats["running"] = sum(r is not None for r in self._slot_owner)
+            if prefix is not None:
+                self._stats["prefix_blocks_used"] = prefix.blocks_used
+                self._stats["prefix_blocks_evicted"] = prefix.blocks_evicted
+                self._stats["prefix_queried_tokens"] = prefix.queried_tokens
+                self._stats["prefix_hit_tokens"] = prefix.hit_tokens
 
     def _fail_all(self, message: str) -> None:
         for request in [*self._waiting, *self._requests.values()]:
@@ -638,3 +733,30 @@ class Engine:
                 break
             if command[0] == "submit" and not command[1].finished:
                 self._finish(command[1], command[1].end("error", error=message))
+
+
+def _prefix_cache_blocks(model, slots: int, max_len: int, blocks: int | None, gigabytes: float | None) -> int:
+    """The prefix cache's size in blocks: `blocks`, or what `gigabytes` of keys and values hold, or
+    by default as many tokens as the batch cache."""
+    if blocks is not None and gigabytes is not None:
+        raise EngineError("give the prefix cache's size in blocks or in GiB, not both")
+    config = model.config
+    block_bytes = (
+        2
+        * config.num_hidden_layers
+        * DEFAULT_BLOCK_TOKENS
+        * config.num_key_value_heads
+        * config.head_dim
+        * np.dtype(model.dtype).itemsize
+    )
+    if gigabytes is not None:
+        if not gigabytes > 0:
+            raise EngineError(f"prefix_cache_gb must be > 0, got {gigabytes}")
+        blocks = int(gigabytes * 2**30 // block_bytes)
+        if blocks < 1:
+            raise EngineError(f"prefix_cache_gb={gigabytes} holds no block of {block_bytes} bytes")
+    if blocks is None:
+        return max(1, slots * max_len // DEFAULT_BLOCK_TOKENS)
+    if blocks < 1:
+        raise EngineError(f"prefix_cache_blocks must be >= 1, got {blocks}")
+    return int(blocks)

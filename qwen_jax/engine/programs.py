@@ -9,11 +9,13 @@ compiles while serving):
   history, token index).
 - `insert[bucket]`: `KVCache.insert` of a prefilled one-row cache, and its row state, into a slot.
 - `start`: a request's row state into a slot whose cache row is emptied (before chunked prefill).
-- `mixed[width, chunk]`: a decode step of the first `width` slots fused with the next chunk (up to
-  `chunk` tokens) of one slot's prompt, written into that slot's cache row (chunked prefill,
-  `qwen_jax.model.mixed.mixed_hidden_states`): the decode rows ride on the chunk's matrix products
-  instead of waiting for a separate prefill. The chunk's row is one of the `width` rows (idle in
-  the decode part); its logits are those of the chunk's last real token.
+- `mixed[width, count, chunk]`: a decode step of the first `width` slots fused with the next
+  chunks (up to `chunk` tokens each) of the prompts of up to `count` slots, each written into its
+  slot's cache row (chunked prefill, `qwen_jax.model.mixed.mixed_hidden_states`): the decode rows
+  ride on the chunks' matrix products instead of waiting for a separate prefill. `chunk_shapes`
+  lists the (count, chunk) pairs: one chunk of any compiled length, or several short ones within
+  the token budget (`prefill_chunk`). A chunk's row is one of the `width` rows (idle in the
+  decode part); its logits are those of the chunk's last real token.
 - `decode[width]`: one token for each of the first `width` slots (`decode_widths`: 1, 2, 4, ...,
   slots); each row attends to its own filled cache and advances its own length (`KVCache`
   contract); idle rows keep their length. The engine keeps its requests in the lowest slots, so a
@@ -139,6 +141,22 @@ def chunk_buckets(prefill_chunk: int) -> tuple[int, ...]:
     return (*out, prefill_chunk)
 
 
+def chunk_shapes(chunks: tuple[int, ...], widths: tuple[int, ...], budget: int) -> tuple[tuple[int, int], ...]:
+    """The (count, chunk) shapes of the mixed step's prompt chunks: one chunk of every compiled
+    length, and for each `count` of several (a decode width) the longest compiled chunk length
+    whose total fits the token budget `budget`, so that a burst of short prompts goes in together
+    in one step. One length per count: a mixed step of several chunks runs one attention call per
+    chunk in every layer, so these programs are the slowest to compile, and shorter lengths would
+    save only padding of prompts that fit anyway."""
+    one = [(1, chunk) for chunk in chunks]
+    several = []
+    for count in widths[1:]:
+        fitting = [chunk for chunk in chunks if count * chunk <= budget]
+        if fitting:
+            several.append((count, fitting[-1]))
+    return (*one, *several)
+
+
 MAX_COMPILE_WORKERS = 8
 _PRIME_LOCK = threading.Lock()  # guards `_Program.primed` (engines may prime from several threads)
 
@@ -167,6 +185,11 @@ def decode_widths(slots: int) -> tuple[int, ...]:
     return (*widths, slots)
 
 
+def block_counts(most: int) -> tuple[int, ...]:
+    """Block counts the prefix cache's copies are compiled for: powers of two below `most`, and `most`."""
+    return decode_widths(most)
+
+
 def _spec(shape, dtype, sharding=None) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
 
@@ -178,7 +201,18 @@ class EnginePrograms:
     may be called from any thread.
     """
 
-    def __init__(self, model, *, slots: int, max_len: int, buckets=None, pad_id: int = 0, prefill_chunk: int = 64):
+    def __init__(
+        self,
+        model,
+        *,
+        slots: int,
+        max_len: int,
+        buckets=None,
+        pad_id: int = 0,
+        prefill_chunk: int = 64,
+        prefix_blocks: int = 0,
+        block_tokens: int = 16,
+    ):
         self.config = model.config
         self.vocab = model.config.vocab_size
         self.slots = slots
@@ -187,6 +221,7 @@ class EnginePrograms:
         self.widths = decode_widths(slots)
         # Chunked prefill fused with decoding (0: off, every prompt is prefilled alone).
         self.chunks = chunk_buckets(min(prefill_chunk, max_len - 1)) if prefill_chunk else ()
+        self.chunk_shapes = chunk_shapes(self.chunks, self.widths, prefill_chunk)
         self.pad_id = int(pad_id)
         self.dtype = model.dtype
         self.graphdef, self.state = nnx.split(model)
@@ -204,6 +239,15 @@ class EnginePrograms:
         self.slot_state = self._put(self._empty_state(slots))
         self.bitmask_words = bitmask_words(self.vocab)
         self._free_bitmasks: dict[int, jax.Array] = {}  # rows -> an all-ones bitmask on the device
+        # The prefix cache's pool of KV blocks: (keys, values), each [layers, blocks, block_tokens, kv_heads, head_dim].
+        self.block_tokens = int(block_tokens)
+        self.prefix_blocks = int(prefix_blocks)
+        self.copy_counts = block_counts(max(1, max_len // self.block_tokens)) if prefix_blocks else ()
+        self.pool = None
+        if prefix_blocks:
+            shape = self._pool_shape()
+            pool = (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+            self.pool = pool if self.mesh is None else jax.device_put(pool, self._pool_sharding())
 
     # ------------------------------------------------------------------ placement
     def _replicated(self) -> NamedSharding | None:
@@ -216,6 +260,21 @@ class EnginePrograms:
         shape = (self.config.num_hidden_layers, batch, length, self.config.num_key_value_heads, self.config.head_dim)
         kv = named_sharding(KVCache.logical_axes(), shape, self.mesh, self.rules)
         return KVCache(kv, kv, self._replicated())
+
+    def _pool_shape(self) -> tuple[int, ...]:
+        c = self.config
+        return (c.num_hidden_layers, self.prefix_blocks, self.block_tokens, c.num_key_value_heads, c.head_dim)
+
+    def _pool_sharding(self) -> tuple[NamedSharding, NamedSharding] | None:
+        if self.mesh is None:
+            return None
+        axes = ("layers", None, None, "kv_heads", "head_dim")
+        sharding = named_sharding(axes, self._pool_shape(), self.mesh, self.rules)
+        return sharding, sharding
+
+    def _pool_spec(self):
+        shardings = self._pool_sharding() or (None, None)
+        return tuple(_spec(self._pool_shape(), self.dtype, s) for s in shardings)
 
     def _logits_sharding(self, rows: int) -> NamedSharding | None:
         if self.mesh is None:
@@ -286,7 +345,8 @@ class EnginePrograms:
 
         def zeros(info, sharding):
             array = np.zeros(info.shape, info.dtype)
-            return jax.device_put(array, sharding) if sharding is not None else jnp.asarray(array)
+            # device_put, not jnp.asarray: the latter compiles a small program per new shape.
+            return jax.device_put(array, sharding) if sharding is not None else jax.device_put(array)
 
         state_structure = jax.tree.structure(self.state)
         start = time.perf_counter()
@@ -317,9 +377,10 @@ class EnginePrograms:
         own compile times, so it can exceed the wall clock."""
         start = time.perf_counter()
         jobs = [
-            functools.partial(self._mixed_executable, width, chunk)
-            for chunk in reversed(self.chunks)
+            functools.partial(self._mixed_executable, width, count, chunk)
+            for count, chunk in reversed(self.chunk_shapes)
             for width in reversed(self.widths)
+            if count <= width
         ]
         jobs += [functools.partial(self._prefill_executable, bucket) for bucket in reversed(self.buckets)]
         jobs += [functools.partial(self._decode_executable, width) for width in reversed(self.widths)]
@@ -334,6 +395,8 @@ class EnginePrograms:
         jobs.append(self._move_executable)
         if self.chunks:
             jobs.append(self._start_executable)
+        jobs += [functools.partial(self._copy_in_executable, count) for count in self.copy_counts]
+        jobs += [functools.partial(self._copy_out_executable, count) for count in self.copy_counts]
         workers = default_compile_workers() if workers is None else int(workers)
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -531,19 +594,20 @@ class EnginePrograms:
 
         return self._executable(("start",), build)
 
-    def _mixed_executable(self, width: int, chunk: int):
-        def mixed(state, cache: KVCache, slot_state: SlotState, active, chunk_ids, chunk_length, slot):
+    def _mixed_executable(self, width: int, count: int, chunk: int):
+        def mixed(state, cache: KVCache, slot_state: SlotState, active, chunk_ids, chunk_lengths, chunk_rows):
             model = nnx.merge(self.graphdef, state)
             decoded, prefilled, cache = mixed_hidden_states(
-                model, slot_state.tokens[:width], active, chunk_ids, chunk_length, slot, cache
+                model, slot_state.tokens[:width], active, chunk_ids, chunk_lengths, chunk_rows, cache
             )
-            last = jax.lax.dynamic_index_in_dim(prefilled, chunk_length - 1, 0)  # [1, D]
-            hidden = jax.lax.dynamic_update_slice_in_dim(decoded, last, slot, 0)  # the chunk's row: its last token
+            last = prefilled[jnp.arange(count), jnp.maximum(chunk_lengths - 1, 0)]  # [count, D]
+            # Each chunk's row gets the hidden state of its last token (a padding chunk's row is out of range).
+            hidden = decoded.at[chunk_rows].set(last, mode="drop")
             logits = model.logits(hidden[:, None])[:, 0]
-            valid = jnp.arange(chunk, dtype=jnp.int32)[None, :] < chunk_length
+            valid = jnp.arange(chunk, dtype=jnp.int32)[None, :] < chunk_lengths[:, None]
             history = slot_state.history
-            row_seen = mark_seen(jax.lax.dynamic_index_in_dim(history.seen, slot, 0), chunk_ids, valid)
-            seen = jax.lax.dynamic_update_index_in_dim(history.seen, row_seen[0], slot, 0)
+            rows_seen = mark_seen(history.seen.at[chunk_rows].get(mode="fill", fill_value=False), chunk_ids, valid)
+            seen = history.seen.at[chunk_rows].set(rows_seen, mode="drop")
             return logits, cache, dataclasses.replace(slot_state, history=dataclasses.replace(history, seen=seen))
 
         def build():
@@ -559,14 +623,14 @@ class EnginePrograms:
                     self._cache_spec(self.slots, self.max_len),
                     self._slot_state_spec(self.slots),
                     self._scalar_spec((width,), jnp.bool_),
-                    self._scalar_spec((1, chunk)),
-                    self._scalar_spec(),
-                    self._scalar_spec(),
+                    self._scalar_spec((count, chunk)),
+                    self._scalar_spec((count,)),
+                    self._scalar_spec((count,)),
                 )
                 .compile()
             )
 
-        return self._executable(("mixed", width, chunk), build)
+        return self._executable(("mixed", width, count, chunk), build)
 
     def _move_executable(self):
         def move(cache: KVCache, slot_state: SlotState, source, target):
@@ -593,6 +657,77 @@ class EnginePrograms:
             )
 
         return self._executable(("move",), build)
+
+    def _copy_in_executable(self, count: int):
+        """Up to `count` pool blocks into the first slots of a cache row, which then holds `length`
+        tokens, with the request's row state (as `start`)."""
+        size = self.block_tokens
+
+        def copy_in(cache: KVCache, slot_state, pool, blocks, used, slot, row_state):
+            index = jnp.arange(count, dtype=jnp.int32)
+            positions = jnp.where(index < used, index, self.max_len)[:, None] * size + jnp.arange(size)[None, :]
+            positions = positions.reshape(-1)  # past max_len (unused entries): dropped
+
+            def put(whole, blocks_kv):
+                rows = blocks_kv.at[:, blocks].get(mode="fill", fill_value=0)  # [L, count, size, K, H]
+                rows = rows.reshape(rows.shape[0], count * size, *rows.shape[3:])
+                return whole.at[:, slot, positions].set(rows, mode="drop")
+
+            slot_state = jax.tree.map(
+                lambda whole, row: jax.lax.dynamic_update_index_in_dim(whole, row[0], slot, 0), slot_state, row_state
+            )
+            lengths = cache.lengths.at[slot].set(used * size)
+            return KVCache(put(cache.k, pool[0]), put(cache.v, pool[1]), lengths), slot_state
+
+        def build():
+            out_shardings = (
+                None if self.mesh is None else (self._cache_sharding(self.slots, self.max_len), self._replicated())
+            )
+            return (
+                jax.jit(copy_in, donate_argnums=(0, 1), out_shardings=out_shardings)
+                .lower(
+                    self._cache_spec(self.slots, self.max_len),
+                    self._slot_state_spec(self.slots),
+                    self._pool_spec(),
+                    self._scalar_spec((count,)),
+                    self._scalar_spec(),
+                    self._scalar_spec(),
+                    self._slot_state_spec(1),
+                )
+                .compile()
+            )
+
+        return self._executable(("copy_in", count, self.prefix_blocks), build)  # the pool size is in the shapes
+
+    def _copy_out_executable(self, count: int):
+        """Up to `count` blocks of a cache row into pool blocks (an out-of-range pool block: skipped)."""
+        size = self.block_tokens
+
+        def copy_out(pool, cache: KVCache, slot, row_blocks, blocks):
+            positions = (row_blocks[:, None] * size + jnp.arange(size)[None, :]).reshape(-1)
+
+            def take(whole, blocks_kv):
+                row = jax.lax.dynamic_index_in_dim(whole, slot, 1, keepdims=False)  # [L, S, K, H]
+                rows = row.at[:, positions].get(mode="fill", fill_value=0)
+                rows = rows.reshape(rows.shape[0], count, size, *rows.shape[2:])
+                return blocks_kv.at[:, blocks].set(rows, mode="drop")
+
+            return take(cache.k, pool[0]), take(cache.v, pool[1])
+
+        def build():
+            return (
+                jax.jit(copy_out, donate_argnums=0, out_shardings=self._pool_sharding())
+                .lower(
+                    self._pool_spec(),
+                    self._cache_spec(self.slots, self.max_len),
+                    self._scalar_spec(),
+                    self._scalar_spec((count,)),
+                    self._scalar_spec((count,)),
+                )
+                .compile()
+            )
+
+        return self._executable(("copy_out", count, self.prefix_blocks), build)
 
     # ------------------------------------------------------------------ running
     def prefill_into_slot(
@@ -635,31 +770,36 @@ class EnginePrograms:
     def mixed_step(
         self,
         rows: list,
-        chunk_ids: list[int],
-        slot: int,
-        request,
-        final: bool,
+        chunks: list[tuple[Any, list[int], bool]],
+        shape: tuple[int, int],
         bitmask: BitmaskFunction | None = None,
     ) -> StepOutputs:
-        """A decode step of `rows` (as in `decode_step`; `rows[slot]` is None) fused with the prompt
-        tokens `chunk_ids` of the request prefilling `slot`. With `final` (the prompt's last chunk),
-        the request's first token is sampled too and it decodes from the next step on (`bitmask`
-        as in `decode_step`, its rows including that request's)."""
-        width, length = len(rows), len(chunk_ids)
-        if not slot < width or rows[slot] is not None:
-            raise ValueError(f"slot {slot} must be an idle row of the {width} decoded")
-        chunk = self.chunk_for(length)
-        ids = np.full((1, chunk), self.pad_id, np.int32)
-        ids[0, :length] = chunk_ids
-        active = np.asarray([r is not None for r in rows])
-        active_arg, ids, length_arg, slot_arg = self._put((active, ids, np.int32(length), np.int32(slot)))
-        logits, self.cache, self.slot_state = self._mixed_executable(width, chunk)(
-            self.state, self.cache, self.slot_state, active_arg, ids, length_arg, slot_arg
-        )
+        """A decode step of `rows` (as in `decode_step`) fused with prompt chunks: `chunks` holds
+        (request, prompt token ids, final) per request prefilling; `rows[request.slot]` must be None.
+        `shape` = (count, chunk) is one of `chunk_shapes`, with count >= len(chunks) and every chunk
+        at most `chunk` tokens (the unused entries are padding chunks). A `final` chunk (the
+        prompt's last) also samples the request's first token; it decodes from the next step on
+        (`bitmask` as in `decode_step`, its rows including those requests')."""
+        width, (count, chunk) = len(rows), shape
+        if not 1 <= len(chunks) <= count or any(len(ids) > chunk for _, ids, _ in chunks):
+            raise ValueError(f"{len(chunks)} chunks do not fit the chunk shape {shape}")
+        ids = np.full((count, chunk), self.pad_id, np.int32)
+        lengths = np.zeros(count, np.int32)
+        chunk_rows = np.full(count, self.slots, np.int32)  # out of range: a padding chunk
         rows = list(rows)
-        if final:
-            rows[slot] = request
-        take = self._put(np.asarray([r is not None for r in rows])) if final else active_arg
+        for i, (request, chunk_ids, _) in enumerate(chunks):
+            if not request.slot < width or rows[request.slot] is not None:
+                raise ValueError(f"slot {request.slot} must be an idle row of the {width} decoded")
+            ids[i, : len(chunk_ids)], lengths[i], chunk_rows[i] = chunk_ids, len(chunk_ids), request.slot
+        active = np.asarray([r is not None for r in rows])
+        active_arg, ids, lengths, chunk_rows = self._put((active, ids, lengths, chunk_rows))
+        logits, self.cache, self.slot_state = self._mixed_executable(width, count, chunk)(
+            self.state, self.cache, self.slot_state, active_arg, ids, lengths, chunk_rows
+        )
+        finals = [request for request, _, final in chunks if final]
+        for request in finals:
+            rows[request.slot] = request
+        take = self._put(np.asarray([r is not None for r in rows])) if finals else active_arg
         return self._sample_step(rows, logits, take, bitmask)
 
     def _sample_step(self, rows: list, logits, take, bitmask: BitmaskFunction | None) -> StepOutputs:
@@ -672,6 +812,25 @@ class EnginePrograms:
         wants_logprobs = any(r is not None and r.top_logprobs is not None for r in rows)
         logprobs = self._logprobs_executable(width)(logits, tokens) if wants_logprobs else None
         return StepOutputs(list(rows), tokens, logprobs)
+
+    def copy_in(self, slot: int, blocks: list[int], options: SamplingOptions, prefix_ids: list[int]) -> None:
+        """Fill `slot`'s cache row with the pool `blocks` (a cached prefix `prefix_ids`) and give it
+        the request's sampling state, its prefix seen (dispatched, not awaited; before `mixed_step`)."""
+        count = next(c for c in self.copy_counts if c >= len(blocks))
+        padded = np.full(count, self.prefix_blocks, np.int32)
+        padded[: len(blocks)] = blocks
+        args = self._put((padded, np.int32(len(blocks)), np.int32(slot), _row_state(options, self.vocab, prefix_ids)))
+        self.cache, self.slot_state = self._copy_in_executable(count)(self.cache, self.slot_state, self.pool, *args)
+
+    def copy_out(self, slot: int, copies: list[tuple[int, int]]) -> None:
+        """Copy blocks of `slot`'s cache row into the pool: (block index in the row, pool block) pairs."""
+        for start in range(0, len(copies), self.copy_counts[-1]):
+            part = copies[start : start + self.copy_counts[-1]]
+            count = next(c for c in self.copy_counts if c >= len(part))
+            row_blocks, blocks = np.zeros(count, np.int32), np.full(count, self.prefix_blocks, np.int32)
+            row_blocks[: len(part)], blocks[: len(part)] = zip(*part)
+            args = self._put((np.int32(slot), row_blocks, blocks))
+            self.pool = self._copy_out_executable(count)(self.pool, self.cache, *args)
 
     def move(self, source: int, target: int) -> None:
         """Copy slot `source`'s cache row and state into slot `target` (dispatched, not awaited)."""
@@ -690,6 +849,9 @@ def _engine_variant(options: list[SamplingOptions]) -> SamplerVariant:
     return covering_variant(variant_for(o.draw_settings for o in options), ENGINE_VARIANTS)
 
 
-def _row_state(options: SamplingOptions, vocab: int) -> SlotState:
-    """A request's one-row state on the host: its settings and seed, an empty history with its logit bias."""
-    return SlotState(np.zeros(1, np.int32), row_params(options, [options.seed]), initial_history(options, vocab, [[]]))
+def _row_state(options: SamplingOptions, vocab: int, seen: list[int] | tuple = ()) -> SlotState:
+    """A request's one-row state on the host: its settings and seed, a history with its logit bias
+    and the prompt tokens `seen` so far (a cached prefix), nothing generated."""
+    return SlotState(
+        np.zeros(1, np.int32), row_params(options, [options.seed]), initial_history(options, vocab, [list(seen)])
+    )

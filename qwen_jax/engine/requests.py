@@ -95,6 +95,7 @@ class Delta:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # generated so far, this delta included
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache (not prefilled)
 
 
 @dataclasses.dataclass
@@ -111,6 +112,7 @@ class Completion:
     error: str | None = None
     time_to_first_token_s: float | None = None
     latency_s: float = 0.0
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache (not prefilled)
 
     @property
     def completion_tokens(self) -> int:
@@ -197,6 +199,8 @@ class Request:
         self.slot: int | None = None
         self.dispatched = 0  # tokens whose computation has been dispatched to the device
         self.prefilled = 0  # prompt tokens whose prefill has been dispatched
+        self.row_started = False  # its slot's cache row and sampling state are set up for chunked prefill
+        self.cached_tokens = 0  # prompt tokens copied from the prefix cache
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.submitted_at = time.perf_counter()
@@ -241,6 +245,7 @@ class Request:
             error=error,
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.token_ids),
+            cached_tokens=self.cached_tokens,
         )
 
     def end(self, reason: str, error: str | None = None) -> Delta:
@@ -255,6 +260,7 @@ class Request:
             error=error,
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.token_ids),
+            cached_tokens=self.cached_tokens,
         )
 
     def completion(self, error: str | None = None) -> Completion:
@@ -270,4 +276,5 @@ class Request:
             error,
             ttft,
             time.perf_counter() - self.submitted_at,
+            self.cached_tokens,
         )

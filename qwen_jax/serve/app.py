@@ -168,6 +168,7 @@ class _Choice:
         self.prefix = prefix  # forced tool-call text, part of the answer but not generated
         self.text = ""
         self.token_ids: list[int] = []
+        self.cached_tokens = 0  # prompt tokens the engine took from its prefix cache
         self.logprobs: list = []
         self.finish_reason: str | None = None
         self.error: str | None = None
@@ -441,6 +442,7 @@ class _Server:
                 choice = by_id[delta.request_id]
                 choice.timer.tokens(len(delta.token_ids))
                 choice.token_ids += delta.token_ids
+                choice.cached_tokens = delta.cached_tokens
                 if delta.logprobs:
                     choice.logprobs += delta.logprobs
                 if delta.finish_reason is not None:
@@ -469,7 +471,7 @@ class _Server:
             "created": kind.created,
             "model": self.model_name,
             "choices": [kind.final_choice(c) for c in choices],
-            "usage": _usage(prompt_tokens, completion_tokens),
+            "usage": _usage(prompt_tokens, completion_tokens, _cached_tokens(choices, kind.body.n)),
         }
 
     async def _stream(
@@ -488,7 +490,9 @@ class _Server:
                     yield _event(chunk)
             else:
                 if body.stream_options is not None and body.stream_options.include_usage:
-                    usage = _usage(prompt_tokens, sum(len(c.token_ids) for c in choices))
+                    usage = _usage(
+                        prompt_tokens, sum(len(c.token_ids) for c in choices), _cached_tokens(choices, body.n)
+                    )
                     yield _event({**kind.envelope(), "choices": [], "usage": usage})
             yield "data: [DONE]\n\n"
         except _ClientGone:
@@ -516,12 +520,19 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+
+
+def _cached_tokens(choices: list[_Choice], n: int) -> int:
+    """Prompt tokens read from the prefix cache, counted once per prompt (as `prompt_tokens` is): the
+    choices of a prompt are `n` consecutive ones, and the most any of them found counts."""
+    return sum(max(c.cached_tokens for c in choices[i : i + n]) for i in range(0, len(choices), max(1, n)))
 
 
 def _finish_reason(choice: _Choice, tool_calls: bool) -> str:

@@ -47,8 +47,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prefill-chunk",
         type=int,
         default=None,
-        help="prompt tokens prefilled per step while other requests decode, fused with their decode "
-        "step (default 256 on CPU, 512 on GPU/TPU; 0: prefill each prompt whole, pausing decoding)",
+        help="prompt tokens prefilled per step (the token budget shared by the prompts going in), fused with "
+        "the decode step of running requests (default 256 on CPU, 512 on GPU/TPU; 0: prefill each prompt whole, "
+        "pausing decoding, and no prefix cache)",
+    )
+    parser.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="do not keep the KV of prompts and finished requests for reuse (prefix caching is on by default)",
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--prefix-cache-gb", type=float, help="GiB of keys/values the prefix cache holds")
+    size.add_argument(
+        "--prefix-cache-blocks",
+        type=int,
+        help="blocks of 16 tokens the prefix cache holds (default: as many tokens as the slots, slots x max-len)",
     )
     parser.add_argument(
         "--api-key",
@@ -145,11 +159,14 @@ def run(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk,
+        prefix_cache=args.prefix_cache,
+        prefix_cache_blocks=args.prefix_cache_blocks,
+        prefix_cache_gb=args.prefix_cache_gb,
     )
     if args.warmup:
         print(
             f"qwen-jax serve: compiling {len(engine.programs.buckets)} prefill buckets, decode and mixed steps "
-            f"({len(engine.programs.widths)} widths x {len(engine.programs.chunks)} chunk lengths) and samplers "
+            f"({len(engine.programs.widths)} widths x {len(engine.programs.chunk_shapes)} chunk shapes) and samplers "
             f"on {default_compile_workers()} threads...",
             file=sys.stderr,
             flush=True,

@@ -77,8 +77,31 @@ class _EngineCollector:
         )
         yield CounterMetricFamily(
             "qwen_jax_prefill_chunks",
-            "Decode steps that also prefilled a chunk of a prompt (chunked prefill fused with decoding)",
+            "Prompt chunks prefilled by decode steps (chunked prefill fused with decoding)",
             value=stats.prefill_chunks,
+        )
+        yield CounterMetricFamily(
+            "qwen_jax_prefix_cache_queried_tokens",
+            "Prompt tokens looked up in the prefix cache",
+            value=stats.prefix_cache_queried_tokens,
+        )
+        yield CounterMetricFamily(
+            "qwen_jax_prefix_cache_hit_tokens",
+            "Prompt tokens found in the prefix cache (copied, not prefilled)",
+            value=stats.prefix_cache_hit_tokens,
+        )
+        yield GaugeMetricFamily(
+            "qwen_jax_prefix_cache_blocks", "Blocks of the prefix cache (0: off)", value=stats.prefix_cache_blocks
+        )
+        yield GaugeMetricFamily(
+            "qwen_jax_prefix_cache_blocks_used",
+            "Blocks of the prefix cache in use",
+            value=stats.prefix_cache_blocks_used,
+        )
+        yield CounterMetricFamily(
+            "qwen_jax_prefix_cache_blocks_evicted",
+            "Blocks evicted from the prefix cache (least recently used first)",
+            value=stats.prefix_cache_blocks_evicted,
         )
         yield GaugeMetricFamily(
             "qwen_jax_generation_tokens_per_second",

@@ -8,7 +8,7 @@ import pytest
 from serving import ENGINE_CHUNK as CHUNK
 from serving import ENGINE_MAX_LEN as MAX_LEN
 from serving import ENGINE_SLOTS as SLOTS
-from serving import tiny_engine, tiny_model, wait_until  # noqa: F401 (fixtures)
+from serving import tiny_engine, tiny_engine_uncached, tiny_model, wait_until  # noqa: F401 (fixtures)
 
 import qwen_jax
 from qwen_jax.errors import EngineClosedError, EngineError, QueueFullError
@@ -240,10 +240,12 @@ def test_gaps_are_closed_and_steps_run_only_the_rows_in_use(engine):
     assert steps >= 23 and rows <= 4 * 4 + 2 * (steps - 4), (steps, rows)  # width 4 while 3 run, then 2
 
 
-def test_prompts_go_in_chunk_by_chunk_while_others_decode(engine):
+def test_prompts_go_in_chunk_by_chunk_while_others_decode(tiny_engine_uncached):
     """A long prompt admitted while requests decode is prefilled over several mixed steps (each
     also decoding the running rows); the running requests keep generating meanwhile, and every
-    request gives exactly what it gives alone (a multi-chunk prompt alone is prefilled whole)."""
+    request gives exactly what it gives alone (a multi-chunk prompt alone is prefilled whole).
+    Without a prefix cache, so that the prompts, just run alone, are prefilled again."""
+    engine = tiny_engine_uncached
     long_prompt = "Once upon a time in a land far away, a fox"  # 42 tokens: chunks of 16, 16 and 10
     assert len(long_prompt) > 2 * CHUNK
     settings = [
@@ -516,3 +518,40 @@ def test_evicting_the_shared_cache_recompiles_nothing_the_engine_holds(engine):
         EXECUTABLES.max_entries = bound
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
+
+
+@pytest.fixture(scope="module")
+def budget_engine(tiny_model):
+    """An engine whose token budget (128) lets up to 8 short prompts go in together in one step."""
+    model, tokenizer = tiny_model
+    engine = qwen_jax.Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN, prefill_chunk=128)
+    yield engine
+    engine.shutdown()
+
+
+def test_a_burst_of_prompts_goes_in_in_one_step(budget_engine, engine):
+    """Eight requests submitted at once are prefilled together, as eight chunks of one mixed step,
+    and a long prompt arriving while they decode shares the budget with a short one; every request
+    gives exactly the tokens it gives alone (greedy and seeded)."""
+    prompts = ["The quick fox", "Hello there", "a", "Once upon a time", "12345 678", "zz top", "Lorem ipsum", "9 lives"]
+    settings = [dict(max_new_tokens=12, temperature=0.8 * (i % 2), seed=i, top_k=30) for i in range(len(prompts))]
+    alone = [_tokens(engine, p, **o).token_ids for p, o in zip(prompts, settings)]
+    before = budget_engine.stats()
+    handles = [budget_engine.submit(p, **o) for p, o in zip(prompts, settings)]
+    assert [h.result(120).token_ids for h in handles] == alone
+    after = budget_engine.stats()
+    # At most the first request (if the engine thread took it up alone) is prefilled whole; one step put the
+    # others in (one chunk of at most 16 tokens each) and sampled their first tokens; each further step decoded.
+    # One chunk per step would have taken 7 steps for them.
+    assert after.prefill_chunks - before.prefill_chunks >= len(prompts) - 1
+    assert after.decode_steps - before.decode_steps <= 2 + 12, (before, after)
+    long_prompt = "Once upon a time in a land far away, a fox"
+    late = [
+        budget_engine.submit(p, max_new_tokens=10, temperature=0)
+        for p in (OTHERS[0], long_prompt, OTHERS[3], long_prompt[::-1])
+    ]
+    reference = [_tokens(engine, p, max_new_tokens=10, temperature=0).token_ids for p in (OTHERS[0], long_prompt)]
+    assert [h.result(120).token_ids for h in late[:2]] == reference
+    assert (
+        late[3].result(120).token_ids == _tokens(engine, long_prompt[::-1], max_new_tokens=10, temperature=0).token_ids
+    )

@@ -354,6 +354,31 @@ def test_metrics_count_what_happened(server, client):
     assert ("qwen_jax_generation_tokens_per_second", ()) in after and ("qwen_jax_queue_length", ()) in after
 
 
+def test_cached_tokens_in_usage_and_prefix_cache_metrics(server, client):
+    """A chat sent again hits the prefix cache: `usage.prompt_tokens_details.cached_tokens`
+    says how many prompt tokens were reused (whole blocks of 16), in responses and streams; /metrics counts them."""
+    messages = [{"role": "system", "content": "Riddles, always."}, *MESSAGES]  # 47 tokens: 2 whole blocks
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    before = _metrics(server)
+    again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert 0 < cached < again.usage.prompt_tokens and cached % 16 == 0
+    after = _metrics(server)
+    hits = (
+        after[("qwen_jax_prefix_cache_hit_tokens_total", ())] - before[("qwen_jax_prefix_cache_hit_tokens_total", ())]
+    )
+    assert hits == cached
+    queried = ("qwen_jax_prefix_cache_queried_tokens_total", ())
+    assert after[queried] - before[queried] == again.usage.prompt_tokens
+    assert after[("qwen_jax_prefix_cache_blocks_used", ())] > 0 and ("qwen_jax_prefix_cache_blocks", ()) in after
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=4, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    assert list(stream)[-1].usage.prompt_tokens_details.cached_tokens == cached
+
+
 def test_load_64_streams_equal_served_alone(server, client, tiny_engine):
     """64 concurrent streaming requests of mixed lengths on 8 slots: all complete, each equals itself served alone."""
     requests = []

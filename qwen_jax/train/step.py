@@ -40,8 +40,9 @@ from qwen_jax.train.config import TrainConfig
 
 optax = require("optax", extra="train", feature="training")
 
-Loss = Callable[[Qwen2ForCausalLM, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
-"""A training objective: `(model, micro-batch) -> (summed loss, count it averages over)`, float32 scalars."""
+Loss = Callable[[Qwen2ForCausalLM, dict[str, jax.Array]], tuple[jax.Array, ...]]
+"""A training objective: `(model, micro-batch) -> (summed loss, count it averages over)`, float32 scalars;
+a loss with metrics of its own (`TrainSteps(metrics=...)`) returns a third item, `{name: (sum, count)}`."""
 
 TrainState = dict[str, Any]
 """`{"params", "opt_state", "step", "rng"}` (see the module docstring)."""
@@ -181,6 +182,8 @@ class TrainSteps:
 
     dropout: the model has LoRA dropout to drive (a fresh key per step and micro-batch, derived
     from the state's rng, so a resumed run draws the same masks).
+    metrics: names of the loss's own metrics (see `Loss`); each is reported as its sums over the
+    micro-batches divided by its counts', besides `STEP_METRICS`.
     """
 
     def __init__(
@@ -196,7 +199,10 @@ class TrainSteps:
         grad_accum: int,
         seq_len: int,
         dropout: bool = False,
+        metrics: tuple[str, ...] = (),
     ):
+        self.loss_metrics = tuple(metrics)
+        self.metric_names = (*STEP_METRICS, *self.loss_metrics)
         self.loss, self.optimizer, self.schedule, self.trainable = loss, optimizer, schedule, trainable
         self.graphdef, params, frozen = nnx.split(model, trainable, ...)
         set_lora_deterministic(model, True)
@@ -232,7 +238,7 @@ class TrainSteps:
         self._train = jax.jit(
             self._train_step(dropout),
             in_shardings=(self.state_sharding, self.frozen_sharding, self.train_batch_sharding),
-            out_shardings=(self.state_sharding, {k: replicated for k in STEP_METRICS}),
+            out_shardings=(self.state_sharding, {k: replicated for k in self.metric_names}),
             donate_argnums=0,
         )
         self._evaluate = jax.jit(
@@ -290,12 +296,17 @@ class TrainSteps:
     # ---------------------------------------------------------------- the traced functions
     def _train_step(self, dropout: bool):
         graphdef, loss_fn, optimizer, schedule = self.graphdef, self.loss, self.optimizer, self.schedule
+        loss_metrics = self.loss_metrics
 
         def loss_and_count(params, frozen, micro, key):
             model = nnx.merge(graphdef, params, frozen, copy=True)
             if dropout:
                 set_lora_dropout_keys(model, key)
-            return loss_fn(model, micro)
+            if not loss_metrics:
+                loss, count = loss_fn(model, micro)
+                return loss, (count, {})
+            loss, count, sums = loss_fn(model, micro)
+            return loss, (count, {name: sums[name] for name in loss_metrics})
 
         def train_step(state, frozen, batch):
             params = state["params"]
@@ -303,18 +314,22 @@ class TrainSteps:
             grad_fn = jax.value_and_grad(loss_and_count, has_aux=True)
 
             def micro_step(carry, xs):
-                grads_sum, loss_sum, count_sum = carry
+                grads_sum, loss_sum, count_sum, sums = carry
                 micro, index = xs
-                (loss, count), grads = grad_fn(params, frozen, micro, jax.random.fold_in(step_key, index))
-                return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, count_sum + count), None
+                (loss, (count, micro_sums)), grads = grad_fn(params, frozen, micro, jax.random.fold_in(step_key, index))
+                sums = jax.tree.map(jnp.add, sums, micro_sums)
+                return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, count_sum + count, sums), None
 
             accum = batch["input_ids"].shape[0]
             if accum == 1:  # no accumulation loop: a smaller program that compiles faster
-                (loss_sum, count), grads = grad_fn(params, frozen, jax.tree.map(lambda x: x[0], batch), step_key)
+                micro = jax.tree.map(lambda x: x[0], batch)
+                (loss_sum, (count, sums)), grads = grad_fn(params, frozen, micro, step_key)
             else:
                 zeros = jax.tree.map(jnp.zeros_like, params)
-                init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-                (grads, loss_sum, count), _ = jax.lax.scan(micro_step, init, (batch, jnp.arange(accum)))
+                scalar = jnp.zeros((), jnp.float32)
+                no_sums = {name: (scalar, scalar) for name in loss_metrics}
+                init = (zeros, scalar, scalar, no_sums)
+                (grads, loss_sum, count, sums), _ = jax.lax.scan(micro_step, init, (batch, jnp.arange(accum)))
             denominator = jnp.maximum(count, 1.0)
             grads = jax.tree.map(lambda g: g / denominator, grads)
             updates, opt_state = optimizer.update(grads, state["opt_state"], params)
@@ -329,6 +344,7 @@ class TrainSteps:
                 "grad_norm": optax.tree.norm(grads),
                 "lr": schedule(state["step"]),
                 "target_tokens": count,
+                **{name: total / jnp.maximum(n, 1.0) for name, (total, n) in sums.items()},
             }
             return new_state, metrics
 
@@ -338,6 +354,6 @@ class TrainSteps:
         eval_graphdef, loss_fn = self.eval_graphdef, self.loss
 
         def eval_step(params, frozen, batch):
-            return loss_fn(nnx.merge(eval_graphdef, params, frozen, copy=True), batch)
+            return loss_fn(nnx.merge(eval_graphdef, params, frozen, copy=True), batch)[:2]
 
         return eval_step

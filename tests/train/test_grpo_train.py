@@ -134,26 +134,38 @@ def test_grpo_learns_a_reward_and_writes_the_outputs(grpo_setup, tmp_path):
 
 def test_qlora_grpo_resumes_after_sigterm_exactly(grpo_setup, tmp_path):
     """A QLoRA run (int8 base, adapters unmerged in the rollouts) with a KL term and two updates per
-    rollout, stopped by SIGTERM after step 2 and resumed, logs what an uninterrupted run logs."""
+    rollout, stopped by SIGTERM after step 2 and resumed, logs what an uninterrupted run logs. The
+    first step on a data x fsdp mesh of 8 devices logs what it logs on one device."""
     settings = dict(steps=4, num_iterations=2, beta=0.05, loss_type="grpo", quantize="int8")
     whole = tmp_path / "whole"
     assert GRPOTrainer(_config(grpo_setup, whole, **settings), log=lambda _: None).run() == 0
     parts = tmp_path / "parts"
 
-    def stop_after_two(trainer, step):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
+    def stop_after(last):
+        def stop(trainer, step):
+            if step == last:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return stop
 
     config = _config(grpo_setup, parts, **settings)
-    assert GRPOTrainer(config, log=lambda _: None).run(stop_after_two) == EXIT_PREEMPTED
+    assert GRPOTrainer(config, log=lambda _: None).run(stop_after(2)) == EXIT_PREEMPTED
     assert GRPOTrainer(config.replace(resume=True), log=lambda _: None).run() == 0
     expected, got = _metrics(whole), _metrics(parts)
     assert [m["step"] for m in got] == [1, 2, 3, 4]
     for a, b in zip(expected, got):
-        for key in ("reward", "loss", "kl", "completion_length"):
+        assert b["reward"] == a["reward"] and b["completion_length"] == a["completion_length"]
+        for key in ("loss", "kl", "entropy", "grad_norm"):
             np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=f"step {a['step']} {key}")
     assert expected[-1]["kl"] > 0
     assert max(m["logprob_diff"] for m in got) < 1e-4  # the int8 engine samples the policy the trainer scores
+    sharded = tmp_path / "sharded"
+    config = _config(grpo_setup, sharded, **settings, mesh="data=2,fsdp=4")
+    assert GRPOTrainer(config, log=lambda _: None).run(stop_after(1)) == EXIT_PREEMPTED
+    (on_mesh,) = _metrics(sharded)
+    assert on_mesh["reward"] == expected[0]["reward"]
+    for key in ("loss", "kl", "entropy", "grad_norm"):
+        np.testing.assert_allclose(on_mesh[key], expected[0][key], rtol=1e-4, atol=1e-6, err_msg=f"mesh {key}")
 
 
 def test_bad_grpo_input_is_named(grpo_setup, tmp_path):
@@ -175,3 +187,23 @@ def test_bad_grpo_input_is_named(grpo_setup, tmp_path):
         _config(grpo_setup, tmp_path / "d", reward=[])
     with pytest.raises(ConfigError, match="loss_type: 'sigmoid' is not a GRPO loss"):
         _config(grpo_setup, tmp_path / "e", loss_type="sigmoid")
+
+
+def test_reward_flags_repeat_and_yaml_lists(tmp_path):
+    import argparse
+
+    from qwen_jax.train import config as config_lib
+
+    parser = argparse.ArgumentParser()
+    config_lib.add_arguments(parser)
+    yaml_file = tmp_path / "grpo.yaml"
+    yaml_file.write_text("method: grpo\nreward: [math_accuracy, think_format]\nreward_weights: [1, 0.5]\n")
+    required = ["--model", "m", "--data", "d", "--out", "o"]
+    from_yaml = config_lib.from_args(parser.parse_args(["--config", str(yaml_file), *required]))
+    assert from_yaml.reward == ("math_accuracy", "think_format") and from_yaml.reward_weights == (1.0, 0.5)
+    args = ["--method", "grpo", "--reward", "a.py:f", "--reward", "b", "c:g", "--reward-weights", "1", "2", "3"]
+    from_flags = config_lib.from_args(parser.parse_args([*args, *required]))
+    assert from_flags.reward == ("a.py:f", "b", "c:g") and from_flags.reward_weights == (1.0, 2.0, 3.0)
+    with pytest.raises(ConfigError, match="reward_weights has 1 value"):
+        config_lib.from_args(parser.parse_args([*args[:6], "--reward-weights", "1", *required]))
+    assert TrainConfig().reward == () and TrainConfig().method == "sft"

@@ -8,6 +8,7 @@ from flax import nnx
 from serving import byte_checkpoint
 
 import qwen_jax
+from qwen_jax.compilation import compile_counts
 from qwen_jax.errors import EngineError
 from qwen_jax.model.lora import LoRAConfig, LoRAParam, apply_lora, merge_lora, set_lora_deterministic
 
@@ -35,6 +36,7 @@ def test_update_weights_switches_the_weights_without_compiling(tmp_path):
     try:
         before = _engine_greedy(engine)  # compiles the programs these prompts need
         assert before == _greedy(first, tokenizer)
+        programs = compile_counts()
         jax.monitoring.register_event_duration_secs_listener(listener)
         try:
             engine.update_weights(second)
@@ -43,7 +45,7 @@ def test_update_weights_switches_the_weights_without_compiling(tmp_path):
             back = _engine_greedy(engine)
         finally:
             jax.monitoring.unregister_event_duration_listener(listener)
-        assert compiles == []
+        assert compiles == [] and compile_counts() == programs
         assert after == _greedy(second, tokenizer) and after != before
         assert back == before
         # The arrays are the caller's, not copies.

@@ -20,8 +20,11 @@ rollout (`num_iterations=1`) the old log-probabilities are the current ones with
 stopped (r = 1, TRL's shortcut); with more, the trainer scores the rollout once with the rollout's
 parameters before the first update (`old_logps`).
 
-Rows (`GRPOBatch`): prompt then completion then padding, `seq_len` tokens, positions from 0; the
-loss covers the positions whose next token is a completion token (`weights`).
+Rows (`GRPOBatch`, `seq_len` tokens): the prompt right-aligned before column
+`seq_len - max_new_tokens`, where every completion starts (TRL left-pads its prompts the same way),
+then padding; positions count from the prompt's first token. The loss covers the positions whose
+next token is a completion token (`weights`); only the last `max_new_tokens + 1` positions can be
+such, so the output head runs on those alone (`logits_to_keep`), not on the prompts and their padding.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ def group_advantages(rewards: np.ndarray, num_generations: int, scale_rewards: s
 class GRPOBatch:
     """Rollout rows for the GRPO loss, every field `[rows, seq_len]` (`advantages` repeated along the row).
 
-    input_ids / positions / segment_ids / targets: prompt + completion, padding after (segment 0);
+    input_ids / positions / segment_ids / targets: padding, prompt, completion, padding (padding: segment 0);
     weights: 1.0 where the next token (`targets`) is a completion token the loss covers;
     advantages: the row's advantage; old_logps: log-probabilities at the rollout's parameters
     (used when num_iterations > 1); ref_logps: under the reference (used when beta > 0);
@@ -110,9 +113,11 @@ def build_batch(
     rollout_logps: Sequence[Sequence[float]],
     advantages: np.ndarray,
     seq_len: int,
+    max_new_tokens: int,
     loss_mask: np.ndarray | None = None,
 ) -> GRPOBatch:
-    """Rows of prompt + completion, right-padded to `seq_len` (each pair must fit).
+    """Rows of `seq_len` tokens, completions starting at column `seq_len - max_new_tokens` (each prompt
+    must fit before it, each completion after it).
 
     loss_mask: per row, False to leave the completion out of the loss (masked truncated completions)."""
     rows = len(completion_ids)
@@ -123,18 +128,22 @@ def build_batch(
     targets = np.zeros(shape, np.int32)
     weights = np.zeros(shape, np.float32)
     rollout = np.zeros(shape, np.float32)
+    completion_start = seq_len - max_new_tokens
     for row, (prompt, completion, logps) in enumerate(zip(prompt_ids, completion_ids, rollout_logps)):
+        if len(prompt) > completion_start or len(completion) > max_new_tokens:
+            raise ValueError(
+                f"row {row}: a prompt of {len(prompt)} tokens and a completion of {len(completion)} do not fit "
+                f"{completion_start} + {max_new_tokens} tokens"
+            )
         tokens = [*prompt, *completion]
-        length = len(tokens)
-        if length > seq_len:
-            raise ValueError(f"row {row}: {length} tokens do not fit seq_len {seq_len}")
-        input_ids[row, :length] = tokens
-        positions[row, :length] = np.arange(length)
-        segment_ids[row, :length] = 1
-        targets[row, : length - 1] = tokens[1:]
-        first = len(prompt) - 1  # the position whose next token is the first completion token
+        start, end = completion_start - len(prompt), completion_start + len(completion)
+        input_ids[row, start:end] = tokens
+        positions[row, start:end] = np.arange(len(tokens))
+        segment_ids[row, start:end] = 1
+        targets[row, start : end - 1] = tokens[1:]
+        first = completion_start - 1  # the position whose next token is the first completion token
         if loss_mask is None or loss_mask[row]:
-            weights[row, first : length - 1] = 1.0
+            weights[row, first : end - 1] = 1.0
         rollout[row, first : first + len(logps)] = logps
     repeated = np.repeat(np.asarray(advantages, np.float32)[:, None], seq_len, axis=1)
     zeros = np.zeros(shape, np.float32)
@@ -158,10 +167,16 @@ def token_logps_and_entropy(
     return logps, entropy, raw
 
 
-def forward_logits(model: Qwen2ForCausalLM, batch: dict[str, jax.Array]) -> jax.Array:
-    """Logits `[B, T, V]` of rollout rows (padding is its own segment)."""
+def forward_logits(model: Qwen2ForCausalLM, batch: dict[str, jax.Array], keep: int) -> jax.Array:
+    """Logits `[B, keep, V]` of the last `keep` positions of rollout rows (padding is its own segment)."""
     ones = jnp.ones_like(batch["input_ids"])
-    return model.forward(batch["input_ids"], batch["positions"], ones, segment_ids=batch["segment_ids"])
+    return model.forward(
+        batch["input_ids"], batch["positions"], ones, segment_ids=batch["segment_ids"], logits_to_keep=keep
+    )
+
+
+def _last(batch: dict[str, jax.Array], keep: int) -> dict[str, jax.Array]:
+    return {name: value[:, -keep:] for name, value in batch.items()}
 
 
 def surrogate_terms(
@@ -260,10 +275,16 @@ class GRPOLoss:
     def __call__(
         self, model: Qwen2ForCausalLM, batch: dict[str, jax.Array]
     ) -> tuple[jax.Array, jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:
-        return self.from_logits(forward_logits(model, batch), batch)
+        keep = self.max_new_tokens + 1
+        return self.from_logits(forward_logits(model, batch, keep), _last(batch, keep))
 
 
-def scored_logps(model: Qwen2ForCausalLM, batch: dict[str, jax.Array], temperature: float) -> jax.Array:
-    """Log-probabilities `[B, T]` of the targets under `model` at `temperature` (old and reference log-probs)."""
-    logps, _, _ = token_logps_and_entropy(forward_logits(model, batch), batch["targets"], temperature)
-    return logps
+def scored_logps(
+    model: Qwen2ForCausalLM, batch: dict[str, jax.Array], temperature: float, max_new_tokens: int
+) -> jax.Array:
+    """Log-probabilities `[B, T]` of the targets under `model` at `temperature` (old and reference
+    log-probs), computed on the last `max_new_tokens + 1` positions (zeros before them)."""
+    keep = max_new_tokens + 1
+    logits = forward_logits(model, batch, keep)
+    logps, _, _ = token_logps_and_entropy(logits, batch["targets"][:, -keep:], temperature)
+    return jnp.pad(logps, ((0, 0), (batch["targets"].shape[1] - keep, 0)))

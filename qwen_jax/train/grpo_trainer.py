@@ -210,10 +210,11 @@ class GRPOTrainer(Trainer):
         if self.loss.beta != 0.0:
             copy = jnp.zeros_like if self.lora else jnp.copy
             self.ref_params = jax.tree.map(copy, self.state["params"])
-        eval_graphdef, temperature = self.steps.eval_graphdef, config.temperature
+        eval_graphdef, temperature, max_new_tokens = self.steps.eval_graphdef, config.temperature, config.max_new_tokens
 
         def logps(params, frozen, batch):
-            return scored_logps(nnx.merge(eval_graphdef, params, frozen, copy=True), batch, temperature)
+            model = nnx.merge(eval_graphdef, params, frozen, copy=True)
+            return scored_logps(model, batch, temperature, max_new_tokens)
 
         self._logps = jax.jit(
             logps,
@@ -273,7 +274,13 @@ class GRPOTrainer(Trainer):
         advantages, zero_std = group_advantages(total, generations, config.scale_rewards)
         loss_mask = ~rollout.truncated if config.mask_truncated_completions else None
         batch = build_batch(
-            rollout.prompt_ids, rollout.completion_ids, rollout.logprobs, advantages, config.seq_len, loss_mask
+            rollout.prompt_ids,
+            rollout.completion_ids,
+            rollout.logprobs,
+            advantages,
+            config.seq_len,
+            config.max_new_tokens,
+            loss_mask,
         )
         if self.ref_params is not None:
             batch = batch.replace(ref_logps=self._scored_logps(self.ref_params, batch))

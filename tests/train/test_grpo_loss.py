@@ -8,10 +8,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from trl.trainer.grpo_trainer import GRPOTrainer
 from trl.trainer.utils import entropy_from_logits, nanstd, selective_log_softmax
 
-from qwen_jax.train.grpo import GRPOLoss, build_batch, group_advantages
+from qwen_jax.config import Qwen2Config
+from qwen_jax.model.causal_lm import Qwen2ForCausalLM
+from qwen_jax.train.grpo import (
+    GRPOLoss,
+    build_batch,
+    forward_logits,
+    group_advantages,
+    scored_logps,
+    token_logps_and_entropy,
+)
 
 VOCAB, SEQ_LEN, MAX_NEW = 11, 12, 5
 PROMPTS = [[1, 2, 3], [4, 5], [1, 2, 3], [4, 5], [6, 7, 8, 9], [3], [6, 7, 8, 9], [3]]
@@ -50,9 +60,11 @@ def test_advantages_match_trl(scale_rewards):
     )
 
 
-def _completion_positions(prompt_len: int, completion_len: int, width: int) -> np.ndarray:
-    """Positions of the logits that predict a completion's tokens, padded with the last one to `width`."""
-    positions = np.arange(prompt_len - 1, prompt_len - 1 + completion_len)
+def _completion_positions(completion_len: int, width: int) -> np.ndarray:
+    """Positions of the logits that predict a completion's tokens (completions start at column
+    SEQ_LEN - MAX_NEW), padded with the last one to `width`."""
+    first = SEQ_LEN - MAX_NEW - 1
+    positions = np.arange(first, first + completion_len)
     return np.concatenate([positions, np.full(width - completion_len, positions[-1])])
 
 
@@ -60,7 +72,7 @@ def _trl_loss(logits, batch, *, loss_type, beta, epsilon, epsilon_high, temperat
     """TRL's `GRPOTrainer._compute_loss` on this batch, its forward replaced by the given logits."""
     rows = len(COMPLETIONS)
     width = max(len(c) for c in COMPLETIONS)
-    gather = np.stack([_completion_positions(len(p), len(c), width) for p, c in zip(PROMPTS, COMPLETIONS)])
+    gather = np.stack([_completion_positions(len(c), width) for c in COMPLETIONS])
     completion_ids = torch.tensor([c + [0] * (width - len(c)) for c in COMPLETIONS])
     mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in COMPLETIONS])
     row_index = np.arange(rows)[:, None]
@@ -125,7 +137,7 @@ def test_loss_and_gradient_match_trl(loss_type, beta, num_iterations, temperatur
     rewards = rng.normal(size=len(COMPLETIONS)).astype(np.float32)
     advantages, _ = group_advantages(rewards, 2, "group")
     empty = [[0.0] * len(c) for c in COMPLETIONS]
-    batch = build_batch(PROMPTS, COMPLETIONS, empty, advantages, SEQ_LEN)
+    batch = build_batch(PROMPTS, COMPLETIONS, empty, advantages, SEQ_LEN, MAX_NEW)
     logits = rng.normal(size=(len(COMPLETIONS), SEQ_LEN, VOCAB)).astype(np.float32)
     # Old and reference log-probabilities near the current ones, so that some ratios clip and some do not.
     scaled = jax.nn.log_softmax(jnp.asarray(logits) / temperature, axis=-1)
@@ -174,3 +186,36 @@ def test_loss_and_gradient_match_trl(loss_type, beta, num_iterations, temperatur
         np.testing.assert_allclose(float(total / count), their_metrics[trl_name], rtol=0, atol=1e-5)
     if num_iterations > 1:
         assert their_metrics["clip_ratio/region_mean"] > 0  # the clipped branch is exercised
+
+
+def test_loss_on_the_last_positions_equals_the_loss_on_every_position():
+    """The model's loss runs the output head on the completion window only (left-padded prompts); it
+    equals `from_logits` on the logits of every position, and `scored_logps` gives those log-probs."""
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = Qwen2ForCausalLM(config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    advantages, _ = group_advantages(np.arange(len(COMPLETIONS), dtype=np.float32), 2, "group")
+    batch = build_batch(PROMPTS, COMPLETIONS, [[0.0] * len(c) for c in COMPLETIONS], advantages, SEQ_LEN, MAX_NEW)
+    arrays = {name: jnp.asarray(getattr(batch, name)) for name in batch.__dataclass_fields__}
+    loss = GRPOLoss(loss_type="grpo", temperature=0.8, max_new_tokens=MAX_NEW)
+    total, count, _ = loss(model, arrays)
+    full_logits = forward_logits(model, arrays, 0)
+    full_total, full_count, _ = loss.from_logits(full_logits, arrays)
+    np.testing.assert_allclose(float(total), float(full_total), rtol=1e-6)
+    assert float(count) == float(full_count) == len(COMPLETIONS)
+    expected, _, _ = token_logps_and_entropy(full_logits, arrays["targets"], 0.8)
+    mask = batch.weights > 0
+    scored = np.asarray(scored_logps(model, arrays, 0.8, MAX_NEW))
+    np.testing.assert_allclose(scored[mask], np.asarray(expected)[mask], atol=1e-6)
+    # Each prompt ends right before column SEQ_LEN - MAX_NEW, where its completion starts.
+    for row, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS)):
+        start = SEQ_LEN - MAX_NEW
+        assert batch.input_ids[row, start - len(prompt) : start + len(completion)].tolist() == prompt + completion
+        assert batch.positions[row, start - len(prompt)] == 0 and mask[row].sum() == len(completion)

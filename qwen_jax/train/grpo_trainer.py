@@ -40,7 +40,7 @@ from qwen_jax.train.data.sources import open_source
 from qwen_jax.train.grpo import GRPOBatch, GRPOLoss, build_batch, group_advantages, scored_logps
 from qwen_jax.train.loop import Trainer
 from qwen_jax.train.rewards import check_columns, load_rewards, nan_mean, score, weighted_sum
-from qwen_jax.train.rollout import Rollouts, encode_prompt, is_conversational
+from qwen_jax.train.rollout import Rollout, Rollouts, encode_prompt, is_conversational
 from qwen_jax.train.step import TrainSteps, make_optimizer, make_schedule
 
 
@@ -234,7 +234,8 @@ class GRPOTrainer(Trainer):
 
     def _rollout_and_score(
         self, records: list[PromptRecord], *, num_generations: int, temperature: float, seeds: list[int] | int
-    ):
+    ) -> tuple[Rollout, np.ndarray]:
+        """Completions of `records` with the current parameters and their rewards `[completions, functions]`."""
         config = self.config
         rollout = self.rollouts.sample(
             self.current_model(),

@@ -169,15 +169,15 @@ def test_train_cli_grpo_lora_step_at_real_size(real_checkpoint, tmp_path):
     src, _ = real_checkpoint
     data = tmp_path / "math.jsonl"
     records = [
-        {"prompt": "What is 2+2? Put the answer in \\boxed{}.", "answer": "4"},
-        {"prompt": [{"role": "user", "content": "What is 3*5?"}], "answer": "15"},
-    ]
+        {"prompt": "What is 2+2? Answer in \\boxed{}.", "answer": "4"},
+        {"prompt": "What is 3*5? Answer in \\boxed{}.", "answer": "15"},
+    ]  # short text prompts: one prefill bucket to compile (chat prompts are covered on the tiny model)
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "grpo"
     command = [sys.executable, "-m", "qwen_jax.cli", "train", "--method", "grpo", "--model", src]
     command += ["--data", str(data), "--out", str(out), "--reward", "math_accuracy", "--reward", "think_format"]
     command += ["--reward-weights", "1", "0.5", "--batch-size", "2", "--num-generations", "2"]
-    command += ["--max-new-tokens", "4", "--seq-len", "48", "--steps", "1", "--lora-rank", "4"]
+    command += ["--max-new-tokens", "4", "--seq-len", "24", "--steps", "1", "--lora-rank", "4"]
     command += ["--save-every", "0", "--no-progress"]
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)

@@ -4,6 +4,7 @@
     train   optax, pyyaml, tensorboardX, matplotlib,  `qwen-jax train`, `qwen_jax.train`
             datasets, pyarrow
     gguf    gguf                                     reading GGUF files
+    rl      math-verify                              the GRPO reward `math_accuracy`
 
 `require(module, extra=...)` imports an optional module, or raises `MissingExtraError` naming the
 pip command that installs it; modules of those features call it instead of importing the package
@@ -25,6 +26,7 @@ EXTRAS = {
     "serve": ("fastapi", "uvicorn", "prometheus_client", "pydantic", "starlette"),
     "train": ("optax", "yaml", "tensorboardX", "matplotlib", "datasets", "pyarrow"),
     "gguf": ("gguf",),
+    "rl": ("math_verify",),
 }
 
 

@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 from typing_extensions import Unpack
 
@@ -288,6 +289,20 @@ class Engine:
         if errors:
             raise EngineError(errors[0])
         return results
+
+    def update_weights(self, weights: Any) -> None:
+        """Generate with other weights of the same model from now on, without copying or recompiling.
+
+        `weights`: a model of the same structure (e.g. the same model after training steps) or its
+        `nnx.state`; every array must have the shape, dtype and sharding of the engine's (a trainer
+        passes its current parameters: its rollouts then sample the policy it trains). Call it while
+        no request is running; raises EngineError otherwise or on a mismatch (nothing changes then).
+        """
+        state = nnx.state(weights) if isinstance(weights, nnx.Module) else weights
+        with self._lock:
+            if self._live_ids:
+                raise EngineError(f"update_weights: {len(self._live_ids)} request(s) still running; wait for them")
+            self.programs.update_state(state)
 
     def stats(self) -> EngineStats:
         with self._lock:

@@ -203,6 +203,7 @@ class GRPOTrainer(Trainer):
         )
         self.state, self.frozen = self.steps.init(self.model, config.seed)
         self.num_trainable = self.steps.num_trainable
+        self.reference = None  # the steps take no reference model: its log-probabilities come in the batch
         # The reference policy: the base model (adapters at zero add nothing), or the initial weights.
         self.ref_params = None
         if self.loss.beta != 0.0:

@@ -1,11 +1,11 @@
 """The training loop: setup, the run, train checkpoints, exact resume, signals.
 
 `Trainer(config).run()` fine-tunes a model (all weights, or LoRA adapters) with the method
-`config.method` names (sft: supervised; dpo: preference pairs, `dpo.py`) and writes everything
-to `config.out`. Setup, on every process of a run (an error on one is raised on all): the
-settings, the mesh, the data (before the model: bad data fails in seconds, not after loading 72B
-weights), the model, the train steps (`step.TrainSteps` with the method's loss), the checkpoint
-manager, then a fresh start or an exact resume.
+`config.method` names (sft: supervised; dpo: preference pairs, `dpo.py`; grpo: the subclass
+`grpo_trainer.GRPOTrainer`) and writes everything to `config.out`. Setup, on every process of a run
+(an error on one is raised on all): the settings, the mesh, the data (before the model: bad data
+fails in seconds, not after loading 72B weights), the model, the train steps (`step.TrainSteps` with
+the method's loss), the checkpoint manager, then a fresh start or an exact resume.
 
 Train checkpoints (`OUT/checkpoints/<step>/`, Orbax, asynchronous, the last `keep_checkpoints`)
 hold the train state, the data position and the settings. `--resume` restores the latest one

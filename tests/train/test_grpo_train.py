@@ -138,7 +138,7 @@ def test_qlora_grpo_resumes_after_sigterm_exactly(grpo_setup, tmp_path):
     """A QLoRA run (int8 base, adapters unmerged in the rollouts) with a KL term and two updates per
     rollout, stopped by SIGTERM after step 2 and resumed, logs what an uninterrupted run logs. The
     first step on a data x fsdp mesh of 8 devices logs what it logs on one device."""
-    settings = dict(steps=3, num_iterations=2, beta=0.05, loss_type="grpo", quantize="int8")
+    settings = dict(steps=4, num_iterations=2, beta=0.05, loss_type="grpo", quantize="int8")
     whole = tmp_path / "whole"
     assert GRPOTrainer(_config(grpo_setup, whole, **settings), log=lambda _: None).run() == 0
     parts = tmp_path / "parts"
@@ -154,7 +154,7 @@ def test_qlora_grpo_resumes_after_sigterm_exactly(grpo_setup, tmp_path):
     assert GRPOTrainer(config, log=lambda _: None).run(stop_after(2)) == EXIT_PREEMPTED
     assert GRPOTrainer(config.replace(resume=True), log=lambda _: None).run() == 0
     expected, got = _metrics(whole), _metrics(parts)
-    assert [m["step"] for m in got] == [1, 2, 3]
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
     for a, b in zip(expected, got):
         assert b["reward"] == a["reward"] and b["completion_length"] == a["completion_length"]
         for key in ("loss", "kl", "entropy", "grad_norm"):
@@ -205,3 +205,19 @@ def test_reward_flags_repeat_and_yaml_lists(tmp_path):
     with pytest.raises(ConfigError, match="reward_weights has 1 value"):
         config_lib.from_args(parser.parse_args([*args[:6], "--reward-weights", "1", *required]))
     assert TrainConfig().reward == () and TrainConfig().method == "sft"
+
+
+def test_method_settings_default_per_method_and_stay_with_their_method():
+    grpo = TrainConfig(method="grpo", reward=["math_accuracy"])
+    assert (grpo.beta, grpo.loss_type) == (None, None)
+    assert (grpo.setting("beta"), grpo.setting("loss_type")) == (0.0, "dapo")
+    dpo = TrainConfig(method="dpo")
+    assert (dpo.setting("beta"), dpo.setting("loss_type")) == (0.1, "sigmoid")
+    with pytest.raises(ConfigError, match="beta must be >= 0 for grpo"):
+        TrainConfig(method="grpo", reward=["math_accuracy"], beta=-0.1)
+    for dpo_only, message in (
+        (dict(label_smoothing=0.1), "label_smoothing is a setting of method dpo"),
+        (dict(precompute_ref_logprobs=True), "precompute_ref_logprobs is a setting of method dpo"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig(method="grpo", reward=["math_accuracy"], **dpo_only)

@@ -1,7 +1,9 @@
-"""Post-training throughput: qwen-jax vs TRL on the same machine, one method at a time.
+"""Post-training speed: qwen-jax vs TRL on the same machine, same settings, one method at a time.
 
     python benchmarks/post_training.py --method dpo [--preset 0.5B] [--layers N] [--seq-len 128] \
-        [--batch-size 2] [--steps 3] [--lora-rank 16] [--skip-trl]
+        [--batch-size 2] [--steps 3] [--lora-rank 16] [--skip-trl] [--json OUT]
+    python benchmarks/post_training.py --method grpo [--preset 0.5B] [--layers N] [--prompts 8] \
+        [--generations 8] [--new-tokens 128] [--lora-rank 16] [--steps 2] [--skip-trl] [--workdir DIR] [--json OUT]
 
 DPO: LoRA on random weights of the preset (`--layers` cuts the decoder layers), `--batch-size`
 preference pairs per step, each sequence `--seq-len` tokens (half prompt, half completion, no
@@ -10,6 +12,14 @@ model without a second copy). qwen-jax runs `Trainer.train_step` of `--method dp
 `DPOTrainer` (TRL's own tokenization of text records whose words are one token each, its collator,
 its loss). Tokens/s counts both sequences of every pair; the first step (compilation for JAX) is
 excluded. Both compute in float32 on CPU and bfloat16 on GPU.
+
+GRPO: step time of `train --method grpo` against TRL's GRPOTrainer. Random weights of the preset
+(optionally cut to `--layers`), the real Qwen2.5 tokenizer, synthetic arithmetic prompts, LoRA, one
+reward (`length_reward` below, the same function for both), sampling at temperature 1 with exactly
+`--new-tokens` tokens per completion (no stop token: a random model would stop at random lengths,
+and the two sides would then generate different amounts). qwen-jax rolls out on its engine; TRL
+generates with transformers (its fastest rollout that runs without vLLM). Reports seconds per step
+after the first (compilation for JAX, warm-up for torch), split into rollout and update for qwen-jax.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -54,7 +65,7 @@ def text_pairs(pairs: int, seq_len: int, seed: int = 0) -> list[dict[str, str]]:
     return [{"prompt": words(half), "chosen": words(half - 1), "rejected": words(half - 1)} for _ in range(pairs)]
 
 
-# --------------------------------------------------------------------------- qwen-jax
+# --------------------------------------------------------------------------- DPO
 def bench_dpo_jax(preset, layers, seq_len, pairs, steps, lora_rank, workdir) -> dict:
     from qwen_jax import create_model
     from qwen_jax.model.causal_lm import default_dtype
@@ -100,7 +111,6 @@ def bench_dpo_jax(preset, layers, seq_len, pairs, steps, lora_rank, workdir) -> 
     return {"step_s": seconds, "first_step_s": first, "loss": metrics["loss"], "tokens": sum(lengths)}
 
 
-# --------------------------------------------------------------------------- TRL
 def bench_dpo_trl(preset, layers, seq_len, pairs, steps, lora_rank, workdir) -> dict:
     import datasets
     import peft
@@ -160,29 +170,152 @@ def bench_dpo_trl(preset, layers, seq_len, pairs, steps, lora_rank, workdir) -> 
     return {"step_s": seconds, "first_step_s": times[0], "loss": result.training_loss, "tokens": sum(tokens)}
 
 
-METHODS = {"dpo": (bench_dpo_jax, bench_dpo_trl)}
+# --------------------------------------------------------------------------- GRPO
+def length_reward(prompts, completions, **kwargs):
+    """The benchmark's reward (any cheap function does: the rewards are not what is measured)."""
+    return [len(c if isinstance(c, str) else c[-1]["content"]) / 100.0 for c in completions]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=tuple(METHODS), default="dpo")
-    parser.add_argument("--preset", default="0.5B")
-    parser.add_argument("--layers", type=int, help="decoder layers (default: the preset's)")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (prompt + completion)")
-    parser.add_argument("--batch-size", type=int, default=2, help="pairs per step")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
-    parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--skip-trl", action="store_true")
-    parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args(argv)
+def write_checkpoint(directory: str, preset: str, layers: int | None) -> str:
+    """A random HF checkpoint of the preset (no eos: completions run to the token limit) with the real tokenizer."""
+    import torch
+    from transformers import Qwen2Config as HFQwen2Config
+    from transformers import Qwen2ForCausalLM
 
-    ours, theirs = METHODS[args.method]
+    from qwen_jax.config import Qwen2Config
+
+    config = {**Qwen2Config.preset(preset).to_hf(), "eos_token_id": None, "bos_token_id": None}
+    if layers:
+        config["num_hidden_layers"] = layers
+    config.pop("architectures", None)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(HFQwen2Config(**config)).to(torch.float32)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(directory, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(os.path.join(TOKENIZER, name), os.path.join(directory, name))
+    # The tokenizer's eos would still stop both samplers: name a token a random model practically never draws.
+    with open(os.path.join(directory, "tokenizer_config.json")) as f:
+        tokenizer_config = json.load(f)
+    tokenizer_config["eos_token"] = "<|box_end|>"
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(tokenizer_config, f)
+    return directory
+
+
+def grpo_prompts(count: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    pairs = rng.integers(10, 100, (count, 2))
+    return [{"prompt": f"What is {a} + {b}? Think step by step.", "answer": str(a + b)} for a, b in pairs]
+
+
+def bench_grpo_jax(model_dir: str, data: str, args, workdir: str) -> dict:
+    from qwen_jax.train.config import TrainConfig
+    from qwen_jax.train.grpo_trainer import GRPOTrainer
+
+    out = os.path.join(workdir, "qwen_jax_run")
+    config = TrainConfig(
+        method="grpo",
+        model=model_dir,
+        data=data,
+        out=out,
+        reward=[f"{os.path.abspath(__file__)}:length_reward"],
+        batch_size=args.prompts,
+        num_generations=args.generations,
+        max_new_tokens=args.new_tokens,
+        seq_len=args.new_tokens + 64,
+        steps=args.steps + 1,
+        lora_rank=args.lora_rank,
+        lora_alpha=2.0 * args.lora_rank,
+        learning_rate=1e-5,
+        save_every=0,
+        progress=False,
+    )
+    GRPOTrainer(config, log=lambda _: None).run()
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f][1:]  # the first step compiles
+    return {
+        "step_s": float(np.mean([r["step_time"] for r in records])),
+        "rollout_s": float(np.mean([r["rollout_seconds"] for r in records])),
+        "update_s": float(np.mean([r["update_seconds"] for r in records])),
+        "rollout_tokens_per_s": float(np.mean([r["rollout_tokens_per_s"] for r in records])),
+        "completion_length": float(np.mean([r["completion_length"] for r in records])),
+    }
+
+
+def bench_grpo_trl(model_dir: str, data_records: list[dict], args, workdir: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    step_times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            step_times.append(time.perf_counter() - self.start)
+
+    torch.manual_seed(0)
+    config = GRPOConfig(
+        output_dir=os.path.join(workdir, "trl_run"),
+        per_device_train_batch_size=args.prompts * args.generations,
+        num_generations=args.generations,
+        max_completion_length=args.new_tokens,
+        max_steps=args.steps + 1,
+        learning_rate=1e-5,
+        temperature=1.0,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,  # qwen-jax does not rematerialize either (--remat none)
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    lora = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=list(LORA_TARGETS))
+    trainer = GRPOTrainer(
+        model=model_dir,
+        reward_funcs=length_reward,
+        args=config,
+        train_dataset=Dataset.from_list(data_records),
+        peft_config=lora,
+        callbacks=[StepTimer()],
+    )
+    trainer.train()
+    timed = step_times[1:]
+    return {"step_s": float(np.mean(timed))}
+
+
+def grpo(args) -> dict:
+    """The GRPO comparison's results (`--method grpo`)."""
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_grpo_")
+    model_dir = os.path.join(workdir, f"model_{args.preset}_{args.layers or 'all'}")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        write_checkpoint(model_dir, args.preset, args.layers)
+    records = grpo_prompts(args.prompts)
+    data = os.path.join(workdir, "prompts.jsonl")
+    with open(data, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    settings = {k: getattr(args, k) for k in ("preset", "layers", "prompts", "generations", "new_tokens", "lora_rank")}
+    result = {"settings": settings, "qwen_jax": bench_grpo_jax(model_dir, data, args, workdir)}
+    if not args.skip_trl:
+        result["trl"] = bench_grpo_trl(model_dir, records, args, workdir)
+        result["speedup"] = result["trl"]["step_s"] / result["qwen_jax"]["step_s"]
+    return result
+
+
+def dpo(args) -> dict:
+    """The DPO comparison (`--method dpo`): prints a line per implementation; its results."""
     print(
-        f"# {args.method}: {args.preset}{f' ({args.layers} layers)' if args.layers else ''}, LoRA rank "
+        f"# dpo: {args.preset}{f' ({args.layers} layers)' if args.layers else ''}, LoRA rank "
         f"{args.lora_rank}, {args.batch_size} pairs x 2 x {args.seq_len} tokens per step, backend "
         f"{jax.default_backend()} ({jax.devices()[0].device_kind})"
     )
-    runs = [("qwen-jax", ours)] + ([] if args.skip_trl else [("trl", theirs)])
+    runs = [("qwen-jax", bench_dpo_jax)] + ([] if args.skip_trl else [("trl", bench_dpo_trl)])
     results = []
     for name, bench in runs:
         result = bench(
@@ -197,9 +330,39 @@ def main(argv=None) -> int:
         )
     if len(results) == 2:
         print(f"qwen-jax / trl tokens/s: {results[0]['tokens_per_s'] / results[1]['tokens_per_s']:.2f}x")
+    return {"args": vars(args), "results": results}
+
+
+METHODS = {"dpo": dpo, "grpo": grpo}
+DEFAULT_STEPS = {"dpo": 3, "grpo": 2}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=tuple(METHODS), default="dpo")
+    parser.add_argument("--preset", default="0.5B")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the preset's)")
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, help="timed steps after the first (default: dpo 3, grpo 2)")
+    parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--json", help="also write the results here")
+    dpo_flags = parser.add_argument_group("dpo")
+    dpo_flags.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (prompt + completion)")
+    dpo_flags.add_argument("--batch-size", type=int, default=2, help="pairs per step")
+    grpo_flags = parser.add_argument_group("grpo")
+    grpo_flags.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    grpo_flags.add_argument("--generations", type=int, default=8, help="completions per prompt")
+    grpo_flags.add_argument("--new-tokens", type=int, default=128, help="tokens per completion")
+    grpo_flags.add_argument("--workdir", help="keeps the random checkpoint between runs")
+    args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = DEFAULT_STEPS[args.method]
+    result = METHODS[args.method](args)
+    if args.method == "grpo":
+        print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=1)
+            json.dump(result, f, indent=1)
     return 0
 
 

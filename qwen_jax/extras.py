@@ -5,6 +5,7 @@
             datasets, pyarrow
     gguf    gguf                                     reading GGUF files
     structured  llguidance                           structured output (json_schema, regex, choice, grammar)
+    rl      math-verify                              the GRPO reward `math_accuracy`
 
 `require(module, extra=...)` imports an optional module, or raises `MissingExtraError` naming the
 pip command that installs it; modules of those features call it instead of importing the package
@@ -27,6 +28,7 @@ EXTRAS = {
     "train": ("optax", "yaml", "tensorboardX", "matplotlib", "datasets", "pyarrow"),
     "gguf": ("gguf",),
     "structured": ("llguidance",),
+    "rl": ("math_verify",),
 }
 
 

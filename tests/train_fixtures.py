@@ -78,19 +78,21 @@ def train_file(tmp_path_factory) -> str:
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
     """A persistent XLA cache for this module: runs with the same settings (in this process or in
-    the child processes, which get the returned environment) compile the train step once."""
+    the child processes, which get the returned environment) compile each program once. Every
+    program is cached, however quick to compile: a GRPO run's many small engine and rollout
+    programs add up when a test starts several trainers."""
     from jax.experimental.compilation_cache import compilation_cache as cc
 
     directory = str(tmp_path_factory.mktemp("jax_cache"))
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
     saved = {name: getattr(jax.config, name) for name in names}
     jax.config.update(names[0], directory)
-    jax.config.update(names[1], 1.0)
+    jax.config.update(names[1], 0.0)
     cc.reset_cache()
     yield {
         **os.environ,
         "JAX_COMPILATION_CACHE_DIR": directory,
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1",
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "QWEN_JAX_COMPILE_CACHE": directory,
     }  # the same cache for `qwen-jax train` in a child
     for name, value in saved.items():

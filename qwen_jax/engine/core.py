@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 from typing_extensions import Unpack
 
@@ -330,6 +331,26 @@ class Engine:
         if errors:
             raise EngineError(errors[0])
         return results
+
+    def update_weights(self, weights: Any) -> None:
+        """Generate with other weights of the same model from now on, without copying or recompiling.
+
+        `weights`: a model of the same structure (e.g. the same model after training steps) or its
+        `nnx.state`; every array must have the shape, dtype and sharding of the engine's (a trainer
+        passes its current parameters: its rollouts then sample the policy it trains). Call it while
+        no request is running; raises EngineError otherwise or on a mismatch (nothing changes then).
+        The prefix cache is emptied: its KV was computed with the previous weights.
+        """
+        state = nnx.state(weights) if isinstance(weights, nnx.Module) else weights
+        with self._lock:
+            if self._live_ids:
+                raise EngineError(f"update_weights: {len(self._live_ids)} request(s) still running; wait for them")
+            self.programs.update_state(state)
+            # No request is live, so the engine thread neither looks up nor stores blocks meanwhile
+            # (a request's blocks are stored before it stops being live).
+            if self._prefix is not None:
+                self._prefix.clear()
+                self._stats["prefix_blocks_used"] = 0
 
     def stats(self) -> EngineStats:
         with self._lock:

@@ -97,5 +97,11 @@ class PrefixIndex:
             copies.append((j, block))
         return copies
 
+    def clear(self) -> None:
+        """Forget every cached block (the pool's contents are then unused): their KV was computed with
+        weights the engine no longer runs. The counters keep their totals."""
+        self._blocks.clear()
+        self._free = list(range(self.capacity - 1, -1, -1))
+
     def stats(self) -> PrefixCacheStats:
         return PrefixCacheStats(self.capacity, len(self._blocks), self.evicted, self.queried_tokens, self.hit_tokens)

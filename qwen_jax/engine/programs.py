@@ -55,6 +55,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen_jax.compilation import EXECUTABLES
 from qwen_jax.engine.requests import MAX_TOP_LOGPROBS
+from qwen_jax.errors import EngineError
 from qwen_jax.generation.constraints import bitmask_words
 from qwen_jax.generation.options import SamplingOptions, initial_history, row_params
 from qwen_jax.generation.sampler import (
@@ -248,6 +249,23 @@ class EnginePrograms:
             shape = self._pool_shape()
             pool = (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
             self.pool = pool if self.mesh is None else jax.device_put(pool, self._pool_sharding())
+
+    def update_state(self, state) -> None:
+        """Run the programs on other model arrays from now on: `state` must have this state's
+        structure and each array its shape, dtype and sharding (so no program recompiles). The
+        arrays are used as they are, not copied. Raises EngineError naming the first mismatch."""
+        leaves, structure = jax.tree_util.tree_flatten_with_path(state)
+        current, current_structure = jax.tree_util.tree_flatten_with_path(self.state)
+        if structure != current_structure:
+            raise EngineError("update_weights: the new weights do not have the model's structure (variables, adapters)")
+        for (path, new), (_, old) in zip(leaves, current):
+            name = jax.tree_util.keystr(path)
+            if (new.shape, new.dtype) != (old.shape, old.dtype):
+                ours = f"{old.dtype}{list(old.shape)}"
+                raise EngineError(f"update_weights: {name} is {new.dtype}{list(new.shape)}, the engine's is {ours}")
+            if getattr(new, "sharding", None) != old.sharding:
+                raise EngineError(f"update_weights: {name} is placed on {new.sharding}, the engine's on {old.sharding}")
+        self.state = state
 
     # ------------------------------------------------------------------ placement
     def _replicated(self) -> NamedSharding | None:

@@ -1,4 +1,4 @@
-"""Fine-tune a Qwen2.5 model (full or LoRA; supervised or DPO).
+"""Fine-tune a Qwen2.5 model (full or LoRA; supervised, DPO or GRPO).
 
   qwen-jax train --model PATH --data DATA --out runs/sft [--config train.yaml] [flags]
 
@@ -17,6 +17,12 @@ conversations sharing their prompt. DPO flags: --beta (0.1), --loss-type sigmoid
 --label-smoothing (robust), --precompute-ref-logprobs. The reference model is the base with the
 LoRA adapters off, or (full fine-tuning) a frozen copy of the starting weights. Metrics use TRL's
 names (rewards/chosen, rewards/accuracies, ...; eval_ on --eval-data).
+
+--method grpo: reinforcement learning with reward functions (GRPO). DATA holds {"prompt": text or
+messages, ...}; the other columns go to the reward functions by name. --reward NAME|file.py:fn|
+module:fn (repeatable; built in: math_accuracy, boxed_format, think_format, overlong_penalty),
+--batch-size prompts per step, each sampled --num-generations times on the engine. GRPO flags:
+--beta (0.0: no reference), --loss-type grpo|dr_grpo|dapo|bnpo (dapo).
 
 Several processes (TPU pod hosts, GPU nodes): run the same command on every host. JAX finds the
 other processes on Cloud TPU, and under SLURM / Open MPI with more than one task; elsewhere give
@@ -68,15 +74,17 @@ def run(args: argparse.Namespace) -> int:
     """Train as `args` say; the exit status (0, 143 / 130 after a signal). Errors: see the module docstring."""
     # The loop needs the train extra (optax, tensorboardX, ...); `qwen-jax --help` must not. Without
     # the extra this raises MissingExtraError, which the CLI prints as one line naming the pip command.
+    from qwen_jax.train.grpo_trainer import GRPOTrainer
     from qwen_jax.train.loop import Trainer
 
     config = config_lib.from_args(args)
+    trainer_class = GRPOTrainer if config.method == "grpo" else Trainer
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     multihost.initialize(args.coordinator, args.num_processes, args.process_id, args.local_device_ids, log=log)
     try:
         # A failed checkpoint write is reported once, as one line: not also by Orbax's writer threads.
         with quiet_orbax_logging():
-            return Trainer(config, log=log).run()
+            return trainer_class(config, log=log).run()
     except BaseException as e:
         if jax.process_count() == 1 or getattr(e, multihost.RAISED_ON_ALL, False):
             raise  # raised on every process: the normal exit (through JAX's shutdown barrier) does not wait

@@ -19,14 +19,18 @@ from qwen_jax.train.data.sources import FORMATS, ColumnMapping
 
 SCHEDULES = ("cosine", "linear", "constant")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 # What `beta` and `loss_type` mean when left unset (None), per method.
-METHOD_DEFAULTS = {"dpo": {"beta": 0.1, "loss_type": "sigmoid"}}
+METHOD_DEFAULTS = {"dpo": {"beta": 0.1, "loss_type": "sigmoid"}, "grpo": {"beta": 0.0, "loss_type": "dapo"}}
 DTYPES = ("auto", "float32", "bfloat16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 
 
-def _field(default, help: str, *, choices=None, kind=None):
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "kind": kind})
+def _field(default, help: str, *, choices=None, kind=None, item=None):
+    """A setting; `kind=list` with `item`: a list of items (a YAML list; the flag takes one or more
+    values and may repeat)."""
+    metadata = {"help": help, "choices": choices, "kind": kind, "item": item}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +85,33 @@ class TrainConfig:
     epochs: int = _field(1, "epochs to run when steps is 0")
     steps: int = _field(0, "optimizer steps to run (0: run `epochs` epochs)")
     seed: int = _field(0, "seed of data order, LoRA init and dropout")
+    # ---- GRPO (method grpo; batch_size counts prompts, each rolled out num_generations times)
+    reward: tuple = _field(
+        (),
+        "grpo: reward function, repeatable: a built-in (math_accuracy, boxed_format, think_format, "
+        "overlong_penalty), path/to/file.py:function or module:function",
+        kind=list,
+        item=str,
+    )
+    reward_weights: tuple = _field((), "grpo: weights of the reward functions (default 1 each)", kind=list, item=float)
+    num_generations: int = _field(8, "grpo: completions sampled per prompt (a group)")
+    max_new_tokens: int = _field(256, "grpo: tokens a completion may have (prompt + this must fit seq_len)")
+    temperature: float = _field(1.0, "grpo: rollout sampling temperature (log-probabilities use it too)")
+    top_p: float = _field(1.0, "grpo: rollout nucleus sampling (1: off)")
+    top_k: int = _field(0, "grpo: rollout top-k sampling (0: off)")
+    epsilon: float = _field(0.2, "grpo: lower clip of the importance ratio (1 - epsilon)")
+    epsilon_high: float = _field(
+        None, "grpo: upper clip (1 + epsilon_high; DAPO uses 0.28) [default: epsilon]", kind=float
+    )
+    scale_rewards: str = _field(
+        "group",
+        "grpo: divide advantages by the reward std of the group, of the batch, or not",
+        choices=("group", "batch", "none"),
+    )
+    num_iterations: int = _field(
+        1, "grpo: policy updates per rollout batch (old log-probabilities: the rollout's policy)"
+    )
+    mask_truncated_completions: bool = _field(False, "grpo: leave completions cut at max_new_tokens out of the loss")
     # ---- optimizer
     learning_rate: float = _field(1e-4, "peak learning rate")
     schedule: str = _field("cosine", "learning-rate decay after warmup", choices=SCHEDULES)
@@ -137,6 +168,8 @@ class TrainConfig:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
+            if f.metadata["kind"] is list:  # YAML and argparse give lists; a frozen setting is a tuple
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name) or ()))
             choices = f.metadata["choices"]
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
@@ -188,6 +221,8 @@ class TrainConfig:
                 raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
             if self.label_smoothing and self.setting("loss_type") != "robust":
                 raise ConfigError("label_smoothing applies to the robust loss only (as in TRL): add --loss-type robust")
+        elif self.method == "grpo":
+            self._check_grpo()
         elif self.method == "sft":
             given = [name for name in ("beta", "loss_type") if getattr(self, name) is not None]
             given += ["label_smoothing"] * bool(self.label_smoothing)
@@ -196,11 +231,41 @@ class TrainConfig:
                 raise ConfigError(f"{', '.join(given)}: not a setting of method sft (choose --method dpo or grpo)")
         if self.method != "dpo" and self.precompute_ref_logprobs:
             raise ConfigError("precompute_ref_logprobs is a setting of method dpo")
+        if self.method != "dpo" and self.label_smoothing:
+            raise ConfigError("label_smoothing is a setting of method dpo (its robust loss)")
 
     def setting(self, name: str) -> Any:
         """A method setting (`beta`, `loss_type`) as given, or the method's default when unset."""
         value = getattr(self, name)
         return METHOD_DEFAULTS.get(self.method, {}).get(name) if value is None else value
+
+    def _check_grpo(self) -> None:
+        """The GRPO settings are valid."""
+        for name in ("num_generations", "max_new_tokens", "num_iterations"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_new_tokens >= self.seq_len:
+            raise ConfigError(
+                f"max_new_tokens {self.max_new_tokens} leaves no room for a prompt in seq_len {self.seq_len}"
+            )
+        if self.setting("loss_type") not in GRPO_LOSS_TYPES:
+            raise ConfigError(f"loss_type: {self.loss_type!r} is not a GRPO loss ({', '.join(GRPO_LOSS_TYPES)})")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0 (GRPO samples its rollouts), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
+            raise ConfigError(f"top_p must be in (0, 1] and top_k >= 0, got {self.top_p} and {self.top_k}")
+        if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            raise ConfigError("epsilon and epsilon_high must be >= 0")
+        if self.setting("beta") < 0:
+            raise ConfigError(f"beta must be >= 0 for grpo, got {self.beta}")
+        if not self.reward:
+            raise ConfigError(
+                "method grpo needs at least one --reward (a built-in name, file.py:function or module:function)"
+            )
+        if self.reward_weights and len(self.reward_weights) != len(self.reward):
+            raise ConfigError(
+                f"reward_weights has {len(self.reward_weights)} value(s) for {len(self.reward)} reward function(s)"
+            )
 
     def check_required(self) -> None:
         """ConfigError unless model, data and out are set (a config may be built up before they are)."""
@@ -243,6 +308,13 @@ def coerce(name: str, value: Any) -> Any:
     kind = _kind(f)
     if value is None:
         return None
+    if kind is list:
+        items = value if isinstance(value, list) else [value]  # one value may stand for a list of one
+        item = f.metadata["item"]
+        try:
+            return [item(v) if not isinstance(v, bool) else _bad(name, v) for v in items]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a list of {item.__name__}, got {value!r}") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is float and isinstance(value, str):
@@ -255,6 +327,10 @@ def coerce(name: str, value: Any) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{name}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _bad(name: str, value: Any) -> Any:
+    raise ConfigError(f"{name}: unexpected {type(value).__name__} {value!r}")
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -286,6 +362,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"{f.metadata['help']} [default: {f.default}]"
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif kind is list:
+            item = f.metadata["item"]
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action="extend",
+                nargs="+",
+                type=item,
+                default=None,
+                metavar=item.__name__.upper(),
+                help=help_text,
+            )
         else:
             parser.add_argument(
                 flag,

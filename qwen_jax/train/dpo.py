@@ -120,8 +120,9 @@ def pair_statistics(
 @dataclasses.dataclass(frozen=True)
 class DPOLoss:
     """The DPO objective as a `step.Loss` over `PreferenceBatch` micro-batches: (summed pair losses,
-    pairs, summed `METRICS`). The reference is `reference` (a model) when given, else the batch's
-    precomputed log-probabilities when `precomputed`, else `model` with its adapters off."""
+    pairs, `METRICS` as `step.Statistics`: each (its sum over the pairs, pairs)). The reference is
+    `reference` (a model) when given, else the batch's precomputed log-probabilities when
+    `precomputed`, else `model` with its adapters off."""
 
     beta: float = 0.1
     loss_type: str = "sigmoid"
@@ -134,7 +135,7 @@ class DPOLoss:
 
     def __call__(
         self, model: Qwen2ForCausalLM, batch: dict[str, jax.Array], reference: Qwen2ForCausalLM | None = None
-    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    ) -> tuple[jax.Array, jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:
         ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])  # one forward for both
         targets = jnp.concatenate([batch["chosen_targets"], batch["rejected_targets"]])
         weights = jnp.concatenate([batch["chosen_weights"], batch["rejected_weights"]])
@@ -164,8 +165,9 @@ class DPOLoss:
             loss_type=self.loss_type,
             label_smoothing=self.label_smoothing,
         )
-        statistics = pair_statistics(chosen_logps, rejected_logps, ref_chosen, ref_rejected, valid, beta=self.beta)
-        return jnp.sum(losses * valid), jnp.sum(valid), statistics
+        sums = pair_statistics(chosen_logps, rejected_logps, ref_chosen, ref_rejected, valid, beta=self.beta)
+        pair_count = jnp.sum(valid)
+        return jnp.sum(losses * valid), pair_count, {name: (total, pair_count) for name, total in sums.items()}
 
     def reference_logps(self, model: Qwen2ForCausalLM, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """The reference's per-token log-probabilities of a batch (`ref_chosen_logps`, `ref_rejected_logps`,

@@ -1,11 +1,11 @@
 """The training loop: setup, the run, train checkpoints, exact resume, signals.
 
 `Trainer(config).run()` fine-tunes a model (all weights, or LoRA adapters) with the method
-`config.method` names (sft: supervised; dpo: preference pairs, `dpo.py`) and writes everything
-to `config.out`. Setup, on every process of a run (an error on one is raised on all): the
-settings, the mesh, the data (before the model: bad data fails in seconds, not after loading 72B
-weights), the model, the train steps (`step.TrainSteps` with the method's loss), the checkpoint
-manager, then a fresh start or an exact resume.
+`config.method` names (sft: supervised; dpo: preference pairs, `dpo.py`; grpo: the subclass
+`grpo_trainer.GRPOTrainer`) and writes everything to `config.out`. Setup, on every process of a run
+(an error on one is raised on all): the settings, the mesh, the data (before the model: bad data
+fails in seconds, not after loading 72B weights), the model, the train steps (`step.TrainSteps` with
+the method's loss), the checkpoint manager, then a fresh start or an exact resume.
 
 Train checkpoints (`OUT/checkpoints/<step>/`, Orbax, asynchronous, the last `keep_checkpoints`)
 hold the train state, the data position and the settings. `--resume` restores the latest one
@@ -148,7 +148,14 @@ class Trainer:
 
     `Trainer(config).run()` trains and writes everything to `config.out`; it returns the exit
     status (0 finished, EXIT_PREEMPTED / EXIT_INTERRUPTED after a signal-triggered checkpoint).
+    Another method subclasses it (`qwen_jax.train.grpo_trainer.GRPOTrainer`): it overrides the
+    data (`_load_data`), the steps (`_build_steps`), `run_step` and `eval_metrics`, and may extend
+    `resume_keys`.
     """
+
+    methods: tuple[str, ...] = ("sft", "dpo")  # the `method` settings this class trains
+    resume_keys: tuple[str, ...] = _RESUME_KEYS
+    updates_per_step = 1  # optimizer updates per step of the loop
 
     def __init__(
         self,
@@ -169,8 +176,11 @@ class Trainer:
         self.primary = multihost.is_primary()
         with multihost.all_or_none("checking the settings"):
             config.check_required()
-            if config.method == "grpo":
-                raise ConfigError("method grpo is not available in this version of qwen-jax train")
+            if config.method not in self.methods:
+                raise ConfigError(
+                    f"method {config.method!r} is not trained by {type(self).__name__} (it trains "
+                    f"{', '.join(self.methods)}; method grpo: qwen_jax.train.grpo_trainer.GRPOTrainer)"
+                )
             self.mesh = resolve_mesh(config.mesh, devices)
             _check_attention(config, self.mesh)
             if model is None and not os.path.isdir(config.model):
@@ -197,6 +207,7 @@ class Trainer:
         if self.lora:
             apply_lora(self.model, self.lora_config, seed=config.seed)
         self.total_steps = config.steps or sum(self.loader.batches_in_epoch(e) for e in range(config.epochs))
+        self._peak_flops = peak_flops_per_device(config.peak_tflops)
         self._build_steps()
         self.checkpoints = ocp.CheckpointManager(
             os.path.abspath(os.path.join(config.out, "checkpoints")),
@@ -314,7 +325,7 @@ class Trainer:
         with multihost.all_or_none("comparing the settings with the checkpoint's"):
             saved = meta["config"]
             defaults = TrainConfig()  # settings a checkpoint from an older qwen-jax does not record
-            changed = [k for k in _RESUME_KEYS if saved.get(k, getattr(defaults, k)) != getattr(self.config, k)]
+            changed = [k for k in self.resume_keys if saved.get(k, getattr(defaults, k)) != getattr(self.config, k)]
             if changed:
                 detail = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(self.config, k)!r}" for k in changed)
                 raise ConfigError(f"cannot resume with changed settings ({detail})")
@@ -341,7 +352,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Start writing a train checkpoint of the current step (asynchronous; none if it exists)."""
-        step = int(self.state["step"])
+        step = self.completed_steps()
         if self.checkpoints.latest_step() == step:
             return
         meta = {
@@ -364,11 +375,12 @@ class Trainer:
 
     def evaluate(self) -> float | None:
         """Mean loss over the eval data (None without eval data)."""
-        return self.evaluate_metrics().get("eval_loss")
+        return self.eval_metrics().get("eval_loss")
 
-    def evaluate_metrics(self) -> dict[str, float]:
-        """`eval_loss` and the method's own metrics (DPO: `eval_rewards/chosen`, ...) over the eval
-        data, each the mean over the whole eval set (empty without eval data)."""
+    def eval_metrics(self) -> dict[str, Any]:
+        """What an evaluation adds to a step's record: `eval_loss` and the method's own metrics (DPO:
+        `eval_rewards/chosen`, ...) over the eval data, each the mean over the whole eval set (empty
+        without eval data)."""
         if self.eval_loader is None:
             return {}
         total, count, sums = 0.0, 0.0, {}
@@ -377,10 +389,12 @@ class Trainer:
                 self.state["params"], self.frozen, functools.partial(self.eval_loader.batch, 0, index), self.reference
             )
             total, count = total + float(loss), count + float(n)
-            for name, value in jax.device_get(statistics).items():
-                sums[name] = sums.get(name, 0.0) + float(value)
-        count = max(count, 1.0)
-        return {"eval_loss": total / count, **{f"eval_{name}": value / count for name, value in sums.items()}}
+            for name, (value, value_count) in jax.device_get(statistics).items():
+                previous = sums.get(name, (0.0, 0.0))
+                sums[name] = (previous[0] + float(value), previous[1] + float(value_count))
+        metrics = {"eval_loss": total / max(count, 1.0)}
+        metrics.update({f"eval_{name}": value / max(n, 1.0) for name, (value, n) in sums.items()})
+        return metrics
 
     # ---------------------------------------------------------------- the loop
     def train_step(self, batch: PackedBatch | PreferenceBatch | BuildRows) -> dict[str, float]:
@@ -392,6 +406,32 @@ class Trainer:
         self.state, metrics = self.steps.train(self.state, self.frozen, build_rows, self.reference)
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
+    def completed_steps(self) -> int:
+        """Steps of the loop done so far (a method may make several optimizer updates per step)."""
+        return int(self.state["step"]) // self.updates_per_step
+
+    def run_step(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """One step of the loop on the next batch: its metrics (metrics.jsonl) and the progress bar's postfix."""
+        config = self.config
+        epoch, index = self.loader.advance()
+        tokens = self.loader.batch_tokens(epoch, index)
+        start = time.perf_counter()
+        metrics = self.train_step(functools.partial(self.loader.batch, epoch, index))
+        seconds = time.perf_counter() - start
+        record = {
+            **metrics,
+            "tokens": tokens,
+            "step_time": seconds,
+            "tokens_per_s": tokens / seconds,
+            "epoch": self.loader.epoch,
+        }
+        if self._peak_flops:
+            flops = flops_per_token(self.model.config, config.seq_len, self.lora)
+            if config.method == "dpo" and not config.precompute_ref_logprobs:
+                flops += 2 * matmul_params(self.model.config)  # the reference's forward
+            record["mfu"] = flops * tokens / seconds / (self._peak_flops * self.mesh.size)
+        return record, {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}"}
+
     def run(self, on_step_end: Callable[[Trainer, int], None] | None = None) -> int:
         """Train to `total_steps`; returns 0, or EXIT_PREEMPTED / EXIT_INTERRUPTED after a signal.
 
@@ -400,7 +440,7 @@ class Trainer:
         config = self.config
         if config.export_only:
             self.log(
-                f"export only: writing the outputs of train checkpoint {int(self.state['step'])} "
+                f"export only: writing the outputs of train checkpoint {self.completed_steps()} "
                 f"(of {self.total_steps} steps)"
             )
             try:
@@ -409,11 +449,7 @@ class Trainer:
                 with self._writing_checkpoints():
                     self.checkpoints.close()
             return 0
-        flops = flops_per_token(self.model.config, config.seq_len, self.lora)
-        if config.method == "dpo" and not config.precompute_ref_logprobs:
-            flops += 2 * matmul_params(self.model.config)  # the reference's forward
-        peak = peak_flops_per_device(config.peak_tflops)
-        step = int(self.state["step"])
+        step = self.completed_steps()
         self.log(
             f"training {'LoRA adapters' if self.lora else 'all weights'}: {self.num_trainable:,} parameters, "
             f"{self.total_steps} steps, mesh {dict(self.mesh.shape)}"
@@ -432,30 +468,17 @@ class Trainer:
                 ) as bar,
             ):
                 while step < self.total_steps and not stopped:
-                    epoch, index = self.loader.advance()
-                    tokens = self.loader.batch_tokens(epoch, index)
-                    start = time.perf_counter()
-                    metrics = self.train_step(functools.partial(self.loader.batch, epoch, index))
-                    seconds = time.perf_counter() - start
+                    metrics, postfix = self.run_step()
                     step += 1
-                    record = {
-                        "step": step,
-                        **metrics,
-                        "tokens": tokens,
-                        "step_time": seconds,
-                        "tokens_per_s": tokens / seconds,
-                        "epoch": self.loader.epoch,
-                    }
-                    if peak:
-                        record["mfu"] = flops * tokens / seconds / (peak * self.mesh.size)
+                    record = {"step": step, **metrics}
                     if (
                         config.eval_every
                         and step % config.eval_every == 0
-                        or (step == self.total_steps and self.eval_loader is not None)
+                        or (step == self.total_steps and config.eval_data)
                     ):
-                        record.update(self.evaluate_metrics())
+                        record.update(self.eval_metrics())
                     step_log.write(record)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                    bar.set_postfix(postfix)
                     bar.update(1)
                     if config.save_every and step % config.save_every == 0:
                         with self._writing_checkpoints():
@@ -505,7 +528,7 @@ class Trainer:
         outputs.write_final_outputs(
             self.current_model(),
             self.config,
-            step=int(self.state["step"]),
+            step=self.completed_steps(),
             lora=self.lora,
             primary=self.primary,
             log=self.log,

@@ -119,6 +119,28 @@ def plot_loss_curve(metrics_file: str, png_path: str) -> str | None:
     return png_path
 
 
+def plot_reward_curve(metrics_file: str, png_path: str) -> str | None:
+    """Mean reward (and eval reward) against step as a PNG for a run that has rewards (GRPO);
+    returns its path (None without rewards)."""
+    if not os.path.exists(metrics_file):
+        return None
+    records = [r for r in read_metrics(metrics_file) if "reward" in r]
+    if not records:
+        return None
+    figure = matplotlib_figure.Figure(figsize=(7, 4))
+    axes = figure.subplots()
+    axes.plot([r["step"] for r in records], [r["reward"] for r in records], label="reward")
+    evals = [r for r in read_metrics(metrics_file) if r.get("eval_reward") is not None]
+    if evals:
+        axes.plot([r["step"] for r in evals], [r["eval_reward"] for r in evals], "o-", label="eval reward (greedy)")
+    axes.set_xlabel("step")
+    axes.set_ylabel("reward")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=100)
+    return png_path
+
+
 # --------------------------------------------------------------------------- final model
 def write_final_outputs(
     model: Qwen2ForCausalLM,
@@ -147,6 +169,9 @@ def write_final_outputs(
     plot = primary and plot_loss_curve(metrics_path(config.out), os.path.join(config.out, "loss_curve.png"))
     if plot:
         log(f"loss curve: {plot}")
+    plot = primary and plot_reward_curve(metrics_path(config.out), os.path.join(config.out, "reward_curve.png"))
+    if plot:
+        log(f"reward curve: {plot}")
 
 
 def _write_model(

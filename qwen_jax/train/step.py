@@ -14,10 +14,12 @@ Batches: the fields of a batch dataclass (`data.packing.PackedBatch` for SFT), e
 `[grad_accum, batch_size / grad_accum, seq_len]` and runs one micro-batch after another.
 
 A loss returns the summed loss of a micro-batch and the count it averages over (target tokens
-for SFT, preference pairs for DPO); the step divides the sums over all micro-batches by the whole
-batch's count, so gradient accumulation gives exactly the gradient of the whole batch. A loss may
-also return a dict of summed statistics (its own metrics, e.g. DPO's `rewards/chosen`): they are
-summed over the micro-batches and reported divided by the same count, under their own names.
+for SFT, preference pairs for DPO, completion tokens or completions for GRPO); the step divides
+the sums over all micro-batches by the whole batch's count, so gradient accumulation gives exactly
+the gradient of the whole batch. A loss may also return its own metrics (`Statistics`, e.g. DPO's
+`rewards/chosen`, GRPO's `clip_ratio`): each a (sum, count) pair, both summed over the micro-batches
+(and over an eval set's batches) and reported as sum / count under the metric's name; the count
+is each metric's own (DPO: pairs; GRPO: completion tokens, whatever the loss's count is).
 
 A method that compares the policy with a reference (DPO with full fine-tuning) asks for
 `reference=True`: the train and eval steps then also take the reference's trainable variables
@@ -47,10 +49,13 @@ from qwen_jax.train.config import TrainConfig
 
 optax = require("optax", extra="train", feature="training")
 
-Loss = Callable[..., tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+Statistics = dict[str, tuple[jax.Array, jax.Array]]
+"""A loss's own metrics: `{name: (sum, count)}`, float32 scalars, reported as total sum / total count."""
+
+Loss = Callable[..., tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, Statistics]]
 """A training objective: `(model, micro-batch) -> (summed loss, count it averages over)`, float32
-scalars, optionally followed by a dict of summed statistics (reported as their mean over the count);
-with `TrainSteps(reference=True)` it is also called with `reference=` the reference model."""
+scalars, optionally followed by its `Statistics`; with `TrainSteps(reference=True)` it is also
+called with `reference=` the reference model."""
 
 TrainState = dict[str, Any]
 """`{"params", "opt_state", "step", "rng"}` (see the module docstring)."""
@@ -60,8 +65,8 @@ TrainState = dict[str, Any]
 STEP_METRICS = ("loss", "grad_norm", "lr", "target_tokens")
 
 
-def _with_statistics(result: tuple) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    """A loss's result as (summed loss, count, summed statistics), the statistics empty if it has none."""
+def _with_statistics(result: tuple) -> tuple[jax.Array, jax.Array, Statistics]:
+    """A loss's result as (summed loss, count, statistics), the statistics empty if it has none."""
     return (*result, {}) if len(result) == 2 else result
 
 
@@ -301,7 +306,7 @@ class TrainSteps:
     def evaluate_statistics(
         self, params: nnx.State, frozen: nnx.State, build_rows: BuildRows, reference: nnx.State | None = None
     ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-        """The loss's (sum, count, summed statistics) over one eval batch, without dropout."""
+        """The loss's (sum, count, `Statistics`) over one eval batch, without dropout."""
         batch = self.device_batch(build_rows, accumulate=False)
         return self._evaluate(params, frozen, self._reference(reference), batch)
 
@@ -394,7 +399,7 @@ class TrainSteps:
                 "grad_norm": optax.tree.norm(grads),
                 "lr": schedule(state["step"]),
                 count_name: count,
-                **{name: value / denominator for name, value in statistics.items()},
+                **{name: total / jnp.maximum(n, 1.0) for name, (total, n) in statistics.items()},
             }
             return new_state, metrics
 

@@ -60,6 +60,8 @@ def _flags(config) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):  # a list setting: its values after the flag, none when empty
+            flags += [flag, *map(str, value)] if value else []
         else:
             flags += [flag, str(value)]
     return flags

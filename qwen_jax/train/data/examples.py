@@ -83,9 +83,7 @@ class Tokenization:
             raise ValueError(f"expected a JSON object, got {type(record).__name__}")
         field = _invalid_text_field(record, "")
         if field is not None:
-            raise ValueError(
-                f"{field} is not valid Unicode text (it holds a lone surrogate such as \\ud800)"
-            )
+            raise ValueError(f"{field} is not valid Unicode text (it holds a lone surrogate such as \\ud800)")
         if "messages" in record:
             return self._chat(record["messages"], record.get("tools"))
         if "prompt" in record or "completion" in record:

@@ -73,6 +73,24 @@ CI_PARAMETERS = {
         "LEARNING_RATE": 1e-2,
         "MAX_NEW_TOKENS": 8,
     },
+    "grpo": {
+        "MODEL": "{model}",
+        "DATASET": "synthetic",
+        "WORKDIR": "{workdir}",
+        "NUM_DEVICES": 2,
+        "TRAIN_PROMPTS": 4,
+        "EVAL_PROMPTS": 2,
+        "STEPS": 2,
+        "BATCH_SIZE": 2,
+        "NUM_GENERATIONS": 2,
+        "MAX_NEW_TOKENS": 16,
+        "SEQ_LEN": 80,
+        "GRAD_ACCUM": 1,
+        "LORA_RANK": 4,
+        "LEARNING_RATE": 1e-2,
+        "EVAL_EVERY": 1,
+        "SHOW_EXAMPLES": 2,
+    },
 }
 
 

@@ -223,6 +223,7 @@ def test_require(monkeypatch):
     with pytest.raises(MissingExtraError, match=r"^serve needs the optional package 'fastapi'"):
         require_extra("serve")
     monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.delitem(sys.modules, "pyarrow.parquet", raising=False)  # imported by an earlier test
     with pytest.raises(MissingExtraError, match=r"'pyarrow'.*qwen-jax\[train\]"):
         require("pyarrow.parquet", extra="train")
     # A module of qwen_jax that does not exist is a bug, not a missing extra.

@@ -36,6 +36,7 @@ from qwen_jax.model.causal_lm import Qwen2ForCausalLM
 from qwen_jax.model.lora import LoRAParam
 from qwen_jax.tokenizer import Tokenizer
 from qwen_jax.train.config import TrainConfig
+from qwen_jax.train.data.loader import BatchCursor
 from qwen_jax.train.data.sources import open_source
 from qwen_jax.train.grpo import GRPOBatch, GRPOLoss, build_batch, group_advantages, scored_logps
 from qwen_jax.train.loop import Trainer
@@ -94,7 +95,7 @@ def read_prompts(
     return records, tuple(columns)
 
 
-class PromptLoader:
+class PromptLoader(BatchCursor):
     """Batches of `batch_size` prompts, shuffled per epoch with `seed` (the last partial batch is
     dropped); resumable like the SFT loader (`advance`, `position`, `restore`)."""
 
@@ -112,21 +113,6 @@ class PromptLoader:
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
         return [self.records[i] for i in order[index * self.batch_size : (index + 1) * self.batch_size]]
-
-    def advance(self) -> tuple[int, int]:
-        """(epoch, index) of the next batch; moves the position past it."""
-        if self.index >= self.batches_in_epoch(self.epoch):
-            self.epoch, self.index = self.epoch + 1, 0
-        position = (self.epoch, self.index)
-        self.index += 1
-        return position
-
-    @property
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def restore(self, position: dict[str, int]) -> None:
-        self.epoch, self.index = int(position["epoch"]), int(position["index"])
 
 
 def _drop_nan(record: dict[str, Any]) -> dict[str, Any]:

@@ -74,7 +74,35 @@ class EpochPlan:
         return len(self.row_starts) - 1
 
 
-class DataLoader:
+class BatchCursor:
+    """The position of a loader that goes through epochs of `batches_in_epoch(epoch)` batches:
+    (epoch, batch index), advanced one batch at a time and saved with checkpoints."""
+
+    epoch: int = 0
+    index: int = 0
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        raise NotImplementedError
+
+    def advance(self) -> tuple[int, int]:
+        """(epoch, index) of the next batch; moves the position past it."""
+        if self.index >= self.batches_in_epoch(self.epoch):
+            self.epoch, self.index = self.epoch + 1, 0
+        position = (self.epoch, self.index)
+        self.index += 1
+        return position
+
+    @property
+    def position(self) -> dict[str, int]:
+        """Where the next batch comes from; save it with a checkpoint."""
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, position: dict[str, int]) -> None:
+        """Continue from a saved `position`."""
+        self.epoch, self.index = int(position["epoch"]), int(position["index"])
+
+
+class DataLoader(BatchCursor):
     """Deterministic packed batches of `batch_rows` rows; `position` is (epoch, batch index).
 
     Examples are truncated to their first `seq_len` tokens, and dropped when no learned token is
@@ -154,28 +182,11 @@ class DataLoader:
         members = plan.order[plan.row_starts[first] : plan.row_starts[last]]
         return int(np.minimum(self.store.lengths[members], self.seq_len).sum())
 
-    def advance(self) -> tuple[int, int]:
-        """(epoch, index) of the next batch; moves the position past it."""
-        if self.index >= self.batches_in_epoch(self.epoch):
-            self.epoch, self.index = self.epoch + 1, 0
-        position = (self.epoch, self.index)
-        self.index += 1
-        return position
-
     def __iter__(self):
         return self
 
     def __next__(self) -> PackedBatch:
         return self.batch(*self.advance())
-
-    @property
-    def position(self) -> dict[str, int]:
-        """Where the next batch comes from; save it with a checkpoint."""
-        return {"epoch": self.epoch, "index": self.index}
-
-    def restore(self, position: dict[str, int]) -> None:
-        """Continue from a saved `position`."""
-        self.epoch, self.index = int(position["epoch"]), int(position["index"])
 
 
 def open_loader(

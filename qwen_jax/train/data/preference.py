@@ -38,6 +38,7 @@ from qwen_jax.train import multihost
 from qwen_jax.train.config import TrainConfig
 from qwen_jax.train.data import sources, token_cache
 from qwen_jax.train.data.examples import DatasetStats, Example
+from qwen_jax.train.data.loader import BatchCursor
 
 
 class PreferenceTokenizer(Protocol):
@@ -208,7 +209,7 @@ class PreferenceBatch:
         )
 
 
-class PreferenceLoader:
+class PreferenceLoader(BatchCursor):
     """Deterministic batches of `batch_pairs` preference pairs; `position` is (epoch, batch index).
 
     `store` holds the tokenized pairs as consecutive examples (chosen, rejected). Each epoch
@@ -291,23 +292,6 @@ class PreferenceLoader:
         pairs = [p for p in self.pair_indices(epoch, index) if p is not None]
         examples = np.asarray([[2 * p, 2 * p + 1] for p in pairs], np.int64).reshape(-1)
         return int(np.minimum(self.store.lengths[examples], self.seq_len).sum())
-
-    def advance(self) -> tuple[int, int]:
-        """(epoch, index) of the next batch; moves the position past it."""
-        if self.index >= self.batches_in_epoch(self.epoch):
-            self.epoch, self.index = self.epoch + 1, 0
-        position = (self.epoch, self.index)
-        self.index += 1
-        return position
-
-    @property
-    def position(self) -> dict[str, int]:
-        """Where the next batch comes from; save it with a checkpoint."""
-        return {"epoch": self.epoch, "index": self.index}
-
-    def restore(self, position: dict[str, int]) -> None:
-        """Continue from a saved `position`."""
-        self.epoch, self.index = int(position["epoch"]), int(position["index"])
 
 
 def open_preference_loader(

@@ -105,18 +105,7 @@ def plot_loss_curve(metrics_file: str, png_path: str) -> str | None:
     if not os.path.exists(metrics_file):
         return None
     records = read_metrics(metrics_file)
-    figure = matplotlib_figure.Figure(figsize=(7, 4))
-    axes = figure.subplots()
-    axes.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
-    evals = [r for r in records if r.get("eval_loss") is not None]
-    if evals:
-        axes.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(png_path, dpi=100)
-    return png_path
+    return _plot_curve(records, records, "loss", "train loss", "eval_loss", "eval loss", png_path)
 
 
 def plot_reward_curve(metrics_file: str, png_path: str) -> str | None:
@@ -124,17 +113,25 @@ def plot_reward_curve(metrics_file: str, png_path: str) -> str | None:
     returns its path (None without rewards)."""
     if not os.path.exists(metrics_file):
         return None
-    records = [r for r in read_metrics(metrics_file) if "reward" in r]
-    if not records:
+    records = read_metrics(metrics_file)
+    train = [r for r in records if "reward" in r]
+    if not train:
         return None
+    return _plot_curve(records, train, "reward", "reward", "eval_reward", "eval reward (greedy)", png_path)
+
+
+def _plot_curve(
+    records: list[dict], train: list[dict], key: str, label: str, eval_key: str, eval_label: str, png_path: str
+) -> str:
+    """`key` of the `train` records, and `eval_key` of the records that have it, against step."""
     figure = matplotlib_figure.Figure(figsize=(7, 4))
     axes = figure.subplots()
-    axes.plot([r["step"] for r in records], [r["reward"] for r in records], label="reward")
-    evals = [r for r in read_metrics(metrics_file) if r.get("eval_reward") is not None]
+    axes.plot([r["step"] for r in train], [r[key] for r in train], label=label)
+    evals = [r for r in records if r.get(eval_key) is not None]
     if evals:
-        axes.plot([r["step"] for r in evals], [r["eval_reward"] for r in evals], "o-", label="eval reward (greedy)")
+        axes.plot([r["step"] for r in evals], [r[eval_key] for r in evals], "o-", label=eval_label)
     axes.set_xlabel("step")
-    axes.set_ylabel("reward")
+    axes.set_ylabel(key)
     axes.legend()
     figure.tight_layout()
     figure.savefig(png_path, dpi=100)

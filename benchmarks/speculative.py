@@ -7,12 +7,15 @@ On a Qwen2.5 configuration with random weights (default 0.5B, float32):
   * tokens/s against the acceptance rate, with the very verification program `ngram` runs, fed by
     an oracle proposer that knows plain decoding's output and proposes c of its next tokens
     correctly, then a wrong one (acceptance c/(c+1), c = K-1 .. 0), or all K correctly;
-  * a draft model: the same weights (everything accepted) and the target's first layers.
+  * a draft model: the same weights (everything accepted) and the target's first layers;
+  * with --draft-size, a draft of a smaller configuration (its own random weights, so it agrees with
+    the target by chance only): its step time is measured, and its speed at each oracle acceptance
+    rate derived from it (a step's programs have fixed shapes, whatever is accepted).
 
 Every speculative run's tokens are compared with plain decoding's (greedy).
 
     QWEN_JAX_TOKENIZER_DIR=... python benchmarks/speculative.py                 # 0.5B, CPU
-    python benchmarks/speculative.py --size 1.5B --draft-layers 4 12 --new-tokens 128   # e.g. on a GPU
+    python benchmarks/speculative.py --size 1.5B --draft-size 0.5B --draft-layers   # 1.5B target, 0.5B draft
 """
 
 from __future__ import annotations
@@ -93,6 +96,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("-k", type=int, default=4, help="proposed tokens per step")
     parser.add_argument("--draft-layers", type=int, nargs="*", default=[6], help="draft = the target's first N layers")
+    parser.add_argument(
+        "--draft-size",
+        choices=sorted(SIZES),
+        help="also a draft model of this configuration with its own random weights (e.g. 0.5B for a 1.5B target): "
+        "its step is measured, and its speedup at each oracle acceptance rate is derived from that step time",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per setting (best kept)")
     args = parser.parse_args()
 
@@ -130,6 +139,7 @@ def main() -> None:
     report(f"ngram K={args.k} (task)", best_of(args.repeats, lambda: run(target, prompt, args.new_tokens, ngram)))
 
     lookup = speculative.ngram_proposals
+    oracle_runs = []
     for correct in range(args.k, -1, -1):
 
         def oracle(tokens, k, ngram_min, ngram_max, correct=correct):
@@ -145,6 +155,7 @@ def main() -> None:
             speculative.ngram_proposals = lookup
         label = f"{args.k} right" if correct == args.k else f"{correct} right, then a wrong one"
         report(f"oracle proposals: {label}", result)
+        oracle_runs.append((label, result.speculation))
 
     same = SpeculativeOptions("draft", num_speculative_tokens=args.k, draft_model=target)
     report(
@@ -154,6 +165,22 @@ def main() -> None:
         spec = SpeculativeOptions("draft", num_speculative_tokens=args.k, draft_model=draft)
         result = best_of(args.repeats, lambda spec=spec: run(target, prompt, args.new_tokens, spec))
         report(f"draft = first {layers} of {config.num_hidden_layers} layers, K={args.k}", result)
+    if args.draft_size is not None:
+        draft = unstack_layers(create_model(SIZES[args.draft_size], dtype=args.dtype, seed=2))
+        spec = SpeculativeOptions("draft", num_speculative_tokens=args.k, draft_model=draft)
+        result = best_of(args.repeats, lambda: run(target, prompt, args.new_tokens, spec))
+        report(f"draft = a {args.draft_size} configuration (random weights), K={args.k}", result)
+        # A step's programs have fixed shapes, so its time does not depend on how many proposals are
+        # accepted: the measured step time times the oracle runs' tokens per step is that draft's speed
+        # at their acceptance rates (random weights cannot make the two models agree for real).
+        steps_per_s = result.timing.decode_tokens_per_s / result.speculation.tokens_per_step
+        for label, stats in oracle_runs:
+            speed = steps_per_s * stats.tokens_per_step
+            print(
+                f"| draft = a {args.draft_size} configuration, derived for oracle proposals: {label} | "
+                f"{stats.acceptance_rate:.2f} | {stats.tokens_per_step:.2f} | {speed:.2f} | {speed / base:.2f}x | - |",
+                flush=True,
+            )
     # Plain decoding again: on a shared machine the load moves during the run.
     again = best_of(args.repeats, lambda: run(target, prompt, args.new_tokens)).timing.decode_tokens_per_s
     print(f"| plain decoding, again at the end | - | 1.00 | {again:.2f} | {again / base:.2f}x | - |", flush=True)

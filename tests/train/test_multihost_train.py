@@ -227,29 +227,36 @@ def test_dpo_on_two_processes_equals_one(tiny_model_dir, pair_files, tmp_path, c
 
 
 def test_grpo_on_two_processes_equals_one(grpo_setup, tmp_path, compilation_cache):
-    """LoRA GRPO on fsdp=8 with a KL term and gradient accumulation, two steps: each process rolls out
-    its 2 of the 4 prompts (x 4 generations) on its own 4 devices, with the adapters and the base
-    gathered from the devices of both (fsdp spans the processes). The seeded rollouts give the
-    tokens, rewards and completion lengths of 1 x 8 devices, the losses and KL the same values, the
-    second step's rollouts (after an update) too, and the final model is the same."""
-    run = dict(steps=2, batch_size=4, num_generations=4, grad_accum=2, beta=0.05, mesh="fsdp=8")
+    """LoRA GRPO on fsdp=8 with a KL term and gradient accumulation: each process rolls out its 2 of
+    the 4 prompts (x 4 generations) on its own 4 devices, with the adapters and the base gathered
+    from the devices of both (fsdp spans the processes). SIGTERM to process 1 after step 1 stops both
+    at the same step; resumed by one process, the run finishes. Every step's seeded rollouts give the
+    rewards and completion lengths of 1 x 8 devices without interruption, the losses and KL the same
+    values (so the parameters after each update are the same), and the final model is the same."""
+    run = dict(steps=4, batch_size=4, num_generations=4, grad_accum=2, beta=0.05, mesh="fsdp=8")
     single = GRPOTrainer(_grpo_config(grpo_setup, tmp_path / "one", **run), log=lambda m: None)
     assert single.run() == 0
     config = _grpo_config(grpo_setup, tmp_path / "two", **run)
     env = {**compilation_cache, "GRPO_TEST_TOKEN": os.environ["GRPO_TEST_TOKEN"]}
-    results = _two_processes(config, env)
-    for i, (status, stderr) in enumerate(results):
-        assert status == 0, f"process {i}:\n{stderr[-3000:]}"
+    saved = []
+    for i, (status, stderr) in enumerate(_two_processes(config, env, signal_plan="1:1:SIGTERM")):
+        assert status == EXIT_PREEMPTED, f"process {i}:\n{stderr[-3000:]}"
         assert "parameters gathered across processes (frozen and trained)" in stderr, stderr[-3000:]
+        found = re.search(r"signal SIGTERM: checkpoint saved at step (\d+)", stderr)
+        assert found, f"process {i}:\n{stderr[-3000:]}"
+        saved.append(int(found.group(1)))
+    assert saved[0] == saved[1] and 2 <= saved[0] < run["steps"], saved
+    assert [m["step"] for m in _metrics(config.out)] == list(range(1, saved[0] + 1))
+    assert GRPOTrainer(config.replace(resume=True), log=lambda m: None).run() == 0
     one, two = _metrics(single.config.out), _metrics(config.out)
-    assert [m["step"] for m in two] == [1, 2]
+    assert [m["step"] for m in two] == [1, 2, 3, 4]
     for a, b in zip(one, two):
         for key in ("reward", "rewards/chosen_token/mean", "completion_length", "completion_length/max", "tokens"):
             assert b[key] == a[key], (a["step"], key, a[key], b[key])
         for key in ("loss", "kl", "entropy", "grad_norm", "reward_std", "frac_reward_zero_std"):
             np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=f"step {a['step']} {key}")
         assert b["logprob_diff"] < 1e-4
-    assert one[-1]["kl"] > 0
+    assert one[-1]["kl"] > 0 and len({m["reward"] for m in one}) > 1
     _same_final_model(single.config.out, config.out)
 
 

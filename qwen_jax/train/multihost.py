@@ -281,10 +281,6 @@ def _process_block(mesh: Mesh, process: int) -> tuple[slice, ...] | None:
     return tuple(slice(int(a), int(b)) for a, b in zip(low, high))
 
 
-def _identity(*arrays: jax.Array) -> tuple[jax.Array, ...]:
-    return arrays
-
-
 class ProcessLocalView:
     """This process's devices as a mesh of their own, and trees of global arrays seen on that mesh.
 
@@ -317,7 +313,6 @@ class ProcessLocalView:
         self.mesh = Mesh(grids[jax.process_index()], mesh.axis_names)
         # The layout a gathered copy takes: each process's grid, the processes along a new outer axis.
         self._gathered_mesh = Mesh(np.stack(grids), ("processes", *mesh.axis_names))
-        self._gathers: dict[tuple[NamedSharding, ...], Callable] = {}
 
     def local_sharding(self, array: jax.Array) -> NamedSharding:
         """The local mesh's sharding with the array's `PartitionSpec`."""
@@ -340,11 +335,9 @@ class ProcessLocalView:
         leaves, structure = jax.tree.flatten(tree)
         gather = [i for i, x in enumerate(leaves) if not self._is_local(x)]
         if gather:
-            targets = tuple(NamedSharding(self._gathered_mesh, leaves[i].sharding.spec) for i in gather)
-            if targets not in self._gathers:  # one compiled gather per layout, reused every step
-                self._gathers[targets] = jax.jit(_identity, out_shardings=targets)
-            gathered = self._gathers[targets](*(leaves[i] for i in gather))
-            for i, array in zip(gather, gathered):
+            # device_put, not a jitted identity: it also reshards between meshes whose device orders differ.
+            targets = [NamedSharding(self._gathered_mesh, leaves[i].sharding.spec) for i in gather]
+            for i, array in zip(gather, jax.device_put([leaves[i] for i in gather], targets)):
                 leaves[i] = array
         local = [
             jax.make_array_from_single_device_arrays(

@@ -233,7 +233,8 @@ def test_grpo_on_two_processes_equals_one(grpo_setup, tmp_path, compilation_cach
     at the same step; resumed by one process, the run finishes. Every step's seeded rollouts give the
     rewards and completion lengths of 1 x 8 devices without interruption, the losses and KL the same
     values (so the parameters after each update are the same), and the final model is the same."""
-    run = dict(steps=4, batch_size=4, num_generations=4, grad_accum=2, beta=0.05, mesh="fsdp=8")
+    run = dict(steps=4, batch_size=4, num_generations=4, grad_accum=2, beta=0.05, mesh="fsdp=8", eval_every=2)
+    run["eval_data"] = grpo_setup[1]  # greedy rollouts of 4 prompts, 2 per process
     single = GRPOTrainer(_grpo_config(grpo_setup, tmp_path / "one", **run), log=lambda m: None)
     assert single.run() == 0
     config = _grpo_config(grpo_setup, tmp_path / "two", **run)
@@ -256,8 +257,86 @@ def test_grpo_on_two_processes_equals_one(grpo_setup, tmp_path, compilation_cach
         for key in ("loss", "kl", "entropy", "grad_norm", "reward_std", "frac_reward_zero_std"):
             np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=f"step {a['step']} {key}")
         assert b["logprob_diff"] < 1e-4
+        assert b.get("eval_reward") == a.get("eval_reward") and b.get("eval_completion_length") == a.get(
+            "eval_completion_length"
+        )
+    assert [m["step"] for m in two if "eval_reward" in m] == [2, 4]  # step 2 on two processes, 4 on one
     assert one[-1]["kl"] > 0 and len({m["reward"] for m in one}) > 1
     _same_final_model(single.config.out, config.out)
+
+
+# Process P of 2 lays an [8, 6] array out on three meshes of the 8 devices and prints what
+# ProcessLocalView makes of it: its values on the local devices, whether that needed a copy, and
+# whether the local arrays are the global array's own buffers.
+_LOCAL_VIEW_CHILD = """
+import json, sys
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from qwen_jax.train import multihost
+
+multihost.initialize(sys.argv[1], 2, int(sys.argv[2]))
+mine = [d for d in jax.devices() if d.process_index == 0], [d for d in jax.devices() if d.process_index == 1]
+grids = {
+    "data_across_processes": np.asarray([*mine[0], *mine[1]]).reshape(2, 4, 1),
+    "fsdp_across_processes": np.asarray([*mine[0], *mine[1]]).reshape(1, 8, 1),
+    "interleaved": np.asarray([d for pair in zip(*mine) for d in pair]).reshape(1, 8, 1),
+}
+values = np.arange(48, dtype=np.float32).reshape(8, 6)
+report = {}
+for name, grid in grids.items():
+    mesh = Mesh(grid, ("data", "fsdp", "tensor"))
+    specs = {"sharded": PartitionSpec("fsdp", None), "replicated": PartitionSpec()}
+    tree = {key: jax.make_array_from_callback(values.shape, NamedSharding(mesh, spec), lambda i: values[i])
+            for key, spec in specs.items()}
+    view = multihost.ProcessLocalView(mesh)
+    local = view.local(tree)
+    pointers = lambda a: sorted(s.data.unsafe_buffer_pointer() for s in a.addressable_shards)
+    report[name] = {
+        "mesh": dict(view.mesh.shape),
+        "equal": all(np.array_equal(np.asarray(a), values) and a.is_fully_addressable for a in local.values()),
+        "copies": [view.needs_copy(tree[key]) for key in specs],
+        "own_buffers": [pointers(local[key]) == pointers(tree[key]) for key in specs],
+    }
+print(json.dumps(report))
+"""
+
+
+def test_process_local_view_copies_only_what_spans_processes(compilation_cache):
+    """Arrays seen on a process's own devices: sharded over fsdp within a process (data across
+    processes) or replicated, they are the global array's buffers; sharded over devices of both
+    processes, a gathered copy; processes whose devices interleave in the mesh get all theirs on fsdp."""
+    port = _free_port()
+    env = {**compilation_cache, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _LOCAL_VIEW_CHILD, f"localhost:{port}", str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [w.communicate(timeout=120) for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    for w, (out, err) in zip(workers, outputs):
+        assert w.returncode == 0, err[-3000:]
+        report = json.loads(out.strip().splitlines()[-1])
+        assert all(r["equal"] for r in report.values()), report
+        local_mesh = {"data": 1, "fsdp": 4, "tensor": 1}
+        assert report["data_across_processes"] == dict(
+            mesh=local_mesh, equal=True, copies=[False, False], own_buffers=[True, True]
+        )
+        assert report["fsdp_across_processes"] == dict(
+            mesh=local_mesh, equal=True, copies=[True, False], own_buffers=[False, True]
+        )
+        assert report["interleaved"] == dict(
+            mesh=local_mesh, equal=True, copies=[True, False], own_buffers=[False, True]
+        )
 
 
 def test_bad_record_on_process_1_ends_both_with_status_2(tiny_model_dir, tmp_path, compilation_cache):

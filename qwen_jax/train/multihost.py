@@ -32,7 +32,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, Sharding
 
-from qwen_jax.errors import LaunchError, QwenJaxError, UsageError
+from qwen_jax.errors import ConfigError, LaunchError, QwenJaxError, UsageError
 
 # The variables JAX documents for its coordinator plus the two it leaves to the launcher.
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
@@ -301,6 +301,12 @@ class ProcessLocalView:
     """
 
     def __init__(self, mesh: Mesh):
+        owners = {device.process_index for device in mesh.devices.flat}
+        if len(owners) != jax.process_count():
+            raise ConfigError(
+                f"the mesh {dict(mesh.shape)} has devices of {len(owners)} of the {jax.process_count()} processes: "
+                "every process needs some of its devices to roll out on (a mesh of all devices)"
+            )
         blocks = [_process_block(mesh, p) for p in range(jax.process_count())]
         grids = [mesh.devices[b] for b in blocks] if None not in blocks else []
         if not grids or len({g.shape for g in grids}) != 1:

@@ -16,7 +16,13 @@ signals, TensorBoard and the final model work as for SFT (`loop.Trainer`); the f
 `reward_curve.png`. `--eval-data` prompts are rolled out greedily every `--eval-every` steps and at
 the end; each reward function's mean is logged as `eval_rewards/<name>`.
 
-Runs on one process (any devices of it); several processes are refused for now.
+Across processes (`--coordinator ...`, as SFT) the train state is sharded over the global mesh and
+every process rolls out its own contiguous share of the step's prompts (a prompt's generations stay
+together) on an engine over its own devices (`multihost.ProcessLocalView`: the parameters as seen on
+those devices, without a copy when they are replicated across processes, else gathered once per
+step). Rollouts and rewards are then gathered, so every process holds the whole step's batch and
+computes the advantages and metrics a single process would; each completion's seed comes from its
+row in the global batch, so a seeded run samples the same tokens whatever the process count.
 """
 
 from __future__ import annotations
@@ -30,11 +36,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen_jax.errors import ConfigError, DataError
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM
 from qwen_jax.model.lora import LoRAParam
 from qwen_jax.tokenizer import Tokenizer
+from qwen_jax.train import multihost
 from qwen_jax.train.config import TrainConfig
 from qwen_jax.train.data.loader import BatchCursor
 from qwen_jax.train.data.sources import open_source
@@ -142,8 +150,6 @@ class GRPOTrainer(Trainer):
         devices: list[jax.Device] | None = None,
         log: Callable[[str], None] | None = None,
     ):
-        if jax.process_count() > 1:
-            raise ConfigError("method grpo runs on one process (all its devices) for now, not across processes")
         self.updates_per_step = config.num_iterations
         self.rollouts: Rollouts | None = None
         super().__init__(config, model=model, devices=devices, log=log)
@@ -151,15 +157,16 @@ class GRPOTrainer(Trainer):
     # ---------------------------------------------------------------- setup
     def _load_data(self) -> None:
         config = self.config
-        self.tokenizer = Tokenizer.from_dir(config.tokenizer or config.model)
-        self.rewards = load_rewards(config.reward, config.reward_weights or None)
-        records, self.columns = read_prompts(config.data, config, self.tokenizer, self.log)
-        check_columns(self.rewards, self.columns)
-        self.loader = PromptLoader(records, config.batch_size, config.seed)
-        self.eval_records = None
-        if config.eval_data:
-            self.eval_records, eval_columns = read_prompts(config.eval_data, config, self.tokenizer, self.log)
-            check_columns(self.rewards, eval_columns)
+        with multihost.all_or_none("reading the GRPO prompts and reward functions"):
+            self.tokenizer = Tokenizer.from_dir(config.tokenizer or config.model)
+            self.rewards = load_rewards(config.reward, config.reward_weights or None)
+            records, self.columns = read_prompts(config.data, config, self.tokenizer, self.log)
+            check_columns(self.rewards, self.columns)
+            self.loader = PromptLoader(records, config.batch_size, config.seed)
+            self.eval_records = None
+            if config.eval_data:
+                self.eval_records, eval_columns = read_prompts(config.eval_data, config, self.tokenizer, self.log)
+                check_columns(self.rewards, eval_columns)
 
     def _build_steps(self) -> None:
         config = self.config
@@ -208,9 +215,31 @@ class GRPOTrainer(Trainer):
                 self.steps.frozen_sharding,
                 self.steps.eval_batch_sharding,
             ),
-            out_shardings=self.steps.eval_batch_sharding,
+            out_shardings=NamedSharding(self.mesh, PartitionSpec()),  # every process reads them whole
         )
-        self.rollouts = Rollouts(self.current_model(), self.tokenizer, slots=rows, max_len=config.seq_len)
+        # Across processes each process rolls out its share of the prompts on its own devices.
+        self.local_view = multihost.ProcessLocalView(self.mesh) if jax.process_count() > 1 else None
+        if self.local_view is not None:
+            self.local_frozen = self.local_view.local(self.frozen)  # never updated: seen once
+            trees = {"frozen": self.frozen, "trained": self.state["params"]}
+            copies = [name for name, tree in trees.items() if self.local_view.needs_copy(tree)]
+            self.log(
+                f"rollouts: each process on its {self.local_view.mesh.size} devices (mesh "
+                f"{dict(self.local_view.mesh.shape)}); parameters "
+                + (f"gathered across processes ({' and '.join(copies)})" if copies else "seen without a copy")
+            )
+        slots = -(-config.batch_size // jax.process_count()) * config.num_generations
+        self.rollouts = Rollouts(self.rollout_model(), self.tokenizer, slots=slots, max_len=config.seq_len)
+
+    def rollout_model(self) -> Qwen2ForCausalLM:
+        """The policy with the current parameters, on the devices this process rolls out on (all of
+        the mesh alone; across processes its own, `multihost.ProcessLocalView`). Call on every process
+        together: across processes it may gather parameters."""
+        if self.local_view is None:
+            return self.current_model()
+        model = self.steps.model(self.local_view.local(self.state["params"]), self.local_frozen)
+        model.mesh = self.local_view.mesh
+        return model
 
     # ---------------------------------------------------------------- one step
     def _scored_logps(self, params: nnx.State, batch: GRPOBatch) -> np.ndarray:
@@ -220,10 +249,52 @@ class GRPOTrainer(Trainer):
     def _rollout_and_score(
         self, records: list[PromptRecord], *, num_generations: int, temperature: float, seeds: list[int] | int
     ) -> tuple[Rollout, np.ndarray]:
-        """Completions of `records` with the current parameters and their rewards `[completions, functions]`."""
+        """Completions of `records` with the current parameters and their rewards `[completions, functions]`.
+
+        Across processes each rolls out and scores its contiguous share of `records` (seeds: those of
+        its rows); every process returns the whole, in the order of `records`."""
+        model = self.rollout_model()
+        bounds = np.linspace(0, len(records), jax.process_count() + 1).astype(int)  # contiguous, near-equal shares
+        first, end = int(bounds[jax.process_index()]), int(bounds[jax.process_index() + 1])
+        rows = slice(first * num_generations, end * num_generations)
+        with multihost.all_or_none("rolling out and scoring the prompts"):
+            local = self._rollout_share(
+                model,
+                records[first:end],
+                num_generations=num_generations,
+                temperature=temperature,
+                seeds=seeds if isinstance(seeds, int) else seeds[rows],
+            )
+        pieces = multihost.gather_objects(local)
+        if len(pieces) == 1:
+            return pieces[0]
+        rollouts = [rollout for rollout, _ in pieces]
+        merged = Rollout(
+            **{
+                name: [row for rollout in rollouts for row in getattr(rollout, name)]
+                for name in ("prompt_ids", "completion_ids", "logprobs", "texts")
+            },
+            truncated=np.concatenate([rollout.truncated for rollout in rollouts]),
+            seconds=max(rollout.seconds for rollout in rollouts),  # the processes roll out at the same time
+        )
+        return merged, np.concatenate([per_function for _, per_function in pieces])
+
+    def _rollout_share(
+        self,
+        model: Qwen2ForCausalLM,
+        records: list[PromptRecord],
+        *,
+        num_generations: int,
+        temperature: float,
+        seeds: list[int] | int,
+    ) -> tuple[Rollout, np.ndarray]:
+        """Completions of `records` (this process's share) with `model` and their rewards."""
         config = self.config
+        if not records:  # more processes than prompts (a small eval set)
+            empty = Rollout([], [], [], [], np.zeros(0, bool), 0.0)
+            return empty, np.zeros((0, len(self.rewards)), np.float32)
         rollout = self.rollouts.sample(
-            self.current_model(),
+            model,
             [r.prompt_ids for r in records],
             num_generations=num_generations,
             max_new_tokens=config.max_new_tokens,

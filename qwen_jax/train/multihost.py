@@ -11,6 +11,9 @@ what the trainer needs on top:
   (so a bad data line seen by process 1 ends every process with exit status 2, not a hang).
 - `preemption_requested`: every process learns at the same step that any of them got SIGTERM
   (JAX's preemption sync point), so all save the same checkpoint.
+- `gather_objects`: small host values (GRPO rollouts and rewards) of every process, on every process.
+- `ProcessLocalView`: this process's devices as a mesh of their own, and the trainer's globally
+  sharded arrays seen on it (what a process-local `qwen_jax.Engine` runs on for GRPO rollouts).
 """
 
 from __future__ import annotations
@@ -18,16 +21,18 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import pickle
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Sharding
+from jax.sharding import Mesh, NamedSharding, Sharding
 
-from qwen_jax.errors import LaunchError, QwenJaxError, UsageError
+from qwen_jax.errors import ConfigError, LaunchError, QwenJaxError, UsageError
 
 # The variables JAX documents for its coordinator plus the two it leaves to the launcher.
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
@@ -248,6 +253,105 @@ def process_rows(sharding: Sharding, global_shape: Sequence[int], axis: int) -> 
 def global_array(sharding: Sharding, global_shape: Sequence[int], local_data: np.ndarray) -> jax.Array:
     """One global array from this process's rows (`local_data`, as `process_rows` ordered them)."""
     return jax.make_array_from_process_local_data(sharding, local_data, tuple(global_shape))
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """`value` from every process, in process order, on every process (alone: `[value]`).
+
+    For small host data (a GRPO step's rollouts and rewards): it travels pickled through one
+    all-gather of bytes, padded to the longest process's."""
+    if jax.process_count() == 1:
+        return [value]
+    payload = np.frombuffer(pickle.dumps(value), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int64(payload.size))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: payload.size] = payload
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [pickle.loads(gathered[i, : sizes[i]].tobytes()) for i in range(len(sizes))]
+
+
+# --------------------------------------------------------------------------- process-local arrays
+def _process_block(mesh: Mesh, process: int) -> tuple[slice, ...] | None:
+    """The slices of `mesh.devices` that hold exactly the devices of `process`, if they form a block."""
+    owners = np.vectorize(lambda d: d.process_index)(mesh.devices)
+    where = np.argwhere(owners == process)
+    low, high = where.min(axis=0), where.max(axis=0) + 1
+    if int(np.prod(high - low)) != len(where):
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+
+
+class ProcessLocalView:
+    """This process's devices as a mesh of their own, and trees of global arrays seen on that mesh.
+
+    A program on the local mesh runs on this process alone, without the others (a GRPO rollout,
+    whose requests differ per process, on a process-local `qwen_jax.Engine`). `local(tree)` turns
+    each global array of `mesh` into an array of the local mesh with the same values and the same
+    `PartitionSpec`:
+
+    - without a copy when this process's shards of the array already make the whole array in
+      that layout: the array is replicated across processes (e.g. parameters on `fsdp` and `tensor`
+      within a host, with `data` across hosts);
+    - otherwise with one all-gather across processes into a copy laid out like that (parameters
+      sharded over devices of several processes: every process then holds the whole array, split
+      over its own devices only).
+
+    Where the processes' devices form equal blocks of the mesh, the local mesh is this process's
+    block (same axis names and sizes within it); otherwise its devices all on `fsdp`.
+    """
+
+    def __init__(self, mesh: Mesh):
+        owners = {device.process_index for device in mesh.devices.flat}
+        if len(owners) != jax.process_count():
+            raise ConfigError(
+                f"the mesh {dict(mesh.shape)} has devices of {len(owners)} of the {jax.process_count()} processes: "
+                "every process needs some of its devices to roll out on (a mesh of all devices)"
+            )
+        blocks = [_process_block(mesh, p) for p in range(jax.process_count())]
+        grids = [mesh.devices[b] for b in blocks] if None not in blocks else []
+        if not grids or len({g.shape for g in grids}) != 1:
+            by_process: dict[int, list[jax.Device]] = {}
+            for device in sorted(mesh.devices.flat, key=lambda d: d.id):
+                by_process.setdefault(device.process_index, []).append(device)
+            shape = [len(by_process[jax.process_index()]) if name == "fsdp" else 1 for name in mesh.axis_names]
+            grids = [np.asarray(by_process[p], dtype=object).reshape(shape) for p in sorted(by_process)]
+        self.global_mesh = mesh
+        self.mesh = Mesh(grids[jax.process_index()], mesh.axis_names)
+        # The layout a gathered copy takes: each process's grid, the processes along a new outer axis.
+        self._gathered_mesh = Mesh(np.stack(grids), ("processes", *mesh.axis_names))
+
+    def local_sharding(self, array: jax.Array) -> NamedSharding:
+        """The local mesh's sharding with the array's `PartitionSpec`."""
+        return NamedSharding(self.mesh, array.sharding.spec)
+
+    def _is_local(self, array: jax.Array) -> bool:
+        """Whether this process's shards of `array` are the whole array in the local layout."""
+        local = self.local_sharding(array).devices_indices_map(array.shape)
+        shards = {shard.device: shard.index for shard in array.addressable_shards}
+        return shards.keys() == local.keys() and all(local[device] == index for device, index in shards.items())
+
+    def needs_copy(self, tree: Any) -> bool:
+        """Whether `local(tree)` copies (gathers) any of its arrays."""
+        return not all(self._is_local(x) for x in jax.tree.leaves(tree))
+
+    def local(self, tree: Any) -> Any:
+        """`tree`'s global arrays (NamedSharding on the view's mesh) as arrays of the local mesh;
+        see the class docstring for when that copies. Call on every process together (a copy is a
+        collective)."""
+        leaves, structure = jax.tree.flatten(tree)
+        gather = [i for i, x in enumerate(leaves) if not self._is_local(x)]
+        if gather:
+            # device_put, not a jitted identity: it also reshards between meshes whose device orders differ.
+            targets = [NamedSharding(self._gathered_mesh, leaves[i].sharding.spec) for i in gather]
+            for i, array in zip(gather, jax.device_put([leaves[i] for i in gather], targets)):
+                leaves[i] = array
+        local = [
+            jax.make_array_from_single_device_arrays(
+                x.shape, self.local_sharding(x), [shard.data for shard in x.addressable_shards]
+            )
+            for x in leaves
+        ]
+        return jax.tree.unflatten(structure, local)
 
 
 # --------------------------------------------------------------------------- signals

@@ -78,14 +78,13 @@ def generate(
         speculative: speculative decoding (`qwen_jax.generation.speculative`): "ngram" (prompt
             lookup, K=4) or `SpeculativeOptions` (method, K, n-gram sizes, draft model). Greedy
             output is that of plain decoding, sampled output follows the same distribution;
-            `Generation.speculation` holds the acceptance statistics. A speculative call neither
-            reuses nor keeps a previous call's cache.
+            `Generation.speculation` holds the acceptance statistics.
         prefix_cache: with one prompt or conversation, reuse the cache of the model's previous call
             when this prompt starts with its tokens (the next turn of a chat prefills only what is
             new: `qwen_jax.generation.conversation_cache`; `Generation.timing.cached_tokens` counts
-            them), and keep this call's cache for the next one. The tokens are those of a call
-            without it. False: neither (and drop what was kept). A batch of several prompts neither
-            reuses nor keeps one.
+            them), and keep this call's cache for the next one (with `speculative=`, the draft
+            model's too). The tokens are those of a call without it. False: neither (and drop what
+            was kept). A batch of several prompts neither reuses nor keeps one.
         **sampling: the sampling options (`qwen_jax.generation.options.SamplingKwargs`), e.g.
             `temperature=0.7, top_p=0.9, seed=1`: `stop` adds stop token ids (ints) and stop
             strings (the text is cut before the first one); `seed` is one seed for every prompt
@@ -116,7 +115,14 @@ def generate(
     else:
         _refuse_constrained_speculation(grammars)
         result = speculative_generate_batch(
-            model, prompt_ids, options, seeds, spec, config.pad_token_id, prefill_chunk=prefill_chunk
+            model,
+            prompt_ids,
+            options,
+            seeds,
+            spec,
+            config.pad_token_id,
+            prefill_chunk=prefill_chunk,
+            prefix_cache=prefix_cache,
         )
     texts = []
     for row, ids in enumerate(result.token_ids):
@@ -192,5 +198,7 @@ def stream(
         )
     else:
         _refuse_constrained_speculation([grammar])
-        tokens = SpeculativeTokenStream(model, prompt_ids, options, spec, config.pad_token_id, False, prefill_chunk)
+        tokens = SpeculativeTokenStream(
+            model, prompt_ids, options, spec, config.pad_token_id, False, prefill_chunk, prefix_cache
+        )
     return TextStream(tokens, tokenizer, options.stop_strings)

@@ -1,7 +1,8 @@
 """A conversation reuses the previous call's KV cache (`prefix_cache=`, `qwen_jax.generation.conversation_cache`):
 the tokens and logits are those of a call without it (greedy, seeded sampling with a penalty, streaming,
-a common prefix that ends inside the previous answer, the same prompt again, a chunked rest, a mesh);
-batches, speculation, `prefix_cache=False`, other weights and dynamic-NTK rope reuse nothing."""
+a common prefix that ends inside the previous answer, the same prompt again, a chunked rest, a mesh,
+speculative decoding with its draft's cache); batches, `prefix_cache=False`, other weights and
+dynamic-NTK rope reuse nothing."""
 
 import jax
 import numpy as np
@@ -24,15 +25,17 @@ SAMPLED = dict(temperature=0.8, top_p=0.95, repetition_penalty=1.2, seed=5)
 
 def _config(**overrides):
     return Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,  # tied tiny random models mostly repeat their input token
-        **overrides,
+        **{
+            "vocab_size": VOCAB,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+            "tie_word_embeddings": False,  # tied tiny random models mostly repeat their input token
+            **overrides,
+        }
     )
 
 
@@ -97,6 +100,11 @@ def test_partial_prefix_same_prompt_stream_and_chunked_rest(model):
     chunked = generate_ids(model, [longer], max_new_tokens=NEW_TOKENS, temperature=0, prefill_chunk=8)
     assert chunked.timing.cached_tokens == len(edited) + len(tokens) - 1
     assert tokens == _fresh(model, edited, temperature=0).token_ids[0]
+    # A stream stopped after 3 tokens (Ctrl-C in the chat) keeps what it computed.
+    stopped = stream_ids(model, longer, max_new_tokens=NEW_TOKENS, temperature=0)
+    assert [next(stopped) for _ in range(3)] == chunked.token_ids[0][:3]
+    stopped.close()
+    assert conversation_cache.kept_tokens(model) == len(longer) + 2
     assert chunked.token_ids == _fresh(model, longer, temperature=0).token_ids
 
 
@@ -111,12 +119,6 @@ def test_what_reuses_nothing(model):
     generate_ids(model, [prompt], max_new_tokens=NEW_TOKENS, temperature=0)
     off = generate_ids(model, [follow], max_new_tokens=NEW_TOKENS, temperature=0, prefix_cache=False)
     assert off.timing.cached_tokens == 0 and conversation_cache.kept_tokens(model) == 0
-    # Speculative decoding: likewise (its tokens are plain decoding's).
-    generate_ids(model, [prompt], max_new_tokens=NEW_TOKENS, temperature=0)
-    options, seeds = resolve_batch(GenerationConfig(), 1, vocab_size=VOCAB, max_new_tokens=NEW_TOKENS, temperature=0)
-    speculated = speculative_generate_batch(model, [follow], options, seeds, SpeculativeOptions("ngram"))
-    assert speculated.timing.cached_tokens == 0 and conversation_cache.kept_tokens(model) == 0
-    assert speculated.token_ids == off.token_ids
     # A shorter common prefix than MIN_REUSED_TOKENS is prefilled again.
     generate_ids(model, [prompt], max_new_tokens=NEW_TOKENS, temperature=0)
     short = prompt[: conversation_cache.MIN_REUSED_TOKENS - 1] + _random(20, 7)
@@ -158,3 +160,22 @@ def test_on_a_tensor_parallel_mesh(model):
     reused = generate_ids(sharded, [follow], max_new_tokens=NEW_TOKENS, temperature=0)
     assert reused.timing.cached_tokens == len(prompt) + len(answer) - 1
     assert reused.token_ids == _fresh(model, follow, temperature=0).token_ids
+
+
+def test_speculative_turns_reuse_the_target_and_draft_caches(model):
+    draft = create_model(_config(num_hidden_layers=1), dtype="float32", seed=4)
+    spec = SpeculativeOptions("draft", draft_model=draft)
+    options, seeds = resolve_batch(GenerationConfig(), 1, vocab_size=VOCAB, max_new_tokens=NEW_TOKENS, temperature=0)
+    prompt = _random(40, 14)
+    first = speculative_generate_batch(model, [prompt], options, seeds, spec, prefix_cache=True).token_ids[0]
+    follow = prompt + first + _random(6, 15)
+    for kept_model in (model, draft):
+        assert conversation_cache.kept_tokens(kept_model) == len(prompt) + len(first) - 1
+    reused = speculative_generate_batch(model, [follow], options, seeds, spec, prefix_cache=True)
+    assert reused.timing.cached_tokens == len(prompt) + len(first) - 1
+    conversation_cache.clear()
+    fresh = speculative_generate_batch(model, [follow], options, seeds, spec)
+    assert fresh.timing.cached_tokens == 0
+    assert reused.token_ids == fresh.token_ids == _fresh(model, follow, temperature=0).token_ids
+    # The draft's proposals (and so the acceptance) are those of a draft that prefilled everything.
+    assert reused.speculation == fresh.speculation

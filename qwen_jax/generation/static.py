@@ -30,9 +30,14 @@ step, over the whole batch), the host filling the rows' bitmask between steps.
 The model is split once per call (`nnx.split`); the jitted functions are pure functions of
 (graphdef, state), compiled ahead of time into the shared executable cache
 (`qwen_jax.compilation.EXECUTABLES`, names "generation.prefill", "generation.first_token",
-"generation.decode_loop", "generation.decode_step") keyed by argument shapes and shardings, which
-lets `Timing` report compile time apart from prefill and decode time. The cache is donated to
-every call.
+"generation.decode_loop", "generation.decode_step", "generation.carry_prefix") keyed by argument
+shapes and shardings, which lets `Timing` report compile time apart from prefill and decode time.
+The cache is donated to every call.
+
+A conversation (`prefix_cache=`, on by default): a call of one prompt leaves its cache in
+`qwen_jax.generation.conversation_cache`; the model's next call takes it, and when its prompt
+starts with the tokens that cache holds, "generation.carry_prefix" copies it into the new cache
+and prefill starts after the common prefix (step 2 then prefills only the rest).
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ The KV is only valid for the weights that computed it: an entry remembers the mo
 `nnx.update`, a LoRA merge). `clear` drops the entries explicitly. Dynamic-NTK rope scales every
 key by the prompt's length, so on such a model nothing is reused.
 
-The model is this module's key (a weak one: a dropped model drops its entry); the speculative
-draft model and batches of several prompts neither take nor keep anything, but a call on the model
-still drops its kept cache.
+The model is this module's key (a weak one: a dropped model drops its entry). A speculative call
+reuses and keeps the target's cache and, under the draft model's own key, the draft's. A batch of
+several prompts neither reuses nor keeps anything, but still drops the model's kept cache.
 """
 
 from __future__ import annotations

@@ -367,8 +367,9 @@ def run_prefill(suite: Suite, step: Step) -> list[dict]:
     length = plan.long_prefill_len if step.needs == "attention" else plan.prefill_len
     ids = generate_bench.prompts(1, length, model.config.vocab_size)
     greedy = GenerationConfig(temperature=0.0, eos_token_ids=())
-    warm_up = generate_ids(model, ids, max_new_tokens=1, config=greedy)
-    timing = generate_ids(model, ids, max_new_tokens=1, config=greedy).timing
+    # prefix_cache=False: the timed call would otherwise reuse the warm-up's cache of the same prompt.
+    warm_up = generate_ids(model, ids, max_new_tokens=1, config=greedy, prefix_cache=False)
+    timing = generate_ids(model, ids, max_new_tokens=1, config=greedy, prefix_cache=False).timing
     options = ", ".join(f"{k}={v}" for k, v in step.load_options) or "default attention"
     mfu = 100 * prefill_flops(model.config, length) / timing.prefill_s / suite.peak_flops
     return rows + [

@@ -72,8 +72,9 @@ def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int
 def bench_ours(model, prompt_ids, new_tokens: int) -> dict:
     config = GenerationConfig(temperature=0.0, eos_token_ids=())  # never stop early: fixed work
     # Compile + warm up; compile time is reported apart anyway, so a short run is enough.
-    warm_up = generate_ids(model, prompt_ids, max_new_tokens=2, config=config)
-    result = generate_ids(model, prompt_ids, max_new_tokens=new_tokens, config=config)
+    # prefix_cache=False: a batch-1 timed call would otherwise reuse the warm-up's cache of the same prompt.
+    warm_up = generate_ids(model, prompt_ids, max_new_tokens=2, config=config, prefix_cache=False)
+    result = generate_ids(model, prompt_ids, max_new_tokens=new_tokens, config=config, prefix_cache=False)
     timing = result.timing
     return dict(
         prefill=timing.prefill_tokens_per_s,

@@ -1,7 +1,7 @@
-"""Prefix caching in the engine: multi-turn chat TTFT and a shared system prompt, with and without the cache.
+"""Prefix caching: multi-turn chat TTFT and a shared system prompt, with and without the cache.
 
-Two workloads on the same random weights, each through an `Engine` with the prefix cache on and one
-with it off (in process; the two engines share their compiled programs):
+Three workloads on the same random weights. Two run through an `Engine` with the prefix cache on
+and one with it off (in process; the two engines share their compiled programs):
   * multi-turn chat: a `--system-tokens` system prompt and `--turns` user turns; each turn sends
     the whole conversation so far (the assistant's earlier answers included) and waits for its
     answer. Reported: time to first token (TTFT) of every turn.
@@ -14,8 +14,15 @@ needs have run once: a program compiled or first run inside a timed pass would d
 the copy a hit costs (a `--shared-tokens` prefix copied from the pool into a slot) next to a
 prefill of the same tokens.
 
+The third, `static-chat`, is `qwen-jax chat`'s path: the same multi-turn chat through
+`qwen_jax.generation.stream_ids` (the ids `qwen_jax.stream` decodes) with `prefix_cache=True`
+(each turn reuses the previous turn's cache) and `prefix_cache=False`, after one untimed pass with
+the cache (another system prompt), which compiles every program both timed passes run (the full
+prefill of turn 1 is the one a pass without the cache runs every turn).
+
     python benchmarks/prefix_cache.py                    # 0.5B, float32
     python benchmarks/prefix_cache.py --checkpoint-dir /tmp/q05   # keep the random checkpoint
+    python benchmarks/prefix_cache.py --workloads static-chat      # the chat command's path only
 
 Needs the Qwen2.5 tokenizer files (`QWEN_JAX_TOKENIZER_DIR`).
 """
@@ -53,6 +60,43 @@ def multi_turn(engine, tokenizer, rng, system_tokens: int, turns: int, answer_to
         )
         messages.append({"role": "assistant", "content": completion.text})
     return rows
+
+
+def static_chat(model, tokenizer, rng, system_tokens: int, turns: int, answer_tokens: int, prefix_cache: bool):
+    """`multi_turn` through `stream_ids`, as `qwen-jax chat` runs it: TTFT is the wall time to the first id."""
+    qwen_jax.generation.conversation_cache.clear(model)
+    messages = [{"role": "system", "content": random_text(tokenizer, rng, system_tokens)}]
+    rows = []
+    for _ in range(turns):
+        messages.append({"role": "user", "content": random_text(tokenizer, rng, 24)})
+        prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        start = time.perf_counter()
+        tokens = qwen_jax.generation.stream_ids(
+            model,
+            prompt,
+            max_new_tokens=answer_tokens,
+            temperature=0,
+            stop_token_ids=[tokenizer.eos_token_id],
+            prefix_cache=prefix_cache,
+        )
+        ids = [next(tokens)]
+        ttft = time.perf_counter() - start
+        ids += list(tokens)
+        timing = tokens.result.timing
+        rows.append(dict(ttft=ttft, prompt=len(prompt), cached=timing.cached_tokens, compile=timing.compile_s))
+        messages.append({"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True)})
+    return rows
+
+
+def print_turns(title: str, turns: dict) -> None:
+    print(f"\n{title}")
+    print("| turn | prompt tokens | cached tokens | TTFT cache off (s) | TTFT cache on (s) | on / off |")
+    print("|---|---|---|---|---|---|")
+    for i, (on, off) in enumerate(zip(turns.get(True, []), turns.get(False, []))):
+        print(
+            f"| {i + 1} | {on['prompt']} | {on['cached']} | {off['ttft']:.2f} | {on['ttft']:.2f} | "
+            f"{on['ttft'] / off['ttft']:.2f} |"
+        )
 
 
 def shared_prefix(engine, tokenizer, rng, shared_tokens: int, requests: int, answer_tokens: int) -> dict:
@@ -101,7 +145,12 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint-dir", help="where the random checkpoint is built (kept); default: a temp dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--workloads", nargs="+", default=["multi-turn", "shared"], choices=["multi-turn", "shared"])
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        default=["multi-turn", "shared", "static-chat"],
+        choices=["multi-turn", "shared", "static-chat"],
+    )
     args = parser.parse_args(argv)
     tokenizer_dir = os.environ.get("QWEN_JAX_TOKENIZER_DIR")
     if not tokenizer_dir:
@@ -115,6 +164,24 @@ def main(argv=None) -> None:
         f"qwen_jax {qwen_jax.__version__}; {time.strftime('%Y-%m-%d %H:%M')}; load {os.getloadavg()[0]:.1f}",
         flush=True,
     )
+    if "static-chat" in args.workloads:
+        chat_turns = {}
+        warm = np.random.default_rng(args.seed + 100)
+        static_chat(model, tokenizer, warm, args.system_tokens, args.turns, args.answer_tokens, True)
+        for cache in (True, False):
+            rng = np.random.default_rng(args.seed)
+            chat_turns[cache] = static_chat(
+                model, tokenizer, rng, args.system_tokens, args.turns, args.answer_tokens, cache
+            )
+            label = "cache on " if cache else "cache off"
+            print(f"  static chat, {label}: {chat_turns[cache]}", file=sys.stderr, flush=True)
+        print_turns(
+            f"static chat (stream_ids, as qwen-jax chat): {args.system_tokens}-token system prompt, "
+            f"{args.turns} turns, greedy answers of {args.answer_tokens} tokens",
+            chat_turns,
+        )
+    if not {"multi-turn", "shared"} & set(args.workloads):
+        return
     engines = {
         cache: qwen_jax.Engine(model, tokenizer, slots=args.slots, max_len=args.max_len, prefix_cache=cache)
         for cache in (True, False)
@@ -152,13 +219,11 @@ def main(argv=None) -> None:
                 args.answer_tokens,
             )
             print(f"  shared prefix, {label}: {shared[cache]}", file=sys.stderr, flush=True)
-        print(f"\nmulti-turn chat: {args.system_tokens}-token system prompt, {args.turns} turns, greedy answers")
-        print("| turn | prompt tokens | cached tokens | TTFT cache off (s) | TTFT cache on (s) | on / off |")
-        print("|---|---|---|---|---|---|")
-        for i, (on, off) in enumerate(zip(turns.get(True, []), turns.get(False, []))):
-            print(
-                f"| {i + 1} | {on['prompt']} | {on['cached']} | {off['ttft']:.2f} | {on['ttft']:.2f} | "
-                f"{on['ttft'] / off['ttft']:.2f} |"
+        if turns:
+            print_turns(
+                f"multi-turn chat (Engine): {args.system_tokens}-token system prompt, {args.turns} turns, "
+                "greedy answers",
+                turns,
             )
         print(
             f"\nshared prefix: {args.requests} requests, a {args.shared_tokens}-token system prompt, "

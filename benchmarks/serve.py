@@ -356,7 +356,10 @@ def run_sequential(model, tokenizer, jobs: list[Job]) -> tuple[list[Result], flo
     for job in jobs:
         clock.wait_until(start + job.arrival)
         times = []
-        stream = stream_ids(model, tokenizer.encode(job.prompt), max_new_tokens=job.max_tokens, temperature=0)
+        # prefix_cache=False: the baseline prefills every prompt (its warm-up ran the same prompts).
+        stream = stream_ids(
+            model, tokenizer.encode(job.prompt), max_new_tokens=job.max_tokens, temperature=0, prefix_cache=False
+        )
         for _ in stream:
             times.append(clock.now())
         compiled = stream.result.timing.compile_s  # zero after warm_up_sequential; subtracted if not
@@ -395,7 +398,9 @@ def warm_up_sequential(model, tokenizer, jobs: list[Job]) -> None:
     for job in jobs:  # one job per (prompt bucket, max_tokens): what the compiled shapes derive from
         shapes.setdefault((prompt_bucket(job.prompt_tokens), job.max_tokens), job)
     for job in shapes.values():
-        stream = stream_ids(model, tokenizer.encode(job.prompt), max_new_tokens=job.max_tokens, temperature=0)
+        stream = stream_ids(
+            model, tokenizer.encode(job.prompt), max_new_tokens=job.max_tokens, temperature=0, prefix_cache=False
+        )
         for _, _ in zip(range(2), stream):
             pass
         stream.close()

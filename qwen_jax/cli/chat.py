@@ -1,7 +1,9 @@
 """Interactive multi-turn chat with streaming answers.
 
 Type a message and press Enter. `/reset` starts a new conversation, `/exit` (or Ctrl-D) quits,
-Ctrl-C while an answer is streaming stops that answer only.
+Ctrl-C while an answer is streaming stops that answer only. Each turn reuses the keys and values of
+the previous one (`prefix_cache=` of `qwen_jax.stream`), so only the new message is prefilled;
+`--stats` shows how many prompt tokens were cached.
 """
 
 from __future__ import annotations
@@ -27,7 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_sampling_arguments(parser)
     add_speculative_arguments(parser)
-    parser.add_argument("--stats", action="store_true", help="print the speed of each answer to stderr")
+    parser.add_argument(
+        "--stats", action="store_true", help="print the speed and the cached prompt tokens of each answer to stderr"
+    )
+    parser.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="prefill the whole conversation every turn instead of reusing the previous turn's keys and values",
+    )
 
 
 def _read_message(interactive: bool) -> str | None:
@@ -45,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_cli(args)
     options = sampling_overrides(args)
     options["speculative"] = speculative_for_cli(args, model)
+    options["prefix_cache"] = args.prefix_cache
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
     history: list[dict] = []
     interactive = sys.stdin.isatty()

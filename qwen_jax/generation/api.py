@@ -64,6 +64,7 @@ def generate(
     config: GenerationConfig | None = None,
     prefill_chunk: int | None = None,
     speculative: str | SpeculativeOptions | None = None,
+    prefix_cache: bool = True,
     **sampling: Unpack[SamplingKwargs],
 ) -> Generation:
     """Generate continuations for a batch of prompts (strings) or conversations (lists of messages).
@@ -78,6 +79,12 @@ def generate(
             lookup, K=4) or `SpeculativeOptions` (method, K, n-gram sizes, draft model). Greedy
             output is that of plain decoding, sampled output follows the same distribution;
             `Generation.speculation` holds the acceptance statistics.
+        prefix_cache: with one prompt or conversation, reuse the cache of the model's previous call
+            when this prompt starts with its tokens (the next turn of a chat prefills only what is
+            new: `qwen_jax.generation.conversation_cache`; `Generation.timing.cached_tokens` counts
+            them), and keep this call's cache for the next one (with `speculative=`, the draft
+            model's too). The tokens are those of a call without it. False: neither (and drop what
+            was kept). A batch of several prompts neither reuses nor keeps one.
         **sampling: the sampling options (`qwen_jax.generation.options.SamplingKwargs`), e.g.
             `temperature=0.7, top_p=0.9, seed=1`: `stop` adds stop token ids (ints) and stop
             strings (the text is cut before the first one); `seed` is one seed for every prompt
@@ -96,12 +103,26 @@ def generate(
     spec = resolve_speculative(speculative, model, tokenizer.vocab_size)
     if spec is None:
         result = generate_batch(
-            model, prompt_ids, options, seeds, config.pad_token_id, prefill_chunk=prefill_chunk, grammars=grammars
+            model,
+            prompt_ids,
+            options,
+            seeds,
+            config.pad_token_id,
+            prefill_chunk=prefill_chunk,
+            grammars=grammars,
+            prefix_cache=prefix_cache,
         )
     else:
         _refuse_constrained_speculation(grammars)
         result = speculative_generate_batch(
-            model, prompt_ids, options, seeds, spec, config.pad_token_id, prefill_chunk=prefill_chunk
+            model,
+            prompt_ids,
+            options,
+            seeds,
+            spec,
+            config.pad_token_id,
+            prefill_chunk=prefill_chunk,
+            prefix_cache=prefix_cache,
         )
     texts = []
     for row, ids in enumerate(result.token_ids):
@@ -156,12 +177,14 @@ def stream(
     config: GenerationConfig | None = None,
     prefill_chunk: int | None = None,
     speculative: str | SpeculativeOptions | None = None,
+    prefix_cache: bool = True,
     **sampling: Unpack[SamplingKwargs],
 ) -> TextStream:
     """Streaming `generate` for one prompt or conversation: iterate to get text as it is decoded.
 
     `for piece in stream(...)` yields strings; their concatenation is the batch path's text (and
-    the ids are those of `generate` with the same seed and settings, `speculative` included).
+    the ids are those of `generate` with the same seed and settings, `speculative` and
+    `prefix_cache` included: a chat's next turn reuses this one's cache as in `generate`).
     """
     config = generation_defaults(model, tokenizer, config)
     options, seeds = resolve_batch(config, 1, vocab_size=model.config.vocab_size, **sampling)
@@ -170,8 +193,12 @@ def stream(
     spec = resolve_speculative(speculative, model, tokenizer.vocab_size)
     options = options.replace(seed=seeds[0])
     if spec is None:
-        tokens = TokenStream(model, prompt_ids, options, config.pad_token_id, False, prefill_chunk, grammar)
+        tokens = TokenStream(
+            model, prompt_ids, options, config.pad_token_id, False, prefill_chunk, grammar, prefix_cache=prefix_cache
+        )
     else:
         _refuse_constrained_speculation([grammar])
-        tokens = SpeculativeTokenStream(model, prompt_ids, options, spec, config.pad_token_id, False, prefill_chunk)
+        tokens = SpeculativeTokenStream(
+            model, prompt_ids, options, spec, config.pad_token_id, False, prefill_chunk, prefix_cache
+        )
     return TextStream(tokens, tokenizer, options.stop_strings)

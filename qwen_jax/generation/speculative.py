@@ -52,6 +52,7 @@ from qwen_jax.generation.static import (
     Generation,
     SpeculationStats,
     Timing,
+    _keep,
     _prepare,
     _Request,
     _run_prefill,
@@ -366,15 +367,36 @@ class _Run:
         pad_id: int | None,
         return_logits: bool,
         prefill_chunk: int | None,
+        prefix_cache: bool = False,
     ):
         k = speculative.num_speculative_tokens
         slack = k + 1  # a step writes K + 1 slots past a row's length
         self.speculative = speculative
-        self.request = _prepare(model, prompts, options, seeds, pad_id, return_logits, prefill_chunk, cache_slack=slack)
+        # With prefix_cache, the target and the draft each reuse and keep their own cache (a step
+        # leaves both holding the prompt and the tokens but the last, as plain decoding does).
+        self.request = _prepare(
+            model,
+            prompts,
+            options,
+            seeds,
+            pad_id,
+            return_logits,
+            prefill_chunk,
+            cache_slack=slack,
+            prefix_cache=prefix_cache,
+        )
         self.draft_request: _Request | None = None
         if speculative.draft_model is not None:
             self.draft_request = _prepare(
-                speculative.draft_model, prompts, options, seeds, pad_id, False, prefill_chunk, cache_slack=slack
+                speculative.draft_model,
+                prompts,
+                options,
+                seeds,
+                pad_id,
+                False,
+                prefill_chunk,
+                cache_slack=slack,
+                prefix_cache=prefix_cache,
             )
         variant = self.request.static.variant
         self.static = _SpecStatic(
@@ -393,6 +415,8 @@ class _Run:
         self.tokens: list[list[int]] = [[] for _ in prompts]
         self.logits: list[list[np.ndarray]] = [[] for _ in prompts]
         self.finish = ["length"] * len(prompts)
+        self.cache: KVCache | None = None  # the latest step's caches (None while a step runs on them)
+        self.draft_cache: KVCache | None = None
 
     def _take(self, row: int, new: Sequence[int], logits: np.ndarray | None) -> bool:
         """Append a row's new tokens up to max_new_tokens and the first stop id; whether the row ended."""
@@ -420,6 +444,7 @@ class _Run:
             _, draft_cache, _, _ = _run_prefill(draft_request, draft_timing)
             timing.compile_s += draft_timing.compile_s
             timing.prefill_s += draft_timing.prefill_s
+        self.cache, self.draft_cache = cache, draft_cache
         first = np.asarray(first)
         first_logits = None if first_logits is None else np.asarray(first_logits)
         active = np.ones(batch, bool)
@@ -463,11 +488,13 @@ class _Run:
                 timing.compile_s += compile_s
                 start = time.perf_counter()
             del cache, draft_cache
+            self.cache = self.draft_cache = None  # donated
             if draft_request is None:
                 tokens, accepted, cache, history, logits = executable(*args)
                 draft_cache = None
             else:
                 tokens, accepted, cache, draft_cache, history, logits = executable(*args)
+            self.cache, self.draft_cache = cache, draft_cache
             del args, common
             tokens, accepted = np.asarray(tokens), np.asarray(accepted)
             logits = None if logits is None else np.asarray(logits)
@@ -484,6 +511,12 @@ class _Run:
             timing.decode_s = time.perf_counter() - start
             timing.decode_tokens = sum(map(len, self.tokens)) - batch
             yield new
+
+    def keep(self) -> None:
+        """Leave the target's and the draft's caches for their models' next calls (with `prefix_cache`)."""
+        _keep(self.request, self.tokens, self.cache)
+        if self.draft_request is not None:
+            _keep(self.draft_request, self.tokens, self.draft_cache)
 
     def result(self) -> Generation:
         logits = None
@@ -508,12 +541,15 @@ def generate_batch(
     pad_id: int | None = None,
     return_logits: bool = False,
     prefill_chunk: int | None = None,
+    prefix_cache: bool = False,
 ) -> Generation:
     """`qwen_jax.generation.static.generate_batch` with speculation: row r of `prompts` seeded with
-    `seeds[r]`; `Generation.speculation` holds the acceptance statistics."""
-    run = _Run(model, prompts, options, seeds, speculative, pad_id, return_logits, prefill_chunk)
+    `seeds[r]`; `Generation.speculation` holds the acceptance statistics; `prefix_cache` as there
+    (the draft model reuses and keeps its own cache too)."""
+    run = _Run(model, prompts, options, seeds, speculative, pad_id, return_logits, prefill_chunk, prefix_cache)
     for _ in run.steps():
         pass
+    run.keep()
     return run.result()
 
 
@@ -531,9 +567,18 @@ class SpeculativeTokenStream(_Stream):
         pad_id: int | None = None,
         return_logits: bool = False,
         prefill_chunk: int | None = None,
+        prefix_cache: bool = False,
     ):
         self._spec_run = _Run(
-            model, [prompt_ids], options, [options.seed], speculative, pad_id, return_logits, prefill_chunk
+            model,
+            [prompt_ids],
+            options,
+            [options.seed],
+            speculative,
+            pad_id,
+            return_logits,
+            prefill_chunk,
+            prefix_cache,
         )
         super().__init__()
 
@@ -545,6 +590,7 @@ class SpeculativeTokenStream(_Stream):
                     yielded += 1
                     yield token
         finally:
+            self._spec_run.keep()
             result = self._spec_run.result()
             if len(result.token_ids[0]) > yielded:  # closed inside a step: the result is what was yielded
                 result.token_ids[0] = result.token_ids[0][:yielded]

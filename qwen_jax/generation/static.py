@@ -30,9 +30,14 @@ step, over the whole batch), the host filling the rows' bitmask between steps.
 The model is split once per call (`nnx.split`); the jitted functions are pure functions of
 (graphdef, state), compiled ahead of time into the shared executable cache
 (`qwen_jax.compilation.EXECUTABLES`, names "generation.prefill", "generation.first_token",
-"generation.decode_loop", "generation.decode_step") keyed by argument shapes and shardings, which
-lets `Timing` report compile time apart from prefill and decode time. The cache is donated to
-every call.
+"generation.decode_loop", "generation.decode_step", "generation.carry_prefix") keyed by argument
+shapes and shardings, which lets `Timing` report compile time apart from prefill and decode time.
+The cache is donated to every call.
+
+A conversation (`prefix_cache=`, on by default): a call of one prompt leaves its cache in
+`qwen_jax.generation.conversation_cache`; the model's next call takes it, and when its prompt
+starts with the tokens that cache holds, "generation.carry_prefix" copies it into the new cache
+and prefill starts after the common prefix (step 2 then prefills only the rest).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from typing_extensions import Unpack
 from qwen_jax.compilation import EXECUTABLES, argument_signature
 from qwen_jax.config import GenerationConfig, Qwen2Config
 from qwen_jax.errors import GenerationError
+from qwen_jax.generation import conversation_cache
 from qwen_jax.generation.constraints import GrammarMatcher, fill_bitmask
 from qwen_jax.generation.options import (
     SamplingKwargs,
@@ -89,6 +95,7 @@ class Timing:
     """Wall-clock timing of one generation call (compile time is counted apart)."""
 
     prompt_tokens: int = 0  # real (unpadded) prompt tokens over all rows
+    cached_tokens: int = 0  # of those, tokens whose keys and values the previous call left (not prefilled)
     prefill_s: float = 0.0
     decode_tokens: int = 0  # tokens produced after the first one, over all rows
     decode_s: float = 0.0
@@ -96,15 +103,18 @@ class Timing:
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+        """Prompt tokens prefilled (cached ones are not) per second."""
+        prefilled = self.prompt_tokens - self.cached_tokens
+        return prefilled / self.prefill_s if self.prefill_s > 0 else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
     def summary(self) -> str:
+        cached = f" ({self.cached_tokens} cached)" if self.cached_tokens else ""
         return (
-            f"prompt {self.prompt_tokens} tokens, prefill {self.prefill_s:.3f} s "
+            f"prompt {self.prompt_tokens} tokens{cached}, prefill {self.prefill_s:.3f} s "
             f"({self.prefill_tokens_per_s:.1f} tok/s), decode {self.decode_tokens} tokens "
             f"({self.decode_tokens_per_s:.1f} tok/s), compile {self.compile_s:.2f} s"
         )
@@ -178,7 +188,6 @@ class _Static:
     return_logits: bool
     cache_sharding: Any  # NamedSharding of the cache arrays, or None off a mesh
     capacity: int  # length of the decode loop's token buffer (>= max_new_tokens)
-    prefill_chunk: int  # prompt tokens per model call in prefill (divides the padded prompt width)
     empty_cache: bool = False  # a prefill chunk into an empty cache (the first of one): see Qwen2ForCausalLM
 
 
@@ -207,6 +216,16 @@ def _prefill_chunk(static: _Static, state, cache, chunk_ids, chunk_lengths, last
     here = jnp.take_along_axis(hidden, jnp.maximum(chunk_lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     last = jnp.where((chunk_lengths > 0)[:, None], here, last)
     return _constrain_cache(cache, static), last
+
+
+def _carry_prefix(static: _Static, cache, kept, reused):
+    """`cache` (batch 1) holding the previous call's keys and values `kept` in its first slots, its
+    length set to `reused`: the prompt's tokens past them are prefilled next."""
+    slots = min(kept.max_len, cache.max_len)
+    k = jax.lax.dynamic_update_slice_in_dim(cache.k, kept.k[:, :, :slots].astype(cache.k.dtype), 0, axis=2)
+    v = jax.lax.dynamic_update_slice_in_dim(cache.v, kept.v[:, :, :slots].astype(cache.v.dtype), 0, axis=2)
+    lengths = jnp.broadcast_to(reused, cache.lengths.shape).astype(jnp.int32)
+    return _constrain_cache(KVCache(k, v, lengths), static)
 
 
 def _sample(static: _Static, logits, history, params: RowParams, index, bitmask=None):
@@ -278,6 +297,7 @@ def _decode_step(static: _Static, state, cache, token, history, params, step, bi
 
 # `static` (argument 0) is hashable (graphdef, frozen settings); the cache (argument 2) is donated.
 _PREFILL = jax.jit(_prefill_chunk, static_argnums=0, donate_argnums=2)
+_CARRY_PREFIX = jax.jit(_carry_prefix, static_argnums=0, donate_argnums=1)
 _FIRST_TOKEN = jax.jit(_first_token, static_argnums=0)
 _DECODE_LOOP = jax.jit(_decode_loop, static_argnums=0, donate_argnums=2)
 _DECODE_STEP = jax.jit(_decode_step, static_argnums=0, donate_argnums=2)
@@ -317,8 +337,10 @@ class _Request:
     options: SamplingOptions
     static: _Static
     state: Any
-    host_ids: np.ndarray  # the padded prompts on the host, sliced into prefill chunks
+    host_ids: np.ndarray  # the padded prompts on the host past `reused`, sliced into prefill chunks
+    prompts: list[list[int]]
     prompt_lengths: list[int]
+    prefill_chunk: int  # prompt tokens per model call in prefill (divides host_ids' width)
     cache: KVCache
     params: RowParams  # each row's sampling settings and seed
     history: History | None  # each row's prompt ids and logit bias (None: no bias or penalty)
@@ -326,6 +348,9 @@ class _Request:
     max_new_tokens: int
     replicated: NamedSharding | None  # where small inputs go on a mesh (None: the default device)
     grammars: list[GrammarMatcher | None] | None = None  # structured output: each row's matcher
+    prefix_cache: bool = False  # keep the cache for the model's next call (`conversation_cache`)
+    reused: int = 0  # the prompt's first tokens whose keys and values `carried` holds (batch 1)
+    carried: KVCache | None = None  # the previous call's cache, copied into `cache` before prefill
 
     def put(self, x) -> jax.Array:
         return _put(x, self.replicated)
@@ -353,9 +378,12 @@ def _prepare(
     *,
     grammars: Sequence[GrammarMatcher | None] | None = None,
     cache_slack: int = 0,
+    prefix_cache: bool = False,
 ) -> _Request:
     """A validated batch; `cache_slack` more cache slots past prompt + max_new_tokens (speculative
-    verification writes a few proposals past a row's length)."""
+    verification writes a few proposals past a row's length). With `prefix_cache`, a single prompt
+    that extends the model's previous call reuses its cache (`conversation_cache`); any call first
+    drops what the previous one kept."""
     if not isinstance(model, Qwen2ForCausalLM):
         raise TypeError(f"expected a Qwen2ForCausalLM, got {type(model).__name__}")
     model_config = model.config
@@ -386,18 +414,24 @@ def _prepare(
         if min(ids) < 0 or max(ids) >= model_config.vocab_size:
             raise GenerationError(f"prompt {i} has token ids outside the vocabulary [0, {model_config.vocab_size})")
 
+    graphdef, state = nnx.split(model)
+    single = prompts[0] if prefix_cache and len(prompts) == 1 else None
+    carried, reused = conversation_cache.take(model, graphdef, state, single)
+
     pad_id = pad_id if pad_id is not None else 0
-    bucket = prompt_bucket(max(len(p) for p in prompts))
+    full_bucket = prompt_bucket(max(len(p) for p in prompts))
+    bucket = prompt_bucket(max(len(p) for p in prompts) - reused)
     chunk = min(prefill_chunk, bucket)
     bucket = -(-bucket // chunk) * chunk  # whole chunks
     input_ids = np.full((len(prompts), bucket), pad_id, np.int32)
     for row, ids in enumerate(prompts):  # right padding: every row's tokens start at cache slot 0
-        input_ids[row, : len(ids)] = ids
+        input_ids[row, : len(ids) - reused] = ids[reused:]
 
     mesh = model.mesh
     # Derived from the bucket (a new prompt length inside it reuses the compiled code), never past
-    # the context's bucket (prompt + max_new_tokens fit the context, checked above).
-    cache_len = min(cache_bucket(bucket + max_new + cache_slack), cache_bucket(context + cache_slack))
+    # the context's bucket (prompt + max_new_tokens fit the context, checked above). A reused
+    # prefix leaves it as is (padding of the rest's last chunk past it is dropped by the writes).
+    cache_len = min(cache_bucket(full_bucket + max_new + cache_slack), cache_bucket(context + cache_slack))
     cache_dtype = model.dtype
     cache_sharding = None
     replicated = None
@@ -418,7 +452,6 @@ def _prepare(
     else:
         cache = KVCache.init(model_config, len(prompts), cache_len, cache_dtype)
 
-    graphdef, state = nnx.split(model)
     eos = sorted(options.stop_token_ids) or [-1]  # -1 never matches: no stop token
     put = functools.partial(_put, sharding=replicated)
     variant = variant_for([options.draw_settings], adjustments=options.adjusts_logits)
@@ -426,12 +459,12 @@ def _prepare(
     return _Request(
         model=model,
         options=options,
-        static=_Static(
-            graphdef, variant, return_logits, cache_sharding, min(cache_len, new_tokens_bucket(max_new)), chunk
-        ),
+        static=_Static(graphdef, variant, return_logits, cache_sharding, min(cache_len, new_tokens_bucket(max_new))),
         state=state,
         host_ids=input_ids,
+        prompts=prompts,
         prompt_lengths=[len(p) for p in prompts],
+        prefill_chunk=chunk,
         cache=cache,
         params=jax.tree.map(put, row_params(options, seeds)),
         history=None if history is None else jax.tree.map(put, history),
@@ -439,6 +472,9 @@ def _prepare(
         max_new_tokens=max_new,
         replicated=replicated,
         grammars=None if grammars is None or not any(grammars) else list(grammars),
+        prefix_cache=prefix_cache,
+        reused=reused,
+        carried=carried,
     )
 
 
@@ -453,29 +489,41 @@ def _context_hint(config: Qwen2Config) -> str:
 
 def _run_prefill(request: _Request, timing: Timing):
     """Prefill chunk by chunk (one compiled chunk step, called up to the longest prompt), with a
-    progress bar on a terminal when the prompt spans several chunks; then the first tokens."""
-    chunk = request.static.prefill_chunk
+    progress bar on a terminal when the prompt spans several chunks; then the first tokens. A
+    reused prefix (`request.carried`) is copied into the cache first and only the rest is prefilled."""
+    chunk = request.prefill_chunk
     # Keyed only on what each function uses: another max_new_tokens or sampler variant reuses them.
     lengths = np.asarray(request.prompt_lengths, np.int32)
-    chunks = -(-int(lengths.max()) // chunk)
+    pending = lengths - request.reused  # the prompt tokens to prefill
+    chunks = -(-int(pending.max()) // chunk)
     first_static = dataclasses.replace(request.static, capacity=0)
-    # One chunk: attention over its own keys. Several: every chunk reads the cache, so one compiled
-    # step serves them all (an empty-cache first chunk would be a second compilation).
-    prefill_static = dataclasses.replace(first_static, variant=None, return_logits=False, empty_cache=chunks == 1)
+    # One chunk into an empty cache: attention over its own keys. Several: every chunk reads the
+    # cache, so one compiled step serves them all (an empty-cache first chunk would be a second compilation).
+    prefill_static = dataclasses.replace(
+        first_static, variant=None, return_logits=False, empty_cache=chunks == 1 and not request.reused
+    )
     last = request.put(np.zeros((len(lengths), request.model.config.hidden_size), request.model.dtype))
     rope_length = request.put(np.int32(lengths.max()))
     cache, request.cache = request.cache, None  # donated
+    carried, request.carried = request.carried, None
     compile_s = 0.0
     start = time.perf_counter()
+    if carried is not None:
+        args = (cache, carried, request.put(np.int32(request.reused)))
+        carry, seconds = _compiled("carry_prefix", _CARRY_PREFIX, prefill_static, args)
+        compile_s += seconds
+        del cache
+        cache = carry(*args)
+        del args, carried
     with tqdm(
-        total=int(lengths.sum()),
+        total=int(pending.sum()),
         unit="tok",
         desc="prefill",
         leave=False,
         disable=None if chunks >= PROGRESS_MIN_CHUNKS else True,
     ) as bar:
         for index in range(chunks):
-            real = np.clip(lengths - index * chunk, 0, chunk).astype(np.int32)
+            real = np.clip(pending - index * chunk, 0, chunk).astype(np.int32)
             args = (
                 request.state,
                 cache,
@@ -497,7 +545,17 @@ def _run_prefill(request: _Request, timing: Timing):
     timing.compile_s += compile_s
     timing.prefill_s = time.perf_counter() - start - compile_s
     timing.prompt_tokens = sum(request.prompt_lengths)
+    timing.cached_tokens = request.reused
     return token, cache, history, logits
+
+
+def _keep(request: _Request, generated: Sequence[Sequence[int]], cache: KVCache | None) -> None:
+    """Leave a single prompt's cache for the model's next call: it holds the prompt and the generated
+    tokens but the last (no step has read that one)."""
+    if not request.prefix_cache or len(generated) != 1 or cache is None:
+        return
+    tokens = request.prompts[0] + list(generated[0][:-1])
+    conversation_cache.keep(request.model, request.static.graphdef, request.state, tokens, cache)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -509,6 +567,7 @@ def generate_ids(
     config: GenerationConfig | None = None,
     return_logits: bool = False,
     prefill_chunk: int | None = None,
+    prefix_cache: bool = True,
     **sampling: Unpack[SamplingKwargs],
 ) -> Generation:
     """Generate from a batch of token-id prompts: prefill, then one jitted decode loop.
@@ -522,6 +581,10 @@ def generate_ids(
         prefill_chunk: prompt tokens per model call during prefill (default `default_prefill_chunk`:
             2,048 on CPU, the whole prompt on a GPU/TPU); smaller bounds prefill memory tighter,
             larger runs bigger matrix products, and a prompt that fits one chunk skips reading the cache.
+        prefix_cache: reuse the previous call's cache when this single prompt extends it (a
+            conversation: only the new tokens are prefilled; `qwen_jax.generation.conversation_cache`),
+            and keep this call's cache for the next one. The tokens are those of a call without it.
+            False: neither (and drop what was kept).
         **sampling: the sampling options (`qwen_jax.generation.options.SamplingKwargs`), e.g.
             `temperature=0.7, top_p=0.9, seed=1`; `seed` may give one seed per prompt. `stop` may
             hold token ids only here (stop strings need the text: `qwen_jax.generate`).
@@ -531,7 +594,9 @@ def generate_ids(
         config, len(prompts), vocab_size=model.config.vocab_size, stop_token_ids=stop_token_ids, **sampling
     )
     _refuse_text_options(options)
-    return generate_batch(model, prompts, options, seeds, config.pad_token_id, return_logits, prefill_chunk)
+    return generate_batch(
+        model, prompts, options, seeds, config.pad_token_id, return_logits, prefill_chunk, prefix_cache=prefix_cache
+    )
 
 
 def _refuse_text_options(options: SamplingOptions) -> None:
@@ -558,12 +623,23 @@ def generate_batch(
     return_logits: bool = False,
     prefill_chunk: int | None = None,
     grammars: Sequence[GrammarMatcher | None] | None = None,
+    prefix_cache: bool = False,
 ) -> Generation:
     """`generate_ids` with resolved options: row r of `prompts` seeded with `seeds[r]`, constrained
-    by `grammars[r]` where given (structured output: decoded step by step)."""
+    by `grammars[r]` where given (structured output: decoded step by step); `prefix_cache` as there."""
     if grammars is not None and len(grammars) != len(prompts):
         raise ValueError(f"{len(grammars)} grammars for {len(prompts)} prompts")
-    request = _prepare(model, prompts, options, seeds, pad_id, return_logits, prefill_chunk, grammars=grammars)
+    request = _prepare(
+        model,
+        prompts,
+        options,
+        seeds,
+        pad_id,
+        return_logits,
+        prefill_chunk,
+        grammars=grammars,
+        prefix_cache=prefix_cache,
+    )
     timing = Timing()
     first_token, cache, history, first_logits = _run_prefill(request, timing)
     if request.grammars is not None:
@@ -581,13 +657,14 @@ def generate_batch(
     executable, compile_s = _compiled("decode_loop", _DECODE_LOOP, request.static, args)
     del cache
     start = time.perf_counter()
-    tokens, lengths, _, step_logits = executable(*args)
+    tokens, lengths, cache, step_logits = executable(*args)
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
     timing.compile_s += compile_s
     timing.decode_s = time.perf_counter() - start
     timing.decode_tokens = int(lengths.sum()) - len(lengths)
 
     token_ids = [tokens[row, :n].tolist() for row, n in enumerate(lengths)]
+    _keep(request, token_ids, cache)
     reasons = ["stop" if ids[-1] in options.stop_token_ids else "length" for ids in token_ids]
     logits = None
     if return_logits:
@@ -637,6 +714,7 @@ def _decode_constrained(request: _Request, first_token, cache, history, first_lo
             break
     if start is not None:
         timing.decode_s = time.perf_counter() - start
+    _keep(request, generated, cache)
     timing.decode_tokens = sum(len(ids) for ids in generated) - rows
     reasons = ["stop" if ids[-1] in stop_ids else "length" for ids in generated]
     stacked = [np.stack(row_logits) for row_logits in logits] if first_logits is not None else None
@@ -676,9 +754,18 @@ class TokenStream(_Stream):
         return_logits: bool = False,
         prefill_chunk: int | None = None,
         grammar: GrammarMatcher | None = None,
+        prefix_cache: bool = False,
     ):
         self._request = _prepare(
-            model, [prompt_ids], options, [options.seed], pad_id, return_logits, prefill_chunk, grammars=[grammar]
+            model,
+            [prompt_ids],
+            options,
+            [options.seed],
+            pad_id,
+            return_logits,
+            prefill_chunk,
+            grammars=[grammar],
+            prefix_cache=prefix_cache,
         )
         self._return_logits = return_logits
         super().__init__()
@@ -689,6 +776,7 @@ class TokenStream(_Stream):
         logits: list[np.ndarray] = []
         stop_ids = request.options.stop_token_ids
         finish = "length"
+        cache = None  # the latest step's cache (None while a step runs on the donated one)
         try:
             token, cache, history, step_logits = _run_prefill(request, timing)
             decode_start = executable = None
@@ -700,7 +788,7 @@ class TokenStream(_Stream):
                         executable, compile_s = _compiled("decode_step", _DECODE_STEP, request.static, args)
                         timing.compile_s += compile_s
                         decode_start = time.perf_counter()
-                    del cache
+                    cache = None
                     token, cache, history, step_logits = executable(*args)
                 token_id = int(token[0])
                 generated.append(token_id)
@@ -715,6 +803,8 @@ class TokenStream(_Stream):
                     finish = "stop"
                     break
         finally:
+            if generated:
+                _keep(request, [generated], cache)
             self.result = Generation(
                 [generated], [finish], request.prompt_lengths, timing, logits=[np.stack(logits)] if logits else None
             )
@@ -728,6 +818,7 @@ def stream_ids(
     config: GenerationConfig | None = None,
     return_logits: bool = False,
     prefill_chunk: int | None = None,
+    prefix_cache: bool = True,
     **sampling: Unpack[SamplingKwargs],
 ) -> TokenStream:
     """Generate from one token-id prompt, yielding each id as soon as it is produced.
@@ -740,5 +831,11 @@ def stream_ids(
     )
     _refuse_text_options(options)
     return TokenStream(
-        model, prompt_ids, options.replace(seed=seeds[0]), config.pad_token_id, return_logits, prefill_chunk
+        model,
+        prompt_ids,
+        options.replace(seed=seeds[0]),
+        config.pad_token_id,
+        return_logits,
+        prefill_chunk,
+        prefix_cache=prefix_cache,
     )

@@ -94,12 +94,14 @@ def test_cached_step_logits_equal_full_forward(untied):
 
 def test_prompt_lengths_in_one_bucket_compile_once(untied):
     _, model, _ = untied
-    generate_ids(model, [[1, 2, 3]], max_new_tokens=8, temperature=0)
+    # prefix_cache=False: these prompts extend each other, and a reused prefix would change the shapes.
+    generate_ids(model, [[1, 2, 3]], max_new_tokens=8, temperature=0, prefix_cache=False)
     before = compile_counts()
     for length in (5, 9, 16):
-        generate_ids(model, [list(range(3, 3 + length))], max_new_tokens=8, temperature=0)
+        generate_ids(model, [list(range(3, 3 + length))], max_new_tokens=8, temperature=0, prefix_cache=False)
     assert compile_counts() == before
-    generate_ids(model, [list(range(3, 20))], max_new_tokens=8, temperature=0)  # 17 tokens: the next bucket
+    # 17 tokens: the next bucket
+    generate_ids(model, [list(range(3, 20))], max_new_tokens=8, temperature=0, prefix_cache=False)
     assert compile_counts()["generation.prefill"] == before["generation.prefill"] + 1
 
 
@@ -349,3 +351,25 @@ def test_cli_chat_session(chat_checkpoint, capsys, monkeypatch):
     )
     after_reset = answer([{"role": "user", "content": "And then?"}])
     assert out == f"{first}\n{second}\n{after_reset}\n"
+
+
+def test_cli_chat_reuses_the_previous_turn(chat_checkpoint, capsys, monkeypatch):
+    from qwen_jax.cli import main
+
+    _, model, tokenizer, path = chat_checkpoint
+    system = "You are a terse assistant. " * 4  # a system prompt longer than the reuse minimum
+    outputs, stats = [], []
+    for flags in ([], ["--no-prefix-cache"]):
+        monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nAnd then?\n"))
+        command = ["chat", "--model", path, "--system", system, "--greedy", "--max-new-tokens", "10", "--stats"]
+        assert main(command + flags) == 0
+        captured = capsys.readouterr()
+        outputs.append(captured.out)
+        stats.append([line for line in captured.err.splitlines() if line.startswith("prompt ")])
+    assert outputs[0] == outputs[1]  # the same answers with and without reuse
+    first, second = stats[0]
+    assert "cached" not in first and " cached)" in second, stats[0]
+    cached = int(second.split("(")[1].split(" cached")[0])
+    first_prompt = int(first.split()[1])
+    assert first_prompt - 1 <= cached < int(second.split()[1])  # the first turn's prompt at least (and its answer)
+    assert not any("cached" in line for line in stats[1])

@@ -306,14 +306,23 @@ def transformers_executable() -> str:
     return executable
 
 
+TRANSFORMERS_BLOCK_TOKENS = 32  # transformers serve's default KV block size, given explicitly
+
+
 def start_transformers(
-    checkpoint: str, port: int, log_path: str, device: str = "cpu", dtype: str = "float32"
+    checkpoint: str, port: int, log_path: str, device: str = "cpu", dtype: str = "float32", kv_tokens: int = 4096
 ) -> tuple[subprocess.Popen, str]:
+    """transformers serve with a KV cache of `kv_tokens` (qwen-jax's slots x max-len): left to itself it
+    sizes its cache to a fraction of the free memory, which on a shared machine took 12 GB and was killed."""
     command = [
         transformers_executable(),
         "serve",
         checkpoint,
         "--continuous-batching",
+        "--cb-block-size",
+        str(TRANSFORMERS_BLOCK_TOKENS),
+        "--cb-num-blocks",
+        str(-(-kv_tokens // TRANSFORMERS_BLOCK_TOKENS)),
         "--device",
         device,
         "--dtype",
@@ -588,7 +597,9 @@ def main(argv=None) -> None:
                 servers.append(("qwen-jax serve", url))
             if "transformers" in group:
                 log_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "transformers_serve.log")
-                process, url = start_transformers(checkpoint, args.port + 1, log_path, hf_device, dtype)
+                process, url = start_transformers(
+                    checkpoint, args.port + 1, log_path, hf_device, dtype, args.slots * args.max_len
+                )
                 processes.append(process)
                 servers.append(("transformers serve --continuous-batching", url))
                 print(f"  transformers serve log: {log_path}", file=sys.stderr, flush=True)

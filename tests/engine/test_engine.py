@@ -453,6 +453,9 @@ def test_parallel_warmup_compiles_each_program_once(loaded, tiny_engine):
         for thread in threads:
             thread.join(600)
         assert len(builds) > 10 and set(builds.values()) == {1}, builds
+        # Mixed steps at the full width only: one program per chunk shape (the workload below compiles nothing more).
+        mixed = sorted(key[1:] for key in builds if key[0] == "mixed")
+        assert mixed == sorted((4, *shape) for shape in engine.programs.chunk_shapes), mixed
         jax.monitoring.register_event_duration_secs_listener(listener)
         try:
             # Priming runs every program once on scratch arrays: nothing compiles, the engine's state stays empty.

@@ -16,10 +16,12 @@ compiles while serving):
   (count, chunk) pairs: one chunk of any compiled length, or several short ones within the token
   budget (`prefill_chunk`). A chunk's row is one of the slots (idle in the decode part); its
   logits are those of the chunk's last real token. Mixed steps run at the full width only, not at
-  every decode width: a mixed step's cost is its chunks' tokens through every weight, to which
-  the idle rows add one token each and no attention (cached attention reads only a row's filled
-  cache), while each mixed program is among the slowest to compile (the model's every layer, with
-  one attention call per chunk), so per-width copies would multiply the warm-up for nothing.
+  every decode width: a mixed step's cost is mostly its chunks' tokens through every weight, to
+  which the idle rows add one token each (and, with the chunked attention that cached calls use
+  except cuDNN on a GPU, no attention: it reads only a row's filled cache; cuDNN reads each row's
+  whole buffer, as a full-width decode step does), while each mixed program is among the slowest
+  to compile (every layer of the model, with one attention call per chunk): per-width copies
+  multiplied the warm-up (26 mixed programs instead of 8 for 8 slots on CPU).
 - `decode[width]`: one token for each of the first `width` slots (`decode_widths`: 1, 2, 4, ...,
   slots); each row attends to its own filled cache and advances its own length (`KVCache`
   contract); idle rows keep their length. The engine keeps its requests in the lowest slots, so a
@@ -794,9 +796,9 @@ class EnginePrograms:
         shape: tuple[int, int],
         bitmask: BitmaskFunction | None = None,
     ) -> StepOutputs:
-        """A decode step of `rows` (as in `decode_step`, but one entry per slot: mixed steps run at the
-        full width) fused with prompt chunks: `chunks` holds
-        (request, prompt token ids, final) per request prefilling; `rows[request.slot]` must be None.
+        """A decode step of `rows` (as in `decode_step`, but one entry per slot: mixed steps run at
+        the full width) fused with prompt chunks: `chunks` holds (request, prompt token ids, final)
+        per request prefilling; `rows[request.slot]` must be None.
         `shape` = (count, chunk) is one of `chunk_shapes`, with count >= len(chunks) and every chunk
         at most `chunk` tokens (the unused entries are padding chunks). A `final` chunk (the
         prompt's last) also samples the request's first token; it decodes from the next step on

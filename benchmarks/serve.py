@@ -27,7 +27,10 @@ noise only slows a pass down.
     python benchmarks/serve.py --burst --systems qwen-jax transformers --repeat 3   # 8 streamed chats x 64 tokens
 
 `--burst` is the burst of short prompts: 8 concurrent streamed greedy chat requests (`/v1/chat/completions`,
-one user message of 16-32 tokens) x 64 new tokens, all at once, on a warm server.
+one user message of 16-32 tokens) x 64 new tokens, all at once, on a warm server; each timed pass sends new
+prompts (no pass hits a prefix cache with an earlier pass's prompt) and then one request alone (its latency:
+what a lone user waits). The HTTP servers can run side by side and their passes alternate, so that both see the
+same drift of a shared machine's load, with `--side-by-side` (memory for both servers at once).
 
 Needs the Qwen2.5 tokenizer files (`QWEN_JAX_TOKENIZER_DIR`); builds a random checkpoint of the chosen
 size once (`--checkpoint-dir` keeps it between runs).
@@ -173,8 +176,10 @@ def best_pass(rows: list[dict]) -> dict:
     system gets the same number of passes. Failed requests of every pass are counted (`failed`,
     `errors`), so a failure in a slower pass is not hidden behind the fastest one."""
     best = max(rows, key=lambda row: -1.0 if math.isnan(row["output_tokens_per_s"]) else row["output_tokens_per_s"])
+    spread = {f"{key}_passes": [row.get(key) for row in rows] for key in ("ttft_p50_s", "makespan_s", "lone_latency_s")}
     return dict(
         best,
+        **{key: values for key, values in spread.items() if all(v is not None for v in values)},
         passes=[row["output_tokens_per_s"] for row in rows],
         failed=sum(row["failed"] for row in rows),
         errors=sorted({error for row in rows for error in row["errors"]}),
@@ -301,14 +306,23 @@ def transformers_executable() -> str:
     return executable
 
 
+TRANSFORMERS_BLOCK_TOKENS = 32  # transformers serve's default KV block size, given explicitly
+
+
 def start_transformers(
-    checkpoint: str, port: int, log_path: str, device: str = "cpu", dtype: str = "float32"
+    checkpoint: str, port: int, log_path: str, device: str = "cpu", dtype: str = "float32", kv_tokens: int = 4096
 ) -> tuple[subprocess.Popen, str]:
+    """transformers serve with a KV cache of `kv_tokens` (qwen-jax's slots x max-len): left to itself it
+    sizes its cache to a fraction of the free memory, which on a shared machine took 12 GB and was killed."""
     command = [
         transformers_executable(),
         "serve",
         checkpoint,
         "--continuous-batching",
+        "--cb-block-size",
+        str(TRANSFORMERS_BLOCK_TOKENS),
+        "--cb-num-blocks",
+        str(-(-kv_tokens // TRANSFORMERS_BLOCK_TOKENS)),
         "--device",
         device,
         "--dtype",
@@ -407,6 +421,16 @@ def warm_up_sequential(model, tokenizer, jobs: list[Job]) -> None:
 
 
 # ----------------------------------------------------------------------------- report
+def report_pass(name: str, rate: float, row: dict) -> None:
+    lone = f", lone request {row['lone_latency_s']:.2f} s" if "lone_latency_s" in row else ""
+    print(
+        f"  {name} @ {rate:g}/s: {row['output_tokens_per_s']:.1f} tok/s, makespan {row['makespan_s']:.1f} s, "
+        f"TTFT p50 {row['ttft_p50_s']:.2f} s{lone} (load {row['load_average']:.1f})",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def print_table(rate: float, rows: list[dict], reference: str = "sequential") -> None:
     base = {r["system"]: r for r in rows}
     print(f"\n### arrival rate: {'all at once' if math.isinf(rate) else f'{rate:g} requests/s'}\n")
@@ -426,6 +450,18 @@ def print_table(rate: float, rows: list[dict], reference: str = "sequential") ->
             f"{row['failed']} | {row['load_average']:.1f} | "
             f"{' / '.join(f'{v:.1f}' for v in row['passes'])} |"
         )
+    for row in rows:
+        if "ttft_p50_s_passes" in row and len(row["passes"]) > 1:
+            each = {
+                key: " / ".join(f"{v:.2f}" for v in values) for key, values in row.items() if key.endswith("_passes")
+            }
+            lone = (
+                f"; lone request latency (s) {each['lone_latency_s_passes']}" if "lone_latency_s_passes" in each else ""
+            )
+            print(
+                f"\n{row['system']}, each pass: makespan (s) {each['makespan_s_passes']}; TTFT p50 (s) "
+                f"{each['ttft_p50_s_passes']}{lone}"
+            )
 
 
 def main(argv=None) -> None:
@@ -487,6 +523,12 @@ def main(argv=None) -> None:
         help="the burst workload: 8 streamed greedy chat requests x 64 new tokens, all at once "
         "(sets --requests 8 --rates inf --prompt-tokens 16,32 --output-tokens 64,64 and uses the chat endpoint)",
     )
+    parser.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="run the HTTP servers at once and alternate their timed passes (needs memory for both; "
+        "default: one server after the other)",
+    )
     parser.add_argument("--json-out", help="write all measurements to this JSON file")
     args = parser.parse_args(argv)
     if args.burst:
@@ -520,6 +562,10 @@ def main(argv=None) -> None:
     workloads = {
         rate: make_jobs(tokenizer, args.requests, rate, prompt_range, output_range, args.seed) for rate in rates
     }
+
+    def fresh_jobs(count: int, offset: int) -> list[Job]:
+        return make_jobs(tokenizer, count, math.inf, prompt_range, output_range, args.seed + offset)
+
     device = f"; {jax.devices()[0].device_kind}, transformers on {hf_device}" if accelerator else ""
     print(
         f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs{device}; {args.size} "
@@ -535,43 +581,58 @@ def main(argv=None) -> None:
         for _ in range(args.repeat):
             results, start = run_once()
             rows.append(summarize(name, workloads[rate], results, start))
-            print(
-                f"  {name} @ {rate:g}/s: {rows[-1]['output_tokens_per_s']:.1f} tok/s, TTFT p50 "
-                f"{rows[-1]['ttft_p50_s']:.2f} s (load {rows[-1]['load_average']:.1f})",
-                file=sys.stderr,
-                flush=True,
-            )
+            report_pass(name, rate, rows[-1])
         measurements[rate].append(best_pass(rows))
 
     if "transformers" in args.systems:
         transformers_executable()  # fail now, not after the other systems' measurements
-    if "qwen-jax" in args.systems:
-        process, url = start_qwen_jax(
-            checkpoint, args.slots, args.max_len, args.port, args.prefill_chunk, dtype, args.prime
-        )
+    http = [name for name in ("qwen-jax", "transformers") if name in args.systems]
+    # --side-by-side: both HTTP servers run at once and their timed passes alternate (qwen-jax,
+    # transformers, qwen-jax, ...), so that both see the same drift of a shared machine's load;
+    # otherwise (when both do not fit in memory) one server after the other.
+    for group in [http] if args.side_by_side else [[name] for name in http]:
+        servers: list[tuple[str, str]] = []  # (system name, url)
+        processes: list[subprocess.Popen] = []
         try:
-            warm_pass(url, checkpoint, workloads[rates[0]], args.warm_pass, args.burst)
-            for rate in rates:
-                jobs = workloads[rate]
-                record(
-                    rate, "qwen-jax serve", lambda jobs=jobs: asyncio.run(run_http(url, checkpoint, jobs, args.burst))
+            if "qwen-jax" in group:
+                process, url = start_qwen_jax(
+                    checkpoint, args.slots, args.max_len, args.port, args.prefill_chunk, dtype, args.prime
                 )
-        finally:
-            stop(process)
-    if "transformers" in args.systems:
-        log_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "transformers_serve.log")
-        process, url = start_transformers(checkpoint, args.port + 1, log_path, hf_device, dtype)
-        print(f"  transformers serve log: {log_path}", file=sys.stderr, flush=True)
-        try:
-            warm_pass(url, checkpoint, workloads[rates[0]], args.warm_pass, args.burst)  # loads the model, starts CB
-            for rate in rates:
-                record(
-                    rate,
-                    "transformers serve --continuous-batching",
-                    lambda jobs=workloads[rate]: asyncio.run(run_http(url, checkpoint, jobs, args.burst)),
+                processes.append(process)
+                servers.append(("qwen-jax serve", url))
+            if "transformers" in group:
+                log_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "transformers_serve.log")
+                process, url = start_transformers(
+                    checkpoint, args.port + 1, log_path, hf_device, dtype, args.slots * args.max_len
                 )
+                processes.append(process)
+                servers.append(("transformers serve --continuous-batching", url))
+                print(f"  transformers serve log: {log_path}", file=sys.stderr, flush=True)
+            for _, url in servers:  # qwen-jax: every program's first run; transformers: loads the model, starts CB
+                warm_pass(url, checkpoint, workloads[rates[0]], args.warm_pass, args.burst)
+            for rate in rates:
+                rows: dict[str, list[dict]] = {name: [] for name, _ in servers}
+                for index in range(args.repeat):
+                    # The burst: new prompts each pass (the same for every system), so that no pass hits
+                    # qwen-jax's prefix cache with a prompt an earlier pass sent (the chat template's system
+                    # prompt still does, as on any server).
+                    jobs = fresh_jobs(args.requests, 1 + index) if args.burst else workloads[rate]
+                    for name, url in servers:
+                        results, start = asyncio.run(run_http(url, checkpoint, jobs, args.burst))
+                        rows[name].append(summarize(name, jobs, results, start))
+                        if args.burst:  # then one request alone: the latency a lone user sees
+                            lone = asyncio.run(run_http(url, checkpoint, fresh_jobs(1, 10_000 + index), True))[0][0]
+                            rows[name][-1]["lone_latency_s"] = (
+                                float("nan")
+                                if lone.error or lone.last_token is None
+                                else lone.last_token - lone.arrival
+                            )
+                        report_pass(name, rate, rows[name][-1])
+                for name, _ in servers:
+                    measurements[rate].append(best_pass(rows[name]))
         finally:
-            stop(process)
+            for process in processes:
+                stop(process)
     if "sequential" in args.systems or "static" in args.systems:
         import qwen_jax
 

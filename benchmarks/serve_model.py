@@ -1,8 +1,8 @@
 """A step-by-step model of the serving engine's schedule, for reading `benchmarks/serve.py` results.
 
 Replays the all-at-once workload of `benchmarks/serve.py` (same generator and seed) through the
-engine's policy (lowest free slot, compaction, a step width covering the occupied slots, whole-prompt
-prefill when nothing decodes, otherwise mixed steps of decode rows + one prompt chunk) with step
+engine's policy (lowest free slot, compaction, a decode step width covering the occupied slots, whole-prompt
+prefill when nothing decodes, otherwise mixed steps of all the slots' decode rows + one prompt chunk) with step
 costs measured on the machine, and prints the predicted makespan and output tokens/s per
 `--prefill-chunk`, with the bound of a perfect packing. Costs are in milliseconds; the defaults are
 the 0.5B float32 figures measured on the 2-core CPU (benchmarks/RESULTS.md, "Serving").
@@ -56,7 +56,7 @@ def simulate(prompts, outputs, slots: int, chunk: int, costs) -> float:
         if filling and chunk:
             r = filling[0]
             piece = min(r[0], chunk)
-            t += decode[width(used)] + extra[bucket(extra, piece)]
+            t += decode[width(slots)] + extra[bucket(extra, piece)]  # a mixed step runs every slot
             r[0] -= piece
             if r[0] == 0:
                 r[1] -= 1

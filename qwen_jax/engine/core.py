@@ -19,9 +19,10 @@ into the pool (`qwen_jax.engine.prefix_cache`). Each slot keeps its
 own cache length and positions, so what a request generates never depends on which requests share
 the batch or when it joined. A request that finishes (stop token, stop string, max tokens) or is
 aborted frees its slot at once; a gap it leaves below running requests is closed by moving the
-highest one down (one row copy), so the running requests fill slots 0..n-1 and each step runs the
-narrowest compiled width (1, 2, 4, ..., slots) that covers them: a lightly loaded server does not
-pay for idle slots.
+highest one down (one row copy), so the running requests fill slots 0..n-1 and each decode step
+runs the narrowest compiled width (1, 2, 4, ..., slots) that covers them: a lightly loaded server
+does not pay for idle slots. (A mixed step runs every slot: its cost is its prompt chunks', and one
+width keeps the warm-up short; see `qwen_jax.engine.programs`.)
 
 The host never waits for the step it just dispatched: step i is dispatched before the tokens of
 step i-1 are read back, so detokenizing and stop-string matching overlap the device. A request
@@ -94,7 +95,7 @@ class EngineStats:
     finished_requests: int
     aborted_requests: int
     decode_steps: int
-    decode_rows: int  # rows the decode steps computed (each step runs a compiled width >= its occupied slots)
+    decode_rows: int  # rows the decode steps computed (a compiled width >= the occupied slots; mixed steps: all)
     prefill_chunks: int  # decode steps that also prefilled a chunk of a prompt (mixed steps)
     slot_moves: int  # requests moved to a lower slot to close a gap
     healthy: bool
@@ -610,10 +611,9 @@ class Engine:
         shape, chunks = self._plan_chunks()
         if not chunks and not any(rows):
             return
-        used = max((i for i, r in enumerate(rows) if r is not None), default=-1) + 1
-        used = max(used, *(request.slot + 1 for request, _, _ in chunks)) if chunks else used
-        rows = rows[: self.programs.width_for(used)]
         if not chunks:
+            used = max((i for i, r in enumerate(rows) if r is not None), default=-1) + 1
+            rows = rows[: self.programs.width_for(used)]
             self._pending.append(self.programs.decode_step(rows, self._step_bitmask))
         else:
             for request, _, _ in chunks:

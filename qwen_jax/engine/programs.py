@@ -9,13 +9,19 @@ compiles while serving):
   history, token index).
 - `insert[bucket]`: `KVCache.insert` of a prefilled one-row cache, and its row state, into a slot.
 - `start`: a request's row state into a slot whose cache row is emptied (before chunked prefill).
-- `mixed[width, count, chunk]`: a decode step of the first `width` slots fused with the next
-  chunks (up to `chunk` tokens each) of the prompts of up to `count` slots, each written into its
-  slot's cache row (chunked prefill, `qwen_jax.model.mixed.mixed_hidden_states`): the decode rows
-  ride on the chunks' matrix products instead of waiting for a separate prefill. `chunk_shapes`
-  lists the (count, chunk) pairs: one chunk of any compiled length, or several short ones within
-  the token budget (`prefill_chunk`). A chunk's row is one of the `width` rows (idle in the
-  decode part); its logits are those of the chunk's last real token.
+- `mixed[count, chunk]`: a decode step of all the slots fused with the next chunks (up to `chunk`
+  tokens each) of the prompts of up to `count` slots, each written into its slot's cache row
+  (chunked prefill, `qwen_jax.model.mixed.mixed_hidden_states`): the decode rows ride on the
+  chunks' matrix products instead of waiting for a separate prefill. `chunk_shapes` lists the
+  (count, chunk) pairs: one chunk of any compiled length, or several short ones within the token
+  budget (`prefill_chunk`). A chunk's row is one of the slots (idle in the decode part); its
+  logits are those of the chunk's last real token. Mixed steps run at the full width only, not at
+  every decode width: a mixed step's cost is mostly its chunks' tokens through every weight, to
+  which the idle rows add one token each (and, with the chunked attention that cached calls use
+  except cuDNN on a GPU, no attention: it reads only a row's filled cache; cuDNN reads each row's
+  whole buffer, as a full-width decode step does), while each mixed program is among the slowest
+  to compile (every layer of the model, with one attention call per chunk): per-width copies
+  multiplied the warm-up (26 mixed programs instead of 8 for 8 slots on CPU).
 - `decode[width]`: one token for each of the first `width` slots (`decode_widths`: 1, 2, 4, ...,
   slots); each row attends to its own filled cache and advances its own length (`KVCache`
   contract); idle rows keep their length. The engine keeps its requests in the lowest slots, so a
@@ -395,10 +401,8 @@ class EnginePrograms:
         own compile times, so it can exceed the wall clock."""
         start = time.perf_counter()
         jobs = [
-            functools.partial(self._mixed_executable, width, count, chunk)
+            functools.partial(self._mixed_executable, self.slots, count, chunk)
             for count, chunk in reversed(self.chunk_shapes)
-            for width in reversed(self.widths)
-            if count <= width
         ]
         jobs += [functools.partial(self._prefill_executable, bucket) for bucket in reversed(self.buckets)]
         jobs += [functools.partial(self._decode_executable, width) for width in reversed(self.widths)]
@@ -792,13 +796,16 @@ class EnginePrograms:
         shape: tuple[int, int],
         bitmask: BitmaskFunction | None = None,
     ) -> StepOutputs:
-        """A decode step of `rows` (as in `decode_step`) fused with prompt chunks: `chunks` holds
-        (request, prompt token ids, final) per request prefilling; `rows[request.slot]` must be None.
+        """A decode step of `rows` (as in `decode_step`, but one entry per slot: mixed steps run at
+        the full width) fused with prompt chunks: `chunks` holds (request, prompt token ids, final)
+        per request prefilling; `rows[request.slot]` must be None.
         `shape` = (count, chunk) is one of `chunk_shapes`, with count >= len(chunks) and every chunk
         at most `chunk` tokens (the unused entries are padding chunks). A `final` chunk (the
         prompt's last) also samples the request's first token; it decodes from the next step on
         (`bitmask` as in `decode_step`, its rows including those requests')."""
         width, (count, chunk) = len(rows), shape
+        if width != self.slots:
+            raise ValueError(f"a mixed step runs all {self.slots} slots, got {width} rows")
         if not 1 <= len(chunks) <= count or any(len(ids) > chunk for _, ids, _ in chunks):
             raise ValueError(f"{len(chunks)} chunks do not fit the chunk shape {shape}")
         ids = np.full((count, chunk), self.pad_id, np.int32)

@@ -165,9 +165,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.warmup:
         print(
-            f"qwen-jax serve: compiling {len(engine.programs.buckets)} prefill buckets, decode and mixed steps "
-            f"({len(engine.programs.widths)} widths x {len(engine.programs.chunk_shapes)} chunk shapes) and samplers "
-            f"on {default_compile_workers()} threads...",
+            f"qwen-jax serve: compiling {len(engine.programs.buckets)} prefill buckets, "
+            f"{len(engine.programs.widths)} decode widths, {len(engine.programs.chunk_shapes)} mixed-step chunk "
+            f"shapes and samplers on {default_compile_workers()} threads...",
             file=sys.stderr,
             flush=True,
         )

@@ -235,9 +235,12 @@ def test_gaps_are_closed_and_steps_run_only_the_rows_in_use(engine):
     assert [h.result(120).token_ids for h in handles] == alone
     after = engine.stats()
     steps, rows = after.decode_steps - before.decode_steps, after.decode_rows - before.decode_rows
+    chunks = after.prefill_chunks - before.prefill_chunks  # at least as many as the mixed steps
     # The third request into the second's slot; again into slot 0 if the first ends before it.
     assert 1 <= after.slot_moves - before.slot_moves <= 2
-    assert steps >= 23 and rows <= 4 * 4 + 2 * (steps - 4), (steps, rows)  # width 4 while 3 run, then 2
+    # A mixed step (a prompt going in, at most one per chunk) runs all the slots; then width 4 while 3 run,
+    # then 2. (Steps that never narrowed would compute 4 rows each: far more.)
+    assert steps >= 23 and rows <= SLOTS * chunks + 4 * 4 + 2 * (steps - chunks - 4), (steps, rows, chunks)
 
 
 def test_prompts_go_in_chunk_by_chunk_while_others_decode(tiny_engine_uncached):
@@ -450,6 +453,9 @@ def test_parallel_warmup_compiles_each_program_once(loaded, tiny_engine):
         for thread in threads:
             thread.join(600)
         assert len(builds) > 10 and set(builds.values()) == {1}, builds
+        # Mixed steps at the full width only: one program per chunk shape (the workload below compiles nothing more).
+        mixed = sorted(key[1:] for key in builds if key[0] == "mixed")
+        assert mixed == sorted((4, *shape) for shape in engine.programs.chunk_shapes), mixed
         jax.monitoring.register_event_duration_secs_listener(listener)
         try:
             # Priming runs every program once on scratch arrays: nothing compiles, the engine's state stays empty.

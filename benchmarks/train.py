@@ -1,6 +1,6 @@
 """Training throughput: qwen-jax vs HF transformers/torch, full and LoRA, in the same run.
 
-    python benchmarks/train.py [--preset 0.5B] [--seq-len 512] [--batch-size 1] [--steps 3]
+    python benchmarks/train.py [--preset 0.5B] [--seq-len 512] [--batch-size 1] [--steps 3] [--modes full,lora]
     python benchmarks/train.py --compare-processes --batch-size 8 --seq-len 128 [--devices 8] [--layers 2] \
         [--vocab-size 8192]
 
@@ -297,6 +297,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--modes", default="full,lora", help="comma-separated: full (all weights), lora (adapters)")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument(
@@ -339,7 +340,12 @@ def main(argv=None) -> int:
         f"({jax.devices()[0].device_kind}, {devices} device(s)); peak {peak / 1e12:.2f} TFLOP/s/device ({peak_source})"
     )
     results = []
+    modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    if not modes or set(modes) - {"full", "lora"}:
+        parser.error(f"--modes {args.modes!r}: choose from full, lora")
     for mode, rank in (("full", 0), ("lora", args.lora_rank)):
+        if mode not in modes:
+            continue
         flops = flops_per_token(config, args.seq_len, lora=bool(rank)) * tokens
         runs = [
             (

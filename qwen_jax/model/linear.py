@@ -245,6 +245,38 @@ def _split_equation(equation: str) -> tuple[str, str, str, str]:
     return x_letters, contracted, kept, produced
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _low_rank_product(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """`scale * (x @ a) @ b` for rows `x [M, in]`, `a [in, R]`, `b [R, out]`: a LoRA adapter's output.
+
+    Its gradient is written out (`_low_rank_backward`) instead of derived from the two products:
+    every product of the backward then multiplies a large `[M, in]` / `[M, out]` operand in its
+    stored row-major layout by a small rank-`R` one. From the derived gradient, XLA:CPU computed
+    `B`'s gradient with the large output cotangent transposed, a copy it fused with that
+    cotangent's elementwise producer (the SwiGLU derivative for `gate_proj` / `up_proj`) and wrote
+    out in transposed order, on every layer of every train step (benchmarks/train.py). The values
+    are the same products either way.
+    """
+    return ((x @ a) @ b) * scale
+
+
+def _low_rank_forward(x, a, b, scale):
+    h = x @ a
+    return (h @ b) * scale, (x, a, b, h)
+
+
+def _low_rank_backward(scale, residuals, g):
+    x, a, b, h = residuals
+    dh = (g @ b.T) * scale  # [M, R]
+    dx = dh @ a.T
+    da = (dh.T @ x).T  # [R, M] @ [M, in]: the large operand as stored
+    db = (h.T @ g) * scale
+    return dx, da, db
+
+
+_low_rank_product.defvjp(_low_rank_forward, _low_rank_backward)
+
+
 class LoRA(nnx.Module):
     """The low-rank update of one (layer-stacked) `Linear`: x -> scale * (dropout(x) A) B.
 
@@ -267,7 +299,7 @@ class LoRA(nnx.Module):
         a: np.ndarray | None = None,
     ):
         """equation, layout: of the `Linear` adapted. a: A's initial value (None: zeros); B starts at zero."""
-        x_letters, contracted, kept, produced = _split_equation(equation)
+        _, contracted, _, produced = _split_equation(equation)
         stacked = bool(layout.layers)
         layer_axes = layout.layer_axes
         a_shape = (*layout.layers, *layout.in_shape, rank)
@@ -277,8 +309,6 @@ class LoRA(nnx.Module):
         b = jnp.zeros((*layout.layers, rank, *layout.out_shape), param_dtype)
         self.lora_a = LoRAParam(a, logical_axes=(*layer_axes, *layout.in_axes, None))
         self.lora_b = LoRAParam(b, logical_axes=(*layer_axes, None, *layout.out_axes))
-        self.down_equation = f"{x_letters},{contracted}{_RANK_LETTER}->{kept}{_RANK_LETTER}"
-        self.up_equation = f"{kept}{_RANK_LETTER},{_RANK_LETTER}{produced}->{equation.split('->')[1]}"
         layer_letter = "L" if stacked else ""
         self.merge_equation = (
             f"{layer_letter}{contracted}{_RANK_LETTER},{layer_letter}{_RANK_LETTER}{produced}"
@@ -304,9 +334,11 @@ class LoRA(nnx.Module):
             key = jax.random.wrap_key_data(self.dropout_key[...])
             keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
-        h = jnp.einsum(self.down_equation, x, self.lora_a[...].astype(self.dtype))
-        y = jnp.einsum(self.up_equation, h, self.lora_b[...].astype(self.dtype))
-        return (y * self.scale).astype(self.dtype)
+        a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
+        rows = x.shape[: x.ndim - (a.ndim - 1)]  # x's trailing dims are A's leading (input) ones
+        flat = x.reshape(math.prod(rows), math.prod(a.shape[:-1]))
+        y = _low_rank_product(flat, a.reshape(-1, a.shape[-1]), b.reshape(b.shape[0], -1), self.scale)
+        return y.reshape(*rows, *b.shape[1:]).astype(self.dtype)
 
     def delta_kernel(self) -> jax.Array:
         """scale * A B in the kernel's einsum layout, float32."""

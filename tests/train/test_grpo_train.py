@@ -10,12 +10,14 @@ import pytest
 from conftest import build_hf_model, save_hf_checkpoint
 from train_fixtures import SPECIALS, WORDS, _write_word_tokenizer, compilation_cache  # noqa: F401 (fixture)
 
+import qwen_jax
 from qwen_jax.errors import ConfigError, DataError
 from qwen_jax.tokenizer import Tokenizer
 from qwen_jax.train import config as config_lib
 from qwen_jax.train.config import TrainConfig
 from qwen_jax.train.grpo_trainer import GRPOTrainer
 from qwen_jax.train.loop import EXIT_PREEMPTED
+from qwen_jax.train.rollout import Rollouts
 
 PROMPTS = [
     {"prompt": "what color is the sky", "answer": "blue"},
@@ -221,3 +223,21 @@ def test_method_settings_default_per_method_and_stay_with_their_method():
     ):
         with pytest.raises(ConfigError, match=message):
             TrainConfig(method="grpo", reward=["math_accuracy"], **dpo_only)
+
+
+def test_rollouts_prefill_each_prompt_once(grpo_setup):
+    """The num_generations completions of a prompt share one prefill; each draws its own tokens."""
+    model, tokenizer = qwen_jax.load(grpo_setup[0])
+    prompts = [tokenizer.encode("what color is the sky"), tokenizer.encode("one two three")]
+    rollouts = Rollouts(model, tokenizer, slots=6, max_len=24)
+    try:
+        rollout = rollouts.sample(
+            model, prompts, num_generations=3, max_new_tokens=4, temperature=1.0, seed=list(range(6))
+        )
+        stats = rollouts.engine.stats()
+    finally:
+        rollouts.close()
+    assert rollout.prompt_ids == [prompts[0]] * 3 + [prompts[1]] * 3
+    assert stats.prompt_tokens == 3 * (len(prompts[0]) + len(prompts[1]))
+    assert stats.shared_prefill_tokens == 2 * (len(prompts[0]) + len(prompts[1]))  # prefilled once each
+    assert len({tuple(ids) for ids in rollout.completion_ids[:3]}) > 1

@@ -10,7 +10,9 @@ whole, or several short ones a chunk each, so a burst of requests gets its first
 step (`_plan_chunks`); a chunk that ends its prompt also samples its first token. When one prompt
 goes in and nothing is decoding, it is prefilled whole in one call (padded to a bucket,
 `prefill_buckets`: the fastest way to a first token) and inserted into its slot. Otherwise one
-decode step advances every decoding slot by a token.
+decode step advances every decoding slot by a token. With `prefill_chunk=0` every prompt is
+prefilled whole, and requests of the same prompt admitted together (`generate` queues its batch
+at once) share one prefill: its cache goes into each one's slot, each draws its own first token.
 
 Prefix caching (`prefix_cache=True`, the default): a request that takes a slot first copies the
 longest cached prefix of its prompt (whole blocks of 16 tokens) from the pool into its cache row

@@ -10,14 +10,12 @@ import pytest
 from conftest import build_hf_model, save_hf_checkpoint
 from train_fixtures import SPECIALS, WORDS, _write_word_tokenizer, compilation_cache  # noqa: F401 (fixture)
 
-import qwen_jax
 from qwen_jax.errors import ConfigError, DataError
 from qwen_jax.tokenizer import Tokenizer
 from qwen_jax.train import config as config_lib
 from qwen_jax.train.config import TrainConfig
 from qwen_jax.train.grpo_trainer import GRPOTrainer
 from qwen_jax.train.loop import EXIT_PREEMPTED
-from qwen_jax.train.rollout import Rollouts
 
 PROMPTS = [
     {"prompt": "what color is the sky", "answer": "blue"},
@@ -106,9 +104,14 @@ def _metrics(out) -> list[dict]:
 def test_grpo_learns_a_reward_and_writes_the_outputs(grpo_setup, tmp_path):
     out = tmp_path / "run"
     config = _config(grpo_setup, out, eval_data=grpo_setup[1], eval_every=8, lora_rank=0, learning_rate=1e-2)
-    assert GRPOTrainer(config, log=lambda _: None).run() == 0
+    trainer = GRPOTrainer(config, log=lambda _: None)
+    assert trainer.run() == 0
     metrics = _metrics(out)
     assert [m["step"] for m in metrics] == list(range(1, 17))
+    # Each rollout prefills a prompt once for its 8 completions; the two greedy evals, one completion per prompt.
+    engine = trainer.rollouts.engine.stats()
+    rolled_out = engine.prompt_tokens - 2 * sum(len(r.prompt_ids) for r in trainer.eval_records)
+    assert rolled_out > 0 and rolled_out % 8 == 0 and engine.shared_prefill_tokens == rolled_out * 7 // 8
     rewards = [m["reward"] for m in metrics]
     assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.3, rewards
     evals = [m["eval_reward"] for m in metrics if "eval_reward" in m]
@@ -223,21 +226,3 @@ def test_method_settings_default_per_method_and_stay_with_their_method():
     ):
         with pytest.raises(ConfigError, match=message):
             TrainConfig(method="grpo", reward=["math_accuracy"], **dpo_only)
-
-
-def test_rollouts_prefill_each_prompt_once(grpo_setup):
-    """The num_generations completions of a prompt share one prefill; each draws its own tokens."""
-    model, tokenizer = qwen_jax.load(grpo_setup[0])
-    prompts = [tokenizer.encode("what color is the sky"), tokenizer.encode("one two three")]
-    rollouts = Rollouts(model, tokenizer, slots=6, max_len=24)
-    try:
-        rollout = rollouts.sample(
-            model, prompts, num_generations=3, max_new_tokens=4, temperature=1.0, seed=list(range(6))
-        )
-        stats = rollouts.engine.stats()
-    finally:
-        rollouts.close()
-    assert rollout.prompt_ids == [prompts[0]] * 3 + [prompts[1]] * 3
-    assert stats.prompt_tokens == 3 * (len(prompts[0]) + len(prompts[1]))
-    assert stats.shared_prefill_tokens == 2 * (len(prompts[0]) + len(prompts[1]))  # prefilled once each
-    assert len({tuple(ids) for ids in rollout.completion_ids[:3]}) > 1

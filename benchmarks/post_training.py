@@ -17,9 +17,14 @@ GRPO: step time of `train --method grpo` against TRL's GRPOTrainer. Random weigh
 (optionally cut to `--layers`), the real Qwen2.5 tokenizer, synthetic arithmetic prompts, LoRA, one
 reward (`length_reward` below, the same function for both), sampling at temperature 1 with exactly
 `--new-tokens` tokens per completion (no stop token: a random model would stop at random lengths,
-and the two sides would then generate different amounts). qwen-jax rolls out on its engine; TRL
-generates with transformers (its fastest rollout that runs without vLLM). Reports seconds per step
-after the first (compilation for JAX, warm-up for torch), split into rollout and update for qwen-jax.
+and the two sides would then generate different amounts; both report their completion lengths).
+qwen-jax rolls out on its engine; TRL generates with transformers (its fastest rollout that runs
+without vLLM). Both trainers live in one process and their steps alternate (TRL's step i, then
+qwen-jax's step i, run from TRL's step-end callback), so a change in the machine's load hits both.
+Reports each step, and seconds per step after the first (compilation for JAX, warm-up for torch),
+split into rollout (sampling, rewards, reference log-probabilities) and update for qwen-jax, with
+the ratio of each pair of steps. qwen-jax's rows are the longest prompt (rounded up to 16 tokens)
+plus `--new-tokens` long; TRL pads to the longest prompt and completion.
 """
 
 from __future__ import annotations
@@ -209,21 +214,21 @@ def grpo_prompts(count: int) -> list[dict]:
     return [{"prompt": f"What is {a} + {b}? Think step by step.", "answer": str(a + b)} for a, b in pairs]
 
 
-def bench_grpo_jax(model_dir: str, data: str, args, workdir: str) -> dict:
+def grpo_jax_trainer(model_dir: str, data: str, args, workdir: str, seq_len: int):
+    """qwen-jax's GRPO trainer (`train --method grpo`) at the benchmark's settings; `run_step` runs one step."""
     from qwen_jax.train.config import TrainConfig
     from qwen_jax.train.grpo_trainer import GRPOTrainer
 
-    out = os.path.join(workdir, "qwen_jax_run")
     config = TrainConfig(
         method="grpo",
         model=model_dir,
         data=data,
-        out=out,
+        out=os.path.join(workdir, "qwen_jax_run"),
         reward=[f"{os.path.abspath(__file__)}:length_reward"],
         batch_size=args.prompts,
         num_generations=args.generations,
         max_new_tokens=args.new_tokens,
-        seq_len=args.new_tokens + 64,
+        seq_len=seq_len,
         steps=args.steps + 1,
         lora_rank=args.lora_rank,
         lora_alpha=2.0 * args.lora_rank,
@@ -231,33 +236,15 @@ def bench_grpo_jax(model_dir: str, data: str, args, workdir: str) -> dict:
         save_every=0,
         progress=False,
     )
-    GRPOTrainer(config, log=lambda _: None).run()
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f][1:]  # the first step compiles
-    return {
-        "step_s": float(np.mean([r["step_time"] for r in records])),
-        "rollout_s": float(np.mean([r["rollout_seconds"] for r in records])),
-        "update_s": float(np.mean([r["update_seconds"] for r in records])),
-        "rollout_tokens_per_s": float(np.mean([r["rollout_tokens_per_s"] for r in records])),
-        "completion_length": float(np.mean([r["completion_length"] for r in records])),
-    }
+    return GRPOTrainer(config, log=lambda _: None)
 
 
-def bench_grpo_trl(model_dir: str, data_records: list[dict], args, workdir: str) -> dict:
+def grpo_trl_trainer(model_dir: str, data_records: list[dict], args, workdir: str, callback):
+    """TRL's GRPOTrainer at the same settings, generating with transformers; `callback` times its steps."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-
-    step_times: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            step_times.append(time.perf_counter() - self.start)
 
     torch.manual_seed(0)
     config = GRPOConfig(
@@ -277,21 +264,24 @@ def bench_grpo_trl(model_dir: str, data_records: list[dict], args, workdir: str)
         disable_tqdm=True,
     )
     lora = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=list(LORA_TARGETS))
-    trainer = GRPOTrainer(
+    return GRPOTrainer(
         model=model_dir,
         reward_funcs=length_reward,
         args=config,
-        train_dataset=Dataset.from_list(data_records),
+        train_dataset=Dataset.from_list(data_records * (args.steps + 1)),
         peft_config=lora,
-        callbacks=[StepTimer()],
+        callbacks=[callback],
     )
-    trainer.train()
-    timed = step_times[1:]
-    return {"step_s": float(np.mean(timed))}
 
 
 def grpo(args) -> dict:
-    """The GRPO comparison's results (`--method grpo`)."""
+    """The GRPO comparison (`--method grpo`): both trainers in one process, their steps alternating
+    (TRL's step i, then qwen-jax's step i), so that a change in the machine's load hits both; the
+    first step of each (compilation for JAX, warm-up for torch) is not timed."""
+    from transformers import TrainerCallback
+
+    from qwen_jax.tokenizer import Tokenizer
+
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_grpo_")
     model_dir = os.path.join(workdir, f"model_{args.preset}_{args.layers or 'all'}")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
@@ -300,11 +290,61 @@ def grpo(args) -> dict:
     data = os.path.join(workdir, "prompts.jsonl")
     with open(data, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
+    # Rows as long as the longest prompt (rounded up to 16) + the completion: TRL pads to the longest too.
+    longest = max(len(Tokenizer.from_dir(TOKENIZER).encode(r["prompt"])) for r in records)
+    seq_len = args.new_tokens + -(-longest // 16) * 16
+    jax_trainer = grpo_jax_trainer(model_dir, data, args, workdir, seq_len)
+    jax_steps: list[dict] = []
+    trl_steps: list[dict] = []
+
+    def jax_step() -> None:
+        metrics, _ = jax_trainer.run_step()
+        jax_steps.append({k: metrics[k] for k in ("step_time", "rollout_seconds", "update_seconds", "tokens")})
+        jax_steps[-1].update(
+            rollout_tokens_per_s=metrics["rollout_tokens_per_s"], completion_length=metrics["completion_length"]
+        )
+        print(f"qwen-jax step {len(jax_steps)}: {json.dumps(jax_steps[-1])}", flush=True)
+
+    class Alternate(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            trl_steps.append({"step_time": time.perf_counter() - self.start})
+            jax_step()
+
+        def on_log(self, _args, _state, _control, logs=None, **__):
+            if logs and "completions/mean_length" in logs and trl_steps:
+                trl_steps[-1]["completion_length"] = logs["completions/mean_length"]
+                print(f"trl step {len(trl_steps)}: {json.dumps(trl_steps[-1])}", flush=True)
+
     settings = {k: getattr(args, k) for k in ("preset", "layers", "prompts", "generations", "new_tokens", "lora_rank")}
-    result = {"settings": settings, "qwen_jax": bench_grpo_jax(model_dir, data, args, workdir)}
-    if not args.skip_trl:
-        result["trl"] = bench_grpo_trl(model_dir, records, args, workdir)
-        result["speedup"] = result["trl"]["step_s"] / result["qwen_jax"]["step_s"]
+    print(
+        f"# grpo: {json.dumps(settings)}, seq_len {seq_len}, backend {jax.default_backend()}, {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    if args.skip_trl:
+        for _ in range(args.steps + 1):
+            jax_step()
+    else:
+        grpo_trl_trainer(model_dir, records, args, workdir, Alternate()).train()
+    jax_trainer.rollouts.close()
+    jax_trainer.checkpoints.close()
+    result = {"settings": {**settings, "seq_len": seq_len}, "qwen_jax_steps": jax_steps, "trl_steps": trl_steps}
+    timed_jax = jax_steps[1:]
+    result["qwen_jax"] = {
+        k: float(np.mean([s[k] for s in timed_jax]))
+        for k in ("step_time", "rollout_seconds", "update_seconds", "rollout_tokens_per_s", "completion_length")
+    }
+    if trl_steps:
+        timed_trl = trl_steps[1:]
+        ratios = [t["step_time"] / j["step_time"] for t, j in zip(timed_trl, timed_jax)]
+        result["trl"] = {
+            "step_time": float(np.mean([s["step_time"] for s in timed_trl])),
+            "completion_length": float(np.mean([s.get("completion_length", np.nan) for s in timed_trl])),
+        }
+        result["speedup"] = result["trl"]["step_time"] / result["qwen_jax"]["step_time"]
+        result["speedup_per_step"] = ratios
     return result
 
 

@@ -10,7 +10,9 @@ whole, or several short ones a chunk each, so a burst of requests gets its first
 step (`_plan_chunks`); a chunk that ends its prompt also samples its first token. When one prompt
 goes in and nothing is decoding, it is prefilled whole in one call (padded to a bucket,
 `prefill_buckets`: the fastest way to a first token) and inserted into its slot. Otherwise one
-decode step advances every decoding slot by a token.
+decode step advances every decoding slot by a token. With `prefill_chunk=0` every prompt is
+prefilled whole, and requests of the same prompt admitted together (`generate` queues its batch
+at once) share one prefill: its cache goes into each one's slot, each draws its own first token.
 
 Prefix caching (`prefix_cache=True`, the default): a request that takes a slot first copies the
 longest cached prefix of its prompt (whole blocks of 16 tokens) from the pool into its cache row
@@ -105,6 +107,9 @@ class EngineStats:
     prefix_cache_blocks_evicted: int = 0  # totals since start
     prefix_cache_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hit_tokens: int = 0  # prompt tokens found there (copied, not prefilled)
+    # Prompt tokens not prefilled because a request with the same prompt was prefilled with them
+    # (whole-prompt prefill, `prefill_chunk=0`: e.g. the completions of one GRPO prompt).
+    shared_prefill_tokens: int = 0
 
 
 class Engine:
@@ -254,7 +259,7 @@ class Engine:
                 constraint the library cannot enforce raises EngineError naming the reason.
         """
         request = self._make_request(prompt, tools, request_id, on_delta, logprobs, sampling)
-        self._enqueue(request, enforce_queue_limit=True)
+        self._enqueue([request], enforce_queue_limit=True)
         return request.handle
 
     def stream(
@@ -316,8 +321,8 @@ class Engine:
             self._make_request(prompt, tools, None, on_delta, logprobs, {**sampling, "seed": seed})
             for prompt, seed in zip(prompts, seeds)
         ]
-        for request in requests:
-            self._enqueue(request, enforce_queue_limit=False)
+        # One inbox command: the engine admits the batch together, so requests of one prompt share its prefill.
+        self._enqueue(requests, enforce_queue_limit=False)
         try:
             with tqdm(total=len(requests), desc="generating", unit="request", disable=not progress) as bar:
                 for _ in requests:
@@ -375,6 +380,7 @@ class Engine:
                 prefix_cache_blocks_evicted=counts.get("prefix_blocks_evicted", 0),
                 prefix_cache_queried_tokens=counts.get("prefix_queried_tokens", 0),
                 prefix_cache_hit_tokens=counts.get("prefix_hit_tokens", 0),
+                shared_prefill_tokens=counts.get("shared_prefill_tokens", 0),
             )
 
     def begin_shutdown(self, timeout: float) -> None:
@@ -423,22 +429,25 @@ class Engine:
             self._grammars = grammar_compiler(self.tokenizer, self.model.config.vocab_size, self.config.eos_token_ids)
         return self._grammars
 
-    def _enqueue(self, request: Request, enforce_queue_limit: bool) -> None:
+    def _enqueue(self, requests: list[Request], enforce_queue_limit: bool) -> None:
+        """Queue `requests` as one inbox command (the engine thread takes them up in one iteration)."""
         with self._lock:  # enqueued under the lock: a shutdown command can never overtake an accepted request
             if self._error is not None:
                 raise EngineClosedError(f"the engine stopped after an error: {self._error}")
             if not self._accepting:
                 raise EngineClosedError("the engine is shutting down")
-            if request.id in self._live_ids:
-                raise EngineError(f"request id {request.id!r} is already in use")
+            ids = [request.id for request in requests]
+            taken = [i for i in ids if i in self._live_ids]
+            if taken or len(set(ids)) < len(ids):
+                raise EngineError(f"request id {(taken or ids)[0]!r} is already in use")
             if (
                 enforce_queue_limit
                 and self.max_queue is not None
-                and len(self._live_ids) >= self.slots + self.max_queue
+                and len(self._live_ids) + len(requests) > self.slots + self.max_queue
             ):
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting for {self.slots} slots)")
-            self._live_ids.add(request.id)
-            self._inbox.put(("submit", request))
+            self._live_ids.update(ids)
+            self._inbox.put(("submit", requests))
 
     def _encode(self, prompt, tools) -> list[int]:
         if isinstance(prompt, str):
@@ -495,9 +504,9 @@ class Engine:
                 return True
             kind = command[0]
             if kind == "submit":
-                request = command[1]
-                self._requests[request.id] = request
-                self._waiting.append(request)
+                for request in command[1]:
+                    self._requests[request.id] = request
+                    self._waiting.append(request)
                 idle = False
             elif kind == "abort":
                 self._abort_now(command[1])
@@ -591,22 +600,27 @@ class Engine:
             for r in self._slot_owner
         ]
 
-    def _prefill_whole(self, request: Request) -> None:
-        bitmask = None if request.grammar is None else self._bitmask([request])
-        self._pending.append(self.programs.prefill_into_slot(request.prompt_ids, request.slot, request, bitmask))
-        request.prefilled, request.dispatched = len(request.prompt_ids), 1
-        self._prefilling.remove(request)
-        self._cache_prefix(request)
+    def _prefill_whole(self, requests: list[Request]) -> None:
+        """Prefill the prompt of `requests` (all the same prompt) once, into each one's slot; each
+        draws its own first token from the shared logits."""
+        bitmasks = [None if request.grammar is None else self._bitmask([request]) for request in requests]
+        self._pending.extend(self.programs.prefill_into_slots(requests[0].prompt_ids, requests, bitmasks))
+        for request in requests:
+            request.prefilled, request.dispatched = len(request.prompt_ids), 1
+            self._prefilling.remove(request)
+            self._cache_prefix(request)
+        with self._lock:
+            self._stats["shared_prefill_tokens"] += (len(requests) - 1) * len(requests[0].prompt_ids)
 
     def _dispatch(self) -> None:
         """Dispatch this iteration's step: a lone prompt prefilled whole when nothing decodes (every
         prompt, when chunking is off), then a mixed step (decode + the next chunks of the prompts
         going in, within the token budget) or a plain decode step."""
         if not self.programs.chunks:
-            for request in list(self._prefilling):
-                self._prefill_whole(request)
+            for requests in _same_prompt_groups(self._prefilling):
+                self._prefill_whole(requests)
         elif len(self._prefilling) == 1 and self._prefilling[0].prefilled == 0 and not any(self._decode_rows()):
-            self._prefill_whole(self._prefilling[0])
+            self._prefill_whole([self._prefilling[0]])
         rows = self._decode_rows()
         shape, chunks = self._plan_chunks()
         if not chunks and not any(rows):
@@ -752,8 +766,18 @@ class Engine:
                 command = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if command[0] == "submit" and not command[1].finished:
-                self._finish(command[1], command[1].end("error", error=message))
+            if command[0] == "submit":
+                for request in command[1]:
+                    if not request.finished:
+                        self._finish(request, request.end("error", error=message))
+
+
+def _same_prompt_groups(requests: Sequence[Request]) -> list[list[Request]]:
+    """`requests` grouped by prompt (token ids), in order of first appearance."""
+    groups: dict[tuple[int, ...], list[Request]] = {}
+    for request in requests:
+        groups.setdefault(tuple(request.prompt_ids), []).append(request)
+    return list(groups.values())
 
 
 def _prefix_cache_blocks(model, slots: int, max_len: int, blocks: int | None, gigabytes: float | None) -> int:

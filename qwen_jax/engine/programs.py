@@ -204,7 +204,7 @@ def _spec(shape, dtype, sharding=None) -> jax.ShapeDtypeStruct:
 class EnginePrograms:
     """Owns the batch cache and the slot state and runs the compiled programs on them.
 
-    `prefill_into_slot` and `decode_step` are called from the engine thread only; `compile_all`
+    `prefill_into_slots` and `decode_step` are called from the engine thread only; `compile_all`
     may be called from any thread.
     """
 
@@ -752,28 +752,36 @@ class EnginePrograms:
         return self._executable(("copy_out", count, self.prefix_blocks), build)
 
     # ------------------------------------------------------------------ running
-    def prefill_into_slot(
-        self, prompt_ids: list[int], slot: int, request, bitmask: np.ndarray | None = None
-    ) -> StepOutputs:
-        """Prefill one prompt, sample its first token and insert both into `slot` (dispatched, not
-        awaited); `bitmask`: the first token's allowed tokens `[1, bitmask_words]` (None: every token)."""
-        options = request.options
+    def prefill_into_slots(
+        self, prompt_ids: list[int], requests: list, bitmasks: list[np.ndarray | None]
+    ) -> list[StepOutputs]:
+        """Prefill one prompt once and, for each of `requests` (all of this prompt, each in its own
+        slot), sample its first token from the prompt's logits with its own settings and insert the
+        prompt's cache and its state into its slot (dispatched, not awaited); `bitmasks`: per request,
+        the first token's allowed tokens `[1, bitmask_words]` (None: every token)."""
         length = len(prompt_ids)
         bucket = next(b for b in self.buckets if b >= length)
         ids = np.full((1, bucket), self.pad_id, np.int32)
         ids[0, :length] = prompt_ids
-        ids, length_arg, slot_arg, row_state = self._put(
-            (ids, np.int32(length), np.int32(slot), _row_state(options, self.vocab))
-        )
+        ids, length_arg = self._put((ids, np.int32(length)))
         row_cache, logits, seen = self._prefill_executable(bucket)(self.state, ids, length_arg)
-        row_state = dataclasses.replace(row_state, history=dataclasses.replace(row_state.history, seen=seen))
-        row_state, tokens = self._sample_executable(_engine_variant([options]))(
-            logits, row_state, self._bitmask(bitmask, 1)
-        )
-        logprobs = self._logprobs_executable(1)(logits, tokens) if request.top_logprobs is not None else None
         insert = self._insert_executable(bucket)
-        self.cache, self.slot_state = insert(self.cache, self.slot_state, row_cache, row_state, slot_arg)
-        return StepOutputs([request], tokens, logprobs)
+        outputs = []
+        for i, (request, bitmask) in enumerate(zip(requests, bitmasks)):
+            options = request.options
+            # The sampler consumes (donates) its row state, so the prompt's ids seen, which the
+            # prefill marked, serve the first request only; the others' are marked on the host.
+            row_state = _row_state(options, self.vocab, () if i == 0 else prompt_ids)
+            slot_arg, row_state = self._put((np.int32(request.slot), row_state))
+            if i == 0:
+                row_state = dataclasses.replace(row_state, history=dataclasses.replace(row_state.history, seen=seen))
+            row_state, tokens = self._sample_executable(_engine_variant([options]))(
+                logits, row_state, self._bitmask(bitmask, 1)
+            )
+            logprobs = self._logprobs_executable(1)(logits, tokens) if request.top_logprobs is not None else None
+            self.cache, self.slot_state = insert(self.cache, self.slot_state, row_cache, row_state, slot_arg)
+            outputs.append(StepOutputs([request], tokens, logprobs))
+        return outputs
 
     def decode_step(self, rows: list, bitmask: BitmaskFunction | None = None) -> StepOutputs:
         """One token for each of the first `len(rows)` slots whose entry is a Request (None: the slot

@@ -72,7 +72,8 @@ class Rollouts:
 
     def __init__(self, model: Qwen2ForCausalLM, tokenizer: Tokenizer, *, slots: int, max_len: int):
         # A rollout submits all its prompts at once: each is prefilled whole before the decoding
-        # starts (prefill_chunk=0), which needs no mixed prefill-and-decode programs.
+        # starts (prefill_chunk=0), which needs no mixed prefill-and-decode programs, and the
+        # num_generations requests of a prompt share one prefill (`EngineStats.shared_prefill_tokens`).
         self.engine = Engine(model, tokenizer, slots=slots, max_len=max_len, prefill_chunk=0)
 
     def sample(

@@ -3,6 +3,7 @@ LoRA adapters run unmerged and give the merged model's tokens."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 from serving import byte_checkpoint
@@ -108,3 +109,32 @@ def test_update_weights_empties_the_prefix_cache(tmp_path):
         assert after.token_ids == expected
     finally:
         engine.shutdown()
+
+
+def test_requests_of_one_prompt_share_its_prefill(tmp_path):
+    """Without chunked prefill (the rollout engine), requests of the same prompt admitted together are
+    prefilled once; each still draws its own tokens, exactly those it draws alone."""
+    model, tokenizer = qwen_jax.load(byte_checkpoint(tmp_path / "ckpt", seed=4, initializer_range=0.3))
+    prompts = ["The quick brown fox"] * 3 + ["a b"] * 2 + ["The quick brown fox"]
+    settings = dict(max_new_tokens=6, temperature=1.0, logprobs=0, progress=False)
+    engine = qwen_jax.Engine(model, tokenizer, slots=8, max_len=48, prefill_chunk=0)
+    try:
+        alone = [engine.generate([p], seed=seed, **settings)[0] for seed, p in enumerate(prompts)]
+        before = engine.stats()
+        together = engine.generate(prompts, seed=list(range(len(prompts))), **settings)
+        after = engine.stats()
+    finally:
+        engine.shutdown()
+    assert before.shared_prefill_tokens == 0  # one request at a time: nothing to share
+    lengths = [len(tokenizer.encode(p)) for p in prompts]
+    assert after.shared_prefill_tokens == 3 * lengths[0] + lengths[3]
+    assert after.prompt_tokens - before.prompt_tokens == sum(lengths)
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    # The first token comes from the (shared) prefill's logits: exactly those of the prompt alone; the
+    # later ones from decode steps 8 rows wide instead of 1 (float rounding of a wider batch).
+    assert [c.logprobs[0].logprob for c in together] == [c.logprobs[0].logprob for c in alone]
+    for shared, single in zip(together, alone):
+        np.testing.assert_allclose(
+            [t.logprob for t in shared.logprobs], [t.logprob for t in single.logprobs], atol=1e-5
+        )
+    assert len({tuple(c.token_ids) for c in together[:3]}) > 1  # the seeds, not the shared prefill, decide

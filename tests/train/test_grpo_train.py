@@ -104,9 +104,14 @@ def _metrics(out) -> list[dict]:
 def test_grpo_learns_a_reward_and_writes_the_outputs(grpo_setup, tmp_path):
     out = tmp_path / "run"
     config = _config(grpo_setup, out, eval_data=grpo_setup[1], eval_every=8, lora_rank=0, learning_rate=1e-2)
-    assert GRPOTrainer(config, log=lambda _: None).run() == 0
+    trainer = GRPOTrainer(config, log=lambda _: None)
+    assert trainer.run() == 0
     metrics = _metrics(out)
     assert [m["step"] for m in metrics] == list(range(1, 17))
+    # Each rollout prefills a prompt once for its 8 completions; the two greedy evals, one completion per prompt.
+    engine = trainer.rollouts.engine.stats()
+    rolled_out = engine.prompt_tokens - 2 * sum(len(r.prompt_ids) for r in trainer.eval_records)
+    assert rolled_out > 0 and rolled_out % 8 == 0 and engine.shared_prefill_tokens == rolled_out * 7 // 8
     rewards = [m["reward"] for m in metrics]
     assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.3, rewards
     evals = [m["eval_reward"] for m in metrics if "eval_reward" in m]

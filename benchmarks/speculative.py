@@ -11,11 +11,17 @@ On a Qwen2.5 configuration with random weights (default 0.5B, float32):
   * with --draft-size, a draft of a smaller configuration (its own random weights, so it agrees with
     the target by chance only): its step time is measured, and its speed at each oracle acceptance
     rate derived from it (a step's programs have fixed shapes, whatever is accepted).
+  * `--engine`: the continuous-batching `Engine` (what `qwen-jax serve` runs) with `ngram` K,
+    one request alone and 8 at once, against the same engine without speculation; at 8 rows
+    both with speculation forced at any load (`speculative_max_rows=8`) and with the default
+    back-off (at most 4 rows), and at batch 1 with proposals that are never right, with and
+    without the acceptance floor.
 
 Every speculative run's tokens are compared with plain decoding's (greedy).
 
     QWEN_JAX_TOKENIZER_DIR=... python benchmarks/speculative.py                 # 0.5B, CPU
     python benchmarks/speculative.py --size 1.5B --draft-size 0.5B --draft-layers   # 1.5B target, 0.5B draft
+    QWEN_JAX_TOKENIZER_DIR=... python benchmarks/speculative.py --engine                # the engine cases only
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ import platform
 import jax
 from flax import nnx
 
+import qwen_jax.engine.core as engine_core
 import qwen_jax.generation.speculative as speculative
 from qwen_jax import Qwen2Config, create_model
 from qwen_jax.config import GenerationConfig
+from qwen_jax.engine.core import Engine
 from qwen_jax.generation.options import resolve_batch
 from qwen_jax.generation.speculative import SpeculativeOptions
 from qwen_jax.generation.static import generate_batch
@@ -89,6 +97,85 @@ def best_of(repeats, fn):
     return max((fn() for _ in range(repeats)), key=lambda r: r.timing.decode_tokens_per_s)
 
 
+def engine_decode(engine: Engine, prompt, new_tokens: int, rows: int):
+    """`rows` copies of `prompt` submitted at once: (decode tokens/s over all rows, token ids of row 0, stats).
+
+    Decode time runs from the last row's first token to the last row's end (prompts are prefilled
+    whole, before decoding starts)."""
+    handles = [engine.submit(prompt, max_new_tokens=new_tokens, temperature=0) for _ in range(rows)]
+    completions = [h.result() for h in handles]
+    decode_s = max(c.latency_s for c in completions) - max(c.time_to_first_token_s for c in completions)
+    tokens = sum(c.completion_tokens - 1 for c in completions)
+    return tokens / decode_s, completions[0].token_ids, engine.stats()
+
+
+def engine_cases(model, tokenizer, prompt, args) -> None:
+    """Plain vs speculative `Engine` decoding at batch 1 and 8 (see the module docstring)."""
+    slots = 8
+    common = dict(
+        slots=slots,
+        max_len=len(prompt) + args.new_tokens + args.k + 2,
+        prefill_chunk=0,  # prompts prefilled whole: fewer programs to compile, decoding timed alone
+        config=GenerationConfig(),
+    )
+    spec = SpeculativeOptions(num_speculative_tokens=args.k)
+    print(
+        "\n| engine setting | rows | speculative steps | acceptance | tokens per step | decode tok/s | vs plain "
+        "| same tokens |\n|---|---|---|---|---|---|---|---|",
+        flush=True,
+    )
+    lookup = engine_core.ngram_proposals
+
+    def never_right(tokens, k, ngram_min, ngram_max):
+        return [(tokens[-1] + 1 + i) % model.config.vocab_size for i in range(k)]
+
+    def plain_speed(rows):
+        with Engine(model, tokenizer, **common) as plain:
+            engine_decode(plain, prompt, args.new_tokens, rows)  # compiles
+            return max(
+                (engine_decode(plain, prompt, args.new_tokens, rows) for _ in range(args.repeats)), key=lambda r: r[0]
+            )
+
+    for rows in args.engine_rows:
+        base, reference, _ = plain_speed(rows)
+        print(f"| plain engine | {rows} | - | - | 1.00 | {base:.2f} | 1.00x | - |", flush=True)
+        settings = [(f"ngram K={args.k}, speculating at any load", dict(speculative_max_rows=slots), lookup)]
+        if rows > 1:
+            settings.append((f"ngram K={args.k}, default back-off (at most 4 rows)", {}, lookup))
+        else:
+            settings.append(
+                ("never-right proposals, no acceptance floor", dict(speculative_min_acceptance=0), never_right)
+            )
+            settings.append(("never-right proposals, default acceptance floor", {}, never_right))
+        for label, options, proposer in settings:
+            engine_core.ngram_proposals = proposer
+            try:
+                with Engine(model, tokenizer, speculative=spec, **common, **options) as engine:
+                    engine_decode(engine, prompt, args.new_tokens, rows)  # compiles
+                    before = engine.stats()
+                    speed, tokens, after = max(
+                        (engine_decode(engine, prompt, args.new_tokens, rows) for _ in range(args.repeats)),
+                        key=lambda r: r[0],
+                    )
+            finally:
+                engine_core.ngram_proposals = lookup
+            steps = after.speculative_steps - before.speculative_steps
+            proposed = after.speculative_proposed_tokens - before.speculative_proposed_tokens
+            accepted = after.speculative_accepted_tokens - before.speculative_accepted_tokens
+            row_steps = after.speculative_row_steps - before.speculative_row_steps
+            per_step = (row_steps + accepted) / row_steps if row_steps else 1.0
+            acceptance = f"{accepted / proposed:.2f}" if proposed else "-"
+            same = "yes" if tokens == reference else "NO"
+            print(
+                f"| {label} | {rows} | {steps} | {acceptance} | {per_step:.2f} | {speed:.2f} | {speed / base:.2f}x "
+                f"| {same} |",
+                flush=True,
+            )
+        # Plain again: on a shared machine the load moves during the run.
+        again = plain_speed(rows)[0]
+        print(f"| plain engine, again | {rows} | - | - | 1.00 | {again:.2f} | {again / base:.2f}x | - |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="0.5B")
@@ -103,6 +190,8 @@ def main() -> None:
         "its step is measured, and its speedup at each oracle acceptance rate is derived from that step time",
     )
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per setting (best kept)")
+    parser.add_argument("--engine", action="store_true", help="run the Engine cases only")
+    parser.add_argument("--engine-rows", type=int, nargs="+", default=[1, 8], help="requests at once (--engine)")
     args = parser.parse_args()
 
     device = jax.devices()[0]
@@ -116,6 +205,10 @@ def main() -> None:
     prompt = tokenizer.encode(tokenizer.apply_chat_template(conversation, add_generation_prompt=True))
     config = SIZES[args.size]
     target = create_model(config, dtype=args.dtype, seed=0)
+    if args.engine:
+        print(f"prompt {len(prompt)} tokens, {args.new_tokens} new tokens, K={args.k}", flush=True)
+        engine_cases(unstack_layers(target), tokenizer, prompt, args)
+        return
     drafts = {layers: unstack_layers(first_layers(target, layers)) for layers in args.draft_layers}
     target = unstack_layers(target)
     print(f"prompt {len(prompt)} tokens, {args.new_tokens} new tokens, K={args.k}", flush=True)

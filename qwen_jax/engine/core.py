@@ -42,6 +42,26 @@ constrained row the engine dispatches the step's forward first, then reads back 
 tokens and computes every constrained row's bitmask on the host while the device runs that
 forward, then dispatches the sampling with the bitmask (free rows: all ones, same program).
 
+Speculative decoding (`speculative="ngram"` or `SpeculativeOptions`, prompt lookup): a decode step
+may instead be a speculative step, in which each decoding row proposes up to K tokens (those that
+followed the latest earlier occurrence of its last n tokens in its own prompt + output) and the
+target checks every row's proposals in one forward of K + 1 positions per row (one compiled program
+per width, `EnginePrograms.speculative_step`); a row gets its accepted proposals and one token of
+the target's own, 1 to K + 1 tokens. Greedy rows give exactly the tokens of plain decoding; sampling
+rows follow the same distribution by rejection sampling (other random draws than plain decoding).
+Proposals need every earlier token on the host, so a speculative step first reads back the steps in
+flight (it gives up the host/device overlap of plain decode steps). Back-off rule, per step:
+- a step speculates only when no prompt chunk goes in (mixed steps decode one token per row), no
+  decoding row is constrained (structured output), and at most `speculative_max_rows` rows decode
+  (default 4: at high load the batch already keeps the device busy, and vLLM measured speculation
+  slowing serving down there);
+- a row proposes only while the moving average of its accepted fraction (accepted / proposed per
+  step, a step without an n-gram match counting 0, weight `ACCEPTANCE_WEIGHT` for the newest step)
+  stays at or above `speculative_min_acceptance` (default 0.25); below it the row stops proposing
+  for `PAUSE_STEPS` decode steps, then tries again from the floor (one more poor step pauses it again);
+- when no row has a proposal, the step is a plain decode step.
+Acceptance counters are in `EngineStats` (`speculative_*`).
+
 Requests take the sampling keyword arguments of every generation call (`SamplingKwargs`) and draw
 with the same sampler as `qwen_jax.generate` (`qwen_jax.generation.sampler`), so a request gives
 the tokens `qwen_jax.generate` gives for the same prompt, seed and settings.
@@ -79,9 +99,14 @@ from qwen_jax.engine.requests import (
 from qwen_jax.errors import EngineClosedError, EngineError, GenerationError, QueueFullError
 from qwen_jax.generation.constraints import GrammarCompiler, fill_bitmask, grammar_compiler
 from qwen_jax.generation.options import Prompt, SamplingKwargs, generation_defaults, row_seeds
+from qwen_jax.generation.speculative import SpeculativeOptions, ngram_proposals, resolve_speculative
 from qwen_jax.sharding import platform_of
 
 DEFAULT_MAX_LEN = 4096
+DEFAULT_SPECULATIVE_MAX_ROWS = 4  # speculate only while at most this many rows decode (see the back-off rule)
+DEFAULT_MIN_ACCEPTANCE = 0.25  # a row proposes while its moving acceptance stays at or above this
+ACCEPTANCE_WEIGHT = 0.25  # weight of a row's newest step in its moving acceptance
+PAUSE_STEPS = 16  # decode steps a row with poor acceptance sits out before proposing again
 logger = logging.getLogger(__name__)
 
 
@@ -110,6 +135,23 @@ class EngineStats:
     # Prompt tokens not prefilled because a request with the same prompt was prefilled with them
     # (whole-prompt prefill, `prefill_chunk=0`: e.g. the completions of one GRPO prompt).
     shared_prefill_tokens: int = 0
+    speculative_steps: int = 0  # decode steps that checked proposals (speculative decoding)
+    speculative_row_steps: int = 0  # decoding rows of those steps (each got accepted + 1 tokens)
+    speculative_proposed_tokens: int = 0
+    speculative_accepted_tokens: int = 0
+    speculative_skipped_steps: int = 0  # decode steps that did not speculate because too many rows decoded
+    speculative_pauses: int = 0  # times a row stopped proposing for poor acceptance
+
+    @property
+    def speculative_acceptance_rate(self) -> float:
+        """Accepted / proposed tokens (0 before any proposal)."""
+        return self.speculative_accepted_tokens / max(1, self.speculative_proposed_tokens)
+
+    @property
+    def speculative_tokens_per_step(self) -> float:
+        """Tokens a row got per speculative step (1 + its accepted proposals; 0 before any)."""
+        rows = self.speculative_row_steps
+        return (rows + self.speculative_accepted_tokens) / rows if rows else 0.0
 
 
 class Engine:
@@ -139,6 +181,12 @@ class Engine:
             Needs chunked prefill (`prefill_chunk` > 0). Tokens are the same with and without it.
         prefix_cache_blocks: the pool's size in blocks (default: as many tokens as the batch cache,
             `slots * max_len`); or give `prefix_cache_gb` (GiB of keys and values).
+        speculative: speculative decoding: "ngram" (prompt lookup) or `SpeculativeOptions(method="ngram",
+            num_speculative_tokens=K, ngram_min=..., ngram_max=...)`; the engine does not run a draft
+            model. See the module docstring for when a step speculates.
+        speculative_max_rows: speculate only while at most this many rows decode (default 4).
+        speculative_min_acceptance: a row stops proposing for a while when the moving average of
+            its accepted fraction falls below this (default 0.25; 0 never pauses).
     """
 
     def __init__(
@@ -156,6 +204,9 @@ class Engine:
         prefix_cache: bool = True,
         prefix_cache_blocks: int | None = None,
         prefix_cache_gb: float | None = None,
+        speculative: str | SpeculativeOptions | None = None,
+        speculative_max_rows: int = DEFAULT_SPECULATIVE_MAX_ROWS,
+        speculative_min_acceptance: float = DEFAULT_MIN_ACCEPTANCE,
     ):
         context = model.config.max_position_embeddings
         max_len = min(context, DEFAULT_MAX_LEN) if max_len is None else int(max_len)
@@ -169,6 +220,11 @@ class Engine:
             prefill_chunk = default_mixed_chunk(platform_of(model.mesh))
         if prefill_chunk < 0:
             raise EngineError(f"prefill_chunk must be >= 0 (0: prefill prompts whole), got {prefill_chunk}")
+        self.speculative = _engine_speculation(
+            model, tokenizer, speculative, speculative_max_rows, speculative_min_acceptance
+        )
+        self.speculative_max_rows = int(speculative_max_rows)
+        self.speculative_min_acceptance = float(speculative_min_acceptance)
         self.model = model
         self.tokenizer = tokenizer
         self.slots = int(slots)
@@ -190,6 +246,7 @@ class Engine:
             prefill_chunk=prefill_chunk,
             prefix_blocks=blocks,
             block_tokens=DEFAULT_BLOCK_TOKENS,
+            speculative_tokens=0 if self.speculative is None else self.speculative.num_speculative_tokens,
         )
         self._prefix = PrefixIndex(blocks, DEFAULT_BLOCK_TOKENS) if blocks else None
 
@@ -238,6 +295,7 @@ class Engine:
         tools: Sequence[Mapping[str, Any]] | None = None,
         request_id: str | None = None,
         on_delta: Callable[[Delta], None] | None = None,
+        speculate: bool = True,
         **sampling: Unpack[SamplingKwargs],
     ) -> RequestHandle:
         """Queue a request; returns at once. Raises EngineError (bad request), QueueFullError, EngineClosedError.
@@ -250,6 +308,8 @@ class Engine:
             request_id: the id of the request (default: a fresh one).
             on_delta: called on the engine thread with each `Delta` (keep it short); without it,
                 iterate the handle.
+            speculate: False keeps this request out of speculative decoding (an engine built
+                with `speculative=`); constrained requests never speculate.
             **sampling: the sampling options of every generation call
                 (`qwen_jax.generation.options.SamplingKwargs`). `seed`: the token at index i is drawn
                 with `fold_in(key(seed), i)`, so a seeded request gives the same tokens whatever else
@@ -258,7 +318,7 @@ class Engine:
                 `choice`, `grammar`: structured output (`qwen_jax.generation.constraints`); a
                 constraint the library cannot enforce raises EngineError naming the reason.
         """
-        request = self._make_request(prompt, tools, request_id, on_delta, logprobs, sampling)
+        request = self._make_request(prompt, tools, request_id, on_delta, logprobs, sampling, speculate)
         self._enqueue([request], enforce_queue_limit=True)
         return request.handle
 
@@ -381,6 +441,12 @@ class Engine:
                 prefix_cache_queried_tokens=counts.get("prefix_queried_tokens", 0),
                 prefix_cache_hit_tokens=counts.get("prefix_hit_tokens", 0),
                 shared_prefill_tokens=counts.get("shared_prefill_tokens", 0),
+                speculative_steps=counts.get("speculative_steps", 0),
+                speculative_row_steps=counts.get("speculative_row_steps", 0),
+                speculative_proposed_tokens=counts.get("speculative_proposed", 0),
+                speculative_accepted_tokens=counts.get("speculative_accepted", 0),
+                speculative_skipped_steps=counts.get("speculative_skipped", 0),
+                speculative_pauses=counts.get("speculative_pauses", 0),
             )
 
     def begin_shutdown(self, timeout: float) -> None:
@@ -403,7 +469,9 @@ class Engine:
         self.shutdown()
 
     # ------------------------------------------------------------------ caller-side helpers
-    def _make_request(self, prompt, tools, request_id, on_delta, logprobs, sampling: dict) -> Request:
+    def _make_request(
+        self, prompt, tools, request_id, on_delta, logprobs, sampling: dict, speculate: bool = True
+    ) -> Request:
         """Encode and validate (raises EngineError) in the caller's thread."""
         prompt_ids = self._encode(prompt, tools)
         vocab = self.model.config.vocab_size
@@ -422,7 +490,9 @@ class Engine:
                 raise EngineError(str(e), param=e.param) from None
         request_id = request_id or new_request_id()
         handle = RequestHandle(request_id, self.abort, buffered=on_delta is None)
-        return Request(request_id, prompt_ids, options, logprobs, self.tokenizer, handle, on_delta, grammar)
+        return Request(
+            request_id, prompt_ids, options, logprobs, self.tokenizer, handle, on_delta, grammar, speculate=speculate
+        )
 
     def _grammar_compiler(self) -> GrammarCompiler:
         if self._grammars is None:  # two threads may both build it: the same compiler (`grammar_compiler` caches)
@@ -625,6 +695,12 @@ class Engine:
         shape, chunks = self._plan_chunks()
         if not chunks and not any(rows):
             return
+        if not chunks and self.speculative is not None:
+            if self._dispatch_speculative(rows):
+                return
+            rows = self._decode_rows()  # earlier steps may have been read back (requests ended)
+            if not any(rows):
+                return
         if not chunks:
             used = max((i for i, r in enumerate(rows) if r is not None), default=-1) + 1
             rows = rows[: self.programs.width_for(used)]
@@ -648,6 +724,70 @@ class Engine:
             self._stats["decode_steps"] += 1
             self._stats["decode_rows"] += len(rows)
             self._stats["prefill_chunks"] += len(chunks)
+
+    def _dispatch_speculative(self, rows: list[Request | None]) -> bool:
+        """Dispatch a speculative step if the back-off rule allows one and a row has proposals
+        (module docstring); False: the caller dispatches a plain decode step."""
+        decoding = [r for r in rows if r is not None]
+        for request in decoding:
+            request.paused_steps = max(0, request.paused_steps - 1)
+        if len(decoding) > self.speculative_max_rows:
+            with self._lock:
+                self._stats["speculative_skipped"] += 1
+            return False
+        if any(r.grammar is not None for r in decoding) or not any(
+            r.speculate and not r.paused_steps for r in decoding
+        ):
+            return False
+        # Proposals continue each row's tokens: read back the steps in flight first.
+        while self._pending:
+            self._process(self._pending.popleft())
+            self._processed_early += 1
+        rows = self._decode_rows()
+        used = max((i for i, r in enumerate(rows) if r is not None), default=-1) + 1
+        if not used:
+            return False
+        rows = rows[: self.programs.width_for(used)]
+        spec = self.speculative
+        k = spec.num_speculative_tokens
+        proposals = np.zeros((len(rows), k), np.int32)
+        proposed = np.full(len(rows), -1, np.int32)
+        for row, request in enumerate(rows):
+            if request is None or not request.speculate or request.paused_steps:
+                continue
+            # No proposal past max_new_tokens: the step's own token would be the last one anyway.
+            budget = min(k, request.options.max_new_tokens - len(request.token_ids) - 1)
+            found = (
+                ngram_proposals(request.prompt_ids + request.token_ids, budget, spec.ngram_min, spec.ngram_max)
+                if budget > 0
+                else []
+            )
+            proposals[row, : len(found)] = found
+            proposed[row] = len(found)
+        if not (proposed > 0).any():
+            for row, request in enumerate(rows):
+                if proposed[row] == 0:  # a row without a match counts as a step with nothing accepted
+                    self._record_acceptance(request, 0.0)
+            return False
+        self._pending.append(self.programs.speculative_step(rows, proposals, proposed))
+        decoded = [r for r in rows if r is not None]
+        for request in decoded:
+            request.dispatched += 1  # at least; `_process` adds the accepted proposals
+        with self._lock:
+            self._stats["decode_steps"] += 1
+            self._stats["decode_rows"] += len(rows)
+            self._stats["speculative_steps"] += 1
+            self._stats["speculative_row_steps"] += len(decoded)
+        return True
+
+    def _record_acceptance(self, request: Request, accepted_fraction: float) -> None:
+        """Update a speculating row's moving acceptance; pause it when it falls below the floor."""
+        request.acceptance += ACCEPTANCE_WEIGHT * (accepted_fraction - request.acceptance)
+        if request.acceptance < self.speculative_min_acceptance:
+            request.paused_steps = PAUSE_STEPS
+            request.acceptance = self.speculative_min_acceptance
+            with self._lock:
+                self._stats["speculative_pauses"] += 1
 
     def _plan_chunks(self) -> tuple[tuple[int, int] | None, list[tuple[Request, list[int], bool]]]:
         """The prompt chunks of this step: of the compiled (count, chunk) shapes, the one that puts
@@ -687,25 +827,40 @@ class Engine:
         return fill_bitmask(matchers, self.model.config.vocab_size)
 
     def _process(self, outputs: StepOutputs) -> None:
-        tokens, logprobs = outputs.fetch()
+        tokens, logprobs, accepted = outputs.fetch()
+        if accepted is None:  # one token per row: the same indexing as a speculative step's first position
+            tokens = None if tokens is None else tokens[:, None]
+            logprobs = None if logprobs is None else tuple(x[:, None] for x in logprobs)
         for row, request in enumerate(outputs.rows):
             if request is None or request.finished:
                 continue  # an empty slot, or a request that ended while this step was in flight
-            logprob = None
-            if request.top_logprobs is not None:
-                chosen, top_ids, top_values = logprobs
-                k = request.top_logprobs
-                logprob = TokenLogprob(
-                    int(tokens[row]),
-                    float(chosen[row]),
-                    tuple(zip(top_ids[row, :k].tolist(), top_values[row, :k].tolist())),
-                )
-            delta = request.add_token(int(tokens[row]), logprob)
-            with self._lock:
-                self._stats["generated_tokens"] += 1
-            if delta.finish_reason is not None:
-                self._finish(request, delta)
-            else:
+            count = 1
+            if accepted is not None:
+                count = int(accepted[row]) + 1
+                request.dispatched += count - 1
+                proposed = int(outputs.proposed[row])
+                if proposed >= 0:
+                    self._record_acceptance(request, (count - 1) / max(1, proposed))
+                    with self._lock:
+                        self._stats["speculative_proposed"] += proposed
+                        self._stats["speculative_accepted"] += count - 1
+            for position in range(count):
+                token = int(tokens[row, position])
+                logprob = None
+                if request.top_logprobs is not None:
+                    chosen, top_ids, top_values = logprobs
+                    k = request.top_logprobs
+                    logprob = TokenLogprob(
+                        token,
+                        float(chosen[row, position]),
+                        tuple(zip(top_ids[row, position, :k].tolist(), top_values[row, position, :k].tolist())),
+                    )
+                delta = request.add_token(token, logprob)
+                with self._lock:
+                    self._stats["generated_tokens"] += 1
+                if delta.finish_reason is not None:
+                    self._finish(request, delta)
+                    break  # the step's later tokens are dropped
                 self._deliver(request, delta)
 
     def _deliver(self, request: Request, delta: Delta) -> None:
@@ -778,6 +933,31 @@ def _same_prompt_groups(requests: Sequence[Request]) -> list[list[Request]]:
     for request in requests:
         groups.setdefault(tuple(request.prompt_ids), []).append(request)
     return list(groups.values())
+
+
+def _engine_speculation(
+    model, tokenizer, speculative, max_rows: int, min_acceptance: float
+) -> SpeculativeOptions | None:
+    """The engine's `SpeculativeOptions` (None: off); raises EngineError for what it cannot run."""
+    try:
+        options = resolve_speculative(speculative, model, getattr(tokenizer, "vocab_size", None))
+    except GenerationError as e:
+        raise EngineError(str(e), param=e.param) from None
+    if options is not None and options.method != "ngram":
+        raise EngineError(
+            f"the engine speculates with 'ngram' (prompt lookup) only, not {options.method!r}; "
+            "draft-model speculation runs in qwen_jax.generate / stream",
+            param="speculative",
+        )
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+        raise EngineError(
+            f"speculative_max_rows must be an integer >= 1, got {max_rows!r}", param="speculative_max_rows"
+        )
+    if not 0 <= min_acceptance <= 1:
+        raise EngineError(
+            f"speculative_min_acceptance must be in [0, 1], got {min_acceptance!r}", param="speculative_min_acceptance"
+        )
+    return options
 
 
 def _prefix_cache_blocks(model, slots: int, max_len: int, blocks: int | None, gigabytes: float | None) -> int:

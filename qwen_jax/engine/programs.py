@@ -33,6 +33,13 @@ compiles while serving):
   constraint, and steps without one, use an all-ones bitmask kept on the device.
 - `logprobs[rows]`: log-softmax of the raw logits: the chosen token's and the 20 most likely.
 - `move`: copy one slot's cache row and state into another (the engine closes gaps with it).
+- `speculate[width, sampled]` (an engine built with `speculative_tokens` K > 0): the target's check
+  of up to K proposed tokens per row for the first `width` slots in one forward of K + 1 positions
+  (`qwen_jax.generation.speculative.verify_proposals`, the check `qwen_jax.generate` runs: greedy
+  rows accept the proposals equal to the target's argmax, sampling rows -- compiled in only when
+  `sampled` -- use rejection sampling); each row's cache is rolled back to its accepted length and
+  its state advanced past its step's tokens. `speculate_logprobs[width]`: logprobs of the K + 1
+  positions.
 
 The batch cache has per-row lengths and every row's keys start at slot 0, so a request's cache
 layout, positions and logits do not depend on its batch-mates or on the slot it sits in.
@@ -74,6 +81,7 @@ from qwen_jax.generation.sampler import (
     sample_rows,
     variant_for,
 )
+from qwen_jax.generation.speculative import VerificationStatic, verify_proposals
 from qwen_jax.generation.static import prompt_bucket
 from qwen_jax.model.kv_cache import KVCache
 from qwen_jax.model.mixed import mixed_hidden_states
@@ -98,13 +106,19 @@ class StepOutputs:
     """Device results of one dispatched step, read back later (see `Engine._process`)."""
 
     rows: list  # the Request each row belonged to when dispatched (None: an idle row)
-    tokens: jax.Array | None  # None: a step that produced no token (a prompt chunk alone)
+    tokens: jax.Array | None  # None: a step that produced no token (a prompt chunk alone); [rows] or [rows, K + 1]
     logprobs: tuple[jax.Array, jax.Array, jax.Array] | None
+    accepted: jax.Array | None = None  # a speculative step: each row's accepted proposals (its tokens: accepted + 1)
+    proposed: np.ndarray | None = None  # a speculative step: each row's proposals (-1: a row that did not speculate)
 
-    def fetch(self) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
+    def fetch(
+        self,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray] | None, np.ndarray | None]:
+        """(tokens, logprobs, accepted) on the host (accepted: None for a step of one token per row)."""
         tokens = None if self.tokens is None else np.asarray(self.tokens)
         logprobs = None if self.logprobs is None else tuple(np.asarray(x) for x in self.logprobs)
-        return tokens, logprobs
+        accepted = None if self.accepted is None else np.asarray(self.accepted)
+        return tokens, logprobs, accepted
 
 
 def prefill_buckets(max_len: int, buckets=None) -> tuple[int, ...]:
@@ -219,8 +233,10 @@ class EnginePrograms:
         prefill_chunk: int = 64,
         prefix_blocks: int = 0,
         block_tokens: int = 16,
+        speculative_tokens: int = 0,
     ):
         self.config = model.config
+        self.speculative_tokens = int(speculative_tokens)  # K proposals per row checked by `speculate` (0: none)
         self.vocab = model.config.vocab_size
         self.slots = slots
         self.max_len = max_len
@@ -414,6 +430,13 @@ class EnginePrograms:
             for variant in ENGINE_VARIANTS
         ]
         jobs += [functools.partial(self._logprobs_executable, rows) for rows in sorted({1, *self.widths})]
+        if self.speculative_tokens:
+            jobs += [
+                functools.partial(self._speculate_executable, width, sampled)
+                for width in reversed(self.widths)
+                for sampled in (False, True)
+            ]
+            jobs += [functools.partial(self._speculate_logprobs_executable, width) for width in self.widths]
         jobs.append(self._move_executable)
         if self.chunks:
             jobs.append(self._start_executable)
@@ -654,6 +677,105 @@ class EnginePrograms:
 
         return self._executable(("mixed", width, count, chunk), build)
 
+    def _speculate_executable(self, width: int, sampled: bool):
+        """The speculative step of the first `width` slots: each row's pending token (its slot
+        state's last token) and its proposals in one forward, checked as `qwen_jax.generate` checks
+        them; returns the tokens `[width, K + 1]` (the accepted proposals, then the target's own),
+        the accepted counts, the raw logits `[width, K + 1, vocab]`, and the cache and slot state
+        after the step (inactive rows unchanged)."""
+        k = self.speculative_tokens
+        static = VerificationStatic(
+            graphdef=self.graphdef,
+            draft_graphdef=None,
+            num_tokens=k,
+            sampled=sampled,
+            adjustments=True,  # the engine's rows always carry bias and penalties (ENGINE_VARIANTS)
+            return_logits=True,
+        )
+
+        def speculate(state, cache: KVCache, slot_state: SlotState, proposals, num_proposed, active):
+            model = nnx.merge(self.graphdef, state)
+            whole = width == self.slots
+            rows_cache = cache if whole else KVCache(cache.k[:, :width], cache.v[:, :width], cache.lengths[:width])
+            rows = jax.tree.map(lambda x: x[:width], slot_state)
+            count = rows.params.token_index
+            tokens, accepted, rows_cache, history, logits = verify_proposals(
+                static,
+                model,
+                rows_cache,
+                rows.tokens,
+                proposals,
+                num_proposed,
+                None,
+                rows.history,
+                rows.params,
+                count,
+                active,
+            )
+            last = jnp.take_along_axis(tokens, accepted[:, None], axis=1)[:, 0]
+            params = dataclasses.replace(rows.params, token_index=jnp.where(active, count + accepted + 1, count))
+            rows = SlotState(jnp.where(active, last, rows.tokens), params, history)
+            slot_state = jax.tree.map(lambda whole_x, part: whole_x.at[:width].set(part), slot_state, rows)
+            if not whole:
+                rows_cache = KVCache(
+                    cache.k.at[:, :width].set(rows_cache.k),
+                    cache.v.at[:, :width].set(rows_cache.v),
+                    cache.lengths.at[:width].set(rows_cache.lengths),
+                )
+            return tokens, accepted, logits, rows_cache, slot_state
+
+        def build():
+            out_shardings = (
+                None
+                if self.mesh is None
+                else (
+                    self._replicated(),
+                    self._replicated(),
+                    named_sharding(("batch", "seq", "vocab"), (width, k + 1, self.vocab), self.mesh, self.rules),
+                    self._cache_sharding(self.slots, self.max_len),
+                    self._replicated(),
+                )
+            )
+            return (
+                jax.jit(speculate, donate_argnums=(1, 2), out_shardings=out_shardings)
+                .lower(
+                    self._state_spec(),
+                    self._cache_spec(self.slots, self.max_len),
+                    self._slot_state_spec(self.slots),
+                    self._scalar_spec((width, k)),
+                    self._scalar_spec((width,)),
+                    self._scalar_spec((width,), jnp.bool_),
+                )
+                .compile()
+            )
+
+        return self._executable(("speculate", width, k, sampled), build)
+
+    def _speculate_logprobs_executable(self, width: int):
+        """`logprobs` of a speculative step's K + 1 positions per row."""
+        positions = self.speculative_tokens + 1
+
+        def logprobs(logits, tokens):
+            log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            chosen = jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
+            top_values, top_ids = jax.lax.top_k(log_probs, MAX_TOP_LOGPROBS)
+            return chosen, top_ids, top_values
+
+        def build():
+            sharding = (
+                None
+                if self.mesh is None
+                else named_sharding(("batch", "seq", "vocab"), (width, positions, self.vocab), self.mesh, self.rules)
+            )
+            logits = _spec((width, positions, self.vocab), jnp.float32, sharding)
+            return (
+                jax.jit(logprobs, out_shardings=self._replicated())
+                .lower(logits, self._scalar_spec((width, positions)))
+                .compile()
+            )
+
+        return self._executable(("speculate_logprobs", width, positions), build)
+
     def _move_executable(self):
         def move(cache: KVCache, slot_state: SlotState, source, target):
             def copy(x, axis):
@@ -791,6 +913,22 @@ class EnginePrograms:
         active = self._put(np.asarray([r is not None for r in rows]))
         logits, self.cache = self._decode_executable(width)(self.state, self.cache, self.slot_state.tokens, active)
         return self._sample_step(rows, logits, active, bitmask)
+
+    def speculative_step(self, rows: list, proposals: np.ndarray, proposed: np.ndarray) -> StepOutputs:
+        """Check each decoding row's proposals (`proposals` `[len(rows), K]`, the first `proposed[r]`
+        of row r real; -1 marks a row that did not speculate, 0 proposals) in one forward: every
+        row of `rows` (a Request, or None for an idle row) gets 1 to K + 1 tokens. `len(rows)` must
+        be one of `widths`; no row may be constrained (the check takes no bitmask)."""
+        width = len(rows)
+        active = np.asarray([r is not None for r in rows])
+        sampled = any(r is not None and r.options.temperature > 0 for r in rows)
+        args = self._put((proposals.astype(np.int32), np.maximum(proposed, 0).astype(np.int32), active))
+        tokens, accepted, logits, self.cache, self.slot_state = self._speculate_executable(width, sampled)(
+            self.state, self.cache, self.slot_state, *args
+        )
+        wants_logprobs = any(r is not None and r.top_logprobs is not None for r in rows)
+        logprobs = self._speculate_logprobs_executable(width)(logits, tokens) if wants_logprobs else None
+        return StepOutputs(list(rows), tokens, logprobs, accepted, np.asarray(proposed))
 
     def start_row(self, options: SamplingOptions, slot: int) -> None:
         """Empty `slot`'s cache row and give it the request's sampling state (before `mixed_step`)."""

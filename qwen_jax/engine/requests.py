@@ -186,6 +186,7 @@ class Request:
         handle: RequestHandle,
         on_delta: Callable[[Delta], None] | None,
         grammar: GrammarMatcher | None = None,
+        speculate: bool = True,
     ):
         self.id = request_id
         self.prompt_ids = prompt_ids
@@ -207,6 +208,10 @@ class Request:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.grammar = grammar  # structured output: the matcher of the request's constraint
+        # Speculative decoding (an engine built with `speculative=`; see `Engine` for the back-off rule).
+        self.speculate = speculate and grammar is None  # False: the request never proposes tokens
+        self.acceptance = 1.0  # moving average of the fraction of its proposals accepted per step
+        self.paused_steps = 0  # decode steps left before it proposes again (its acceptance fell below the floor)
 
     @property
     def finished(self) -> bool:

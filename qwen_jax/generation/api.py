@@ -1,4 +1,5 @@
-"""`qwen_jax.generate` and `qwen_jax.stream`: text in, text out, over the static-batch programs.
+"""`qwen_jax.generate` and `qwen_jax.stream`: text in, text out, over the static-batch programs;
+`generate_ids` and `stream_ids`: the token-id calls of `qwen_jax.generation.static` with `speculative=`.
 
 Prompts are text or chat conversations (rendered with the tokenizer's chat template); the
 sampling keyword arguments are those of every generation call (`SamplingKwargs`, resolved once
@@ -27,7 +28,9 @@ from qwen_jax.generation.options import (
 )
 from qwen_jax.generation.speculative import SpeculativeOptions, SpeculativeTokenStream, resolve_speculative
 from qwen_jax.generation.speculative import generate_batch as speculative_generate_batch
-from qwen_jax.generation.static import Generation, TokenStream, _Stream, generate_batch
+from qwen_jax.generation.static import Generation, TokenStream, _Stream, generate_batch, resolve_ids_options
+from qwen_jax.generation.static import generate_ids as plain_generate_ids
+from qwen_jax.generation.static import stream_ids as plain_stream_ids
 from qwen_jax.generation.text import TextAssembler, cut_at_stop_strings
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM
 
@@ -202,3 +205,79 @@ def stream(
             model, prompt_ids, options, spec, config.pad_token_id, False, prefill_chunk, prefix_cache
         )
     return TextStream(tokens, tokenizer, options.stop_strings)
+
+
+def generate_ids(
+    model: Qwen2ForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    *,
+    stop_token_ids: Sequence[int] = (),
+    config: GenerationConfig | None = None,
+    return_logits: bool = False,
+    prefill_chunk: int | None = None,
+    prefix_cache: bool = True,
+    speculative: str | SpeculativeOptions | None = None,
+    **sampling: Unpack[SamplingKwargs],
+) -> Generation:
+    """Generate from a batch of token-id prompts (`qwen_jax.generation.static.generate_ids`).
+
+    `speculative` as in `generate` (without a tokenizer, a draft model's vocabulary must be the
+    target's size); the other arguments (`prefix_cache` included) as in
+    `qwen_jax.generation.static.generate_ids`.
+    """
+    spec = resolve_speculative(speculative, model)
+    if spec is None:
+        return plain_generate_ids(
+            model,
+            prompts,
+            stop_token_ids=stop_token_ids,
+            config=config,
+            return_logits=return_logits,
+            prefill_chunk=prefill_chunk,
+            prefix_cache=prefix_cache,
+            **sampling,
+        )
+    config, options, seeds = resolve_ids_options(model, len(prompts), stop_token_ids, config, sampling)
+    return speculative_generate_batch(
+        model, prompts, options, seeds, spec, config.pad_token_id, return_logits, prefill_chunk, prefix_cache
+    )
+
+
+def stream_ids(
+    model: Qwen2ForCausalLM,
+    prompt_ids: Sequence[int],
+    *,
+    stop_token_ids: Sequence[int] = (),
+    config: GenerationConfig | None = None,
+    return_logits: bool = False,
+    prefill_chunk: int | None = None,
+    prefix_cache: bool = True,
+    speculative: str | SpeculativeOptions | None = None,
+    **sampling: Unpack[SamplingKwargs],
+) -> TokenStream | SpeculativeTokenStream:
+    """Generate from one token-id prompt, yielding each id as soon as it is produced
+    (`qwen_jax.generation.static.stream_ids`); `speculative` as in `generate_ids`, the ids are
+    those `generate_ids` gives."""
+    spec = resolve_speculative(speculative, model)
+    if spec is None:
+        return plain_stream_ids(
+            model,
+            prompt_ids,
+            stop_token_ids=stop_token_ids,
+            config=config,
+            return_logits=return_logits,
+            prefill_chunk=prefill_chunk,
+            prefix_cache=prefix_cache,
+            **sampling,
+        )
+    config, options, seeds = resolve_ids_options(model, 1, stop_token_ids, config, sampling)
+    return SpeculativeTokenStream(
+        model,
+        prompt_ids,
+        options.replace(seed=seeds[0]),
+        spec,
+        config.pad_token_id,
+        return_logits,
+        prefill_chunk,
+        prefix_cache,
+    )

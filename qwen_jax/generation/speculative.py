@@ -183,8 +183,9 @@ def ngram_proposals(tokens: Sequence[int], k: int, ngram_min: int, ngram_max: in
 
 # ----------------------------------------------------------------------------- traced programs
 @dataclasses.dataclass(frozen=True)
-class _SpecStatic:
-    """Everything the speculative step specialises on besides array shapes."""
+class VerificationStatic:
+    """Everything a speculative step specialises on besides array shapes (also the engine's,
+    `qwen_jax.engine.programs`)."""
 
     graphdef: Any
     draft_graphdef: Any | None  # None: proposals come from the host (ngram)
@@ -222,7 +223,7 @@ def _record(history: History | None, tokens: jax.Array, valid: jax.Array | None 
     return History(mark_seen(history.seen, tokens, valid), history.counts.at[rows, tokens].add(added), history.bias)
 
 
-def _distributions(static: _SpecStatic, logits, history, params, index):
+def _distributions(static: VerificationStatic, logits, history, params, index):
     """(the greedy token, the sampling distribution or None) of every row for token `index`, as the one
     sampler processes `logits` (the distribution only when the variant samples)."""
     params = dataclasses.replace(params, token_index=index)
@@ -249,7 +250,7 @@ def _fit_vocabulary(logits: jax.Array, vocab: int) -> jax.Array:
     return jnp.pad(logits, ((0, 0), (0, vocab - have)), constant_values=-jnp.inf)
 
 
-def _propose(static: _SpecStatic, draft: Qwen2ForCausalLM, cache, pending, history, params, count, vocab):
+def _propose(static: VerificationStatic, draft: Qwen2ForCausalLM, cache, pending, history, params, count, vocab):
     """K draft tokens per row (and, when sampling, the draft distributions q they were drawn from).
 
     The draft also reads its K-th proposal (K + 1 forwards), so its cache holds every token the
@@ -272,8 +273,15 @@ def _propose(static: _SpecStatic, draft: Qwen2ForCausalLM, cache, pending, histo
     return jnp.stack(proposals, axis=1), q, cache
 
 
-def _verify(static: _SpecStatic, model, cache, pending, proposals, num_proposed, q, history, params, count, active):
-    """The target's check of `proposals` `[B, K]` (the first `num_proposed` of each row are real).
+def verify_proposals(
+    static: VerificationStatic, model, cache, pending, proposals, num_proposed, q, history, params, count, active
+):
+    """The target's check of `proposals` `[B, K]` (the first `num_proposed` of each row are real), traced
+    inside a speculative step (generate's and the engine's).
+
+    `pending` `[B]` is each row's last token (not in the cache yet), `count` `[B]` its index among the
+    generated tokens, `q` the draft's distributions `[B, K, V]` (None: point-mass proposals, ngram),
+    `active` `[B]` the rows that decode (the others keep their cache length and history).
 
     Returns the step's tokens `[B, K + 1]` (the accepted proposals, then the target's own token at
     index `accepted`), `accepted` `[B]`, the cache rolled back to the accepted length, the history
@@ -323,12 +331,18 @@ def _verify(static: _SpecStatic, model, cache, pending, proposals, num_proposed,
     return tokens, accepted, cache, history, logits if static.return_logits else None
 
 
-def _ngram_step(static: _SpecStatic, state, cache, pending, proposals, num_proposed, history, params, count, active):
+def _ngram_step(
+    static: VerificationStatic, state, cache, pending, proposals, num_proposed, history, params, count, active
+):
     model = nnx.merge(static.graphdef, state)
-    return _verify(static, model, cache, pending, proposals, num_proposed, None, history, params, count, active)
+    return verify_proposals(
+        static, model, cache, pending, proposals, num_proposed, None, history, params, count, active
+    )
 
 
-def _draft_step(static: _SpecStatic, state, draft_state, cache, draft_cache, pending, history, params, count, active):
+def _draft_step(
+    static: VerificationStatic, state, draft_state, cache, draft_cache, pending, history, params, count, active
+):
     model = nnx.merge(static.graphdef, state)
     draft = nnx.merge(static.draft_graphdef, draft_state)
     lengths = draft_cache.lengths
@@ -336,7 +350,7 @@ def _draft_step(static: _SpecStatic, state, draft_state, cache, draft_cache, pen
         static, draft, draft_cache, pending, history, params, count, model.config.vocab_size
     )
     num_proposed = jnp.full_like(count, static.num_tokens)
-    tokens, accepted, cache, history, logits = _verify(
+    tokens, accepted, cache, history, logits = verify_proposals(
         static, model, cache, pending, proposals, num_proposed, q, history, params, count, active
     )
     draft_cache = _rolled_back(draft_cache, lengths + jnp.where(active, accepted + 1, 0), static.draft_cache_sharding)
@@ -348,7 +362,7 @@ _NGRAM_STEP = jax.jit(_ngram_step, static_argnums=0, donate_argnums=2)
 _DRAFT_STEP = jax.jit(_draft_step, static_argnums=0, donate_argnums=(3, 4))
 
 
-def _compiled(name: str, jitted, static: _SpecStatic, args: tuple) -> tuple[Any, float]:
+def _compiled(name: str, jitted, static: VerificationStatic, args: tuple) -> tuple[Any, float]:
     key = (name, static, argument_signature(args))
     return EXECUTABLES.get(f"generation.{name}", key, lambda: jitted.lower(static, *args).compile())
 
@@ -399,7 +413,7 @@ class _Run:
                 prefix_cache=prefix_cache,
             )
         variant = self.request.static.variant
-        self.static = _SpecStatic(
+        self.static = VerificationStatic(
             graphdef=self.request.static.graphdef,
             draft_graphdef=None if self.draft_request is None else self.draft_request.static.graphdef,
             num_tokens=k,

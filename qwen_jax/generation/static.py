@@ -570,7 +570,8 @@ def generate_ids(
     prefix_cache: bool = True,
     **sampling: Unpack[SamplingKwargs],
 ) -> Generation:
-    """Generate from a batch of token-id prompts: prefill, then one jitted decode loop.
+    """Generate from a batch of token-id prompts: prefill, then one jitted decode loop
+    (`qwen_jax.generation.generate_ids` is this function with `speculative=` added).
 
     Args:
         model: a loaded `Qwen2ForCausalLM`.
@@ -589,14 +590,27 @@ def generate_ids(
             `temperature=0.7, top_p=0.9, seed=1`; `seed` may give one seed per prompt. `stop` may
             hold token ids only here (stop strings need the text: `qwen_jax.generate`).
     """
-    config = generation_defaults(model, config=config)
-    options, seeds = resolve_batch(
-        config, len(prompts), vocab_size=model.config.vocab_size, stop_token_ids=stop_token_ids, **sampling
-    )
-    _refuse_text_options(options)
+    config, options, seeds = resolve_ids_options(model, len(prompts), stop_token_ids, config, sampling)
     return generate_batch(
         model, prompts, options, seeds, config.pad_token_id, return_logits, prefill_chunk, prefix_cache=prefix_cache
     )
+
+
+def resolve_ids_options(
+    model: Qwen2ForCausalLM,
+    rows: int,
+    stop_token_ids: Sequence[int],
+    config: GenerationConfig | None,
+    sampling: dict,
+) -> tuple[GenerationConfig, SamplingOptions, list[int]]:
+    """(config, options, per-row seeds) of a token-id call (`generate_ids`, `stream_ids`); refuses
+    the options that need the tokenizer (stop strings, structured output) with a GenerationError."""
+    config = generation_defaults(model, config=config)
+    options, seeds = resolve_batch(
+        config, rows, vocab_size=model.config.vocab_size, stop_token_ids=stop_token_ids, **sampling
+    )
+    _refuse_text_options(options)
+    return config, options, list(seeds)
 
 
 def _refuse_text_options(options: SamplingOptions) -> None:
@@ -823,13 +837,10 @@ def stream_ids(
 ) -> TokenStream:
     """Generate from one token-id prompt, yielding each id as soon as it is produced.
 
-    Arguments as for `generate_ids` (one prompt, one seed): the ids are those `generate_ids` gives.
+    Arguments as for `generate_ids` (one prompt, one seed): the ids are those `generate_ids` gives
+    (`qwen_jax.generation.stream_ids` is this function with `speculative=` added).
     """
-    config = generation_defaults(model, config=config)
-    options, seeds = resolve_batch(
-        config, 1, vocab_size=model.config.vocab_size, stop_token_ids=stop_token_ids, **sampling
-    )
-    _refuse_text_options(options)
+    config, options, seeds = resolve_ids_options(model, 1, stop_token_ids, config, sampling)
     return TokenStream(
         model,
         prompt_ids,

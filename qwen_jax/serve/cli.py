@@ -14,8 +14,8 @@ import os
 import socket
 import sys
 
-from qwen_jax.cli.arguments import add_model_arguments, load_for_cli
-from qwen_jax.engine.core import Engine
+from qwen_jax.cli.arguments import add_model_arguments, add_speculative_arguments, load_for_cli, speculative_for_cli
+from qwen_jax.engine.core import DEFAULT_MIN_ACCEPTANCE, DEFAULT_SPECULATIVE_MAX_ROWS, Engine
 from qwen_jax.engine.programs import default_compile_workers
 from qwen_jax.errors import UsageError
 from qwen_jax.extras import require_extra
@@ -63,6 +63,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prefix-cache-blocks",
         type=int,
         help="blocks of 16 tokens the prefix cache holds (default: as many tokens as the slots, slots x max-len)",
+    )
+    add_speculative_arguments(parser)
+    parser.add_argument(
+        "--speculative-max-rows",
+        type=int,
+        default=DEFAULT_SPECULATIVE_MAX_ROWS,
+        help="speculate only while at most this many requests decode: at higher load the batch keeps the "
+        f"device busy and speculation slows serving down (default {DEFAULT_SPECULATIVE_MAX_ROWS})",
+    )
+    parser.add_argument(
+        "--speculative-min-acceptance",
+        type=float,
+        default=DEFAULT_MIN_ACCEPTANCE,
+        help="a request stops proposing for a while when the moving average of its accepted fraction falls "
+        f"below this (default {DEFAULT_MIN_ACCEPTANCE:g}; 0: never)",
     )
     parser.add_argument(
         "--api-key",
@@ -149,6 +164,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--prime runs the compiled programs once: it needs --warmup")
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    if args.speculative == "draft":
+        raise UsageError(
+            "qwen-jax serve speculates with --speculative ngram only (a draft model runs in generate/chat)"
+        )
     listener = _listen(args.host, args.port)  # before loading: a busy port fails in a second, not a minute
 
     model, tokenizer = load_for_cli(args)
@@ -162,6 +181,9 @@ def run(args: argparse.Namespace) -> int:
         prefix_cache=args.prefix_cache,
         prefix_cache_blocks=args.prefix_cache_blocks,
         prefix_cache_gb=args.prefix_cache_gb,
+        speculative=speculative_for_cli(args, model),
+        speculative_max_rows=args.speculative_max_rows,
+        speculative_min_acceptance=args.speculative_min_acceptance,
     )
     if args.warmup:
         print(

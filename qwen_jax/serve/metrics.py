@@ -103,6 +103,46 @@ class _EngineCollector:
             "Blocks evicted from the prefix cache (least recently used first)",
             value=stats.prefix_cache_blocks_evicted,
         )
+        yield CounterMetricFamily(
+            "qwen_jax_speculative_steps",
+            "Decode steps that checked proposed tokens (speculative decoding)",
+            value=stats.speculative_steps,
+        )
+        yield CounterMetricFamily(
+            "qwen_jax_speculative_row_steps",
+            "Decoding rows of the speculative steps (each got its accepted proposals plus one token)",
+            value=stats.speculative_row_steps,
+        )
+        yield CounterMetricFamily(
+            "qwen_jax_speculative_proposed_tokens",
+            "Tokens proposed (n-gram lookup)",
+            value=stats.speculative_proposed_tokens,
+        )
+        yield CounterMetricFamily(
+            "qwen_jax_speculative_accepted_tokens",
+            "Proposed tokens the model accepted",
+            value=stats.speculative_accepted_tokens,
+        )
+        yield CounterMetricFamily(
+            "qwen_jax_speculative_skipped_steps",
+            "Decode steps that did not speculate because more rows decoded than --speculative-max-rows",
+            value=stats.speculative_skipped_steps,
+        )
+        yield CounterMetricFamily(
+            "qwen_jax_speculative_pauses",
+            "Times a request stopped proposing because its acceptance fell below --speculative-min-acceptance",
+            value=stats.speculative_pauses,
+        )
+        yield GaugeMetricFamily(
+            "qwen_jax_speculative_acceptance_rate",
+            "Accepted / proposed tokens since start (0 before any proposal)",
+            value=stats.speculative_acceptance_rate,
+        )
+        yield GaugeMetricFamily(
+            "qwen_jax_speculative_tokens_per_step",
+            "Tokens a row got per speculative step since start (1 + accepted proposals; 0 before any)",
+            value=stats.speculative_tokens_per_step,
+        )
         yield GaugeMetricFamily(
             "qwen_jax_generation_tokens_per_second",
             f"Tokens generated per second over the last {_TOKEN_RATE_WINDOW_S:.0f} s",

@@ -17,6 +17,8 @@ from qwen_jax import make_mesh
 from qwen_jax.cli import main
 from qwen_jax.config import GenerationConfig, Qwen2Config
 from qwen_jax.errors import GenerationError
+from qwen_jax.generation import generate_ids as speculative_generate_ids
+from qwen_jax.generation import stream_ids as speculative_stream_ids
 from qwen_jax.generation.api import generate, stream
 from qwen_jax.generation.options import initial_history, resolve_batch, row_params
 from qwen_jax.generation.sampler import processed_logits
@@ -116,6 +118,21 @@ def test_ngram_greedy_with_penalties_and_stop_token(target):
     )
     assert got.token_ids == expected.token_ids and got.finish_reasons == expected.finish_reasons
     assert got.finish_reasons[2] == "stop" and got.token_ids[2][-1] == eos
+
+
+def test_generate_ids_and_stream_ids_take_speculative(target):
+    """`qwen_jax.generation.generate_ids` / `stream_ids` with `speculative=`: plain decoding's ids,
+    the acceptance statistics in the result; without it, the static path's result (no statistics)."""
+    expected = generate_ids(target, PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0)
+    spec = SpeculativeOptions(num_speculative_tokens=3)
+    got = speculative_generate_ids(target, PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0, speculative=spec)
+    assert got.token_ids == expected.token_ids and got.speculation.accepted_tokens > 0
+    plain = speculative_generate_ids(target, PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0)
+    assert plain.token_ids == expected.token_ids and plain.speculation is None
+    streamed = speculative_stream_ids(target, PROMPTS[0], max_new_tokens=NEW_TOKENS, temperature=0, speculative="ngram")
+    assert list(streamed) == expected.token_ids[0] and streamed.result.speculation.accepted_tokens > 0
+    with pytest.raises(GenerationError, match="stop strings need the text"):
+        speculative_generate_ids(target, PROMPTS, stop=["x"], speculative="ngram")
 
 
 @pytest.mark.parametrize("same_weights", [True, False])

@@ -29,8 +29,6 @@ from qwen_jax.generation.options import (
 from qwen_jax.generation.speculative import SpeculativeOptions, SpeculativeTokenStream, resolve_speculative
 from qwen_jax.generation.speculative import generate_batch as speculative_generate_batch
 from qwen_jax.generation.static import Generation, TokenStream, _Stream, generate_batch, resolve_ids_options
-from qwen_jax.generation.static import generate_ids as plain_generate_ids
-from qwen_jax.generation.static import stream_ids as plain_stream_ids
 from qwen_jax.generation.text import TextAssembler, cut_at_stop_strings
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM
 
@@ -226,18 +224,11 @@ def generate_ids(
     `qwen_jax.generation.static.generate_ids`.
     """
     spec = resolve_speculative(speculative, model)
-    if spec is None:
-        return plain_generate_ids(
-            model,
-            prompts,
-            stop_token_ids=stop_token_ids,
-            config=config,
-            return_logits=return_logits,
-            prefill_chunk=prefill_chunk,
-            prefix_cache=prefix_cache,
-            **sampling,
-        )
     config, options, seeds = resolve_ids_options(model, len(prompts), stop_token_ids, config, sampling)
+    if spec is None:
+        return generate_batch(
+            model, prompts, options, seeds, config.pad_token_id, return_logits, prefill_chunk, prefix_cache=prefix_cache
+        )
     return speculative_generate_batch(
         model, prompts, options, seeds, spec, config.pad_token_id, return_logits, prefill_chunk, prefix_cache
     )
@@ -259,25 +250,12 @@ def stream_ids(
     (`qwen_jax.generation.static.stream_ids`); `speculative` as in `generate_ids`, the ids are
     those `generate_ids` gives."""
     spec = resolve_speculative(speculative, model)
-    if spec is None:
-        return plain_stream_ids(
-            model,
-            prompt_ids,
-            stop_token_ids=stop_token_ids,
-            config=config,
-            return_logits=return_logits,
-            prefill_chunk=prefill_chunk,
-            prefix_cache=prefix_cache,
-            **sampling,
-        )
     config, options, seeds = resolve_ids_options(model, 1, stop_token_ids, config, sampling)
+    options = options.replace(seed=seeds[0])
+    if spec is None:
+        return TokenStream(
+            model, prompt_ids, options, config.pad_token_id, return_logits, prefill_chunk, prefix_cache=prefix_cache
+        )
     return SpeculativeTokenStream(
-        model,
-        prompt_ids,
-        options.replace(seed=seeds[0]),
-        spec,
-        config.pad_token_id,
-        return_logits,
-        prefill_chunk,
-        prefix_cache,
+        model, prompt_ids, options, spec, config.pad_token_id, return_logits, prefill_chunk, prefix_cache
     )

@@ -230,6 +230,7 @@ def grpo_jax_trainer(model_dir: str, data: str, args, workdir: str, seq_len: int
         max_new_tokens=args.new_tokens,
         seq_len=seq_len,
         steps=args.steps + 1,
+        grad_accum=args.grad_accum,
         lora_rank=args.lora_rank,
         lora_alpha=2.0 * args.lora_rank,
         learning_rate=1e-5,
@@ -249,7 +250,10 @@ def grpo_trl_trainer(model_dir: str, data_records: list[dict], args, workdir: st
     torch.manual_seed(0)
     config = GRPOConfig(
         output_dir=os.path.join(workdir, "trl_run"),
-        per_device_train_batch_size=args.prompts * args.generations,
+        # The same 64 completions per optimizer step, generated at once, updated in grad_accum micro-batches:
+        # one batch of 64 x 144 tokens would hold several 64 x 144 x 151,936 float32 logits (5.6 GB each).
+        per_device_train_batch_size=args.prompts * args.generations // args.grad_accum,
+        gradient_accumulation_steps=args.grad_accum,
         num_generations=args.generations,
         max_completion_length=args.new_tokens,
         max_steps=args.steps + 1,
@@ -318,7 +322,10 @@ def grpo(args) -> dict:
                 trl_steps[-1]["completion_length"] = logs["completions/mean_length"]
                 print(f"trl step {len(trl_steps)}: {json.dumps(trl_steps[-1])}", flush=True)
 
-    settings = {k: getattr(args, k) for k in ("preset", "layers", "prompts", "generations", "new_tokens", "lora_rank")}
+    settings = {
+        k: getattr(args, k)
+        for k in ("preset", "layers", "prompts", "generations", "new_tokens", "lora_rank", "grad_accum")
+    }
     print(
         f"# grpo: {json.dumps(settings)}, seq_len {seq_len}, backend {jax.default_backend()}, {os.cpu_count()} CPUs",
         flush=True,
@@ -393,8 +400,13 @@ def main(argv=None) -> int:
     grpo_flags.add_argument("--prompts", type=int, default=8, help="prompts per step")
     grpo_flags.add_argument("--generations", type=int, default=8, help="completions per prompt")
     grpo_flags.add_argument("--new-tokens", type=int, default=128, help="tokens per completion")
+    grpo_flags.add_argument(
+        "--grad-accum", type=int, default=4, help="micro-batches per update on both sides (prompts must be a multiple)"
+    )
     grpo_flags.add_argument("--workdir", help="keeps the random checkpoint between runs")
     args = parser.parse_args(argv)
+    if args.method == "grpo" and args.prompts % args.grad_accum:
+        parser.error(f"--prompts {args.prompts} is not a multiple of --grad-accum {args.grad_accum}")
     if args.steps is None:
         args.steps = DEFAULT_STEPS[args.method]
     result = METHODS[args.method](args)

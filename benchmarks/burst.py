@@ -5,9 +5,10 @@ Two measurements behind `benchmarks/serve.py --burst` (RESULTS.md, "The burst of
   * `engine`: in process, one `Engine` per token budget (`--budgets`, the engine's `prefill_chunk`) on
     the same weights, their passes interleaved so that both see the same drift of a shared machine's
     load. Each pass: the burst (8 chat prompts of 16-32 user tokens, new ones each pass, x 64 new
-    greedy tokens, submitted at once), then one request alone, then one long prompt (`--long-prompt`
-    tokens) arriving while a request decodes: the gap it causes in that request's tokens is what a
-    wider mixed step costs the rows already decoding. Times are taken where the engine delivers each
+    greedy tokens, submitted at once), then one request alone (32 new tokens), then one long prompt
+    (`--long-prompt` tokens) arriving while a request decodes: the longest gap it causes in that
+    request's tokens is what a wider mixed step costs the rows already decoding. Before the passes,
+    the mixed-step shapes `--step-shapes` are timed one by one (what a wider step costs). Times are taken where the engine delivers each
     delta (`on_delta`), so they hold no HTTP.
   * `sse`: `qwen-jax serve`'s app in this process (uvicorn, as the CLI runs it), a client in another
     process streaming 1 and then 8 concurrent chats; for every delta, the time from the engine
@@ -113,7 +114,7 @@ def engine_pass(engine, tokenizer, index: int, long_prompt: int) -> dict:
     )
     # One request alone: its time to first token and decode step.
     lone = _Timed()
-    rid = lone.submit(engine, burst_prompts(tokenizer, 1, 10_000 + index)[0], 64)
+    rid = lone.submit(engine, burst_prompts(tokenizer, 1, 10_000 + index)[0], 32)
     lone.done.wait()
     row.update(
         lone_ttft_s=lone.ttft(rid),
@@ -124,7 +125,7 @@ def engine_pass(engine, tokenizer, index: int, long_prompt: int) -> dict:
     if long_prompt:
         rng = np.random.default_rng(20_000 + index)
         running = _Timed()
-        rid = running.submit(engine, burst_prompts(tokenizer, 1, 30_000 + index)[0], 48)
+        rid = running.submit(engine, burst_prompts(tokenizer, 1, 30_000 + index)[0], 24)
         while len(running.times.get(rid, [])) < 8:
             time.sleep(0.01)
         gaps_before = np.diff([t for t, _ in running.times[rid]])
@@ -229,7 +230,7 @@ def compare_engines(args, engines: dict, tokenizer) -> dict:
         # CPU is much slower than later ones).
         for label, engine in engines.items():
             start = time.perf_counter()
-            for _ in range(2):
+            for _ in range(args.warm_passes):
                 engine_pass(engine, tokenizer, -1, args.long_prompt)
             print(f"{label}: warm passes {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         for index in range(args.repeat):
@@ -380,6 +381,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--budgets", type=int, nargs="+", default=[256, 512], help="engine prefill_chunk values")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--warm-passes", type=int, default=1, help="engine: untimed passes per engine first")
     parser.add_argument("--long-prompt", type=int, default=480, help="tokens of the long prompt (0: none)")
     parser.add_argument("--step-repeat", type=int, default=3, help="engine: timed runs of each step shape (0: none)")
     parser.add_argument(

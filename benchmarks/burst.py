@@ -7,14 +7,15 @@ Two measurements behind `benchmarks/serve.py --burst` (RESULTS.md, "The burst of
     load. Each pass: the burst (8 chat prompts of 16-32 user tokens, new ones each pass, x 64 new
     greedy tokens, submitted at once), then one request alone (32 new tokens), then one long prompt
     (`--long-prompt` tokens) arriving while a request decodes: the longest gap it causes in that
-    request's tokens is what a wider mixed step costs the rows already decoding. Before the passes,
-    the mixed-step shapes `--step-shapes` are timed one by one (what a wider step costs). Times are taken where the engine delivers each
-    delta (`on_delta`), so they hold no HTTP.
+    request's tokens is what a wider mixed step costs the rows already decoding. Times are taken
+    where the engine delivers each delta (`on_delta`), so they hold no HTTP. Before the passes, the
+    mixed-step shapes `--step-shapes` are timed one by one.
   * `sse`: `qwen-jax serve`'s app in this process (uvicorn, as the CLI runs it), a client in another
-    process streaming 1 and then 8 concurrent chats; for every delta, the time from the engine
-    handing it over (`on_delta`, engine thread) to the event loop taking it from the request's
-    queue ("handoff"), and from there to its server-sent event's bytes being written to the
-    connection ("format + send"). Set against the inter-token latency, this is the server's share.
+    process streaming rounds of 1 and 8 concurrent chats (the first two rounds untimed); for every
+    delta, the time from the engine handing it over (`on_delta`, engine thread) to the event loop
+    taking it from the request's queue ("handoff"), and from there to its server-sent event's bytes
+    being written to the connection ("format + send"); the inter-token latency inside the engine
+    and at the client; and the event loop thread's CPU time per streamed token.
 
     python benchmarks/burst.py engine --checkpoint-dir /tmp/prefix_q05 --budgets 256 512 --repeat 3
     python benchmarks/burst.py sse --checkpoint-dir /tmp/prefix_q05
@@ -276,17 +277,19 @@ sys.path.insert(0, {bench!r})
 import serve
 from qwen_jax.tokenizer import Tokenizer
 tokenizer = Tokenizer.from_dir({checkpoint!r})
-url = {url!r}
-out = {{}}
-for rows in (1, 8, 1, 8):
-    jobs = serve.make_jobs(tokenizer, rows, float("inf"), (16, 32), (64, 64), 40_000 + rows + len(out))
-    results, start = asyncio.run(serve.run_http(url, "model", jobs, chat=True))
-    out[f"{{rows}}-{{len(out)}}"] = serve.summarize("qwen-jax", jobs, results, start)
+out = []
+for index, rows in enumerate({rounds!r}):
+    jobs = serve.make_jobs(tokenizer, rows, float("inf"), (16, 32), (64, 64), 40_000 + index)
+    results, start = asyncio.run(serve.run_http({url!r}, "model", jobs, chat=True))
+    out.append(serve.summarize("qwen-jax", jobs, results, start))
 print(json.dumps(out))
 """
+ROUNDS = (1, 8, 1, 8, 1, 8)  # requests at once per round; the first two rounds are untimed (compilation)
 
 
 def run_sse(args, checkpoint: str) -> dict:
+    import socket
+
     import qwen_jax
     from qwen_jax.engine.core import Engine
     from qwen_jax.serve import app as app_module
@@ -294,14 +297,21 @@ def run_sse(args, checkpoint: str) -> dict:
 
     model, tokenizer = qwen_jax.load(checkpoint, dtype=args.dtype)
     engine = Engine(model, tokenizer, slots=8, max_len=args.max_len, prefill_chunk=args.budgets[0])
-    produced: dict[int, float] = {}  # id(delta) -> when the engine handed it over
-    samples: list[tuple[int, float, float]] = []  # (rows decoding, handoff s, format + send s)
+    produced: dict[int, tuple[float, int]] = {}  # id(delta) -> (when the engine handed it over, request index)
+    delivered: list[list[tuple[float, int]]] = []  # per request, in submission order: (time, tokens) per delta
+    samples: list[tuple[int, float, float]] = []  # (request index, handoff s, format + send s)
 
     submit = engine.submit
 
     def timed_submit(*a, on_delta=None, **kw):
+        index = len(delivered)
+        delivered.append([])
+
         def timed(delta):
-            produced[id(delta)] = time.perf_counter()
+            now = time.perf_counter()
+            if delta.token_ids:
+                produced[id(delta)] = (now, index)
+                delivered[index].append((now, len(delta.token_ids)))
             on_delta(delta)
 
         return submit(*a, on_delta=timed, **kw)
@@ -311,8 +321,8 @@ def run_sse(args, checkpoint: str) -> dict:
 
     async def timed_deltas(self, request, choices, queue):
         async for choice, delta in deltas(self, request, choices, queue):
-            if delta.token_ids:
-                _DELTA_TAKEN.set((produced.pop(id(delta), None), time.perf_counter()))
+            if id(delta) in produced:
+                _DELTA_TAKEN.set((*produced.pop(id(delta)), time.perf_counter()))
             yield choice, delta
 
     app_module._Server._deltas = timed_deltas
@@ -322,52 +332,67 @@ def run_sse(args, checkpoint: str) -> dict:
         async def timed_send(message):
             await send(message)
             taken = _DELTA_TAKEN.get()
-            if message["type"] == "http.response.body" and taken is not None and taken[0] is not None:
-                now = time.perf_counter()
-                samples.append((engine.stats().running, taken[1] - taken[0], now - taken[1]))
+            if message["type"] == "http.response.body" and taken is not None:
+                produced_at, index, taken_at = taken
+                samples.append((index, taken_at - produced_at, time.perf_counter() - taken_at))
                 _DELTA_TAKEN.set(None)
 
         await app(scope, receive, timed_send)
-
-    import socket
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    client_out = {}
+    client_out = []
 
     def client():
-        code = CLIENT.format(bench=os.path.dirname(os.path.abspath(__file__)), checkpoint=checkpoint, url=url)
+        code = CLIENT.format(
+            bench=os.path.dirname(os.path.abspath(__file__)), checkpoint=checkpoint, url=url, rounds=ROUNDS
+        )
         time.sleep(2)
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if done.returncode:
             print(done.stderr, file=sys.stderr)
         else:
-            client_out.update(json.loads(done.stdout.strip().splitlines()[-1]))
+            client_out.extend(json.loads(done.stdout.strip().splitlines()[-1]))
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=client, daemon=True).start()
     loop_cpu = time.thread_time()  # this thread runs the event loop: its CPU time is the HTTP side's
     run_server(timed_app, listener, engine, shutdown_timeout=0, log_level="warning")
     loop_cpu = time.thread_time() - loop_cpu
-    tokens = sum(row["output_tokens"] for row in client_out.values())
-    out = {"client": client_out, "server": {}, "event_loop_cpu_s": loop_cpu, "tokens": tokens}
-    print("\n| rows decoding | deltas | handoff p50 / p99 (ms) | format + send p50 / p99 (ms) | ITL p50 (ms) |")
-    print("|---|---|---|---|---|")
-    for rows in (1, 8):
-        mine = [s for s in samples if (s[0] == 1) == (rows == 1)]
+    tokens = sum(row["output_tokens"] for row in client_out)
+
+    def engine_itl(times):
+        count = sum(n for _, n in times)
+        return (times[-1][0] - times[0][0]) / max(1, count - 1)
+
+    first = list(np.cumsum((0, *ROUNDS)))  # each round's first request index
+    out = {"client": client_out, "rounds": [], "event_loop_cpu_s": loop_cpu, "tokens": tokens}
+    print(
+        "\n| round | rows | deltas | handoff p50 / p99 (ms) | format + send p50 / p99 (ms) | "
+        "ITL p50 in the engine / at the client (ms) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for number, rows in enumerate(ROUNDS):
+        if number < 2 or number >= len(client_out):
+            continue
+        indices = range(first[number], first[number + 1])
+        mine = [s for s in samples if s[0] in indices]
         handoff = [s[1] * 1e3 for s in mine]
         send = [s[2] * 1e3 for s in mine]
-        itl = [v["itl_p50_s"] * 1e3 for k, v in client_out.items() if k.startswith(f"{rows}-")]
-        out["server"][rows] = dict(handoff_ms=handoff, send_ms=send, itl_ms=itl)
+        inside = pct([engine_itl(delivered[i]) * 1e3 for i in indices if len(delivered[i]) > 1], 50)
+        client_itl = client_out[number]["itl_p50_s"] * 1e3
+        out["rounds"].append(
+            dict(rows=rows, handoff_ms=handoff, send_ms=send, engine_itl_ms=inside, client_itl_ms=client_itl)
+        )
         print(
-            f"| {rows if rows == 1 else '2-8'} | {len(mine)} | {pct(handoff, 50):.2f} / {pct(handoff, 99):.2f} | "
-            f"{pct(send, 50):.2f} / {pct(send, 99):.2f} | {' / '.join(f'{v:.0f}' for v in itl)} |"
+            f"| {number - 1} | {rows} | {len(mine)} | {pct(handoff, 50):.2f} / {pct(handoff, 99):.2f} | "
+            f"{pct(send, 50):.2f} / {pct(send, 99):.2f} | {inside:.0f} / {client_itl:.0f} |"
         )
     print(
         f"\nevent loop thread: {loop_cpu:.2f} s of CPU for {tokens} streamed tokens "
-        f"({loop_cpu / max(1, tokens) * 1e3:.2f} ms a token, server start and requests included)"
+        f"({loop_cpu / max(1, tokens) * 1e3:.2f} ms a token, server start and untimed rounds included)"
     )
     return out
 

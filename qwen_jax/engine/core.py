@@ -85,7 +85,7 @@ from typing_extensions import Unpack
 
 from qwen_jax.config import GenerationConfig
 from qwen_jax.engine.prefix_cache import DEFAULT_BLOCK_TOKENS, PrefixIndex
-from qwen_jax.engine.programs import EnginePrograms, StepOutputs, default_mixed_chunk
+from qwen_jax.engine.programs import EnginePrograms, StepOutputs, default_mixed_chunk, plan_chunk_shape
 from qwen_jax.engine.requests import (
     Completion,
     Delta,
@@ -790,20 +790,13 @@ class Engine:
                 self._stats["speculative_pauses"] += 1
 
     def _plan_chunks(self) -> tuple[tuple[int, int] | None, list[tuple[Request, list[int], bool]]]:
-        """The prompt chunks of this step: of the compiled (count, chunk) shapes, the one that puts
-        the most prompt tokens in (first come, first served: the first `count` prompts going in),
-        then the least padding, then the fewest prompts (the earliest finishes first).
-        Returns the shape and (request, token ids, final) per chunk."""
+        """The prompt chunks of this step, in the compiled shape `plan_chunk_shape` picks for the
+        prompts going in (first come, first served). Returns the shape and (request, token ids,
+        final) per chunk."""
         remaining = [len(r.prompt_ids) - r.prefilled for r in self._prefilling]
         if not remaining or not self.programs.chunks:
             return None, []
-        best, best_key = None, None
-        for count, chunk in self.programs.chunk_shapes:
-            tokens = sum(min(left, chunk) for left in remaining[:count])
-            key = (-tokens, count * chunk, count)
-            if best_key is None or key < best_key:
-                best, best_key = (count, chunk), key
-        count, chunk = best
+        count, chunk = best = plan_chunk_shape(remaining, self.programs.chunk_shapes)
         chunks = []
         for request, left in zip(list(self._prefilling)[:count], remaining):
             start = request.prefilled

@@ -178,6 +178,26 @@ def chunk_shapes(chunks: tuple[int, ...], widths: tuple[int, ...], budget: int) 
     return (*one, *several)
 
 
+def plan_chunk_shape(remaining: list[int], shapes: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The (count, chunk) shape of `shapes` for a mixed step whose prompts going in have
+    `remaining` tokens each, in arrival order (first come, first served: a shape takes the first
+    `count`): the one that ends the most prompts, then puts the most prompt tokens in, then pads
+    the least, then takes the fewest prompts.
+
+    Ending prompts first: a step costs about its shape's tokens, padding included, so splitting a
+    burst into partial chunks (8 x 32 for eight prompts of 40 tokens) delays every first token by
+    a step, while whole chunks for half of them (4 x 64) give those their first token a step
+    sooner for the same work."""
+    best, best_key = shapes[0], None
+    for count, chunk in shapes:
+        ending = sum(left <= chunk for left in remaining[:count])
+        tokens = sum(min(left, chunk) for left in remaining[:count])
+        key = (-ending, -tokens, count * chunk, count)
+        if best_key is None or key < best_key:
+            best, best_key = (count, chunk), key
+    return best
+
+
 MAX_COMPILE_WORKERS = 8
 _PRIME_LOCK = threading.Lock()  # guards `_Program.primed` (engines may prime from several threads)
 

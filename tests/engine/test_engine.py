@@ -11,6 +11,7 @@ from serving import ENGINE_SLOTS as SLOTS
 from serving import tiny_engine, tiny_engine_uncached, tiny_model, wait_until  # noqa: F401 (fixtures)
 
 import qwen_jax
+from qwen_jax.engine.programs import chunk_buckets, chunk_shapes, decode_widths, plan_chunk_shape
 from qwen_jax.errors import EngineClosedError, EngineError, QueueFullError
 
 PROBE = "The quick brown fox"
@@ -524,6 +525,20 @@ def test_evicting_the_shared_cache_recompiles_nothing_the_engine_holds(engine):
         EXECUTABLES.max_entries = bound
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
+
+
+def test_a_mixed_step_ends_the_most_prompts_it_can():
+    """The shape of a mixed step's chunks: the one that ends the most prompts (their first tokens come a
+    step sooner for the same work), then the one that puts the most prompt tokens in; first come, first served."""
+    shapes = chunk_shapes(chunk_buckets(256), decode_widths(8), 256)
+    assert shapes[-3:] == ((2, 128), (4, 64), (8, 32))
+    assert plan_chunk_shape([40] * 8, shapes) == (4, 64)  # 8 x 32 would put more tokens in but end none
+    assert plan_chunk_shape([40] * 3, shapes) == (4, 64)
+    assert plan_chunk_shape([20] * 8, shapes) == (8, 32)  # every prompt ends in one step
+    assert plan_chunk_shape([300, 20], shapes) == (2, 128)  # the short one ends, the long one goes on
+    assert plan_chunk_shape([300], shapes) == (1, 256)
+    assert plan_chunk_shape([100, 30, 30], shapes) == (2, 128)  # two end either way: 130 tokens in, not 124
+    assert plan_chunk_shape([30, 30, 30, 30, 300], shapes) == (8, 32)  # four end either way; the fifth starts too
 
 
 @pytest.fixture(scope="module")

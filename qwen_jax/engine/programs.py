@@ -145,7 +145,12 @@ def default_mixed_chunk(platform: str) -> int:
     A mixed step costs less than a decode step and a prefill chunk apart (the decode rows ride on
     the chunk's matrix products). With 256-token chunks on CPU a prompt of up to 256 tokens still
     goes in in one step (time to first token as a whole prefill) while the running rows advance;
-    smaller chunks raised time to first token for no more throughput (benchmarks/serve.py).
+    smaller chunks raised time to first token for no more throughput (benchmarks/serve.py). A
+    larger CPU budget (512, so that eight chat prompts go in as one 8 x 64 step) was slower for a
+    burst (benchmarks/burst.py): on CPU a step costs about its padded tokens plus a share per chunk,
+    so the 8 x 64 step took longer than the two 4 x 64 steps that give half the burst its first
+    tokens after the first one, and a long prompt's 512-token chunk stalls the decoding rows
+    for twice as long.
     Accelerators reach full use of their matrix units only at hundreds of rows, where a decode step
     alone is memory-bound."""
     return 256 if platform == "cpu" else 512
@@ -184,10 +189,10 @@ def plan_chunk_shape(remaining: list[int], shapes: tuple[tuple[int, int], ...]) 
     `count`): the one that ends the most prompts, then puts the most prompt tokens in, then pads
     the least, then takes the fewest prompts.
 
-    Ending prompts first: a step costs about its shape's tokens, padding included, so splitting a
-    burst into partial chunks (8 x 32 for eight prompts of 40 tokens) delays every first token by
-    a step, while whole chunks for half of them (4 x 64) give those their first token a step
-    sooner for the same work."""
+    Ending prompts first: a step costs about its shape's tokens, padding included (and more with
+    more chunks), so splitting a burst into partial chunks (8 x 32 for eight prompts of 40 tokens)
+    delays every first token by a step, while whole chunks for half of them (4 x 64) give those
+    their first token a step sooner for no more work."""
     best, best_key = shapes[0], None
     for count, chunk in shapes:
         ending = sum(left <= chunk for left in remaining[:count])

@@ -147,9 +147,9 @@ def default_mixed_chunk(platform: str) -> int:
     goes in in one step (time to first token as a whole prefill) while the running rows advance;
     smaller chunks raised time to first token for no more throughput (benchmarks/serve.py). A
     larger CPU budget (512, so that eight chat prompts go in as one 8 x 64 step) was slower for a
-    burst (benchmarks/burst.py): on CPU a step costs about its padded tokens plus a share per chunk,
-    so the 8 x 64 step took longer than the two 4 x 64 steps that give half the burst its first
-    tokens after the first one, and a long prompt's 512-token chunk stalls the decoding rows
+    burst (benchmarks/burst.py): on CPU a step costs about its padded tokens, and more with several
+    chunks, so the 8 x 64 step took longer than the two 4 x 64 steps that give half the burst its
+    first tokens after the first one, and a long prompt's 512-token chunk stalls the decoding rows
     for twice as long.
     Accelerators reach full use of their matrix units only at hundreds of rows, where a decode step
     alone is memory-bound."""

@@ -98,7 +98,7 @@ class PromptTokenization:
 
     def examples(self, record: dict[str, Any]) -> tuple[Example]:
         """The record's prompt as an example; ValueError naming what is wrong."""
-        field = invalid_text_field(record, "")
+        field = invalid_text_field(record["prompt"], "the prompt") or invalid_text_field(record["columns"], "")
         if field is not None:  # JSON text cannot hold it, and no tokenizer encodes it
             raise ValueError(f"{field} is not valid Unicode text (it holds a lone surrogate such as \\ud800)")
         ids = encode_prompt(self.tokenizer, record["prompt"])

@@ -1,8 +1,9 @@
 """`qwen-jax train --method grpo`: GRPO with rollouts on the engine, as a `loop.Trainer`.
 
-Data: records `{"prompt": text or chat messages, ...}` from any source `--data` takes; every other
-column is passed to the reward functions by name (`rewards.py`). `--batch-size` prompts per step,
-each rolled out `--num-generations` times; prompts are shuffled per epoch with the run's seed.
+Data (`data/prompts.py`): records `{"prompt": text or chat messages, ...}` from any source `--data`
+takes, tokenized once into the token cache with their other columns, which are passed to the
+reward functions by name (`rewards.py`). `--batch-size` prompts per step, each rolled out
+`--num-generations` times; prompts are shuffled per epoch with the run's seed.
 
 One step: roll the batch's prompts out on the engine with the current parameters
 (`rollout.Rollouts`, no weight copy), score the completions with the reward functions, turn the

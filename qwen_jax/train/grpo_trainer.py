@@ -1,8 +1,9 @@
 """`qwen-jax train --method grpo`: GRPO with rollouts on the engine, as a `loop.Trainer`.
 
-Data: records `{"prompt": text or chat messages, ...}` from any source `--data` takes; every other
-column is passed to the reward functions by name (`rewards.py`). `--batch-size` prompts per step,
-each rolled out `--num-generations` times; prompts are shuffled per epoch with the run's seed.
+Data (`data/prompts.py`): records `{"prompt": text or chat messages, ...}` from any source `--data`
+takes, tokenized once into the token cache with their other columns, which are passed to the
+reward functions by name (`rewards.py`). `--batch-size` prompts per step, each rolled out
+`--num-generations` times; prompts are shuffled per epoch with the run's seed.
 
 One step: roll the batch's prompts out on the engine with the current parameters
 (`rollout.Rollouts`, no weight copy), score the completions with the reward functions, turn the
@@ -27,7 +28,6 @@ row in the global batch, so a seeded run samples the same tokens whatever the pr
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,89 +38,17 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qwen_jax.errors import ConfigError, DataError
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM
 from qwen_jax.model.lora import LoRAParam
 from qwen_jax.tokenizer import Tokenizer
 from qwen_jax.train import multihost
 from qwen_jax.train.config import TrainConfig
-from qwen_jax.train.data.loader import BatchCursor
-from qwen_jax.train.data.sources import open_source
+from qwen_jax.train.data.prompts import PromptRecord, open_prompts
 from qwen_jax.train.grpo import GRPOBatch, GRPOLoss, build_batch, group_advantages, scored_logps
 from qwen_jax.train.loop import Trainer
 from qwen_jax.train.rewards import check_columns, load_rewards, nan_mean, score, weighted_sum
-from qwen_jax.train.rollout import Rollout, Rollouts, encode_prompt, is_conversational
+from qwen_jax.train.rollout import Rollout, Rollouts, is_conversational
 from qwen_jax.train.step import TrainSteps, make_optimizer, make_schedule
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptRecord:
-    """A GRPO record: its prompt, the prompt's token ids, and the other columns."""
-
-    prompt: Any
-    prompt_ids: list[int]
-    columns: dict[str, Any]
-
-
-def read_prompts(
-    spec: str, config: TrainConfig, tokenizer: Tokenizer, log: Callable[[str], None]
-) -> tuple[list[PromptRecord], tuple[str, ...]]:
-    """The prompt records of `spec` and their column names. A record without the prompt column, or
-    whose prompt leaves no room for `max_new_tokens` in `seq_len`, is a DataError naming it (skipped
-    and counted with `skip_bad_lines`)."""
-    if len(config.column_mapping.prompt) != 1:
-        raise ConfigError(f"GRPO reads one prompt column, got prompt_column {config.prompt_column!r}")
-    column = config.column_mapping.prompt[0]
-    room = config.seq_len - config.max_new_tokens
-    records, columns, skipped = [], {}, 0
-    for location, record in open_source(spec, config.data_split).records():
-        try:
-            if isinstance(record, Exception):
-                raise DataError(f"{location}: {record}")
-            if not isinstance(record, dict) or record.get(column) is None:
-                raise DataError(f"{location}: no {column!r} column (the GRPO prompt)")
-            prompt = record[column]
-            try:
-                prompt_ids = encode_prompt(tokenizer, prompt)
-            except DataError as e:
-                raise DataError(f"{location}: {e}") from None
-            if len(prompt_ids) > room:
-                raise DataError(
-                    f"{location}: the prompt has {len(prompt_ids)} tokens; with max_new_tokens "
-                    f"{config.max_new_tokens} at most {room} fit seq_len {config.seq_len}"
-                )
-        except DataError:
-            if not config.skip_bad_lines:
-                raise
-            skipped += 1
-            continue
-        others = {k: v for k, v in record.items() if k != column}
-        columns.update(dict.fromkeys(others))
-        records.append(PromptRecord(prompt, prompt_ids, others))
-    if not records:
-        raise DataError(f"{spec}: no usable GRPO prompt records ({skipped} skipped)")
-    log(f"data: {len(records)} prompts from {spec} ({skipped} bad records skipped)")
-    return records, tuple(columns)
-
-
-class PromptLoader(BatchCursor):
-    """Batches of `batch_size` prompts, shuffled per epoch with `seed` (the last partial batch is
-    dropped); resumable like the SFT loader (`advance`, `position`, `restore`)."""
-
-    def __init__(self, records: list[PromptRecord], batch_size: int, seed: int, *, shuffle: bool = True):
-        if len(records) < batch_size:
-            raise DataError(f"{len(records)} prompts are fewer than batch_size {batch_size}")
-        self.records, self.batch_size, self.seed, self.shuffle = records, batch_size, seed, shuffle
-        self.epoch, self.index = 0, 0
-
-    def batches_in_epoch(self, epoch: int) -> int:
-        return len(self.records) // self.batch_size
-
-    def batch(self, epoch: int, index: int) -> list[PromptRecord]:
-        order = np.arange(len(self.records))
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
-        return [self.records[i] for i in order[index * self.batch_size : (index + 1) * self.batch_size]]
 
 
 def _drop_nan(record: dict[str, Any]) -> dict[str, Any]:
@@ -157,16 +85,26 @@ class GRPOTrainer(Trainer):
     # ---------------------------------------------------------------- setup
     def _load_data(self) -> None:
         config = self.config
-        with multihost.all_or_none("reading the GRPO prompts and reward functions"):
-            self.tokenizer = Tokenizer.from_dir(config.tokenizer or config.model)
+        tokenizer_dir = config.tokenizer or config.model
+        with multihost.all_or_none("loading the tokenizer and the reward functions"):
+            self.tokenizer = Tokenizer.from_dir(tokenizer_dir)
             self.rewards = load_rewards(config.reward, config.reward_weights or None)
-            records, self.columns = read_prompts(config.data, config, self.tokenizer, self.log)
+        self.loader, stats = open_prompts(
+            config.data, config, self.tokenizer, tokenizer_dir, batch_size=config.batch_size, shuffle=True, log=self.log
+        )
+        self.columns = self.loader.columns
+        self.data_stats = stats
+        self.log(f"data: {stats.examples} prompts from {config.data} ({stats.skipped_lines} bad records skipped)")
+        self.eval_records = None
+        if config.eval_data:
+            eval_loader, _ = open_prompts(
+                config.eval_data, config, self.tokenizer, tokenizer_dir, batch_size=1, shuffle=False, log=self.log
+            )
+            self.eval_records = eval_loader.records()  # rolled out whole at every evaluation
+        with multihost.all_or_none("checking the reward functions' columns"):
             check_columns(self.rewards, self.columns)
-            self.loader = PromptLoader(records, config.batch_size, config.seed)
-            self.eval_records = None
             if config.eval_data:
-                self.eval_records, eval_columns = read_prompts(config.eval_data, config, self.tokenizer, self.log)
-                check_columns(self.rewards, eval_columns)
+                check_columns(self.rewards, eval_loader.columns)
 
     def _build_steps(self) -> None:
         config = self.config

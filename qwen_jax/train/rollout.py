@@ -16,31 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
 from qwen_jax.engine.core import Engine
-from qwen_jax.errors import DataError
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM
 from qwen_jax.tokenizer import Tokenizer
-
-Prompt = str | Sequence[Mapping[str, Any]]
-"""A GRPO prompt: text (used as it is) or chat messages (rendered with the chat template)."""
-
-
-def encode_prompt(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
-    """Token ids of a prompt: text as it is, messages through the chat template with the generation prompt."""
-    if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
-    if isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
-        try:
-            text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
-        except Exception as e:  # no template, or one that rejects these messages: the data's problem
-            raise DataError(f"cannot apply the chat template to the prompt messages: {e}") from None
-        return tokenizer.encode(text)
-    raise DataError(f"a GRPO prompt must be text or a list of chat messages, got {type(prompt).__name__}")
+from qwen_jax.train.data.prompts import Prompt
 
 
 def is_conversational(prompt: Prompt) -> bool:

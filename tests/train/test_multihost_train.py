@@ -248,7 +248,12 @@ def test_grpo_on_two_processes_equals_one(grpo_setup, tmp_path, compilation_cach
         saved.append(int(found.group(1)))
     assert saved[0] == saved[1] and 2 <= saved[0] < run["steps"], saved
     assert [m["step"] for m in _metrics(config.out)] == list(range(1, saved[0] + 1))
-    assert GRPOTrainer(config.replace(resume=True), log=lambda m: None).run() == 0
+    resumed_log = []
+    assert GRPOTrainer(config.replace(resume=True), log=resumed_log.append).run() == 0
+    # The prompts and eval prompts the two processes tokenized (a part each) serve the one process.
+    cache_lines = [m for m in resumed_log if m.startswith("data: ") and "data_cache" in m]
+    assert len(cache_lines) == 2 and all(m.startswith("data: cached tokens") for m in cache_lines), resumed_log
+    assert len(list((tmp_path / "two" / "data_cache").glob("*/parts-of-2/1/records.bin"))) == 1  # eval = train file
     one, two = _metrics(single.config.out), _metrics(config.out)
     assert [m["step"] for m in two] == [1, 2, 3, 4]
     for a, b in zip(one, two):

@@ -6,4 +6,5 @@ token_cache.py  a source tokenized once into memory-mapped files under OUT/data_
 packing.py      examples -> fixed-length rows with segment ids (`PackedBatch`)
 loader.py       seeded, resumable batches of packed rows (`DataLoader`, `open_loader`)
 preference.py   DPO: preference pairs (TRL's three formats) -> token cache -> batches of pairs
+prompts.py      GRPO: prompts and the columns the rewards read -> token cache -> batches of prompts
 """

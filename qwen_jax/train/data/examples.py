@@ -44,10 +44,12 @@ class TokenizerLike(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """Token ids and which of them are prediction targets (`loss_mask[i]`: token i is learned)."""
+    """Token ids and which of them are prediction targets (`loss_mask[i]`: token i is learned); optionally
+    the JSON text of what else of the record training needs (`record`, stored by the token cache)."""
 
     tokens: np.ndarray  # int32 [n]
     loss_mask: np.ndarray  # bool [n]
+    record: str | None = None  # JSON text the token cache keeps beside the tokens (GRPO: prompt and columns)
 
     def __post_init__(self):
         if self.tokens.shape != self.loss_mask.shape:
@@ -81,7 +83,7 @@ class Tokenization:
         """Tokenise one parsed JSON line; raises ValueError naming what is wrong."""
         if not isinstance(record, dict):
             raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-        field = _invalid_text_field(record, "")
+        field = invalid_text_field(record, "")
         if field is not None:
             raise ValueError(f"{field} is not valid Unicode text (it holds a lone surrogate such as \\ud800)")
         if "messages" in record:
@@ -191,7 +193,7 @@ def read_jsonl(
     return examples
 
 
-def _invalid_text_field(value: Any, path: str) -> str | None:
+def invalid_text_field(value: Any, path: str) -> str | None:
     """The path (`messages[0].content`) of the first string in `value` that UTF-8 cannot encode, else None."""
     if isinstance(value, str):
         try:
@@ -202,9 +204,9 @@ def _invalid_text_field(value: Any, path: str) -> str | None:
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
         inner = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
-        if isinstance(key, str) and _invalid_text_field(key, path) is not None:
+        if isinstance(key, str) and invalid_text_field(key, path) is not None:
             return f"a key of {path or 'the record'}"
-        found = _invalid_text_field(item, inner)
+        found = invalid_text_field(item, inner)
         if found is not None:
             return found
     return None

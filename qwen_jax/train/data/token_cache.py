@@ -7,10 +7,16 @@ Layout of `OUT/data_cache/<key>/`::
                      loss_mask.bin  uint8, 1 where the token is learned
                      offsets.npy    int64 [examples + 1] of the part
                      first_target.npy   int32: first position >= 1 whose token is learned (-1: none)
+                     records.bin    (only when the examples carry records, GRPO's prompts) UTF-8 JSON
+                                    text of each example's record, end to end
+                     record_offsets.npy int64 [examples + 1] into records.bin
 
 The key hashes the tokenizer files, the source's identity (files with sizes and modification
-times, or the Hub dataset's fingerprint), the column mapping and `skip_bad_lines`: a rerun or a
-`--resume` with the same inputs reuses the cache, and any change builds a new one.
+times, or the Hub dataset's fingerprint), the column mapping, `skip_bad_lines` and any other
+settings the tokenization depends on: a rerun or a `--resume` with the same inputs reuses the
+cache, and any change builds a new one. `meta.json` is written last, so a cache without it
+(a preparation that was interrupted) is built again; so is one whose files do not match its
+`meta.json` (truncated or missing files).
 
 In a run of P processes each process tokenizes the contiguous part p of the source (see
 `sources.Source.records`); the parts concatenated are the whole source in order, so the examples
@@ -85,16 +91,26 @@ def tokenizer_digest(directory: str) -> str:
     return digest.hexdigest()
 
 
-def cache_key(tokenizer_dir: str, source: Source, mapping: RecordMapping, skip_bad_lines: bool) -> str:
-    """The cache directory's name: a hash of everything that decides the tokens (see the module docstring)."""
-    settings = {
+def cache_key(
+    tokenizer_dir: str,
+    source: Source,
+    mapping: RecordMapping,
+    skip_bad_lines: bool,
+    settings: dict[str, Any] | None = None,
+) -> str:
+    """The cache directory's name: a hash of everything that decides the tokens (see the module docstring).
+
+    settings: what else the tokenization depends on (JSON values; GRPO: the prompt token limit)."""
+    identity = {
         "version": CACHE_VERSION,
         "tokenizer": tokenizer_digest(tokenizer_dir),
         "source": source.identity(),
         "mapping": dataclasses.asdict(mapping),
         "skip_bad_lines": skip_bad_lines,
     }
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+    if settings is not None:  # absent for SFT and DPO, whose keys stay those of earlier caches
+        identity["settings"] = settings
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
 class TokenStore:
@@ -104,7 +120,9 @@ class TokenStore:
         with open(os.path.join(directory, "meta.json"), encoding="utf-8") as f:
             self.meta = json.load(f)
         self.directory = directory
+        self.has_records = bool(self.meta.get("records", False))
         self._tokens, self._masks, self._offsets = [], [], []
+        self._records, self._record_offsets = [], []
         firsts = []
         for part in self.meta["parts"]:
             path = os.path.join(directory, part)
@@ -113,6 +131,13 @@ class TokenStore:
             self._tokens.append(_memmap(os.path.join(path, "tokens.bin"), np.int32, offsets[-1]))
             self._masks.append(_memmap(os.path.join(path, "loss_mask.bin"), np.uint8, offsets[-1]))
             firsts.append(np.load(os.path.join(path, "first_target.npy")))
+            if self.has_records and len(offsets) > 1:
+                record_offsets = np.load(os.path.join(path, "record_offsets.npy"))
+                self._record_offsets.append(record_offsets)
+                self._records.append(_memmap(os.path.join(path, "records.bin"), np.uint8, record_offsets[-1]))
+            else:  # a part without examples
+                self._record_offsets.append(np.zeros(len(offsets), np.int64))
+                self._records.append(np.zeros(0, np.uint8))
         counts = [len(o) - 1 for o in self._offsets]
         self._part_starts = np.cumsum([0, *counts])
         self.lengths = np.concatenate([np.diff(o) for o in self._offsets]) if counts else np.zeros(0, np.int64)
@@ -121,14 +146,32 @@ class TokenStore:
     def __len__(self) -> int:
         return int(self._part_starts[-1])
 
+    def _locate(self, index: int) -> tuple[int, int]:
+        part = int(np.searchsorted(self._part_starts, index, side="right")) - 1
+        return part, int(index - self._part_starts[part])
+
     def example(self, index: int, max_tokens: int | None = None) -> Example:
         """Example `index`, cut to its first `max_tokens` tokens if given (read from the memory map)."""
-        part = int(np.searchsorted(self._part_starts, index, side="right")) - 1
-        local = index - self._part_starts[part]
+        part, local = self._locate(index)
         start, stop = self._offsets[part][local], self._offsets[part][local + 1]
         if max_tokens is not None:
             stop = min(stop, start + max_tokens)
         return Example(np.asarray(self._tokens[part][start:stop]), self._masks[part][start:stop].astype(bool))
+
+    def record(self, index: int) -> Any:
+        """The parsed JSON record stored with example `index` (`Example.record`), None if it has none."""
+        if not self.has_records:
+            return None
+        part, local = self._locate(index)
+        start, stop = self._record_offsets[part][local], self._record_offsets[part][local + 1]
+        if start == stop:
+            return None
+        try:
+            return json.loads(bytes(self._records[part][start:stop]))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DataError(
+                f"the token cache {self.directory} is damaged (record {index}); delete it to tokenize again"
+            ) from None
 
 
 def _memmap(path: str, dtype, count: int) -> np.ndarray:
@@ -184,19 +227,22 @@ def _write_part_into(
     stats = DatasetStats()
     shutil.rmtree(temporary, ignore_errors=True)
     os.makedirs(temporary)
-    offsets, firsts = [0], []
-    pending_tokens, pending_masks = [], []
+    offsets, firsts, record_offsets = [0], [], [0]
+    pending_tokens, pending_masks, pending_records = [], [], []
     with (
         open(os.path.join(temporary, "tokens.bin"), "wb") as tokens_file,
         open(os.path.join(temporary, "loss_mask.bin"), "wb") as mask_file,
+        open(os.path.join(temporary, "records.bin"), "wb") as records_file,
     ):
 
         def flush():
             if pending_tokens:
                 np.concatenate(pending_tokens).astype(np.int32).tofile(tokens_file)
                 np.concatenate(pending_masks).astype(np.uint8).tofile(mask_file)
+                records_file.write(b"".join(pending_records))
                 pending_tokens.clear()
                 pending_masks.clear()
+                pending_records.clear()
 
         records = source.records(shard, num_shards)
         for location, record in tqdm(
@@ -216,11 +262,18 @@ def _write_part_into(
                 pending_masks.append(example.loss_mask)
                 offsets.append(offsets[-1] + len(example.tokens))
                 firsts.append(first_target(example.loss_mask))
+                record = b"" if example.record is None else example.record.encode("utf-8")
+                pending_records.append(record)
+                record_offsets.append(record_offsets[-1] + len(record))
             if offsets[-1] - offsets[-1 - len(pending_tokens)] >= _FLUSH_TOKENS:
                 flush()
         flush()
     np.save(os.path.join(temporary, "offsets.npy"), np.asarray(offsets, np.int64))
     np.save(os.path.join(temporary, "first_target.npy"), np.asarray(firsts, np.int32))
+    if record_offsets[-1]:
+        np.save(os.path.join(temporary, "record_offsets.npy"), np.asarray(record_offsets, np.int64))
+    else:  # examples without records (SFT, DPO) keep the layout they always had
+        os.remove(os.path.join(temporary, "records.bin"))
     stats.examples = len(firsts)
     with open(os.path.join(temporary, "stats.json"), "w", encoding="utf-8") as f:
         json.dump(dataclasses.asdict(stats), f)
@@ -237,20 +290,31 @@ def load(
     *,
     tokenizer_dir: str,
     skip_bad_lines: bool = False,
+    settings: dict[str, Any] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[TokenStore, DatasetStats]:
     """The source's tokenized examples: from the cache when it holds them, else tokenized now
     (by every process, each its own part) and cached. Call on every process.
 
+    settings: what else the tokenization depends on, part of the cache key (see `cache_key`).
+    A cache whose files do not match its `meta.json` is removed and built again.
+
     Each step is local work followed by an agreement (`multihost.all_or_none`), so an error on one
     process (a bad record in its part) ends every process with the same error.
     """
     with multihost.all_or_none(f"looking up the token cache of {source.name}"):
-        key = cache_key(tokenizer_dir, source, mapping, skip_bad_lines)
+        key = cache_key(tokenizer_dir, source, mapping, skip_bad_lines, settings)
         directory = os.path.join(os.path.abspath(cache_root), key)
         meta_path = os.path.join(directory, "meta.json")
-        cached = os.path.exists(meta_path)
+        cached = False
+        if multihost.is_primary() and os.path.exists(meta_path):
+            problem = damage(directory)
+            if problem is None:
+                cached = True
+            else:  # rebuilt like a cache that was never finished
+                log(f"data: the token cache {directory} is damaged ({problem}); tokenizing again")
+                os.remove(meta_path)
     if jax.process_count() > 1:  # every process follows the primary's view of the cache
         cached = bool(multihost_utils.broadcast_one_to_all(np.int32(cached)))
     if not cached:
@@ -293,8 +357,45 @@ def _write_meta(directory: str, source: Source, mapping: RecordMapping, parts: l
         "parts": parts,
         "examples": totals.examples,
         "skipped_lines": totals.skipped_lines,
+        "records": any(os.path.exists(os.path.join(directory, part, "records.bin")) for part in parts),
     }
     meta_path = os.path.join(directory, "meta.json")
     with open(meta_path + ".partial", "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1, default=str)
     os.replace(meta_path + ".partial", meta_path)
+
+
+def damage(directory: str) -> str | None:
+    """What is wrong with the cache in `directory` whose `meta.json` exists (a file missing, or
+    shorter or longer than `meta.json` and the offsets say), or None when it is whole."""
+    try:
+        with open(os.path.join(directory, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        examples = 0
+        for part in meta["parts"]:
+            path = os.path.join(directory, part)
+            offsets = np.load(os.path.join(path, "offsets.npy"))
+            count = len(offsets) - 1
+            examples += count
+            sizes = {
+                "tokens.bin": 4 * int(offsets[-1]),
+                "loss_mask.bin": int(offsets[-1]),
+                "first_target.npy": None,
+            }
+            if meta.get("records") and count:
+                record_offsets = np.load(os.path.join(path, "record_offsets.npy"))
+                if len(record_offsets) != len(offsets):
+                    return f"{part}/record_offsets.npy holds {len(record_offsets) - 1} records, not {count}"
+                sizes["records.bin"] = int(record_offsets[-1])
+            for name, size in sizes.items():
+                file = os.path.join(path, name)
+                if size is None:
+                    if len(np.load(file)) != count:
+                        return f"{part}/{name} does not hold {count} entries"
+                elif os.path.getsize(file) != size:
+                    return f"{part}/{name} has {os.path.getsize(file)} bytes, not {size}"
+        if examples != meta["examples"]:
+            return f"its parts hold {examples} examples, meta.json says {meta['examples']}"
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # missing or unreadable files
+        return f"{type(e).__name__}: {e}"
+    return None

@@ -141,6 +141,7 @@ class EngineStats:
     speculative_accepted_tokens: int = 0
     speculative_skipped_steps: int = 0  # decode steps that did not speculate because too many rows decoded
     speculative_pauses: int = 0  # times a row stopped proposing for poor acceptance
+    speculative_draft_catch_up_tokens: int = 0  # tokens the draft model read to catch up (not proposals)
 
     @property
     def speculative_acceptance_rate(self) -> float:
@@ -221,7 +222,7 @@ class Engine:
         if prefill_chunk < 0:
             raise EngineError(f"prefill_chunk must be >= 0 (0: prefill prompts whole), got {prefill_chunk}")
         self.speculative = _engine_speculation(
-            model, tokenizer, speculative, speculative_max_rows, speculative_min_acceptance
+            model, tokenizer, speculative, max_len, speculative_max_rows, speculative_min_acceptance
         )
         self.speculative_max_rows = int(speculative_max_rows)
         self.speculative_min_acceptance = float(speculative_min_acceptance)
@@ -247,6 +248,8 @@ class Engine:
             prefix_blocks=blocks,
             block_tokens=DEFAULT_BLOCK_TOKENS,
             speculative_tokens=0 if self.speculative is None else self.speculative.num_speculative_tokens,
+            speculative_rows=self.speculative_max_rows,
+            draft_model=None if self.speculative is None else self.speculative.draft_model,
         )
         self._prefix = PrefixIndex(blocks, DEFAULT_BLOCK_TOKENS) if blocks else None
 
@@ -447,6 +450,7 @@ class Engine:
                 speculative_accepted_tokens=counts.get("speculative_accepted", 0),
                 speculative_skipped_steps=counts.get("speculative_skipped", 0),
                 speculative_pauses=counts.get("speculative_pauses", 0),
+                speculative_draft_catch_up_tokens=counts.get("speculative_draft_catch_up_tokens", 0),
             )
 
     def begin_shutdown(self, timeout: float) -> None:
@@ -747,16 +751,24 @@ class Engine:
         used = max((i for i, r in enumerate(rows) if r is not None), default=-1) + 1
         if not used:
             return False
+        if used > self.programs.speculative_widths[-1]:  # rows sit above the compiled speculative widths
+            with self._lock:
+                self._stats["speculative_skipped"] += 1
+            return False
         rows = rows[: self.programs.width_for(used)]
         spec = self.speculative
         k = spec.num_speculative_tokens
-        proposals = np.zeros((len(rows), k), np.int32)
+        draft = spec.draft_model is not None
+        proposals = None if draft else np.zeros((len(rows), k), np.int32)
         proposed = np.full(len(rows), -1, np.int32)
         for row, request in enumerate(rows):
             if request is None or not request.speculate or request.paused_steps:
                 continue
             # No proposal past max_new_tokens: the step's own token would be the last one anyway.
             budget = min(k, request.options.max_new_tokens - len(request.token_ids) - 1)
+            if draft:
+                proposed[row] = budget if budget > 0 else -1
+                continue
             found = (
                 ngram_proposals(request.prompt_ids + request.token_ids, budget, spec.ngram_min, spec.ngram_max)
                 if budget > 0
@@ -769,6 +781,8 @@ class Engine:
                 if proposed[row] == 0:  # a row without a match counts as a step with nothing accepted
                     self._record_acceptance(request, 0.0)
             return False
+        if draft:
+            self._draft_catch_up([r if p > 0 else None for r, p in zip(rows, proposed)])
         self._pending.append(self.programs.speculative_step(rows, proposals, proposed))
         decoded = [r for r in rows if r is not None]
         for request in decoded:
@@ -779,6 +793,28 @@ class Engine:
             self._stats["speculative_steps"] += 1
             self._stats["speculative_row_steps"] += len(decoded)
         return True
+
+    def _draft_catch_up(self, rows: list[Request | None]) -> None:
+        """Give the draft cache row of each request of `rows` every token its target row holds (its
+        prompt and output but the last token), by chunks of `draft_chunk` tokens per row, in as many
+        catch-up steps as the row furthest behind needs (none when every draft is up to date)."""
+        chunk = self.programs.draft_chunk
+        while True:
+            ids = np.zeros((len(rows), chunk), np.int32)
+            starts, counts = np.zeros(len(rows), np.int32), np.zeros(len(rows), np.int32)
+            for row, request in enumerate(rows):
+                if request is None:
+                    continue
+                held = len(request.prompt_ids) + len(request.token_ids) - 1  # by the target row
+                missing = (request.prompt_ids + request.token_ids)[request.draft_tokens : held][:chunk]
+                ids[row, : len(missing)] = missing
+                starts[row], counts[row] = request.draft_tokens, len(missing)
+                request.draft_tokens += len(missing)
+            if not counts.any():
+                return
+            self.programs.draft_catch_up(ids, starts, counts)
+            with self._lock:
+                self._stats["speculative_draft_catch_up_tokens"] += int(counts.sum())
 
     def _record_acceptance(self, request: Request, accepted_fraction: float) -> None:
         """Update a speculating row's moving acceptance; pause it when it falls below the floor."""
@@ -844,6 +880,10 @@ class Engine:
                     with self._lock:
                         self._stats["speculative_proposed"] += proposed
                         self._stats["speculative_accepted"] += count - 1
+            if accepted is not None and outputs.proposed[row] > 0 and self.speculative.draft_model is not None:
+                # The step rolled the draft's cache row back with the target's: it holds every token
+                # but the step's last.
+                request.draft_tokens = len(request.prompt_ids) + len(request.token_ids) + count - 1
             for position in range(count):
                 token = int(tokens[row, position])
                 logprob = None
@@ -936,19 +976,26 @@ def _same_prompt_groups(requests: Sequence[Request]) -> list[list[Request]]:
 
 
 def _engine_speculation(
-    model, tokenizer, speculative, max_rows: int, min_acceptance: float
+    model, tokenizer, speculative, max_len: int, max_rows: int, min_acceptance: float
 ) -> SpeculativeOptions | None:
     """The engine's `SpeculativeOptions` (None: off); raises EngineError for what it cannot run."""
     try:
         options = resolve_speculative(speculative, model, getattr(tokenizer, "vocab_size", None))
     except GenerationError as e:
         raise EngineError(str(e), param=e.param) from None
-    if options is not None and options.method != "ngram":
-        raise EngineError(
-            f"the engine speculates with 'ngram' (prompt lookup) only, not {options.method!r}; "
-            "draft-model speculation runs in qwen_jax.generate / stream",
-            param="speculative",
-        )
+    draft = None if options is None else options.draft_model
+    if draft is not None:
+        if draft.mesh != model.mesh:
+            raise EngineError(
+                "the draft model must be placed on the target's mesh (load it with mesh=model.mesh)",
+                param="draft_model",
+            )
+        if draft.config.max_position_embeddings < max_len:
+            raise EngineError(
+                f"the draft model's context ({draft.config.max_position_embeddings} tokens) is shorter than "
+                f"the engine's max_len ({max_len})",
+                param="draft_model",
+            )
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
         raise EngineError(
             f"speculative_max_rows must be an integer >= 1, got {max_rows!r}", param="speculative_max_rows"

@@ -42,19 +42,26 @@ constrained row the engine dispatches the step's forward first, then reads back 
 tokens and computes every constrained row's bitmask on the host while the device runs that
 forward, then dispatches the sampling with the bitmask (free rows: all ones, same program).
 
-Speculative decoding (`speculative="ngram"` or `SpeculativeOptions`, prompt lookup): a decode step
-may instead be a speculative step, in which each decoding row proposes up to K tokens (those that
-followed the latest earlier occurrence of its last n tokens in its own prompt + output) and the
-target checks every row's proposals in one forward of K + 1 positions per row (one compiled program
-per width, `EnginePrograms.speculative_step`); a row gets its accepted proposals and one token of
-the target's own, 1 to K + 1 tokens. Greedy rows give exactly the tokens of plain decoding; sampling
-rows follow the same distribution by rejection sampling (other random draws than plain decoding).
+Speculative decoding (`speculative="ngram"` or `SpeculativeOptions`): a decode step may instead be
+a speculative step, in which each decoding row proposes up to K tokens and the target checks every
+row's proposals in one forward of K + 1 positions per row (one compiled program per width,
+`EnginePrograms.speculative_step`); a row gets its accepted proposals and one token of the
+target's own, 1 to K + 1 tokens. With "ngram" (prompt lookup) the proposals are the tokens that
+followed the latest earlier occurrence of the row's last n tokens in its own prompt + output. With
+a draft model (`SpeculativeOptions(method="draft", draft_model=...)`) the draft proposes, in the
+same compiled program as the check; it has a KV cache row per slot and takes no part in prefill or
+mixed steps: before a speculative step, each proposing row's draft first reads the tokens it has not
+seen (its prompt, a cached prefix included, and tokens decoded without speculation) in catch-up
+steps of up to `EnginePrograms.draft_chunk` tokens per row (`_draft_catch_up`), and after the step
+its cache length is the target's (it read every proposal), so the next speculative step needs none.
+Greedy rows give exactly the tokens of plain decoding; sampling rows follow the same distribution by
+rejection sampling (other random draws than plain decoding).
 Proposals need every earlier token on the host, so a speculative step first reads back the steps in
 flight (it gives up the host/device overlap of plain decode steps). Back-off rule, per step:
 - a step speculates only when no prompt chunk goes in (mixed steps decode one token per row), no
   decoding row is constrained (structured output), and at most `speculative_max_rows` rows decode
   (default 4: at high load the batch already keeps the device busy, and vLLM measured speculation
-  slowing serving down there);
+  slowing serving down there), within the compiled speculative widths (the lowest slots);
 - a row proposes only while the moving average of its accepted fraction (accepted / proposed per
   step, a step without an n-gram match counting 0, weight `ACCEPTANCE_WEIGHT` for the newest step)
   stays at or above `speculative_min_acceptance` (default 0.25); below it the row stops proposing
@@ -183,9 +190,13 @@ class Engine:
         prefix_cache_blocks: the pool's size in blocks (default: as many tokens as the batch cache,
             `slots * max_len`); or give `prefix_cache_gb` (GiB of keys and values).
         speculative: speculative decoding: "ngram" (prompt lookup) or `SpeculativeOptions(method="ngram",
-            num_speculative_tokens=K, ngram_min=..., ngram_max=...)`; the engine does not run a draft
-            model. See the module docstring for when a step speculates.
-        speculative_max_rows: speculate only while at most this many rows decode (default 4).
+            num_speculative_tokens=K, ngram_min=..., ngram_max=...)`, or a draft model,
+            `SpeculativeOptions(method="draft", draft_model=draft, num_speculative_tokens=K)`: a smaller
+            Qwen2.5 with the tokenizer's vocabulary, on the model's mesh, whose context covers
+            `max_len`; the engine runs it with its own KV cache (slots x max_len tokens of the draft's
+            layers). See the module docstring for when a step speculates.
+        speculative_max_rows: speculate only while at most this many rows decode (default 4); the
+            speculative steps are compiled for the decode widths up to the one covering this many rows.
         speculative_min_acceptance: a row stops proposing for a while when the moving average of
             its accepted fraction falls below this (default 0.25; 0 never pauses).
     """

@@ -164,8 +164,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--prime runs the compiled programs once: it needs --warmup")
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
-    if args.speculative == "draft" and args.draft_model is None:
-        raise UsageError("--speculative draft needs --draft-model PATH|HUB_ID")
+    if (args.speculative == "draft") != (args.draft_model is not None):  # before loading anything
+        if args.draft_model is None:
+            raise UsageError("--speculative draft needs --draft-model PATH|HUB_ID")
+        raise UsageError("--draft-model needs --speculative draft")
     listener = _listen(args.host, args.port)  # before loading: a busy port fails in a second, not a minute
 
     model, tokenizer = load_for_cli(args)

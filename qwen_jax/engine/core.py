@@ -419,7 +419,8 @@ class Engine:
         `nnx.state`; every array must have the shape, dtype and sharding of the engine's (a trainer
         passes its current parameters: its rollouts then sample the policy it trains). Call it while
         no request is running; raises EngineError otherwise or on a mismatch (nothing changes then).
-        The prefix cache is emptied: its KV was computed with the previous weights.
+        The prefix cache is emptied: its KV was computed with the previous weights. A draft model
+        (speculative decoding) keeps its weights: its proposals are checked by the new ones.
         """
         state = nnx.state(weights) if isinstance(weights, nnx.Module) else weights
         with self._lock:

@@ -231,3 +231,31 @@ def test_no_compilation_after_warmup(same_engine):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
+
+
+def test_on_a_mesh(tmp_path, references):
+    """The draft on the target's data x tensor mesh (its cache rows over data, heads over tensor): the
+    same tokens; a draft left off the mesh is refused."""
+    from serving import byte_checkpoint
+
+    path = byte_checkpoint(tmp_path / "ckpt", tie_word_embeddings=False, initializer_range=0.3)
+    mesh = qwen_jax.make_mesh(data=2, fsdp=1, tensor=2, devices=jax.devices()[:4])
+    model, tokenizer = qwen_jax.load(path, mesh=mesh)
+    draft, _ = qwen_jax.load(path, mesh=mesh)
+    spec = SpeculativeOptions("draft", num_speculative_tokens=K, draft_model=draft)
+    with Engine(
+        model, tokenizer, slots=2, max_len=ENGINE_MAX_LEN, prefill_chunk=ENGINE_CHUNK, speculative=spec
+    ) as engine:
+        completions = engine.generate(PROMPTS[:2], progress=False, max_new_tokens=12, temperature=0)
+        stats = engine.stats()
+    for prompt, completion in zip(PROMPTS, completions):
+        assert completion.token_ids == references[tuple(tokenizer.encode(prompt))][:12]
+    assert stats.speculative_accepted_tokens == stats.speculative_proposed_tokens > 0, stats
+    with pytest.raises(EngineError, match="mesh"):
+        Engine(
+            model,
+            tokenizer,
+            slots=1,
+            max_len=32,
+            speculative=SpeculativeOptions("draft", draft_model=qwen_jax.load(path)[0]),
+        )

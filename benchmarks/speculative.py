@@ -17,7 +17,7 @@ On a Qwen2.5 configuration with random weights (default 0.5B, float32):
     back-off (at most 4 rows), and at batch 1 with proposals that are never right, with and
     without the acceptance floor; and a draft model run by the engine (the same weights, and the
     target's first --draft-layers layers), speculating at any load. The engine's draft catches up
-    on the prompt (in 64-token steps) at its first speculative step: that is in the decode time.
+    on the prompt (in 256-token steps on CPU) at its first speculative step: that is in the decode time.
 
 Every speculative run's tokens are compared with plain decoding's (greedy).
 

@@ -52,7 +52,8 @@ a draft model (`SpeculativeOptions(method="draft", draft_model=...)`) the draft 
 same compiled program as the check; it has a KV cache row per slot and takes no part in prefill or
 mixed steps: before a speculative step, each proposing row's draft first reads the tokens it has not
 seen (its prompt, a cached prefix included, and tokens decoded without speculation) in catch-up
-steps of up to `EnginePrograms.draft_chunk` tokens per row (`_draft_catch_up`), and after the step
+steps of up to 16 tokens per row, or of the prefill chunk's length for a prompt
+(`EnginePrograms.draft_chunks`, `_draft_catch_up`), and after the step
 its cache length is the target's (it read every proposal), so the next speculative step needs none.
 Greedy rows give exactly the tokens of plain decoding; sampling rows follow the same distribution by
 rejection sampling (other random draws than plain decoding).
@@ -808,10 +809,15 @@ class Engine:
 
     def _draft_catch_up(self, rows: list[Request | None]) -> None:
         """Give the draft cache row of each request of `rows` every token its target row holds (its
-        prompt and output but the last token), by chunks of `draft_chunk` tokens per row, in as many
-        catch-up steps as the row furthest behind needs (none when every draft is up to date)."""
-        chunk = self.programs.draft_chunk
+        prompt and output but the last token), in as many catch-up steps as the row furthest behind
+        needs (none when every draft is up to date), each of the shortest compiled chunk length that
+        covers it (`EnginePrograms.draft_chunks`), else the longest."""
+        chunks = self.programs.draft_chunks
         while True:
+            behind = max(
+                (len(r.prompt_ids) + len(r.token_ids) - 1 - r.draft_tokens for r in rows if r is not None), default=0
+            )
+            chunk = next((c for c in chunks if c >= behind), chunks[-1])
             ids = np.zeros((len(rows), chunk), np.int32)
             starts, counts = np.zeros(len(rows), np.int32), np.zeros(len(rows), np.int32)
             for row, request in enumerate(rows):

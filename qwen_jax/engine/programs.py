@@ -42,8 +42,8 @@ compiles while serving):
   its state advanced past its step's tokens. `speculate_logprobs[width]`: logprobs of the K + 1
   positions.
 - With a draft model (`draft_model`), the draft has its own batch cache (one row per slot, `max_len`
-  tokens, the draft's layers and heads) and two more programs: `draft_catch_up[width]` writes up to
-  `draft_chunk` tokens per row into the draft's cache rows at given offsets (the tokens a row's
+  tokens, the draft's layers and heads) and two more programs: `draft_catch_up[width, chunk]` writes up
+  to `chunk` tokens per row (`draft_chunks`) into the draft's cache rows at given offsets (the tokens a row's
   draft has not read yet: its prompt, tokens decoded without speculation), and `speculate[width,
   sampled]` then first runs the draft K + 1 times on the rows that propose
   (`qwen_jax.generation.speculative.draft_proposals`, as `qwen_jax.generate` does) and checks its
@@ -94,11 +94,13 @@ from qwen_jax.generation.speculative import VerificationStatic, draft_proposals,
 from qwen_jax.generation.static import prompt_bucket
 from qwen_jax.model.kv_cache import KVCache
 from qwen_jax.model.mixed import mixed_hidden_states
-from qwen_jax.sharding import named_sharding
+from qwen_jax.sharding import named_sharding, platform_of
 
 # Given a step's rows (Requests, None for idle rows), their allowed tokens on the host (None: every token).
 BitmaskFunction = Callable[[list], "np.ndarray | None"]
-DRAFT_CATCH_UP_TOKENS = 64  # tokens per row a draft catch-up step reads (one compiled length per width)
+# Tokens per row of a short draft catch-up step (a few tokens decoded without speculation); prompts
+# are read by steps of the prefill chunk's length (`EnginePrograms.draft_chunks`).
+DRAFT_CATCH_UP_TOKENS = 16
 
 
 @jax.tree_util.register_dataclass
@@ -277,11 +279,12 @@ class EnginePrograms:
         self.cache = cache if self.mesh is None else jax.device_put(cache, self._cache_sharding(slots, max_len))
         # The draft model (speculative decoding), on the model's mesh, with a cache row per slot.
         self.draft_graphdef = self.draft_state = self.draft_config = self.draft_cache = None
-        self.draft_chunk = 0  # tokens per row of a draft catch-up step
+        self.draft_chunks: tuple[int, ...] = ()  # compiled tokens per row of a draft catch-up step
         if draft_model is not None:
             self.draft_config, self.draft_dtype = draft_model.config, draft_model.dtype
             self.draft_graphdef, self.draft_state = nnx.split(draft_model)
-            self.draft_chunk = min(DRAFT_CATCH_UP_TOKENS, max_len - 1)
+            longest = max(DRAFT_CATCH_UP_TOKENS, prefill_chunk or default_mixed_chunk(platform_of(self.mesh)))
+            self.draft_chunks = tuple(sorted({min(DRAFT_CATCH_UP_TOKENS, max_len - 1), min(longest, max_len - 1)}))
             draft_cache = KVCache.init(self.draft_config, slots, max_len, self.draft_dtype)
             sharding = self._cache_sharding(slots, max_len, self.draft_config)
             self.draft_cache = draft_cache if sharding is None else jax.device_put(draft_cache, sharding)
@@ -474,7 +477,9 @@ class EnginePrograms:
             jobs += [functools.partial(self._speculate_logprobs_executable, width) for width in self.speculative_widths]
         if self.draft_graphdef is not None:
             jobs += [
-                functools.partial(self._draft_catch_up_executable, width) for width in reversed(self.speculative_widths)
+                functools.partial(self._draft_catch_up_executable, width, chunk)
+                for width in reversed(self.speculative_widths)
+                for chunk in self.draft_chunks
             ]
             jobs.append(self._draft_move_executable)
         jobs.append(self._move_executable)
@@ -835,11 +840,10 @@ class EnginePrograms:
 
         return self._executable(("speculate", width, k, sampled), build, draft=with_draft)
 
-    def _draft_catch_up_executable(self, width: int):
-        """Up to `draft_chunk` tokens per row of the first `width` slots into the draft's cache: row r
+    def _draft_catch_up_executable(self, width: int, chunk: int):
+        """Up to `chunk` tokens per row of the first `width` slots into the draft's cache: row r
         reads `ids[r, :counts[r]]` at slots `starts[r]` onwards and its length becomes `starts[r] +
         counts[r]`; a row with `counts[r]` = 0 is left as it is (its padding writes are dropped)."""
-        chunk = self.draft_chunk
 
         def catch_up(draft_state, draft_cache: KVCache, ids, starts, counts):
             draft = nnx.merge(self.draft_graphdef, draft_state)
@@ -1082,10 +1086,12 @@ class EnginePrograms:
 
     def draft_catch_up(self, ids: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> None:
         """Write tokens into the draft's cache rows of the first `len(ids)` slots (one of `widths`):
-        row r reads `ids[r, :counts[r]]` (`ids` `[rows, draft_chunk]`) at slots `starts[r]` onwards
-        and then holds `starts[r] + counts[r]` tokens; rows with `counts[r]` = 0 are left alone."""
+        row r reads `ids[r, :counts[r]]` (`ids` `[rows, chunk]`, `chunk` one of `draft_chunks`) at slots
+        `starts[r]` onwards and then holds `starts[r] + counts[r]` tokens; rows with `counts[r]` = 0 are
+        left alone."""
+        executable = self._draft_catch_up_executable(len(ids), ids.shape[1])
         args = self._put((ids.astype(np.int32), starts.astype(np.int32), counts.astype(np.int32)))
-        self.draft_cache = self._draft_catch_up_executable(len(ids))(self.draft_state, self.draft_cache, *args)
+        self.draft_cache = executable(self.draft_state, self.draft_cache, *args)
 
     def start_row(self, options: SamplingOptions, slot: int) -> None:
         """Empty `slot`'s cache row and give it the request's sampling state (before `mixed_step`)."""

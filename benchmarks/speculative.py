@@ -15,7 +15,9 @@ On a Qwen2.5 configuration with random weights (default 0.5B, float32):
     one request alone and 8 at once, against the same engine without speculation; at 8 rows
     both with speculation forced at any load (`speculative_max_rows=8`) and with the default
     back-off (at most 4 rows), and at batch 1 with proposals that are never right, with and
-    without the acceptance floor.
+    without the acceptance floor; and a draft model run by the engine (the same weights, and the
+    target's first --draft-layers layers), speculating at any load. The engine's draft catches up
+    on the prompt (in 256-token steps on CPU) at its first speculative step: that is in the decode time.
 
 Every speculative run's tokens are compared with plain decoding's (greedy).
 
@@ -109,7 +111,7 @@ def engine_decode(engine: Engine, prompt, new_tokens: int, rows: int):
     return tokens / decode_s, completions[0].token_ids, engine.stats()
 
 
-def engine_cases(model, tokenizer, prompt, args) -> None:
+def engine_cases(model, tokenizer, prompt, args, drafts) -> None:
     """Plain vs speculative `Engine` decoding at batch 1 and 8 (see the module docstring)."""
     slots = 8
     common = dict(
@@ -139,18 +141,24 @@ def engine_cases(model, tokenizer, prompt, args) -> None:
     for rows in args.engine_rows:
         base, reference, _ = plain_speed(rows)
         print(f"| plain engine | {rows} | - | - | 1.00 | {base:.2f} | 1.00x | - |", flush=True)
-        settings = [(f"ngram K={args.k}, speculating at any load", dict(speculative_max_rows=slots), lookup)]
-        if rows > 1:
-            settings.append((f"ngram K={args.k}, default back-off (at most 4 rows)", {}, lookup))
+        any_load = dict(speculative_max_rows=slots)
+        settings = [(f"ngram K={args.k}, speculating at any load", any_load, lookup, spec)]
+        if args.engine_draft_only:
+            settings = []
+        elif rows > 1:
+            settings.append((f"ngram K={args.k}, default back-off (at most 4 rows)", {}, lookup, spec))
         else:
             settings.append(
-                ("never-right proposals, no acceptance floor", dict(speculative_min_acceptance=0), never_right)
+                ("never-right proposals, no acceptance floor", dict(speculative_min_acceptance=0), never_right, spec)
             )
-            settings.append(("never-right proposals, default acceptance floor", {}, never_right))
-        for label, options, proposer in settings:
+            settings.append(("never-right proposals, default acceptance floor", {}, never_right, spec))
+        for name, draft in drafts.items():
+            draft_spec = SpeculativeOptions("draft", num_speculative_tokens=args.k, draft_model=draft)
+            settings.append((f"draft = {name}, K={args.k}, speculating at any load", any_load, lookup, draft_spec))
+        for label, options, proposer, setting_spec in settings:
             engine_core.ngram_proposals = proposer
             try:
-                with Engine(model, tokenizer, speculative=spec, **common, **options) as engine:
+                with Engine(model, tokenizer, speculative=setting_spec, **common, **options) as engine:
                     engine_decode(engine, prompt, args.new_tokens, rows)  # compiles
                     before = engine.stats()
                     speed, tokens, after = max(
@@ -192,6 +200,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per setting (best kept)")
     parser.add_argument("--engine", action="store_true", help="run the Engine cases only")
     parser.add_argument("--engine-rows", type=int, nargs="+", default=[1, 8], help="requests at once (--engine)")
+    parser.add_argument(
+        "--engine-draft-layers",
+        type=int,
+        nargs="*",
+        default=[6],
+        help="--engine: draft models of the target's first N layers (besides the same-weights draft)",
+    )
+    parser.add_argument("--engine-draft-only", action="store_true", help="--engine: the draft cases only")
     args = parser.parse_args()
 
     device = jax.devices()[0]
@@ -207,7 +223,12 @@ def main() -> None:
     target = create_model(config, dtype=args.dtype, seed=0)
     if args.engine:
         print(f"prompt {len(prompt)} tokens, {args.new_tokens} new tokens, K={args.k}", flush=True)
-        engine_cases(unstack_layers(target), tokenizer, prompt, args)
+        engine_drafts = {
+            f"first {layers} of {config.num_hidden_layers} layers": unstack_layers(first_layers(target, layers))
+            for layers in args.engine_draft_layers
+        }
+        target = unstack_layers(target)
+        engine_cases(target, tokenizer, prompt, args, {"same weights": target, **engine_drafts})
         return
     drafts = {layers: unstack_layers(first_layers(target, layers)) for layers in args.draft_layers}
     target = unstack_layers(target)

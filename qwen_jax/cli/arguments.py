@@ -94,7 +94,7 @@ def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
-    """--speculative, --num-speculative-tokens, --ngram-min/--ngram-max, --draft-model (`generate`, `chat`)."""
+    """--speculative, --num-speculative-tokens, --ngram-min/--ngram-max, --draft-model (`generate`, `chat`, `serve`)."""
     defaults = SpeculativeOptions()
     parser.add_argument(
         "--speculative",
@@ -125,7 +125,8 @@ def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--draft-model",
         metavar="PATH|HUB_ID",
-        help="draft model for --speculative draft: a smaller Qwen2.5 with the same tokenizer, loaded like --model",
+        help="draft model for --speculative draft: a smaller Qwen2.5 with the same tokenizer (e.g. 0.5B-Instruct "
+        "for a 7B), loaded like --model on its mesh (serve: with its own KV cache of slots x max-len tokens)",
     )
 
 

@@ -42,19 +42,27 @@ constrained row the engine dispatches the step's forward first, then reads back 
 tokens and computes every constrained row's bitmask on the host while the device runs that
 forward, then dispatches the sampling with the bitmask (free rows: all ones, same program).
 
-Speculative decoding (`speculative="ngram"` or `SpeculativeOptions`, prompt lookup): a decode step
-may instead be a speculative step, in which each decoding row proposes up to K tokens (those that
-followed the latest earlier occurrence of its last n tokens in its own prompt + output) and the
-target checks every row's proposals in one forward of K + 1 positions per row (one compiled program
-per width, `EnginePrograms.speculative_step`); a row gets its accepted proposals and one token of
-the target's own, 1 to K + 1 tokens. Greedy rows give exactly the tokens of plain decoding; sampling
-rows follow the same distribution by rejection sampling (other random draws than plain decoding).
+Speculative decoding (`speculative="ngram"` or `SpeculativeOptions`): a decode step may instead be
+a speculative step, in which each decoding row proposes up to K tokens and the target checks every
+row's proposals in one forward of K + 1 positions per row (one compiled program per width,
+`EnginePrograms.speculative_step`); a row gets its accepted proposals and one token of the
+target's own, 1 to K + 1 tokens. With "ngram" (prompt lookup) the proposals are the tokens that
+followed the latest earlier occurrence of the row's last n tokens in its own prompt + output. With
+a draft model (`SpeculativeOptions(method="draft", draft_model=...)`) the draft proposes, in the
+same compiled program as the check; it has a KV cache row per slot and takes no part in prefill or
+mixed steps: before a speculative step, each proposing row's draft first reads the tokens it has not
+seen (its prompt, a cached prefix included, and tokens decoded without speculation) in catch-up
+steps of up to 16 tokens per row, or of the prefill chunk's length for a prompt
+(`EnginePrograms.draft_chunks`, `_draft_catch_up`), and after the step
+its cache length is the target's (it read every proposal), so the next speculative step needs none.
+Greedy rows give exactly the tokens of plain decoding; sampling rows follow the same distribution by
+rejection sampling (other random draws than plain decoding).
 Proposals need every earlier token on the host, so a speculative step first reads back the steps in
 flight (it gives up the host/device overlap of plain decode steps). Back-off rule, per step:
 - a step speculates only when no prompt chunk goes in (mixed steps decode one token per row), no
   decoding row is constrained (structured output), and at most `speculative_max_rows` rows decode
   (default 4: at high load the batch already keeps the device busy, and vLLM measured speculation
-  slowing serving down there);
+  slowing serving down there), within the compiled speculative widths (the lowest slots);
 - a row proposes only while the moving average of its accepted fraction (accepted / proposed per
   step, a step without an n-gram match counting 0, weight `ACCEPTANCE_WEIGHT` for the newest step)
   stays at or above `speculative_min_acceptance` (default 0.25); below it the row stops proposing
@@ -141,6 +149,7 @@ class EngineStats:
     speculative_accepted_tokens: int = 0
     speculative_skipped_steps: int = 0  # decode steps that did not speculate because too many rows decoded
     speculative_pauses: int = 0  # times a row stopped proposing for poor acceptance
+    speculative_draft_catch_up_tokens: int = 0  # tokens the draft model read to catch up (not proposals)
 
     @property
     def speculative_acceptance_rate(self) -> float:
@@ -182,9 +191,13 @@ class Engine:
         prefix_cache_blocks: the pool's size in blocks (default: as many tokens as the batch cache,
             `slots * max_len`); or give `prefix_cache_gb` (GiB of keys and values).
         speculative: speculative decoding: "ngram" (prompt lookup) or `SpeculativeOptions(method="ngram",
-            num_speculative_tokens=K, ngram_min=..., ngram_max=...)`; the engine does not run a draft
-            model. See the module docstring for when a step speculates.
-        speculative_max_rows: speculate only while at most this many rows decode (default 4).
+            num_speculative_tokens=K, ngram_min=..., ngram_max=...)`, or a draft model,
+            `SpeculativeOptions(method="draft", draft_model=draft, num_speculative_tokens=K)`: a smaller
+            Qwen2.5 with the tokenizer's vocabulary, on the model's mesh, whose context covers
+            `max_len`; the engine runs it with its own KV cache (slots x max_len tokens of the draft's
+            layers). See the module docstring for when a step speculates.
+        speculative_max_rows: speculate only while at most this many rows decode (default 4); the
+            speculative steps are compiled for the decode widths up to the one covering this many rows.
         speculative_min_acceptance: a row stops proposing for a while when the moving average of
             its accepted fraction falls below this (default 0.25; 0 never pauses).
     """
@@ -221,7 +234,7 @@ class Engine:
         if prefill_chunk < 0:
             raise EngineError(f"prefill_chunk must be >= 0 (0: prefill prompts whole), got {prefill_chunk}")
         self.speculative = _engine_speculation(
-            model, tokenizer, speculative, speculative_max_rows, speculative_min_acceptance
+            model, tokenizer, speculative, max_len, speculative_max_rows, speculative_min_acceptance
         )
         self.speculative_max_rows = int(speculative_max_rows)
         self.speculative_min_acceptance = float(speculative_min_acceptance)
@@ -247,6 +260,8 @@ class Engine:
             prefix_blocks=blocks,
             block_tokens=DEFAULT_BLOCK_TOKENS,
             speculative_tokens=0 if self.speculative is None else self.speculative.num_speculative_tokens,
+            speculative_rows=self.speculative_max_rows,
+            draft_model=None if self.speculative is None else self.speculative.draft_model,
         )
         self._prefix = PrefixIndex(blocks, DEFAULT_BLOCK_TOKENS) if blocks else None
 
@@ -405,7 +420,8 @@ class Engine:
         `nnx.state`; every array must have the shape, dtype and sharding of the engine's (a trainer
         passes its current parameters: its rollouts then sample the policy it trains). Call it while
         no request is running; raises EngineError otherwise or on a mismatch (nothing changes then).
-        The prefix cache is emptied: its KV was computed with the previous weights.
+        The prefix cache is emptied: its KV was computed with the previous weights. A draft model
+        (speculative decoding) keeps its weights: its proposals are checked by the new ones.
         """
         state = nnx.state(weights) if isinstance(weights, nnx.Module) else weights
         with self._lock:
@@ -447,6 +463,7 @@ class Engine:
                 speculative_accepted_tokens=counts.get("speculative_accepted", 0),
                 speculative_skipped_steps=counts.get("speculative_skipped", 0),
                 speculative_pauses=counts.get("speculative_pauses", 0),
+                speculative_draft_catch_up_tokens=counts.get("speculative_draft_catch_up_tokens", 0),
             )
 
     def begin_shutdown(self, timeout: float) -> None:
@@ -747,16 +764,24 @@ class Engine:
         used = max((i for i, r in enumerate(rows) if r is not None), default=-1) + 1
         if not used:
             return False
+        if used > self.programs.speculative_widths[-1]:  # rows sit above the compiled speculative widths
+            with self._lock:
+                self._stats["speculative_skipped"] += 1
+            return False
         rows = rows[: self.programs.width_for(used)]
         spec = self.speculative
         k = spec.num_speculative_tokens
-        proposals = np.zeros((len(rows), k), np.int32)
+        draft = spec.draft_model is not None
+        proposals = None if draft else np.zeros((len(rows), k), np.int32)
         proposed = np.full(len(rows), -1, np.int32)
         for row, request in enumerate(rows):
             if request is None or not request.speculate or request.paused_steps:
                 continue
             # No proposal past max_new_tokens: the step's own token would be the last one anyway.
             budget = min(k, request.options.max_new_tokens - len(request.token_ids) - 1)
+            if draft:
+                proposed[row] = budget if budget > 0 else -1
+                continue
             found = (
                 ngram_proposals(request.prompt_ids + request.token_ids, budget, spec.ngram_min, spec.ngram_max)
                 if budget > 0
@@ -769,6 +794,8 @@ class Engine:
                 if proposed[row] == 0:  # a row without a match counts as a step with nothing accepted
                     self._record_acceptance(request, 0.0)
             return False
+        if draft:
+            self._draft_catch_up([r if p > 0 else None for r, p in zip(rows, proposed)])
         self._pending.append(self.programs.speculative_step(rows, proposals, proposed))
         decoded = [r for r in rows if r is not None]
         for request in decoded:
@@ -779,6 +806,33 @@ class Engine:
             self._stats["speculative_steps"] += 1
             self._stats["speculative_row_steps"] += len(decoded)
         return True
+
+    def _draft_catch_up(self, rows: list[Request | None]) -> None:
+        """Give the draft cache row of each request of `rows` every token its target row holds (its
+        prompt and output but the last token), in as many catch-up steps as the row furthest behind
+        needs (none when every draft is up to date), each of the shortest compiled chunk length that
+        covers it (`EnginePrograms.draft_chunks`), else the longest."""
+        chunks = self.programs.draft_chunks
+        while True:
+            behind = max(
+                (len(r.prompt_ids) + len(r.token_ids) - 1 - r.draft_tokens for r in rows if r is not None), default=0
+            )
+            chunk = next((c for c in chunks if c >= behind), chunks[-1])
+            ids = np.zeros((len(rows), chunk), np.int32)
+            starts, counts = np.zeros(len(rows), np.int32), np.zeros(len(rows), np.int32)
+            for row, request in enumerate(rows):
+                if request is None:
+                    continue
+                held = len(request.prompt_ids) + len(request.token_ids) - 1  # by the target row
+                missing = (request.prompt_ids + request.token_ids)[request.draft_tokens : held][:chunk]
+                ids[row, : len(missing)] = missing
+                starts[row], counts[row] = request.draft_tokens, len(missing)
+                request.draft_tokens += len(missing)
+            if not counts.any():
+                return
+            self.programs.draft_catch_up(ids, starts, counts)
+            with self._lock:
+                self._stats["speculative_draft_catch_up_tokens"] += int(counts.sum())
 
     def _record_acceptance(self, request: Request, accepted_fraction: float) -> None:
         """Update a speculating row's moving acceptance; pause it when it falls below the floor."""
@@ -837,6 +891,10 @@ class Engine:
                     with self._lock:
                         self._stats["speculative_proposed"] += proposed
                         self._stats["speculative_accepted"] += count - 1
+            if accepted is not None and outputs.proposed[row] > 0 and self.speculative.draft_model is not None:
+                # The step rolled the draft's cache row back with the target's: it holds every token
+                # but the step's last.
+                request.draft_tokens = len(request.prompt_ids) + len(request.token_ids) + count - 1
             for position in range(count):
                 token = int(tokens[row, position])
                 logprob = None
@@ -929,19 +987,26 @@ def _same_prompt_groups(requests: Sequence[Request]) -> list[list[Request]]:
 
 
 def _engine_speculation(
-    model, tokenizer, speculative, max_rows: int, min_acceptance: float
+    model, tokenizer, speculative, max_len: int, max_rows: int, min_acceptance: float
 ) -> SpeculativeOptions | None:
     """The engine's `SpeculativeOptions` (None: off); raises EngineError for what it cannot run."""
     try:
         options = resolve_speculative(speculative, model, getattr(tokenizer, "vocab_size", None))
     except GenerationError as e:
         raise EngineError(str(e), param=e.param) from None
-    if options is not None and options.method != "ngram":
-        raise EngineError(
-            f"the engine speculates with 'ngram' (prompt lookup) only, not {options.method!r}; "
-            "draft-model speculation runs in qwen_jax.generate / stream",
-            param="speculative",
-        )
+    draft = None if options is None else options.draft_model
+    if draft is not None:
+        if draft.mesh != model.mesh:
+            raise EngineError(
+                "the draft model must be placed on the target's mesh (load it with mesh=model.mesh)",
+                param="draft_model",
+            )
+        if draft.config.max_position_embeddings < max_len:
+            raise EngineError(
+                f"the draft model's context ({draft.config.max_position_embeddings} tokens) is shorter than "
+                f"the engine's max_len ({max_len})",
+                param="draft_model",
+            )
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
         raise EngineError(
             f"speculative_max_rows must be an integer >= 1, got {max_rows!r}", param="speculative_max_rows"

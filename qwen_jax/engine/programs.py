@@ -35,11 +35,20 @@ compiles while serving):
 - `move`: copy one slot's cache row and state into another (the engine closes gaps with it).
 - `speculate[width, sampled]` (an engine built with `speculative_tokens` K > 0): the target's check
   of up to K proposed tokens per row for the first `width` slots in one forward of K + 1 positions
+  (`speculative_widths`: the decode widths up to the one covering `speculative_rows` rows)
   (`qwen_jax.generation.speculative.verify_proposals`, the check `qwen_jax.generate` runs: greedy
   rows accept the proposals equal to the target's argmax, sampling rows -- compiled in only when
   `sampled` -- use rejection sampling); each row's cache is rolled back to its accepted length and
   its state advanced past its step's tokens. `speculate_logprobs[width]`: logprobs of the K + 1
   positions.
+- With a draft model (`draft_model`), the draft has its own batch cache (one row per slot, `max_len`
+  tokens, the draft's layers and heads) and two more programs: `draft_catch_up[width, chunk]` writes up
+  to `chunk` tokens per row (`draft_chunks`) into the draft's cache rows at given offsets (the tokens a row's
+  draft has not read yet: its prompt, tokens decoded without speculation), and `speculate[width,
+  sampled]` then first runs the draft K + 1 times on the rows that propose
+  (`qwen_jax.generation.speculative.draft_proposals`, as `qwen_jax.generate` does) and checks its
+  proposals with the target, in one program; the draft's cache is rolled back with the target's.
+  `move` moves a slot's draft cache row too.
 
 The batch cache has per-row lengths and every row's keys start at slot 0, so a request's cache
 layout, positions and logits do not depend on its batch-mates or on the slot it sits in.
@@ -81,14 +90,17 @@ from qwen_jax.generation.sampler import (
     sample_rows,
     variant_for,
 )
-from qwen_jax.generation.speculative import VerificationStatic, verify_proposals
+from qwen_jax.generation.speculative import VerificationStatic, draft_proposals, verify_proposals
 from qwen_jax.generation.static import prompt_bucket
 from qwen_jax.model.kv_cache import KVCache
 from qwen_jax.model.mixed import mixed_hidden_states
-from qwen_jax.sharding import named_sharding
+from qwen_jax.sharding import named_sharding, platform_of
 
 # Given a step's rows (Requests, None for idle rows), their allowed tokens on the host (None: every token).
 BitmaskFunction = Callable[[list], "np.ndarray | None"]
+# Tokens per row of a short draft catch-up step (a few tokens decoded without speculation); prompts
+# are read by steps of the prefill chunk's length (`EnginePrograms.draft_chunks`).
+DRAFT_CATCH_UP_TOKENS = 16
 
 
 @jax.tree_util.register_dataclass
@@ -259,6 +271,8 @@ class EnginePrograms:
         prefix_blocks: int = 0,
         block_tokens: int = 16,
         speculative_tokens: int = 0,
+        speculative_rows: int | None = None,
+        draft_model=None,
     ):
         self.config = model.config
         self.speculative_tokens = int(speculative_tokens)  # K proposals per row checked by `speculate` (0: none)
@@ -267,6 +281,9 @@ class EnginePrograms:
         self.max_len = max_len
         self.buckets = prefill_buckets(max_len, buckets)
         self.widths = decode_widths(slots)
+        # Widths of the speculative steps: those covering up to `speculative_rows` rows (default all).
+        rows = slots if speculative_rows is None else min(slots, speculative_rows)
+        self.speculative_widths = self.widths[: self.widths.index(self.width_for(rows)) + 1]
         # Chunked prefill fused with decoding (0: off, every prompt is prefilled alone).
         self.chunks = chunk_buckets(min(prefill_chunk, max_len - 1)) if prefill_chunk else ()
         self.chunk_shapes = chunk_shapes(self.chunks, self.widths, prefill_chunk)
@@ -282,8 +299,22 @@ class EnginePrograms:
         self._programs: dict[tuple, _Program] = {}
         state_signature = tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(self.state))
         self._signature = (self.graphdef, state_signature, slots, max_len, self.dtype, self.mesh, self.rules)
+        self._draft_signature = ()  # added to the keys of the programs that run the draft model
         cache = KVCache.init(self.config, slots, max_len, self.dtype)
         self.cache = cache if self.mesh is None else jax.device_put(cache, self._cache_sharding(slots, max_len))
+        # The draft model (speculative decoding), on the model's mesh, with a cache row per slot.
+        self.draft_graphdef = self.draft_state = self.draft_config = self.draft_cache = None
+        self.draft_chunks: tuple[int, ...] = ()  # compiled tokens per row of a draft catch-up step
+        if draft_model is not None:
+            self.draft_config, self.draft_dtype = draft_model.config, draft_model.dtype
+            self.draft_graphdef, self.draft_state = nnx.split(draft_model)
+            longest = max(DRAFT_CATCH_UP_TOKENS, prefill_chunk or default_mixed_chunk(platform_of(self.mesh)))
+            self.draft_chunks = tuple(sorted({min(DRAFT_CATCH_UP_TOKENS, max_len - 1), min(longest, max_len - 1)}))
+            draft_cache = KVCache.init(self.draft_config, slots, max_len, self.draft_dtype)
+            sharding = self._cache_sharding(slots, max_len, self.draft_config)
+            self.draft_cache = draft_cache if sharding is None else jax.device_put(draft_cache, sharding)
+            draft_leaves = tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(self.draft_state))
+            self._draft_signature = (self.draft_graphdef, draft_leaves, self.draft_dtype)
         self.slot_state = self._put(self._empty_state(slots))
         self.bitmask_words = bitmask_words(self.vocab)
         self._free_bitmasks: dict[int, jax.Array] = {}  # rows -> an all-ones bitmask on the device
@@ -318,11 +349,13 @@ class EnginePrograms:
     def _replicated(self) -> NamedSharding | None:
         return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
 
-    def _cache_sharding(self, batch: int, length: int) -> KVCache | None:
-        """KVCache of shardings: keys/values by logical axes (kv heads over `tensor`), lengths replicated."""
+    def _cache_sharding(self, batch: int, length: int, config=None) -> KVCache | None:
+        """KVCache of shardings (of the model's cache, or of a cache for `config`, the draft's): keys/values
+        by logical axes (kv heads over `tensor`), lengths replicated."""
         if self.mesh is None:
             return None
-        shape = (self.config.num_hidden_layers, batch, length, self.config.num_key_value_heads, self.config.head_dim)
+        config = self.config if config is None else config
+        shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
         kv = named_sharding(KVCache.logical_axes(), shape, self.mesh, self.rules)
         return KVCache(kv, kv, self._replicated())
 
@@ -366,17 +399,18 @@ class EnginePrograms:
         return SlotState(np.zeros(rows, np.int32), params, History.empty(rows, self.vocab, np))
 
     # ------------------------------------------------------------------ abstract arguments
-    def _state_spec(self):
-        return jax.tree.map(lambda x: _spec(x.shape, x.dtype, x.sharding), self.state)
+    def _state_spec(self, draft: bool = False):
+        return jax.tree.map(lambda x: _spec(x.shape, x.dtype, x.sharding), self.draft_state if draft else self.state)
 
     def _slot_state_spec(self, rows: int) -> SlotState:
         return jax.tree.map(
             lambda x: _spec(np.shape(x), np.asarray(x).dtype, self._replicated()), self._empty_state(rows)
         )
 
-    def _cache_spec(self, batch: int, length: int) -> KVCache:
-        abstract = jax.eval_shape(lambda: KVCache.init(self.config, batch, length, self.dtype))
-        shardings = self._cache_sharding(batch, length)
+    def _cache_spec(self, batch: int, length: int, draft: bool = False) -> KVCache:
+        config, dtype = (self.draft_config, self.draft_dtype) if draft else (self.config, self.dtype)
+        abstract = jax.eval_shape(lambda: KVCache.init(config, batch, length, dtype))
+        shardings = self._cache_sharding(batch, length, config)
         if shardings is None:
             return abstract
         return jax.tree.map(lambda a, s: _spec(a.shape, a.dtype, s), abstract, shardings)
@@ -385,7 +419,7 @@ class EnginePrograms:
         return _spec(shape, dtype, self._replicated())
 
     # ------------------------------------------------------------------ compilation
-    def _executable(self, key: tuple, build: Callable[[], Any]):
+    def _executable(self, key: tuple, build: Callable[[], Any], draft: bool = False):
         # Looked up on every step: in this engine's own programs first, by the short key, since
         # hashing the full key (the model's graph definition, large for an unrolled model) on every
         # lookup, a few lookups a step, would cost the step time (see benchmarks/serve.py).
@@ -393,7 +427,8 @@ class EnginePrograms:
         if known is not None:
             return known.executable
         name = f"engine.{key[0]}"
-        program, seconds = EXECUTABLES.get(name, (name, *key, self._signature), lambda: _Program(build()))
+        signature = (self._signature, self._draft_signature) if draft else self._signature
+        program, seconds = EXECUTABLES.get(name, (name, *key, signature), lambda: _Program(build()))
         if seconds:
             with self._compile_lock:
                 self.compile_seconds += seconds
@@ -414,6 +449,7 @@ class EnginePrograms:
             return jax.device_put(array, sharding) if sharding is not None else jax.device_put(array)
 
         state_structure = jax.tree.structure(self.state)
+        draft_structure = None if self.draft_state is None else jax.tree.structure(self.draft_state)
         start = time.perf_counter()
         for program in list(self._programs.values()):
             with _PRIME_LOCK:
@@ -422,10 +458,12 @@ class EnginePrograms:
                 program.primed = True
             executable = program.executable
             (args_info, _), (shardings, _) = executable.args_info, executable.input_shardings
-            # An argument shaped like the model's state is the state (never donated); the rest are zeros.
+            # An argument shaped like the model's (or the draft's) state is that state (never donated);
+            # the rest are zeros.
+            states = {state_structure: self.state, draft_structure: self.draft_state}
             args = [
-                self.state
-                if jax.tree.structure(info) == state_structure
+                states[jax.tree.structure(info)]
+                if jax.tree.structure(info) in states
                 else jax.tree.map(zeros, info, sharding, is_leaf=lambda x: x is None or hasattr(x, "donated"))
                 for info, sharding in zip(args_info, shardings)
             ]
@@ -458,10 +496,17 @@ class EnginePrograms:
         if self.speculative_tokens:
             jobs += [
                 functools.partial(self._speculate_executable, width, sampled)
-                for width in reversed(self.widths)
+                for width in reversed(self.speculative_widths)
                 for sampled in (False, True)
             ]
-            jobs += [functools.partial(self._speculate_logprobs_executable, width) for width in self.widths]
+            jobs += [functools.partial(self._speculate_logprobs_executable, width) for width in self.speculative_widths]
+        if self.draft_graphdef is not None:
+            jobs += [
+                functools.partial(self._draft_catch_up_executable, width, chunk)
+                for width in reversed(self.speculative_widths)
+                for chunk in self.draft_chunks
+            ]
+            jobs.append(self._draft_move_executable)
         jobs.append(self._move_executable)
         if self.chunks:
             jobs.append(self._start_executable)
@@ -707,74 +752,173 @@ class EnginePrograms:
         state's last token) and its proposals in one forward, checked as `qwen_jax.generate` checks
         them; returns the tokens `[width, K + 1]` (the accepted proposals, then the target's own),
         the accepted counts, the raw logits `[width, K + 1, vocab]`, and the cache and slot state
-        after the step (inactive rows unchanged)."""
+        after the step (inactive rows unchanged).
+
+        Without a draft the proposals are arguments (from the host); with one, the draft proposes
+        them first for the rows with `num_proposed` > 0 (their draft cache rows must hold the same
+        tokens as their target rows), and the draft's cache comes back too, those rows' lengths set
+        to the target's (the others' kept)."""
         k = self.speculative_tokens
+        with_draft = self.draft_graphdef is not None
         static = VerificationStatic(
             graphdef=self.graphdef,
-            draft_graphdef=None,
+            draft_graphdef=self.draft_graphdef,
             num_tokens=k,
             sampled=sampled,
             adjustments=True,  # the engine's rows always carry bias and penalties (ENGINE_VARIANTS)
             return_logits=True,
         )
+        whole = width == self.slots
 
-        def speculate(state, cache: KVCache, slot_state: SlotState, proposals, num_proposed, active):
+        def rows_of(cache: KVCache) -> KVCache:
+            return cache if whole else KVCache(cache.k[:, :width], cache.v[:, :width], cache.lengths[:width])
+
+        def put_back(cache: KVCache, rows: KVCache) -> KVCache:
+            if whole:
+                return rows
+            return KVCache(
+                cache.k.at[:, :width].set(rows.k),
+                cache.v.at[:, :width].set(rows.v),
+                cache.lengths.at[:width].set(rows.lengths),
+            )
+
+        def check(state, cache: KVCache, slot_state: SlotState, rows: SlotState, proposals, num_proposed, q, active):
             model = nnx.merge(self.graphdef, state)
-            whole = width == self.slots
-            rows_cache = cache if whole else KVCache(cache.k[:, :width], cache.v[:, :width], cache.lengths[:width])
-            rows = jax.tree.map(lambda x: x[:width], slot_state)
             count = rows.params.token_index
             tokens, accepted, rows_cache, history, logits = verify_proposals(
-                static,
-                model,
-                rows_cache,
-                rows.tokens,
-                proposals,
-                num_proposed,
-                None,
-                rows.history,
-                rows.params,
-                count,
-                active,
-            )
+                static, model, rows_of(cache), rows.tokens, proposals, num_proposed, q, rows.history, rows.params,
+                count, active,
+            )  # fmt: skip
             last = jnp.take_along_axis(tokens, accepted[:, None], axis=1)[:, 0]
             params = dataclasses.replace(rows.params, token_index=jnp.where(active, count + accepted + 1, count))
             rows = SlotState(jnp.where(active, last, rows.tokens), params, history)
             slot_state = jax.tree.map(lambda whole_x, part: whole_x.at[:width].set(part), slot_state, rows)
-            if not whole:
-                rows_cache = KVCache(
-                    cache.k.at[:, :width].set(rows_cache.k),
-                    cache.v.at[:, :width].set(rows_cache.v),
-                    cache.lengths.at[:width].set(rows_cache.lengths),
-                )
-            return tokens, accepted, logits, rows_cache, slot_state
+            return tokens, accepted, logits, put_back(cache, rows_cache), slot_state
+
+        def speculate(state, cache: KVCache, slot_state: SlotState, proposals, num_proposed, active):
+            rows = jax.tree.map(lambda x: x[:width], slot_state)
+            return check(state, cache, slot_state, rows, proposals, num_proposed, None, active)
+
+        def speculate_with_draft(
+            state, draft_state, cache: KVCache, draft_cache: KVCache, slot_state, num_proposed, active
+        ):
+            draft = nnx.merge(self.draft_graphdef, draft_state)
+            rows = jax.tree.map(lambda x: x[:width], slot_state)
+            proposing = active & (num_proposed > 0)
+            draft_rows, target_lengths = rows_of(draft_cache), cache.lengths[:width]
+            kept_lengths = draft_rows.lengths
+            draft_rows = KVCache(draft_rows.k, draft_rows.v, jnp.where(proposing, target_lengths, kept_lengths))
+            proposals, q, draft_rows = draft_proposals(
+                static, draft, draft_rows, rows.tokens, rows.history, rows.params, rows.params.token_index, self.vocab
+            )
+            tokens, accepted, logits, cache, slot_state = check(
+                state, cache, slot_state, rows, proposals, num_proposed, q, active
+            )
+            # The draft read the pending token and every proposal: it holds what the target accepted.
+            lengths = jnp.where(proposing, cache.lengths[:width], kept_lengths)
+            draft_cache = put_back(draft_cache, KVCache(draft_rows.k, draft_rows.v, lengths))
+            return tokens, accepted, logits, cache, draft_cache, slot_state
 
         def build():
+            logits_sharding = (
+                None
+                if self.mesh is None
+                else named_sharding(("batch", "seq", "vocab"), (width, k + 1, self.vocab), self.mesh, self.rules)
+            )
+            cache_sharding = self._cache_sharding(self.slots, self.max_len)
+            steps = self._scalar_spec((width,)), self._scalar_spec((width,), jnp.bool_)
+            if with_draft:
+                out_shardings = (
+                    None
+                    if self.mesh is None
+                    else (
+                        self._replicated(),
+                        self._replicated(),
+                        logits_sharding,
+                        cache_sharding,
+                        self._cache_sharding(self.slots, self.max_len, self.draft_config),
+                        self._replicated(),
+                    )
+                )
+                jitted = jax.jit(speculate_with_draft, donate_argnums=(2, 3, 4), out_shardings=out_shardings)
+                return jitted.lower(
+                    self._state_spec(),
+                    self._state_spec(draft=True),
+                    self._cache_spec(self.slots, self.max_len),
+                    self._cache_spec(self.slots, self.max_len, draft=True),
+                    self._slot_state_spec(self.slots),
+                    *steps,
+                ).compile()
             out_shardings = (
                 None
                 if self.mesh is None
-                else (
-                    self._replicated(),
-                    self._replicated(),
-                    named_sharding(("batch", "seq", "vocab"), (width, k + 1, self.vocab), self.mesh, self.rules),
-                    self._cache_sharding(self.slots, self.max_len),
-                    self._replicated(),
-                )
+                else (self._replicated(), self._replicated(), logits_sharding, cache_sharding, self._replicated())
             )
+            jitted = jax.jit(speculate, donate_argnums=(1, 2), out_shardings=out_shardings)
+            return jitted.lower(
+                self._state_spec(),
+                self._cache_spec(self.slots, self.max_len),
+                self._slot_state_spec(self.slots),
+                self._scalar_spec((width, k)),
+                *steps,
+            ).compile()
+
+        return self._executable(("speculate", width, k, sampled), build, draft=with_draft)
+
+    def _draft_catch_up_executable(self, width: int, chunk: int):
+        """Up to `chunk` tokens per row of the first `width` slots into the draft's cache: row r
+        reads `ids[r, :counts[r]]` at slots `starts[r]` onwards and its length becomes `starts[r] +
+        counts[r]`; a row with `counts[r]` = 0 is left as it is (its padding writes are dropped)."""
+
+        def catch_up(draft_state, draft_cache: KVCache, ids, starts, counts):
+            draft = nnx.merge(self.draft_graphdef, draft_state)
+            whole = width == self.slots
+            k, v, lengths = draft_cache.k, draft_cache.v, draft_cache.lengths
+            if not whole:
+                k, v, lengths = k[:, :width], v[:, :width], lengths[:width]
+            reading = counts > 0
+            at = jnp.where(reading, starts, self.max_len)  # past the cache: the writes are dropped
+            positions = at[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+            mask = (jnp.arange(chunk, dtype=jnp.int32)[None, :] < counts[:, None]).astype(jnp.int32)
+            _, rows = draft.hidden_states(ids, positions, mask, cache=KVCache(k, v, at))
+            lengths = jnp.where(reading, starts + counts, lengths)
+            if whole:
+                return KVCache(rows.k, rows.v, lengths)
+            return KVCache(
+                draft_cache.k.at[:, :width].set(rows.k),
+                draft_cache.v.at[:, :width].set(rows.v),
+                draft_cache.lengths.at[:width].set(lengths),
+            )
+
+        def build():
+            draft_cache = self._cache_spec(self.slots, self.max_len, draft=True)
+            out_shardings = self._cache_sharding(self.slots, self.max_len, self.draft_config)
+            rows = self._scalar_spec((width,))
             return (
-                jax.jit(speculate, donate_argnums=(1, 2), out_shardings=out_shardings)
-                .lower(
-                    self._state_spec(),
-                    self._cache_spec(self.slots, self.max_len),
-                    self._slot_state_spec(self.slots),
-                    self._scalar_spec((width, k)),
-                    self._scalar_spec((width,)),
-                    self._scalar_spec((width,), jnp.bool_),
-                )
+                jax.jit(catch_up, donate_argnums=1, out_shardings=out_shardings)
+                .lower(self._state_spec(draft=True), draft_cache, self._scalar_spec((width, chunk)), rows, rows)
                 .compile()
             )
 
-        return self._executable(("speculate", width, k, sampled), build)
+        return self._executable(("draft_catch_up", width, chunk), build, draft=True)
+
+    def _draft_move_executable(self):
+        def move(draft_cache: KVCache, source, target):
+            def copy(x, axis):
+                row = jax.lax.dynamic_index_in_dim(x, source, axis, keepdims=True)
+                return jax.lax.dynamic_update_slice_in_dim(x, row, target, axis)
+
+            return KVCache(copy(draft_cache.k, 1), copy(draft_cache.v, 1), copy(draft_cache.lengths, 0))
+
+        def build():
+            out_shardings = self._cache_sharding(self.slots, self.max_len, self.draft_config)
+            return (
+                jax.jit(move, donate_argnums=0, out_shardings=out_shardings)
+                .lower(self._cache_spec(self.slots, self.max_len, draft=True), self._scalar_spec(), self._scalar_spec())
+                .compile()
+            )
+
+        return self._executable(("draft_move",), build, draft=True)
 
     def _speculate_logprobs_executable(self, width: int):
         """`logprobs` of a speculative step's K + 1 positions per row."""
@@ -939,21 +1083,40 @@ class EnginePrograms:
         logits, self.cache = self._decode_executable(width)(self.state, self.cache, self.slot_state.tokens, active)
         return self._sample_step(rows, logits, active, bitmask)
 
-    def speculative_step(self, rows: list, proposals: np.ndarray, proposed: np.ndarray) -> StepOutputs:
+    def speculative_step(self, rows: list, proposals: np.ndarray | None, proposed: np.ndarray) -> StepOutputs:
         """Check each decoding row's proposals (`proposals` `[len(rows), K]`, the first `proposed[r]`
         of row r real; -1 marks a row that did not speculate, 0 proposals) in one forward: every
         row of `rows` (a Request, or None for an idle row) gets 1 to K + 1 tokens. `len(rows)` must
-        be one of `widths`; no row may be constrained (the check takes no bitmask)."""
+        be one of `widths`; no row may be constrained (the check takes no bitmask).
+
+        With a draft model, `proposals` is None: the draft proposes K tokens for each row with
+        `proposed[r]` > 0, of which the first `proposed[r]` are checked; those rows' draft cache
+        rows must hold the tokens their target rows hold (`draft_catch_up`)."""
         width = len(rows)
         active = np.asarray([r is not None for r in rows])
         sampled = any(r is not None and r.options.temperature > 0 for r in rows)
-        args = self._put((proposals.astype(np.int32), np.maximum(proposed, 0).astype(np.int32), active))
-        tokens, accepted, logits, self.cache, self.slot_state = self._speculate_executable(width, sampled)(
-            self.state, self.cache, self.slot_state, *args
-        )
+        executable = self._speculate_executable(width, sampled)
+        num_proposed, active = self._put((np.maximum(proposed, 0).astype(np.int32), active))
+        if self.draft_graphdef is None:
+            tokens, accepted, logits, self.cache, self.slot_state = executable(
+                self.state, self.cache, self.slot_state, self._put(proposals.astype(np.int32)), num_proposed, active
+            )
+        else:
+            tokens, accepted, logits, self.cache, self.draft_cache, self.slot_state = executable(
+                self.state, self.draft_state, self.cache, self.draft_cache, self.slot_state, num_proposed, active
+            )
         wants_logprobs = any(r is not None and r.top_logprobs is not None for r in rows)
         logprobs = self._speculate_logprobs_executable(width)(logits, tokens) if wants_logprobs else None
         return StepOutputs(list(rows), tokens, logprobs, accepted, np.asarray(proposed))
+
+    def draft_catch_up(self, ids: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> None:
+        """Write tokens into the draft's cache rows of the first `len(ids)` slots (one of `widths`):
+        row r reads `ids[r, :counts[r]]` (`ids` `[rows, chunk]`, `chunk` one of `draft_chunks`) at slots
+        `starts[r]` onwards and then holds `starts[r] + counts[r]` tokens; rows with `counts[r]` = 0 are
+        left alone."""
+        executable = self._draft_catch_up_executable(len(ids), ids.shape[1])
+        args = self._put((ids.astype(np.int32), starts.astype(np.int32), counts.astype(np.int32)))
+        self.draft_cache = executable(self.draft_state, self.draft_cache, *args)
 
     def start_row(self, options: SamplingOptions, slot: int) -> None:
         """Empty `slot`'s cache row and give it the request's sampling state (before `mixed_step`)."""
@@ -1029,9 +1192,12 @@ class EnginePrograms:
             self.pool = self._copy_out_executable(count)(self.pool, self.cache, *args)
 
     def move(self, source: int, target: int) -> None:
-        """Copy slot `source`'s cache row and state into slot `target` (dispatched, not awaited)."""
+        """Copy slot `source`'s cache row and state (and draft cache row) into slot `target` (dispatched,
+        not awaited)."""
         source, target = self._put((np.int32(source), np.int32(target)))
         self.cache, self.slot_state = self._move_executable()(self.cache, self.slot_state, source, target)
+        if self.draft_cache is not None:
+            self.draft_cache = self._draft_move_executable()(self.draft_cache, source, target)
 
 
 def _sample(logits, slot_state: SlotState, bitmask, variant: SamplerVariant):

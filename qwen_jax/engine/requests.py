@@ -212,6 +212,7 @@ class Request:
         self.speculate = speculate and grammar is None  # False: the request never proposes tokens
         self.acceptance = 1.0  # moving average of the fraction of its proposals accepted per step
         self.paused_steps = 0  # decode steps left before it proposes again (its acceptance fell below the floor)
+        self.draft_tokens = 0  # tokens of prompt + output its slot's draft cache row holds (a draft model)
 
     @property
     def finished(self) -> bool:

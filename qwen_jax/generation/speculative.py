@@ -250,11 +250,17 @@ def _fit_vocabulary(logits: jax.Array, vocab: int) -> jax.Array:
     return jnp.pad(logits, ((0, 0), (0, vocab - have)), constant_values=-jnp.inf)
 
 
-def _propose(static: VerificationStatic, draft: Qwen2ForCausalLM, cache, pending, history, params, count, vocab):
-    """K draft tokens per row (and, when sampling, the draft distributions q they were drawn from).
+def draft_proposals(
+    static: VerificationStatic, draft: Qwen2ForCausalLM, cache: KVCache, pending, history, params, count, vocab: int
+):
+    """K draft tokens per row `[B, K]`, and (when sampling, else None) the draft distributions q
+    `[B, K, vocab]` they were drawn from, and the draft's cache; traced inside a speculative step
+    (generate's and the engine's).
 
-    The draft also reads its K-th proposal (K + 1 forwards), so its cache holds every token the
-    target may accept."""
+    The draft reads `pending` `[B]` at each row's cache length, which must hold every earlier token.
+    Rows draw as the one sampler does for token `count + i` (`history`, `params`: the target's), on
+    the target's `vocab`. The draft also reads its K-th proposal (K + 1 forwards), so its cache holds
+    every token the target may accept: after the check, set its lengths to the target's."""
     token, proposals, probabilities = pending, [], []
     for i in range(static.num_tokens + 1):
         logits, cache = draft.forward(token[:, None], cache.lengths[:, None], None, cache=cache)
@@ -346,7 +352,7 @@ def _draft_step(
     model = nnx.merge(static.graphdef, state)
     draft = nnx.merge(static.draft_graphdef, draft_state)
     lengths = draft_cache.lengths
-    proposals, q, draft_cache = _propose(
+    proposals, q, draft_cache = draft_proposals(
         static, draft, draft_cache, pending, history, params, count, model.config.vocab_size
     )
     num_proposed = jnp.full_like(count, static.num_tokens)

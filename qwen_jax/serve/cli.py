@@ -164,10 +164,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--prime runs the compiled programs once: it needs --warmup")
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
-    if args.speculative == "draft":
-        raise UsageError(
-            "qwen-jax serve speculates with --speculative ngram only (a draft model runs in generate/chat)"
-        )
+    if (args.speculative == "draft") != (args.draft_model is not None):  # before loading anything
+        if args.draft_model is None:
+            raise UsageError("--speculative draft needs --draft-model PATH|HUB_ID")
+        raise UsageError("--draft-model needs --speculative draft")
     listener = _listen(args.host, args.port)  # before loading: a busy port fails in a second, not a minute
 
     model, tokenizer = load_for_cli(args)
@@ -189,7 +189,9 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"qwen-jax serve: compiling {len(engine.programs.buckets)} prefill buckets, "
             f"{len(engine.programs.widths)} decode widths, {len(engine.programs.chunk_shapes)} mixed-step chunk "
-            f"shapes and samplers on {default_compile_workers()} threads...",
+            f"shapes{'' if args.speculative is None else ', speculative steps'}"
+            f"{' (with the draft model)' if args.speculative == 'draft' else ''} and samplers on "
+            f"{default_compile_workers()} threads...",
             file=sys.stderr,
             flush=True,
         )

@@ -133,6 +133,11 @@ class _EngineCollector:
             "Times a request stopped proposing because its acceptance fell below --speculative-min-acceptance",
             value=stats.speculative_pauses,
         )
+        yield CounterMetricFamily(
+            "qwen_jax_speculative_draft_catch_up_tokens",
+            "Tokens the draft model read to catch up with its request (prompts, tokens decoded without speculation)",
+            value=stats.speculative_draft_catch_up_tokens,
+        )
         yield GaugeMetricFamily(
             "qwen_jax_speculative_acceptance_rate",
             "Accepted / proposed tokens since start (0 before any proposal)",

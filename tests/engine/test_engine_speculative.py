@@ -206,8 +206,6 @@ def test_back_off_at_load(tiny_model, spec_engine, references, oracle):
 
 def test_refused_options(tiny_model):
     model, tokenizer = tiny_model
-    with pytest.raises(EngineError, match="'ngram'"):
-        Engine(model, tokenizer, slots=1, max_len=32, speculative=SpeculativeOptions("draft", draft_model=model))
     with pytest.raises(EngineError, match="speculative_max_rows"):
         Engine(model, tokenizer, slots=1, max_len=32, speculative="ngram", speculative_max_rows=0)
     with pytest.raises(EngineError, match="speculative method"):

@@ -146,3 +146,48 @@ def test_prefix_cache_settings(tiny_model):
         assert off.stats().prefix_cache_blocks == 0 and off.programs.pool is None
     finally:
         off.shutdown()
+
+
+def test_no_block_leaks_after_a_thousand_requests_with_aborts_and_evictions(tiny_model, uncached):
+    """1,000 short requests through a 6-block pool, in waves, a fifth of them aborted right after
+    submission (wherever that finds them: queued or already admitted): afterwards every pool block is either free or cached exactly
+    once, the pool never held more than its size, nothing was refused, and sampled requests that ran
+    to the end gave the tokens of the engine without a cache."""
+    model, tokenizer = tiny_model
+    engine = qwen_jax.Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN, prefill_chunk=CHUNK, prefix_cache_blocks=6)
+    try:
+        rng = random.Random(1)
+        stems = [BASE, BASE[:20], "Once upon a time in a land ", "Q: 2+2? A:"]
+        prompts = [rng.choice(stems) + "".join(rng.choices("abcdefgh", k=rng.randint(1, 12))) for _ in range(1000)]
+        settings = [dict(max_new_tokens=rng.randint(1, 3), temperature=0) for _ in range(1000)]
+        checked = set(range(0, 1000, 97))
+        reference = dict(
+            zip(
+                checked,
+                (c.token_ids for c in _run(uncached, [prompts[i] for i in checked], [settings[i] for i in checked])),
+            )
+        )
+        finished = aborted = 0
+        for start in range(0, 1000, 50):
+            wave = range(start, start + 50)
+            handles = {i: engine.submit(prompts[i], **settings[i]) for i in wave}
+            for i in rng.sample(list(wave), 10):
+                handles[i].abort()
+            for i, handle in handles.items():
+                completion = handle.result(120)
+                if completion.finish_reason == "abort":
+                    aborted += 1
+                    continue
+                finished += 1
+                if i in reference:
+                    assert completion.token_ids == reference[i], i
+            assert engine.stats().prefix_cache_blocks_used <= 6
+        assert finished + aborted == 1000 and aborted > 0
+        assert wait_until(lambda: engine.stats().running == 0)
+        stats = engine.stats()
+        assert stats.prefix_cache_blocks_evicted > 0 and stats.prefix_cache_hit_tokens > 0
+        index = engine._prefix
+        assert len(index._free) + stats.prefix_cache_blocks_used == 6  # none leaked
+        assert sorted([*index._free, *index._blocks.values()]) == list(range(6))  # and none held twice
+    finally:
+        engine.shutdown()

@@ -150,9 +150,9 @@ def test_prefix_cache_settings(tiny_model):
 
 def test_no_block_leaks_after_a_thousand_requests_with_aborts_and_evictions(tiny_model, uncached):
     """1,000 short requests through a 6-block pool, in waves, a fifth of them aborted right after
-    submission (wherever that finds them: queued or already admitted): afterwards every pool block is either free or cached exactly
-    once, the pool never held more than its size, nothing was refused, and sampled requests that ran
-    to the end gave the tokens of the engine without a cache."""
+    submission (wherever that finds them: queued or already admitted): afterwards every pool block
+    is either free or cached exactly once, the pool never held more than its size, nothing was
+    refused, and sampled requests that ran to the end gave the tokens of the engine without a cache."""
     model, tokenizer = tiny_model
     engine = qwen_jax.Engine(model, tokenizer, slots=SLOTS, max_len=MAX_LEN, prefill_chunk=CHUNK, prefix_cache_blocks=6)
     try:

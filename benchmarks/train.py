@@ -23,6 +23,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -49,6 +50,13 @@ def measured_matmul_flops(dtype, n: int = 2048) -> float:
         out = f(a)
     out.block_until_ready()
     return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far: less disturbed than wall time by other jobs
+    on a shared machine (a process waiting for a core spends no CPU time)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def random_batch(config, seq_len: int, rows: int, seed: int = 0):
@@ -117,14 +125,15 @@ def bench_jax(
     start = time.perf_counter()
     trainer.train_step(batch)
     compile_s = time.perf_counter() - start
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     for _ in range(steps):
         metrics = trainer.train_step(batch)
     seconds = (time.perf_counter() - start) / steps
+    cpu_s = (cpu_seconds() - cpu_start) / steps
     trainer.checkpoints.close()
     del trainer, model
     gc.collect()
-    return {"step_s": seconds, "first_step_s": compile_s, "loss": metrics["loss"]}
+    return {"step_s": seconds, "cpu_s": cpu_s, "first_step_s": compile_s, "loss": metrics["loss"]}
 
 
 class TorchLoRALinear:
@@ -189,14 +198,15 @@ def bench_torch(preset: str, seq_len: int, rows: int, steps: int, lora_rank: int
     step()
     sync()
     first = time.perf_counter() - start
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     for _ in range(steps):
         loss = step()
     sync()
     seconds = (time.perf_counter() - start) / steps
+    cpu_s = (cpu_seconds() - cpu_start) / steps
     model = optimizer = None  # `step` holds them too: release the model before the next run
     gc.collect()
-    return {"step_s": seconds, "first_step_s": first, "loss": loss}
+    return {"step_s": seconds, "cpu_s": cpu_s, "first_step_s": first, "loss": loss}
 
 
 # --------------------------------------------------------------------------- processes
@@ -372,7 +382,8 @@ def main(argv=None) -> int:
             )
             results.append(result)
             print(
-                f"{name:9s} {mode:4s}: {result['step_s']:7.2f} s/step  {result['tokens_per_s']:8.1f} tokens/s  "
+                f"{name:9s} {mode:4s}: {result['step_s']:7.2f} s/step ({result['cpu_s']:.2f} CPU s)  "
+                f"{result['tokens_per_s']:8.1f} tokens/s  "
                 f"MFU {100 * result['mfu']:5.1f}%  (first step {result['first_step_s']:.1f} s, "
                 f"loss {result['loss']:.3f})",
                 flush=True,

@@ -5,6 +5,8 @@ the causal diagonal and window edges are all exercised; model-level checks live 
 tests/ops/test_long_context.py.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,7 @@ from attention_fixtures import _qkv, _segments
 from qwen_jax.errors import AttentionBackendError
 from qwen_jax.ops import cpu
 from qwen_jax.ops.attention import attend
-from qwen_jax.ops.attention.chunked import DIAGONAL_MIN_QUERIES, LEAN_MIN_QUERIES
+from qwen_jax.ops.attention.chunked import BLOCK_KV, BLOCK_Q, DIAGONAL_MIN_QUERIES, LEAN_MIN_QUERIES
 from qwen_jax.ops.attention.cudnn import cudnn_arguments
 from qwen_jax.ops.attention.mask import AttentionMask
 from qwen_jax.ops.attention.selection import check_backend, select_backend
@@ -74,6 +76,36 @@ def test_chunked_forward_and_gradients_equal_xla(case, shape):
     assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= FWD_TOL
     for got, want in zip(grads, ref_grads):
         assert np.abs(np.asarray(got) - np.asarray(want)).max() <= GRAD_TOL
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_chunked_gradients_at_the_default_blocks_equal_xla(segments):
+    """Training's shape: the default blocks, several query blocks against one key block (the key
+    range XLA's loop-invariant code motion would compute in full for every query block), packed
+    segments with a padding tail; float32 gradients within 1e-5 of the unblocked reference."""
+    length = 2 * BLOCK_Q
+    assert length == BLOCK_KV
+    q, k, v = _qkv(2, length, length, heads=4, kv_heads=2, head_dim=64)
+    mask = AttentionMask.causal(_segments(2, length) if segments else None)
+    ref, ref_grads = _forward_and_grads(_run("xla", mask), q, k, v)
+    out, grads = _forward_and_grads(_run("chunked", mask), q, k, v)
+    assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= FWD_TOL
+    for got, want in zip(grads, ref_grads):
+        assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-5
+
+
+def test_chunked_gradient_computes_no_product_over_every_key():
+    """Causal training attention at the default blocks (two query blocks, one key block): the
+    compiled forward and backward contain no product over all the keys; each query block reads
+    only the keys up to its diagonal (XLA once hoisted a loop-invariant full-width block out of a
+    loop that runs zero times, and the backward read the whole key block for every query block)."""
+    length = 2 * BLOCK_Q
+    q, k, v = _qkv(1, length, length, heads=6, kv_heads=2, head_dim=64)
+    mask = AttentionMask.causal(_segments(1, length))
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(attend(*a, mask, backend="chunked")), argnums=(0, 1, 2)))
+    hlo = grad.lower(q, k, v).compile().as_text()
+    products = [tuple(map(int, dims.split(","))) for dims in re.findall(r"= f32\[([\d,]+)\]\{[\d,]*\} dot\(", hlo)]
+    assert products and all(length not in shape for shape in products), products
 
 
 @pytest.mark.parametrize(

@@ -69,6 +69,36 @@ def _block_ranges(mask: AttentionMask, first_q, last_q, bk: int, num_kv_blocks: 
     return lo.astype(jnp.int32), clean_lo.astype(jnp.int32), clean_hi.astype(jnp.int32), hi.astype(jnp.int32)
 
 
+def _masked_width(bq: int, bk: int) -> int:
+    """Width of the masked key blocks: bq when query blocks of `DIAGONAL_MIN_QUERIES` rows or more
+    divide bk (a query block's causal diagonal is then bq keys wide), else bk."""
+    return bq if DIAGONAL_MIN_QUERIES <= bq < bk and bk % bq == 0 else bk
+
+
+def _clean_blocks(mask: AttentionMask, clean_lo, clean_hi, bm: int, bk: int, clean_block, carry):
+    """Run `clean_block(start, size, carry)` over the clean range [clean_lo * bm, clean_hi * bm):
+    whole bk blocks, then bm blocks for the rest.
+
+    With segment ids no block is clean (`_block_ranges`), so no loop is emitted. The whole-block
+    loop runs under a `cond`: when the keys are one bk block its slice does not depend on the loop
+    index, and XLA hoists the block's products out of the loop, which would compute them (for every
+    query block, all keys, in the forward and the backward) even when the loop runs zero times.
+    """
+    if mask.q_segment_ids is not None:
+        return carry
+    whole = (clean_hi - clean_lo) * bm // bk
+
+    def whole_blocks(carry):
+        return jax.lax.fori_loop(0, whole, lambda t, c: clean_block(clean_lo * bm + t * bk, bk, c), carry)
+
+    carry = jax.lax.cond(whole > 0, whole_blocks, lambda c: c, carry)
+    if bm != bk:
+        carry = jax.lax.fori_loop(
+            clean_lo + whole * (bk // bm), clean_hi, lambda i, c: clean_block(i * bm, bm, c), carry
+        )
+    return carry
+
+
 def _kv_block(k, v, layer, i, bk: int, row_offset=0, rows=None):
     """Keys/values of block i `[rows, bk, K, H]` (cache rows from `row_offset`) and their slots; the
     start is clamped so the last block of a length no block size divides re-reads some keys
@@ -124,7 +154,7 @@ def flash_forward(
     # `bk`: with query blocks of `DIAGONAL_MIN_QUERIES` rows or more that divide bk, a query block's
     # diagonal is bq keys wide, not bk, so less of the block above the diagonal is computed and
     # thrown away (see benchmarks/long_context.py).
-    bm = bq if DIAGONAL_MIN_QUERIES <= bq < bk and bk % bq == 0 else bk
+    bm = _masked_width(bq, bk)
     nq, nm = _ceil_div(T, bq), _ceil_div(S, bm)
     q_blocks, segment_blocks = _query_blocks(q, mask, nq * bq, bq, K)
 
@@ -198,13 +228,7 @@ def flash_forward(
             jnp.zeros((B, K, G, bq), jnp.float32),
         )
         carry = jax.lax.fori_loop(lo, clean_lo, masked_step, carry)
-        # The clean range [clean_lo * bm, clean_hi * bm): whole bk blocks, then bm blocks for the rest.
-        whole = (clean_hi - clean_lo) * bm // bk
-        carry = jax.lax.fori_loop(0, whole, lambda t, c: clean_block(clean_lo * bm + t * bk, bk, c), carry)
-        if bm != bk:
-            carry = jax.lax.fori_loop(
-                clean_lo + whole * (bk // bm), clean_hi, lambda i, c: clean_block(i * bm, bm, c), carry
-            )
+        carry = _clean_blocks(mask, clean_lo, clean_hi, bm, bk, clean_block, carry)
         acc, row_max, row_sum = jax.lax.fori_loop(clean_hi, hi, masked_step, carry)
         row_sum = jnp.maximum(row_sum, jnp.finfo(jnp.float32).tiny)
         return (acc / row_sum[..., None]).astype(q.dtype), row_max + jnp.log(row_sum)
@@ -245,12 +269,15 @@ def _flash_fwd(q, k, v, mask, scale, blocks, cpu_kernels):
 
 def _flash_bwd(scale, blocks, cpu_kernels, residuals, d_out):
     """FlashAttention-2 backward: per query block, recompute each visited block's probabilities
-    from the saved log-sum-exp; dq accumulates per query block, dk/dv in float32 `[B, S, K, H]`."""
+    from the saved log-sum-exp; dq accumulates per query block, dk/dv in float32 `[B, S, K, H]`.
+    The key blocks visited are the forward's: masked ones `bm` keys wide (a query block's causal
+    diagonal is bq keys wide when bq divides bk), clean ones bk wide, none above the diagonal."""
     q, k, v, mask, out, lse = residuals
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     bq, bk = blocks
-    nq, nk = _ceil_div(T, bq), _ceil_div(S, bk)
+    bm = _masked_width(bq, bk)
+    nq, nm = _ceil_div(T, bq), _ceil_div(S, bm)
     q_blocks, segment_blocks = _query_blocks(q, mask, nq * bq, bq, K)
     dout_blocks, _ = _query_blocks(d_out, mask, nq * bq, bq, K)
     out_blocks, _ = _query_blocks(out, mask, nq * bq, bq, K)
@@ -262,38 +289,42 @@ def _flash_bwd(scale, blocks, cpu_kernels, residuals, d_out):
         j, qb, dob, lse_j, delta_j, q_segments = xs
         q_slots = jnp.broadcast_to(mask.q_slots(B, bq, j * bq), (B, bq))
         lo, clean_lo, clean_hi, hi = _block_ranges(
-            mask, q_slots[:, 0], q_slots[:, 0] + jnp.minimum(bq, T - j * bq) - 1, bk, nk, S
+            mask, q_slots[:, 0], q_slots[:, 0] + jnp.minimum(bq, T - j * bq) - 1, bm, nm, S
         )
 
-        def step(masked):
-            def body(i, carry):
-                dq, dk, dv = carry
-                kb, vb, k_slots = _kv_block(k5, v5, 0, i, bk)
-                s = _scores(qb, kb, scale, cpu_kernels)
-                if masked:
-                    seen = _block_visible(mask, q_slots, q_segments, k_slots, i, bk)
-                    s = jnp.where(seen[:, None, None], s, MASKED)
-                p = jnp.exp(s - lse_j[..., None])
-                dp = jnp.einsum("BKGQH,BSKH->BKGQS", dob, vb.astype(dob.dtype), preferred_element_type=jnp.float32)
-                ds = p * (dp - delta_j[..., None]) * scale
-                dq = dq + jnp.einsum("BKGQS,BSKH->BKGQH", ds, kb.astype(jnp.float32))
-                start = k_slots[0]
-                dv_block = jnp.einsum("BKGQS,BKGQH->BSKH", p, dob.astype(jnp.float32))
-                dk_block = jnp.einsum("BKGQS,BKGQH->BSKH", ds, qb.astype(jnp.float32))
-                dk = jax.lax.dynamic_update_slice_in_dim(
-                    dk, jax.lax.dynamic_slice_in_dim(dk, start, bk, axis=1) + dk_block, start, axis=1
-                )
-                dv = jax.lax.dynamic_update_slice_in_dim(
-                    dv, jax.lax.dynamic_slice_in_dim(dv, start, bk, axis=1) + dv_block, start, axis=1
-                )
-                return dq, dk, dv
+        def accumulate(kb, vb, start, size, seen, carry):
+            """Add the gradients of `size` keys from slot `start` (seen: their mask, or None: all visible)."""
+            dq, dk, dv = carry
+            s = _scores(qb, kb, scale, cpu_kernels)
+            if seen is not None:
+                s = jnp.where(seen[:, None, None], s, MASKED)
+            p = jnp.exp(s - lse_j[..., None])
+            dp = jnp.einsum("BKGQH,BSKH->BKGQS", dob, vb.astype(dob.dtype), preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_j[..., None]) * scale
+            dq = dq + jnp.einsum("BKGQS,BSKH->BKGQH", ds, kb.astype(jnp.float32))
+            dv_block = jnp.einsum("BKGQS,BKGQH->BSKH", p, dob.astype(jnp.float32))
+            dk_block = jnp.einsum("BKGQS,BKGQH->BSKH", ds, qb.astype(jnp.float32))
+            dk = jax.lax.dynamic_update_slice_in_dim(
+                dk, jax.lax.dynamic_slice_in_dim(dk, start, size, axis=1) + dk_block, start, axis=1
+            )
+            dv = jax.lax.dynamic_update_slice_in_dim(
+                dv, jax.lax.dynamic_slice_in_dim(dv, start, size, axis=1) + dv_block, start, axis=1
+            )
+            return dq, dk, dv
 
-            return body
+        def masked_step(i, carry):  # block i of bm keys, masked
+            kb, vb, k_slots = _kv_block(k5, v5, 0, i, bm)
+            seen = _block_visible(mask, q_slots, q_segments, k_slots, i, bm)
+            return accumulate(kb, vb, k_slots[0], bm, seen, carry)
+
+        def clean_block(start, size, carry):  # `size` keys from slot `start`, all visible to every query
+            kb, vb = _kv_slice(k5, v5, 0, start, size)
+            return accumulate(kb, vb, start, size, None, carry)
 
         carry = (jnp.zeros(qb.shape, jnp.float32), *dkv)
-        carry = jax.lax.fori_loop(lo, clean_lo, step(True), carry)
-        carry = jax.lax.fori_loop(clean_lo, clean_hi, step(False), carry)
-        dq, dk, dv = jax.lax.fori_loop(clean_hi, hi, step(True), carry)
+        carry = jax.lax.fori_loop(lo, clean_lo, masked_step, carry)
+        carry = _clean_blocks(mask, clean_lo, clean_hi, bm, bk, clean_block, carry)
+        dq, dk, dv = jax.lax.fori_loop(clean_hi, hi, masked_step, carry)
         return (dk, dv), dq
 
     dkv = (jnp.zeros((B, S, K, H), jnp.float32), jnp.zeros((B, S, K, H), jnp.float32))

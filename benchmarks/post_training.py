@@ -3,7 +3,8 @@
     python benchmarks/post_training.py --method dpo [--preset 0.5B] [--layers N] [--seq-len 128] \
         [--batch-size 2] [--steps 3] [--lora-rank 16] [--skip-trl] [--json OUT]
     python benchmarks/post_training.py --method grpo [--preset 0.5B] [--layers N] [--prompts 8] \
-        [--generations 8] [--new-tokens 128] [--lora-rank 16] [--steps 2] [--skip-trl] [--workdir DIR] [--json OUT]
+        [--generations 8] [--new-tokens 128] [--lora-rank 16] [--steps 2] [--skip-trl] [--workdir DIR] \
+        [--bound-only] [--json OUT]
 
 DPO: LoRA on random weights of the preset (`--layers` cuts the decoder layers), `--batch-size`
 preference pairs per step, each sequence `--seq-len` tokens (half prompt, half completion, no
@@ -214,6 +215,75 @@ def grpo_prompts(count: int) -> list[dict]:
     return [{"prompt": f"What is {a} + {b}? Think step by step.", "answer": str(a + b)} for a, b in pairs]
 
 
+def grpo_flops(config, prompt_lengths: list[int], generations: int, new_tokens: int) -> dict[str, float]:
+    """Lower bounds on the FLOPs of one GRPO step (2 per multiply-add), for any implementation.
+
+    Rollout: each prompt's prefill once, then `generations` × `new_tokens` decoded tokens, each with
+    its `lm_head` product. Update (one policy update, `beta` 0, frozen base weights): the forward over
+    every row with logits at the completion positions, and the backward's gradients of the
+    activations, which repeat every product of the forward except the first layer's q/k/v input
+    gradients (nothing trainable lies below them). Left out, so that no implementation needs fewer:
+    the last layer's products at prompt positions other than k/v (no loss term reads them), LoRA's
+    own products, the prompt's last logits, the softmax and everything elementwise."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    linear = hidden * q + 2 * hidden * kv + q * hidden + 3 * hidden * config.intermediate_size  # per layer
+    head = hidden * config.vocab_size
+
+    def decoder(before: int, tokens: int) -> float:  # `tokens` tokens after `before` in one row
+        context = tokens * before + tokens * (tokens + 1) / 2  # keys each new token attends to, summed
+        return 2.0 * layers * (linear * tokens + 2 * q * context)
+
+    rows = generations * len(prompt_lengths)
+    prompt_tokens = generations * sum(prompt_lengths)
+    rollout = sum(
+        decoder(0, n) + generations * (decoder(n, new_tokens) + 2.0 * head * new_tokens) for n in prompt_lengths
+    )
+    forward = generations * sum(decoder(0, n + new_tokens) for n in prompt_lengths) + 2.0 * head * rows * new_tokens
+    forward -= 2.0 * (linear - 2 * hidden * kv) * prompt_tokens  # the last layer at prompt positions: k/v only
+    backward = forward - 2.0 * hidden * (q + 2 * kv) * (prompt_tokens + rows * new_tokens)
+    return {"rollout": rollout, "update": forward + backward, "step": rollout + forward + backward}
+
+
+def matmul_rate(repeats: int = 10) -> float:
+    """The best float32 matrix-product rate (FLOP/s) of this machine, JAX's or torch's, on the 0.5B
+    model's MLP products over 4,096 rows: a ceiling on the rate at which any implementation runs the
+    model's FLOPs here (decode products over few rows run slower)."""
+    import torch
+
+    def best_rate(run, flops: float) -> float:
+        run()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return flops / min(times)
+
+    product = jax.jit(jnp.matmul)
+    rates = []
+    for m, k, n in ((4096, 896, 4864), (4096, 4864, 896)):  # the 0.5B model's MLP shapes
+        a, b = np.ones((m, k), np.float32), np.ones((k, n), np.float32)
+        x, y = jnp.asarray(a), jnp.asarray(b)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        rates.append(best_rate(lambda x=x, y=y: product(x, y).block_until_ready(), 2.0 * m * k * n))
+        rates.append(best_rate(lambda ta=ta, tb=tb: ta @ tb, 2.0 * m * k * n))
+    return max(rates)
+
+
+def grpo_bound(args, prompt_lengths: list[int]) -> dict[str, float]:
+    """The step's FLOPs (`grpo_flops`), this machine's best product rate, and so the least time a step
+    of any implementation can take here."""
+    flops = grpo_flops(model_config(args.preset, args.layers), prompt_lengths, args.generations, args.new_tokens)
+    rate = matmul_rate()
+    return {
+        **{f"{name}_tflop": value / 1e12 for name, value in flops.items()},
+        "matmul_gflop_per_s": rate / 1e9,
+        "least_step_seconds": flops["step"] / rate,
+    }
+
+
 def grpo_jax_trainer(model_dir: str, data: str, args, workdir: str, seq_len: int):
     """qwen-jax's GRPO trainer (`train --method grpo`) at the benchmark's settings; `run_step` runs one step."""
     from qwen_jax.train.config import TrainConfig
@@ -286,17 +356,21 @@ def grpo(args) -> dict:
 
     from qwen_jax.tokenizer import Tokenizer
 
+    records = grpo_prompts(args.prompts)
+    prompt_lengths = [len(Tokenizer.from_dir(TOKENIZER).encode(r["prompt"])) for r in records]
+    bound = grpo_bound(args, prompt_lengths)
+    print(f"# bound: {json.dumps(bound)}", flush=True)
+    if args.bound_only:
+        return {"bound": bound}
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_grpo_")
     model_dir = os.path.join(workdir, f"model_{args.preset}_{args.layers or 'all'}")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         write_checkpoint(model_dir, args.preset, args.layers)
-    records = grpo_prompts(args.prompts)
     data = os.path.join(workdir, "prompts.jsonl")
     with open(data, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     # Rows as long as the longest prompt (rounded up to 16) + the completion: TRL pads to the longest too.
-    longest = max(len(Tokenizer.from_dir(TOKENIZER).encode(r["prompt"])) for r in records)
-    seq_len = args.new_tokens + -(-longest // 16) * 16
+    seq_len = args.new_tokens + -(-max(prompt_lengths) // 16) * 16
     jax_trainer = grpo_jax_trainer(model_dir, data, args, workdir, seq_len)
     jax_steps: list[dict] = []
     trl_steps: list[dict] = []
@@ -337,7 +411,12 @@ def grpo(args) -> dict:
         grpo_trl_trainer(model_dir, records, args, workdir, Alternate()).train()
     jax_trainer.rollouts.close()
     jax_trainer.checkpoints.close()
-    result = {"settings": {**settings, "seq_len": seq_len}, "qwen_jax_steps": jax_steps, "trl_steps": trl_steps}
+    result = {
+        "settings": {**settings, "seq_len": seq_len},
+        "bound": bound,
+        "qwen_jax_steps": jax_steps,
+        "trl_steps": trl_steps,
+    }
     timed_jax = jax_steps[1:]
     result["qwen_jax"] = {
         k: float(np.mean([s[k] for s in timed_jax]))
@@ -352,6 +431,8 @@ def grpo(args) -> dict:
         }
         result["speedup"] = result["trl"]["step_time"] / result["qwen_jax"]["step_time"]
         result["speedup_per_step"] = ratios
+        # No implementation's step is shorter than least_step_seconds here: the ratio any could reach.
+        result["speedup_ceiling"] = result["trl"]["step_time"] / bound["least_step_seconds"]
     return result
 
 
@@ -404,6 +485,11 @@ def main(argv=None) -> int:
         "--grad-accum", type=int, default=4, help="micro-batches per update on both sides (prompts must be a multiple)"
     )
     grpo_flags.add_argument("--workdir", help="keeps the random checkpoint between runs")
+    grpo_flags.add_argument(
+        "--bound-only",
+        action="store_true",
+        help="only print the step's FLOPs, this machine's product rate and the least step time they allow",
+    )
     args = parser.parse_args(argv)
     if args.method == "grpo" and args.prompts % args.grad_accum:
         parser.error(f"--prompts {args.prompts} is not a multiple of --grad-accum {args.grad_accum}")

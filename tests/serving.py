@@ -8,8 +8,10 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import jax
 import pytest
 from conftest import build_hf_model, save_hf_checkpoint
 
@@ -267,3 +269,19 @@ def structured_engine(structured_model):
     engine = Engine(model, tokenizer, slots=4, max_len=STRUCTURED_MAX_LEN, prefill_chunk=16)
     yield engine
     engine.shutdown()
+
+
+@contextlib.contextmanager
+def count_compiles() -> Iterator[list[float]]:
+    """The XLA compilations while the block runs, as a list of their durations (empty: none)."""
+    compiles: list[float] = []
+
+    def listener(name, duration, **_):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -8,7 +8,7 @@ import pytest
 from serving import ENGINE_CHUNK as CHUNK
 from serving import ENGINE_MAX_LEN as MAX_LEN
 from serving import ENGINE_SLOTS as SLOTS
-from serving import tiny_engine, tiny_engine_uncached, tiny_model, wait_until  # noqa: F401 (fixtures)
+from serving import count_compiles, tiny_engine, tiny_engine_uncached, tiny_model, wait_until  # noqa: F401 (fixtures)
 
 import qwen_jax
 from qwen_jax.engine.programs import chunk_buckets, chunk_shapes, decode_widths, plan_chunk_shape
@@ -327,14 +327,7 @@ def test_bad_requests_and_queue_limit(loaded, engine):
 
 
 def test_no_compilation_after_warmup(engine):
-    compiles = []
-
-    def listener(name, duration, **_):
-        if name == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with count_compiles() as compiles:
         mixed = [
             dict(temperature=0),
             dict(temperature=0.9, top_k=10, seed=1),
@@ -353,8 +346,6 @@ def test_no_compilation_after_warmup(engine):
         handles[3].abort()
         for handle in handles:
             handle.result(120)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
 
 
@@ -439,12 +430,6 @@ def test_parallel_warmup_compiles_each_program_once(loaded, tiny_engine):
         return executable(key, counted)
 
     engine.programs._executable = counting
-    compiles = []
-
-    def listener(name, duration, **_):
-        if name == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
     try:
         with pytest.raises(ValueError, match="workers must be >= 1"):
             engine.warmup(workers=0)
@@ -457,8 +442,7 @@ def test_parallel_warmup_compiles_each_program_once(loaded, tiny_engine):
         # Mixed steps at the full width only: one program per chunk shape (the workload below compiles nothing more).
         mixed = sorted(key[1:] for key in builds if key[0] == "mixed")
         assert mixed == sorted((4, *shape) for shape in engine.programs.chunk_shapes), mixed
-        jax.monitoring.register_event_duration_secs_listener(listener)
-        try:
+        with count_compiles() as compiles:
             # Priming runs every program once on scratch arrays: nothing compiles, the engine's state stays empty.
             engine.warmup(prime=True)
             assert engine.programs.prime_seconds > 0
@@ -468,8 +452,6 @@ def test_parallel_warmup_compiles_each_program_once(loaded, tiny_engine):
             options = dict(max_new_tokens=10, stop=["q"])
             greedy = engine.generate(prompts, temperature=0, progress=False, **options)
             seeded = engine.generate(prompts, temperature=0.8, top_k=20, seed=7, progress=False, **options)
-        finally:
-            jax.monitoring.unregister_event_duration_listener(listener)
         assert compiles == []
         assert [c.token_ids for c in greedy] == [
             c.token_ids for c in tiny_engine.generate(prompts, temperature=0, progress=False, **options)
@@ -505,25 +487,18 @@ def test_evicting_the_shared_cache_recompiles_nothing_the_engine_holds(engine):
     evicted from the shared cache it still serves without compiling (runs last: it empties the cache)."""
     from qwen_jax.compilation import EXECUTABLES
 
-    compiles = []
-
-    def listener(name, duration, **_):
-        if name == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
     bound = EXECUTABLES.max_entries
-    jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        EXECUTABLES.max_entries = 1
-        assert len(EXECUTABLES) <= 1
-        handles = [
-            engine.submit(p, max_new_tokens=8, temperature=t, top_p=0.9, seed=i)
-            for i, (p, t) in enumerate(zip([PROBE, *OTHERS], (0, 0.8, 1.0, 0, 0.5)))
-        ]
-        assert all(h.result(120).finish_reason in ("stop", "length") for h in handles)
+        with count_compiles() as compiles:
+            EXECUTABLES.max_entries = 1
+            assert len(EXECUTABLES) <= 1
+            handles = [
+                engine.submit(p, max_new_tokens=8, temperature=t, top_p=0.9, seed=i)
+                for i, (p, t) in enumerate(zip([PROBE, *OTHERS], (0, 0.8, 1.0, 0, 0.5)))
+            ]
+            assert all(h.result(120).finish_reason in ("stop", "length") for h in handles)
     finally:
         EXECUTABLES.max_entries = bound
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
 
 

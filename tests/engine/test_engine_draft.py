@@ -17,6 +17,7 @@ from serving import (  # noqa: F401
     ENGINE_CHUNK,
     ENGINE_MAX_LEN,
     ENGINE_SLOTS,
+    count_compiles,
     tiny_engine,
     tiny_engine_uncached,
     tiny_model,
@@ -213,23 +214,14 @@ def test_refused_drafts(tiny_model):
 
 
 def test_no_compilation_after_warmup(same_engine):
-    compiles = []
-
-    def listener(name, duration, **_):
-        if name == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        settings = [dict(temperature=0), dict(temperature=0.9, top_k=10, seed=1), dict(temperature=0, logprobs=3)]
+    settings = [dict(temperature=0), dict(temperature=0.9, top_k=10, seed=1), dict(temperature=0, logprobs=3)]
+    with count_compiles() as compiles:
         handles = [
             same_engine.submit(p, max_new_tokens=12, stop=["q"], **settings[i % 3])
             for i, p in enumerate([*PROMPTS, LONG] * 2)
         ]
         for handle in handles:
             handle.result(120)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
 
 

@@ -8,7 +8,15 @@ proposal accepted) or proposes some of it then wrong tokens (rejections at a kno
 
 import jax
 import pytest
-from serving import ENGINE_CHUNK, ENGINE_MAX_LEN, ENGINE_SLOTS, tiny_engine, tiny_model, wait_until  # noqa: F401
+from serving import (  # noqa: F401
+    ENGINE_CHUNK,
+    ENGINE_MAX_LEN,
+    ENGINE_SLOTS,
+    count_compiles,
+    tiny_engine,
+    tiny_model,
+    wait_until,
+)
 
 import qwen_jax.engine.core as engine_core
 from qwen_jax.engine.core import Engine
@@ -214,23 +222,14 @@ def test_refused_options(tiny_model):
 
 def test_no_compilation_after_warmup(spec_engine, oracle):
     oracle(1)
-    compiles = []
-
-    def listener(name, duration, **_):
-        if name == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        settings = [dict(temperature=0), dict(temperature=0.9, top_k=10, seed=1), dict(temperature=0, logprobs=3)]
+    settings = [dict(temperature=0), dict(temperature=0.9, top_k=10, seed=1), dict(temperature=0, logprobs=3)]
+    with count_compiles() as compiles:
         handles = [
             spec_engine.submit(p, max_new_tokens=12, stop=["q"], **settings[i % 3])
             for i, p in enumerate([*PROMPTS, LONG] * 2)
         ]
         for handle in handles:
             handle.result(120)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
 
 

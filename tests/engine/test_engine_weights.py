@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from serving import byte_checkpoint
+from serving import byte_checkpoint, count_compiles
 
 import qwen_jax
 from qwen_jax.compilation import compile_counts
@@ -28,24 +28,15 @@ def test_update_weights_switches_the_weights_without_compiling(tmp_path):
     first, tokenizer = qwen_jax.load(byte_checkpoint(tmp_path / "a", seed=0, initializer_range=0.3))
     second, _ = qwen_jax.load(byte_checkpoint(tmp_path / "b", seed=1, initializer_range=0.3))
     engine = qwen_jax.Engine(first, tokenizer, slots=4, max_len=48, prefill_chunk=0)
-    compiles = []
-
-    def listener(name, duration, **_):
-        if name == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
     try:
         before = _engine_greedy(engine)  # compiles the programs these prompts need
         assert before == _greedy(first, tokenizer)
         programs = compile_counts()
-        jax.monitoring.register_event_duration_secs_listener(listener)
-        try:
+        with count_compiles() as compiles:
             engine.update_weights(second)
             after = _engine_greedy(engine)
             engine.update_weights(nnx.state(first))  # a state works as well as a model
             back = _engine_greedy(engine)
-        finally:
-            jax.monitoring.unregister_event_duration_listener(listener)
         assert compiles == [] and compile_counts() == programs
         assert after == _greedy(second, tokenizer) and after != before
         assert back == before
@@ -131,10 +122,11 @@ def test_requests_of_one_prompt_share_its_prefill(tmp_path):
     assert after.prompt_tokens - before.prompt_tokens == sum(lengths)
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
     # The first token comes from the (shared) prefill's logits: exactly those of the prompt alone; the
-    # later ones from decode steps 8 rows wide instead of 1 (float rounding of a wider batch).
+    # later ones from decode steps 8 rows wide instead of 1 (float32 rounding of a wider batch, which
+    # depends on the CPU's product kernels: a few ulp of log-probabilities near -3 after 5 steps).
     assert [c.logprobs[0].logprob for c in together] == [c.logprobs[0].logprob for c in alone]
     for shared, single in zip(together, alone):
         np.testing.assert_allclose(
-            [t.logprob for t in shared.logprobs], [t.logprob for t in single.logprobs], atol=1e-5
+            [t.logprob for t in shared.logprobs], [t.logprob for t in single.logprobs], rtol=1e-5, atol=1e-5
         )
     assert len({tuple(c.token_ids) for c in together[:3]}) > 1  # the seeds, not the shared prefill, decide

@@ -216,15 +216,16 @@ def grpo_prompts(count: int) -> list[dict]:
 
 
 def grpo_flops(config, prompt_lengths: list[int], generations: int, new_tokens: int) -> dict[str, float]:
-    """Lower bounds on the FLOPs of one GRPO step (2 per multiply-add), for any implementation.
+    """Lower bounds on the FLOPs of the parts of one GRPO step (2 per multiply-add), for any implementation.
 
-    Rollout: each prompt's prefill once, then `generations` × `new_tokens` decoded tokens, each with
-    its `lm_head` product. Update (one policy update, `beta` 0, frozen base weights): the forward over
-    every row with logits at the completion positions, and the backward's gradients of the
-    activations, which repeat every product of the forward except the first layer's q/k/v input
-    gradients (nothing trainable lies below them). Left out, so that no implementation needs fewer:
-    the last layer's products at prompt positions other than k/v (no loss term reads them), LoRA's
-    own products, the prompt's last logits, the softmax and everything elementwise."""
+    prefill: each prompt once, with the logits of its first completion token. decode: the
+    `generations` × (`new_tokens` - 1) later tokens, each with its `lm_head` product. forward: the
+    update's forward over every row (one policy update, `beta` 0, frozen base weights), logits at
+    the completion positions only. backward: the gradients of the activations, which repeat every
+    product of the forward except the first layer's q/k/v input gradients (nothing trainable lies
+    below them). Left out, so that no implementation needs fewer: the last layer's products at
+    prompt positions other than k/v (no loss term reads them), LoRA's own products, the softmax
+    and everything elementwise."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
@@ -237,19 +238,19 @@ def grpo_flops(config, prompt_lengths: list[int], generations: int, new_tokens: 
 
     rows = generations * len(prompt_lengths)
     prompt_tokens = generations * sum(prompt_lengths)
-    rollout = sum(
-        decoder(0, n) + generations * (decoder(n, new_tokens) + 2.0 * head * new_tokens) for n in prompt_lengths
-    )
+    # The prefill gives each prompt's first completion token; each of the other tokens but the last is fed back.
+    prefill = sum(decoder(0, n) for n in prompt_lengths) + 2.0 * head * len(prompt_lengths)
+    decode = generations * sum(decoder(n, new_tokens - 1) for n in prompt_lengths)
+    decode += 2.0 * head * rows * (new_tokens - 1)
     forward = generations * sum(decoder(0, n + new_tokens) for n in prompt_lengths) + 2.0 * head * rows * new_tokens
     forward -= 2.0 * (linear - 2 * hidden * kv) * prompt_tokens  # the last layer at prompt positions: k/v only
     backward = forward - 2.0 * hidden * (q + 2 * kv) * (prompt_tokens + rows * new_tokens)
-    return {"rollout": rollout, "update": forward + backward, "step": rollout + forward + backward}
+    return {"prefill": prefill, "decode": decode, "forward": forward, "backward": backward}
 
 
-def matmul_rate(repeats: int = 10) -> float:
-    """The best float32 matrix-product rate (FLOP/s) of this machine, JAX's or torch's, on the 0.5B
-    model's MLP products over 4,096 rows: a ceiling on the rate at which any implementation runs the
-    model's FLOPs here (decode products over few rows run slower)."""
+def matmul_rate(shapes: list[tuple[int, int, int]], repeats: int = 10) -> float:
+    """The best float32 rate (FLOP/s) of this machine's matrix products `[m, k] @ [k, n]` of the given
+    shapes, JAX's or torch's, whichever is faster."""
     import torch
 
     def best_rate(run, flops: float) -> float:
@@ -263,7 +264,7 @@ def matmul_rate(repeats: int = 10) -> float:
 
     product = jax.jit(jnp.matmul)
     rates = []
-    for m, k, n in ((4096, 896, 4864), (4096, 4864, 896)):  # the 0.5B model's MLP shapes
+    for m, k, n in shapes:
         a, b = np.ones((m, k), np.float32), np.ones((k, n), np.float32)
         x, y = jnp.asarray(a), jnp.asarray(b)
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
@@ -273,14 +274,27 @@ def matmul_rate(repeats: int = 10) -> float:
 
 
 def grpo_bound(args, prompt_lengths: list[int]) -> dict[str, float]:
-    """The step's FLOPs (`grpo_flops`), this machine's best product rate, and so the least time a step
-    of any implementation can take here."""
-    flops = grpo_flops(model_config(args.preset, args.layers), prompt_lengths, args.generations, args.new_tokens)
-    rate = matmul_rate()
+    """The step's FLOPs (`grpo_flops`), this machine's best product rates, and so the least time a step
+    of any implementation can take here.
+
+    Every product is credited with the best rate measured for its kind: the model's MLP products
+    over 4,096 rows for the prefill and the update, and the decode step's products over the step's
+    rows (every completion decoded at once) for the decode. `least_step_seconds` even lets the update
+    reuse the rollout's activations in place of its own forward (kept from the decode: the same
+    parameters, so the same values), the most generous assumption; `least_step_seconds_with_forward`
+    counts the update's forward too, as both trainers run it."""
+    config = model_config(args.preset, args.layers)
+    flops = grpo_flops(config, prompt_lengths, args.generations, args.new_tokens)
+    hidden, inner, rows = config.hidden_size, config.intermediate_size, args.prompts * args.generations
+    rate = matmul_rate([(4096, hidden, inner), (4096, inner, hidden)])
+    decode_rate = matmul_rate([(rows, hidden, inner), (rows, inner, hidden), (rows, hidden, config.vocab_size)])
+    least = flops["prefill"] / rate + flops["decode"] / decode_rate + flops["backward"] / rate
     return {
         **{f"{name}_tflop": value / 1e12 for name, value in flops.items()},
         "matmul_gflop_per_s": rate / 1e9,
-        "least_step_seconds": flops["step"] / rate,
+        "decode_matmul_gflop_per_s": decode_rate / 1e9,
+        "least_step_seconds": least,
+        "least_step_seconds_with_forward": least + flops["forward"] / rate,
     }
 
 
@@ -431,7 +445,7 @@ def grpo(args) -> dict:
         }
         result["speedup"] = result["trl"]["step_time"] / result["qwen_jax"]["step_time"]
         result["speedup_per_step"] = ratios
-        # No implementation's step is shorter than least_step_seconds here: the ratio any could reach.
+        # No implementation's step is shorter than least_step_seconds here: the most any could reach.
         result["speedup_ceiling"] = result["trl"]["step_time"] / bound["least_step_seconds"]
     return result
 

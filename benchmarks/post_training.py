@@ -25,7 +25,10 @@ qwen-jax's step i, run from TRL's step-end callback), so a change in the machine
 Reports each step, and seconds per step after the first (compilation for JAX, warm-up for torch),
 split into rollout (sampling, rewards, reference log-probabilities) and update for qwen-jax, with
 the ratio of each pair of steps. qwen-jax's rows are the longest prompt (rounded up to 16 tokens)
-plus `--new-tokens` long; TRL pads to the longest prompt and completion.
+plus `--new-tokens` long; TRL pads to the longest prompt and completion. Each GRPO run (and
+`--bound-only` alone) also prints `bound`: the FLOPs of the step's parts, this machine's best product
+rates and the least step time they allow any implementation (`grpo_bound`), and with TRL's step
+the ratio no implementation could exceed here (`speedup_ceiling`).
 """
 
 from __future__ import annotations
@@ -226,11 +229,13 @@ def grpo_flops(config, prompt_lengths: list[int], generations: int, new_tokens: 
     below them). Left out, so that no implementation needs fewer: the last layer's products at
     prompt positions other than k/v (no loss term reads them), LoRA's own products, the softmax
     and everything elementwise."""
+    from qwen_jax.train.step import matmul_params
+
     hidden, layers = config.hidden_size, config.num_hidden_layers
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
-    linear = hidden * q + 2 * hidden * kv + q * hidden + 3 * hidden * config.intermediate_size  # per layer
     head = hidden * config.vocab_size
+    linear = (matmul_params(config) - head) // layers  # a decoder layer's matmul weights
 
     def decoder(before: int, tokens: int) -> float:  # `tokens` tokens after `before` in one row
         context = tokens * before + tokens * (tokens + 1) / 2  # keys each new token attends to, summed
@@ -279,22 +284,22 @@ def grpo_bound(args, prompt_lengths: list[int]) -> dict[str, float]:
 
     Every product is credited with the best rate measured for its kind: the model's MLP products
     over 4,096 rows for the prefill and the update, and the decode step's products over the step's
-    rows (every completion decoded at once) for the decode. `least_step_seconds` even lets the update
-    reuse the rollout's activations in place of its own forward (kept from the decode: the same
-    parameters, so the same values), the most generous assumption; `least_step_seconds_with_forward`
-    counts the update's forward too, as both trainers run it."""
+    rows (every completion decoded at once) for the decode. `least_step_seconds` counts the update's
+    forward, as both trainers run it; `least_step_seconds_reusing_activations` lets the update reuse
+    the rollout's activations in place of its own forward (kept from the decode: the same
+    parameters, so the same values), the most generous assumption."""
     config = model_config(args.preset, args.layers)
     flops = grpo_flops(config, prompt_lengths, args.generations, args.new_tokens)
     hidden, inner, rows = config.hidden_size, config.intermediate_size, args.prompts * args.generations
     rate = matmul_rate([(4096, hidden, inner), (4096, inner, hidden)])
     decode_rate = matmul_rate([(rows, hidden, inner), (rows, inner, hidden), (rows, hidden, config.vocab_size)])
-    least = flops["prefill"] / rate + flops["decode"] / decode_rate + flops["backward"] / rate
+    reusing = flops["prefill"] / rate + flops["decode"] / decode_rate + flops["backward"] / rate
     return {
         **{f"{name}_tflop": value / 1e12 for name, value in flops.items()},
         "matmul_gflop_per_s": rate / 1e9,
         "decode_matmul_gflop_per_s": decode_rate / 1e9,
-        "least_step_seconds": least,
-        "least_step_seconds_with_forward": least + flops["forward"] / rate,
+        "least_step_seconds": reusing + flops["forward"] / rate,
+        "least_step_seconds_reusing_activations": reusing,
     }
 
 
@@ -371,7 +376,8 @@ def grpo(args) -> dict:
     from qwen_jax.tokenizer import Tokenizer
 
     records = grpo_prompts(args.prompts)
-    prompt_lengths = [len(Tokenizer.from_dir(TOKENIZER).encode(r["prompt"])) for r in records]
+    tokenizer = Tokenizer.from_dir(TOKENIZER)
+    prompt_lengths = [len(tokenizer.encode(r["prompt"])) for r in records]
     bound = grpo_bound(args, prompt_lengths)
     print(f"# bound: {json.dumps(bound)}", flush=True)
     if args.bound_only:
@@ -445,8 +451,11 @@ def grpo(args) -> dict:
         }
         result["speedup"] = result["trl"]["step_time"] / result["qwen_jax"]["step_time"]
         result["speedup_per_step"] = ratios
-        # No implementation's step is shorter than least_step_seconds here: the most any could reach.
+        # The most any implementation could reach here (`grpo_bound`), with and without the update's forward.
         result["speedup_ceiling"] = result["trl"]["step_time"] / bound["least_step_seconds"]
+        result["speedup_ceiling_reusing_activations"] = (
+            result["trl"]["step_time"] / bound["least_step_seconds_reusing_activations"]
+        )
     return result
 
 

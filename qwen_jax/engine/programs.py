@@ -615,11 +615,16 @@ class EnginePrograms:
 
         def step_sample(logits, slot_state: SlotState, take, bitmask):
             rows = jax.tree.map(lambda x: x[:width], slot_state)
-            sampled, tokens = _sample(logits, rows, bitmask, variant)
-            rows = jax.tree.map(
-                lambda new, old: jnp.where(take.reshape(-1, *(1,) * (new.ndim - 1)), new, old), sampled, rows
+            tokens = sample_rows(logits, rows.history, rows.params, variant, bitmask)
+            # Only the `take` rows' entries change: the `[slots, vocab]` history is written in place.
+            params = rows.params
+            params = dataclasses.replace(params, token_index=params.token_index + take.astype(jnp.int32))
+            slot_state = SlotState(
+                slot_state.tokens.at[:width].set(jnp.where(take, tokens, rows.tokens)),
+                jax.tree.map(lambda whole, part: whole.at[:width].set(part), slot_state.params, params),
+                slot_state.history.record(tokens, take),
             )
-            return jax.tree.map(lambda whole, part: whole.at[:width].set(part), slot_state, rows), tokens
+            return slot_state, tokens
 
         def build():
             logits = _spec((width, self.vocab), jnp.float32, self._logits_sharding(width))
@@ -637,16 +642,12 @@ class EnginePrograms:
         return self._executable(("step_sample", width, variant), build)
 
     def _logprobs_executable(self, rows: int):
-        def logprobs(logits, tokens):
-            log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-            chosen = jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
-            top_values, top_ids = jax.lax.top_k(log_probs, MAX_TOP_LOGPROBS)
-            return chosen, top_ids, top_values
-
         def build():
             logits = _spec((rows, self.vocab), jnp.float32, self._logits_sharding(rows))
             return (
-                jax.jit(logprobs, out_shardings=self._replicated()).lower(logits, self._scalar_spec((rows,))).compile()
+                jax.jit(_token_logprobs, out_shardings=self._replicated())
+                .lower(logits, self._scalar_spec((rows,)), self._scalar_spec((), jnp.bool_))
+                .compile()
             )
 
         return self._executable(("logprobs", rows), build)
@@ -924,12 +925,6 @@ class EnginePrograms:
         """`logprobs` of a speculative step's K + 1 positions per row."""
         positions = self.speculative_tokens + 1
 
-        def logprobs(logits, tokens):
-            log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-            chosen = jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
-            top_values, top_ids = jax.lax.top_k(log_probs, MAX_TOP_LOGPROBS)
-            return chosen, top_ids, top_values
-
         def build():
             sharding = (
                 None
@@ -938,8 +933,8 @@ class EnginePrograms:
             )
             logits = _spec((width, positions, self.vocab), jnp.float32, sharding)
             return (
-                jax.jit(logprobs, out_shardings=self._replicated())
-                .lower(logits, self._scalar_spec((width, positions)))
+                jax.jit(_token_logprobs, out_shardings=self._replicated())
+                .lower(logits, self._scalar_spec((width, positions)), self._scalar_spec((), jnp.bool_))
                 .compile()
             )
 
@@ -1069,7 +1064,11 @@ class EnginePrograms:
             row_state, tokens = self._sample_executable(_engine_variant([options]))(
                 logits, row_state, self._bitmask(bitmask, 1)
             )
-            logprobs = self._logprobs_executable(1)(logits, tokens) if request.top_logprobs is not None else None
+            logprobs = (
+                None
+                if request.top_logprobs is None
+                else self._logprobs_executable(1)(logits, tokens, self._put(np.bool_(request.top_logprobs > 0)))
+            )
             self.cache, self.slot_state = insert(self.cache, self.slot_state, row_cache, row_state, slot_arg)
             outputs.append(StepOutputs([request], tokens, logprobs))
         return outputs
@@ -1105,8 +1104,8 @@ class EnginePrograms:
             tokens, accepted, logits, self.cache, self.draft_cache, self.slot_state = executable(
                 self.state, self.draft_state, self.cache, self.draft_cache, self.slot_state, num_proposed, active
             )
-        wants_logprobs = any(r is not None and r.top_logprobs is not None for r in rows)
-        logprobs = self._speculate_logprobs_executable(width)(logits, tokens) if wants_logprobs else None
+        top = _wants_top_logprobs(rows)
+        logprobs = None if top is None else self._speculate_logprobs_executable(width)(logits, tokens, self._put(top))
         return StepOutputs(list(rows), tokens, logprobs, accepted, np.asarray(proposed))
 
     def draft_catch_up(self, ids: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> None:
@@ -1168,8 +1167,8 @@ class EnginePrograms:
         variant = _engine_variant([r.options for r in rows if r is not None])
         allowed = self._bitmask(None if bitmask is None else bitmask(list(rows)), width)
         self.slot_state, tokens = self._step_sample_executable(width, variant)(logits, self.slot_state, take, allowed)
-        wants_logprobs = any(r is not None and r.top_logprobs is not None for r in rows)
-        logprobs = self._logprobs_executable(width)(logits, tokens) if wants_logprobs else None
+        top = _wants_top_logprobs(rows)
+        logprobs = None if top is None else self._logprobs_executable(width)(logits, tokens, self._put(top))
         return StepOutputs(list(rows), tokens, logprobs)
 
     def copy_in(self, slot: int, blocks: list[int], options: SamplingOptions, prefix_ids: list[int]) -> None:
@@ -1198,6 +1197,34 @@ class EnginePrograms:
         self.cache, self.slot_state = self._move_executable()(self.cache, self.slot_state, source, target)
         if self.draft_cache is not None:
             self.draft_cache = self._draft_move_executable()(self.draft_cache, source, target)
+
+
+def _token_logprobs(logits, tokens, top):
+    """The log-probability of each of `tokens` under `logits` (`[..., vocab]`, raw: before any
+    sampling setting), and, where the traced flag `top` is set, the `MAX_TOP_LOGPROBS` most likely
+    tokens with theirs (zeros otherwise: no top-k over the vocabulary when no request asks for it).
+    The chosen values are `jax.nn.log_softmax`'s, without writing out the whole distribution."""
+    logits = logits.astype(jnp.float32)
+    most = jnp.max(logits, axis=-1, keepdims=True)
+    log_total = jnp.log(jnp.sum(jnp.exp(logits - most), axis=-1, keepdims=True))
+    chosen = (jnp.take_along_axis(logits, tokens[..., None], axis=-1) - most - log_total)[..., 0]
+
+    def top_tokens():
+        top_values, top_ids = jax.lax.top_k(logits - most - log_total, MAX_TOP_LOGPROBS)
+        return top_ids, top_values
+
+    def none():
+        shape = (*tokens.shape, MAX_TOP_LOGPROBS)
+        return jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32)
+
+    top_ids, top_values = jax.lax.cond(top, top_tokens, none)
+    return chosen, top_ids, top_values
+
+
+def _wants_top_logprobs(rows: list) -> np.bool_ | None:
+    """None when no request of `rows` asks for log-probabilities, else whether any asks for top ones."""
+    asking = [r.top_logprobs for r in rows if r is not None and r.top_logprobs is not None]
+    return np.bool_(max(asking) > 0) if asking else None
 
 
 def _sample(logits, slot_state: SlotState, bitmask, variant: SamplerVariant):

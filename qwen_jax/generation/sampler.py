@@ -32,9 +32,11 @@ fixed by the row's own settings:
 - otherwise (top-p without a small top-k, or a large top-k): the whole vocabulary sorted in
   descending order -- exact, but a full sort of the vocabulary, the costly path (see
   benchmarks/generate.py and benchmarks/serve.py).
-The program variant (`SamplerVariant`, static) only decides which of these paths are computed for
+The program variant (`SamplerVariant`, static) only decides which of these paths are compiled for
 a batch, and whether the bias and penalties are compiled in: a greedy batch without penalties
-compiles to the argmax alone.
+compiles to the argmax alone. A variant that compiles several paths runs each only when some
+sampling row of the batch takes it (`lax.cond`), so the engine's covering variants cost a batch
+no more than the paths its rows use.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 CANDIDATES = 64  # the candidate set of rows whose top_k fits in it
+_CDF_BLOCK = 1024  # weights per block of the two-level cumulative sum over the vocabulary (`_inverse_cdf`)
 _REMOVED = -jnp.inf  # HF's filter_value
 
 
@@ -134,10 +137,15 @@ class History:
             xp.zeros((rows, vocab), bool), xp.zeros((rows, vocab), xp.int32), xp.zeros((rows, vocab), xp.float32)
         )
 
-    def record(self, tokens: jax.Array) -> History:
-        """The history after each row generated `tokens[row]`."""
+    def record(self, tokens: jax.Array, valid: jax.Array | None = None) -> History:
+        """The history after row r generated `tokens[r]`, for the first `len(tokens)` rows (where
+        `valid`; the other rows keep theirs). Only the recorded entries are written: with the
+        history donated, XLA updates it in place."""
+        if valid is not None:
+            tokens = jnp.where(valid, tokens, self.seen.shape[-1])  # out of range: dropped
         rows = jnp.arange(tokens.shape[0])
-        return History(mark_seen(self.seen, tokens), self.counts.at[rows, tokens].add(1), self.bias)
+        seen = self.seen.at[rows, tokens].set(True, mode="drop")
+        return History(seen, self.counts.at[rows, tokens].add(1, mode="drop"), self.bias)
 
 
 def seed_key_data(seed: int) -> np.ndarray:
@@ -248,12 +256,25 @@ def sample_rows(
     scaled = _scaled(logits, params)
     uniform = jax.vmap(_uniform)(params.key_data, params.token_index)
     draws = []  # (rows that take this draw, the draw); the rows of the paths compiled in cover every sampling row
+    several = sum((variant.candidates, variant.sorted_vocabulary, variant.id_order)) > 1
+
+    def draw_for(rows, draw):
+        # A variant that covers several paths computes a path only when some sampling row takes it.
+        if not several:
+            return draw()
+        return jax.lax.cond(
+            jnp.any(rows & (params.temperature > 0)), draw, lambda: jnp.zeros(logits.shape[0], jnp.int32)
+        )
+
     if variant.candidates:
-        draws.append((_uses_candidates(params.top_k), _draw_sorted(scaled, params, uniform, min(CANDIDATES, vocab))))
+        rows = _uses_candidates(params.top_k)
+        draws.append((rows, draw_for(rows, lambda: _draw_sorted(scaled, params, uniform, min(CANDIDATES, vocab)))))
     if variant.sorted_vocabulary:
-        draws.append((_needs_sort(params.top_k, params.top_p), _draw_sorted(scaled, params, uniform, vocab)))
+        rows = _needs_sort(params.top_k, params.top_p)
+        draws.append((rows, draw_for(rows, lambda: _draw_sorted(scaled, params, uniform, vocab))))
     if variant.id_order:
-        draws.append((None, _draw_in_id_order(scaled, params, uniform)))
+        rows = ~_uses_candidates(params.top_k) & ~_needs_sort(params.top_k, params.top_p)
+        draws.append((None, draw_for(rows, lambda: _draw_in_id_order(scaled, params, uniform))))
     sampled = draws[-1][1]
     for rows, draw in reversed(draws[:-1]):
         sampled = jnp.where(rows, draw, sampled)
@@ -266,11 +287,57 @@ def _uniform(key_data: jax.Array, token_index: jax.Array) -> jax.Array:
 
 
 def _inverse_cdf(values: jax.Array, uniform: jax.Array) -> jax.Array:
-    """Index drawn from the unnormalised distribution exp(values) (-inf = never) with one uniform per row."""
-    weights = jnp.exp(values - jnp.max(values, axis=-1, keepdims=True))
-    cdf = jnp.cumsum(weights, axis=-1)
-    index = jnp.sum(cdf <= uniform[:, None] * cdf[:, -1:], axis=-1)
-    return jnp.minimum(index, values.shape[-1] - 1)
+    """Index drawn from the unnormalised distribution exp(values) (-inf = never) with one uniform
+    per row: the first index whose cumulative weight exceeds `uniform` times the total.
+
+    Over a long axis (the vocabulary) the cumulative sums are taken in two levels, as a prefix sum
+    over blocks of `_CDF_BLOCK` weights and a prefix sum inside the one block the draw falls in:
+    a full-length cumulative sum is a logarithmic-depth scan on XLA's CPU and GPU backends, far
+    slower than the reductions this needs. A row's draw still depends on its own values only."""
+    most = jnp.max(values, axis=-1, keepdims=True)
+    weights = jnp.exp(values - most)
+    rows, length = weights.shape
+    if length <= 4 * _CDF_BLOCK:
+        cdf = jnp.cumsum(weights, axis=-1)
+        index = jnp.sum(cdf <= uniform[:, None] * cdf[:, -1:], axis=-1)
+        return _last_positive(weights, jnp.minimum(index, length - 1))
+    size = _cdf_block(length)
+    blocks = -(-length // size)
+    if blocks * size > length:  # no divisor near _CDF_BLOCK: zero weights pad the last block
+        weights = jnp.pad(weights, ((0, 0), (0, blocks * size - length)))
+    prefix = jnp.cumsum(weights.reshape(rows, blocks, size).sum(axis=-1), axis=-1)  # inclusive, per block
+    target = uniform * prefix[:, -1]
+    block = jnp.sum(prefix <= target[:, None], axis=-1)
+    # rounding can put the target at the total: the draw is then the last block holding weight
+    block = jnp.minimum(block, _last_positive(prefix - jnp.pad(prefix[:, :-1], ((0, 0), (1, 0))), blocks - 1))
+    before = jnp.where(block > 0, jnp.take_along_axis(prefix, jnp.maximum(block - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
+    positions = block[:, None] * size + jnp.arange(size)
+    # the block's weights recomputed from `values`: the full-length weights are only ever summed
+    inside = jnp.where(
+        positions < length,
+        jnp.exp(jnp.take_along_axis(values, jnp.minimum(positions, length - 1), axis=-1) - most),
+        0.0,
+    )
+    cdf = before[:, None] + jnp.cumsum(inside, axis=-1)
+    within = _last_positive(inside, jnp.sum(cdf <= target[:, None], axis=-1))
+    return block * size + within
+
+
+def _cdf_block(length: int) -> int:
+    """Weights per block of `_inverse_cdf`'s two-level sum: a divisor of `length` between half and
+    twice `_CDF_BLOCK` where there is one (the blocks are then a reshape, nothing copied), else
+    `_CDF_BLOCK`. Qwen2.5's 151,936-token vocabulary takes 128 blocks of 1,187."""
+    low, high = _CDF_BLOCK // 2, 2 * _CDF_BLOCK
+    divisors = [d for d in range(low, high + 1) if length % d == 0]
+    return min(divisors, key=lambda d: abs(d - _CDF_BLOCK)) if divisors else _CDF_BLOCK
+
+
+def _last_positive(weights: jax.Array, index: jax.Array) -> jax.Array:
+    """`index` per row, or the row's last index with a positive weight where that comes first: a
+    draw that rounding pushed past the end never lands on a zero-weight (filtered) token."""
+    positions = jnp.arange(weights.shape[-1])
+    last = jnp.max(jnp.where(weights > 0, positions, 0), axis=-1)
+    return jnp.minimum(index, last)
 
 
 def _draw_sorted(scaled: jax.Array, params: RowParams, uniform: jax.Array, candidates: int) -> jax.Array:
@@ -283,7 +350,11 @@ def _draw_sorted(scaled: jax.Array, params: RowParams, uniform: jax.Array, candi
 
 def _draw_in_id_order(scaled: jax.Array, params: RowParams, uniform: jax.Array) -> jax.Array:
     """Draw over the whole vocabulary in id order after min-p (rows without top-k and top-p)."""
-    values = jnp.where(_min_p_keep(scaled, params.min_p[:, None]), scaled, _REMOVED)
+    values = jax.lax.cond(
+        jnp.any(params.min_p > 0),
+        lambda: jnp.where(_min_p_keep(scaled, params.min_p[:, None]), scaled, _REMOVED),
+        lambda: scaled,  # min_p = 0 keeps every token: the filter is skipped when no row sets it
+    )
     return _inverse_cdf(values, uniform).astype(jnp.int32)
 
 

@@ -220,6 +220,31 @@ def test_streaming_text_equals_completion(engine):
         assert entry.logprob == pytest.approx(entry.top[0][1])
 
 
+def test_token_logprobs_are_log_softmax_and_top_ones_only_when_asked():
+    """The engine's log-probability program: the chosen tokens' values are `jax.nn.log_softmax`'s
+    (rows of any shape: a step's `[rows]`, a speculative step's `[rows, positions]`); the top ones
+    come only with the traced flag set, zeros otherwise."""
+    from qwen_jax.engine.programs import _token_logprobs
+    from qwen_jax.engine.requests import MAX_TOP_LOGPROBS
+
+    logits = jax.random.normal(jax.random.key(0), (3, 2, 1000)) * 4
+    tokens = jax.random.randint(jax.random.key(1), (3, 2), 0, 1000)
+    expected = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    program = jax.jit(_token_logprobs)
+    for cut in (lambda x: x, lambda x: x[:, 0]):  # [rows, positions, vocab] and [rows, vocab]
+        chosen, top_ids, top_values = program(cut(logits), cut(tokens), np.bool_(True))
+        want = np.take_along_axis(cut(expected), np.asarray(cut(tokens))[..., None], axis=-1)[..., 0]
+        np.testing.assert_allclose(np.asarray(chosen), want, rtol=1e-6, atol=1e-6)
+        order = np.argsort(-cut(expected), axis=-1, kind="stable")[..., :MAX_TOP_LOGPROBS]
+        np.testing.assert_array_equal(np.asarray(top_ids), order)
+        np.testing.assert_allclose(
+            np.asarray(top_values), np.take_along_axis(cut(expected), order, axis=-1), rtol=1e-6, atol=1e-6
+        )
+        plain, no_ids, no_values = program(cut(logits), cut(tokens), np.bool_(False))
+        np.testing.assert_array_equal(np.asarray(plain), np.asarray(chosen))
+        assert not np.asarray(no_ids).any() and not np.asarray(no_values).any()
+
+
 def test_gaps_are_closed_and_steps_run_only_the_rows_in_use(engine):
     """A short request between two long ones finishes; the long one above it moves down into its
     slot (cache row, last token, seed, token index and seen set with it) and the steps narrow to

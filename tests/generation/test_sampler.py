@@ -320,3 +320,82 @@ def test_bias_and_penalties_follow_vllm_order_and_openai_formula():
     step[np.arange(rows), np.asarray(tokens)] = 1
     np.testing.assert_array_equal(np.asarray(after.counts), counts + step)
     assert np.asarray(after.seen)[np.arange(rows), np.asarray(tokens)].all()
+
+
+# ----------------------------------------------------------------------------- the vocabulary-length draw
+@pytest.mark.parametrize("length", [151_936, 10_007])  # Qwen2.5's vocabulary (blocks by reshape); a prime (padded)
+def test_vocabulary_length_inverse_cdf_draws_the_first_index_past_the_target(length):
+    """Over a long axis `_inverse_cdf` sums in two levels instead of one cumulative sum; its draw is
+    still the first index whose cumulative weight exceeds uniform x total (float64 reference, away
+    from rounding ties), never a filtered (-inf) index, and the last kept index at uniform -> 1."""
+    from qwen_jax.generation.sampler import _inverse_cdf
+
+    rng = np.random.default_rng(length)
+    rows = 16
+    values = rng.normal(size=(rows, length)).astype(np.float32) * 3
+    values[rng.random((rows, length)) < 0.3] = -np.inf  # filtered tokens
+    values[3, : length // 2] = -np.inf  # a row whose mass is all in the second half
+    values[5, 1:], values[5, 0] = -np.inf, 0.5  # a row with one token
+    uniform = rng.random(rows).astype(np.float32)
+    uniform[7] = np.float32(1 - 2**-24)  # the largest uniform: the target may round to the total
+    values[7, -1] = 20.0  # ... and the last token holds most of the mass
+    drawn = np.asarray(jax.jit(_inverse_cdf)(jnp.asarray(values), jnp.asarray(uniform)))
+    weights = np.exp(values.astype(np.float64) - values.max(axis=-1, keepdims=True))
+    cdf = np.cumsum(weights, axis=-1)
+    for row in range(rows):
+        assert np.isfinite(values[row, drawn[row]]), (row, drawn[row])
+        target = uniform[row] * cdf[row, -1]
+        expected = min(int(np.sum(cdf[row] <= target)), int(np.flatnonzero(weights[row] > 0)[-1]))
+        if expected != drawn[row]:  # only a float32 rounding tie at the boundary may move the draw
+            assert abs(cdf[row, min(expected, drawn[row])] - target) <= 1e-5 * cdf[row, -1], (row, expected, drawn[row])
+    assert drawn[5] == 0
+    assert drawn[7] == np.flatnonzero(np.isfinite(values[7]))[-1]
+
+
+def test_vocabulary_length_draws_follow_the_distribution():
+    """Sampled at temperature 1 over Qwen2.5's vocabulary length, the draws follow softmax(logits)."""
+    length, draws = 151_936, 4000
+    logits = np.full((1, length), -20.0, np.float32)
+    hot = np.array([3, 1500, 60_000, 151_935])  # in different blocks, and the very last token
+    logits[0, hot] = np.log([0.1, 0.2, 0.3, 0.4])
+    params = _params([(1.0, 0, 1.0, 0.0, 1.0)], [5])
+    variant = variant_for([(1.0, 0, 1.0)], adjustments=False)
+    tokens = np.asarray(
+        jax.jit(jax.vmap(lambda i: sample_rows(jnp.asarray(logits), None, params.at_token(i), variant)[0]))(
+            jnp.arange(draws)
+        )
+    )
+    probabilities = np.asarray(jax.nn.softmax(jnp.asarray(logits[0])))
+    frequencies = np.bincount(tokens, minlength=length) / draws
+    np.testing.assert_allclose(frequencies[hot], probabilities[hot], atol=0.03)
+    assert frequencies[hot].sum() > 0.95
+
+
+def test_covering_variants_run_only_the_paths_their_rows_take():
+    """A variant compiling several paths guards each with `lax.cond` on whether a sampling row takes
+    it; draws equal the single-path variant's, for every mix (the unused path's zeros never leak)."""
+    logits = jnp.asarray(_fixed_logits(seed=8, batch=4))
+    full = dataclasses.replace(ENGINE_VARIANTS[-1], adjustments=False)
+    draw = jax.jit(sample_rows, static_argnums=3)
+    for rows in (
+        [(1.0, 0, 1.0, 0.0, 1.0)] * 4,  # id order only
+        [(1.0, 10, 1.0, 0.0, 1.0)] * 4,  # candidates only
+        [(1.0, 0, 0.9, 0.0, 1.0)] * 4,  # sorted vocabulary only
+        [(0.0, 0, 1.0, 0.0, 1.0)] * 4,  # greedy only
+        [(1.0, 0, 1.0, 0.05, 1.0), (1.0, 10, 1.0, 0.0, 1.0), (0.0, 0, 1.0, 0.0, 1.0), (1.0, 0, 0.9, 0.0, 1.0)],
+    ):
+        for index in range(3):
+            params = _params(rows, [21, 22, 23, 24], index)
+            covered = np.asarray(draw(logits, None, params, full))
+            for row, settings in enumerate(rows):
+                one = _params([settings], [21 + row], index)
+                alone = draw(logits[row : row + 1], None, one, variant_for([settings[:3]], adjustments=False))
+                assert covered[row] == int(alone[0]), (rows, row, index)
+
+
+def test_history_records_only_the_valid_rows():
+    history = History.empty(4, VOCAB)
+    recorded = history.record(jnp.asarray([5, 6, 7], jnp.int32), jnp.asarray([True, False, True]))
+    seen, counts = np.asarray(recorded.seen), np.asarray(recorded.counts)
+    assert seen[0, 5] and seen[2, 7] and seen.sum() == 2 and counts.sum() == 2
+    assert counts[0, 5] == 1 and not seen[1].any() and not seen[3].any()

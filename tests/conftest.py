@@ -13,27 +13,6 @@ os.environ.setdefault("QWEN_JAX_COMPILE_CACHE", "off")
 
 import pytest  # noqa: E402
 
-# The longest test files (minutes each, most of it compiling), run first: the README's command hands
-# whole files to two workers in collection order, and a long file picked up last would leave one
-# worker idle while the other finishes it. Paths relative to tests/; the rest keep their order.
-LONGEST_FIRST = (
-    "train/test_multihost_train.py",
-    "test_real_size.py",
-    "benchmarks/test_device_suite.py",
-    "train/test_grpo_train.py",
-    "test_notebooks.py",
-    "engine/test_engine_draft.py",
-    "engine/test_engine.py",
-    "ops/test_cpu.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    tests = os.path.dirname(os.path.abspath(__file__))
-    rank = {os.path.join(tests, name): i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(str(item.path), len(rank)))  # stable: within a file, as written
-
-
 TINY = dict(
     vocab_size=256,
     hidden_size=64,

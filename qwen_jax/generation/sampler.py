@@ -144,7 +144,7 @@ class History:
         if valid is not None:
             tokens = jnp.where(valid, tokens, self.seen.shape[-1])  # out of range: dropped
         rows = jnp.arange(tokens.shape[0])
-        seen = self.seen.at[rows, tokens].set(True, mode="drop")
+        seen = self.seen.at[rows, tokens].set(True, mode="drop")  # mark_seen spans every row of `seen`
         return History(seen, self.counts.at[rows, tokens].add(1, mode="drop"), self.bias)
 
 
@@ -300,7 +300,7 @@ def _inverse_cdf(values: jax.Array, uniform: jax.Array) -> jax.Array:
     if length <= 4 * _CDF_BLOCK:
         cdf = jnp.cumsum(weights, axis=-1)
         index = jnp.sum(cdf <= uniform[:, None] * cdf[:, -1:], axis=-1)
-        return _last_positive(weights, jnp.minimum(index, length - 1))
+        return _last_positive(weights, index)  # also keeps a draw past the end inside the row
     size = _cdf_block(length)
     blocks = -(-length // size)
     if blocks * size > length:  # no divisor near _CDF_BLOCK: zero weights pad the last block

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM
+from qwen_jax.ops.logprobs import token_logprobs
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -156,14 +157,10 @@ def token_logps_and_entropy(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per position: log p(target) of `logits / temperature`, the entropy of that distribution and
     log p(target) of the raw logits (what the engine reports), float32 `[B, T]` each."""
-    logits = logits.astype(jnp.float32)
-    scaled = logits / temperature
-    log_probs = jax.nn.log_softmax(scaled, axis=-1)
-    logps = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+    logps, entropy = token_logprobs(logits, targets, temperature)
     if temperature == 1.0:
         return logps, entropy, logps
-    raw = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+    raw, _ = token_logprobs(jax.lax.stop_gradient(logits), targets)
     return logps, entropy, raw
 
 

@@ -43,6 +43,7 @@ from qwen_jax.config import Qwen2Config
 from qwen_jax.extras import require
 from qwen_jax.model.causal_lm import Qwen2ForCausalLM
 from qwen_jax.model.lora import set_lora_deterministic, set_lora_dropout_keys
+from qwen_jax.ops.logprobs import token_logprobs
 from qwen_jax.sharding import DEFAULT_RULES, named_sharding, state_shardings
 from qwen_jax.train import multihost
 from qwen_jax.train.config import TrainConfig
@@ -132,9 +133,8 @@ def make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.Gradi
 # --------------------------------------------------------------------------- loss
 def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Cross-entropy of every position `[B, T]` (float32), unweighted."""
-    logits = logits.astype(jnp.float32)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - target_logit
+    logps, _ = token_logprobs(logits, targets)
+    return -logps
 
 
 def forward_losses(model: Qwen2ForCausalLM, batch: dict[str, jax.Array]) -> jax.Array:

@@ -36,7 +36,7 @@ def _token_logprobs(logits, targets, temperature):
 
 def _forward(logits, targets, temperature):
     scaled = _scaled(logits, temperature)
-    most = jax.lax.stop_gradient(jnp.max(scaled, axis=-1, keepdims=True))
+    most = jnp.max(scaled, axis=-1, keepdims=True)  # never differentiated: the backward is written out
     most = jnp.where(jnp.isfinite(most), most, 0.0)  # a row of -inf only: no nan from (-inf) - (-inf)
     shifted = scaled - most
     weights = jnp.exp(shifted)
@@ -49,10 +49,6 @@ def _forward(logits, targets, temperature):
     logps = (chosen - normalizer)[..., 0]
     entropy = (log_total - weighted / total)[..., 0]
     return (logps, entropy), (logits, targets, normalizer, entropy)
-
-
-def _token_logprobs_fwd(logits, targets, temperature):
-    return _forward(logits, targets, temperature)
 
 
 def _token_logprobs_bwd(temperature, residuals, cotangents):
@@ -69,7 +65,7 @@ def _token_logprobs_bwd(temperature, residuals, cotangents):
     return grad.astype(logits.dtype), None
 
 
-_token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
+_token_logprobs.defvjp(_forward, _token_logprobs_bwd)
 
 
 def _scaled(logits, temperature):
